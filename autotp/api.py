@@ -1,0 +1,189 @@
+"""The public entry points: ``plan`` (offline, any device) and ``parallelize`` (inside each rank)."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from cost_models import HardwareProfile, ProfileError, load_profile
+from autotp.capture import CapturedGraph, InputRole, capture
+from autotp.cost import CostModel
+from autotp.errors import ConfigError, PlanMismatchError
+from autotp.module import ShardedModule, register_state
+from autotp.placement import Shard
+from autotp.plan import Plan, build_plan
+from autotp.rewrite import rewrite
+from autotp.solve import solve
+from autotp.strategies import StrategySpace, build_strategy_space
+from autotp.units import parse_nbytes
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HARDWARE = {"cuda": "h100-sxm", "cpu": "cpu-gloo"}
+
+
+@dataclass(frozen=True, slots=True)
+class PlanningResult:
+    """Everything planning produced, for callers that need more than the ``Plan``."""
+
+    captured: CapturedGraph
+    space: StrategySpace
+    plan: Plan
+
+
+def plan(
+    model: nn.Module,
+    example_inputs: tuple[torch.Tensor, ...],
+    *,
+    mesh_shape: Sequence[int],
+    hardware: str | None = "h100-sxm",
+    memory_budget: int | str | None = None,
+    solver: str = "cbc",
+    time_limit_s: float = 60.0,
+) -> Plan:
+    """Plan ``model`` for a mesh of ``mesh_shape`` without any process group (meta models work)."""
+    return plan_model(
+        model, example_inputs, mesh_shape=mesh_shape, hardware=hardware or "h100-sxm",
+        memory_budget=memory_budget, solver=solver, time_limit_s=time_limit_s,
+    ).plan
+
+
+def plan_model(
+    model: nn.Module,
+    example_inputs: tuple[torch.Tensor, ...],
+    *,
+    mesh_shape: Sequence[int],
+    hardware: str,
+    memory_budget: int | str | None,
+    solver: str = "cbc",
+    time_limit_s: float = 60.0,
+) -> PlanningResult:
+    tp_size = _tp_size(mesh_shape)
+    profile = resolve_hardware(hardware)
+    budget = parse_nbytes(memory_budget)
+    started = time.perf_counter()
+    captured = capture(model, example_inputs)
+    log.info("captured %s: %d nodes in %.2fs", captured.model_name, len(captured.graph_module.graph.nodes), time.perf_counter() - started)
+    space = build_strategy_space(captured, tp_size)
+    cost = CostModel(profile, tp_size)
+    solution = solve(space, cost, memory_budget=budget, time_limit_s=time_limit_s, solver=solver)
+    result = build_plan(space, solution, cost, hardware=profile.name, memory_budget=budget)
+    log.info("planned %s on %d ranks in %.2fs", captured.model_name, tp_size, time.perf_counter() - started)
+    return PlanningResult(captured, space, result)
+
+
+def parallelize(
+    model: nn.Module,
+    mesh: DeviceMesh,
+    example_inputs: tuple[torch.Tensor, ...],
+    *,
+    hardware: str | None = None,
+    memory_budget: int | str | None = None,
+    plan: Plan | None = None,
+) -> ShardedModule:
+    """Return this rank's sharded copy of ``model``; call it on every rank of ``mesh``.
+
+    With ``plan=None`` every rank plans (deterministically) and the ranks check that they agree.
+    """
+    if not isinstance(mesh, DeviceMesh):
+        raise ConfigError(f"mesh must be a torch.distributed.device_mesh.DeviceMesh, got {type(mesh).__name__}")
+    if mesh.ndim != 1:
+        raise ConfigError(f"autotp supports 1-D meshes for now; got a mesh of shape {tuple(mesh.shape)}")
+    tp_size = mesh.size()
+    hardware = hardware or DEFAULT_HARDWARE.get(mesh.device_type, "h100-sxm")
+    if plan is None:
+        result = plan_model(model, example_inputs, mesh_shape=(tp_size,), hardware=hardware, memory_budget=memory_budget)
+    else:
+        result = _apply_plan(model, example_inputs, plan, tp_size)
+    group = mesh.get_group()
+    _check_ranks_agree(result.plan, group)
+    rank = mesh.get_local_rank()
+    device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else None
+    gm = rewrite(result.captured, result.space, result.plan, rank=rank, group_name=group.group_name, device=device)
+    local = _local_state(model, result, rank=rank, device=device)
+    sharded = ShardedModule(result.captured, gm, local, result.plan, rank=rank)
+    for fqn in result.captured.unused_fqns:
+        role = InputRole.PARAMETER if fqn in dict(model.named_parameters(remove_duplicate=False)) else InputRole.BUFFER
+        register_state(sharded, fqn, _owned(_get_state(model, fqn), device), role, persistent=True)
+    return sharded
+
+
+def resolve_hardware(hardware: str | HardwareProfile) -> HardwareProfile:
+    if isinstance(hardware, HardwareProfile):
+        return hardware
+    try:
+        return load_profile(hardware)
+    except ProfileError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def _tp_size(mesh_shape: Sequence[int]) -> int:
+    shape = tuple(mesh_shape) if not isinstance(mesh_shape, int) else (mesh_shape,)
+    if len(shape) != 1 or not isinstance(shape[0], int) or shape[0] < 1:
+        raise ConfigError(f"mesh_shape must be a 1-D shape such as (4,), got {mesh_shape!r}")
+    return shape[0]
+
+
+def _apply_plan(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], plan: Plan, tp_size: int) -> PlanningResult:
+    if plan.tp_size != tp_size:
+        raise PlanMismatchError(f"the plan was made for {plan.tp_size} ranks but the mesh has {tp_size}")
+    captured = capture(model, example_inputs)
+    space = build_strategy_space(captured, tp_size)
+    names = {n.name: n for n in space.nodes}
+    for node in plan.nodes:
+        candidate = names.get(node.name)
+        if candidate is None or node.strategy not in candidate.strategies:
+            raise PlanMismatchError(
+                f"the plan does not fit this model: node '{node.name}' ({node.op}) "
+                + ("does not exist in its graph" if candidate is None else f"cannot take strategy {node.strategy}")
+            )
+    if len(plan.nodes) != len(space.nodes):
+        raise PlanMismatchError(f"the plan has {len(plan.nodes)} nodes but this model's graph has {len(space.nodes)}")
+    return PlanningResult(captured, space, plan)
+
+
+def _check_ranks_agree(plan: Plan, group: dist.ProcessGroup) -> None:
+    digest = hashlib.sha256("\n".join(f"{n.name}:{n.strategy}" for n in plan.nodes).encode()).hexdigest()
+    digests: list[str | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(digests, digest, group=group)
+    if len(set(digests)) != 1:
+        raise PlanMismatchError("ranks planned differently (different models, inputs or library versions per rank?); pass the same plan= to every rank")
+
+
+def _get_state(model: nn.Module, fqn: str) -> torch.Tensor:
+    owner, _, name = fqn.rpartition(".")
+    return getattr(model.get_submodule(owner) if owner else model, name)
+
+
+def _owned(tensor: torch.Tensor, device: torch.device | None) -> torch.Tensor:
+    """A copy that owns its memory, so the full original can be freed."""
+    out = tensor.detach().to(device) if device is not None else tensor.detach()
+    out = out.clone()
+    return nn.Parameter(out, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else out
+
+
+def _local_state(model: nn.Module, result: PlanningResult, *, rank: int, device: torch.device | None) -> dict[str, torch.Tensor]:
+    """This rank's chunk of every parameter/buffer/constant placeholder, sliced once."""
+    placements = {n.name: n.strategy.output for n in result.plan.nodes}
+    local: dict[str, torch.Tensor] = {}
+    tp_size = result.plan.tp_size
+    for gi in result.captured.inputs:
+        if gi.role is InputRole.USER_INPUT:
+            continue
+        full = result.captured.constants[gi.node_name] if gi.role is InputRole.CONSTANT else _get_state(model, gi.fqns[0])
+        if full.is_meta:
+            raise ConfigError(f"parallelize needs real weights but '{gi.fqns[0] if gi.fqns else gi.node_name}' is on the meta device; use autotp.plan() to plan meta models, or materialise the model first")
+        placement = placements[gi.node_name]
+        chunk = full.detach().chunk(tp_size, dim=placement.dim)[rank] if isinstance(placement, Shard) else full.detach()
+        owned = _owned(chunk, device)
+        if isinstance(full, nn.Parameter):
+            owned = nn.Parameter(owned, requires_grad=full.requires_grad)
+        local[gi.node_name] = owned
+    return local

@@ -1,0 +1,195 @@
+"""Stage 1: capture a model as an ATen graph with a fake-tensor shape on every node.
+
+``torch.export.export(strict=False)`` traces through Python control flow that plain
+``fx.symbolic_trace`` cannot (every Hugging Face model we tried), and works on a model on the
+``meta`` device, so a 70B model can be planned without allocating it.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+from types import MappingProxyType
+
+import torch
+from torch import fx, nn
+from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind
+
+from autotp.errors import CaptureError
+
+log = logging.getLogger(__name__)
+
+
+class InputRole(str, Enum):
+    PARAMETER = "parameter"
+    BUFFER = "buffer"
+    CONSTANT = "constant"
+    USER_INPUT = "user_input"
+
+
+@dataclass(frozen=True, slots=True)
+class TensorMeta:
+    """Global shape and dtype of one tensor value."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for size in self.shape:
+            n *= size
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+@dataclass(frozen=True, slots=True)
+class GraphInput:
+    """One placeholder of the lifted graph and what it stands for in the user's model."""
+
+    node_name: str
+    role: InputRole
+    fqns: tuple[str, ...]  # all names of this tensor in the model (tied weights have several)
+    persistent: bool = True  # False for buffers registered with persistent=False
+
+
+@dataclass(frozen=True, slots=True)
+class CapturedGraph:
+    """The lifted ATen graph: parameters, buffers and user inputs are all placeholders."""
+
+    graph_module: fx.GraphModule
+    inputs: tuple[GraphInput, ...]
+    unused_fqns: tuple[str, ...]  # parameters/buffers the graph never reads (kept replicated)
+    constants: Mapping[str, torch.Tensor]  # lifted tensor constants by placeholder name
+    in_spec: object
+    out_spec: object
+    model_name: str
+
+    def input_by_node(self) -> Mapping[str, GraphInput]:
+        return MappingProxyType({i.node_name: i for i in self.inputs})
+
+    def nodes(self) -> list[fx.Node]:
+        return list(self.graph_module.graph.nodes)
+
+
+def tensor_meta(value: object) -> TensorMeta | None:
+    if isinstance(value, torch.Tensor):
+        return TensorMeta(tuple(int(s) for s in value.shape), value.dtype)
+    return None
+
+
+def module_path(node: fx.Node) -> str:
+    """The dotted path of the innermost module that produced ``node`` ('' for the root)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    return next(reversed(stack.values()))[0]
+
+
+def capture(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> CapturedGraph:
+    """Export ``model`` on ``example_inputs`` (real, meta or fake tensors, global shapes)."""
+    if not isinstance(model, nn.Module):
+        raise CaptureError(f"expected an nn.Module, got {type(model).__name__}")
+    if not isinstance(example_inputs, tuple):
+        raise CaptureError(
+            f"example_inputs must be a tuple of tensors, got {type(example_inputs).__name__}; "
+            "wrap a single tensor as (x,)"
+        )
+    exported = _export(model, example_inputs)
+    return _lift(model, exported)
+
+
+def _export(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> ExportedProgram:
+    name = type(model).__name__
+    try:
+        return torch.export.export(model, example_inputs, strict=False)
+    except Exception as exc:  # torch.export raises many unrelated types; all mean "cannot capture"
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        where = _innermost_user_frame(exc)
+        raise CaptureError(
+            f"could not capture model '{name}' with torch.export: {type(exc).__name__}: {reason}"
+            f"{where}. autotp needs a model that torch.export.export(model, inputs, strict=False) "
+            "can trace; move data-dependent Python control flow out of forward() or express it "
+            "with torch.cond"
+        ) from exc
+
+
+def _innermost_user_frame(exc: BaseException) -> str:
+    tb = exc.__traceback__
+    frame_line = ""
+    while tb is not None:
+        filename = tb.tb_frame.f_code.co_filename
+        if "/torch/" not in filename and "/autotp/" not in filename:
+            frame_line = f" (in {filename}:{tb.tb_lineno}, {tb.tb_frame.f_code.co_name})"
+        tb = tb.tb_next
+    return frame_line
+
+
+def _lift(model: nn.Module, exported: ExportedProgram) -> CapturedGraph:
+    gm = exported.graph_module
+    signature = exported.graph_signature
+    aliases = _tied_names(model)
+    non_persistent = set(signature.non_persistent_buffers)
+    roles: dict[str, tuple[InputRole, str | None]] = {}
+    for spec in signature.input_specs:
+        role = {
+            InputKind.PARAMETER: InputRole.PARAMETER,
+            InputKind.BUFFER: InputRole.BUFFER,
+            InputKind.CONSTANT_TENSOR: InputRole.CONSTANT,
+            InputKind.USER_INPUT: InputRole.USER_INPUT,
+        }.get(spec.kind)
+        if role is None:
+            raise CaptureError(f"unsupported graph input kind {spec.kind} for '{spec.arg.name}'")
+        roles[spec.arg.name] = (role, spec.target)
+
+    gm.graph.eliminate_dead_code()
+    inputs: list[GraphInput] = []
+    constants: dict[str, torch.Tensor] = {}
+    seen_fqns: set[str] = set()
+    for node in list(gm.graph.nodes):
+        if node.op != "placeholder":
+            continue
+        role, target = roles[node.name]
+        if role is not InputRole.USER_INPUT and not node.users:
+            gm.graph.erase_node(node)  # an unused or tied duplicate: dropped from the graph
+            continue
+        fqns: tuple[str, ...] = ()
+        if role is InputRole.CONSTANT:
+            constants[node.name] = exported.constants[target]
+        elif target is not None:
+            fqns = aliases.get(target, (target,))
+            seen_fqns.update(fqns)
+        inputs.append(GraphInput(node.name, role, fqns, persistent=target not in non_persistent))
+    gm.recompile()
+
+    all_fqns = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    all_fqns += [n for n, _ in model.named_buffers(remove_duplicate=False)]
+    unused = tuple(n for n in all_fqns if n not in seen_fqns)
+    return CapturedGraph(
+        graph_module=gm,
+        inputs=tuple(inputs),
+        unused_fqns=unused,
+        constants=MappingProxyType(constants),
+        in_spec=exported.call_spec.in_spec,
+        out_spec=exported.call_spec.out_spec,
+        model_name=type(model).__name__,
+    )
+
+
+def _tied_names(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """Map every parameter/buffer name to all names sharing the same tensor (tied weights)."""
+    by_id: dict[int, list[str]] = {}
+    for name, tensor in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(tensor), []).append(name)
+    for name, tensor in model.named_buffers(remove_duplicate=False):
+        by_id.setdefault(id(tensor), []).append(name)
+    return {name: tuple(names) for names in by_id.values() for name in names}

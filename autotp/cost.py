@@ -1,0 +1,101 @@
+"""Stage 3: price strategies and transitions with ``cost_models`` (which knows nothing of graphs).
+
+Compute is a roofline per op on the rank-local share of the work: a strategy that splits any
+tensor divides FLOPs and bytes by ``tp_size``; all-replicate and partial-in/partial-out
+strategies run the whole op on every rank. Views launch no kernel and cost nothing.
+A transition costs the sum of its steps from ``redistribute.transition``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from cost_models import Collective, HardwareProfile, bytes_moved_per_rank, collective_seconds, roofline_seconds
+from autotp.capture import TensorMeta
+from autotp.placement import Placement, Shard
+from autotp.redistribute import Step, StepKind, transition
+from autotp.rules import OpStrategy
+from autotp.strategies import NodeKind, NodeSpace
+
+aten = torch.ops.aten
+
+_CONTRACTION_OPS = {"aten.linear", "aten.mm", "aten.bmm", "aten.addmm", "aten.matmul", "aten.baddbmm"}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _packet_name(op: str) -> str:
+    return op.rsplit(".", 1)[0] if op.count(".") >= 2 else op
+
+
+def node_flops(node: NodeSpace) -> float:
+    """Global FLOPs of one op: 2·M·N·K for contractions, 4·B·H·Tq·Tk·D for attention, else numel."""
+    packet = _packet_name(node.op)
+    out = node.output_meta
+    if packet in _CONTRACTION_OPS and isinstance(out, TensorMeta):
+        first_matrix = 1 if packet in ("aten.addmm", "aten.baddbmm") else 0  # after the bias
+        contracted = node.slot_metas[first_matrix].shape[-1]
+        return 2.0 * out.numel * contracted
+    if packet == "aten.scaled_dot_product_attention" and isinstance(out, TensorMeta):
+        q, k = node.slot_metas[0], node.slot_metas[1]
+        batch_heads = math.prod(q.shape[:-2])
+        return 4.0 * batch_heads * q.shape[-2] * k.shape[-2] * q.shape[-1]
+    outs = out if isinstance(out, tuple) else (out,) if out is not None else ()
+    return float(sum(m.numel for m in outs))
+
+
+def node_nbytes(node: NodeSpace) -> float:
+    out = node.output_meta
+    outs = out if isinstance(out, tuple) else (out,) if out is not None else ()
+    return float(sum(m.nbytes for m in node.slot_metas) + sum(m.nbytes for m in outs))
+
+
+def splits_work(strategy: OpStrategy) -> bool:
+    outs = strategy.output if isinstance(strategy.output, tuple) else (strategy.output,)
+    return any(isinstance(p, Shard) for p in (*strategy.inputs, *outs))
+
+
+_STEP_COLLECTIVE = {
+    StepKind.ALL_REDUCE: Collective.ALL_REDUCE,
+    StepKind.ALL_GATHER: Collective.ALL_GATHER,
+    StepKind.REDUCE_SCATTER: Collective.REDUCE_SCATTER,
+    StepKind.ALL_TO_ALL: Collective.ALL_TO_ALL,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class CostModel:
+    """Seconds of each (node, strategy) and each placement transition on one mesh axis."""
+
+    profile: HardwareProfile
+    tp_size: int
+
+    def compute_seconds(self, node: NodeSpace, strategy: OpStrategy) -> float:
+        if node.kind is not NodeKind.OP or node.is_view:
+            return 0.0
+        share = self.tp_size if splits_work(strategy) else 1
+        dtype = _dtype_name(node.slot_metas[0].dtype if node.slot_metas else torch.float32)
+        return roofline_seconds(self.profile, flops=node_flops(node) / share, nbytes=node_nbytes(node) / share, dtype=dtype)
+
+    def step_seconds(self, step: Step, meta: TensorMeta) -> float:
+        if step.kind is StepKind.LOCAL_CHUNK:  # copy out this rank's chunk
+            return roofline_seconds(self.profile, flops=0, nbytes=2 * meta.nbytes / self.tp_size)
+        if step.kind is StepKind.TO_PARTIAL:  # zeros on all ranks but one
+            return roofline_seconds(self.profile, flops=0, nbytes=meta.nbytes)
+        return collective_seconds(self.profile.intra_node, _STEP_COLLECTIVE[step.kind], nbytes=meta.nbytes, group_size=self.tp_size)
+
+    def step_bytes_per_rank(self, step: Step, meta: TensorMeta) -> float:
+        if not step.kind.is_collective:
+            return 0.0
+        return bytes_moved_per_rank(_STEP_COLLECTIVE[step.kind], nbytes=meta.nbytes, group_size=self.tp_size)
+
+    def transition_seconds(self, src: Placement, dst: Placement, meta: TensorMeta) -> float | None:
+        """Seconds to convert ``src`` to ``dst``, or ``None`` when the table does not offer it."""
+        steps = transition(src, dst)
+        if steps is None:
+            return None
+        return sum(self.step_seconds(s, meta) for s in steps)

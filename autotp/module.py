@@ -1,0 +1,67 @@
+"""The module ``parallelize`` returns: this rank's shards under the original names, and the graph."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from autotp.capture import CapturedGraph, InputRole
+from autotp.plan import Plan
+
+
+class ShardedModule(nn.Module):
+    """Holds only this rank's shard of each split parameter, named as in the original model.
+
+    ``state_dict()`` keys match the original's; split tensors hold the local chunk.
+    ``graph_module`` is the rank-local fx graph (inspect it to see the collectives).
+    """
+
+    def __init__(self, captured: CapturedGraph, graph_module: fx.GraphModule, local_state: dict[str, torch.Tensor], plan: Plan, *, rank: int) -> None:
+        super().__init__()
+        self.__dict__["graph_module"] = graph_module  # not a submodule: keeps state_dict keys clean
+        self.plan = plan
+        self.rank = rank
+        self._sources: list[tuple[str, str]] = []  # per graph placeholder: ("state", attr path) or ("input", "")
+        self._out_spec = captured.out_spec
+        for k, gi in enumerate(captured.inputs):
+            if gi.role is InputRole.USER_INPUT:
+                self._sources.append(("input", ""))
+                continue
+            tensor = local_state[gi.node_name]
+            if gi.role is InputRole.CONSTANT:
+                path = f"_autotp_constant_{k}"
+                self.register_buffer(path, tensor, persistent=False)
+            else:
+                for fqn in gi.fqns:
+                    register_state(self, fqn, tensor, gi.role, gi.persistent)
+                path = gi.fqns[0]
+            self._sources.append(("state", path))
+
+    def _state(self, path: str) -> torch.Tensor:
+        owner, _, name = path.rpartition(".")
+        return getattr(self.get_submodule(owner) if owner else self, name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        user_inputs = pytree.tree_leaves((args, kwargs))
+        n_expected = sum(1 for kind, _ in self._sources if kind == "input")
+        if len(user_inputs) != n_expected:
+            raise TypeError(f"this sharded model takes {n_expected} input tensors (as in example_inputs), got {len(user_inputs)}")
+        user_iter = iter(user_inputs)
+        flat = [next(user_iter) if kind == "input" else self._state(path) for kind, path in self._sources]
+        outputs = self.graph_module(*flat)
+        return pytree.tree_unflatten(list(outputs), self._out_spec)
+
+
+def register_state(root: nn.Module, fqn: str, tensor: torch.Tensor, role: InputRole, persistent: bool) -> None:
+    owner_path, _, name = fqn.rpartition(".")
+    owner = root
+    for part in owner_path.split(".") if owner_path else ():
+        if part not in owner._modules:
+            owner.add_module(part, nn.Module())
+        owner = owner._modules[part]  # type: ignore[assignment]
+    if role is InputRole.PARAMETER:
+        owner.register_parameter(name, tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor))
+    else:
+        owner.register_buffer(name, tensor, persistent=persistent)

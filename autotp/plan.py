@@ -1,0 +1,185 @@
+"""The plan: a frozen record of what the solver chose and what it will cost.
+
+Per node: op, module path, chosen strategy, the conversions inserted on its inputs (kind,
+bytes, seconds) and its compute estimate. A conversion shared by several consumers is listed on
+the first one, as the rewriter emits it once.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from autotp.capture import TensorMeta
+from autotp.units import fmt_nbytes, fmt_seconds
+from autotp.cost import CostModel
+from autotp.placement import R, Placement, Shard
+from autotp.redistribute import Step, transition
+from autotp.rules import OpStrategy
+from autotp.solve import Solution, state_nbytes
+from autotp.strategies import NodeKind, StrategySpace, ValueRef
+
+
+@dataclass(frozen=True, slots=True)
+class Conversion:
+    """One placement change of one tensor value before a consumer reads it."""
+
+    value: str
+    src: Placement
+    dst: Placement
+    steps: tuple[Step, ...]
+    nbytes: int  # size of the full (global) tensor
+    bytes_per_rank: float  # what each rank sends, per the collective's algorithm
+    seconds: float
+
+    @property
+    def kind(self) -> str:
+        return "+".join(s.kind.value for s in self.steps)
+
+    @property
+    def is_collective(self) -> bool:
+        return any(s.kind.is_collective for s in self.steps)
+
+
+@dataclass(frozen=True, slots=True)
+class NodePlan:
+    name: str
+    op: str
+    module_path: str
+    kind: NodeKind
+    strategy: OpStrategy
+    conversions: tuple[Conversion, ...]
+    compute_seconds: float
+
+    @property
+    def comm_seconds(self) -> float:
+        return sum(c.seconds for c in self.conversions)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    mesh_shape: tuple[int, ...]
+    hardware: str
+    memory_budget: int | None
+    nodes: tuple[NodePlan, ...]
+    param_nbytes_per_device: float
+    replicated_param_nbytes: float
+    solver_status: str
+    solve_seconds: float
+
+    @property
+    def tp_size(self) -> int:
+        return self.mesh_shape[0]
+
+    @property
+    def compute_seconds(self) -> float:
+        return sum(n.compute_seconds for n in self.nodes)
+
+    @property
+    def comm_seconds(self) -> float:
+        return sum(n.comm_seconds for n in self.nodes)
+
+    @property
+    def total_seconds(self) -> float:
+        return self.compute_seconds + self.comm_seconds
+
+    @property
+    def comm_bytes_per_rank(self) -> float:
+        return sum(c.bytes_per_rank for n in self.nodes for c in n.conversions)
+
+    def node(self, name: str) -> NodePlan:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(f"no node named {name!r} in this plan")
+
+    def conversions(self) -> Iterator[tuple[NodePlan, Conversion]]:
+        for n in self.nodes:
+            for c in n.conversions:
+                yield n, c
+
+    def collectives(self) -> list[tuple[NodePlan, Conversion]]:
+        """Conversions that communicate (local chunks and partial masks excluded)."""
+        return [(n, c) for n, c in self.conversions() if c.is_collective]
+
+    def sharded_state(self) -> dict[str, Placement]:
+        """Placement of every parameter/buffer placeholder that is split."""
+        return {n.name: n.strategy.output for n in self.nodes if n.kind is NodeKind.STATE and isinstance(n.strategy.output, Shard)}  # type: ignore[misc]
+
+    def summary(self) -> str:
+        """A table of the ops that are split or communicate, then the totals."""
+        rows = [("node", "module", "op", "strategy", "conversions", "est. time")]
+        for n in self.nodes:
+            if n.kind is NodeKind.OUTPUT and not n.conversions:
+                continue
+            if not n.conversions and all(p == R for p in _placements(n.strategy)):
+                continue
+            conv = "; ".join(f"{c.value}:{c.src}->{c.dst} {c.kind} {fmt_nbytes(c.nbytes)}" for c in n.conversions)
+            rows.append((n.name, n.module_path or "-", n.op.removeprefix("aten."), str(n.strategy), conv or "-", fmt_seconds(n.compute_seconds + n.comm_seconds)))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        n_coll = len(self.collectives())
+        lines += [
+            "",
+            f"mesh {self.mesh_shape} on {self.hardware}; solver {self.solver_status} in {self.solve_seconds:.2f}s",
+            f"estimated time: {fmt_seconds(self.total_seconds)} (compute {fmt_seconds(self.compute_seconds)}, "
+            f"communication {fmt_seconds(self.comm_seconds)} in {n_coll} collectives, "
+            f"{fmt_nbytes(self.comm_bytes_per_rank)} sent per rank)",
+            f"parameter memory per device: {fmt_nbytes(self.param_nbytes_per_device)} "
+            f"(replicated: {fmt_nbytes(self.replicated_param_nbytes)})"
+            + (f"; budget {fmt_nbytes(self.memory_budget)}" if self.memory_budget is not None else ""),
+        ]
+        return "\n".join(lines)
+
+
+def _placements(strategy: OpStrategy) -> tuple[Placement, ...]:
+    outs = strategy.output if isinstance(strategy.output, tuple) else (strategy.output,)
+    return (*strategy.inputs, *outs)
+
+
+def build_plan(
+    space: StrategySpace,
+    solution: Solution,
+    cost: CostModel,
+    *,
+    hardware: str,
+    memory_budget: int | None,
+) -> Plan:
+    nodes_by_name = space.by_name()
+    chosen = {n.name: n.strategies[solution.choice[n.name]] for n in space.nodes}
+    emitted: set[tuple[ValueRef, Placement]] = set()
+    plans: list[NodePlan] = []
+    for node in space.nodes:
+        strategy = chosen[node.name]
+        conversions = []
+        for ref, dst in zip(node.slots, strategy.inputs):
+            producer = nodes_by_name[ref.node]
+            src = producer.output_placement(chosen[ref.node], ref.index)
+            if src == dst or (ref, dst) in emitted:
+                continue
+            emitted.add((ref, dst))
+            meta = producer.output_value_meta(ref.index)
+            conversions.append(_conversion(ref, src, dst, meta, cost))
+        plans.append(NodePlan(node.name, node.op, node.module_path, node.kind, strategy, tuple(conversions), cost.compute_seconds(node, strategy)))
+    state = [n for n in space.nodes if n.kind is NodeKind.STATE]
+    return Plan(
+        mesh_shape=(space.tp_size,),
+        hardware=hardware,
+        memory_budget=memory_budget,
+        nodes=tuple(plans),
+        param_nbytes_per_device=sum(state_nbytes(n, chosen[n.name].output, space.tp_size) for n in state),  # type: ignore[arg-type]
+        replicated_param_nbytes=float(sum(n.output_meta.nbytes for n in state)),  # type: ignore[union-attr]
+        solver_status=solution.status,
+        solve_seconds=solution.seconds,
+    )
+
+
+def _conversion(ref: ValueRef, src: Placement, dst: Placement, meta: TensorMeta, cost: CostModel) -> Conversion:
+    steps = transition(src, dst)
+    if steps is None:
+        raise AssertionError(f"solver chose a transition the table does not offer: {src} -> {dst} on {ref}")
+    return Conversion(
+        value=str(ref), src=src, dst=dst, steps=steps, nbytes=meta.nbytes,
+        bytes_per_rank=sum(cost.step_bytes_per_rank(s, meta) for s in steps),
+        seconds=sum(cost.step_seconds(s, meta) for s in steps),
+    )

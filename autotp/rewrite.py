@@ -1,0 +1,185 @@
+"""Stage 5: the rank-local graph: collectives where placements change, local shape arguments.
+
+Walks the captured graph once. Every input slot is converted from its producer's placement to
+the placement the chosen strategy requires, with the steps of ``redistribute.transition`` (one
+conversion per value and target placement, shared by all consumers, as priced). An ``R`` input
+of an op that splits its work gets ``grad_all_reduce`` (identity forward): its gradient is a
+partial sum (Megatron-LM's ``f``). Ops with shape arguments get them localised by their rule.
+"""
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import fx
+
+from autotp import collectives
+from autotp.capture import CapturedGraph
+from autotp.placement import Partial, Placement, Replicate, Shard
+from autotp.plan import Plan
+from autotp.redistribute import Step, StepKind, transition
+from autotp.rules import LocalContext, OpStrategy, lookup
+from autotp.rules.registry import Rule
+from autotp.strategies import ASSERT_OPS, NodeSpace, StrategySpace, ValueRef, is_tensor_value
+
+_COPIED_META = ("nn_module_stack", "stack_trace")
+
+
+def rewrite(
+    captured: CapturedGraph,
+    space: StrategySpace,
+    plan: Plan,
+    *,
+    rank: int,
+    group_name: str,
+    device: torch.device | None = None,
+) -> fx.GraphModule:
+    """The graph rank ``rank`` runs; placeholders take the rank-local state and the full inputs."""
+    emitter = _Emitter(space, plan, rank=rank, group_name=group_name, device=device)
+    for node in captured.graph_module.graph.nodes:
+        emitter.emit(node)
+    graph = emitter.graph
+    graph.lint()
+    return fx.GraphModule(torch.nn.Module(), graph, class_name="RankLocalGraph")
+
+
+class _Emitter:
+    def __init__(self, space: StrategySpace, plan: Plan, *, rank: int, group_name: str, device: torch.device | None) -> None:
+        self.graph = fx.Graph()
+        self.spaces = space.by_name()
+        self.strategies = {n.name: n.strategy for n in plan.nodes}
+        self.tp_size = space.tp_size
+        self.rank = rank
+        self.group_name = group_name
+        self.device = device
+        self.env: dict[str, fx.Node] = {}
+        self.items: dict[ValueRef, fx.Node] = {}
+        self.converted: dict[tuple[ValueRef, Placement], fx.Node] = {}
+        self.grad_synced: dict[ValueRef, fx.Node] = {}
+
+    # --- values -------------------------------------------------------------------------------
+    def raw(self, ref: ValueRef) -> fx.Node:
+        if ref.index is None:
+            return self.env[ref.node]
+        if ref not in self.items:
+            self.items[ref] = self.graph.call_function(operator.getitem, (self.env[ref.node], ref.index))
+        return self.items[ref]
+
+    def placement_of(self, ref: ValueRef) -> Placement:
+        return self.spaces[ref.node].output_placement(self.strategies[ref.node], ref.index)
+
+    def convert(self, ref: ValueRef, dst: Placement) -> fx.Node:
+        src = self.placement_of(ref)
+        if src == dst:
+            return self.raw(ref)
+        key = (ref, dst)
+        if key not in self.converted:
+            steps = transition(src, dst)
+            if steps is None:
+                raise AssertionError(f"plan requires {src} -> {dst} on {ref}, which the table does not offer")
+            value = self.raw(ref)
+            for step in steps:
+                value = self.graph.call_function(*self._step_call(step, value))
+            self.converted[key] = value
+        return self.converted[key]
+
+    def _step_call(self, step: Step, value: fx.Node) -> tuple[Any, tuple[Any, ...]]:
+        g = self.group_name
+        if step.kind is StepKind.ALL_REDUCE:
+            return collectives.all_reduce, (value, g)
+        if step.kind is StepKind.ALL_GATHER:
+            return collectives.all_gather, (value, step.src_dim, g)
+        if step.kind is StepKind.REDUCE_SCATTER:
+            return collectives.reduce_scatter, (value, step.dst_dim, g)
+        if step.kind is StepKind.ALL_TO_ALL:
+            return collectives.all_to_all, (value, step.src_dim, step.dst_dim, g)
+        if step.kind is StepKind.LOCAL_CHUNK:
+            return collectives.local_chunk, (value, step.dst_dim, g)
+        return collectives.to_partial, (value, g)
+
+    def grad_sync(self, ref: ValueRef, value: fx.Node) -> fx.Node:
+        if ref not in self.grad_synced:
+            self.grad_synced[ref] = self.graph.call_function(collectives.grad_all_reduce, (value, self.group_name))
+        return self.grad_synced[ref]
+
+    # --- nodes --------------------------------------------------------------------------------
+    def emit(self, node: fx.Node) -> None:
+        if node.op == "placeholder":
+            self.env[node.name] = self.graph.placeholder(node.name)
+            return
+        if node.op == "output":
+            space = self.spaces[node.name]
+            locals_ = iter([self.convert(ref, Replicate()) for ref in space.slots])
+            self.graph.output(_map_tensor_args(node.args[0], locals_, self.env))
+            return
+        if node.target in ASSERT_OPS:
+            return
+        space = self.spaces[node.name]
+        strategy = self.strategies[node.name]
+        inputs = [self._input(space, strategy, k) for k in range(len(space.slots))]
+        if node.target is operator.getitem:
+            self.env[node.name] = inputs[0]
+            return
+        rule = lookup(node.target)
+        args, kwargs = _replace_slots(node, rule, iter(inputs), self.env)
+        target = node.target
+        if rule is not None and rule.localize is not None and _splits_output(strategy):
+            lc = LocalContext(self.rank, self.tp_size, strategy, space.slot_metas, space.output_meta)  # type: ignore[arg-type]
+            args, kwargs = rule.localize(args, kwargs, lc)
+            target = getattr(target, "overloadpacket", target)  # localised args may pick another overload
+        if self.device is not None and "device" in kwargs:
+            kwargs = {**kwargs, "device": self.device}
+        new = self.graph.create_node("call_function", target, args, kwargs, name=node.name)
+        new.meta.update({k: node.meta[k] for k in _COPIED_META if k in node.meta})
+        self.env[node.name] = new
+
+    def _input(self, space: NodeSpace, strategy: OpStrategy, slot: int) -> fx.Node:
+        ref, dst = space.slots[slot], strategy.inputs[slot]
+        value = self.convert(ref, dst)
+        if isinstance(dst, Replicate) and _splits_or_partial(strategy) and space.slot_metas[slot].dtype.is_floating_point:
+            value = self.grad_sync(ref, value)
+        return value
+
+
+def _splits_output(strategy: OpStrategy) -> bool:
+    outs = strategy.output if isinstance(strategy.output, tuple) else (strategy.output,)
+    return any(isinstance(p, Shard) for p in outs)
+
+
+def _splits_or_partial(strategy: OpStrategy) -> bool:
+    outs = strategy.output if isinstance(strategy.output, tuple) else (strategy.output,)
+    return any(isinstance(p, (Shard, Partial)) for p in outs)
+
+
+def _map_tensor_args(args: Any, replacements: Iterator[fx.Node], env: dict[str, fx.Node]) -> Any:
+    """Replace tensor fx.Nodes in ``args`` by ``replacements`` in ``iter_node_args`` order."""
+    if isinstance(args, fx.Node):
+        if is_tensor_value(args):
+            return next(replacements)
+        return env[args.name]
+    if isinstance(args, (list, tuple)):
+        return type(args)(_map_tensor_args(a, replacements, env) for a in args)
+    if isinstance(args, dict):
+        return {k: _map_tensor_args(v, replacements, env) for k, v in args.items()}
+    return args
+
+
+def _replace_slots(node: fx.Node, rule: Rule | None, replacements: Iterator[fx.Node], env: dict[str, fx.Node]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Args and kwargs of ``node`` with each input slot replaced, in ``slot_nodes`` order."""
+    metadata = set(rule.metadata_args) if rule is not None else set()
+    args = []
+    for i, arg in enumerate(node.args):
+        if i in metadata:
+            args.append(fx.node.map_arg(arg, lambda n: env[n.name]))
+        else:
+            args.append(_map_tensor_args(arg, replacements, env))
+    kwargs = _map_tensor_args(dict(node.kwargs), replacements, env)
+    assert next(replacements, None) is None, f"slot count mismatch rewriting {node.name}"
+    return tuple(args), kwargs
+
+
+def collective_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    """Nodes of a rewritten graph that communicate in the forward pass."""
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in collectives.COLLECTIVE_FUNCTIONS]

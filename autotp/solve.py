@@ -1,0 +1,206 @@
+"""Stage 4: pick one strategy per node with an integer linear program (PuLP).
+
+Variables: ``x[n,s] ∈ {0,1}`` (node n uses strategy s), one-hot per node. For a tensor value
+v (producer u, output i) the producer's placement is ``y[v,p] = Σ_{s: out_i(s)=p} x[u,s]``. For
+each placement q some consumer slot may require of v, ``w[v,q] ∈ [0,1]`` is at least every
+consumer's demand ``Σ_{t: slot reads v as q} x[c,t]``: a conversion is paid once per value and
+target however many consumers want it (the rewriter shares it too). The demand is met by a flow
+``e[v,p,q] ≥ 0`` from the produced placement (Alpa-style, and tight in the LP relaxation, unlike
+``e ≥ y + w − 1``); transitions the table does not offer get no flow variable.
+
+    minimise   Σ c_compute(n,s)·x[n,s] + Σ c_transition(v,p,q)·e[v,p,q]
+    subject to Σ_s x[n,s] = 1                                   (one_strategy_<n>)
+               w[v,q] ≥ demand of each consumer slot            (wants_<v>_<q>_<c>)
+               Σ_p e[v,p,q] = w[v,q]                            (convert_<v>_<q>)
+               e[v,p,q] ≤ y[v,p]                                (supply_<v>_<q>_<p>)
+               Σ_{state n} nbytes_local(n,s)·x[n,s] ≤ budget     (memory_budget)
+
+Costs enter in microseconds so solver tolerances do not swallow them.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import pulp
+
+from autotp.capture import TensorMeta
+from autotp.units import fmt_nbytes
+from autotp.cost import CostModel
+from autotp.errors import InfeasiblePlanError, SolverError
+from autotp.placement import Placement, Shard
+from autotp.strategies import NodeKind, NodeSpace, StrategySpace, ValueRef
+
+log = logging.getLogger(__name__)
+
+_MICRO = 1e6
+
+
+@dataclass(frozen=True, slots=True)
+class Solution:
+    """The chosen strategy index of every node and how the solve went."""
+
+    choice: dict[str, int]
+    objective_seconds: float
+    status: str
+    seconds: float
+    n_variables: int
+    n_constraints: int
+
+
+def state_nbytes(node: NodeSpace, placement: Placement, tp_size: int) -> float:
+    """Bytes one rank holds of a parameter/buffer placed as ``placement``."""
+    meta = node.output_meta
+    assert isinstance(meta, TensorMeta)
+    return meta.nbytes / tp_size if isinstance(placement, Shard) else float(meta.nbytes)
+
+
+def min_state_nbytes(space: StrategySpace) -> float:
+    """The smallest parameter memory per device any plan can reach (each state at its best split)."""
+    return sum(
+        min(state_nbytes(n, s.output, space.tp_size) for s in n.strategies)  # type: ignore[arg-type]
+        for n in space.nodes
+        if n.kind is NodeKind.STATE
+    )
+
+
+def solve(
+    space: StrategySpace,
+    cost: CostModel,
+    *,
+    memory_budget: float | None = None,
+    time_limit_s: float = 60.0,
+    solver: str = "cbc",
+) -> Solution:
+    """Solve the ILP; raise ``InfeasiblePlanError`` when no plan fits ``memory_budget``."""
+    if memory_budget is not None:
+        floor = min_state_nbytes(space)
+        if floor > memory_budget:
+            raise InfeasiblePlanError(
+                f"no plan fits a memory budget of {fmt_nbytes(memory_budget)} per device on "
+                f"{space.tp_size} ranks: the parameters and buffers alone need at least "
+                f"{fmt_nbytes(floor)} ({floor:.0f} bytes) per device with every one split. "
+                "Raise memory_budget to at least that, or use more ranks"
+            )
+    started = time.perf_counter()
+    problem = pulp.LpProblem("autotp", pulp.LpMinimize)
+    x = _strategy_variables(problem, space)
+    objective = [cost.compute_seconds(n, s) * _MICRO * x[n.name][i] for n in space.nodes for i, s in enumerate(n.strategies)]
+    objective += _transition_terms(problem, space, cost, x)
+    if memory_budget is not None:
+        _memory_constraint(problem, space, x, memory_budget)
+    problem += pulp.lpSum(objective)
+    status = _run(problem, solver, time_limit_s)
+    choice = {n.name: _chosen(x[n.name]) for n in space.nodes}
+    elapsed = time.perf_counter() - started
+    log.info("ILP: %d variables, %d constraints, %s in %.2fs", problem.numVariables(), problem.numConstraints(), status, elapsed)
+    return Solution(
+        choice=choice,
+        objective_seconds=float(pulp.value(problem.objective) or 0.0) / _MICRO,
+        status=status,
+        seconds=elapsed,
+        n_variables=problem.numVariables(),
+        n_constraints=problem.numConstraints(),
+    )
+
+
+def _strategy_variables(problem: pulp.LpProblem, space: StrategySpace) -> dict[str, list[pulp.LpAffineExpression | int]]:
+    """One binary per (node, strategy); a node with a single strategy gets the constant 1."""
+    x: dict[str, list] = {}
+    for k, node in enumerate(space.nodes):
+        if len(node.strategies) == 1:
+            x[node.name] = [1]
+            continue
+        vars_ = [pulp.LpVariable(f"x_{k}_{i}", cat=pulp.LpBinary) for i in range(len(node.strategies))]
+        problem += pulp.lpSum(vars_) == 1, f"one_strategy_{k}"
+        x[node.name] = vars_
+    return x
+
+
+def _transition_terms(problem: pulp.LpProblem, space: StrategySpace, cost: CostModel, x: dict[str, list]) -> list:
+    nodes = space.by_name()
+    # value -> wanted placement -> one list of strategy indices per consumer slot
+    wants: dict[ValueRef, dict[Placement, list[tuple[str, list[int]]]]] = defaultdict(lambda: defaultdict(list))
+    for node in space.nodes:
+        for slot, ref in enumerate(node.slots):
+            by_placement: dict[Placement, list[int]] = defaultdict(list)
+            for i, s in enumerate(node.strategies):
+                by_placement[s.inputs[slot]].append(i)
+            for q, idxs in by_placement.items():
+                wants[ref][q].append((node.name, idxs))
+    terms = []
+    for v_id, (ref, wanted) in enumerate(wants.items()):
+        producer = nodes[ref.node]
+        meta = producer.output_value_meta(ref.index)
+        produced: dict[Placement, list[int]] = defaultdict(list)
+        for i, s in enumerate(producer.strategies):
+            produced[producer.output_placement(s, ref.index)].append(i)
+        y = {p: pulp.lpSum(x[ref.node][i] for i in idxs) for p, idxs in produced.items()}
+        for q_id, (q, consumers) in enumerate(wanted.items()):
+            if set(produced) == {q}:
+                continue  # the producer can only make q: nothing to convert
+            terms += _conversion_flow(problem, cost, meta, y, q, [pulp.lpSum(x[c][i] for i in idxs) for c, idxs in consumers], f"{v_id}_{q_id}")
+    return terms
+
+
+def _conversion_flow(problem: pulp.LpProblem, cost: CostModel, meta: TensorMeta, y: dict[Placement, object], q: Placement, demands: list, tag: str) -> list:
+    """Value wanted as ``q`` (``w``) must be supplied from the placement it is produced in."""
+    if len(demands) == 1:
+        w = demands[0]
+    else:
+        w = pulp.LpVariable(f"w_{tag}", lowBound=0, upBound=1)
+        for c_id, demand in enumerate(demands):
+            problem += w >= demand, f"wants_{tag}_{c_id}"
+    flows, terms = [], []
+    for p_id, (p, y_p) in enumerate(y.items()):
+        seconds = 0.0 if p == q else cost.transition_seconds(p, q, meta)
+        if seconds is None:
+            continue  # the table offers no p -> q: no flow variable, so y_p and w exclude each other
+        e = pulp.LpVariable(f"e_{tag}_{p_id}", lowBound=0)
+        problem += e <= y_p, f"supply_{tag}_{p_id}"
+        flows.append(e)
+        if seconds > 0:
+            terms.append(seconds * _MICRO * e)
+    problem += pulp.lpSum(flows) == w, f"convert_{tag}"
+    return terms
+
+
+def _memory_constraint(problem: pulp.LpProblem, space: StrategySpace, x: dict[str, list], budget: float) -> None:
+    terms = [
+        state_nbytes(n, s.output, space.tp_size) * x[n.name][i]  # type: ignore[arg-type]
+        for n in space.nodes
+        if n.kind is NodeKind.STATE
+        for i, s in enumerate(n.strategies)
+    ]
+    problem += pulp.lpSum(terms) <= budget, "memory_budget"
+
+
+def _run(problem: pulp.LpProblem, solver: str, time_limit_s: float) -> str:
+    if solver == "cbc":
+        backend = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, threads=1)
+    elif solver == "highs":
+        backend = pulp.HiGHS(msg=False, timeLimit=time_limit_s, threads=1)
+    else:
+        raise SolverError(f"unknown solver {solver!r}; use 'cbc' or 'highs'")
+    try:
+        problem.solve(backend)
+    except pulp.PulpSolverError as exc:
+        raise SolverError(f"the {solver} solver failed: {exc}") from exc
+    status = pulp.LpStatus[problem.status]
+    if problem.status == pulp.LpStatusInfeasible:
+        raise InfeasiblePlanError(f"the ILP is infeasible ({status}); constraints: {', '.join(c for c in problem.constraints if 'memory' in c) or 'see the model'}")
+    if problem.sol_status == pulp.LpSolutionIntegerFeasible:
+        log.warning("the %s solver hit its %.0fs time limit; the plan is feasible but may not be optimal", solver, time_limit_s)
+        return "feasible (time limit)"
+    if problem.sol_status != pulp.LpSolutionOptimal:
+        raise SolverError(f"the {solver} solver returned no solution (status {status}, sol_status {problem.sol_status}) within {time_limit_s:.0f}s")
+    return "optimal"
+
+
+def _chosen(variables: list) -> int:
+    if len(variables) == 1:
+        return 0
+    values = [v.varValue or 0.0 for v in variables]
+    return max(range(len(values)), key=values.__getitem__)

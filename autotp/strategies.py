@@ -1,0 +1,230 @@
+"""Stage 2: the candidate strategies of every node on one mesh axis, from the rule registry.
+
+Every tensor a node reads is an input *slot*, named by a ``ValueRef`` (producer node, and the
+output index for multi-output ops read through ``getitem``). The engine adds all-replicate to
+every op, drops strategies that split a dim ``tp_size`` does not divide, and gives ops without a
+rule a replicate-only strategy (correct, slower) with one warning naming them.
+"""
+from __future__ import annotations
+
+import logging
+import operator
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from enum import Enum
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from torch import fx
+
+from autotp.capture import CapturedGraph, InputRole, TensorMeta, module_path, tensor_meta
+from autotp.placement import R, Placement, Replicate, Shard
+from autotp.rules import OpContext, OpStrategy, lookup
+from autotp.rules.registry import OutputMeta, OutputPlacement, Rule
+
+log = logging.getLogger(__name__)
+
+aten = torch.ops.aten
+
+# Ops that only check metadata and return nothing: dropped from the rank-local graph.
+ASSERT_OPS = frozenset({aten._assert_tensor_metadata.default, aten._assert_scalar.default})
+
+
+class UnsupportedOpWarning(UserWarning):
+    """An op has no sharding rule and will run replicated."""
+
+
+class NodeKind(str, Enum):
+    USER_INPUT = "user_input"
+    STATE = "state"  # parameter, buffer or lifted constant: sliced once at conversion
+    OP = "op"
+    OUTPUT = "output"
+
+
+@dataclass(frozen=True, slots=True)
+class ValueRef:
+    """A tensor value: output ``index`` of ``node`` (``None`` for single-output nodes)."""
+
+    node: str
+    index: int | None = None
+
+    def __str__(self) -> str:
+        return self.node if self.index is None else f"{self.node}[{self.index}]"
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSpace:
+    """One graph node with its input slots and candidate strategies."""
+
+    name: str
+    op: str
+    module_path: str
+    kind: NodeKind
+    slots: tuple[ValueRef, ...]
+    slot_metas: tuple[TensorMeta, ...]
+    output_meta: OutputMeta | None
+    strategies: tuple[OpStrategy, ...]
+    is_view: bool = False
+    fallback: bool = False  # replicate-only because no rule covers the op
+
+    def output_placement(self, strategy: OpStrategy, index: int | None) -> Placement:
+        out = strategy.output
+        return out[index] if index is not None else out  # type: ignore[index,return-value]
+
+    def output_value_meta(self, index: int | None) -> TensorMeta:
+        meta = self.output_meta
+        return meta[index] if index is not None else meta  # type: ignore[index,return-value]
+
+
+@dataclass(frozen=True, slots=True)
+class StrategySpace:
+    tp_size: int
+    nodes: tuple[NodeSpace, ...]  # topological order
+    unsupported_ops: tuple[str, ...]
+
+    def by_name(self) -> Mapping[str, NodeSpace]:
+        return MappingProxyType({n.name: n for n in self.nodes})
+
+
+def iter_node_args(args: Any) -> Iterator[fx.Node]:
+    """fx.Nodes inside (nested) args in a fixed order; the rewriter walks them the same way."""
+    if isinstance(args, fx.Node):
+        yield args
+    elif isinstance(args, (list, tuple)):
+        for a in args:
+            yield from iter_node_args(a)
+    elif isinstance(args, dict):
+        for a in args.values():
+            yield from iter_node_args(a)
+
+
+def slot_nodes(node: fx.Node, rule: Rule | None) -> list[fx.Node]:
+    """The tensor-valued fx.Node arguments of ``node`` that are input slots, in order."""
+    metadata = set(rule.metadata_args) if rule is not None else set()
+    nodes: list[fx.Node] = []
+    for i, arg in enumerate(node.args):
+        if i not in metadata:
+            nodes.extend(iter_node_args(arg))
+    nodes.extend(iter_node_args(node.kwargs))
+    return [n for n in nodes if is_tensor_value(n)]
+
+
+def is_tensor_value(node: fx.Node) -> bool:
+    return isinstance(node.meta.get("val"), torch.Tensor) or _is_multi_output(node)
+
+
+def _is_multi_output(node: fx.Node) -> bool:
+    val = node.meta.get("val")
+    return isinstance(val, (list, tuple)) and len(val) > 0 and all(isinstance(v, torch.Tensor) for v in val)
+
+
+def output_meta(node: fx.Node) -> OutputMeta | None:
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return tensor_meta(val)
+    if _is_multi_output(node):
+        return tuple(tensor_meta(v) for v in val)  # type: ignore[misc]
+    return None
+
+
+def _replicated_output(meta: OutputMeta | None) -> OutputPlacement:
+    return tuple(R for _ in meta) if isinstance(meta, tuple) else R
+
+
+def _fits(placement: Placement, meta: TensorMeta, tp_size: int) -> bool:
+    if isinstance(placement, Shard):
+        return placement.dim < meta.ndim and meta.shape[placement.dim] % tp_size == 0 and meta.shape[placement.dim] >= tp_size
+    return True
+
+
+def _strategy_fits(strategy: OpStrategy, slot_metas: tuple[TensorMeta, ...], out: OutputMeta | None, tp_size: int) -> bool:
+    if len(strategy.inputs) != len(slot_metas):
+        return False
+    if not all(_fits(p, m, tp_size) for p, m in zip(strategy.inputs, slot_metas)):
+        return False
+    if isinstance(out, tuple):
+        outs = strategy.output if isinstance(strategy.output, tuple) else ()
+        return len(outs) == len(out) and all(_fits(p, m, tp_size) for p, m in zip(outs, out))
+    return out is not None and not isinstance(strategy.output, tuple) and _fits(strategy.output, out, tp_size)
+
+
+def build_strategy_space(captured: CapturedGraph, tp_size: int) -> StrategySpace:
+    """Candidate strategies of every node of ``captured`` on a mesh axis of ``tp_size`` ranks."""
+    roles = captured.input_by_node()
+    metas: dict[str, OutputMeta | None] = {}
+    spaces: list[NodeSpace] = []
+    unsupported: dict[str, None] = {}
+    for node in captured.graph_module.graph.nodes:
+        meta = output_meta(node)
+        metas[node.name] = meta
+        if node.op == "placeholder":
+            spaces.append(_placeholder_space(node, meta, roles[node.name].role, tp_size))
+        elif node.op == "output":
+            spaces.append(_output_space(node, metas))
+        elif node.op == "call_function":
+            if node.target in ASSERT_OPS:
+                continue
+            space = _op_space(node, meta, metas, tp_size)
+            if space.fallback:
+                unsupported[space.op] = None
+            spaces.append(space)
+        else:
+            raise NotImplementedError(f"unexpected fx node kind {node.op!r} in an exported graph")
+    if unsupported:
+        names = ", ".join(unsupported)
+        warnings.warn(
+            f"autotp has no sharding rule for {names}; these ops run replicated (correct but "
+            "slower). Register a rule with autotp.rules.register to shard them.",
+            UnsupportedOpWarning,
+            stacklevel=3,
+        )
+    return StrategySpace(tp_size, tuple(spaces), tuple(unsupported))
+
+
+def _placeholder_space(node: fx.Node, meta: OutputMeta | None, role: InputRole, tp_size: int) -> NodeSpace:
+    placements: list[Placement] = [R]
+    if role is not InputRole.USER_INPUT and isinstance(meta, TensorMeta) and tp_size > 1:
+        placements += [Shard(d) for d in range(meta.ndim) if _fits(Shard(d), meta, tp_size)]
+    kind = NodeKind.USER_INPUT if role is InputRole.USER_INPUT else NodeKind.STATE
+    return NodeSpace(
+        name=node.name, op="placeholder", module_path="", kind=kind, slots=(), slot_metas=(),
+        output_meta=meta, strategies=tuple(OpStrategy((), p) for p in placements),
+    )
+
+
+def _output_space(node: fx.Node, metas: Mapping[str, OutputMeta | None]) -> NodeSpace:
+    slots = [n for n in iter_node_args(node.args) if is_tensor_value(n)]
+    slot_metas = tuple(metas[n.name] for n in slots)
+    return NodeSpace(
+        name=node.name, op="output", module_path="", kind=NodeKind.OUTPUT,
+        slots=tuple(ValueRef(n.name) for n in slots), slot_metas=slot_metas,  # type: ignore[arg-type]
+        output_meta=None, strategies=(OpStrategy((R,) * len(slots), R),),
+    )
+
+
+def _op_space(node: fx.Node, meta: OutputMeta | None, metas: Mapping[str, OutputMeta | None], tp_size: int) -> NodeSpace:
+    rule = lookup(node.target)
+    if node.target is operator.getitem:
+        producer, index = node.args
+        slots = (ValueRef(producer.name, index),)
+        slot_metas = (metas[producer.name][index],)  # type: ignore[index]
+    else:
+        nodes = slot_nodes(node, rule)
+        slots = tuple(ValueRef(n.name) for n in nodes)
+        slot_metas = tuple(metas[n.name] for n in nodes)  # type: ignore[misc]
+    replicate = OpStrategy((R,) * len(slots), _replicated_output(meta))
+    fallback = rule is None or meta is None or any(isinstance(m, tuple) for m in slot_metas)
+    strategies = [replicate]
+    if not fallback and tp_size > 1:
+        ctx = OpContext(node, tp_size, slot_metas, meta)  # type: ignore[arg-type]
+        for s in rule.strategies(ctx):  # type: ignore[union-attr]
+            if s not in strategies and _strategy_fits(s, slot_metas, meta, tp_size):
+                strategies.append(s)
+    op_name = str(node.target) if not callable(node.target) or hasattr(node.target, "_schema") else getattr(node.target, "__name__", str(node.target))
+    return NodeSpace(
+        name=node.name, op=op_name, module_path=module_path(node), kind=NodeKind.OP,
+        slots=slots, slot_metas=slot_metas, output_meta=meta, strategies=tuple(strategies),
+        is_view=rule.view if rule is not None else False, fallback=rule is None,
+    )
