@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import pulp
@@ -31,6 +32,7 @@ from autotp.units import fmt_nbytes
 from autotp.cost import CostModel
 from autotp.errors import InfeasiblePlanError, SolverError
 from autotp.placement import Placement, Shard
+from autotp.rules import OpStrategy
 from autotp.strategies import NodeKind, NodeSpace, StrategySpace, ValueRef
 
 log = logging.getLogger(__name__)
@@ -73,8 +75,12 @@ def solve(
     memory_budget: float | None = None,
     time_limit_s: float = 60.0,
     solver: str = "cbc",
+    pinned: Mapping[str, OpStrategy] | None = None,
 ) -> Solution:
-    """Solve the ILP; raise ``InfeasiblePlanError`` when no plan fits ``memory_budget``."""
+    """Solve the ILP; raise ``InfeasiblePlanError`` when no plan fits ``memory_budget``.
+
+    ``pinned`` fixes the strategy of some nodes (a hand layout to price, or a user override).
+    """
     if memory_budget is not None:
         floor = min_state_nbytes(space)
         if floor > memory_budget:
@@ -91,6 +97,7 @@ def solve(
     objective += _transition_terms(problem, space, cost, x)
     if memory_budget is not None:
         _memory_constraint(problem, space, x, memory_budget)
+    _pin(problem, space, x, pinned or {})
     problem += pulp.lpSum(objective)
     status = _run(problem, solver, time_limit_s)
     choice = {n.name: _chosen(x[n.name]) for n in space.nodes}
@@ -165,6 +172,19 @@ def _conversion_flow(problem: pulp.LpProblem, cost: CostModel, meta: TensorMeta,
             terms.append(seconds * _MICRO * e)
     problem += pulp.lpSum(flows) == w, f"convert_{tag}"
     return terms
+
+
+def _pin(problem: pulp.LpProblem, space: StrategySpace, x: dict[str, list], pinned: Mapping[str, OpStrategy]) -> None:
+    nodes = space.by_name()
+    for name, strategy in pinned.items():
+        node = nodes.get(name)
+        if node is None:
+            raise SolverError(f"cannot pin node '{name}': no such node in the graph")
+        if strategy not in node.strategies:
+            offered = ", ".join(str(s) for s in node.strategies)
+            raise SolverError(f"cannot pin node '{name}' ({node.op}) to {strategy}: it offers {offered}")
+        if len(node.strategies) > 1:
+            problem += x[name][node.strategies.index(strategy)] == 1, f"pinned_{name}"
 
 
 def _memory_constraint(problem: pulp.LpProblem, space: StrategySpace, x: dict[str, list], budget: float) -> None:

@@ -114,9 +114,10 @@ def collective_seconds(
 ) -> float:
     """Seconds for one ring collective over ``group_size`` ranks joined by ``link`` hops.
 
-        T = latency_steps · link.latency_seconds + bytes_moved_per_rank / link.bytes_per_s
+        T = o + latency_steps · alpha + bytes_moved_per_rank / beta
+        (o = link.call_overhead_seconds, alpha = link.latency_seconds, beta = link.bytes_per_s)
 
-    e.g. all_reduce of B = 1e9 bytes on n = 4 over alpha = 3e-6 s, beta = 4.5e11 B/s:
+    e.g. all_reduce of B = 1e9 bytes on n = 4 over o = 0, alpha = 3e-6 s, beta = 4.5e11 B/s:
     6 · 3e-6 + 1.5e9 / 4.5e11 = 1.8e-5 + 3.333e-3 = 3.351e-3 s.
     ``nbytes`` is the full (unsharded) tensor size; n == 1 or nbytes == 0 costs 0.0.
     """
@@ -124,4 +125,4 @@ def collective_seconds(
     if moved == 0.0:
         return 0.0
     steps = latency_steps(kind, group_size=group_size)
-    return steps * link.latency_seconds + moved / link.bytes_per_s
+    return link.call_overhead_seconds + steps * link.latency_seconds + moved / link.bytes_per_s

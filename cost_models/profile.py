@@ -114,10 +114,14 @@ class LinkProfile:
     ``latency_seconds`` is alpha (per-message start-up: software, synchronisation, wire);
     ``bytes_per_s`` is beta, the bandwidth one device can push into the fabric in one direction
     (NCCL's "bus bandwidth"), not the bidirectional total a datasheet often quotes.
+    ``call_overhead_seconds`` is paid once per collective call, whatever the group size: kernel
+    launch, setup and completion (LogP's ``o``). It is what makes one all-reduce cheaper than a
+    reduce-scatter plus an all-gather that move the same bytes over the same hops.
     """
 
     latency_seconds: float
     bytes_per_s: float
+    call_overhead_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         _validate_fields(self, _LINK_FIELD_CHECKS, owner="LinkProfile")
@@ -254,6 +258,7 @@ def _check_flops_table(value: object, *, where: str, name: str) -> _FrozenFloatM
 _LINK_FIELD_CHECKS: dict[str, Callable[[object], object]] = {
     "latency_seconds": _non_negative,
     "bytes_per_s": _positive,
+    "call_overhead_seconds": _non_negative,
 }
 _HARDWARE_FIELD_CHECKS: dict[str, Callable[[object], object]] = {
     "name": _text,
@@ -296,6 +301,7 @@ _SCALAR_FIELDS: dict[tuple[str, ...], tuple[Callable[[object], object], str]] = 
     ("memory", "efficiency"): (_fraction, "achievable fraction of peak memory bandwidth"),
     ("links", "intra_node", "latency_seconds"): (_non_negative, "per-hop latency alpha, seconds"),
     ("links", "intra_node", "bytes_per_s"): (_positive, "per-hop bandwidth 1/beta, bytes/s"),
+    ("links", "intra_node", "call_overhead_seconds"): (_non_negative, "fixed cost of one collective call, seconds"),
 }
 _FLOPS_PATH = ("compute", "peak_flops_per_s")
 
@@ -305,7 +311,7 @@ _KNOWN_KEYS: dict[tuple[str, ...], frozenset[str]] = {
     ("compute",): frozenset({"peak_flops_per_s", "compute_efficiency", "kernel_launch_seconds"}),
     ("memory",): frozenset({"bytes_per_s", "capacity_nbytes", "efficiency"}),
     ("links",): frozenset({"intra_node"}),
-    ("links", "intra_node"): frozenset({"latency_seconds", "bytes_per_s"}),
+    ("links", "intra_node"): frozenset({"latency_seconds", "bytes_per_s", "call_overhead_seconds"}),
 }
 
 
@@ -376,6 +382,7 @@ def profile_from_dict(data: Mapping[str, Any], *, where: str = "<profile>") -> H
         intra_node=LinkProfile(
             latency_seconds=values[("links", "intra_node", "latency_seconds")],
             bytes_per_s=values[("links", "intra_node", "bytes_per_s")],
+            call_overhead_seconds=values[("links", "intra_node", "call_overhead_seconds")],
         ),
         source=values[("source",)],
     )

@@ -57,6 +57,7 @@ efficiency = 0.7
 [links.intra_node]
 latency_seconds = 5e-5
 bytes_per_s = 1.5e9
+call_overhead_seconds = 1e-4
 """
 
 
@@ -122,7 +123,7 @@ def test_all_to_all_seconds_by_hand() -> None:
 def test_h100_all_reduce_example_from_docstring() -> None:
     link = load_profile("h100-sxm").intra_node
     seconds = collective_seconds(link, Collective.ALL_REDUCE, nbytes=1e9, group_size=4)
-    assert seconds == pytest.approx(6 * 3e-6 + 1.5e9 / 4.5e11)
+    assert seconds == pytest.approx(1e-5 + 6 * 3e-6 + 1.5e9 / 4.5e11)
 
 
 @pytest.mark.parametrize("n", [2, 3, 4, 8])
@@ -246,7 +247,7 @@ def test_builtin_numbers() -> None:
     assert a100.intra_node.bytes_per_s < h100.intra_node.bytes_per_s / 10  # the slow link
     cpu = load_profile("cpu-gloo")
     assert cpu.device_type == "cpu"
-    assert cpu.intra_node == LinkProfile(latency_seconds=5e-5, bytes_per_s=1.5e9)
+    assert cpu.intra_node == LinkProfile(latency_seconds=5e-5, bytes_per_s=1.5e9, call_overhead_seconds=1e-4)
 
 
 def test_load_by_path_str_pathlike_and_relative_toml(
@@ -262,7 +263,7 @@ def test_load_by_path_str_pathlike_and_relative_toml(
     assert by_str.memory_capacity_nbytes == 17179869184
     assert isinstance(by_str.memory_capacity_nbytes, int)
     assert by_str.flops_per_s("float64") == 5e10
-    assert by_str.intra_node == LinkProfile(latency_seconds=5e-5, bytes_per_s=1.5e9)
+    assert by_str.intra_node == LinkProfile(latency_seconds=5e-5, bytes_per_s=1.5e9, call_overhead_seconds=1e-4)
 
 
 def test_profiles_are_frozen_hashable_and_picklable() -> None:
