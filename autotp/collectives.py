@@ -42,7 +42,7 @@ def _all_gather(x: torch.Tensor, dim: int, group_name: str) -> torch.Tensor:
     tp_size = dist.get_world_size(group)
     src = x.movedim(dim, 0).contiguous()
     out = src.new_empty((src.shape[0] * tp_size, *src.shape[1:]))
-    dist.all_gather_into_tensor(out, src, group=group)
+    dist.all_gather_single(out, src, group=group)
     return out.movedim(0, dim)
 
 
@@ -51,7 +51,7 @@ def _reduce_scatter(x: torch.Tensor, dim: int, group_name: str) -> torch.Tensor:
     tp_size = dist.get_world_size(group)
     src = x.movedim(dim, 0).contiguous()
     out = src.new_empty((src.shape[0] // tp_size, *src.shape[1:]))
-    dist.reduce_scatter_tensor(out, src, group=group)
+    dist.reduce_scatter_single(out, src, group=group)
     return out.movedim(0, dim)
 
 

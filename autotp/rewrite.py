@@ -26,6 +26,10 @@ from autotp.strategies import ASSERT_OPS, NodeSpace, StrategySpace, ValueRef, is
 
 _COPIED_META = ("nn_module_stack", "stack_trace")
 
+# A local chunk need not have the strides its global tensor had, so a view that was valid
+# globally may not be locally; the graph never mutates, so reshape computes the same values.
+_VIEW_AS_RESHAPE = {torch.ops.aten.view.default: torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default: torch.ops.aten.reshape.default}
+
 
 def rewrite(
     captured: CapturedGraph,
@@ -124,7 +128,7 @@ class _Emitter:
             return
         rule = lookup(node.target)
         args, kwargs = _replace_slots(node, rule, iter(inputs), self.env)
-        target = node.target
+        target = _VIEW_AS_RESHAPE.get(node.target, node.target)
         if rule is not None and rule.localize is not None and _splits_output(strategy):
             lc = LocalContext(self.rank, self.tp_size, strategy, space.slot_metas, space.output_meta)  # type: ignore[arg-type]
             args, kwargs = rule.localize(args, kwargs, lc)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -120,7 +121,7 @@ def _strategy_variables(problem: pulp.LpProblem, space: StrategySpace) -> dict[s
         if len(node.strategies) == 1:
             x[node.name] = [1]
             continue
-        vars_ = [pulp.LpVariable(f"x_{k}_{i}", cat=pulp.LpBinary) for i in range(len(node.strategies))]
+        vars_ = [problem.add_variable(f"x_{k}_{i}", cat=pulp.LpBinary) for i in range(len(node.strategies))]
         problem += pulp.lpSum(vars_) == 1, f"one_strategy_{k}"
         x[node.name] = vars_
     return x
@@ -157,7 +158,7 @@ def _conversion_flow(problem: pulp.LpProblem, cost: CostModel, meta: TensorMeta,
     if len(demands) == 1:
         w = demands[0]
     else:
-        w = pulp.LpVariable(f"w_{tag}", lowBound=0, upBound=1)
+        w = problem.add_variable(f"w_{tag}", lowBound=0, upBound=1)
         for c_id, demand in enumerate(demands):
             problem += w >= demand, f"wants_{tag}_{c_id}"
     flows, terms = [], []
@@ -165,7 +166,7 @@ def _conversion_flow(problem: pulp.LpProblem, cost: CostModel, meta: TensorMeta,
         seconds = 0.0 if p == q else cost.transition_seconds(p, q, meta)
         if seconds is None:
             continue  # the table offers no p -> q: no flow variable, so y_p and w exclude each other
-        e = pulp.LpVariable(f"e_{tag}_{p_id}", lowBound=0)
+        e = problem.add_variable(f"e_{tag}_{p_id}", lowBound=0)
         problem += e <= y_p, f"supply_{tag}_{p_id}"
         flows.append(e)
         if seconds > 0:
@@ -199,7 +200,10 @@ def _memory_constraint(problem: pulp.LpProblem, space: StrategySpace, x: dict[st
 
 def _run(problem: pulp.LpProblem, solver: str, time_limit_s: float) -> str:
     if solver == "cbc":
-        backend = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, threads=1)
+        with warnings.catch_warnings():  # PuLP 3.3 deprecates its bundled CBC; it still ships and works
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            backend = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, threads=1)
     elif solver == "highs":
         backend = pulp.HiGHS(msg=False, timeLimit=time_limit_s, threads=1)
     else:
