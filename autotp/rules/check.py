@@ -24,7 +24,7 @@ and dtype only.
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +33,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from autotp.capture import CapturedGraph, InputRole
-from autotp.placement import Partial, Placement, Replicate, Shard
+from autotp.placement import Partial, Placement, Shard
 from autotp.rules.registry import LocalContext, OpStrategy, Rule, lookup
 from autotp.strategies import NodeKind, NodeSpace, ValueRef, build_strategy_space, is_tensor_value
 
@@ -133,37 +133,131 @@ def check_strategy(
             return f"output {k} is {value.dtype} but placed P (only R or S make sense for integers)"
     local_inputs = [_split(v, p, tp_size, generator) for v, p in zip(slot_values, strategy.inputs)]
     rule = lookup(node.target)
-    values_only = _is_deterministic(node)
+    per_rank: list[tuple[Any, ...]] = []
     for rank in range(tp_size):
-        inputs = [shards[rank] for shards in local_inputs]
         try:
-            out = _run_local(node, rule, space, strategy, inputs, values, rank=rank, tp_size=tp_size)
-        except Exception as exc:  # any error means the local op cannot run as the rule says
-            return f"rank {rank} raised {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            out = _run_local(node, rule, space, strategy, [s[rank] for s in local_inputs], values, rank=rank, tp_size=tp_size)
+        except Exception as exc:  # any error means the local op cannot run as the strategy says
+            return f"rank {rank} raised {type(exc).__name__}: {_first_line(exc)}"
         outs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
         if len(outs) != len(expected_outs):
             return f"rank {rank} returned {len(outs)} outputs, expected {len(expected_outs)}"
-        for k, (got, want, placement) in enumerate(zip(outs, expected_outs, out_placements)):
-            reason = _compare_local(got, want, placement, rank, tp_size, values_only)
-            if reason is not None:
-                return f"output {k} {placement} on rank {rank}: {reason}"
-        for k in range(len(outs)):
-            local_inputs_out = outs[k]
-            if isinstance(out_placements[k], Partial):
-                _partial_sums.setdefault(k, []).append(local_inputs_out)
-    return _check_partial_sums(expected_outs, out_placements, values_only)
-
-
-_partial_sums: dict[int, list[torch.Tensor]] = {}
-
-
-def _check_partial_sums(expected: tuple[Any, ...], placements: tuple[Placement, ...], values_only: bool) -> str | None:
-    sums = dict(_partial_sums)
-    _partial_sums.clear()
-    if not values_only:
-        return None
-    for k, parts in sums.items():
-        total = torch.stack([p.to(expected[k].dtype) for p in parts]).sum(0)
-        if not torch.allclose(total, expected[k], atol=ATOL, rtol=RTOL, equal_nan=True):
-            return f"output {k} P: ranks add up to a different tensor ({_diff(total, expected[k])})"
+        per_rank.append(outs)
+    exact = _is_deterministic(node)
+    for k, (want, placement) in enumerate(zip(expected_outs, out_placements)):
+        reason = _compare(want, placement, [outs[k] for outs in per_rank], tp_size=tp_size, exact=exact)
+        if reason is not None:
+            return f"output {k} ({placement}): {reason}"
     return None
+
+
+def _value(values: Mapping[str, Any], ref: ValueRef) -> torch.Tensor:
+    value = values[ref.node]
+    return value if ref.index is None else value[ref.index]
+
+
+def _split(value: torch.Tensor, placement: Placement, tp_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """Every rank's local tensor for ``placement``."""
+    if isinstance(placement, Shard):
+        return [c.contiguous() for c in value.chunk(tp_size, placement.dim)]
+    if isinstance(placement, Partial):
+        scale = float(value.abs().mean()) or 1.0
+        noise = [torch.randn(value.shape, generator=generator, dtype=value.dtype) * scale for _ in range(tp_size - 1)]
+        return [value - sum(noise, torch.zeros_like(value))] + noise
+    return [value] * tp_size
+
+
+def _run_local(
+    node: fx.Node,
+    rule: Rule | None,
+    space: NodeSpace,
+    strategy: OpStrategy,
+    inputs: list[torch.Tensor],
+    values: Mapping[str, Any],
+    *,
+    rank: int,
+    tp_size: int,
+) -> Any:
+    """The op on one rank, called the way ``autotp.rewrite`` emits it."""
+    if node.target is operator.getitem:
+        return inputs[0]  # the rewriter forwards the chosen output of the producer
+    slots = iter(inputs)
+    metadata = set(rule.metadata_args) if rule is not None else set()
+
+    def local(arg: Any) -> Any:
+        if isinstance(arg, fx.Node):
+            return next(slots) if is_tensor_value(arg) else values[arg.name]
+        if isinstance(arg, (list, tuple)):
+            return type(arg)(local(a) for a in arg)
+        if isinstance(arg, dict):
+            return {k: local(v) for k, v in arg.items()}
+        return arg
+
+    args = tuple(
+        fx.node.map_arg(a, lambda n: values[n.name]) if i in metadata else local(a)
+        for i, a in enumerate(node.args)
+    )
+    kwargs = local(dict(node.kwargs))
+    target = node.target
+    outs = strategy.output if isinstance(strategy.output, tuple) else (strategy.output,)
+    if rule is not None and rule.localize is not None and any(isinstance(p, Shard) for p in outs):
+        lc = LocalContext(rank, tp_size, strategy, space.slot_metas, space.output_meta)  # type: ignore[arg-type]
+        args, kwargs = rule.localize(args, kwargs, lc)
+        target = getattr(target, "overloadpacket", target)
+    with torch.no_grad():
+        return target(*args, **kwargs)  # type: ignore[operator]
+
+
+def _is_deterministic(node: fx.Node) -> bool:
+    """False for ops whose values cannot be compared: random draws and uninitialised memory."""
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload):
+        return True
+    packet = target.overloadpacket
+    if packet in (aten.dropout, aten.native_dropout, aten.feature_dropout):
+        train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train")
+        return train is False or node.args[1] == 0
+    return torch.Tag.nondeterministic_seeded not in target.tags and "empty" not in packet.__name__
+
+
+def _compare(want: torch.Tensor, placement: Placement, locals_: list[torch.Tensor], *, tp_size: int, exact: bool) -> str | None:
+    """Why the ranks' ``locals_`` are not ``want`` laid out as ``placement`` (``None`` if they are)."""
+    if isinstance(placement, Shard):
+        if placement.dim >= want.ndim:
+            return f"the output has {want.ndim} dims"
+        expected = list(want.chunk(tp_size, placement.dim))
+    else:
+        expected = [want] * tp_size
+    for rank, (got, chunk) in enumerate(zip(locals_, expected)):
+        if not isinstance(got, torch.Tensor):
+            return f"rank {rank} returned {type(got).__name__}, not a tensor"
+        if got.shape != chunk.shape or got.dtype != chunk.dtype:
+            return f"rank {rank} has {tuple(got.shape)} {got.dtype}, expected {tuple(chunk.shape)} {chunk.dtype}"
+    if not exact:
+        return None
+    if isinstance(placement, Partial):
+        total = torch.stack(locals_).sum(0)
+        return None if _close(total, want) else f"the ranks add up to a different tensor ({_diff(total, want)})"
+    for rank, (got, chunk) in enumerate(zip(locals_, expected)):
+        if not _close(got, chunk):
+            return f"rank {rank} differs from the unsharded result ({_diff(got, chunk)})"
+    return None
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
+    if want.dtype.is_floating_point or want.dtype.is_complex:
+        return torch.allclose(got, want, atol=ATOL, rtol=RTOL, equal_nan=True)
+    return torch.equal(got, want)
+
+
+def _diff(got: torch.Tensor, want: torch.Tensor) -> str:
+    if not want.dtype.is_floating_point:
+        return f"{int((got != want).sum())} of {want.numel()} elements differ"
+    finite = torch.isfinite(want) & torch.isfinite(got)
+    err = (got - want)[finite].abs().max() if finite.any() else torch.tensor(float("nan"))
+    return f"max abs error {float(err):.3g}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""

@@ -1,0 +1,296 @@
+"""Every sharding rule checked by brute force in one process (see ``autotp.rules.check``).
+
+For each op node of a small captured model and every strategy the engine offers on 2, 3 and 4
+ranks (3 catches uneven cases), the inputs are split per placement, the op runs per rank and the
+outputs are reassembled per the output placement and compared with the unsharded result. Shapes
+are multiples of 12 where splits should be offered at all three sizes.
+
+The examples sweep (every node of gpt, llama and mlp) is the broadest check; the op table covers
+ops and argument forms the examples do not use; the "offers" tests make sure the checks are not
+passing vacuously because a rule offers nothing.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from autotp.capture import CapturedGraph, capture
+from autotp.examples import build_example
+from autotp.placement import P, R, Partial, Placement, Shard
+from autotp.rules.check import check_graph, check_strategy, node_values
+from autotp.rules.registry import OpStrategy
+from autotp.strategies import NodeKind, NodeSpace, StrategySpace, build_strategy_space
+
+TP_SIZES = (2, 3, 4)
+
+
+# --- models -------------------------------------------------------------------------------------
+
+class Fn(nn.Module):
+    """A model whose forward is ``fn(self, *inputs)``; ``modules`` become its submodules."""
+
+    def __init__(self, fn: Callable[..., Any], **modules: nn.Module) -> None:
+        super().__init__()
+        self.fn = fn
+        for name, module in modules.items():
+            self.add_module(name, module)
+
+    def forward(self, *inputs: torch.Tensor) -> Any:
+        return self.fn(self, *inputs)
+
+
+@dataclass(frozen=True)
+class Case:
+    """A small model: ``fn(module, *inputs)`` on random inputs of ``shapes`` (int shapes -> ids)."""
+
+    fn: Callable[..., Any]
+    shapes: tuple[tuple[int, ...], ...]
+    modules: Callable[[], dict[str, nn.Module]] = dict
+    ids: int = 0  # > 0: inputs are int64 ids below this bound
+
+
+def _heads(x: torch.Tensor) -> torch.Tensor:
+    # (4, 12, 24) -> (4, 12 heads, 12, 2) -> back to (4, 12, 24)
+    y = x.view(4, 12, 12, 2).transpose(1, 2)
+    return y.transpose(1, 2).contiguous().view(4, 12, 24) + y.reshape(4, 12, 24)
+
+
+def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    b, n_kv, t, hd = x.shape
+    return x[:, :, None, :, :].expand(b, n_kv, n_rep, t, hd).reshape(b, n_kv * n_rep, t, hd)
+
+
+X3 = (4, 12, 24)  # (B, T, C)
+QKV = (4, 12, 12, 8)  # (B, heads, T, head_dim)
+
+CASES: dict[str, Case] = {
+    # matmul family
+    "linear_bias_3d": Case(lambda m, x: m.fc(x), (X3,), lambda: {"fc": nn.Linear(24, 36)}),
+    "linear_nobias_2d": Case(lambda m, x: m.fc(x), ((12, 24),), lambda: {"fc": nn.Linear(24, 12, bias=False)}),
+    "matmul_3d_2d": Case(lambda m, x, w: torch.matmul(x, w), (X3, (24, 36))),
+    "matmul_4d": Case(lambda m, q, k: q @ k.transpose(-2, -1), (QKV, QKV)),
+    "bmm": Case(lambda m, a, b: torch.bmm(a, b), ((12, 12, 24), (12, 24, 12))),
+    "mm": Case(lambda m, a, b: torch.mm(a, b), ((12, 24), (24, 36))),
+    "addmm_1d_bias": Case(lambda m, c, a, b: torch.addmm(c, a, b), ((36,), (12, 24), (24, 36))),
+    "addmm_2d_bias": Case(lambda m, c, a, b: torch.addmm(c, a, b, beta=0.5, alpha=2.0), ((12, 36), (12, 24), (24, 36))),
+    "baddbmm": Case(lambda m, c, a, b: torch.baddbmm(c, a, b), ((12, 12, 12), (12, 12, 24), (12, 24, 12))),
+    "outer": Case(lambda m, a, b: torch.outer(a, b), ((12,), (24,))),
+    # embedding and index ops
+    "embedding": Case(lambda m, ids: m.emb(ids), ((4, 12),), lambda: {"emb": nn.Embedding(48, 24)}, ids=48),
+    "index_select": Case(lambda m, x: x.index_select(1, (x[0, :, 0] > 0).long().cumsum(0) % 24), ((12, 24, 12),)),
+    # pointwise with broadcasting, and which of them carry P
+    "add_broadcast": Case(lambda m, x, b: x + b, (X3, (24,))),
+    "add_tensors": Case(lambda m, x, y: x + y - 2 * y, (X3, X3)),
+    "sub_broadcast": Case(lambda m, x, y: x - y, (X3, (12, 1))),
+    "mul_scalar": Case(lambda m, x: x * 0.5, (X3,)),
+    "add_scalar": Case(lambda m, x: x + 1.0, (X3,)),
+    "div_tensor": Case(lambda m, x, y: x / (y.abs() + 1), (X3, (24,))),
+    "where": Case(lambda m, x, y: torch.where(x > 0, x, y), (X3, (24,))),
+    "masked_fill": Case(
+        lambda m, s: s.masked_fill(torch.ones(12, 12).triu(1).bool(), float("-inf")).softmax(-1), ((4, 12, 12),)
+    ),
+    "unary": Case(
+        lambda m, x: (F.gelu(x), F.silu(x), F.relu(x), torch.tanh(x), torch.exp(x), torch.sigmoid(x),
+                      torch.rsqrt(x.abs() + 1), x.pow(2), -x, torch.sqrt(x.abs()), F.gelu(x, approximate="tanh")),
+        (X3,),
+    ),
+    "casts": Case(lambda m, x: (x.to(torch.float64), x.double().float(), x.type_as(torch.ones(2, dtype=torch.float64))), (X3,)),
+    "dropout_eval": Case(lambda m, x: m.drop(x) + F.dropout(x, 0.1, training=False), (X3,), lambda: {"drop": nn.Dropout(0.1)}),
+    # softmax, norms, reductions
+    "softmax": Case(lambda m, x: (x.softmax(-1), F.log_softmax(x, -1), x.softmax(1)), (X3,)),
+    "layer_norm": Case(lambda m, x: m.ln(x) + F.layer_norm(x, (24,)), (X3,), lambda: {"ln": nn.LayerNorm(24)}),
+    "rms_norm_pieces": Case(lambda m, x, w: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w, (X3, (24,))),
+    "reductions": Case(
+        lambda m, x: (x.sum(1), x.sum(-1, keepdim=True), x.sum(), x.mean(1), x.mean(-1, keepdim=True), x.mean(),
+                      x.sum((0, 2)), x.amax(-1), x.amin(1, keepdim=True), x.logsumexp(-1), x.argmax(-1)),
+        (X3,),
+    ),
+    "var_std": Case(lambda m, x: (torch.var(x, dim=1), x.std(-1), torch.var(x, -1, unbiased=False, keepdim=True)), ((4, 12, 24, 12),)),
+    # views and data movement
+    "heads_view": Case(lambda m, x: _heads(x), (X3,)),
+    "reshape_flatten": Case(lambda m, x: (x.reshape(48, 24), x.flatten(0, 1), x.unflatten(2, (12, 2)), x.view(4, -1)), (X3,)),
+    "transpose_permute": Case(lambda m, x: (x.transpose(0, 2), x.permute(2, 0, 1), x[0].t(), x.unsqueeze(1), x.unsqueeze(-1)), (X3,)),
+    "squeeze_dim": Case(lambda m, x: (x.squeeze(-1), x.squeeze(1)), ((12, 1, 24, 1),)),
+    "expand": Case(lambda m, x, y: (x.expand(4, 12, 24), y.expand(12, -1, -1)), ((4, 1, 24), (12, 24))),
+    "repeat_kv": Case(lambda m, k: _repeat_kv(k, 3), ((4, 4, 12, 8),)),
+    "slice_select": Case(lambda m, x: (x[:, :, :12], x[:, 6:], x[..., ::2], x[:, 0], x[1]), (X3,)),
+    "split_chunk": Case(lambda m, x: (x.split(12, -1)[1], x.chunk(3, 1)[2], x.split([8, 16], -1)[0], x.unbind(0)[3]), (X3,)),
+    "cat_stack": Case(lambda m, x, y: (torch.cat([x, y], -1), torch.cat([x, y], 0), torch.stack([x, y], 1), torch.stack([x, y], -1)), (X3, X3)),
+    # attention
+    "sdpa_causal": Case(lambda m, q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), (QKV, QKV, QKV)),
+    "sdpa": Case(lambda m, q, k, v: F.scaled_dot_product_attention(q, k, v), (QKV, QKV, QKV)),
+    "sdpa_mask": Case(
+        lambda m, q, k, v, mask: (F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+                                  F.scaled_dot_product_attention(q, k, v, attn_mask=mask[0, 0] > 0)),
+        (QKV, QKV, QKV, (4, 1, 12, 12)),
+    ),
+    "sdpa_gqa_repeat": Case(
+        lambda m, q, k, v: F.scaled_dot_product_attention(q, _repeat_kv(k, 3), _repeat_kv(v, 3), is_causal=True),
+        (QKV, (4, 4, 12, 8), (4, 4, 12, 8)),
+    ),
+    "sdpa_enable_gqa": Case(
+        lambda m, q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+        (QKV, (4, 4, 12, 8), (4, 4, 12, 8)),
+    ),
+    # constructors and leftovers
+    "arange_positions": Case(
+        lambda m, ids: m.wte(ids) + m.wpe(torch.arange(ids.size(1), device=ids.device)), ((4, 12),),
+        lambda: {"wte": nn.Embedding(48, 24), "wpe": nn.Embedding(12, 24)}, ids=48,
+    ),
+    "arange_forms": Case(
+        lambda m, x: (x * torch.arange(24, dtype=torch.float32), x * torch.arange(0, 48, 2, dtype=torch.float32),
+                      x[0] + torch.arange(3, 15).unsqueeze(1)),
+        (X3,),
+    ),
+    "constructors": Case(
+        lambda m, x: (x + torch.full((12, 24), 2.0), x + torch.zeros(12, 24), x + torch.ones(4, 12, 24),
+                      x + x.new_ones((12, 24)), x + x.new_zeros((24,)), x + x.new_full((4, 12, 24), 3.0),
+                      torch.zeros_like(x), torch.ones_like(x) * x, torch.full_like(x, 7.0)),
+        (X3,),
+    ),
+    "triu_tril": Case(lambda m, x: (torch.triu(x), torch.tril(x, -1), torch.ones(12, 12).triu(1) * x[0]), ((12, 12, 12),)),
+    # argument forms with a known wrong rule (see KNOWN_WRONG)
+    "squeeze_all": Case(lambda m, x: x.squeeze() * 2, ((12, 4, 1),)),
+    "div_rounding": Case(lambda m, x, y: (torch.div(x, 0.25, rounding_mode="floor"), torch.div(x, y, rounding_mode="trunc")), (X3, X3)),
+    "cast_to_int": Case(lambda m, x: (x * 4).long(), (X3,)),
+    "var_keepdim": Case(lambda m, x: (torch.var(x, 1, unbiased=False, keepdim=True), torch.std(x, 1, unbiased=True, keepdim=False)), ((4, 12, 24, 12),)),
+}
+
+
+@dataclass(frozen=True)
+class Known:
+    """A strategy the rules offer that gives a wrong result: checked to fail (strict xfail)."""
+
+    case: str
+    node: str
+    strategy: str
+    tp_size: int
+    reason: str
+
+
+KNOWN_WRONG: tuple[Known, ...] = ()
+
+
+def _randomize(model: nn.Module, seed: int) -> None:
+    """Non-degenerate state: a zero bias or a unit LayerNorm weight would hide a wrong P or S."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dtype.is_floating_point:
+                p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.5)
+
+
+@functools.cache
+def _case(name: str) -> tuple[CapturedGraph, dict[str, Any]]:
+    case = CASES[name]
+    torch.manual_seed(0)
+    model = Fn(case.fn, **case.modules()).eval()
+    _randomize(model, seed=1)
+    gen = torch.Generator().manual_seed(2)
+    if case.ids:
+        inputs = tuple(torch.randint(case.ids, s, generator=gen) for s in case.shapes)
+    else:
+        inputs = tuple(torch.randn(s, generator=gen) for s in case.shapes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        captured = capture(model, inputs)
+    return captured, node_values(captured, model, inputs)
+
+
+# Example configs whose dims are multiples of 12, so tp_size 3 gets as many splits as 2 and 4.
+EXAMPLE_CONFIGS: dict[str, dict[str, Any]] = {
+    "mlp": {},
+    "gpt": {},
+    "llama": {},
+    "mlp-12": {"batch": 12, "seq": 12, "d_model": 48, "d_hidden": 96},
+    "gpt-12": {"batch": 12, "seq": 12, "n_embd": 48, "n_head": 12, "vocab_size": 96, "block_size": 24},
+    "llama-12": {"batch": 12, "seq": 12, "dim": 48, "n_heads": 12, "n_kv_heads": 4, "ffn_hidden": 96,
+                 "vocab_size": 96, "max_seq_len": 24},
+}
+
+
+@functools.cache
+def _example(config: str) -> tuple[CapturedGraph, dict[str, Any]]:
+    model, inputs = build_example(config.split("-")[0], **EXAMPLE_CONFIGS[config])
+    _randomize(model, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        captured = capture(model, inputs)
+    return captured, node_values(captured, model, inputs)
+
+
+def _space(captured: CapturedGraph, tp_size: int) -> StrategySpace:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return build_strategy_space(captured, tp_size)
+
+
+def _sharded_cases(space: StrategySpace) -> int:
+    """(node, strategy) pairs of op nodes that do not replicate everything."""
+    return sum(
+        1 for n in space.nodes if n.kind is NodeKind.OP
+        for s in n.strategies if any(not isinstance(p, type(R)) for p in (*s.inputs, *_outs(s)))
+    )
+
+
+def _outs(strategy: OpStrategy) -> tuple[Placement, ...]:
+    return strategy.output if isinstance(strategy.output, tuple) else (strategy.output,)
+
+
+def _failures_text(failures: list[Any]) -> str:
+    return "\n".join(str(f) for f in failures)
+
+
+# --- the brute-force sweeps -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("tp_size", TP_SIZES)
+@pytest.mark.parametrize("config", sorted(EXAMPLE_CONFIGS))
+def test_every_strategy_of_every_example_node(config: str, tp_size: int) -> None:
+    captured, values = _example(config)
+    checked, failures = check_graph(captured, values, tp_size=tp_size)
+    assert not failures, _failures_text(failures)
+    space = _space(captured, tp_size)
+    assert checked == sum(len(n.strategies) for n in space.nodes if n.kind is NodeKind.OP)
+    if config.endswith("-12") or tp_size != 3:
+        assert _sharded_cases(space) > 50  # the sweep really splits things
+
+
+@pytest.mark.parametrize("tp_size", TP_SIZES)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_strategy_of_op(case: str, tp_size: int) -> None:
+    captured, values = _case(case)
+    skip = frozenset((k.node, k.strategy) for k in KNOWN_WRONG if k.case == case and k.tp_size == tp_size)
+    _, failures = check_graph(captured, values, tp_size=tp_size, skip=skip)
+    assert not failures, _failures_text(failures)
+
+
+@pytest.mark.parametrize(
+    "known",
+    [pytest.param(k, id=f"{k.case}-{k.node}-{k.strategy}-tp{k.tp_size}", marks=pytest.mark.xfail(strict=True, reason=k.reason))
+     for k in KNOWN_WRONG],
+)
+def test_known_wrong_rule(known: Known) -> None:
+    captured, values = _case(known.case)
+    space = _space(captured, known.tp_size).by_name()[known.node]
+    strategy = next(s for s in space.strategies if str(s) == known.strategy)
+    node = next(n for n in captured.graph_module.graph.nodes if n.name == known.node)
+    reason = check_strategy(node, space, strategy, values, tp_size=known.tp_size, generator=torch.Generator().manual_seed(0))
+    assert reason is None, reason
+
+
+def test_every_case_has_call_function_nodes_with_rules() -> None:
+    for name in CASES:
+        captured, _ = _case(name)
+        space = _space(captured, 2)
+        ops = [n for n in space.nodes if n.kind is NodeKind.OP]
+        assert ops, name
+        assert not [n.op for n in ops if n.fallback], f"{name}: ops without a rule"
