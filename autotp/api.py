@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from cost_models import HardwareProfile, ProfileError, load_profile
+from cost_models import OPTIMIZER_STATE_BYTES_PER_ELEMENT, HardwareProfile, ProfileError, load_profile
 from autotp.capture import CapturedGraph, InputRole, capture
 from autotp.cost import CostModel
 from autotp.errors import ConfigError, PlanMismatchError
@@ -45,13 +45,19 @@ def plan(
     mesh_shape: Sequence[int],
     hardware: str | None = "h100-sxm",
     memory_budget: int | str | None = None,
+    training: bool = True,
+    optimizer: str | None = "adamw",
     solver: str = "cbc",
     time_limit_s: float = 60.0,
 ) -> Plan:
-    """Plan ``model`` for a mesh of ``mesh_shape`` without any process group (meta models work)."""
+    """Plan ``model`` for a mesh of ``mesh_shape`` without any process group (meta models work).
+
+    ``training`` prices forward and backward and counts gradients and ``optimizer`` state in
+    ``memory_budget``; ``training=False`` plans for inference (forward only, parameters only).
+    """
     return plan_model(
         model, example_inputs, mesh_shape=mesh_shape, hardware=hardware or "h100-sxm",
-        memory_budget=memory_budget, solver=solver, time_limit_s=time_limit_s,
+        memory_budget=memory_budget, training=training, optimizer=optimizer, solver=solver, time_limit_s=time_limit_s,
     ).plan
 
 
@@ -62,17 +68,21 @@ def plan_model(
     mesh_shape: Sequence[int],
     hardware: str,
     memory_budget: int | str | None,
+    training: bool = True,
+    optimizer: str | None = "adamw",
     solver: str = "cbc",
     time_limit_s: float = 60.0,
 ) -> PlanningResult:
     tp_size = _tp_size(mesh_shape)
     profile = resolve_hardware(hardware)
     budget = parse_nbytes(memory_budget)
+    if optimizer is not None and optimizer.lower() not in OPTIMIZER_STATE_BYTES_PER_ELEMENT:
+        raise ConfigError(f"unknown optimizer {optimizer!r}; known: {', '.join(sorted(OPTIMIZER_STATE_BYTES_PER_ELEMENT))}")
     started = time.perf_counter()
     captured = capture(model, example_inputs)
     log.info("captured %s: %d nodes in %.2fs", captured.model_name, len(captured.graph_module.graph.nodes), time.perf_counter() - started)
     space = build_strategy_space(captured, tp_size)
-    cost = CostModel(profile, tp_size)
+    cost = CostModel(profile, tp_size, training=training, optimizer=optimizer if training else None)
     solution = solve(space, cost, memory_budget=budget, time_limit_s=time_limit_s, solver=solver)
     result = build_plan(space, solution, cost, hardware=profile.name, memory_budget=budget)
     log.info("planned %s on %d ranks in %.2fs", captured.model_name, tp_size, time.perf_counter() - started)
@@ -87,6 +97,8 @@ def parallelize(
     hardware: str | None = None,
     memory_budget: int | str | None = None,
     plan: Plan | None = None,
+    training: bool = True,
+    optimizer: str | None = "adamw",
 ) -> ShardedModule:
     """Return this rank's sharded copy of ``model``; call it on every rank of ``mesh``.
 
@@ -99,7 +111,10 @@ def parallelize(
     tp_size = mesh.size()
     hardware = hardware or DEFAULT_HARDWARE.get(mesh.device_type, "h100-sxm")
     if plan is None:
-        result = plan_model(model, example_inputs, mesh_shape=(tp_size,), hardware=hardware, memory_budget=memory_budget)
+        result = plan_model(
+            model, example_inputs, mesh_shape=(tp_size,), hardware=hardware,
+            memory_budget=memory_budget, training=training, optimizer=optimizer,
+        )
     else:
         result = _apply_plan(model, example_inputs, plan, tp_size)
     group = mesh.get_group()

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from cost_models import Collective, HardwareProfile, bytes_moved_per_rank, collective_seconds, roofline_seconds
+from cost_models import Collective, HardwareProfile, bytes_moved_per_rank, collective_seconds, roofline_seconds, state_nbytes
 from autotp.capture import TensorMeta
 from autotp.placement import Placement, Shard
-from autotp.redistribute import Step, StepKind, transition
+from autotp.redistribute import GRAD_SYNC, Step, StepKind, backward_steps, transition
 from autotp.rules import OpStrategy
 from autotp.strategies import NodeKind, NodeSpace
 
@@ -67,19 +67,32 @@ _STEP_COLLECTIVE = {
 }
 
 
+# Backward of an op costs about twice its forward (gradients for the input and for the weight).
+BACKWARD_COMPUTE_FACTOR = 2.0
+
+
 @dataclass(frozen=True, slots=True)
 class CostModel:
-    """Seconds of each (node, strategy) and each placement transition on one mesh axis."""
+    """Seconds of each (node, strategy) and each placement transition on one mesh axis.
+
+    With ``training`` the prices cover forward and backward: compute ×(1 + 2), each conversion
+    plus its conjugate (``redistribute.backward_steps``) when the value needs a gradient, and
+    the gradient all-reduce of ``R`` inputs to split compute. Memory counts gradients and
+    ``optimizer`` state per parameter element.
+    """
 
     profile: HardwareProfile
     tp_size: int
+    training: bool = False
+    optimizer: str | None = None
 
     def compute_seconds(self, node: NodeSpace, strategy: OpStrategy) -> float:
         if node.kind is not NodeKind.OP or node.is_view:
             return 0.0
         share = self.tp_size if splits_work(strategy) else 1
         dtype = _dtype_name(node.slot_metas[0].dtype if node.slot_metas else torch.float32)
-        return roofline_seconds(self.profile, flops=node_flops(node) / share, nbytes=node_nbytes(node) / share, dtype=dtype)
+        forward = roofline_seconds(self.profile, flops=node_flops(node) / share, nbytes=node_nbytes(node) / share, dtype=dtype)
+        return forward * (1 + BACKWARD_COMPUTE_FACTOR) if self.training and node.requires_grad else forward
 
     def step_seconds(self, step: Step, meta: TensorMeta) -> float:
         if step.kind is StepKind.LOCAL_CHUNK:  # copy out this rank's chunk
@@ -93,9 +106,26 @@ class CostModel:
             return 0.0
         return bytes_moved_per_rank(_STEP_COLLECTIVE[step.kind], nbytes=meta.nbytes, group_size=self.tp_size)
 
-    def transition_seconds(self, src: Placement, dst: Placement, meta: TensorMeta) -> float | None:
+    def steps_with_backward(self, steps: tuple[Step, ...], requires_grad: bool) -> tuple[Step, ...]:
+        if not (self.training and requires_grad):
+            return steps
+        return steps + tuple(b for s in steps for b in backward_steps(s))
+
+    def transition_seconds(self, src: Placement, dst: Placement, meta: TensorMeta, *, requires_grad: bool = False) -> float | None:
         """Seconds to convert ``src`` to ``dst``, or ``None`` when the table does not offer it."""
         steps = transition(src, dst)
         if steps is None:
             return None
-        return sum(self.step_seconds(s, meta) for s in steps)
+        return sum(self.step_seconds(s, meta) for s in self.steps_with_backward(steps, requires_grad))
+
+    def grad_sync_seconds(self, meta: TensorMeta, *, requires_grad: bool) -> float:
+        """Backward all-reduce of the partial gradient of an ``R`` input to split compute."""
+        return self.step_seconds(GRAD_SYNC, meta) if self.training and requires_grad else 0.0
+
+    def state_nbytes(self, meta: TensorMeta, placement: Placement, *, is_parameter: bool) -> float:
+        """Bytes one rank holds for a parameter/buffer placed as ``placement``."""
+        share = self.tp_size if isinstance(placement, Shard) else 1
+        return state_nbytes(
+            param_nbytes=meta.nbytes / share, numel=meta.numel / share,
+            training=self.training and is_parameter, optimizer=self.optimizer,
+        )

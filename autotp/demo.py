@@ -29,7 +29,7 @@ def demo_rank(rank: int, world_size: int, example: str, budget_fraction: float) 
     full_nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     budget = int(full_nbytes * budget_fraction) if world_size > 1 else None
     mesh = init_device_mesh("cpu", (world_size,))
-    sharded = parallelize(model, mesh, inputs, memory_budget=budget)
+    sharded = parallelize(model, mesh, inputs, memory_budget=budget, training=False)
     with torch.no_grad():
         diff = (sharded(*inputs) - model(*inputs)).abs().max().item()
     return DemoReport(

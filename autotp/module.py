@@ -8,6 +8,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from autotp.capture import CapturedGraph, InputRole
+from autotp.placement import Placement
 from autotp.plan import Plan
 
 
@@ -25,6 +26,7 @@ class ShardedModule(nn.Module):
         self.rank = rank
         self._sources: list[tuple[str, str]] = []  # per graph placeholder: ("state", attr path) or ("input", "")
         self._out_spec = captured.out_spec
+        self._captured_inputs = tuple(gi for gi in captured.inputs if gi.role is not InputRole.USER_INPUT)
         for k, gi in enumerate(captured.inputs):
             if gi.role is InputRole.USER_INPUT:
                 self._sources.append(("input", ""))
@@ -38,6 +40,11 @@ class ShardedModule(nn.Module):
                     register_state(self, fqn, tensor, gi.role, gi.persistent)
                 path = gi.fqns[0]
             self._sources.append(("state", path))
+
+    def placements(self) -> dict[str, Placement]:
+        """Placement of every parameter/buffer by its name(s) in the original model."""
+        by_node = {n.name: n.strategy.output for n in self.plan.nodes}
+        return {fqn: by_node[gi.node_name] for gi in self._captured_inputs for fqn in gi.fqns}
 
     def _state(self, path: str) -> torch.Tensor:
         owner, _, name = path.rpartition(".")

@@ -13,7 +13,7 @@ from autotp.capture import TensorMeta
 from autotp.units import fmt_nbytes, fmt_seconds
 from autotp.cost import CostModel
 from autotp.placement import R, Placement, Shard
-from autotp.redistribute import Step, transition
+from autotp.redistribute import GRAD_SYNC, Step, transition
 from autotp.rules import OpStrategy
 from autotp.solve import Solution, state_nbytes
 from autotp.strategies import NodeKind, StrategySpace, ValueRef
@@ -28,16 +28,23 @@ class Conversion:
     dst: Placement
     steps: tuple[Step, ...]
     nbytes: int  # size of the full (global) tensor
-    bytes_per_rank: float  # what each rank sends, per the collective's algorithm
-    seconds: float
+    bytes_per_rank: float  # what each rank sends, per the collective's algorithm (fwd + bwd)
+    seconds: float  # forward, plus the conjugate backward when the plan is for training
+    backward_only: bool = False  # the gradient all-reduce of an R input to split work
 
     @property
     def kind(self) -> str:
+        if self.backward_only:
+            return "grad_all_reduce"
         return "+".join(s.kind.value for s in self.steps)
 
     @property
     def is_collective(self) -> bool:
         return any(s.kind.is_collective for s in self.steps)
+
+    @property
+    def in_forward(self) -> bool:
+        return not self.backward_only
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,8 +70,11 @@ class Plan:
     nodes: tuple[NodePlan, ...]
     param_nbytes_per_device: float
     replicated_param_nbytes: float
+    memory_nbytes_per_device: float  # parameters/buffers, plus gradients and optimizer state if training
     solver_status: str
     solve_seconds: float
+    training: bool = False
+    optimizer: str | None = None
 
     @property
     def tp_size(self) -> int:
@@ -97,9 +107,10 @@ class Plan:
             for c in n.conversions:
                 yield n, c
 
-    def collectives(self) -> list[tuple[NodePlan, Conversion]]:
-        """Conversions that communicate (local chunks and partial masks excluded)."""
-        return [(n, c) for n, c in self.conversions() if c.is_collective]
+    def collectives(self, *, backward: bool = False) -> list[tuple[NodePlan, Conversion]]:
+        """Forward conversions that communicate (local chunks and partial masks excluded);
+        with ``backward`` also the gradient all-reduces that only run in backward."""
+        return [(n, c) for n, c in self.conversions() if c.is_collective and (backward or c.in_forward)]
 
     def sharded_state(self) -> dict[str, Placement]:
         """Placement of every parameter/buffer placeholder that is split."""
@@ -118,15 +129,17 @@ class Plan:
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
-        n_coll = len(self.collectives())
+        n_coll = len(self.collectives(backward=True))
+        mode = f"training ({self.optimizer or 'no optimizer'}): forward + backward" if self.training else "inference: forward only"
         lines += [
             "",
-            f"mesh {self.mesh_shape} on {self.hardware}; solver {self.solver_status} in {self.solve_seconds:.2f}s",
+            f"mesh {self.mesh_shape} on {self.hardware}, {mode}; solver {self.solver_status} in {self.solve_seconds:.2f}s",
             f"estimated time: {fmt_seconds(self.total_seconds)} (compute {fmt_seconds(self.compute_seconds)}, "
             f"communication {fmt_seconds(self.comm_seconds)} in {n_coll} collectives, "
             f"{fmt_nbytes(self.comm_bytes_per_rank)} sent per rank)",
             f"parameter memory per device: {fmt_nbytes(self.param_nbytes_per_device)} "
-            f"(replicated: {fmt_nbytes(self.replicated_param_nbytes)})"
+            f"(replicated: {fmt_nbytes(self.replicated_param_nbytes)}); with gradients and optimizer state: "
+            f"{fmt_nbytes(self.memory_nbytes_per_device)}"
             + (f"; budget {fmt_nbytes(self.memory_budget)}" if self.memory_budget is not None else ""),
         ]
         return "\n".join(lines)
@@ -148,6 +161,7 @@ def build_plan(
     nodes_by_name = space.by_name()
     chosen = {n.name: n.strategies[solution.choice[n.name]] for n in space.nodes}
     emitted: set[tuple[ValueRef, Placement]] = set()
+    synced: set[ValueRef] = set()
     plans: list[NodePlan] = []
     for node in space.nodes:
         strategy = chosen[node.name]
@@ -155,11 +169,17 @@ def build_plan(
         for ref, dst in zip(node.slots, strategy.inputs):
             producer = nodes_by_name[ref.node]
             src = producer.output_placement(chosen[ref.node], ref.index)
-            if src == dst or (ref, dst) in emitted:
-                continue
-            emitted.add((ref, dst))
             meta = producer.output_value_meta(ref.index)
-            conversions.append(_conversion(ref, src, dst, meta, cost))
+            if src != dst and (ref, dst) not in emitted:
+                emitted.add((ref, dst))
+                conversions.append(_conversion(ref, src, dst, meta, cost, requires_grad=producer.requires_grad))
+            if dst == R and strategy.divides_output() and ref not in synced and cost.grad_sync_seconds(meta, requires_grad=producer.requires_grad) > 0:
+                synced.add(ref)
+                conversions.append(Conversion(
+                    value=str(ref), src=R, dst=R, steps=(GRAD_SYNC,), nbytes=meta.nbytes,
+                    bytes_per_rank=cost.step_bytes_per_rank(GRAD_SYNC, meta),
+                    seconds=cost.grad_sync_seconds(meta, requires_grad=True), backward_only=True,
+                ))
         plans.append(NodePlan(node.name, node.op, node.module_path, node.kind, strategy, tuple(conversions), cost.compute_seconds(node, strategy)))
     state = [n for n in space.nodes if n.kind is NodeKind.STATE]
     return Plan(
@@ -167,19 +187,27 @@ def build_plan(
         hardware=hardware,
         memory_budget=memory_budget,
         nodes=tuple(plans),
-        param_nbytes_per_device=sum(state_nbytes(n, chosen[n.name].output, space.tp_size) for n in state),  # type: ignore[arg-type]
+        param_nbytes_per_device=sum(_local_nbytes(n.output_meta, chosen[n.name].output, space.tp_size) for n in state),  # type: ignore[arg-type]
         replicated_param_nbytes=float(sum(n.output_meta.nbytes for n in state)),  # type: ignore[union-attr]
+        memory_nbytes_per_device=sum(state_nbytes(n, chosen[n.name].output, cost) for n in state),  # type: ignore[arg-type]
         solver_status=solution.status,
         solve_seconds=solution.seconds,
+        training=cost.training,
+        optimizer=cost.optimizer,
     )
 
 
-def _conversion(ref: ValueRef, src: Placement, dst: Placement, meta: TensorMeta, cost: CostModel) -> Conversion:
+def _local_nbytes(meta: TensorMeta, placement: Placement, tp_size: int) -> float:
+    return meta.nbytes / tp_size if isinstance(placement, Shard) else float(meta.nbytes)
+
+
+def _conversion(ref: ValueRef, src: Placement, dst: Placement, meta: TensorMeta, cost: CostModel, *, requires_grad: bool) -> Conversion:
     steps = transition(src, dst)
     if steps is None:
         raise AssertionError(f"solver chose a transition the table does not offer: {src} -> {dst} on {ref}")
+    priced = cost.steps_with_backward(steps, requires_grad)
     return Conversion(
         value=str(ref), src=src, dst=dst, steps=steps, nbytes=meta.nbytes,
-        bytes_per_rank=sum(cost.step_bytes_per_rank(s, meta) for s in steps),
-        seconds=sum(cost.step_seconds(s, meta) for s in steps),
+        bytes_per_rank=sum(cost.step_bytes_per_rank(s, meta) for s in priced),
+        seconds=sum(cost.step_seconds(s, meta) for s in priced),
     )

@@ -60,3 +60,21 @@ def transition(src: Placement, dst: Placement) -> tuple[Step, ...] | None:
     if isinstance(dst, Replicate):
         return (Step(StepKind.ALL_REDUCE),)
     return (Step(StepKind.REDUCE_SCATTER, dst_dim=dst.dim),)
+
+
+def backward_steps(step: Step) -> tuple[Step, ...]:
+    """What the backward pass runs for ``step`` (see ``autotp.collectives`` for why)."""
+    if step.kind in (StepKind.ALL_REDUCE, StepKind.TO_PARTIAL):
+        return ()  # identity
+    if step.kind is StepKind.ALL_GATHER:
+        return (Step(StepKind.LOCAL_CHUNK, dst_dim=step.src_dim),)
+    if step.kind is StepKind.REDUCE_SCATTER:
+        return (Step(StepKind.ALL_GATHER, src_dim=step.dst_dim),)
+    if step.kind is StepKind.ALL_TO_ALL:
+        return (Step(StepKind.ALL_TO_ALL, src_dim=step.dst_dim, dst_dim=step.src_dim),)
+    return (Step(StepKind.ALL_GATHER, src_dim=step.dst_dim),)  # local chunk
+
+
+# An R input of an op whose output is split or partial gets a partial-sum gradient, summed by an
+# all-reduce in backward (Megatron-LM's ``f``); the forward is the identity.
+GRAD_SYNC = Step(StepKind.ALL_REDUCE)

@@ -17,7 +17,7 @@ from torch import fx
 
 from autotp import collectives
 from autotp.capture import CapturedGraph
-from autotp.placement import Partial, Placement, Replicate, Shard
+from autotp.placement import Placement, Replicate, Shard
 from autotp.plan import Plan
 from autotp.redistribute import Step, StepKind, transition
 from autotp.rules import LocalContext, OpStrategy, lookup
@@ -142,19 +142,13 @@ class _Emitter:
     def _input(self, space: NodeSpace, strategy: OpStrategy, slot: int) -> fx.Node:
         ref, dst = space.slots[slot], strategy.inputs[slot]
         value = self.convert(ref, dst)
-        if isinstance(dst, Replicate) and _splits_or_partial(strategy) and space.slot_metas[slot].dtype.is_floating_point:
+        if isinstance(dst, Replicate) and strategy.divides_output() and space.slot_metas[slot].dtype.is_floating_point:
             value = self.grad_sync(ref, value)
         return value
 
 
 def _splits_output(strategy: OpStrategy) -> bool:
-    outs = strategy.output if isinstance(strategy.output, tuple) else (strategy.output,)
-    return any(isinstance(p, Shard) for p in outs)
-
-
-def _splits_or_partial(strategy: OpStrategy) -> bool:
-    outs = strategy.output if isinstance(strategy.output, tuple) else (strategy.output,)
-    return any(isinstance(p, (Shard, Partial)) for p in outs)
+    return any(isinstance(p, Shard) for p in strategy.outputs())
 
 
 def _map_tensor_args(args: Any, replacements: Iterator[fx.Node], env: dict[str, fx.Node]) -> Any:

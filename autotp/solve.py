@@ -10,7 +10,7 @@ target however many consumers want it (the rewriter shares it too). The demand i
 
     minimise   Σ c_compute(n,s)·x[n,s] + Σ c_transition(v,p,q)·e[v,p,q]
     subject to Σ_s x[n,s] = 1                                   (one_strategy_<n>)
-               w[v,q] ≥ demand of each consumer slot            (wants_<v>_<q>_<c>)
+               w[v,q] ≥ demand of each consumer slot            (w_<v>_<q>_<c>)
                Σ_p e[v,p,q] = w[v,q]                            (convert_<v>_<q>)
                e[v,p,q] ≤ y[v,p]                                (supply_<v>_<q>_<p>)
                Σ_{state n} nbytes_local(n,s)·x[n,s] ≤ budget     (memory_budget)
@@ -32,7 +32,7 @@ from autotp.capture import TensorMeta
 from autotp.units import fmt_nbytes
 from autotp.cost import CostModel
 from autotp.errors import InfeasiblePlanError, SolverError
-from autotp.placement import Placement, Shard
+from autotp.placement import Placement, Replicate
 from autotp.rules import OpStrategy
 from autotp.strategies import NodeKind, NodeSpace, StrategySpace, ValueRef
 
@@ -53,17 +53,18 @@ class Solution:
     n_constraints: int
 
 
-def state_nbytes(node: NodeSpace, placement: Placement, tp_size: int) -> float:
-    """Bytes one rank holds of a parameter/buffer placed as ``placement``."""
+def state_nbytes(node: NodeSpace, placement: Placement, cost: CostModel) -> float:
+    """Bytes one rank holds for a parameter/buffer placed as ``placement`` (with its gradient and
+    optimizer state when training)."""
     meta = node.output_meta
     assert isinstance(meta, TensorMeta)
-    return meta.nbytes / tp_size if isinstance(placement, Shard) else float(meta.nbytes)
+    return cost.state_nbytes(meta, placement, is_parameter=node.is_parameter)
 
 
-def min_state_nbytes(space: StrategySpace) -> float:
-    """The smallest parameter memory per device any plan can reach (each state at its best split)."""
+def min_state_nbytes(space: StrategySpace, cost: CostModel) -> float:
+    """The smallest state memory per device any plan can reach (each state at its best split)."""
     return sum(
-        min(state_nbytes(n, s.output, space.tp_size) for s in n.strategies)  # type: ignore[arg-type]
+        min(state_nbytes(n, s.output, cost) for s in n.strategies)  # type: ignore[arg-type]
         for n in space.nodes
         if n.kind is NodeKind.STATE
     )
@@ -83,13 +84,15 @@ def solve(
     ``pinned`` fixes the strategy of some nodes (a hand layout to price, or a user override).
     """
     if memory_budget is not None:
-        floor = min_state_nbytes(space)
+        floor = min_state_nbytes(space, cost)
         if floor > memory_budget:
+            what = f"parameters, gradients and {cost.optimizer or 'no'} optimizer state" if cost.training else "the parameters and buffers"
             raise InfeasiblePlanError(
                 f"no plan fits a memory budget of {fmt_nbytes(memory_budget)} per device on "
-                f"{space.tp_size} ranks: the parameters and buffers alone need at least "
+                f"{space.tp_size} ranks: {what} alone need at least "
                 f"{fmt_nbytes(floor)} ({floor:.0f} bytes) per device with every one split. "
                 "Raise memory_budget to at least that, or use more ranks"
+                + (", or plan with training=False for inference" if cost.training else "")
             )
     started = time.perf_counter()
     problem = pulp.LpProblem("autotp", pulp.LpMinimize)
@@ -97,7 +100,7 @@ def solve(
     objective = [cost.compute_seconds(n, s) * _MICRO * x[n.name][i] for n in space.nodes for i, s in enumerate(n.strategies)]
     objective += _transition_terms(problem, space, cost, x)
     if memory_budget is not None:
-        _memory_constraint(problem, space, x, memory_budget)
+        _memory_constraint(problem, space, cost, x, memory_budget)
     _pin(problem, space, x, pinned or {})
     problem += pulp.lpSum(objective)
     status = _run(problem, solver, time_limit_s)
@@ -131,8 +134,10 @@ def _transition_terms(problem: pulp.LpProblem, space: StrategySpace, cost: CostM
     nodes = space.by_name()
     # value -> wanted placement -> one list of strategy indices per consumer slot
     wants: dict[ValueRef, dict[Placement, list[tuple[str, list[int]]]]] = defaultdict(lambda: defaultdict(list))
+    readers: dict[ValueRef, list[tuple[NodeSpace, int]]] = defaultdict(list)
     for node in space.nodes:
         for slot, ref in enumerate(node.slots):
+            readers[ref].append((node, slot))
             by_placement: dict[Placement, list[int]] = defaultdict(list)
             for i, s in enumerate(node.strategies):
                 by_placement[s.inputs[slot]].append(i)
@@ -149,21 +154,43 @@ def _transition_terms(problem: pulp.LpProblem, space: StrategySpace, cost: CostM
         for q_id, (q, consumers) in enumerate(wanted.items()):
             if set(produced) == {q}:
                 continue  # the producer can only make q: nothing to convert
-            terms += _conversion_flow(problem, cost, meta, y, q, [pulp.lpSum(x[c][i] for i in idxs) for c, idxs in consumers], f"{v_id}_{q_id}")
+            demands = [pulp.lpSum(x[c][i] for i in idxs) for c, idxs in consumers]
+            terms += _conversion_flow(problem, cost, meta, producer.requires_grad, y, q, demands, f"{v_id}_{q_id}")
+        terms += _grad_sync(problem, cost, x, readers[ref], meta, producer.requires_grad, f"{v_id}")
     return terms
 
 
-def _conversion_flow(problem: pulp.LpProblem, cost: CostModel, meta: TensorMeta, y: dict[Placement, object], q: Placement, demands: list, tag: str) -> list:
-    """Value wanted as ``q`` (``w``) must be supplied from the placement it is produced in."""
+def _demand(problem: pulp.LpProblem, demands: list, name: str) -> object:
+    """At least every consumer's demand: shared work is paid once however many consumers need it."""
     if len(demands) == 1:
-        w = demands[0]
-    else:
-        w = problem.add_variable(f"w_{tag}", lowBound=0, upBound=1)
-        for c_id, demand in enumerate(demands):
-            problem += w >= demand, f"wants_{tag}_{c_id}"
+        return demands[0]
+    w = problem.add_variable(name, lowBound=0, upBound=1)
+    for c_id, demand in enumerate(demands):
+        problem += w >= demand, f"{name}_{c_id}"
+    return w
+
+
+def _grad_sync(problem: pulp.LpProblem, cost: CostModel, x: dict[str, list], readers: list[tuple[NodeSpace, int]], meta: TensorMeta, requires_grad: bool, tag: str) -> list:
+    """Backward all-reduce of a value's gradient when any reader takes it as R into split work."""
+    seconds = cost.grad_sync_seconds(meta, requires_grad=requires_grad)
+    if seconds <= 0:
+        return []
+    demands = []
+    for node, slot in readers:
+        idxs = [i for i, s in enumerate(node.strategies) if isinstance(s.inputs[slot], Replicate) and s.divides_output()]
+        if idxs:
+            demands.append(pulp.lpSum(x[node.name][i] for i in idxs))
+    if not demands:
+        return []
+    return [seconds * _MICRO * _demand(problem, demands, f"grad_sync_{tag}")]
+
+
+def _conversion_flow(problem: pulp.LpProblem, cost: CostModel, meta: TensorMeta, requires_grad: bool, y: dict[Placement, object], q: Placement, demands: list, tag: str) -> list:
+    """Value wanted as ``q`` (``w``) must be supplied from the placement it is produced in."""
+    w = _demand(problem, demands, f"w_{tag}")
     flows, terms = [], []
     for p_id, (p, y_p) in enumerate(y.items()):
-        seconds = 0.0 if p == q else cost.transition_seconds(p, q, meta)
+        seconds = 0.0 if p == q else cost.transition_seconds(p, q, meta, requires_grad=requires_grad)
         if seconds is None:
             continue  # the table offers no p -> q: no flow variable, so y_p and w exclude each other
         e = problem.add_variable(f"e_{tag}_{p_id}", lowBound=0)
@@ -188,9 +215,9 @@ def _pin(problem: pulp.LpProblem, space: StrategySpace, x: dict[str, list], pinn
             problem += x[name][node.strategies.index(strategy)] == 1, f"pinned_{name}"
 
 
-def _memory_constraint(problem: pulp.LpProblem, space: StrategySpace, x: dict[str, list], budget: float) -> None:
+def _memory_constraint(problem: pulp.LpProblem, space: StrategySpace, cost: CostModel, x: dict[str, list], budget: float) -> None:
     terms = [
-        state_nbytes(n, s.output, space.tp_size) * x[n.name][i]  # type: ignore[arg-type]
+        state_nbytes(n, s.output, cost) * x[n.name][i]  # type: ignore[arg-type]
         for n in space.nodes
         if n.kind is NodeKind.STATE
         for i, s in enumerate(n.strategies)

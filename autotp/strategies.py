@@ -11,7 +11,7 @@ import logging
 import operator
 import warnings
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from types import MappingProxyType
 from typing import Any
@@ -20,7 +20,7 @@ import torch
 from torch import fx
 
 from autotp.capture import CapturedGraph, InputRole, TensorMeta, module_path, tensor_meta
-from autotp.placement import R, Placement, Replicate, Shard
+from autotp.placement import Partial, R, Placement, Replicate, Shard
 from autotp.rules import OpContext, OpStrategy, lookup
 from autotp.rules.registry import OutputMeta, OutputPlacement, Rule
 
@@ -68,6 +68,8 @@ class NodeSpace:
     strategies: tuple[OpStrategy, ...]
     is_view: bool = False
     fallback: bool = False  # replicate-only because no rule covers the op
+    requires_grad: bool = False  # a floating output that depends on a parameter
+    is_parameter: bool = False  # a trainable parameter placeholder (gradients, optimizer state)
 
     def output_placement(self, strategy: OpStrategy, index: int | None) -> Placement:
         out = strategy.output
@@ -134,8 +136,11 @@ def _replicated_output(meta: OutputMeta | None) -> OutputPlacement:
 
 
 def _fits(placement: Placement, meta: TensorMeta, tp_size: int) -> bool:
+    """Shards must divide evenly; partial sums exist only for floating-point values."""
     if isinstance(placement, Shard):
         return placement.dim < meta.ndim and meta.shape[placement.dim] % tp_size == 0 and meta.shape[placement.dim] >= tp_size
+    if isinstance(placement, Partial):
+        return meta.dtype.is_floating_point or meta.dtype.is_complex
     return True
 
 
@@ -154,24 +159,28 @@ def build_strategy_space(captured: CapturedGraph, tp_size: int) -> StrategySpace
     """Candidate strategies of every node of ``captured`` on a mesh axis of ``tp_size`` ranks."""
     roles = captured.input_by_node()
     metas: dict[str, OutputMeta | None] = {}
+    grads: dict[str, bool] = {}
     spaces: list[NodeSpace] = []
     unsupported: dict[str, None] = {}
     for node in captured.graph_module.graph.nodes:
         meta = output_meta(node)
         metas[node.name] = meta
         if node.op == "placeholder":
-            spaces.append(_placeholder_space(node, meta, roles[node.name].role, tp_size))
+            space = _placeholder_space(node, meta, roles[node.name].role, tp_size)
         elif node.op == "output":
-            spaces.append(_output_space(node, metas))
+            space = _output_space(node, metas)
         elif node.op == "call_function":
             if node.target in ASSERT_OPS:
                 continue
             space = _op_space(node, meta, metas, tp_size)
+            floating = all(m.dtype.is_floating_point for m in (meta if isinstance(meta, tuple) else (meta,)) if m is not None) and meta is not None
+            space = replace(space, requires_grad=floating and any(grads[ref.node] for ref in space.slots))
             if space.fallback:
                 unsupported[space.op] = None
-            spaces.append(space)
         else:
             raise NotImplementedError(f"unexpected fx node kind {node.op!r} in an exported graph")
+        grads[space.name] = space.requires_grad
+        spaces.append(space)
     if unsupported:
         names = ", ".join(unsupported)
         warnings.warn(
@@ -188,9 +197,11 @@ def _placeholder_space(node: fx.Node, meta: OutputMeta | None, role: InputRole, 
     if role is not InputRole.USER_INPUT and isinstance(meta, TensorMeta) and tp_size > 1:
         placements += [Shard(d) for d in range(meta.ndim) if _fits(Shard(d), meta, tp_size)]
     kind = NodeKind.USER_INPUT if role is InputRole.USER_INPUT else NodeKind.STATE
+    trainable = role is InputRole.PARAMETER and isinstance(meta, TensorMeta) and meta.dtype.is_floating_point
     return NodeSpace(
         name=node.name, op="placeholder", module_path="", kind=kind, slots=(), slot_metas=(),
         output_meta=meta, strategies=tuple(OpStrategy((), p) for p in placements),
+        requires_grad=trainable, is_parameter=role is InputRole.PARAMETER,
     )
 
 

@@ -5,12 +5,14 @@ This package never imports torch or autotp; it speaks bytes, FLOPs, group sizes 
 * :mod:`cost_models.profile`: validated, frozen hardware profiles loaded from TOML.
 * :mod:`cost_models.compute`: roofline time of one kernel.
 * :mod:`cost_models.comm`: alpha-beta time of ring collectives.
+* :mod:`cost_models.memory`: bytes of parameters, gradients and optimizer state.
 """
 
 from __future__ import annotations
 
 from cost_models.comm import Collective, bytes_moved_per_rank, collective_seconds, latency_steps
 from cost_models.compute import roofline_seconds
+from cost_models.memory import OPTIMIZER_STATE_BYTES_PER_ELEMENT, state_nbytes
 from cost_models.profile import (
     SCHEMA_VERSION,
     HardwareProfile,
@@ -22,6 +24,7 @@ from cost_models.profile import (
 )
 
 __all__ = [
+    "OPTIMIZER_STATE_BYTES_PER_ELEMENT",
     "SCHEMA_VERSION",
     "Collective",
     "HardwareProfile",
@@ -34,4 +37,5 @@ __all__ = [
     "load_profile",
     "profile_from_dict",
     "roofline_seconds",
+    "state_nbytes",
 ]

@@ -31,7 +31,7 @@ def parallel_equivalence(rank: int, world_size: int, names: list[str]) -> dict[s
         model, inputs = build_model(name)
         full_nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
         budget = int(full_nbytes / world_size * 1.25) if world_size > 1 else None
-        sharded = autotp.parallelize(model, mesh, inputs, memory_budget=budget)
+        sharded = autotp.parallelize(model, mesh, inputs, memory_budget=budget, training=False)
         with torch.no_grad():
             expected = model(*inputs)
             actual = sharded(*inputs)

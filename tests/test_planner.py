@@ -39,18 +39,23 @@ def _linear(plan: Plan, suffix: str, block: int):
     return node
 
 
-@pytest.fixture(scope="module")
-def megatron_case():
+# bytes per parameter byte the budget must hold: fp32 weights, + gradients and AdamW's two moments
+STATE_FACTOR = {False: 1, True: 4}
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["inference", "training"])
+def megatron_case(request):
     """GPT n_embd=4096 on 4 H100s with weights that cannot be replicated, at 1 x 64 tokens."""
+    training = request.param
     model, inputs = _big_gpt(1, 64)
-    budget = int(_param_nbytes(model) / 4 * 1.15)  # about one quarter of the weights per device
-    return plan_model(model, inputs, mesh_shape=(4,), hardware="h100-sxm", memory_budget=budget), budget
+    budget = int(_param_nbytes(model) * STATE_FACTOR[training] / 4 * 1.15)  # about a quarter per device
+    return plan_model(model, inputs, mesh_shape=(4,), hardware="h100-sxm", memory_budget=budget, training=training), budget
 
 
 def test_megatron_layout_is_rediscovered(megatron_case) -> None:
     result, budget = megatron_case
     plan = result.plan
-    assert plan.param_nbytes_per_device <= budget < plan.replicated_param_nbytes
+    assert plan.memory_nbytes_per_device <= budget < plan.replicated_param_nbytes * STATE_FACTOR[plan.training]
     for block in range(N_LAYER):
         for suffix in ("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.c_fc"):
             strategy = _linear(plan, suffix, block).strategy
@@ -89,7 +94,7 @@ def test_megatron_all_reduces_in_rewritten_graph(megatron_case) -> None:
 def test_megatron_is_the_ilp_optimum_here(megatron_case) -> None:
     """Pinning Megatron's layout costs the same as the free optimum: it is the optimum."""
     result, budget = megatron_case
-    cost = CostModel(resolve_hardware("h100-sxm"), 4)
+    cost = CostModel(resolve_hardware("h100-sxm"), 4, training=result.plan.training, optimizer=result.plan.optimizer)
     pins = megatron_pins(result.space, column=GPT_COLUMN, row=GPT_ROW)
     assert len(pins) == 6 * N_LAYER
     pinned = build_plan(result.space, solve(result.space, cost, memory_budget=budget, pinned=pins), cost, hardware="h100-sxm", memory_budget=budget)
@@ -100,7 +105,7 @@ def test_megatron_pins_cost_at_least_the_optimum_at_large_batch() -> None:
     """At 8 x 1024 tokens the ILP may beat Megatron (sequence-parallel variants); never lose to it."""
     model, inputs = _big_gpt(8, 1024)
     budget = int(_param_nbytes(model) / 4 * 1.15)
-    result = plan_model(model, inputs, mesh_shape=(4,), hardware="h100-sxm", memory_budget=budget)
+    result = plan_model(model, inputs, mesh_shape=(4,), hardware="h100-sxm", memory_budget=budget, training=False)
     cost = CostModel(resolve_hardware("h100-sxm"), 4)
     pins = megatron_pins(result.space, column=GPT_COLUMN, row=GPT_ROW)
     pinned = build_plan(result.space, solve(result.space, cost, memory_budget=budget, pinned=pins), cost, hardware="h100-sxm", memory_budget=budget)
@@ -114,7 +119,7 @@ def test_megatron_pins_cost_at_least_the_optimum_at_large_batch() -> None:
 def test_tiny_hidden_on_slow_link_is_not_split() -> None:
     """n_embd=64 over PCIe: communication costs more than splitting saves, so blocks stay whole."""
     model, inputs = build_example("gpt", device="meta", batch=2, seq=32, n_embd=64, n_head=4, n_layer=N_LAYER)
-    plan = autotp.plan(model, inputs, mesh_shape=(4,), hardware="a100-pcie")
+    plan = autotp.plan(model, inputs, mesh_shape=(4,), hardware="a100-pcie", training=False)
     block_collectives = [c for n, c in plan.collectives() if _block_of(n.module_path) is not None]
     assert len(block_collectives) < 2 * N_LAYER  # fewer than Megatron's two all-reduces per block
     for node in plan.nodes:
@@ -125,14 +130,14 @@ def test_tiny_hidden_on_slow_link_is_not_split() -> None:
 def test_large_hidden_on_fast_link_is_split_without_a_budget() -> None:
     """The contrast to the tiny case: at n_embd=4096 splitting pays even with memory to spare."""
     model, inputs = _big_gpt(8, 1024)
-    plan = autotp.plan(model, inputs, mesh_shape=(4,), hardware="h100-sxm")
+    plan = autotp.plan(model, inputs, mesh_shape=(4,), hardware="h100-sxm", training=False)
     split = [n for n in plan.nodes if n.op.startswith("aten.linear") and _block_of(n.module_path) is not None and n.strategy.output != R]
     assert len(split) == 6 * N_LAYER
 
 
 def test_plan_is_deterministic() -> None:
     model, inputs = build_example("llama", device="meta")
-    budget = _param_nbytes(model) // 2
+    budget = _param_nbytes(model) * STATE_FACTOR[True] // 2
     first = autotp.plan(model, inputs, mesh_shape=(4,), hardware="cpu-gloo", memory_budget=budget)
     second = autotp.plan(model, inputs, mesh_shape=(4,), hardware="cpu-gloo", memory_budget=budget)
     assert [(n.name, n.strategy) for n in first.nodes] == [(n.name, n.strategy) for n in second.nodes]
@@ -141,18 +146,21 @@ def test_plan_is_deterministic() -> None:
 def test_meta_model_plans_without_allocating() -> None:
     model, inputs = _big_gpt(8, 1024)
     assert all(p.is_meta for p in model.parameters())
-    plan = autotp.plan(model, inputs, mesh_shape=(8,), hardware="h100-sxm", memory_budget="2GiB")
-    assert plan.param_nbytes_per_device <= 2 * 2**30
+    plan = autotp.plan(model, inputs, mesh_shape=(8,), hardware="h100-sxm", memory_budget="8GiB")
+    assert plan.memory_nbytes_per_device <= 8 * 2**30
     assert plan.tp_size == 8
 
 
 def test_memory_budget_is_respected_and_tightest_budget_fits() -> None:
     model, inputs = build_example("gpt", device="meta")
-    result = plan_model(model, inputs, mesh_shape=(4,), hardware="cpu-gloo", memory_budget=None)
-    floor = int(min_state_nbytes(result.space)) + 1
-    plan = autotp.plan(model, inputs, mesh_shape=(4,), hardware="cpu-gloo", memory_budget=floor)
-    assert plan.param_nbytes_per_device <= floor
-    assert plan.param_nbytes_per_device < plan.replicated_param_nbytes
+    for training in (False, True):
+        result = plan_model(model, inputs, mesh_shape=(4,), hardware="cpu-gloo", memory_budget=None, training=training)
+        floor = int(min_state_nbytes(result.space, CostModel(resolve_hardware("cpu-gloo"), 4, training=training, optimizer="adamw"))) + 1
+        plan = autotp.plan(model, inputs, mesh_shape=(4,), hardware="cpu-gloo", memory_budget=floor, training=training)
+        assert plan.memory_nbytes_per_device <= floor
+        assert plan.param_nbytes_per_device < plan.replicated_param_nbytes
+        if training:  # weights, gradients and two fp32 AdamW moments per element
+            assert plan.memory_nbytes_per_device == pytest.approx(4 * plan.param_nbytes_per_device)
 
 
 def test_indivisible_dims_are_not_split() -> None:
@@ -176,3 +184,19 @@ def test_summary_lists_splits_and_totals(megatron_case) -> None:
     text = megatron_case[0].plan.summary()
     assert "all_reduce" in text and "blocks.0.attn.q_proj" in text
     assert "parameter memory per device" in text and "estimated time" in text
+
+
+def test_training_and_inference_plans_differ() -> None:
+    """Forward only, splitting the batch costs one final gather; in training it would all-reduce
+    every weight gradient, so the training plan splits the weights Megatron-style instead."""
+    model, inputs = build_example("gpt", device="meta", batch=8, seq=512, n_embd=1024, n_head=16, n_layer=N_LAYER, vocab_size=1024, block_size=512)
+    inference = autotp.plan(model, inputs, mesh_shape=(4,), hardware="h100-sxm", training=False)
+    training = autotp.plan(model, inputs, mesh_shape=(4,), hardware="h100-sxm", training=True)
+    for block in range(N_LAYER):
+        for suffix in ("attn.q_proj", "mlp.c_fc", "attn.c_proj", "mlp.c_proj"):
+            batch_split = _linear(inference, suffix, block).strategy
+            assert batch_split.inputs[1] == R and batch_split.output == Shard(0), (suffix, batch_split)
+        assert _linear(training, "attn.q_proj", block).strategy.inputs[1] == Shard(0)
+        assert _linear(training, "mlp.c_proj", block).strategy.output == P
+    grad_syncs = [c for _, c in training.collectives(backward=True) if c.backward_only]
+    assert grad_syncs and not inference.collectives(backward=True)[:-1]  # inference: one final gather

@@ -41,7 +41,7 @@ def pointwise(ctx: OpContext) -> Iterator[OpStrategy]:
     joint = _tensor_operands(ctx.node, 2) if packet in _BINARY else n == 1
     if packet in _PARTIAL_ALL and joint:
         yield OpStrategy((P,) * n, P)
-    elif packet in _PARTIAL_FIRST and n >= 1:
+    elif packet in _PARTIAL_FIRST and n >= 1 and ctx.named_arg("rounding_mode") is None:
         yield OpStrategy((P,) + (R,) * (n - 1), P)
     elif packet in _PARTIAL_ANY_ONE:
         for i in range(n):
@@ -52,7 +52,7 @@ _BINARY = {aten.add, aten.sub}
 # linear in every tensor input jointly: P op P -> P (add/sub only when both operands are tensors:
 # P + 1.0 would add 1.0 once per rank)
 _PARTIAL_ALL = {aten.add, aten.sub, aten.neg, aten.clone, aten.contiguous, aten._to_copy, aten.to, aten.alias, aten.type_as}
-# linear in the first input with the others fixed: P / R -> P
+# linear in the first input with the others fixed: P / R -> P (not with a rounding mode)
 _PARTIAL_FIRST = {aten.div}
 # linear in each input separately: P * R -> P, R * P -> P
 _PARTIAL_ANY_ONE = {aten.mul}

@@ -26,10 +26,13 @@ def _kept_dim(d: int, reduced: set[int], keepdim: bool) -> int:
     return d if keepdim else d - sum(1 for r in reduced if r < d)
 
 
+def _reduced_and_keepdim(ctx: OpContext) -> tuple[set[int], bool]:
+    return _reduced_dims(ctx.named_arg("dim"), ctx.inputs[0].ndim), bool(ctx.named_arg("keepdim", False))
+
+
 def reduction(ctx: OpContext, *, partial_over_reduced: bool) -> Iterator[OpStrategy]:
     x = ctx.inputs[0]
-    reduced = _reduced_dims(ctx.arg(1, "dim"), x.ndim)
-    keepdim = bool(ctx.arg(2, "keepdim", False))
+    reduced, keepdim = _reduced_and_keepdim(ctx)
     for d in range(x.ndim):
         if d not in reduced:
             yield OpStrategy((Shard(d),), Shard(_kept_dim(d, reduced, keepdim)))
@@ -40,7 +43,7 @@ def reduction(ctx: OpContext, *, partial_over_reduced: bool) -> Iterator[OpStrat
 
 @register(aten.sum)
 def sum_(ctx: OpContext) -> Iterator[OpStrategy]:
-    if len(ctx.node.args) < 2 and "dim" not in ctx.node.kwargs:  # sum.default: every dim
+    if ctx.named_arg("dim") is None:  # sum.default: every dim
         for d in range(ctx.inputs[0].ndim):
             yield OpStrategy((Shard(d),), P)
         yield OpStrategy((P,), P)
@@ -50,7 +53,7 @@ def sum_(ctx: OpContext) -> Iterator[OpStrategy]:
 
 @register(aten.mean)
 def mean(ctx: OpContext) -> Iterator[OpStrategy]:
-    if len(ctx.node.args) < 2 and "dim" not in ctx.node.kwargs:
+    if ctx.named_arg("dim") is None:
         yield OpStrategy((P,), P)
         return
     yield from reduction(ctx, partial_over_reduced=False)
@@ -59,8 +62,7 @@ def mean(ctx: OpContext) -> Iterator[OpStrategy]:
 @register(aten.amax, aten.amin, aten.var, aten.std, aten.argmax, aten.argmin, aten.logsumexp)
 def non_linear_reduction(ctx: OpContext) -> Iterator[OpStrategy]:
     x = ctx.inputs[0]
-    reduced = _reduced_dims(ctx.arg(1, "dim"), x.ndim)
-    keepdim = bool(ctx.arg(2, "keepdim", False))
+    reduced, keepdim = _reduced_and_keepdim(ctx)
     for d in range(x.ndim):
         if d not in reduced:
             yield OpStrategy((Shard(d),), Shard(_kept_dim(d, reduced, keepdim)))
@@ -69,7 +71,7 @@ def non_linear_reduction(ctx: OpContext) -> Iterator[OpStrategy]:
 @register(aten._softmax, aten.softmax, aten._log_softmax, aten.log_softmax)
 def softmax(ctx: OpContext) -> Iterator[OpStrategy]:
     x = ctx.inputs[0]
-    dim = norm_dim(ctx.arg(1, "dim"), x.ndim)
+    dim = norm_dim(ctx.named_arg("dim"), x.ndim)
     for d in range(x.ndim):
         if d != dim:
             yield OpStrategy((Shard(d),), Shard(d))

@@ -17,7 +17,7 @@ import torch
 from torch import fx
 
 from autotp.capture import TensorMeta
-from autotp.placement import Placement
+from autotp.placement import Placement, Replicate
 
 OutputPlacement = Union[Placement, tuple[Placement, ...]]
 OutputMeta = Union[TensorMeta, tuple[TensorMeta, ...]]
@@ -29,6 +29,13 @@ class OpStrategy:
 
     inputs: tuple[Placement, ...]
     output: OutputPlacement
+
+    def outputs(self) -> tuple[Placement, ...]:
+        return self.output if isinstance(self.output, tuple) else (self.output,)
+
+    def divides_output(self) -> bool:
+        """The output is split or partial: each rank computes only part of it."""
+        return any(not isinstance(p, Replicate) for p in self.outputs())
 
     def __str__(self) -> str:
         ins = ", ".join(str(p) for p in self.inputs)
@@ -58,6 +65,15 @@ class OpContext:
         """Positional-or-keyword argument ``index``/``name`` of the node."""
         if len(self.node.args) > index:
             return self.node.args[index]
+        return self.node.kwargs.get(name, default)
+
+    def named_arg(self, name: str, default: Any = None) -> Any:
+        """Argument ``name`` located through the op's schema (overloads order args differently)."""
+        schema = getattr(self.node.target, "_schema", None)
+        if schema is not None:
+            for index, argument in enumerate(schema.arguments):
+                if argument.name == name:
+                    return self.arg(index, name, default) if not argument.kwarg_only else self.node.kwargs.get(name, default)
         return self.node.kwargs.get(name, default)
 
 

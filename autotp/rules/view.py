@@ -109,7 +109,16 @@ def unsqueeze(ctx: OpContext) -> Iterator[OpStrategy]:
     yield from _with_partial(OpStrategy((Shard(d),), Shard(d if d < new else d + 1)) for d in range(ndim))
 
 
-@register(aten.squeeze, view=True)
+def _localize_squeeze(args: tuple[Any, ...], kwargs: dict[str, Any], lc: LocalContext) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Name the squeezed dims: a split dim whose local size is 1 must survive."""
+    squeezed = [d for d, size in enumerate(lc.inputs[0].shape) if size == 1]
+    if len(args) > 1:
+        dims = args[1] if isinstance(args[1], (list, tuple)) else [args[1]]
+        squeezed = [d for d in (norm_dim(d, lc.inputs[0].ndim) for d in dims) if lc.inputs[0].shape[d] == 1]
+    return (args[0], squeezed), kwargs
+
+
+@register(aten.squeeze, localize=_localize_squeeze, view=True)
 def squeeze(ctx: OpContext) -> Iterator[OpStrategy]:
     yield from reshape(ctx)
 
