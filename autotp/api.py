@@ -19,6 +19,7 @@ from autotp.errors import ConfigError, PlanMismatchError
 from autotp.module import ShardedModule, register_state
 from autotp.placement import Shard
 from autotp.plan import Plan, build_plan
+from autotp.random import seed_sharded_stream
 from autotp.rewrite import rewrite
 from autotp.solve import solve
 from autotp.strategies import StrategySpace, build_strategy_space
@@ -123,7 +124,8 @@ def parallelize(
     device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else None
     gm = rewrite(result.captured, result.space, result.plan, rank=rank, group_name=group.group_name, device=device)
     local = _local_state(model, result, rank=rank, device=device)
-    sharded = ShardedModule(result.captured, gm, local, result.plan, rank=rank)
+    sharded = ShardedModule(result.captured, gm, local, result.plan, rank=rank, group_name=group.group_name, mesh=mesh)
+    seed_sharded_stream(group.group_name, rank=rank, seed=torch.initial_seed())
     for fqn in result.captured.unused_fqns:
         role = InputRole.PARAMETER if fqn in dict(model.named_parameters(remove_duplicate=False)) else InputRole.BUFFER
         register_state(sharded, fqn, _owned(_get_state(model, fqn), device), role, persistent=True)

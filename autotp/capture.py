@@ -73,6 +73,7 @@ class CapturedGraph:
     in_spec: object
     out_spec: object
     model_name: str
+    training: bool  # the module's mode at capture: export bakes dropout on/off into the graph
 
     def input_by_node(self) -> Mapping[str, GraphInput]:
         return MappingProxyType({i.node_name: i for i in self.inputs})
@@ -182,6 +183,7 @@ def _lift(model: nn.Module, exported: ExportedProgram) -> CapturedGraph:
         in_spec=exported.call_spec.in_spec,
         out_spec=exported.call_spec.out_spec,
         model_name=type(model).__name__,
+        training=model.training,
     )
 
 

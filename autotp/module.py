@@ -1,10 +1,12 @@
 """The module ``parallelize`` returns: this rank's shards under the original names, and the graph."""
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.utils import _pytree as pytree
 
 from autotp.capture import CapturedGraph, InputRole
@@ -19,11 +21,25 @@ class ShardedModule(nn.Module):
     ``graph_module`` is the rank-local fx graph (inspect it to see the collectives).
     """
 
-    def __init__(self, captured: CapturedGraph, graph_module: fx.GraphModule, local_state: dict[str, torch.Tensor], plan: Plan, *, rank: int) -> None:
+    def __init__(
+        self,
+        captured: CapturedGraph,
+        graph_module: fx.GraphModule,
+        local_state: dict[str, torch.Tensor],
+        plan: Plan,
+        *,
+        rank: int,
+        group_name: str,
+        mesh: DeviceMesh | None = None,
+    ) -> None:
         super().__init__()
+        self.training = captured.training
         self.__dict__["graph_module"] = graph_module  # not a submodule: keeps state_dict keys clean
         self.plan = plan
         self.rank = rank
+        self.group_name = group_name
+        self.mesh = mesh
+        self._captured_training = captured.training
         self._sources: list[tuple[str, str]] = []  # per graph placeholder: ("state", attr path) or ("input", "")
         self._out_spec = captured.out_spec
         self._captured_inputs = tuple(gi for gi in captured.inputs if gi.role is not InputRole.USER_INPUT)
@@ -45,6 +61,17 @@ class ShardedModule(nn.Module):
         """Placement of every parameter/buffer by its name(s) in the original model."""
         by_node = {n.name: n.strategy.output for n in self.plan.nodes}
         return {fqn: by_node[gi.node_name] for gi in self._captured_inputs for fqn in gi.fqns}
+
+    def train(self, mode: bool = True) -> ShardedModule:
+        """The graph was captured in one mode (dropout on or off); warn when asked for the other."""
+        if mode != self._captured_training:
+            warnings.warn(
+                f"this model was captured by autotp in {'train' if self._captured_training else 'eval'} mode and "
+                f"its graph keeps that behaviour (dropout {'on' if self._captured_training else 'off'}); "
+                f"call autotp.parallelize on the model in {'train' if mode else 'eval'} mode to change it",
+                stacklevel=2,
+            )
+        return super().train(mode)
 
     def _state(self, path: str) -> torch.Tensor:
         owner, _, name = path.rpartition(".")

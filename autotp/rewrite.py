@@ -15,13 +15,14 @@ from typing import Any
 import torch
 from torch import fx
 
-from autotp import collectives
+from autotp import collectives, random
 from autotp.capture import CapturedGraph
 from autotp.placement import Placement, Replicate, Shard
 from autotp.plan import Plan
 from autotp.redistribute import Step, StepKind, transition
 from autotp.rules import LocalContext, OpStrategy, lookup
 from autotp.rules.registry import Rule
+from autotp.random import is_random
 from autotp.strategies import ASSERT_OPS, NodeSpace, StrategySpace, ValueRef, is_tensor_value
 
 _COPIED_META = ("nn_module_stack", "stack_trace")
@@ -135,6 +136,8 @@ class _Emitter:
             target = getattr(target, "overloadpacket", target)  # localised args may pick another overload
         if self.device is not None and "device" in kwargs:
             kwargs = {**kwargs, "device": self.device}
+        if is_random(node.target) and _splits_output(strategy):  # independent draws per chunk
+            args, target = (target, self.group_name, *args), random.run_in_sharded_stream
         new = self.graph.create_node("call_function", target, args, kwargs, name=node.name)
         new.meta.update({k: node.meta[k] for k in _COPIED_META if k in node.meta})
         self.env[node.name] = new

@@ -49,7 +49,10 @@ def _localize_arange(args: tuple[Any, ...], kwargs: dict[str, Any], lc: LocalCon
     chunk = lc.output.shape[0] // lc.tp_size
     local_start = start + lc.rank * chunk * step
     kwargs = {k: v for k, v in kwargs.items() if k != "step"}
-    return (local_start, local_start + chunk * step, step), kwargs
+    # the end half a step past the last element: a float end computed as start + chunk*step can
+    # land just above it and add an element (arange(0.0, 0.6000000000000001, 0.1) has 7)
+    local_end = local_start + chunk * step if isinstance(step, int) and isinstance(start, int) else local_start + (chunk - 0.5) * step
+    return (local_start, local_end, step), kwargs
 
 
 @register(aten.arange, localize=_localize_arange)
