@@ -1,60 +1,35 @@
-"""The ``autotp`` command line."""
+"""The ``autotp`` command line: one subcommand per module in ``autotp.commands``.
+
+Each module there defines ``register(subparsers)``, which adds its parser and sets
+``func(args) -> int`` as the parser default. Errors from the library (``AutoTPError``) print one
+line and exit 2; they never show a traceback.
+"""
 from __future__ import annotations
 
 import argparse
+import importlib
+import pkgutil
 import sys
-import time
 
+import autotp.commands
 from autotp.errors import AutoTPError
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autotp", description="Automatic tensor parallelism for PyTorch models.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser(
-        "demo",
-        help="shard a built-in example over local CPU ranks (gloo) and compare with the original",
-        description="Spawns N CPU ranks over gloo on 127.0.0.1, parallelizes a built-in example under a "
-        "memory budget that forces splitting, runs it, and prints the plan and the largest difference "
-        "from the unsharded model.",
-    )
-    demo.add_argument("--example", default="gpt", choices=["gpt", "llama", "mlp"], help="built-in model (default: gpt)")
-    demo.add_argument("--nproc", type=int, default=4, help="number of CPU ranks (default: 4)")
-    demo.add_argument(
-        "--budget-fraction", type=float, default=0.35,
-        help="per-device parameter memory budget as a fraction of the whole model (default: 0.35)",
-    )
-    args = parser.parse_args(argv)
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for info in sorted(pkgutil.iter_modules(autotp.commands.__path__), key=lambda m: m.name):
+        importlib.import_module(f"autotp.commands.{info.name}").register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
-        return _demo(args.example, args.nproc, args.budget_fraction)
+        return args.func(args)
     except AutoTPError as exc:
         print(f"autotp: error: {exc}", file=sys.stderr)
         return 2
-
-
-def _demo(example: str, nproc: int, budget_fraction: float) -> int:
-    from autotp.demo import demo_rank
-    from autotp.testing import RankError, run_on_ranks
-
-    if nproc < 1:
-        print("autotp: error: --nproc must be at least 1", file=sys.stderr)
-        return 2
-    print(f"autotp demo: parallelizing the '{example}' example on {nproc} CPU ranks over gloo ...", flush=True)
-    started = time.perf_counter()
-    try:
-        reports = run_on_ranks(demo_rank, nproc, example, budget_fraction, timeout_seconds=600)
-    except RankError as exc:
-        print(f"autotp: error: a rank failed:\n{exc}", file=sys.stderr)
-        return 1
-    first = reports[0]
-    print(first.summary)
-    print()
-    worst = max(r.max_abs_diff for r in reports)
-    print(f"rank 0 holds {first.local_params:,} of {first.full_params:,} parameters; {first.collectives} collectives in its forward graph")
-    print(f"max |sharded - original| over {nproc} ranks: {worst:.3e} ({time.perf_counter() - started:.1f}s)")
-    ok = worst <= 1e-4
-    print("OK: the sharded model matches the original" if ok else "MISMATCH: the sharded model differs from the original")
-    return 0 if ok else 1
 
 
 if __name__ == "__main__":

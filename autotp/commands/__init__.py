@@ -1,0 +1,1 @@
+"""Subcommands of the ``autotp`` CLI, one module each (see ``autotp.cli``)."""
