@@ -17,8 +17,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--example", default="gpt", choices=["gpt", "llama", "mlp"], help="built-in model (default: gpt)")
     parser.add_argument("--nproc", type=int, default=4, help="number of CPU ranks (default: 4)")
     parser.add_argument(
-        "--budget-fraction", type=float, default=0.35,
-        help="per-device parameter memory budget as a fraction of the whole model (default: 0.35)",
+        "--budget-fraction", type=float, default=None,
+        help="per-device parameter memory budget as a fraction of the whole model "
+        "(default: 1.3/nproc, which forces the weights to be split)",
     )
     parser.set_defaults(func=run)
 
@@ -30,10 +31,14 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         print("autotp: error: --nproc must be at least 1", file=sys.stderr)
         return 2
+    fraction = args.budget_fraction if args.budget_fraction is not None else min(1.0, 1.3 / args.nproc)
+    if fraction < 1 / args.nproc:
+        print(f"autotp: error: --budget-fraction {fraction} is below 1/{args.nproc}: no split of the weights fits it", file=sys.stderr)
+        return 2
     print(f"autotp demo: parallelizing the '{args.example}' example on {args.nproc} CPU ranks over gloo ...", flush=True)
     started = time.perf_counter()
     try:
-        reports = run_on_ranks(demo_rank, args.nproc, args.example, args.budget_fraction, timeout_seconds=600)
+        reports = run_on_ranks(demo_rank, args.nproc, args.example, fraction, timeout_seconds=600)
     except RankError as exc:
         print(f"autotp: error: a rank failed:\n{exc}", file=sys.stderr)
         return 1
