@@ -22,12 +22,13 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import pulp
 
+from autotp.blocks import canonical_nodes
 from autotp.capture import TensorMeta
 from autotp.units import fmt_nbytes
 from autotp.cost import CostModel
@@ -78,10 +79,13 @@ def solve(
     time_limit_s: float = 60.0,
     solver: str = "cbc",
     pinned: Mapping[str, OpStrategy] | None = None,
+    dedup: bool = True,
 ) -> Solution:
     """Solve the ILP; raise ``InfeasiblePlanError`` when no plan fits ``memory_budget``.
 
     ``pinned`` fixes the strategy of some nodes (a hand layout to price, or a user override).
+    ``dedup`` solves repeated identical blocks once (``autotp.blocks``): they share variables,
+    so the ILP does not grow with depth, at the price of giving every repeat the same layout.
     """
     if memory_budget is not None:
         floor = min_state_nbytes(space, cost)
@@ -95,16 +99,23 @@ def solve(
                 + (", or plan with training=False for inference" if cost.training else "")
             )
     started = time.perf_counter()
+    canonical = canonical_nodes(space) if dedup else {n.name: n.name for n in space.nodes}
     problem = pulp.LpProblem("autotp", pulp.LpMinimize)
-    x = _strategy_variables(problem, space)
-    objective = [cost.compute_seconds(n, s) * _MICRO * x[n.name][i] for n in space.nodes for i, s in enumerate(n.strategies)]
-    objective += _transition_terms(problem, space, cost, x)
+    x = _strategy_variables(problem, space, canonical)
+    repeats = Counter(canonical[n.name] for n in space.nodes)
+    nodes = space.by_name()
+    objective = [
+        repeats[name] * cost.compute_seconds(nodes[name], s) * _MICRO * x[name][i]
+        for name in repeats
+        for i, s in enumerate(nodes[name].strategies)
+    ]
+    objective += _transition_terms(problem, space, cost, x, canonical)
     if memory_budget is not None:
-        _memory_constraint(problem, space, cost, x, memory_budget)
-    _pin(problem, space, x, pinned or {})
+        _memory_constraint(problem, space, cost, x, canonical, memory_budget)
+    _pin(problem, space, x, canonical, pinned or {})
     problem += pulp.lpSum(objective)
     status = _run(problem, solver, time_limit_s)
-    choice = {n.name: _chosen(x[n.name]) for n in space.nodes}
+    choice = {n.name: _chosen(x[canonical[n.name]]) for n in space.nodes}
     elapsed = time.perf_counter() - started
     log.info("ILP: %d variables, %d constraints, %s in %.2fs", problem.numVariables(), problem.numConstraints(), status, elapsed)
     return Solution(
@@ -117,10 +128,12 @@ def solve(
     )
 
 
-def _strategy_variables(problem: pulp.LpProblem, space: StrategySpace) -> dict[str, list[pulp.LpAffineExpression | int]]:
-    """One binary per (node, strategy); a node with a single strategy gets the constant 1."""
+def _strategy_variables(problem: pulp.LpProblem, space: StrategySpace, canonical: Mapping[str, str]) -> dict[str, list]:
+    """One binary per (representative node, strategy); a single strategy gets the constant 1."""
     x: dict[str, list] = {}
     for k, node in enumerate(space.nodes):
+        if canonical[node.name] != node.name:
+            continue  # a repeat: it reads its representative's variables
         if len(node.strategies) == 1:
             x[node.name] = [1]
             continue
@@ -130,33 +143,39 @@ def _strategy_variables(problem: pulp.LpProblem, space: StrategySpace) -> dict[s
     return x
 
 
-def _transition_terms(problem: pulp.LpProblem, space: StrategySpace, cost: CostModel, x: dict[str, list]) -> list:
+def _transition_terms(problem: pulp.LpProblem, space: StrategySpace, cost: CostModel, x: dict[str, list], canonical: Mapping[str, str]) -> list:
+    """Conversion and gradient-sync costs, built once per distinct (value, readers) and counted."""
     nodes = space.by_name()
-    # value -> wanted placement -> one list of strategy indices per consumer slot
-    wants: dict[ValueRef, dict[Placement, list[tuple[str, list[int]]]]] = defaultdict(lambda: defaultdict(list))
-    readers: dict[ValueRef, list[tuple[NodeSpace, int]]] = defaultdict(list)
+    readers: dict[ValueRef, list[tuple[str, int]]] = defaultdict(list)
     for node in space.nodes:
         for slot, ref in enumerate(node.slots):
-            readers[ref].append((node, slot))
-            by_placement: dict[Placement, list[int]] = defaultdict(list)
-            for i, s in enumerate(node.strategies):
-                by_placement[s.inputs[slot]].append(i)
-            for q, idxs in by_placement.items():
-                wants[ref][q].append((node.name, idxs))
+            readers[ref].append((canonical[node.name], slot))
+    distinct: dict[tuple, tuple[ValueRef, int]] = {}
+    for ref, slots in readers.items():
+        key = (canonical[ref.node], ref.index, tuple(sorted(set(slots))))
+        first, count = distinct.get(key, (ref, 0))
+        distinct[key] = (first, count + 1)
     terms = []
-    for v_id, (ref, wanted) in enumerate(wants.items()):
-        producer = nodes[ref.node]
-        meta = producer.output_value_meta(ref.index)
+    for v_id, ((producer_name, index, slots), (ref, count)) in enumerate(distinct.items()):
+        producer = nodes[producer_name]
+        meta = producer.output_value_meta(index)
         produced: dict[Placement, list[int]] = defaultdict(list)
         for i, s in enumerate(producer.strategies):
-            produced[producer.output_placement(s, ref.index)].append(i)
-        y = {p: pulp.lpSum(x[ref.node][i] for i in idxs) for p, idxs in produced.items()}
-        for q_id, (q, consumers) in enumerate(wanted.items()):
-            if set(produced) == {q}:
-                continue  # the producer can only make q: nothing to convert
-            demands = [pulp.lpSum(x[c][i] for i in idxs) for c, idxs in consumers]
-            terms += _conversion_flow(problem, cost, meta, producer.requires_grad, y, q, demands, f"{v_id}_{q_id}")
-        terms += _grad_sync(problem, cost, x, readers[ref], meta, producer.requires_grad, f"{v_id}")
+            produced[producer.output_placement(s, index)].append(i)
+        y = {p: pulp.lpSum(x[producer_name][i] for i in idxs) for p, idxs in produced.items()}
+        wanted: dict[Placement, list] = defaultdict(list)
+        for consumer, slot in slots:
+            by_placement: dict[Placement, list[int]] = defaultdict(list)
+            for i, s in enumerate(nodes[consumer].strategies):
+                by_placement[s.inputs[slot]].append(i)
+            for q, idxs in by_placement.items():
+                wanted[q].append(pulp.lpSum(x[consumer][i] for i in idxs))
+        value_terms = []
+        for q_id, (q, demands) in enumerate(wanted.items()):
+            if set(produced) != {q}:  # else the producer can only make q: nothing to convert
+                value_terms += _conversion_flow(problem, cost, meta, producer.requires_grad, y, q, demands, f"{v_id}_{q_id}")
+        value_terms += _grad_sync(problem, cost, x, [(nodes[c], slot) for c, slot in slots], meta, producer.requires_grad, f"{v_id}")
+        terms += [count * t for t in value_terms]
     return terms
 
 
@@ -202,7 +221,7 @@ def _conversion_flow(problem: pulp.LpProblem, cost: CostModel, meta: TensorMeta,
     return terms
 
 
-def _pin(problem: pulp.LpProblem, space: StrategySpace, x: dict[str, list], pinned: Mapping[str, OpStrategy]) -> None:
+def _pin(problem: pulp.LpProblem, space: StrategySpace, x: dict[str, list], canonical: Mapping[str, str], pinned: Mapping[str, OpStrategy]) -> None:
     nodes = space.by_name()
     for name, strategy in pinned.items():
         node = nodes.get(name)
@@ -212,12 +231,12 @@ def _pin(problem: pulp.LpProblem, space: StrategySpace, x: dict[str, list], pinn
             offered = ", ".join(str(s) for s in node.strategies)
             raise SolverError(f"cannot pin node '{name}' ({node.op}) to {strategy}: it offers {offered}")
         if len(node.strategies) > 1:
-            problem += x[name][node.strategies.index(strategy)] == 1, f"pinned_{name}"
+            problem += x[canonical[name]][node.strategies.index(strategy)] == 1, f"pinned_{name}"
 
 
-def _memory_constraint(problem: pulp.LpProblem, space: StrategySpace, cost: CostModel, x: dict[str, list], budget: float) -> None:
+def _memory_constraint(problem: pulp.LpProblem, space: StrategySpace, cost: CostModel, x: dict[str, list], canonical: Mapping[str, str], budget: float) -> None:
     terms = [
-        state_nbytes(n, s.output, cost) * x[n.name][i]  # type: ignore[arg-type]
+        state_nbytes(n, s.output, cost) * x[canonical[n.name]][i]  # type: ignore[arg-type]
         for n in space.nodes
         if n.kind is NodeKind.STATE
         for i, s in enumerate(n.strategies)

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import fx
 
-from autotp.capture import CapturedGraph, InputRole, TensorMeta, module_path, tensor_meta
-from autotp.placement import Partial, R, Placement, Replicate, Shard
+from autotp.capture import CapturedGraph, GraphInput, InputRole, TensorMeta, module_path, tensor_meta
+from autotp.placement import Partial, R, Placement, Shard
 from autotp.rules import OpContext, OpStrategy, lookup
 from autotp.rules.registry import OutputMeta, OutputPlacement, Rule
 
@@ -166,7 +166,7 @@ def build_strategy_space(captured: CapturedGraph, tp_size: int) -> StrategySpace
         meta = output_meta(node)
         metas[node.name] = meta
         if node.op == "placeholder":
-            space = _placeholder_space(node, meta, roles[node.name].role, tp_size)
+            space = _placeholder_space(node, meta, roles[node.name], tp_size)
         elif node.op == "output":
             space = _output_space(node, metas)
         elif node.op == "call_function":
@@ -192,14 +192,16 @@ def build_strategy_space(captured: CapturedGraph, tp_size: int) -> StrategySpace
     return StrategySpace(tp_size, tuple(spaces), tuple(unsupported))
 
 
-def _placeholder_space(node: fx.Node, meta: OutputMeta | None, role: InputRole, tp_size: int) -> NodeSpace:
+def _placeholder_space(node: fx.Node, meta: OutputMeta | None, graph_input: GraphInput, tp_size: int) -> NodeSpace:
+    role = graph_input.role
     placements: list[Placement] = [R]
     if role is not InputRole.USER_INPUT and isinstance(meta, TensorMeta) and tp_size > 1:
         placements += [Shard(d) for d in range(meta.ndim) if _fits(Shard(d), meta, tp_size)]
     kind = NodeKind.USER_INPUT if role is InputRole.USER_INPUT else NodeKind.STATE
     trainable = role is InputRole.PARAMETER and isinstance(meta, TensorMeta) and meta.dtype.is_floating_point
+    owner = graph_input.fqns[0].rpartition(".")[0] if graph_input.fqns else ""
     return NodeSpace(
-        name=node.name, op="placeholder", module_path="", kind=kind, slots=(), slot_metas=(),
+        name=node.name, op="placeholder", module_path=owner, kind=kind, slots=(), slot_metas=(),
         output_meta=meta, strategies=tuple(OpStrategy((), p) for p in placements),
         requires_grad=trainable, is_parameter=role is InputRole.PARAMETER,
     )
