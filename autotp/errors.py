@@ -28,6 +28,10 @@ class ConfigError(AutoTPError, ValueError):
     """An argument is malformed: a memory budget string, a mesh shape, a hardware name."""
 
 
+class PlanFormatError(AutoTPError, ValueError):
+    """A saved plan file is malformed, has unknown fields or a schema version this autotp cannot read."""
+
+
 def describe_node(node: fx.Node) -> str:
     """One line naming a graph node, its op, its output shape and the user's source line."""
     val = node.meta.get("val")

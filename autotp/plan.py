@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from autotp.capture import TensorMeta
+from autotp.fingerprint import format_value, space_fingerprint
 from autotp.units import fmt_nbytes, fmt_seconds
 from autotp.cost import CostModel
 from autotp.placement import R, Placement, Shard
@@ -56,6 +57,8 @@ class NodePlan:
     strategy: OpStrategy
     conversions: tuple[Conversion, ...]
     compute_seconds: float
+    inputs: tuple[str, ...] = ()  # the values it reads (producer names), as in the graph
+    value: str = ""  # its output's dtype and global shape, e.g. "float32[8,1024,768]"
 
     @property
     def comm_seconds(self) -> float:
@@ -75,10 +78,55 @@ class Plan:
     solve_seconds: float
     training: bool = False
     optimizer: str | None = None
+    fingerprint: str = ""  # of the graph it was made for (autotp.fingerprint); "" skips the check
+    cost_terms: tuple | None = None  # autotp.symbolic terms behind cost_expression(); None unless asked for
 
     @property
     def tp_size(self) -> int:
         return self.mesh_shape[0]
+
+    def to_dict(self) -> dict:
+        """The JSON-ready form documented in docs/plan-format.md."""
+        from autotp.plan_io import plan_to_dict
+
+        return plan_to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Plan:
+        from autotp.plan_io import plan_from_dict
+
+        return plan_from_dict(data)
+
+    def save(self, path: str) -> None:
+        """Write the plan as JSON (docs/plan-format.md)."""
+        from autotp.plan_io import save_plan
+
+        save_plan(self, path)
+
+    @classmethod
+    def load(cls, path: str) -> Plan:
+        """Read a plan written by ``save``; raises ``PlanFormatError`` on a malformed file."""
+        from autotp.plan_io import load_plan
+
+        return load_plan(path)
+
+    def cost_expression(self):  # -> sympy.Expr
+        """Total time as a sympy expression in batch ``B`` and sequence length ``T`` (``autotp.symbolic``).
+
+        Needs the plan's cost terms: ``autotp.plan(..., symbolic=True)`` or
+        ``autotp.symbolic.attach_cost_terms``. ``expr.subs({B: b, T: t})`` prices this plan's
+        strategies at another size; at the planned size it equals ``total_seconds``.
+        """
+        from autotp.symbolic import expression
+
+        return expression(self)
+
+    @property
+    def activation_nbytes_per_device(self) -> float:
+        """Bytes of the largest set of simultaneously live activations on one rank (``autotp.activations``)."""
+        from autotp.activations import activation_nbytes
+
+        return activation_nbytes(self)
 
     @property
     def compute_seconds(self) -> float:
@@ -141,6 +189,8 @@ class Plan:
             f"(replicated: {fmt_nbytes(self.replicated_param_nbytes)}); with gradients and optimizer state: "
             f"{fmt_nbytes(self.memory_nbytes_per_device)}"
             + (f"; budget {fmt_nbytes(self.memory_budget)}" if self.memory_budget is not None else ""),
+            f"largest live activations per device: {fmt_nbytes(self.activation_nbytes_per_device)}"
+            + (" (forward, with what autograd keeps for backward)" if self.training else " (forward)"),
         ]
         return "\n".join(lines)
 
@@ -180,7 +230,10 @@ def build_plan(
                     bytes_per_rank=cost.step_bytes_per_rank(GRAD_SYNC, meta),
                     seconds=cost.grad_sync_seconds(meta, requires_grad=True), backward_only=True,
                 ))
-        plans.append(NodePlan(node.name, node.op, node.module_path, node.kind, strategy, tuple(conversions), cost.compute_seconds(node, strategy)))
+        plans.append(NodePlan(
+            node.name, node.op, node.module_path, node.kind, strategy, tuple(conversions), cost.compute_seconds(node, strategy),
+            inputs=tuple(str(ref) for ref in node.slots), value=format_value(node.output_meta),
+        ))
     state = [n for n in space.nodes if n.kind is NodeKind.STATE]
     return Plan(
         mesh_shape=(space.tp_size,),
@@ -194,6 +247,7 @@ def build_plan(
         solve_seconds=solution.seconds,
         training=cost.training,
         optimizer=cost.optimizer,
+        fingerprint=space_fingerprint(space),
     )
 
 
