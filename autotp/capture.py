@@ -7,10 +7,12 @@
 from __future__ import annotations
 
 import logging
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from types import MappingProxyType
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -20,6 +22,8 @@ from torch.export.graph_signature import InputKind
 from autotp.errors import CaptureError
 
 log = logging.getLogger(__name__)
+
+_SET_GRAD_ENABLED = torch._higher_order_ops.wrap.wrap_with_set_grad_enabled
 
 
 class InputRole(str, Enum):
@@ -152,6 +156,7 @@ def _lift(model: nn.Module, exported: ExportedProgram) -> CapturedGraph:
             raise CaptureError(f"unsupported graph input kind {spec.kind} for '{spec.arg.name}'")
         roles[spec.arg.name] = (role, spec.target)
 
+    _inline_grad_mode_regions(gm)
     gm.graph.eliminate_dead_code()
     inputs: list[GraphInput] = []
     constants: dict[str, torch.Tensor] = {}
@@ -185,6 +190,63 @@ def _lift(model: nn.Module, exported: ExportedProgram) -> CapturedGraph:
         model_name=type(model).__name__,
         training=model.training,
     )
+
+
+def _inline_grad_mode_regions(gm: fx.GraphModule) -> None:
+    """Inline ``wrap_with_set_grad_enabled`` regions, so every op is a plain graph node.
+
+    Export wraps code that changes the grad mode (``@torch.no_grad()`` on Hugging Face rotary
+    embeddings) in a higher-order op that calls a submodule. Its body is copied into the graph in
+    its place; the outputs of a ``no_grad`` region are ``detach``ed, so gradients stop there just
+    as they did in the original. Any other higher-order op is refused by name.
+    """
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not _SET_GRAD_ENABLED:
+            continue
+        enabled, body_attr, *operands = node.args
+        body: fx.GraphModule = getattr(gm, body_attr.target)
+        _inline_grad_mode_regions(body)
+        env: dict[fx.Node, fx.Node] = {}
+        placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
+        env.update(zip(placeholders, operands))
+        outputs: tuple[Any, ...] = ()
+        with gm.graph.inserting_before(node):
+            for inner in body.graph.nodes:
+                if inner.op == "placeholder":
+                    continue
+                if inner.op == "output":
+                    results = fx.node.map_arg(inner.args[0], env.__getitem__)
+                    outputs = tuple(results) if isinstance(results, (list, tuple)) else (results,)
+                    break
+                env[inner] = gm.graph.node_copy(inner, env.__getitem__)
+            if not enabled:
+                outputs = tuple(_detached(gm.graph, out) for out in outputs)
+        for user in list(node.users):
+            if user.op == "call_function" and user.target is operator.getitem:
+                user.replace_all_uses_with(outputs[user.args[1]])
+                gm.graph.erase_node(user)
+        if node.users:  # a single output read directly
+            node.replace_all_uses_with(outputs[0])
+        gm.graph.erase_node(node)
+        if not body_attr.users:
+            gm.graph.erase_node(body_attr)
+            delattr(gm, body_attr.target)
+    leftover = [n for n in gm.graph.nodes if n.op == "get_attr"]
+    if leftover:
+        ops = sorted({str(u.target) for n in leftover for u in n.users})
+        raise CaptureError(
+            f"the captured graph calls higher-order ops autotp cannot split yet ({', '.join(ops)}); "
+            "remove the torch.cond / autocast / checkpoint region from forward() or file an issue"
+        )
+    gm.recompile()
+
+
+def _detached(graph: fx.Graph, value: fx.Node) -> fx.Node:
+    if not isinstance(value.meta.get("val"), torch.Tensor):
+        return value
+    out = graph.call_function(torch.ops.aten.detach.default, (value,))
+    out.meta.update({k: value.meta[k] for k in ("val", "tensor_meta", "nn_module_stack", "stack_trace") if k in value.meta})
+    return out
 
 
 def _tied_names(model: nn.Module) -> dict[str, tuple[str, ...]]:

@@ -136,6 +136,9 @@ class _Emitter:
             target = getattr(target, "overloadpacket", target)  # localised args may pick another overload
         if self.device is not None and "device" in kwargs:
             kwargs = {**kwargs, "device": self.device}
+        local_impl = rule.local_impl(strategy) if rule is not None and rule.local_impl is not None else None
+        if local_impl is not None:
+            target, kwargs = local_impl, {**kwargs, "group_name": self.group_name}
         if is_random(node.target) and _splits_output(strategy):  # independent draws per chunk
             args, target = (target, self.group_name, *args), random.run_in_sharded_stream
         new = self.graph.create_node("call_function", target, args, kwargs, name=node.name)

@@ -70,6 +70,8 @@ class NodeSpace:
     fallback: bool = False  # replicate-only because no rule covers the op
     requires_grad: bool = False  # a floating output that depends on a parameter
     is_parameter: bool = False  # a trainable parameter placeholder (gradients, optimizer state)
+    # per strategy (same order), collectives its local implementation runs: (kind, full nbytes)
+    internal_comm: tuple[tuple[tuple[str, int], ...], ...] = ()
 
     def output_placement(self, strategy: OpStrategy, index: int | None) -> Placement:
         out = strategy.output
@@ -236,8 +238,11 @@ def _op_space(node: fx.Node, meta: OutputMeta | None, metas: Mapping[str, Output
             if s not in strategies and _strategy_fits(s, slot_metas, meta, tp_size):
                 strategies.append(s)
     op_name = str(node.target) if not callable(node.target) or hasattr(node.target, "_schema") else getattr(node.target, "__name__", str(node.target))
+    internal_comm: tuple[tuple[tuple[str, int], ...], ...] = ()
+    if rule is not None and rule.internal_collectives is not None:
+        internal_comm = tuple(rule.internal_collectives(s, slot_metas, meta) for s in strategies)  # type: ignore[arg-type]
     return NodeSpace(
         name=node.name, op=op_name, module_path=module_path(node), kind=NodeKind.OP,
         slots=slots, slot_metas=slot_metas, output_meta=meta, strategies=tuple(strategies),
-        is_view=rule.view if rule is not None else False, fallback=rule is None,
+        is_view=rule.view if rule is not None else False, fallback=rule is None, internal_comm=internal_comm,
     )

@@ -23,13 +23,15 @@ class DataDependent(nn.Module):
         return -y
 
 
-class UsesCumsum(nn.Module):
+class UsesMatrixExp(nn.Module):
+    """An op no rule covers (the matrix exponential mixes every element of its last two dims)."""
+
     def __init__(self) -> None:
         super().__init__()
         self.proj = nn.Linear(16, 16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cumsum(self.proj(x), dim=-1)
+        return torch.linalg.matrix_exp(self.proj(x).view(-1, 4, 4))
 
 
 def test_public_errors_share_one_base() -> None:
@@ -91,9 +93,9 @@ def test_unknown_hardware_lists_the_known_profiles() -> None:
 def test_unsupported_op_falls_back_to_replication_with_one_warning() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        plan = autotp.plan(UsesCumsum(), (torch.randn(4, 16),), mesh_shape=(2,), memory_budget=700, training=False)
+        plan = autotp.plan(UsesMatrixExp(), (torch.randn(4, 16),), mesh_shape=(2,), memory_budget=700, training=False)
     ours = [w for w in caught if issubclass(w.category, autotp.UnsupportedOpWarning)]
-    assert len(ours) == 1 and "aten.cumsum" in str(ours[0].message)
-    cumsum = next(n for n in plan.nodes if "cumsum" in n.op)
-    assert all(str(p) == "R" for p in cumsum.strategy.inputs) and str(cumsum.strategy.output) == "R"
+    assert len(ours) == 1 and "aten.linalg_matrix_exp" in str(ours[0].message)
+    unsupported = next(n for n in plan.nodes if "matrix_exp" in n.op)
+    assert all(str(p) == "R" for p in unsupported.strategy.inputs) and str(unsupported.strategy.output) == "R"
     assert plan.sharded_state()  # the linear before it is still split to meet the budget

@@ -6,7 +6,7 @@ import pytest
 from autotp.testing import run_on_ranks
 from tests import _parallel_fns
 
-MODELS = ["mlp", "gpt", "llama", "transformer_encoder_layer", "odd_mlp"]
+MODELS = ["mlp", "gpt", "llama", "transformer_encoder_layer", "odd_mlp", "unsupported_op"]
 
 
 @pytest.mark.timeout(600)

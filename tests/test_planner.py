@@ -74,9 +74,9 @@ def test_megatron_plan_has_two_all_reduces_per_block(megatron_case) -> None:
             per_block[block][conversion.kind] += 1
     for block, kinds in per_block.items():
         assert kinds["all_reduce"] == 2, (block, kinds)
-        # the only other collective inside the blocks gathers block 0's input, the embedding
-        # output, which is split because the embedding table is
-        assert sum(kinds.values()) == 2 + (1 if block == 0 else 0), (block, kinds)
+        # at most one other collective, in block 0: converting its input, the embedding output,
+        # which is split or partial because the embedding table is
+        assert sum(kinds.values()) <= 2 + (1 if block == 0 else 0), (block, kinds)
 
 
 def test_megatron_all_reduces_in_rewritten_graph(megatron_case) -> None:

@@ -196,6 +196,34 @@ CASES: dict[str, Case] = {
     "div_rounding": Case(lambda m, x, y: (torch.div(x, 0.25, rounding_mode="floor"), torch.div(x, y, rounding_mode="trunc")), (X3, X3)),
     "cast_to_int": Case(lambda m, x: (x * 4).long(), (X3,)),
     "var_keepdim": Case(lambda m, x: (torch.var(x, 1, unbiased=False, keepdim=True), torch.std(x, 1, unbiased=True, keepdim=False)), ((4, 12, 24, 12),)),
+    # ops of Hugging Face models (mask construction, token-type lookup, eager attention)
+    "index_tensor": Case(
+        lambda m, x, i, j, k: (x[i, j], x[:, k], x[k % 4, :, k], x[..., k], x[:, k[:, None], k]),
+        (X3, (4, 1), (1, 12), (12,)), ids={1: 4, 2: 12, 3: 12},
+    ),
+    "index_mask_style": Case(  # transformers' sdpa_mask: ids[batch(B,1,1,1), q(1,1,T,1)] on int tensors
+        lambda m, ids, b, q: (ids.cumsum(-1)[b[:, None, None, None], q[None, None, :, None]]
+                              == ids.cumsum(-1)[b[:, None, None, None], q[None, None, None, :]]),
+        ((4, 12), (4,), (12,)), ids={0: 3, 1: 4, 2: 12},
+    ),
+    "gather": Case(
+        lambda m, x, w, i, j: (torch.gather(x, 2, i), torch.gather(x, 1, j), torch.gather(w, 1, i)),
+        ((12, 12, 24), (12, 24, 24), (12, 12, 12), (12, 24, 24)), ids={2: 12, 3: 12},
+    ),
+    "scans": Case(
+        lambda m, x, ids: (x.cumsum(1), x.cumsum(-1, dtype=torch.float64), (x > 0).cumsum(-1), torch.cumprod(x * 0.1 + 1, 1),
+                           torch.diff(x, dim=1), torch.diff(x, n=2, dim=-1, prepend=x[..., :1], append=x[..., -2:]),
+                           torch.diff(ids, dim=-1, prepend=ids[:, :1] - 1) != 1),
+        (X3, (12, 24)), ids={1: 5},
+    ),
+    "bool_operators": Case(lambda m, x, y: ((x > 0) & (y > 0), (x > 0) | (y < 0), (x > 0) & True), (X3, (24,))),
+    "repeat": Case(lambda m, x: (x.repeat(1, 1, 2), x.repeat(2, 1, 1, 1), x.repeat(1, 3, 1)), (X3,)),
+    "slice_whole_dim": Case(
+        lambda m, x: (torch.ops.aten.slice.Tensor(x, 1, 0, 2**63 - 1), torch.ops.aten.slice.Tensor(x, 2, None, None),
+                      torch.ops.aten.slice.Tensor(x, 1, 0, 12), torch.ops.aten.slice.Tensor(x, 1, 0, 6)),
+        (X3,),
+    ),
+    "where_scalar": Case(lambda m, x, y: (torch.where(x > 0, x, 0.0), torch.where(y > 0, -1e9, x), x.masked_fill(y > 0, 0.5)), (X3, (24,))),
 }
 
 
@@ -281,7 +309,10 @@ def test_every_strategy_of_every_example_node(config: str, tp_size: int) -> None
     checked, failures = check_graph(captured, values, tp_size=tp_size)
     assert not failures, _failures_text(failures)
     space = _space(captured, tp_size)
-    assert checked == sum(len(n.strategies) for n in space.nodes if n.kind is NodeKind.OP)
+    # every strategy but those run by a communicating local implementation (vocab-parallel
+    # embedding), which tests/test_vocab_parallel.py checks on real ranks
+    local = sum(1 for n in space.nodes if n.op.startswith("aten.embedding") for s in n.strategies if s.output == P)
+    assert checked == sum(len(n.strategies) for n in space.nodes if n.kind is NodeKind.OP) - local
     sharded = _sharded_cases(space)
     # the sweep really splits things (on 3 ranks the default configs can mostly only use P)
     if config.endswith("-12") or tp_size != 3:
@@ -401,6 +432,31 @@ def test_attention_and_embedding_offer_their_splits(tp_size: int) -> None:
     assert OpStrategy((), Shard(0)) in arange.strategies
 
 
+@pytest.mark.parametrize("tp_size", TP_SIZES)
+def test_indexing_scans_and_tiling_offer_their_splits(tp_size: int) -> None:
+    index, by_column, *_ = _op_spaces("index_tensor", tp_size, "aten.index")
+    # x[i(4, 1), j(1, 12)]: C is not indexed; the index's T dim splits j alone (i broadcasts)
+    assert OpStrategy((Shard(2), R, R), Shard(2)) in index.strategies
+    assert OpStrategy((R, R, Shard(1)), Shard(1)) in index.strategies
+    assert OpStrategy((R, Shard(0)), Shard(1)) in by_column.strategies  # x[:, k]: k's chunk
+    assert OpStrategy((P, R, R), P) in index.strategies
+    gather, *_ = _op_spaces("gather", tp_size, "aten.gather")
+    assert OpStrategy((Shard(1), Shard(1)), Shard(1)) in gather.strategies
+    assert OpStrategy((R, Shard(2)), Shard(2)) in gather.strategies
+    assert OpStrategy((Shard(2), Shard(2)), Shard(2)) not in gather.strategies  # the gathered dim
+    cumsum, *_ = _op_spaces("scans", tp_size, "aten.cumsum")
+    assert OpStrategy((Shard(2),), Shard(2)) in cumsum.strategies and OpStrategy((P,), P) in cumsum.strategies
+    assert OpStrategy((Shard(1),), Shard(1)) not in cumsum.strategies  # the scanned dim
+    tile, *_ = _op_spaces("repeat", tp_size, "aten.repeat")
+    assert OpStrategy((Shard(1),), Shard(1)) in tile.strategies
+    assert OpStrategy((Shard(2),), Shard(2)) not in tile.strategies  # tiled twice
+    whole, _, _, half = _op_spaces("slice_whole_dim", tp_size, "aten.slice")
+    assert OpStrategy((Shard(1),), Shard(1)) in whole.strategies
+    assert OpStrategy((Shard(1),), Shard(1)) not in half.strategies
+    (both,) = _op_spaces("bool_operators", tp_size, "aten.__and__.Tensor")
+    assert OpStrategy((Shard(2), Shard(0)), Shard(2)) in both.strategies
+
+
 # --- the checker itself catches wrong strategies ----------------------------------------------------
 
 WRONG: tuple[tuple[str, str, OpStrategy], ...] = (
@@ -414,6 +470,10 @@ WRONG: tuple[tuple[str, str, OpStrategy], ...] = (
     ("embedding", "aten.embedding", OpStrategy((Shard(0), R), Shard(2))),  # vocab split is not a C split
     ("sdpa_causal", "aten.scaled_dot_product_attention", OpStrategy((Shard(2), R, R), Shard(2))),  # mask offset
     ("transpose_permute", "aten.transpose", OpStrategy((Shard(0),), Shard(0))),  # dim 0 moved to 2
+    ("index_tensor", "aten.index", OpStrategy((Shard(1), R, R), Shard(1))),  # T is indexed
+    ("gather", "aten.gather", OpStrategy((R, Shard(0)), Shard(0))),  # index rows meet the wrong x rows
+    ("scans", "aten.cumsum", OpStrategy((Shard(1),), Shard(1))),  # each chunk restarts the sum
+    ("repeat", "aten.repeat", OpStrategy((Shard(2),), Shard(2))),  # tiles the chunk, not the whole
 )
 
 

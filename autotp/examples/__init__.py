@@ -81,6 +81,7 @@ def build_example(
     device: str | torch.device = "cpu",
     batch: int = 2,
     seq: int | None = None,
+    targets: bool = False,
     seed: int = 0,
     **config_overrides: Any,
 ) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
@@ -89,7 +90,8 @@ def build_example(
     ``config_overrides`` replace fields of the example's config. On ``device="meta"`` the
     model is constructed under ``torch.device("meta")``, so parameters and inputs carry
     shapes and dtypes but no storage. Inputs are drawn on the CPU from a generator seeded
-    with ``seed + 1`` and then moved, so they are the same on every device.
+    with ``seed + 1`` and then moved, so they are the same on every device. With ``targets``
+    (GPT only) the inputs gain next-token targets and the model returns its loss.
     """
     if name not in EXAMPLES:
         raise ValueError(f"unknown example {name!r}; known examples: {', '.join(EXAMPLES)}")
@@ -113,4 +115,8 @@ def build_example(
         model = model_cls(config)
     generator = torch.Generator().manual_seed(seed + 1)
     inputs = _INPUTS[name](config, batch=batch, seq=seq, generator=generator, device=device)
+    if targets:
+        if name != "gpt":
+            raise ValueError(f"targets=True needs a model that computes its own loss; '{name}' does not (use 'gpt')")
+        inputs = inputs + _token_ids(config, batch=batch, seq=seq, generator=generator, device=device)
     return model.eval(), inputs

@@ -134,7 +134,9 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab_size), or with ``targets`` (B, T) the mean cross-entropy loss,
+        computed inside the model as nanoGPT does, so a planner can split the vocabulary."""
         T = idx.size(1)  # idx: (B, T) int64 token ids
         if T > self.config.block_size:
             raise ValueError(
@@ -145,4 +147,7 @@ class GPT(nn.Module):
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, n_embd)
         for block in self.blocks:
             x = block(x)
-        return self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
+        logits = self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))

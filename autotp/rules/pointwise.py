@@ -64,7 +64,7 @@ register(
     aten.to, aten.alias, aten.dropout, aten.masked_fill, aten.where,
     aten.gelu, aten.silu, aten.relu, aten.tanh, aten.sigmoid, aten.exp, aten.rsqrt, aten.sqrt,
     aten.pow, aten.zeros_like, aten.ones_like, aten.full_like, aten.empty_like, aten.detach,
-    aten.lift_fresh_copy,
+    aten.lift_fresh_copy, aten.__and__, aten.__or__,  # the two Python operators not tagged pointwise
 )(pointwise)
 
 

@@ -100,6 +100,12 @@ class Rule:
     # they are not input slots, so any placement passes through unchanged.
     metadata_args: tuple[int, ...] = ()
     view: bool = False  # launches no kernel (a view or pure metadata op): zero compute cost
+    # A strategy the op cannot run as itself names the function that runs it locally (called with
+    # the localised args and ``group_name=``), e.g. a vocab-parallel embedding's masked lookup.
+    local_impl: Callable[[OpStrategy], Callable[..., Any] | None] | None = None
+    # Collectives such a local implementation runs inside, as (kind, bytes of the full tensor),
+    # so the cost model prices them.
+    internal_collectives: Callable[[OpStrategy, tuple[TensorMeta, ...], OutputMeta], tuple[tuple[str, int], ...]] | None = None
 
 
 RULES: dict[Any, Rule] = {}
@@ -110,11 +116,13 @@ def register(
     localize: LocalizeFn | None = None,
     metadata_args: Sequence[int] = (),
     view: bool = False,
+    local_impl: Callable[[OpStrategy], Callable[..., Any] | None] | None = None,
+    internal_collectives: Callable[[OpStrategy, tuple[TensorMeta, ...], OutputMeta], tuple[tuple[str, int], ...]] | None = None,
 ) -> Callable[[StrategyFn], StrategyFn]:
     """Decorator: ``fn`` gives the strategies of every op in ``targets``."""
 
     def wrap(fn: StrategyFn) -> StrategyFn:
-        rule = Rule(fn, localize, tuple(metadata_args), view)
+        rule = Rule(fn, localize, tuple(metadata_args), view, local_impl, internal_collectives)
         for target in targets:
             if target in RULES:
                 raise ValueError(f"two rules registered for {target}")

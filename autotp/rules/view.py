@@ -139,9 +139,21 @@ def expand(ctx: OpContext) -> Iterator[OpStrategy]:
 
 @register(aten.slice, view=True)
 def slice_(ctx: OpContext) -> Iterator[OpStrategy]:
-    ndim = ctx.inputs[0].ndim
-    dim = norm_dim(ctx.arg(1, "dim", 0), ndim)
-    yield from _with_partial(OpStrategy((Shard(d),), Shard(d)) for d in range(ndim) if d != dim)
+    """Other dims keep their split; the sliced dim too when the slice keeps all of it
+    (``x[:, 0:]``, ``x[:, :2**63-1]``): the local slice then keeps all of each chunk."""
+    x = ctx.inputs[0]
+    dim = norm_dim(ctx.arg(1, "dim", 0), x.ndim)
+    whole = ctx.arg(2, "start") in (None, 0) and ctx.arg(4, "step", 1) == 1 and ctx.output.shape[dim] == x.shape[dim]
+    yield from _with_partial(OpStrategy((Shard(d),), Shard(d)) for d in range(x.ndim) if d != dim or whole)
+
+
+@register(aten.repeat)
+def repeat(ctx: OpContext) -> Iterator[OpStrategy]:
+    """``x.repeat(*repeats)`` tiles x; a dim repeated once keeps its split (new dims lead)."""
+    x = ctx.inputs[0]
+    repeats = list(ctx.arg(1, "repeats"))
+    lead = len(repeats) - x.ndim
+    yield from _with_partial(OpStrategy((Shard(d),), Shard(lead + d)) for d in range(x.ndim) if repeats[lead + d] == 1)
 
 
 @register(aten.select, view=True)
