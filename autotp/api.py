@@ -16,6 +16,8 @@ from cost_models import OPTIMIZER_STATE_BYTES_PER_ELEMENT, HardwareProfile, Prof
 from autotp.capture import CapturedGraph, InputRole, capture
 from autotp.cost import CostModel
 from autotp.errors import ConfigError, PlanMismatchError
+from autotp.fingerprint import describe_mismatch
+from autotp.plan_align import align_plan
 from autotp.module import ShardedModule, register_state
 from autotp.placement import Shard
 from autotp.plan import Plan, build_plan
@@ -50,16 +52,25 @@ def plan(
     optimizer: str | None = "adamw",
     solver: str = "cbc",
     time_limit_s: float = 60.0,
+    symbolic: bool = False,
 ) -> Plan:
     """Plan ``model`` for a mesh of ``mesh_shape`` without any process group (meta models work).
 
     ``training`` prices forward and backward and counts gradients and ``optimizer`` state in
     ``memory_budget``; ``training=False`` plans for inference (forward only, parameters only).
+    ``symbolic`` also captures the model at a few more sizes so that ``plan.cost_expression()``
+    gives the time as a sympy expression in batch ``B`` and sequence length ``T`` (dims 0 and 1
+    of the inputs; see ``autotp.symbolic``).
     """
-    return plan_model(
+    result = plan_model(
         model, example_inputs, mesh_shape=mesh_shape, hardware=hardware or "h100-sxm",
         memory_budget=memory_budget, training=training, optimizer=optimizer, solver=solver, time_limit_s=time_limit_s,
     ).plan
+    if symbolic:
+        from autotp.symbolic import attach_cost_terms
+
+        result = attach_cost_terms(result, model, example_inputs, hardware=hardware or "h100-sxm")
+    return result
 
 
 def plan_model(
@@ -126,9 +137,11 @@ def parallelize(
     local = _local_state(model, result, rank=rank, device=device)
     sharded = ShardedModule(result.captured, gm, local, result.plan, rank=rank, group_name=group.group_name, mesh=mesh)
     seed_sharded_stream(group.group_name, rank=rank, seed=torch.initial_seed())
-    for fqn in result.captured.unused_fqns:
-        role = InputRole.PARAMETER if fqn in dict(model.named_parameters(remove_duplicate=False)) else InputRole.BUFFER
-        register_state(sharded, fqn, _owned(_get_state(model, fqn), device), role, persistent=True)
+    parameter_names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    non_persistent = {f"{path}.{name}".lstrip(".") for path, module in model.named_modules() for name in module._non_persistent_buffers_set}
+    for fqn in result.captured.unused_fqns:  # kept whole, so the state dict matches the original's
+        role = InputRole.PARAMETER if fqn in parameter_names else InputRole.BUFFER
+        register_state(sharded, fqn, _owned(_get_state(model, fqn), device), role, persistent=fqn not in non_persistent)
     return sharded
 
 
@@ -153,6 +166,10 @@ def _apply_plan(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], plan
         raise PlanMismatchError(f"the plan was made for {plan.tp_size} ranks but the mesh has {tp_size}")
     captured = capture(model, example_inputs)
     space = build_strategy_space(captured, tp_size)
+    mismatch = describe_mismatch(plan, space)  # the graph fingerprint first: it names what differs
+    if mismatch is not None:
+        raise PlanMismatchError(mismatch)
+    plan = align_plan(plan, space)  # layout-only ops may differ between the meta and the real graph
     names = {n.name: n for n in space.nodes}
     for node in plan.nodes:
         candidate = names.get(node.name)

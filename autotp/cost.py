@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cost_models import Collective, HardwareProfile, bytes_moved_per_rank, collective_seconds, roofline_seconds, state_nbytes
+from cost_models import Collective, HardwareProfile, LinkProfile, bytes_moved_per_rank, collective_seconds, roofline_seconds, select_algorithm, state_nbytes
 from autotp.capture import TensorMeta
 from autotp.placement import Placement, Shard
 from autotp.redistribute import GRAD_SYNC, Step, StepKind, backward_steps, transition
@@ -92,19 +92,34 @@ class CostModel:
         share = self.tp_size if splits_work(strategy) else 1
         dtype = _dtype_name(node.slot_metas[0].dtype if node.slot_metas else torch.float32)
         forward = roofline_seconds(self.profile, flops=node_flops(node) / share, nbytes=node_nbytes(node) / share, dtype=dtype)
-        return forward * (1 + BACKWARD_COMPUTE_FACTOR) if self.training and node.requires_grad else forward
+        compute = forward * (1 + BACKWARD_COMPUTE_FACTOR) if self.training and node.requires_grad else forward
+        return compute + self.internal_comm_seconds(node, strategy)
+
+    def internal_comm_seconds(self, node: NodeSpace, strategy: OpStrategy) -> float:
+        """Collectives an op's local implementation runs inside (e.g. vocab-parallel softmax)."""
+        if not node.internal_comm:
+            return 0.0
+        comm = node.internal_comm[node.strategies.index(strategy)]
+        return sum(collective_seconds(self.link, kind, nbytes=nbytes, group_size=self.tp_size) for kind, nbytes in comm)
 
     def step_seconds(self, step: Step, meta: TensorMeta) -> float:
         if step.kind is StepKind.LOCAL_CHUNK:  # copy out this rank's chunk
             return roofline_seconds(self.profile, flops=0, nbytes=2 * meta.nbytes / self.tp_size)
         if step.kind is StepKind.TO_PARTIAL:  # zeros on all ranks but one
             return roofline_seconds(self.profile, flops=0, nbytes=meta.nbytes)
-        return collective_seconds(self.profile.intra_node, _STEP_COLLECTIVE[step.kind], nbytes=meta.nbytes, group_size=self.tp_size)
+        return collective_seconds(self.link, _STEP_COLLECTIVE[step.kind], nbytes=meta.nbytes, group_size=self.tp_size)
+
+    @property
+    def link(self) -> LinkProfile:
+        """The link the mesh axis's groups talk over (intra-node unless tp spans nodes)."""
+        return self.profile.link_for_group(self.tp_size)
 
     def step_bytes_per_rank(self, step: Step, meta: TensorMeta) -> float:
         if not step.kind.is_collective:
             return 0.0
-        return bytes_moved_per_rank(_STEP_COLLECTIVE[step.kind], nbytes=meta.nbytes, group_size=self.tp_size)
+        kind = _STEP_COLLECTIVE[step.kind]
+        algorithm = select_algorithm(self.link, kind, nbytes=meta.nbytes, group_size=self.tp_size)
+        return bytes_moved_per_rank(kind, nbytes=meta.nbytes, group_size=self.tp_size, algorithm=algorithm)
 
     def steps_with_backward(self, steps: tuple[Step, ...], requires_grad: bool) -> tuple[Step, ...]:
         if not (self.training and requires_grad):

@@ -59,9 +59,12 @@ def run_on_ranks(
     /,
     *args: Any,
     timeout_seconds: float = 120.0,
+    backend: str = "gloo",
     **kwargs: Any,
 ) -> list[T]:
     """Run `fn(rank, world_size, *args, **kwargs)` on `world_size` gloo ranks; results by rank.
+
+    `backend="nccl"` runs NCCL ranks instead, rank r on GPU r (`autotp calibrate` on GPUs).
 
     `fn` must be a module-level function importable in a freshly spawned interpreter (not a
     lambda, closure or a function defined in a test body), and `args`, `kwargs` and its return
@@ -87,7 +90,7 @@ def run_on_ranks(
             reader, writer = ctx.Pipe(duplex=False)
             process = ctx.Process(
                 target=_run_rank,
-                args=(fn, rank, world_size, port, timeout_seconds, args, kwargs, writer),
+                args=(fn, rank, world_size, port, timeout_seconds, args, kwargs, writer, backend),
                 name=f"autotp-rank-{rank}",
                 daemon=True,
             )
@@ -114,8 +117,9 @@ def _run_rank(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     writer: Connection,
+    backend: str = "gloo",
 ) -> None:
-    """Child entry point: join the gloo group, run `fn`, send ("ok", pickled) or ("error", text)."""
+    """Child entry point: join the process group, run `fn`, send ("ok", pickled) or ("error", text)."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -125,8 +129,10 @@ def _run_rank(
     )
     torch.set_num_threads(1)
     try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
         dist.init_process_group(
-            "gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_seconds)
+            backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_seconds)
         )
         # Plain pickle, not torch's ForkingPickler: tensors are copied rather than shared through
         # file descriptors that vanish when this process exits, and an unpicklable result fails

@@ -2,40 +2,65 @@
 
 This package never imports torch or autotp; it speaks bytes, FLOPs, group sizes and seconds:
 
-* :mod:`cost_models.profile`: validated, frozen hardware profiles loaded from TOML.
+* :mod:`cost_models.profile`: validated, frozen hardware profiles.
+* :mod:`cost_models.profile_files`: the TOML schema; loading by name or path, and writing.
 * :mod:`cost_models.compute`: roofline time of one kernel.
-* :mod:`cost_models.comm`: alpha-beta time of ring collectives.
-* :mod:`cost_models.memory`: bytes of parameters, gradients and optimizer state.
+* :mod:`cost_models.comm`: alpha-beta time of collectives, per algorithm (ring, tree, pairwise).
+* :mod:`cost_models.memory`: bytes of parameters, gradients, optimizer state; peak live bytes.
+* :mod:`cost_models.calibrate`: fitting profile numbers to measurements (``autotp calibrate``).
 """
 
 from __future__ import annotations
 
-from cost_models.comm import Collective, bytes_moved_per_rank, collective_seconds, latency_steps
-from cost_models.compute import roofline_seconds
-from cost_models.memory import OPTIMIZER_STATE_BYTES_PER_ELEMENT, state_nbytes
-from cost_models.profile import (
+from cost_models.algorithms import ALGORITHMS, Algorithm, Collective
+from cost_models.comm import (
+    LinearCost,
+    bytes_moved_per_rank,
+    collective_seconds,
+    collective_terms,
+    latency_steps,
+    select_algorithm,
+)
+from cost_models.compute import Roofline, roofline, roofline_seconds
+from cost_models.memory import OPTIMIZER_STATE_BYTES_PER_ELEMENT, peak_live_nbytes, state_nbytes
+from cost_models.profile import CollectiveLink, HardwareProfile, LinkProfile, ProfileError
+from cost_models.profile_files import (
     SCHEMA_VERSION,
-    HardwareProfile,
-    LinkProfile,
-    ProfileError,
     available_profiles,
     load_profile,
     profile_from_dict,
+    profile_to_toml,
+    user_profile_dirs,
+    user_profiles,
+    write_profile,
 )
 
 __all__ = [
+    "ALGORITHMS",
     "OPTIMIZER_STATE_BYTES_PER_ELEMENT",
     "SCHEMA_VERSION",
+    "Algorithm",
     "Collective",
+    "CollectiveLink",
     "HardwareProfile",
+    "LinearCost",
     "LinkProfile",
     "ProfileError",
+    "Roofline",
     "available_profiles",
     "bytes_moved_per_rank",
     "collective_seconds",
+    "collective_terms",
     "latency_steps",
     "load_profile",
+    "peak_live_nbytes",
     "profile_from_dict",
+    "profile_to_toml",
+    "roofline",
     "roofline_seconds",
+    "select_algorithm",
     "state_nbytes",
+    "user_profile_dirs",
+    "user_profiles",
+    "write_profile",
 ]

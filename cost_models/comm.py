@@ -1,70 +1,75 @@
-"""Alpha-beta cost of ring collectives within one group of devices.
+"""Alpha-beta cost of collectives within one group of devices, per collective and algorithm.
 
 One link hop carrying m bytes costs ``alpha + m / beta`` seconds (Hockney's model), alpha =
-``LinkProfile.latency_seconds``, beta = ``LinkProfile.bytes_per_s``. A collective over a group of
-n ranks runs in lock-step rounds in which every rank sends one message to one peer at the same
-time, so its time is
+``latency_seconds``, beta = ``bytes_per_s`` of the link (or of that collective's override, see
+``LinkProfile.alpha_beta``). A collective over a group of n ranks runs in lock-step rounds in
+which every rank sends one message to one peer at the same time, so its time is
 
-    T = steps · alpha + bytes_moved_per_rank / beta
+    T = o + steps · alpha + bytes_moved / beta
+
+with ``o`` the fixed per-call overhead (launch, setup, completion; LogP's ``o``), and
+``bytes_moved`` the bytes on the busiest rank's path through the rounds.
 
 Convention, for every collective: ``nbytes`` (B below) is the size of the FULL tensor involved,
 the unsharded one, i.e. the largest of input and output. Callers never pre-divide by n.
+L = ⌈log2 n⌉.
 
-    collective       what each rank holds            steps      bytes_moved_per_rank
-    all_reduce       B in  -> B out (summed)         2(n-1)     2(n-1)/n · B
-    all_gather       B/n in -> B out                 (n-1)      (n-1)/n  · B
-    reduce_scatter   B in  -> B/n out (summed)       (n-1)      (n-1)/n  · B
-    all_to_all       B/n in -> B/n out (re-split)    (n-1)      (n-1)/n² · B
+    collective      algorithm  what each rank holds           steps    bytes_moved
+    all_reduce      ring       B in  -> B out (summed)        2(n-1)   2(n-1)/n · B
+    all_reduce      tree       B in  -> B out (summed)        2L       2L · B
+    all_gather      ring       B/n in -> B out                (n-1)    (n-1)/n  · B
+    reduce_scatter  ring       B in  -> B/n out (summed)      (n-1)    (n-1)/n  · B
+    all_to_all      pairwise   B/n in -> B/n out (re-split)   (n-1)    (n-1)/n² · B
+    broadcast       ring       B on the root -> B everywhere  (n-1)    B
+    broadcast       tree       B on the root -> B everywhere  L        L · B
 
-Derivations (ring algorithms, Patarasuk & Yuan 2009; Thakur, Rabenseifner & Gropp 2005):
+Derivations (Patarasuk & Yuan 2009; Thakur, Rabenseifner & Gropp 2005):
 
-* reduce_scatter: cut B into n chunks of B/n. In each of n-1 steps every rank passes one
-  partially reduced chunk to its ring neighbour and adds the one it receives; after n-1 steps
-  each rank owns one fully reduced chunk. Bytes sent per rank: (n-1)·B/n.
-* all_gather: the mirror image: n-1 steps, each forwarding one B/n chunk around the ring.
-* all_reduce: reduce_scatter then all_gather, 2(n-1) steps of B/n: 2(n-1)/n · B. This is
-  within a factor (n-1)/n of the 2B lower bound for any all-reduce algorithm, which is why NCCL
-  uses it for large messages. Worked example: n = 4, B = 1 GB moves 1.5 GB per rank; at
-  450 GB/s that is 3.33 ms plus 6·alpha.
+* reduce_scatter (ring): cut B into n chunks of B/n. In each of n-1 steps every rank passes
+  one partially reduced chunk to its ring neighbour and adds the one it receives; after n-1
+  steps each rank owns one fully reduced chunk. Bytes sent per rank: (n-1)·B/n.
+* all_gather (ring): the mirror image: n-1 steps, each forwarding one B/n chunk.
+* all_reduce (ring): reduce_scatter then all_gather, 2(n-1) steps of B/n: 2(n-1)/n · B, within
+  a factor (n-1)/n of the 2B lower bound for any all-reduce. Worked example: n = 4, B = 1 GB
+  moves 1.5 GB per rank; at 450 GB/s that is 3.33 ms plus 6·alpha.
+* all_reduce (tree): a binomial-tree reduce to rank 0 then a binomial-tree broadcast back,
+  each L rounds of the whole B (Thakur et al. 2005, section 4, unpipelined). Fewer steps than
+  the ring (2L against 2(n-1)) but L/(1-1/n) times the bytes: it wins for small messages on
+  many ranks. E.g. n = 8: 6 steps and 6·B against 14 steps and 1.75·B.
+* broadcast (ring): the root streams B in small chunks down a chain of n ranks (pipelined), so
+  the bandwidth term is B/beta once and the pipeline fills in n-1 steps.
+* broadcast (tree): binomial tree, L rounds in which every holder sends the whole B to one
+  new rank.
 * all_to_all (pairwise exchange): each rank holds its B/n share, cut into n blocks of B/n²,
   one addressed to each rank; the block for itself stays. In round k = 1..n-1 rank r sends its
   block to rank (r+k) mod n, so each rank sends (n-1)·B/n² bytes in n-1 messages. This assumes
   a full-bisection fabric (NVSwitch, a single switch, loopback) where the simultaneous pairwise
-  sends do not share wires; on a physical ring the far blocks would cross several hops.
-  Compared with all_gather of the same tensor it moves n times fewer bytes, which is why
-  S(0) -> S(1) by all_to_all beats gathering and slicing.
+  sends do not share wires. Compared with all_gather of the same tensor it moves n times fewer
+  bytes, which is why S(0) -> S(1) by all_to_all beats gathering and slicing.
 
-n == 1 costs nothing (no communication happens), and so does an empty tensor.
+For a fixed group and algorithm, T is linear in B for B > 0: ``T = fixed + per_byte · B``
+(:func:`collective_terms`); ``"auto"`` takes the cheaper algorithm per call, a minimum of
+lines. n == 1 costs nothing (no communication happens), and so does an empty tensor.
 """
 
 from __future__ import annotations
 
 import math
-from enum import Enum
+from dataclasses import dataclass
 
+from cost_models.algorithms import AUTO, ALGORITHMS, Algorithm, Collective, parse_algorithm, parse_collective
 from cost_models.profile import LinkProfile
 
-__all__ = ["Collective", "bytes_moved_per_rank", "collective_seconds", "latency_steps"]
-
-
-class Collective(str, Enum):
-    """The collectives the planner prices; values match ``torch.distributed`` function names."""
-
-    ALL_REDUCE = "all_reduce"
-    ALL_GATHER = "all_gather"
-    REDUCE_SCATTER = "reduce_scatter"
-    ALL_TO_ALL = "all_to_all"
-
-    def __str__(self) -> str:
-        return self.value
-
-
-def _collective(kind: Collective | str) -> Collective:
-    try:
-        return Collective(kind)
-    except ValueError:
-        known = ", ".join(c.value for c in Collective)
-        raise ValueError(f"unknown collective {kind!r}; expected one of: {known}") from None
+__all__ = [
+    "Algorithm",
+    "Collective",
+    "LinearCost",
+    "bytes_moved_per_rank",
+    "collective_seconds",
+    "collective_terms",
+    "latency_steps",
+    "select_algorithm",
+]
 
 
 def _group_size(group_size: int) -> int:
@@ -85,44 +90,127 @@ def _nbytes(nbytes: float) -> float:
     return float(nbytes)
 
 
-def latency_steps(kind: Collective | str, *, group_size: int) -> int:
-    """Rounds of messages per rank, the multiplier of alpha: 2(n-1) for all_reduce, else n-1."""
-    kind = _collective(kind)
+def _concrete(kind: Collective, algorithm: Algorithm | str | None) -> Algorithm:
+    chosen = parse_algorithm(kind, algorithm)
+    if chosen == AUTO:
+        raise ValueError(f"'auto' picks an algorithm per call; pass a link to collective_seconds, or name one of {[a.value for a in ALGORITHMS[kind]]}")
+    return chosen  # type: ignore[return-value]
+
+
+def _log2_rounds(n: int) -> int:
+    return (n - 1).bit_length()  # ⌈log2 n⌉, 0 for n = 1
+
+
+def latency_steps(kind: Collective | str, *, group_size: int, algorithm: Algorithm | str | None = None) -> int:
+    """Rounds of messages, the multiplier of alpha (see the table in the module docstring)."""
+    kind = parse_collective(kind)
     n = _group_size(group_size)
+    algorithm = _concrete(kind, algorithm)
+    if algorithm is Algorithm.TREE:
+        return 2 * _log2_rounds(n) if kind is Collective.ALL_REDUCE else _log2_rounds(n)
     return 2 * (n - 1) if kind is Collective.ALL_REDUCE else n - 1
 
 
-def bytes_moved_per_rank(kind: Collective | str, *, nbytes: float, group_size: int) -> float:
-    """Bytes each rank sends (and receives), the numerator of the bandwidth term.
+def _moved_fraction(kind: Collective, algorithm: Algorithm, n: int) -> float:
+    """bytes_moved / B."""
+    if n == 1:
+        return 0.0
+    if algorithm is Algorithm.TREE:
+        return float(latency_steps(kind, group_size=n, algorithm=algorithm))
+    if kind is Collective.ALL_REDUCE:
+        return 2 * (n - 1) / n
+    if kind is Collective.ALL_TO_ALL:
+        return (n - 1) / (n * n)
+    if kind is Collective.BROADCAST:
+        return 1.0
+    return (n - 1) / n  # all_gather, reduce_scatter
 
-    ``nbytes`` is the full, unsharded tensor size B; with n = ``group_size``:
-    all_reduce 2(n-1)/n·B, all_gather and reduce_scatter (n-1)/n·B, all_to_all (n-1)/n²·B.
-    E.g. n = 4: all_reduce 1.5·B, all_gather 0.75·B, all_to_all 0.1875·B.
+
+def bytes_moved_per_rank(
+    kind: Collective | str, *, nbytes: float, group_size: int, algorithm: Algorithm | str | None = None
+) -> float:
+    """Bytes on the busiest rank's path, the numerator of the bandwidth term.
+
+    ``nbytes`` is the full, unsharded tensor size B; with n = ``group_size`` and the default
+    algorithms: all_reduce 2(n-1)/n·B, all_gather and reduce_scatter (n-1)/n·B, all_to_all
+    (n-1)/n²·B, broadcast B. E.g. n = 4: all_reduce 1.5·B, all_gather 0.75·B, all_to_all
+    0.1875·B; tree all_reduce 4·B.
     """
-    kind = _collective(kind)
+    kind = parse_collective(kind)
     n = _group_size(group_size)
     size = _nbytes(nbytes)
-    if kind is Collective.ALL_REDUCE:
-        return 2 * (n - 1) * size / n
-    if kind is Collective.ALL_TO_ALL:
-        return (n - 1) * size / (n * n)
-    return (n - 1) * size / n  # all_gather, reduce_scatter
+    return _moved_fraction(kind, _concrete(kind, algorithm), n) * size
+
+
+@dataclass(frozen=True, slots=True)
+class LinearCost:
+    """``seconds(B) = fixed_seconds + seconds_per_byte · B`` for B > 0, and 0 for B == 0."""
+
+    algorithm: Algorithm
+    fixed_seconds: float
+    seconds_per_byte: float
+
+    def seconds(self, nbytes: float) -> float:
+        return 0.0 if nbytes == 0 else self.fixed_seconds + self.seconds_per_byte * nbytes
+
+
+def collective_terms(
+    link: LinkProfile, kind: Collective | str, *, group_size: int, algorithm: Algorithm | str | None = None
+) -> tuple[LinearCost, ...]:
+    """The cost line of each algorithm ``kind`` may run on ``link``; the time is their minimum.
+
+    ``algorithm=None`` uses the link's choice (``link.algorithm(kind)``); ``"auto"`` gives every
+    algorithm the collective has. One line for a concrete algorithm. Empty for n == 1.
+    """
+    kind = parse_collective(kind)
+    n = _group_size(group_size)
+    if n == 1:
+        return ()
+    chosen = parse_algorithm(kind, link.algorithm(kind) if algorithm is None else algorithm)
+    algorithms = ALGORITHMS[kind] if chosen == AUTO else (chosen,)
+    o, alpha, beta = link.alpha_beta(kind)
+    return tuple(
+        LinearCost(
+            algorithm=a,
+            fixed_seconds=o + latency_steps(kind, group_size=n, algorithm=a) * alpha,
+            seconds_per_byte=_moved_fraction(kind, a, n) / beta,  # type: ignore[arg-type]
+        )
+        for a in algorithms
+    )
+
+
+def select_algorithm(
+    link: LinkProfile, kind: Collective | str, *, nbytes: float, group_size: int
+) -> Algorithm:
+    """The algorithm ``kind`` runs with on ``link`` for this call (the cheapest under ``auto``)."""
+    kind = parse_collective(kind)
+    terms = collective_terms(link, kind, group_size=group_size)
+    if not terms:
+        return ALGORITHMS[kind][0]
+    size = _nbytes(nbytes)
+    return min(terms, key=lambda t: t.seconds(size)).algorithm
 
 
 def collective_seconds(
-    link: LinkProfile, kind: Collective | str, *, nbytes: float, group_size: int
+    link: LinkProfile,
+    kind: Collective | str,
+    *,
+    nbytes: float,
+    group_size: int,
+    algorithm: Algorithm | str | None = None,
 ) -> float:
-    """Seconds for one ring collective over ``group_size`` ranks joined by ``link`` hops.
+    """Seconds for one collective over ``group_size`` ranks joined by ``link``.
 
         T = o + latency_steps · alpha + bytes_moved_per_rank / beta
-        (o = link.call_overhead_seconds, alpha = link.latency_seconds, beta = link.bytes_per_s)
+        (o, alpha, beta = link.alpha_beta(kind): the link's, or that collective's overrides)
 
-    e.g. all_reduce of B = 1e9 bytes on n = 4 over o = 0, alpha = 3e-6 s, beta = 4.5e11 B/s:
-    6 · 3e-6 + 1.5e9 / 4.5e11 = 1.8e-5 + 3.333e-3 = 3.351e-3 s.
+    e.g. ring all_reduce of B = 1e9 bytes on n = 4 over o = 0, alpha = 3e-6 s, beta = 4.5e11
+    B/s: 6 · 3e-6 + 1.5e9 / 4.5e11 = 1.8e-5 + 3.333e-3 = 3.351e-3 s.
     ``nbytes`` is the full (unsharded) tensor size; n == 1 or nbytes == 0 costs 0.0.
+    ``algorithm=None`` runs what the link chooses; ``"auto"`` the cheapest for this call.
     """
-    moved = bytes_moved_per_rank(kind, nbytes=nbytes, group_size=group_size)
-    if moved == 0.0:
+    size = _nbytes(nbytes)
+    terms = collective_terms(link, kind, group_size=group_size, algorithm=algorithm)
+    if not terms or size == 0.0:
         return 0.0
-    steps = latency_steps(kind, group_size=group_size)
-    return link.call_overhead_seconds + steps * link.latency_seconds + moved / link.bytes_per_s
+    return min(t.seconds(size) for t in terms)

@@ -14,10 +14,39 @@ P·e_c / (W·e_m), memory-bound below it. t_launch is the fixed floor every kern
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from cost_models.profile import HardwareProfile
 
-__all__ = ["roofline_seconds"]
+__all__ = ["Roofline", "roofline", "roofline_seconds"]
+
+
+@dataclass(frozen=True, slots=True)
+class Roofline:
+    """The roofline of one dtype on one device as three numbers:
+
+        T(F, N) = launch_seconds + max(F · seconds_per_flop, N · seconds_per_byte)
+
+    (0 when F = N = 0). Symbolic callers build the same expression from these numbers.
+    """
+
+    launch_seconds: float
+    seconds_per_flop: float
+    seconds_per_byte: float
+
+    def seconds(self, flops: float, nbytes: float) -> float:
+        if flops == 0 and nbytes == 0:
+            return 0.0
+        return self.launch_seconds + max(flops * self.seconds_per_flop, nbytes * self.seconds_per_byte)
+
+
+def roofline(profile: HardwareProfile, dtype: str = "float32") -> Roofline:
+    """``profile``'s roofline for ``dtype``: achieved rates are peak times efficiency."""
+    return Roofline(
+        launch_seconds=profile.kernel_launch_seconds,
+        seconds_per_flop=1.0 / (profile.flops_per_s(dtype) * profile.compute_efficiency),
+        seconds_per_byte=1.0 / (profile.memory_bytes_per_s * profile.memory_efficiency),
+    )
 
 
 def _work(value: float, name: str) -> float:

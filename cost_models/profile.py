@@ -1,68 +1,37 @@
 """Hardware profiles: the handful of numbers the cost model needs about one machine.
 
-A profile says how fast one device computes and streams memory, and how fast one link hop
-between two devices of the same node moves bytes:
+A profile says how fast one device computes and streams memory, and how fast the links between
+devices move bytes:
 
     compute     peak_flops_per_s[dtype] * compute_efficiency     (FLOP/s actually reached)
                 + kernel_launch_seconds per kernel               (the floor under every op)
     memory      memory_bytes_per_s * memory_efficiency           (B/s actually reached)
-    link hop    T(m) = alpha + m / beta                          (alpha = latency_seconds,
-                                                                  beta  = bytes_per_s)
+    link        T = o + steps · alpha + bytes_moved / beta       (o = call_overhead_seconds,
+                                                                  alpha = latency_seconds,
+                                                                  beta = bytes_per_s)
 
-Profiles live in TOML files (``cost_models/profiles/<name>.toml`` ships the built-in ones).
-Every field name carries its unit, so a file cannot be read two ways. Schema version 1::
+There is one link for devices of the same node (``intra_node``: NVLink, PCIe, loopback) and,
+optionally, one for devices on different nodes (``inter_node``: InfiniBand, Ethernet) with the
+number of devices per node that separates them. A link may override ``o``, ``alpha`` or
+``beta`` for one collective (a measured profile does, because e.g. gloo's broadcast streams
+bytes several times faster than its all-gather) and may pick each collective's algorithm
+(ring, tree, or ``auto``: the cheaper per call).
 
-    version = 1
-    name = "h100-sxm"
-    device_type = "cuda"                                  # "cuda" or "cpu"
-    source = "where the numbers come from"
-    [compute]
-    peak_flops_per_s = { float32 = 6.7e13, bfloat16 = 9.89e14 }   # must contain float32
-    compute_efficiency = 0.7                              # in (0, 1]
-    kernel_launch_seconds = 5e-6                          # >= 0
-    [memory]
-    bytes_per_s = 3.35e12
-    capacity_nbytes = 85899345920
-    efficiency = 0.8                                      # in (0, 1]
-    [links.intra_node]
-    latency_seconds = 3e-6                                # >= 0
-    bytes_per_s = 4.5e11
-
-Rates and capacities must be positive; times may be zero (an idealised link or launch), never
-negative; nothing may be NaN or infinite. Unknown fields are errors, so a typo or a unit-less
-name (``bandwidth = ...``) is caught rather than silently ignored.
+This module holds the validated, frozen values. :mod:`cost_models.profile_files` reads and
+writes them as TOML (the schema is documented there and in ``docs/calibration.md``).
 """
 
 from __future__ import annotations
 
-import importlib.resources
 import math
-import os
-import sys
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised only on Python 3.10
-    import tomli as tomllib
+from cost_models.algorithms import ALGORITHMS, AUTO, Algorithm, Collective, parse_algorithm, parse_collective
 
-if TYPE_CHECKING:
-    from importlib.resources.abc import Traversable
+__all__ = ["CollectiveLink", "HardwareProfile", "LinkProfile", "ProfileError"]
 
-__all__ = [
-    "SCHEMA_VERSION",
-    "HardwareProfile",
-    "LinkProfile",
-    "ProfileError",
-    "available_profiles",
-    "load_profile",
-    "profile_from_dict",
-]
-
-SCHEMA_VERSION = 1
 _DEVICE_TYPES = ("cuda", "cpu")
 _FALLBACK_DTYPE = "float32"
 
@@ -76,8 +45,8 @@ class ProfileError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 
-class _FrozenFloatMap(Mapping[str, float]):
-    """An immutable, hashable, picklable ``{str: float}``.
+class FrozenMap(Mapping[str, Any]):
+    """An immutable, hashable, picklable ``{str: value}`` with sorted keys.
 
     ``types.MappingProxyType`` is read-only but neither hashable nor picklable, and a frozen
     dataclass should be both (profiles are dict keys in caches and travel to worker ranks).
@@ -85,10 +54,10 @@ class _FrozenFloatMap(Mapping[str, float]):
 
     __slots__ = ("_items",)
 
-    def __init__(self, items: Mapping[str, float]) -> None:
-        self._items = {str(k): float(v) for k, v in sorted(items.items())}
+    def __init__(self, items: Mapping[str, Any] | None = None) -> None:
+        self._items = {str(k): v for k, v in sorted((items or {}).items())}
 
-    def __getitem__(self, key: str) -> float:
+    def __getitem__(self, key: str) -> Any:
         return self._items[key]
 
     def __iter__(self) -> Iterator[str]:
@@ -100,16 +69,31 @@ class _FrozenFloatMap(Mapping[str, float]):
     def __hash__(self) -> int:
         return hash(tuple(self._items.items()))
 
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Mapping) and dict(self._items) == dict(other.items())
+
     def __repr__(self) -> str:
         return repr(self._items)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_FrozenFloatMap, (dict(self._items),))
+        return (type(self), (dict(self._items),))
+
+
+@dataclass(frozen=True, slots=True)
+class CollectiveLink:
+    """Per-collective replacements for a link's ``o``, ``alpha`` and ``beta``; ``None`` keeps the link's."""
+
+    call_overhead_seconds: float | None = None
+    latency_seconds: float | None = None
+    bytes_per_s: float | None = None
+
+    def __post_init__(self) -> None:
+        _validate_fields(self, _OVERRIDE_FIELD_CHECKS, owner="CollectiveLink")
 
 
 @dataclass(frozen=True, slots=True)
 class LinkProfile:
-    """One link hop in the alpha-beta model: sending m bytes costs ``alpha + m / beta`` seconds.
+    """One kind of link in the alpha-beta model: sending m bytes costs ``alpha + m / beta`` seconds.
 
     ``latency_seconds`` is alpha (per-message start-up: software, synchronisation, wire);
     ``bytes_per_s`` is beta, the bandwidth one device can push into the fabric in one direction
@@ -117,23 +101,66 @@ class LinkProfile:
     ``call_overhead_seconds`` is paid once per collective call, whatever the group size: kernel
     launch, setup and completion (LogP's ``o``). It is what makes one all-reduce cheaper than a
     reduce-scatter plus an all-gather that move the same bytes over the same hops.
+
+    ``collectives`` maps a collective name to a :class:`CollectiveLink` replacing some of the
+    three numbers for that collective only; ``algorithms`` maps a collective name to the
+    algorithm it runs (``"ring"``, ``"tree"``, ``"pairwise"`` or ``"auto"``; default: the
+    collective's first algorithm, see :mod:`cost_models.algorithms`).
     """
 
     latency_seconds: float
     bytes_per_s: float
     call_overhead_seconds: float = 0.0
+    collectives: Mapping[str, CollectiveLink] = field(default_factory=FrozenMap)
+    algorithms: Mapping[str, str] = field(default_factory=FrozenMap)
 
     def __post_init__(self) -> None:
         _validate_fields(self, _LINK_FIELD_CHECKS, owner="LinkProfile")
+        overrides: dict[str, CollectiveLink] = {}
+        for name, override in dict(self.collectives).items():
+            kind = _collective_name(name, owner="LinkProfile", attr="collectives")
+            if not isinstance(override, CollectiveLink):
+                raise _bad_field("LinkProfile", f"collectives.{name}", "a CollectiveLink", override)
+            overrides[kind.value] = override
+        object.__setattr__(self, "collectives", FrozenMap(overrides))
+        algorithms: dict[str, str] = {}
+        for name, algorithm in dict(self.algorithms).items():
+            kind = _collective_name(name, owner="LinkProfile", attr="algorithms")
+            try:
+                chosen = parse_algorithm(kind, algorithm)
+            except ValueError as exc:
+                raise ProfileError(f"LinkProfile: field 'algorithms.{name}': {exc}") from None
+            algorithms[kind.value] = str(chosen)
+        object.__setattr__(self, "algorithms", FrozenMap(algorithms))
+
+    def alpha_beta(self, kind: Collective | str) -> tuple[float, float, float]:
+        """``(o, alpha, beta)`` for ``kind``: the link's numbers with that collective's overrides."""
+        override = self.collectives.get(parse_collective(kind).value)
+        o, alpha, beta = self.call_overhead_seconds, self.latency_seconds, self.bytes_per_s
+        if override is not None:
+            o = o if override.call_overhead_seconds is None else override.call_overhead_seconds
+            alpha = alpha if override.latency_seconds is None else override.latency_seconds
+            beta = beta if override.bytes_per_s is None else override.bytes_per_s
+        return o, alpha, beta
+
+    def algorithm(self, kind: Collective | str) -> Algorithm | str:
+        """The algorithm ``kind`` runs on this link, or ``"auto"`` (cheapest per call)."""
+        kind = parse_collective(kind)
+        name = self.algorithms.get(kind.value)
+        return ALGORITHMS[kind][0] if name is None else (AUTO if name == AUTO else Algorithm(name))
 
 
 @dataclass(frozen=True, slots=True)
 class HardwareProfile:
-    """What the cost model knows about one device and its intra-node link.
+    """What the cost model knows about one device and the links between devices.
 
     ``peak_flops_per_s`` maps dtype names as PyTorch spells them without the ``torch.`` prefix
-    (``"float32"``, ``"bfloat16"``, ...) to datasheet peak FLOP/s. It must contain ``"float32"``,
-    the fallback for any dtype it does not list. Achieved rates are peak times the efficiencies.
+    (``"float32"``, ``"bfloat16"``, ...) to peak FLOP/s. It must contain ``"float32"``, the
+    fallback for any dtype it does not list. Achieved rates are peak times the efficiencies.
+
+    ``inter_node`` and ``devices_per_node`` come together or not at all. Without them every
+    group of devices is priced on ``intra_node`` (a one-node profile). ``sources`` maps a field's
+    dotted TOML path (``"memory.bytes_per_s"``) to where its number comes from.
     """
 
     name: str
@@ -146,18 +173,36 @@ class HardwareProfile:
     kernel_launch_seconds: float
     intra_node: LinkProfile
     source: str
+    inter_node: LinkProfile | None = None
+    devices_per_node: int | None = None
+    sources: Mapping[str, str] = field(default_factory=FrozenMap)
 
     def __post_init__(self) -> None:
-        table = _check_flops_table(
-            self.peak_flops_per_s, where="HardwareProfile", name="peak_flops_per_s"
-        )
+        table = check_flops_table(self.peak_flops_per_s, where="HardwareProfile", name="peak_flops_per_s")
         object.__setattr__(self, "peak_flops_per_s", table)
         _validate_fields(self, _HARDWARE_FIELD_CHECKS, owner="HardwareProfile")
-        if not isinstance(self.intra_node, LinkProfile):
-            raise _bad_field("HardwareProfile", "intra_node", "a LinkProfile", self.intra_node)
+        for attr in ("intra_node", "inter_node"):
+            link = getattr(self, attr)
+            if not isinstance(link, LinkProfile) and not (attr == "inter_node" and link is None):
+                raise _bad_field("HardwareProfile", attr, "a LinkProfile", link)
+        if (self.inter_node is None) != (self.devices_per_node is None):
+            raise ProfileError(
+                "HardwareProfile: inter_node and devices_per_node go together: give both (a "
+                "multi-node profile) or neither (every group priced on intra_node)"
+            )
+        if self.devices_per_node is not None:
+            try:
+                object.__setattr__(self, "devices_per_node", _positive_int(self.devices_per_node))
+            except _Invalid as exc:
+                raise _bad_field("HardwareProfile", "devices_per_node", str(exc), self.devices_per_node) from None
+        sources = dict(self.sources)
+        for key, text in sources.items():
+            if not isinstance(text, str) or not text.strip():
+                raise _bad_field("HardwareProfile", f"sources.{key}", "a non-empty string", text)
+        object.__setattr__(self, "sources", FrozenMap(sources))
 
     def flops_per_s(self, dtype: str) -> float:
-        """Datasheet peak FLOP/s for ``dtype`` (``"bfloat16"`` or ``"torch.bfloat16"``).
+        """Peak FLOP/s for ``dtype`` (``"bfloat16"`` or ``"torch.bfloat16"``).
 
         A dtype the profile does not list falls back to the ``float32`` entry: for integer and
         bool ops (index arithmetic, masks) that is the general-purpose ALU rate, close enough
@@ -166,6 +211,28 @@ class HardwareProfile:
         key = dtype.removeprefix("torch.")
         table = self.peak_flops_per_s
         return table[key] if key in table else table[_FALLBACK_DTYPE]
+
+    def link_for_group(self, group_size: int, *, stride: int = 1) -> LinkProfile:
+        """The link a group of ``group_size`` devices ``stride`` apart talks over.
+
+        Devices are numbered node by node (device d lives on node d // devices_per_node), so a
+        group spans ``group_size * stride`` consecutive device numbers and stays inside one node
+        when that span fits in one (groups are aligned to node boundaries, as a device mesh's
+        are). A group that crosses nodes is priced wholly on ``inter_node``: a ring is as slow
+        as its slowest hop. E.g. 8 devices per node: a (2, 8) mesh's inner axis (8 devices,
+        stride 1) is intra-node, its outer axis (2 devices, stride 8) inter-node.
+        """
+        if self.inter_node is None or self.devices_per_node is None:
+            return self.intra_node
+        return self.intra_node if group_size * stride <= self.devices_per_node else self.inter_node
+
+    def link_for_axis(self, mesh_shape: Sequence[int], axis: int) -> LinkProfile:
+        """The link of the groups along ``axis`` of a row-major device mesh of ``mesh_shape``."""
+        shape = tuple(mesh_shape)
+        if not -len(shape) <= axis < len(shape):
+            raise ValueError(f"axis {axis} is out of range for a mesh of shape {shape}")
+        axis %= len(shape)
+        return self.link_for_group(shape[axis], stride=math.prod(shape[axis + 1:]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,6 +251,7 @@ def _describe(value: object) -> str:
 def _bad_field(where: str, name: str, expected: str, value: object) -> ProfileError:
     """The one message shape: ``<where>: field '<name>' must be <expected>, got <type> <value>``."""
     return ProfileError(f"{where}: field {name!r} must be {expected}, got {_describe(value)}")
+
 
 
 def _number(value: object) -> float:
@@ -207,6 +275,10 @@ def _non_negative(value: object) -> float:
     if number < 0:
         raise _Invalid("a number >= 0")
     return number
+
+
+def _optional(check: Callable[[object], object]) -> Callable[[object], object]:
+    return lambda value: None if value is None else check(value)
 
 
 def _fraction(value: object) -> float:
@@ -235,7 +307,14 @@ def _device_type(value: object) -> str:
     return str(value)
 
 
-def _check_flops_table(value: object, *, where: str, name: str) -> _FrozenFloatMap:
+def _collective_name(name: object, *, owner: str, attr: str) -> Collective:
+    try:
+        return parse_collective(name)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise ProfileError(f"{owner}: field '{attr}.{name}': {exc}") from None
+
+
+def check_flops_table(value: object, *, where: str, name: str) -> FrozenMap:
     """Validate a ``{dtype: FLOP/s}`` table called ``name``; ``where`` starts messages."""
     if not isinstance(value, Mapping):
         raise _bad_field(where, name, "a table of dtype -> peak FLOP/s", value)
@@ -252,13 +331,16 @@ def _check_flops_table(value: object, *, where: str, name: str) -> _FrozenFloatM
             f"a table with a {_FALLBACK_DTYPE!r} entry (the fallback for unlisted dtypes)",
             dict(value),
         )
-    return _FrozenFloatMap(checked)
+    return FrozenMap(checked)
 
 
 _LINK_FIELD_CHECKS: dict[str, Callable[[object], object]] = {
     "latency_seconds": _non_negative,
     "bytes_per_s": _positive,
     "call_overhead_seconds": _non_negative,
+}
+_OVERRIDE_FIELD_CHECKS: dict[str, Callable[[object], object]] = {
+    name: _optional(check) for name, check in _LINK_FIELD_CHECKS.items()
 }
 _HARDWARE_FIELD_CHECKS: dict[str, Callable[[object], object]] = {
     "name": _text,
@@ -282,166 +364,3 @@ def _validate_fields(
             object.__setattr__(obj, attr, check(value))
         except _Invalid as exc:
             raise _bad_field(owner, attr, str(exc), value) from None
-
-
-# --------------------------------------------------------------------------------------------
-# TOML schema, version 1
-# --------------------------------------------------------------------------------------------
-
-# TOML path -> (checker, what the field means). The flops table and the link table are
-# handled separately because they are tables, not scalars.
-_SCALAR_FIELDS: dict[tuple[str, ...], tuple[Callable[[object], object], str]] = {
-    ("name",): (_text, "profile name"),
-    ("device_type",): (_device_type, "the torch device type the profile describes"),
-    ("source",): (_text, "where the numbers come from: datasheet, paper or measurement"),
-    ("compute", "compute_efficiency"): (_fraction, "achievable fraction of peak FLOP/s"),
-    ("compute", "kernel_launch_seconds"): (_non_negative, "fixed cost of one kernel, seconds"),
-    ("memory", "bytes_per_s"): (_positive, "peak memory bandwidth, bytes per second"),
-    ("memory", "capacity_nbytes"): (_positive_int, "device memory size, bytes"),
-    ("memory", "efficiency"): (_fraction, "achievable fraction of peak memory bandwidth"),
-    ("links", "intra_node", "latency_seconds"): (_non_negative, "per-hop latency alpha, seconds"),
-    ("links", "intra_node", "bytes_per_s"): (_positive, "per-hop bandwidth 1/beta, bytes/s"),
-    ("links", "intra_node", "call_overhead_seconds"): (_non_negative, "fixed cost of one collective call, seconds"),
-}
-_FLOPS_PATH = ("compute", "peak_flops_per_s")
-
-# Which keys each table may hold; anything else is a typo or a field without a unit.
-_KNOWN_KEYS: dict[tuple[str, ...], frozenset[str]] = {
-    (): frozenset({"version", "name", "device_type", "source", "compute", "memory", "links"}),
-    ("compute",): frozenset({"peak_flops_per_s", "compute_efficiency", "kernel_launch_seconds"}),
-    ("memory",): frozenset({"bytes_per_s", "capacity_nbytes", "efficiency"}),
-    ("links",): frozenset({"intra_node"}),
-    ("links", "intra_node"): frozenset({"latency_seconds", "bytes_per_s", "call_overhead_seconds"}),
-}
-
-
-def _dotted(path: tuple[str, ...]) -> str:
-    return ".".join(path)
-
-
-def _lookup(data: Mapping[str, Any], path: tuple[str, ...], *, where: str, meaning: str) -> Any:
-    node: Any = data
-    for depth, key in enumerate(path):
-        if not isinstance(node, Mapping):
-            raise _bad_field(where, _dotted(path[:depth]), "a table", node)
-        if key not in node:
-            raise ProfileError(f"{where}: missing required field {_dotted(path)!r} ({meaning})")
-        node = node[key]
-    return node
-
-
-def _reject_unknown_keys(data: Mapping[str, Any], *, where: str) -> None:
-    for path, known in _KNOWN_KEYS.items():
-        table: Any = data
-        for key in path:
-            table = table.get(key) if isinstance(table, Mapping) else None
-        if not isinstance(table, Mapping):
-            continue  # missing or mistyped tables are reported by _lookup
-        unknown = sorted(set(table) - known)
-        if unknown:
-            name = _dotted((*path, unknown[0]))
-            raise ProfileError(
-                f"{where}: unknown field {name!r}; expected one of {sorted(known)} "
-                f"(units are part of each field name, e.g. bytes_per_s, latency_seconds)"
-            )
-
-
-def _check_version(data: Mapping[str, Any], *, where: str) -> None:
-    meaning = f"schema version; this autotp reads version = {SCHEMA_VERSION}"
-    version = _lookup(data, ("version",), where=where, meaning=meaning)
-    if isinstance(version, bool) or version != SCHEMA_VERSION:
-        expected = f"{SCHEMA_VERSION} (the only profile schema this autotp understands)"
-        raise _bad_field(where, "version", expected, version)
-
-
-def profile_from_dict(data: Mapping[str, Any], *, where: str = "<profile>") -> HardwareProfile:
-    """Validate a parsed schema-1 profile and build the :class:`HardwareProfile`.
-
-    ``where`` (usually the file path) starts every error message.
-    """
-    _check_version(data, where=where)
-    _reject_unknown_keys(data, where=where)
-    values: dict[tuple[str, ...], Any] = {}
-    for path, (check, meaning) in _SCALAR_FIELDS.items():
-        raw = _lookup(data, path, where=where, meaning=meaning)
-        try:
-            values[path] = check(raw)
-        except _Invalid as exc:
-            raise _bad_field(where, _dotted(path), f"{exc} ({meaning})", raw) from None
-    flops_raw = _lookup(data, _FLOPS_PATH, where=where, meaning="table of dtype -> peak FLOP/s")
-    flops = _check_flops_table(flops_raw, where=where, name=_dotted(_FLOPS_PATH))
-    return HardwareProfile(
-        name=values[("name",)],
-        device_type=values[("device_type",)],
-        peak_flops_per_s=flops,
-        memory_bytes_per_s=values[("memory", "bytes_per_s")],
-        memory_capacity_nbytes=values[("memory", "capacity_nbytes")],
-        compute_efficiency=values[("compute", "compute_efficiency")],
-        memory_efficiency=values[("memory", "efficiency")],
-        kernel_launch_seconds=values[("compute", "kernel_launch_seconds")],
-        intra_node=LinkProfile(
-            latency_seconds=values[("links", "intra_node", "latency_seconds")],
-            bytes_per_s=values[("links", "intra_node", "bytes_per_s")],
-            call_overhead_seconds=values[("links", "intra_node", "call_overhead_seconds")],
-        ),
-        source=values[("source",)],
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# Loading
-# --------------------------------------------------------------------------------------------
-
-
-def _builtin_dir() -> Traversable:
-    return importlib.resources.files("cost_models").joinpath("profiles")
-
-
-def available_profiles() -> list[str]:
-    """Names of the built-in profiles, sorted (``cost_models/profiles/<name>.toml``)."""
-    return sorted(
-        entry.name.removesuffix(".toml")
-        for entry in _builtin_dir().iterdir()
-        if entry.is_file() and entry.name.endswith(".toml")
-    )
-
-
-def _looks_like_path(name_or_path: str | os.PathLike[str]) -> bool:
-    if isinstance(name_or_path, os.PathLike):
-        return True
-    separators = {"/", os.sep} | ({os.altsep} if os.altsep else set())
-    return name_or_path.endswith(".toml") or any(s in name_or_path for s in separators)
-
-
-def load_profile(name_or_path: str | os.PathLike[str]) -> HardwareProfile:
-    """Load a hardware profile by built-in name (``"h100-sxm"``) or from a TOML file path.
-
-    A ``PathLike``, or a string containing a path separator or ending in ``.toml``, is read as
-    a file; any other string names a built-in profile (see :func:`available_profiles`).
-    Raises :class:`ProfileError` naming the file and field for any problem.
-    """
-    if _looks_like_path(name_or_path):
-        path = Path(name_or_path)
-        where = str(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ProfileError(f"{where}: no such profile file") from None
-        except OSError as exc:
-            raise ProfileError(f"{where}: cannot read profile file: {exc}") from None
-    else:
-        name = str(name_or_path)
-        available = available_profiles()
-        if name not in available:
-            raise ProfileError(
-                f"unknown hardware profile {name!r}; available profiles: "
-                f"{', '.join(available)} (or pass the path of a .toml profile file)"
-            )
-        resource = _builtin_dir().joinpath(f"{name}.toml")
-        where = f"cost_models/profiles/{name}.toml"
-        text = resource.read_text(encoding="utf-8")
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ProfileError(f"{where}: not valid TOML: {exc}") from None
-    return profile_from_dict(data, where=where)

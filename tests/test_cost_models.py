@@ -13,15 +13,21 @@ import pytest
 
 from cost_models import (
     Collective,
+    CollectiveLink,
     HardwareProfile,
     LinkProfile,
     ProfileError,
+    Roofline,
     available_profiles,
     bytes_moved_per_rank,
     collective_seconds,
+    collective_terms,
     latency_steps,
     load_profile,
+    peak_live_nbytes,
+    roofline,
     roofline_seconds,
+    select_algorithm,
 )
 
 # A profile with round numbers so the expected times can be computed by hand.
@@ -147,8 +153,8 @@ def test_collective_accepts_strings_and_prints_its_value() -> None:
 
 
 def test_unknown_collective_lists_known_ones() -> None:
-    with pytest.raises(ValueError, match=r"unknown collective 'broadcast'.*all_reduce"):
-        collective_seconds(ROUND.intra_node, "broadcast", nbytes=1.0, group_size=2)
+    with pytest.raises(ValueError, match=r"unknown collective 'gather'.*all_reduce.*broadcast"):
+        collective_seconds(ROUND.intra_node, "gather", nbytes=1.0, group_size=2)
 
 
 @pytest.mark.parametrize(
@@ -227,7 +233,7 @@ def test_negative_or_nan_work_rejected(flops: float, nbytes: float) -> None:
 
 
 def test_builtin_profiles_are_available() -> None:
-    assert {"h100-sxm", "cpu-gloo", "a100-pcie"} <= set(available_profiles())
+    assert {"h100-sxm", "h200", "a100-sxm", "a100-pcie", "l40s", "cpu-gloo"} <= set(available_profiles())
 
 
 @pytest.mark.parametrize("name", available_profiles())
@@ -277,7 +283,7 @@ def test_profiles_are_frozen_hashable_and_picklable() -> None:
 
 
 def test_unknown_profile_name_lists_available_ones() -> None:
-    with pytest.raises(ProfileError, match=r"unknown hardware profile 'h900'.*a100-pcie, cpu-gloo"):
+    with pytest.raises(ProfileError, match=r"unknown hardware profile 'h900'.*a100-pcie, a100-sxm, cpu-gloo, h100-sxm, h200, l40s"):
         load_profile("h900")
 
 
@@ -318,9 +324,9 @@ def test_missing_file_is_named(tmp_path: Path) -> None:
         ),
         (
             "version = 1",
-            "version = 2",
-            r"field 'version' must be 1 "
-            r"\(the only profile schema this autotp understands\), got int 2",
+            "version = 3",
+            r"field 'version' must be 2 "
+            r"\(or 1, the older schema; no other profile schema exists\), got int 3",
         ),
         ("version = 1\n", "", r"missing required field 'version'"),
         (
@@ -369,7 +375,7 @@ def test_missing_file_is_named(tmp_path: Path) -> None:
             r"unknown field 'memory\.bandwidth'; expected one of "
             r".*units are part of each field name",
         ),
-        ("[links.intra_node]", "[links.inter_node]", r"unknown field 'links\.inter_node'"),
+        ("[links.intra_node]", "[links.inter_node]", r"field 'links\.inter_node' needs version = 2"),
         ('name = "tiny"', "name = ", r"not valid TOML"),
     ],
 )
@@ -400,3 +406,154 @@ def test_cost_models_imports_neither_torch_nor_autotp() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ------------------------------------------------------------------------------------------
+# Algorithms: tree all-reduce, broadcast, auto, per-collective link numbers
+# ------------------------------------------------------------------------------------------
+
+# alpha = 1e-5 s, beta = 1e9 B/s, o = 2e-5 s: round numbers for hand computation.
+LINK = LinkProfile(latency_seconds=1e-5, bytes_per_s=1e9, call_overhead_seconds=2e-5)
+
+
+@pytest.mark.parametrize(
+    ("n", "rounds"),
+    [(2, 1), (3, 2), (4, 2), (5, 3), (8, 3), (9, 4)],  # ⌈log2 n⌉
+)
+def test_tree_all_reduce_by_hand(n: int, rounds: int) -> None:
+    # binomial reduce + binomial broadcast: 2L rounds, each carrying the whole B.
+    assert latency_steps("all_reduce", group_size=n, algorithm="tree") == 2 * rounds
+    assert bytes_moved_per_rank("all_reduce", nbytes=1e6, group_size=n, algorithm="tree") == pytest.approx(2 * rounds * 1e6)
+    seconds = collective_seconds(LINK, "all_reduce", nbytes=1e6, group_size=n, algorithm="tree")
+    assert seconds == pytest.approx(2e-5 + 2 * rounds * 1e-5 + 2 * rounds * 1e6 / 1e9)
+
+
+def test_ring_all_reduce_moves_2_n_minus_1_over_n_bytes() -> None:
+    # the classic: B bytes on n ranks, each rank sends 2(n-1)/n · B in 2(n-1) steps.
+    for n in (2, 3, 4, 8, 16):
+        assert bytes_moved_per_rank("all_reduce", nbytes=1e6, group_size=n, algorithm="ring") == pytest.approx(2 * (n - 1) / n * 1e6)
+        seconds = collective_seconds(LINK, "all_reduce", nbytes=1e6, group_size=n)
+        assert seconds == pytest.approx(2e-5 + 2 * (n - 1) * 1e-5 + 2 * (n - 1) / n * 1e6 / 1e9)
+
+
+def test_broadcast_ring_and_tree_by_hand() -> None:
+    # n = 8, B = 1e6. ring (pipelined chain): 7 steps, B once: 2e-5 + 7e-5 + 1e-3.
+    assert collective_seconds(LINK, "broadcast", nbytes=1e6, group_size=8) == pytest.approx(2e-5 + 7e-5 + 1e-3)
+    # binomial tree: 3 rounds of the whole B: 2e-5 + 3e-5 + 3e-3.
+    assert collective_seconds(LINK, "broadcast", nbytes=1e6, group_size=8, algorithm="tree") == pytest.approx(2e-5 + 3e-5 + 3e-3)
+    assert latency_steps(Collective.BROADCAST, group_size=8) == 7
+    assert bytes_moved_per_rank("broadcast", nbytes=1e6, group_size=8, algorithm="tree") == pytest.approx(3e6)
+
+
+def test_auto_takes_the_cheaper_algorithm_per_message() -> None:
+    # n = 8: ring 14 steps + 1.75·B/beta, tree 6 steps + 6·B/beta. Equal when
+    # 8·alpha = 4.25·B/beta, i.e. B = 8e-5 · 1e9 / 4.25 = 18823.5 bytes.
+    small, large = 1e3, 1e6
+    for nbytes, winner in ((small, "tree"), (large, "ring")):
+        auto = collective_seconds(LINK, "all_reduce", nbytes=nbytes, group_size=8, algorithm="auto")
+        best = collective_seconds(LINK, "all_reduce", nbytes=nbytes, group_size=8, algorithm=winner)
+        assert auto == pytest.approx(best)
+        link = dataclasses.replace(LINK, algorithms={"all_reduce": "auto"})
+        assert select_algorithm(link, "all_reduce", nbytes=nbytes, group_size=8).value == winner
+        assert collective_seconds(link, "all_reduce", nbytes=nbytes, group_size=8) == pytest.approx(best)
+    lines = collective_terms(LINK, "all_reduce", group_size=8, algorithm="auto")
+    ring, tree = lines
+    crossing = (tree.fixed_seconds - ring.fixed_seconds) / (ring.seconds_per_byte - tree.seconds_per_byte)
+    assert crossing == pytest.approx(8e-5 * 1e9 / 4.25)
+
+
+def test_collective_terms_are_the_lines_collective_seconds_takes_the_minimum_of() -> None:
+    for kind in Collective:
+        for n in (2, 4, 8):
+            (line,) = collective_terms(LINK, kind, group_size=n)
+            assert line.seconds(3e6) == pytest.approx(collective_seconds(LINK, kind, nbytes=3e6, group_size=n))
+            assert line.seconds(0) == 0.0
+    assert collective_terms(LINK, "all_reduce", group_size=1) == ()
+
+
+def test_per_collective_link_numbers_override_the_links() -> None:
+    link = dataclasses.replace(LINK, collectives={"broadcast": CollectiveLink(bytes_per_s=4e9, call_overhead_seconds=0.0)})
+    assert link.alpha_beta("broadcast") == (0.0, 1e-5, 4e9)
+    assert link.alpha_beta("all_reduce") == (2e-5, 1e-5, 1e9)
+    # n = 2 broadcast of 4e6 bytes: 0 + 1 · 1e-5 + 4e6 / 4e9.
+    assert collective_seconds(link, "broadcast", nbytes=4e6, group_size=2) == pytest.approx(1e-5 + 1e-3)
+
+
+@pytest.mark.parametrize(("kind", "algorithm"), [("all_gather", "tree"), ("all_to_all", "ring"), ("all_reduce", "butterfly")])
+def test_algorithm_a_collective_does_not_have_is_rejected(kind: str, algorithm: str) -> None:
+    with pytest.raises(ValueError, match=rf"{kind} has no algorithm '{algorithm}'; expected one of"):
+        collective_seconds(LINK, kind, nbytes=1.0, group_size=4, algorithm=algorithm)
+
+
+def test_link_rejects_unknown_collective_or_algorithm() -> None:
+    with pytest.raises(ProfileError, match=r"LinkProfile: field 'algorithms.gather'"):
+        dataclasses.replace(LINK, algorithms={"gather": "ring"})
+    with pytest.raises(ProfileError, match=r"field 'algorithms.all_gather'.*no algorithm 'tree'"):
+        dataclasses.replace(LINK, algorithms={"all_gather": "tree"})
+    with pytest.raises(ProfileError, match=r"CollectiveLink: field 'bytes_per_s' must be a positive number"):
+        CollectiveLink(bytes_per_s=-1.0)
+
+
+# ------------------------------------------------------------------------------------------
+# Links per group and per mesh axis
+# ------------------------------------------------------------------------------------------
+
+TWO_NODES = dataclasses.replace(
+    ROUND, inter_node=LinkProfile(latency_seconds=1e-4, bytes_per_s=1e8), devices_per_node=8
+)
+
+
+def test_groups_within_a_node_use_the_intra_node_link() -> None:
+    assert TWO_NODES.link_for_group(8) is TWO_NODES.intra_node
+    assert TWO_NODES.link_for_group(16) is TWO_NODES.inter_node
+    assert TWO_NODES.link_for_group(2, stride=8) is TWO_NODES.inter_node  # one device per node
+    # a (2, 8) mesh: the inner axis stays in a node, the outer one crosses nodes
+    assert TWO_NODES.link_for_axis((2, 8), 1) is TWO_NODES.intra_node
+    assert TWO_NODES.link_for_axis((2, 8), 0) is TWO_NODES.inter_node
+    assert TWO_NODES.link_for_axis((4, 2), -1) is TWO_NODES.intra_node
+    # a one-node profile prices every group on its one link
+    assert ROUND.link_for_group(64) is ROUND.intra_node
+
+
+def test_inter_node_link_needs_devices_per_node() -> None:
+    with pytest.raises(ProfileError, match="inter_node and devices_per_node go together"):
+        dataclasses.replace(ROUND, inter_node=ROUND.intra_node)
+    with pytest.raises(ProfileError, match="devices_per_node' must be a positive"):
+        dataclasses.replace(TWO_NODES, devices_per_node=0)
+
+
+def test_cost_model_prices_a_group_that_spans_nodes_on_the_inter_node_link() -> None:
+    from autotp.capture import TensorMeta
+    from autotp.cost import CostModel
+    from autotp.placement import P, R
+
+    import torch
+
+    meta = TensorMeta((1000, 1000), torch.float32)  # 4e6 bytes
+    for tp, link in ((8, TWO_NODES.intra_node), (16, TWO_NODES.inter_node)):
+        cost = CostModel(TWO_NODES, tp)
+        expected = collective_seconds(link, "all_reduce", nbytes=4e6, group_size=tp)
+        assert cost.transition_seconds(P, R, meta) == pytest.approx(expected)
+
+
+# ------------------------------------------------------------------------------------------
+# Roofline as three numbers; activation liveness
+# ------------------------------------------------------------------------------------------
+
+
+def test_roofline_numbers_give_roofline_seconds() -> None:
+    rates = roofline(ROUND, "bfloat16")
+    assert rates == Roofline(launch_seconds=1e-5, seconds_per_flop=1 / 2e12, seconds_per_byte=1 / 5e10)
+    for flops, nbytes in ((2e9, 1e7), (1e6, 1e8), (0, 0)):
+        assert rates.seconds(flops, nbytes) == pytest.approx(roofline_seconds(ROUND, flops=flops, nbytes=nbytes, dtype="bfloat16"))
+
+
+def test_peak_live_nbytes_by_hand() -> None:
+    # x (4 B) read at step 1, y (8 B) made at 1 and read at 2, z (2 B) made at 2:
+    # step 0: 4, step 1: 4 + 8 = 12, step 2: 8 + 2 = 10.
+    assert peak_live_nbytes([(0, 1, 4), (1, 2, 8), (2, 2, 2)]) == 12
+    # a value kept to the end stacks with everything after it
+    assert peak_live_nbytes([(0, 3, 4), (1, 1, 8), (2, 2, 8), (3, 3, 1)]) == 12
+    assert peak_live_nbytes([]) == 0
+    with pytest.raises(ValueError, match="cannot die"):
+        peak_live_nbytes([(3, 1, 1.0)])

@@ -1,0 +1,288 @@
+"""Measure this machine for ``autotp calibrate``: kernels and collectives on N local ranks.
+
+Every rank runs :func:`measure_rank` at once (gloo on CPU, NCCL on GPUs), so the compute
+numbers are what one rank gets while its peers work too, which is how a tensor-parallel model
+runs. The fitting is torch-free and lives in ``cost_models.calibrate``.
+
+What is timed (per sample: ``warmup`` untimed then ``repeats`` timed batches, taken round-robin
+over the samples; each batch runs the op ``k`` times back to back between barriers, ``k`` chosen
+so that it lasts about ``batch_seconds``, and counts the mean; a collective's sample is the
+median over batches of the slowest rank's time, a kernel's the median over ranks of each rank's
+median):
+
+* matmuls ``aten.mm`` over a grid of (M, K, N) shapes and dtypes;
+* a memory-bound kernel, ``aten.add`` of two tensors from a few KiB to tens of MiB, as the
+  rank-local graph calls it (allocating its output);
+* all_reduce, all_gather, reduce_scatter, all_to_all and broadcast over message sizes from
+  4 KiB to 256 MiB (``quick``: to 16 MiB), on groups of 2 ranks and of all N. Each call
+  follows a little compute, whose time is subtracted (:func:`collective_seconds`): that is how a
+  model calls them, and back-to-back calls would hide the wake-up latency each call pays.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from cost_models.calibrate import CollectiveSample, KernelSample
+
+Progress = Callable[[str], None]
+
+KIB, MIB = 2**10, 2**20
+COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast")
+
+
+@dataclass(frozen=True, slots=True)
+class CalibrationConfig:
+    """What to measure; :func:`default_config` gives the full and the quick grids."""
+
+    device_type: str
+    matmul_shapes: tuple[tuple[int, int, int], ...]
+    dtypes: tuple[str, ...]
+    memory_nbytes: tuple[int, ...]  # size of each operand of the add
+    message_nbytes: tuple[int, ...]
+    collectives: tuple[str, ...] = COLLECTIVES
+    repeats: int = 7
+    warmup: int = 2
+    batch_seconds: float = 0.05  # each timed batch lasts about this long (see _calls_for)
+    group_sizes: tuple[int, ...] = field(default=())  # () -> {2, nproc}
+
+    def n_samples(self, world_size: int) -> int:
+        groups = len(self.group_sizes or {2, world_size})
+        return len(self.matmul_shapes) * len(self.dtypes) + len(self.memory_nbytes) + len(self.collectives) * len(self.message_nbytes) * groups
+
+
+def default_config(*, device_type: str, quick: bool) -> CalibrationConfig:
+    """The measurement grid: ``quick`` keeps a CPU run with 2 ranks well under 2 minutes."""
+    if device_type == "cuda":
+        shapes = ((256, 256, 256), (1024, 1024, 1024), (2048, 2048, 2048), (4096, 4096, 4096), (8192, 1024, 8192), (1024, 8192, 1024))
+        dtypes = ("float32", "bfloat16", "float16")
+        memory = tuple(4**k * 64 * KIB for k in range(0, 7 if quick else 9))  # 64 KiB .. 1 GiB
+    else:
+        shapes = ((32, 32, 32), (64, 64, 64), (128, 128, 128), (256, 256, 256), (512, 512, 512), (128, 1024, 512), (1024, 256, 256))
+        dtypes = ("float32", "bfloat16") if quick else ("float32", "bfloat16", "float64")
+        memory = tuple(4**k * 4 * KIB for k in range(0, 7 if quick else 8))  # 4 KiB .. 16 / 64 MiB
+    if quick:
+        shapes = shapes[:5]
+    top = 16 * MIB if quick else 256 * MIB
+    messages = tuple(s for s in (4**k * 4 * KIB for k in range(10)) if s <= top)
+    return CalibrationConfig(device_type, shapes, dtypes, memory, messages, repeats=5 if quick else 9, warmup=1 if quick else 2)
+
+
+@dataclass(frozen=True, slots=True)
+class RankMeasurements:
+    """One rank's timings: per sample, the per-op seconds of every timed batch."""
+
+    kernels: list[tuple[KernelSample, list[float]]]
+    collectives: list[tuple[CollectiveSample, list[float]]]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed_batches(op: Callable[[], object], *, calls: int, repeats: int, warmup: int, device: torch.device, group: dist.ProcessGroup | None) -> list[float]:
+    """Seconds per call of ``op`` for each timed batch of ``calls`` calls, after ``warmup`` batches."""
+    out = []
+    for i in range(warmup + repeats):
+        dist.barrier(group=group)
+        _sync(device)
+        started = time.perf_counter()
+        for _ in range(calls):
+            op()
+        _sync(device)
+        elapsed = (time.perf_counter() - started) / calls
+        if i >= warmup:
+            out.append(elapsed)
+    return out
+
+
+def _calls_for(seconds_estimate: float, target: float) -> int:
+    """Calls per timed batch so that it lasts about ``target`` seconds.
+
+    Batches of tens of milliseconds see a machine shared with other programs the way a real
+    step does (time-sliced). A short batch right after a barrier runs on the scheduler's
+    wake-up credit (Linux CFS favours a task that slept) and measures a machine faster than the
+    one a model's steps will run on.
+    """
+    return max(1, min(4096, int(target / max(seconds_estimate, 1e-7))))
+
+
+def _estimate(op: Callable[[], object], device: torch.device) -> float:
+    op()
+    _sync(device)
+    started = time.perf_counter()
+    op()
+    _sync(device)
+    return time.perf_counter() - started
+
+
+def _agree(value: int, device: torch.device, group: dist.ProcessGroup | None = None) -> int:
+    """The largest of every rank's ``value`` (all ranks must run the same number of calls)."""
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return int(t.item())
+
+
+def _collective_op(kind: str, nbytes: int, group: dist.ProcessGroup, n: int, device: torch.device) -> Callable[[], object]:
+    numel = max(n, nbytes // 4 // n * n)  # float32, divisible by the group size
+    full = torch.ones(numel, device=device)
+    part = torch.ones(numel // n, device=device)
+    recv = torch.empty_like(part)
+    if kind == "all_reduce":
+        return lambda: dist.all_reduce(full, group=group)
+    if kind == "all_gather":
+        return lambda: dist.all_gather_single(full, part, group=group)
+    if kind == "reduce_scatter":
+        return lambda: dist.reduce_scatter_single(part, full, group=group)
+    if kind == "all_to_all":
+        return lambda: dist.all_to_all_single(recv, part, group=group)
+    if kind == "broadcast":
+        return lambda: dist.broadcast(full, dist.get_global_rank(group, 0), group=group)
+    raise ValueError(f"unknown collective {kind!r}")
+
+
+@dataclass(slots=True)
+class _Sample:
+    label: str
+    make: Callable[[], Callable[[], object]]  # allocates the tensors, returns the op to time
+    group: dist.ProcessGroup | None  # None: every rank (kernels); else only its members time it
+    member: bool
+    calls: int = 0  # ops per timed batch, agreed by all ranks in the first round
+    times: list[float] = field(default_factory=list)
+    gap: Callable[[], object] | None = None  # collectives: compute run before each call, then subtracted
+
+
+def gap_kernel(device: torch.device) -> Callable[[], object]:
+    """A few hundred microseconds of compute to run between collective calls (see collective_seconds)."""
+    n = 2048 if device.type == "cuda" else 256
+    a = torch.randn(n, n, device=device)
+    return lambda: torch.ops.aten.mm.default(a, a)
+
+
+def collective_seconds(op: Callable[[], object], gap: Callable[[], object], *, calls: int, device: torch.device, group: dist.ProcessGroup | None) -> float:
+    """Seconds per call of the collective ``op`` when each call follows some compute, as in a model.
+
+    Back to back, a collective finds its peers already waiting and the transport hot; in a model
+    every call follows compute, and pays the peers' wake-up (on gloo over loopback a 256 KiB
+    all-reduce takes about twice as long that way). So each call runs after ``gap``, and the
+    time of ``gap`` alone, timed right after, is subtracted.
+    """
+    def both() -> None:
+        gap()
+        op()
+
+    with_gap = _timed_batches(both, calls=calls, repeats=1, warmup=0, device=device, group=group)[0]
+    gap_only = _timed_batches(gap, calls=calls, repeats=1, warmup=0, device=device, group=group)[0]
+    return max(with_gap - gap_only, 0.01 * with_gap)
+
+
+def _kernel_samples(config: CalibrationConfig, device: torch.device) -> list[tuple[KernelSample, _Sample]]:
+    out = []
+    for dtype_name in config.dtypes:
+        dtype = getattr(torch, dtype_name)
+        for m, k, n in config.matmul_shapes:
+            def make(m: int = m, k: int = k, n: int = n, dtype: torch.dtype = dtype) -> Callable[[], object]:
+                a, b = torch.randn(m, k, device=device).to(dtype), torch.randn(k, n, device=device).to(dtype)
+                return lambda: torch.ops.aten.mm.default(a, b)
+            nbytes = float((m * k + k * n + m * n) * dtype.itemsize)
+            out.append((KernelSample("matmul", dtype_name, 2.0 * m * k * n, nbytes, 0.0), _Sample(f"matmul {dtype_name} {m}x{k}x{n}", make, None, True)))
+    for size in config.memory_nbytes:
+        def make(size: int = size) -> Callable[[], object]:
+            x, y = torch.ones(size // 4, device=device), torch.ones(size // 4, device=device)
+            return lambda: torch.ops.aten.add.Tensor(x, y)  # allocates its output, as the graph does
+        out.append((KernelSample("memory", "float32", float(size // 4), 3.0 * (size // 4) * 4, 0.0), _Sample(f"add of 2 x {size / MIB:.3f} MiB", make, None, True)))
+    return out
+
+
+def measure_rank(rank: int, world_size: int, config: CalibrationConfig, progress: Progress | None = None) -> RankMeasurements:
+    """Run the whole grid on this rank (inside ``autotp.testing.run_on_ranks``).
+
+    Samples are timed round-robin, one batch of each per round, so a burst of load from
+    elsewhere on the machine spreads over all samples instead of spoiling one.
+    """
+    device = torch.device("cuda", torch.cuda.current_device()) if config.device_type == "cuda" else torch.device("cpu")
+    say = progress if (progress is not None and rank == 0) else (lambda _: None)
+    kernels = _kernel_samples(config, device)
+    group_sizes = config.group_sizes or tuple(sorted({2, world_size}))
+    groups = {g: dist.new_group(list(range(g))) for g in group_sizes}  # every rank creates every group
+    collectives: list[tuple[CollectiveSample, _Sample]] = []
+    gap = gap_kernel(device)
+    for kind in config.collectives:
+        for nbytes in config.message_nbytes:
+            for g, group in groups.items():
+                make = lambda kind=kind, nbytes=nbytes, group=group, g=g: _collective_op(kind, nbytes, group, g, device)  # noqa: E731
+                sample = _Sample(f"{kind} {nbytes / MIB:.3f} MiB on {g} ranks", make, group, rank < g, gap=gap)
+                collectives.append((CollectiveSample(kind, g, float(nbytes), 0.0), sample))
+    samples = [s for _, s in kernels] + [s for _, s in collectives]
+    rounds = config.warmup + config.repeats
+    for round_ in range(rounds):
+        for k, sample in enumerate(samples):
+            if sample.member:
+                op = sample.make()
+                if sample.calls == 0:  # as many calls as fill a batch, the same on every rank
+                    one = op if sample.gap is None else (lambda op=op, gap=sample.gap: (gap(), op()))
+                    sample.calls = _agree(_calls_for(_estimate(one, device), config.batch_seconds), device, sample.group)
+                if sample.gap is None:
+                    seconds = _timed_batches(op, calls=sample.calls, repeats=1, warmup=0, device=device, group=sample.group)[0]
+                else:
+                    seconds = collective_seconds(op, sample.gap, calls=sample.calls, device=device, group=sample.group)
+                if round_ >= config.warmup:
+                    sample.times.append(seconds)
+                del op
+            if sample.group is not None:
+                dist.barrier()
+            if round_ == 0:
+                say(f"[{k + 1}/{len(samples)}] {sample.label}" + (f": {seconds * 1e6:.1f} us" if sample.member else ""))
+        say(f"round {round_ + 1}/{rounds} done" + (" (warm-up)" if round_ < config.warmup else ""))
+    for group in groups.values():
+        dist.destroy_process_group(group)
+    return RankMeasurements([(ks, s.times) for ks, s in kernels], [(cs, s.times) for cs, s in collectives])
+
+
+STATISTICS: dict[str, Callable[[Sequence[float]], float]] = {"median": statistics.median, "min": min}
+
+
+def merge(ranks: Sequence[RankMeasurements], *, statistic: str = "median") -> tuple[list[KernelSample], list[CollectiveSample]]:
+    """One sample per kernel and per collective, from every rank's batches.
+
+    A kernel's time is the median over ranks of each rank's ``statistic`` over its batches; a
+    collective's is the ``statistic`` over batches of the slowest rank's time. ``"median"`` is
+    the default; ``"min"`` (best of the batches) estimates the machine without the load other
+    programs put on it, for a shared machine, and must then be compared with best-of timings.
+    """
+    reduce = STATISTICS[statistic]
+    kernels = []
+    for per_rank in zip(*(r.kernels for r in ranks)):
+        sample = per_rank[0][0]
+        seconds = statistics.median(reduce(times) for _, times in per_rank)
+        kernels.append(KernelSample(sample.kind, sample.dtype, sample.flops, sample.nbytes, seconds))
+    collectives = []
+    first = ranks[0].collectives
+    for index, (sample, _) in enumerate(first):
+        members = [r.collectives[index][1] for r in ranks[: sample.group_size]]
+        slowest = [max(batch) for batch in zip(*members)]
+        collectives.append(CollectiveSample(sample.collective, sample.group_size, sample.nbytes, reduce(slowest)))
+    return kernels, collectives
+
+
+def memory_capacity_nbytes(device_type: str, nproc: int) -> int:
+    """Device memory of one rank: the GPU's, or the machine's RAM shared by ``nproc`` ranks."""
+    if device_type == "cuda":
+        return int(torch.cuda.get_device_properties(0).total_memory)
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // nproc)
+
+
+def describe_machine(device_type: str, nproc: int, backend: str) -> str:
+    """One line for the profile's ``source``: host, device, ranks, backend, date."""
+    device = torch.cuda.get_device_name(0) if device_type == "cuda" else (platform.processor() or platform.machine())
+    threads = "" if device_type == "cuda" else ", 1 thread per rank"
+    when = time.strftime("%Y-%m-%d")
+    return f"{platform.node()}, {device}, {nproc} ranks over {backend}{threads}, torch {torch.__version__}, {when}"

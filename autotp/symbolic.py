@@ -1,0 +1,344 @@
+"""Plan costs as functions of the batch size B and the sequence length T.
+
+``torch.export`` gives static shapes, so a captured graph knows its costs at one (B, T) only.
+But every node's work is a polynomial in the two: FLOPs and bytes are linear in B, and at most
+quadratic in T (attention's scores are T x T). So the model is captured at a few sizes, and for
+each node the FLOPs, the bytes moved and the size of every output are fitted exactly, with
+rational coefficients, on the basis
+
+    1, T, T², B, B·T, B·T²                    (1, B alone when no sequence dim is given)
+
+from a 2 x 3 grid of (B, T), then checked at a seventh point. A plan's time is then, with the
+profile's numbers for each node's roofline and each conversion's collective,
+
+    total(B, T) = Σ_nodes  m · (launch + Max(F(B,T) · s_flop, N(B,T) · s_byte))
+                + Σ_steps  Min_algorithms(fixed + slope · N_value(B,T))
+
+where ``m`` is 3 for a node priced forward and backward (training) and 1 otherwise, and a
+conversion's steps are priced as ``autotp.cost.CostModel`` prices them. ``total(B0, T0)`` is
+the plan's ``total_seconds``. The expression prices *this plan's strategies* at any size; it does
+not say whether tp still divides the split dims there, nor that the plan is still optimal.
+That is what :func:`crossovers` finds: the batch sizes at which the optimal plan changes.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from fractions import Fraction
+
+import sympy
+import torch
+from torch import nn
+
+from cost_models import HardwareProfile, collective_terms, roofline
+from autotp.capture import capture
+from autotp.cost import BACKWARD_COMPUTE_FACTOR, CostModel, _STEP_COLLECTIVE, node_flops, node_nbytes, splits_work
+from autotp.errors import AutoTPError, ConfigError
+from autotp.plan import Plan
+from autotp.redistribute import GRAD_SYNC, Step, StepKind
+from autotp.strategies import NodeKind, NodeSpace, StrategySpace, ValueRef, build_strategy_space
+
+log = logging.getLogger(__name__)
+
+B, T = sympy.symbols("B T", positive=True)
+
+Monomial = tuple[int, int]  # (power of B, power of T)
+_BASIS_BT: tuple[Monomial, ...] = ((0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2))
+_BASIS_B: tuple[Monomial, ...] = ((0, 0), (1, 0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Polynomials in B and T
+
+
+@dataclass(frozen=True, slots=True)
+class Poly:
+    """``Σ c · B^i · T^j`` with exact rational coefficients; ``terms`` holds ``((i, j), c)``."""
+
+    terms: tuple[tuple[Monomial, Fraction], ...]
+
+    def __call__(self, batch: float, seq: float) -> float:
+        return float(sum(float(c) * batch**i * seq**j for (i, j), c in self.terms))
+
+    def __mul__(self, factor: Fraction | int) -> Poly:
+        return Poly(tuple((m, c * factor) for m, c in self.terms if c * factor != 0))
+
+    def __bool__(self) -> bool:
+        return bool(self.terms)
+
+    def expr(self) -> sympy.Expr:
+        return sympy.Add(*(sympy.Rational(c.numerator, c.denominator) * B**i * T**j for (i, j), c in self.terms))
+
+
+def _solve(rows: list[list[Fraction]], rhs: list[Fraction]) -> list[Fraction]:
+    """Exact Gaussian elimination; the sample grid makes ``rows`` invertible."""
+    n = len(rhs)
+    a = [row[:] + [r] for row, r in zip(rows, rhs)]
+    for col in range(n):
+        pivot = next(r for r in range(col, n) if a[r][col] != 0)
+        a[col], a[pivot] = a[pivot], a[col]
+        for r in range(n):
+            if r != col and a[r][col] != 0:
+                factor = a[r][col] / a[col][col]
+                a[r] = [x - factor * y for x, y in zip(a[r], a[col])]
+    return [a[i][n] / a[i][i] for i in range(n)]
+
+
+def _fit(basis: Sequence[Monomial], points: Sequence[tuple[int, int]], values: Sequence[float]) -> Poly:
+    rows = [[Fraction(b) ** i * Fraction(t) ** j for i, j in basis] for b, t in points]
+    coeffs = _solve(rows, [Fraction(v) for v in values])
+    return Poly(tuple((m, c) for m, c in zip(basis, coeffs) if c != 0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Work per node, fitted from captures at a few sizes
+
+
+@dataclass(frozen=True, slots=True)
+class NodeWork:
+    """One node's FLOPs and bytes moved (whole op, unsplit) and each output's size, as polynomials."""
+
+    flops: Poly
+    nbytes: Poly
+    outputs: dict[int | None, Poly]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkModel:
+    """Fitted work of every node of a model's graph, and the graph at the planned size."""
+
+    nodes: dict[str, NodeWork]
+    space: StrategySpace  # tp_size 1: the node kinds, metas and requires_grad at (batch0, seq0)
+    batch0: int
+    seq0: int
+    has_seq: bool
+
+
+def resize_inputs(example_inputs: tuple[torch.Tensor, ...], *, batch: int, seq: int | None, batch_dim: int = 0, seq_dim: int | None = 1) -> tuple[torch.Tensor, ...]:
+    """Zero-filled inputs like ``example_inputs`` with ``batch`` (and ``seq``) along those dims."""
+    out = []
+    for x in example_inputs:
+        shape = list(x.shape)
+        shape[batch_dim] = batch
+        if seq is not None and seq_dim is not None:
+            shape[seq_dim] = seq
+        out.append(torch.zeros(shape, dtype=x.dtype, device=x.device))
+    return tuple(out)
+
+
+def _sample_sizes(batch0: int, seq0: int | None) -> tuple[list[tuple[int, int]], tuple[int, int]]:
+    """The 2 x 3 fitting grid (or 2 points without T) and one more point to check the fit."""
+    batches = [batch0, batch0 + 1, batch0 + 2]
+    if seq0 is None:
+        return [(batches[0], 0), (batches[1], 0)], (batches[2], 0)
+    seqs = [seq0 - k for k in range(4)] if seq0 >= 5 else [seq0 + k for k in range(4)]
+    grid = [(b, t) for b in batches[:2] for t in seqs[:3]]
+    return grid, (batches[2], seqs[3])
+
+
+def _space_at(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> StrategySpace:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # unsupported-op warnings were given when planning
+        return build_strategy_space(capture(model, inputs), 1)
+
+
+def _measure(space: StrategySpace) -> dict[str, tuple[float, float, dict[int | None, float]]]:
+    out = {}
+    for node in space.nodes:
+        flops = node_flops(node) if node.kind is NodeKind.OP else 0.0
+        nbytes = node_nbytes(node) if node.kind is NodeKind.OP else 0.0
+        metas = node.output_meta
+        outputs: dict[int | None, float] = {}
+        if isinstance(metas, tuple):
+            outputs = {i: float(m.nbytes) for i, m in enumerate(metas)}
+        elif metas is not None:
+            outputs = {None: float(metas.nbytes)}
+        out[node.name] = (flops, nbytes, outputs)
+    return out
+
+
+def fit_work(
+    model: nn.Module,
+    example_inputs: tuple[torch.Tensor, ...],
+    *,
+    batch_dim: int = 0,
+    seq_dim: int | None = 1,
+) -> WorkModel:
+    """Capture ``model`` at a few sizes around ``example_inputs`` and fit every node's work.
+
+    Raises ``ConfigError`` when the graph changes with the size (other nodes or ops), or when
+    the work is not a polynomial of degree 1 in B and 2 in T (the check point disagrees).
+    """
+    first = example_inputs[0]
+    batch0 = int(first.shape[batch_dim])
+    has_seq = seq_dim is not None and all(x.ndim > seq_dim for x in example_inputs)
+    seq0 = int(first.shape[seq_dim]) if has_seq else None  # type: ignore[index]
+    grid, check = _sample_sizes(batch0, seq0)
+    basis = _BASIS_BT if has_seq else _BASIS_B
+    spaces: dict[tuple[int, int], StrategySpace] = {}
+    for b, t in [*grid, check]:
+        inputs = resize_inputs(example_inputs, batch=b, seq=t if has_seq else None, batch_dim=batch_dim, seq_dim=seq_dim)
+        try:
+            spaces[(b, t)] = _space_at(model, inputs)
+        except AutoTPError as exc:
+            what = f"batch {b}" + (f" and sequence length {t} (dim {seq_dim})" if has_seq else "")
+            hint = "; pass seq_dim=None if dim 1 of the inputs is not a sequence" if has_seq else ""
+            raise ConfigError(f"symbolic costs need the model captured at other sizes, and capture at {what} failed: {exc}{hint}") from exc
+    base = spaces[grid[0]]  # (batch0, seq0): the planned size
+    names = [(n.name, n.op) for n in base.nodes]
+    for size, space in spaces.items():
+        if [(n.name, n.op) for n in space.nodes] != names:
+            raise ConfigError(f"the captured graph changes with the input size (at batch, seq = {size}): its costs are not one expression of B and T")
+    measured = {size: _measure(space) for size, space in spaces.items()}
+    nodes: dict[str, NodeWork] = {}
+    for name, _ in names:
+        series = [measured[p][name] for p in grid]
+        flops = _fit(basis, grid, [s[0] for s in series])
+        nbytes = _fit(basis, grid, [s[1] for s in series])
+        outputs = {k: _fit(basis, grid, [s[2][k] for s in series]) for k in series[0][2]}
+        expected = measured[check][name]
+        for poly, value, what in [(flops, expected[0], "FLOPs"), (nbytes, expected[1], "bytes"), *((outputs[k], expected[2][k], "output size") for k in outputs)]:
+            if not math.isclose(poly(*check), value, rel_tol=1e-9, abs_tol=1e-6):
+                raise ConfigError(
+                    f"the {what} of node '{name}' are not a polynomial of degree 1 in the batch and 2 in the "
+                    f"sequence length (fit predicts {poly(*check):g} at {check}, capture gives {value:g})"
+                )
+        nodes[name] = NodeWork(flops, nbytes, outputs)
+    return WorkModel(nodes=nodes, space=base, batch0=batch0, seq0=seq0 or 0, has_seq=has_seq)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cost terms of one plan
+
+
+@dataclass(frozen=True, slots=True)
+class ComputeTerm:
+    """``multiplier · (launch + Max(flops · seconds_per_flop, nbytes · seconds_per_byte))``, 0 without work."""
+
+    node: str
+    multiplier: float
+    launch_seconds: float
+    seconds_per_flop: float
+    seconds_per_byte: float
+    flops: Poly
+    nbytes: Poly
+
+    def seconds(self, batch: float, seq: float) -> float:
+        if not (self.flops or self.nbytes):
+            return 0.0
+        return self.multiplier * (self.launch_seconds + max(self.flops(batch, seq) * self.seconds_per_flop, self.nbytes(batch, seq) * self.seconds_per_byte))
+
+    def expr(self) -> sympy.Expr:
+        if not (self.flops or self.nbytes):
+            return sympy.Integer(0)
+        work = sympy.Max(self.flops.expr() * self.seconds_per_flop, self.nbytes.expr() * self.seconds_per_byte)
+        return self.multiplier * (self.launch_seconds + work)
+
+
+@dataclass(frozen=True, slots=True)
+class StepTerm:
+    """One conversion step: ``Min over lines (fixed + slope · nbytes)``, 0 for an empty tensor."""
+
+    node: str
+    step: str
+    lines: tuple[tuple[float, float], ...]  # (fixed seconds, seconds per byte of the full tensor)
+    nbytes: Poly
+
+    def seconds(self, batch: float, seq: float) -> float:
+        if not (self.nbytes and self.lines):
+            return 0.0
+        size = self.nbytes(batch, seq)
+        return min(fixed + slope * size for fixed, slope in self.lines)
+
+    def expr(self) -> sympy.Expr:
+        if not (self.nbytes and self.lines):
+            return sympy.Integer(0)
+        size = self.nbytes.expr()
+        return sympy.Min(*(fixed + slope * size for fixed, slope in self.lines))
+
+
+CostTerm = ComputeTerm | StepTerm
+
+
+def _value_ref(text: str) -> ValueRef:
+    name, bracket, rest = text.partition("[")
+    return ValueRef(name, int(rest.rstrip("]")) if bracket else None)
+
+
+def _step_lines(step: Step, cost: CostModel) -> tuple[tuple[float, float], ...]:
+    rates = roofline(cost.profile)
+    if step.kind is StepKind.LOCAL_CHUNK:  # copies this rank's chunk: 2·B/tp bytes
+        return ((rates.launch_seconds, 2 * rates.seconds_per_byte / cost.tp_size),)
+    if step.kind is StepKind.TO_PARTIAL:
+        return ((rates.launch_seconds, rates.seconds_per_byte),)
+    lines = collective_terms(cost.link, _STEP_COLLECTIVE[step.kind], group_size=cost.tp_size)
+    return tuple((line.fixed_seconds, line.seconds_per_byte) for line in lines)
+
+
+def cost_terms(plan: Plan, work: WorkModel, cost: CostModel) -> tuple[CostTerm, ...]:
+    """The terms that sum to ``plan``'s time at any (B, T), priced by ``cost`` as the planner does."""
+    spaces = work.space.by_name()
+    terms: list[CostTerm] = []
+    for node in plan.nodes:
+        space: NodeSpace = spaces[node.name]
+        if node.kind is NodeKind.OP and not space.is_view:
+            share = cost.tp_size if splits_work(node.strategy) else 1
+            dtype = str(space.slot_metas[0].dtype if space.slot_metas else torch.float32).removeprefix("torch.")
+            rates = roofline(cost.profile, dtype)
+            node_work = work.nodes[node.name]
+            multiplier = 1 + BACKWARD_COMPUTE_FACTOR if cost.training and space.requires_grad else 1
+            terms.append(ComputeTerm(
+                node.name, float(multiplier), rates.launch_seconds, rates.seconds_per_flop, rates.seconds_per_byte,
+                node_work.flops * Fraction(1, share), node_work.nbytes * Fraction(1, share),
+            ))
+        for conversion in node.conversions:
+            ref = _value_ref(conversion.value)
+            size = work.nodes[ref.node].outputs[ref.index]
+            if conversion.backward_only:
+                steps: tuple[Step, ...] = (GRAD_SYNC,)
+            else:
+                steps = cost.steps_with_backward(conversion.steps, spaces[ref.node].requires_grad)
+            terms += [StepTerm(node.name, str(step), _step_lines(step, cost), size) for step in steps]
+    return tuple(terms)
+
+
+def terms_seconds(terms: Sequence[CostTerm], batch: float, seq: float) -> float:
+    """The total of ``terms`` at one size, numerically (what ``expression(...).subs`` gives)."""
+    return sum(t.seconds(batch, seq) for t in terms)
+
+
+def expression(plan: Plan) -> sympy.Expr:
+    """``plan``'s total time as a sympy expression in ``B`` and ``T`` (see the module docstring)."""
+    terms = plan.cost_terms
+    if terms is None:
+        raise ConfigError(
+            "this plan carries no symbolic cost terms: make it with autotp.plan(..., symbolic=True), "
+            "or attach them with autotp.symbolic.attach_cost_terms(plan, model, example_inputs)"
+        )
+    return sympy.Add(*(t.expr() for t in terms))
+
+
+def attach_cost_terms(
+    plan: Plan,
+    model: nn.Module,
+    example_inputs: tuple[torch.Tensor, ...],
+    *,
+    hardware: str | HardwareProfile | None = None,
+    batch_dim: int = 0,
+    seq_dim: int | None = 1,
+    work: WorkModel | None = None,
+) -> Plan:
+    """``plan`` with the cost terms ``plan.cost_expression()`` reads (made for this model and inputs).
+
+    ``hardware`` defaults to the plan's profile name; pass the profile (or its path) when the
+    plan was made from a profile file.
+    """
+    from autotp.api import resolve_hardware
+
+    profile = resolve_hardware(hardware if hardware is not None else plan.hardware)
+    cost = CostModel(profile, plan.tp_size, training=plan.training, optimizer=plan.optimizer)
+    work = work or fit_work(model, example_inputs, batch_dim=batch_dim, seq_dim=seq_dim)
+    return replace(plan, cost_terms=cost_terms(plan, work, cost))

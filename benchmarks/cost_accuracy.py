@@ -1,0 +1,307 @@
+"""How well does a calibrated cost model predict this machine? (Not a timed test.)
+
+    python benchmarks/cost_accuracy.py                  # calibrate on 2 and 4 ranks, then compare
+    python benchmarks/cost_accuracy.py --profile 2:median=p.toml --profile 2:min=q.toml --world 2
+
+For each world size N (2 and 4 gloo CPU ranks, one thread each):
+
+1. **Calibrate** on N ranks exactly as ``autotp calibrate --nproc N`` does, giving a profile.
+2. **Collectives, out of sample.** Time each collective again in a separate run, at 1, 4 and
+   16 MiB (and 64 MiB unless ``--quick``), and compare with the profile's prediction.
+3. **Forward step times.** For GPT and LLaMA at three sizes, plan with the profile
+   (``training=False``: a forward step) and time the sharded model's forward pass (the slowest
+   rank's time per step, the layouts stepped round-robin) for three layouts: autotp's plan,
+   replicate-all (every op pinned to replicate) and the Megatron hand layout
+   (``autotp.layouts.megatron_pins``), each priced by the same profile through
+   ``autotp.solve.solve(pinned=...)``.
+4. **Ranking.** Per model, size and N, does the model order the three layouts as measured?
+   Layouts whose measured times are within ``--tie`` of each other count as tied: either order
+   is right.
+
+Everything is computed twice from the same measurements: with **medians** over repeats (in the
+calibration and in the timings alike; the headline numbers) and with **minima** (best of the
+repeats, ``autotp calibrate --statistic min``), which estimates the machine without the load
+other programs put on it. On a shared machine the two differ by that load.
+
+Targets (docs/calibration.md): median step-time error <= 25%, per-collective error <= 15% for
+messages >= 1 MiB, ranking correct. The script prints markdown tables and exits 1 when the
+median-based numbers miss a target.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+
+import autotp
+from autotp.api import plan_model
+from autotp.calibrate import MIB, STATISTICS, _agree, _calls_for, _collective_op, _estimate, collective_seconds as time_collective, default_config, gap_kernel, describe_machine, measure_rank, memory_capacity_nbytes, merge
+from autotp.capture import capture
+from autotp.cost import CostModel
+from autotp.examples import build_example
+from autotp.layouts import GPT_COLUMN, GPT_ROW, LLAMA_COLUMN, LLAMA_ROW, megatron_pins
+from autotp.plan import Plan, build_plan
+from autotp.solve import Solution, solve
+from autotp.strategies import NodeKind, build_strategy_space
+from autotp.testing import run_on_ranks
+from cost_models import HardwareProfile, collective_seconds, load_profile, roofline_seconds, write_profile
+from cost_models.calibrate import build_profile, fit_all
+
+LAYOUTS = ("autotp", "replicate", "megatron")
+STATS = ("median", "min")
+TARGET_STEP_ERROR = 0.25
+TARGET_COLLECTIVE_ERROR = 0.15
+CHECK_COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast")
+
+# (example, label, config, batch, seq): three sizes of each model, heads and widths divisible by 4.
+MODELS: tuple[tuple[str, str, dict, int, int], ...] = (
+    ("gpt", "S", dict(n_embd=128, n_head=4, n_layer=2, vocab_size=512, block_size=128), 4, 64),
+    ("gpt", "M", dict(n_embd=256, n_head=8, n_layer=2, vocab_size=1024, block_size=128), 4, 64),
+    ("gpt", "L", dict(n_embd=512, n_head=8, n_layer=2, vocab_size=2048, block_size=128), 4, 128),
+    ("llama", "S", dict(dim=128, n_heads=4, n_kv_heads=4, n_layers=2, ffn_hidden=352, vocab_size=512, max_seq_len=128), 4, 64),
+    ("llama", "M", dict(dim=256, n_heads=8, n_kv_heads=4, n_layers=2, ffn_hidden=704, vocab_size=1024, max_seq_len=128), 4, 64),
+    ("llama", "L", dict(dim=512, n_heads=8, n_kv_heads=4, n_layers=2, ffn_hidden=1408, vocab_size=2048, max_seq_len=128), 4, 128),
+)
+PINS = {"gpt": (GPT_COLUMN, GPT_ROW), "llama": (LLAMA_COLUMN, LLAMA_ROW)}
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    model: str
+    size: str
+    world: int
+    layout: str
+    predicted_s: float
+    measured_s: float
+    collectives: int
+
+    @property
+    def error(self) -> float:
+        return self.predicted_s / self.measured_s - 1
+
+
+def _space_and_cost(example: str, config: dict, batch: int, seq: int, *, tp: int, profile: HardwareProfile):
+    model, inputs = build_example(example, device="meta", batch=batch, seq=seq, **config)
+    return build_strategy_space(capture(model, inputs), tp), CostModel(profile, tp, training=False)
+
+
+def layout_plans(example: str, config: dict, batch: int, seq: int, *, tp: int, profile: HardwareProfile) -> dict[str, Plan]:
+    """autotp's plan, replicate-all and the Megatron layout, all priced by ``profile`` (forward only)."""
+    model, inputs = build_example(example, device="meta", batch=batch, seq=seq, **config)
+    result = plan_model(model, inputs, mesh_shape=(tp,), hardware=profile, memory_budget=None, training=False)
+    cost = CostModel(profile, tp, training=False)
+    replicate = {n.name: n.strategies[0] for n in result.space.nodes if n.kind in (NodeKind.OP, NodeKind.STATE)}
+    column, row = PINS[example]
+    megatron = megatron_pins(result.space, column=column, row=row)
+    plans = {"autotp": result.plan}
+    for name, pins in (("replicate", replicate), ("megatron", megatron)):
+        plans[name] = build_plan(result.space, solve(result.space, cost, pinned=pins), cost, hardware=profile.name, memory_budget=None)
+    return plans
+
+
+def reprice(plan: Plan, example: str, config: dict, batch: int, seq: int, *, profile: HardwareProfile) -> float:
+    """``plan``'s strategies priced by another profile: the same layout, other numbers."""
+    space, cost = _space_and_cost(example, config, batch, seq, tp=plan.tp_size, profile=profile)
+    chosen = {n.name: n.strategy for n in plan.nodes}
+    choice = {n.name: n.strategies.index(chosen[n.name]) for n in space.nodes}
+    solution = Solution(choice=choice, objective_seconds=0.0, status="repriced", seconds=0.0, n_variables=0, n_constraints=0)
+    return build_plan(space, solution, cost, hardware=profile.name, memory_budget=None).total_seconds
+
+
+def _time_forwards(modules: dict[str, torch.nn.Module], inputs: tuple[torch.Tensor, ...], *, steps: int, warmup: int) -> dict[str, list[float]]:
+    seconds: dict[str, list[float]] = {name: [] for name in modules}
+    with torch.no_grad():
+        for i in range(warmup + steps):
+            for name, module in modules.items():  # round-robin: drift and load hit every layout alike
+                dist.barrier()
+                started = time.perf_counter()
+                module(*inputs)
+                elapsed = time.perf_counter() - started
+                if i >= warmup:
+                    seconds[name].append(elapsed)
+    return seconds
+
+
+def _time_collectives(world: int, sizes: Sequence[int], repeats: int) -> dict[tuple[str, int], list[float]]:
+    """Seconds per call of each collective, timed as calibration times it (after compute, ~50 ms batches, round-robin)."""
+    out: dict[tuple[str, int], list[float]] = {(k, s): [] for k in CHECK_COLLECTIVES for s in sizes}
+    group, cpu = dist.group.WORLD, torch.device("cpu")
+    gap = gap_kernel(cpu)
+    calls: dict[tuple[str, int], int] = {}
+    for i in range(repeats + 1):
+        for kind in CHECK_COLLECTIVES:
+            for size in sizes:
+                op = _collective_op(kind, size, group, world, cpu)
+                if (kind, size) not in calls:
+                    calls[(kind, size)] = _agree(_calls_for(_estimate(lambda: (gap(), op()), cpu), 0.05), cpu)
+                seconds = time_collective(op, gap, calls=calls[(kind, size)], device=cpu, group=None)
+                if i > 0:
+                    out[(kind, size)].append(seconds)
+    return out
+
+
+def _reference_matmul_seconds() -> float:
+    """Seconds per (512, 512) @ (512, 512) fp32 matmul, on all ranks at once, as calibration times it."""
+    a, b = torch.randn(512, 512), torch.randn(512, 512)
+    torch.ops.aten.mm.default(a, b)
+    calls, per_batch = 16, []  # about 50 ms a batch, as calibration times it
+    for _ in range(5):
+        dist.barrier()
+        started = time.perf_counter()
+        for _ in range(calls):
+            torch.ops.aten.mm.default(a, b)
+        per_batch.append((time.perf_counter() - started) / calls)
+    return statistics.median(per_batch)
+
+
+def accuracy_rank(rank: int, world: int, cases: list, sizes: Sequence[int], steps: int, warmup: int) -> tuple[dict, list, tuple[float, float]]:
+    """On each rank: a reference matmul, the out-of-sample collectives, every case's layouts, the matmul again."""
+    before = _reference_matmul_seconds()
+    collectives = _time_collectives(world, sizes, repeats=9)
+    mesh = init_device_mesh("cpu", (world,))
+    times = []
+    for (example, _label, config, batch, seq), plans in cases:
+        model, inputs = build_example(example, batch=batch, seq=seq, **config)
+        modules = {name: autotp.parallelize(model, mesh, inputs, plan=plan, training=False) for name, plan in plans.items()}
+        times.append(_time_forwards(modules, inputs, steps=steps, warmup=warmup))
+    return collectives, times, (before, _reference_matmul_seconds())
+
+
+def _load() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def calibrate(world: int, *, quick: bool, out_dir: Path) -> dict[str, HardwareProfile]:
+    """Calibrate on ``world`` ranks; one profile per statistic, from the same measurements."""
+    config = default_config(device_type="cpu", quick=quick)
+    print(f"calibrating on {world} ranks ({config.n_samples(world)} samples; load average {_load()}) ...", flush=True)
+    ranks = run_on_ranks(measure_rank, world, config, timeout_seconds=3600)
+    with open(out_dir / f"calibration-{world}.pkl", "wb") as f:
+        pickle.dump(ranks, f)
+    profiles = {}
+    for statistic in STATS:
+        report = fit_all(*merge(ranks, statistic=statistic))
+        print(f"--- {statistic} ---\n{report.text()}", flush=True)
+        description = describe_machine("cpu", world, "gloo") + f", {statistic} of {config.repeats} repeats"
+        profile = build_profile(report, name=f"bench-cpu-{world}-{statistic}", device_type="cpu", memory_capacity_nbytes=memory_capacity_nbytes("cpu", world), description=description)
+        path = write_profile(profile, out_dir / f"bench-cpu-{world}-{statistic}.toml", header=f"benchmarks/cost_accuracy.py calibration\n\n{report.text()}")
+        print(f"wrote {path}", flush=True)
+        profiles[statistic] = profile
+    return profiles
+
+
+def _over_steps(per_rank: Sequence[list[float]], statistic: str) -> float:
+    """The statistic over steps of the slowest rank's time."""
+    return STATISTICS[statistic]([max(step) for step in zip(*per_rank)])
+
+
+def _ranking_ok(predicted: dict[str, float], measured: dict[str, float], tie: float) -> bool:
+    """Every pair the model orders one way is measured the same way, or within ``tie`` (noise)."""
+    for a in predicted:
+        for b in predicted:
+            if predicted[a] < predicted[b] and measured[a] > measured[b] * (1 + tie):
+                return False
+    return True
+
+
+def _report(statistic: str, steps: list[StepResult], coll_rows: list, ranking: list, tie: float) -> tuple[float, float, int]:
+    print(f"\n# Statistic: {statistic} (calibration and timings alike)\n")
+    print("## Forward step time, predicted vs measured\n")
+    print("| model | size | ranks | layout | collectives | predicted ms | measured ms | error |")
+    print("|---|---|---|---|---|---|---|---|")
+    for s in steps:
+        print(f"| {s.model} | {s.size} | {s.world} | {s.layout} | {s.collectives} | {s.predicted_s * 1e3:.2f} | {s.measured_s * 1e3:.2f} | {s.error:+.0%} |")
+    median_step = statistics.median(abs(s.error) for s in steps)
+    print(f"\nmedian |error| over {len(steps)} step times: {median_step:.1%} (target <= {TARGET_STEP_ERROR:.0%})")
+    print("\n## Collectives >= 1 MiB, out of sample\n")
+    print("| ranks | collective | MiB | predicted ms | measured ms | error |")
+    print("|---|---|---|---|---|---|")
+    per_collective: dict[tuple[int, str], list[float]] = {}
+    for world, kind, size, p, m in coll_rows:
+        print(f"| {world} | {kind} | {size // MIB} | {p * 1e3:.2f} | {m * 1e3:.2f} | {p / m - 1:+.0%} |")
+        per_collective.setdefault((world, kind), []).append(abs(p / m - 1))
+    print("\n| ranks | collective | median error |\n|---|---|---|")
+    for (world, kind), errs in per_collective.items():
+        print(f"| {world} | {kind} | {statistics.median(errs):.0%} |")
+    worst = max(statistics.median(e) for e in per_collective.values())
+    print(f"\nworst per-collective median error (>= 1 MiB): {worst:.1%} (target <= {TARGET_COLLECTIVE_ERROR:.0%})")
+    print("\n## Ranking of autotp / replicate-all / Megatron\n")
+    print("| model | size | ranks | predicted order | measured order | agrees |")
+    print("|---|---|---|---|---|---|")
+    for example, label, world, ok, pred, meas in ranking:
+        print(f"| {example} | {label} | {world} | {pred} | {meas} | {'yes' if ok else 'NO'} |")
+    agree = sum(r[3] for r in ranking)
+    print(f"\nranking agrees in {agree} of {len(ranking)} cases (measured ties within {tie:.0%} accepted)")
+    return median_step, worst, len(ranking) - agree
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--world", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--profile", action="append", default=[], metavar="N:STAT=PATH", help="reuse a calibrated profile, e.g. 2:median=p.toml")
+    parser.add_argument("--quick", action="store_true", help="quick calibration grid and collectives up to 16 MiB")
+    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--tie", type=float, default=0.05, help="measured times this close are a tie when ranking")
+    parser.add_argument("--out", type=Path, default=None, help="where calibrated profiles go (default: a temporary directory)")
+    args = parser.parse_args(argv)
+    given: dict[int, dict[str, HardwareProfile]] = {}
+    for item in args.profile:
+        key, path = item.split("=", 1)
+        world, statistic = key.split(":")
+        given.setdefault(int(world), {})[statistic] = load_profile(Path(path))
+    out_dir = args.out or Path(tempfile.mkdtemp(prefix="autotp-bench-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sizes = [MIB, 4 * MIB, 16 * MIB] + ([] if args.quick else [64 * MIB])
+    started = time.perf_counter()
+    steps: dict[str, list[StepResult]] = {s: [] for s in STATS}
+    coll_rows: dict[str, list] = {s: [] for s in STATS}
+    ranking: dict[str, list] = {s: [] for s in STATS}
+    drift: list[str] = []
+    for world in args.world:
+        profiles = given.get(world) if set(given.get(world, {})) == set(STATS) else calibrate(world, quick=args.quick, out_dir=out_dir)
+        planning = profiles["median"]
+        cases = [((example, label, config, batch, seq), layout_plans(example, config, batch, seq, tp=world, profile=planning)) for example, label, config, batch, seq in MODELS]
+        print(f"timing {len(cases)} models x {len(LAYOUTS)} layouts on {world} ranks (load average {_load()}) ...", flush=True)
+        collectives, times, reference = zip(*run_on_ranks(accuracy_rank, world, cases, sizes, args.steps, args.warmup, timeout_seconds=3600))
+        with open(out_dir / f"timings-{world}.pkl", "wb") as f:
+            pickle.dump({"cases": cases, "collectives": collectives, "times": times, "reference": reference}, f)
+        expected = roofline_seconds(planning, flops=2.0 * 512**3, nbytes=3.0 * 512 * 512 * 4)
+        before, after = (statistics.median(r[k] for r in reference) for k in (0, 1))
+        drift.append(f"{world} ranks: (512, 512) @ (512, 512) fp32 predicted {expected * 1e3:.2f} ms, measured "
+                     f"{before * 1e3:.2f} ms before and {after * 1e3:.2f} ms after the timings (load average now {_load()})")
+        for statistic, profile in profiles.items():
+            link = profile.link_for_group(world)
+            for kind, size in collectives[0]:
+                measured = _over_steps([c[(kind, size)] for c in collectives], statistic)
+                coll_rows[statistic].append((world, kind, size, collective_seconds(link, kind, nbytes=size, group_size=world), measured))
+            for k, ((example, label, config, batch, seq), plans) in enumerate(cases):
+                predicted, measured = {}, {}
+                for name, plan in plans.items():
+                    measured[name] = _over_steps([t[k][name] for t in times], statistic)
+                    predicted[name] = plan.total_seconds if profile is planning else reprice(plan, example, config, batch, seq, profile=profile)
+                    steps[statistic].append(StepResult(example, label, world, name, predicted[name], measured[name], len(plan.collectives())))
+                order = lambda d: " < ".join(sorted(d, key=d.get))  # noqa: E731
+                ranking[statistic].append((example, label, world, _ranking_ok(predicted, measured, args.tie), order(predicted), order(measured)))
+    verdicts = {s: _report(s, steps[s], coll_rows[s], ranking[s], args.tie) for s in STATS}
+    print("\n## Drift: the machine between calibration and timing (median profile)\n")
+    for line in drift:
+        print(f"- {line}")
+    print(f"\nwall time {time.perf_counter() - started:.0f} s; machine: {describe_machine('cpu', max(args.world), 'gloo')}; profiles in {out_dir}")
+    median_step, worst, misranked = verdicts["median"]
+    return 0 if median_step <= TARGET_STEP_ERROR and worst <= TARGET_COLLECTIVE_ERROR and misranked == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

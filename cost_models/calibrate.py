@@ -1,0 +1,362 @@
+"""Fit a hardware profile to timings measured on the machine (``autotp calibrate``).
+
+This module only fits and reports; ``autotp.calibrate`` measures (it needs torch). The fits
+are weighted least squares on *relative* error, so a 4 KiB message counts as much as a
+256 MiB one and the latency terms are not drowned by the bandwidth terms:
+
+    minimise Σ_i ((model_i - t_i) / t_i)²
+
+* **Memory-bound kernel** (an elementwise add moving N bytes, a few KiB to tens of MiB):
+  ``t = launch + N / W`` gives ``kernel_launch_seconds`` and ``memory.bytes_per_s`` (W).
+* **Matmuls** of F FLOPs and N bytes, per dtype, with launch and W fixed from above:
+  ``t = launch + max(F / P, N / W)``; P, the achieved FLOP/s, by a 1-D search.
+  A measured profile states achieved rates, so both efficiencies are 1.0.
+* **Each collective** over message sizes B and group sizes n:
+  ``t = o + steps(n) · alpha + moved(n, B) / beta`` (``cost_models.comm``, ring/pairwise
+  formulas). beta is fitted on the messages of at least 1 MiB, where it dominates; then o and
+  alpha on the smaller ones, where they dominate, with beta held (one joint fit when fewer than
+  two sizes reach 1 MiB). Over 4 KiB to 256 MiB a loopback or NIC is not quite one straight line
+  (caches, protocol switches), and this split keeps each regime's error small instead of
+  spreading the misfit over both. With a single group size, steps is a constant and o and alpha
+  cannot be told apart: alpha is set to 0 and o takes the whole fixed cost.
+
+The link's own numbers are all-reduce's (the collective tensor parallelism calls most); every
+other collective is written as a per-collective override (``[links.intra_node.<collective>]``),
+because real implementations differ: gloo's broadcast streams bytes several times faster than
+its all-gather on the same loopback.
+
+The report gives, per collective, the fitted latency (o + steps · alpha at the largest group
+size) and bandwidth, R² of the fit on seconds, and the median relative error over all sizes
+and over messages of at least 1 MiB.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from cost_models.algorithms import Collective
+from cost_models.comm import bytes_moved_per_rank, latency_steps
+from cost_models.profile import CollectiveLink, HardwareProfile, LinkProfile
+
+__all__ = [
+    "CalibrationError",
+    "CalibrationReport",
+    "CollectiveFit",
+    "CollectiveSample",
+    "ComputeFit",
+    "KernelSample",
+    "build_profile",
+    "fit_collective",
+    "fit_all",
+    "fit_compute",
+]
+
+LARGE_MESSAGE_NBYTES = 2**20  # the report's second error column: messages of at least 1 MiB
+
+
+class CalibrationError(ValueError):
+    """The measurements cannot be fitted (too few, or times that do not grow with size)."""
+
+
+@dataclass(frozen=True, slots=True)
+class KernelSample:
+    """One timed kernel: ``kind`` is ``"matmul"`` or ``"memory"``; seconds per call (median)."""
+
+    kind: str
+    dtype: str
+    flops: float
+    nbytes: float
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class CollectiveSample:
+    """One timed collective: full tensor size ``nbytes`` over ``group_size`` ranks (median seconds)."""
+
+    collective: str
+    group_size: int
+    nbytes: float
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class CollectiveFit:
+    collective: str
+    group_sizes: tuple[int, ...]
+    call_overhead_seconds: float
+    latency_seconds: float
+    bytes_per_s: float
+    r2: float
+    median_rel_error: float
+    median_rel_error_large: float | None  # messages >= 1 MiB; None when none was measured
+    n_samples: int
+
+    def fixed_seconds(self, group_size: int) -> float:
+        """o + steps · alpha at ``group_size``: the time of an (almost) empty message."""
+        return self.call_overhead_seconds + latency_steps(self.collective, group_size=group_size) * self.latency_seconds
+
+    def predict(self, *, nbytes: float, group_size: int) -> float:
+        moved = bytes_moved_per_rank(self.collective, nbytes=nbytes, group_size=group_size)
+        return self.fixed_seconds(group_size) + moved / self.bytes_per_s
+
+
+@dataclass(frozen=True, slots=True)
+class ComputeFit:
+    kernel_launch_seconds: float
+    memory_bytes_per_s: float
+    memory_r2: float
+    memory_median_rel_error: float
+    flops_per_s: dict[str, float]
+    matmul_median_rel_error: dict[str, float]
+
+
+@dataclass(frozen=True, slots=True)
+class CalibrationReport:
+    compute: ComputeFit
+    collectives: tuple[CollectiveFit, ...]
+
+    def text(self) -> str:
+        c = self.compute
+        lines = [
+            "compute:",
+            f"  kernel launch floor  {c.kernel_launch_seconds * 1e6:9.2f} us",
+            f"  memory bandwidth     {c.memory_bytes_per_s / 1e9:9.2f} GB/s   (R² {c.memory_r2:.3f}, median error {c.memory_median_rel_error:.1%})",
+        ]
+        for dtype, rate in c.flops_per_s.items():
+            lines.append(f"  matmul {dtype:<13} {rate / 1e9:9.2f} GFLOP/s (median error {c.matmul_median_rel_error[dtype]:.1%})")
+        lines += ["", "collectives (fitted on each; latency = o + steps·alpha at the largest group):",
+                  f"  {'collective':<15} {'ranks':>5} {'latency':>10} {'bandwidth':>11} {'R²':>6} {'median err':>10} {'>=1MiB err':>10}"]
+        for f in self.collectives:
+            n = max(f.group_sizes)
+            large = "-" if f.median_rel_error_large is None else f"{f.median_rel_error_large:.1%}"
+            lines.append(
+                f"  {f.collective:<15} {n:>5} {f.fixed_seconds(n) * 1e6:>8.1f}us {f.bytes_per_s / 1e9:>7.3f}GB/s "
+                f"{f.r2:>6.3f} {f.median_rel_error:>10.1%} {large:>10}"
+            )
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Least squares
+
+
+def _weighted_lstsq(rows: Sequence[Sequence[float]], targets: Sequence[float], scales: Sequence[float] | None = None) -> list[float]:
+    """Minimise Σ ((row·x - target) / scale)² via the normal equations (a handful of unknowns).
+
+    ``scales`` defaults to the targets: least squares on relative error.
+    """
+    k = len(rows[0])
+    scales = targets if scales is None else scales
+    scaled = [[v / w for v in row] for row, w in zip(rows, scales)]
+    rhs = [t / w for t, w in zip(targets, scales)]
+    ata = [[sum(r[i] * r[j] for r in scaled) for j in range(k)] for i in range(k)]
+    atb = [sum(r[i] * b for r, b in zip(scaled, rhs)) for i in range(k)]
+    for col in range(k):  # Gaussian elimination with partial pivoting
+        pivot = max(range(col, k), key=lambda r: abs(ata[r][col]))
+        if abs(ata[pivot][col]) < 1e-300:
+            raise CalibrationError("the measurements do not determine the fit (too few distinct sizes)")
+        ata[col], ata[pivot] = ata[pivot], ata[col]
+        atb[col], atb[pivot] = atb[pivot], atb[col]
+        for r in range(k):
+            if r != col:
+                factor = ata[r][col] / ata[col][col]
+                ata[r] = [a - factor * b for a, b in zip(ata[r], ata[col])]
+                atb[r] -= factor * atb[col]
+    return [atb[i] / ata[i][i] for i in range(k)]
+
+
+def _nonnegative_lstsq(rows: Sequence[Sequence[float]], targets: Sequence[float], *, keep: int | None, scales: Sequence[float] | None = None) -> list[float]:
+    """Weighted least squares, dropping (setting to 0) negative coefficients other than ``keep``."""
+    active = list(range(len(rows[0])))
+    while True:
+        if not active:
+            return [0.0] * len(rows[0])
+        sub = _weighted_lstsq([[row[i] for i in active] for row in rows], targets, scales)
+        negative = [i for i, x in zip(active, sub) if x < 0 and i != keep]
+        if not negative:
+            full = [0.0] * len(rows[0])
+            for i, x in zip(active, sub):
+                full[i] = x
+            return full
+        active.remove(min(negative, key=lambda i: sub[active.index(i)]))
+
+
+def _r2(predicted: Sequence[float], measured: Sequence[float]) -> float:
+    mean = statistics.fmean(measured)
+    total = sum((m - mean) ** 2 for m in measured)
+    residual = sum((m - p) ** 2 for m, p in zip(measured, predicted))
+    return 1.0 - residual / total if total > 0 else 1.0
+
+
+def _median_rel_error(predicted: Sequence[float], measured: Sequence[float]) -> float:
+    return statistics.median(abs(p - m) / m for p, m in zip(predicted, measured))
+
+
+def _check(samples: Sequence[object], what: str, minimum: int) -> None:
+    if len(samples) < minimum:
+        raise CalibrationError(f"{what}: {len(samples)} measurements, need at least {minimum}")
+    for s in samples:
+        if not (math.isfinite(s.seconds) and s.seconds > 0):  # type: ignore[attr-defined]
+            raise CalibrationError(f"{what}: a measured time is not a positive number: {s}")
+
+
+# --------------------------------------------------------------------------------------------
+# Fits
+
+
+def fit_collective(samples: Sequence[CollectiveSample]) -> CollectiveFit:
+    """o, alpha, beta of one collective from its timings (see the module docstring)."""
+    kind = Collective(samples[0].collective).value
+    _check(samples, kind, 2)
+    if any(s.collective != kind for s in samples):
+        raise CalibrationError(f"fit_collective got samples of several collectives: {sorted({s.collective for s in samples})}")
+    groups = tuple(sorted({s.group_size for s in samples}))
+    if groups[0] < 2:
+        raise CalibrationError(f"{kind}: group sizes must be >= 2, got {groups}")
+    times = [s.seconds for s in samples]
+    moved = [bytes_moved_per_rank(kind, nbytes=s.nbytes, group_size=s.group_size) for s in samples]
+    steps = [float(latency_steps(kind, group_size=s.group_size)) for s in samples]
+    large = [i for i, s in enumerate(samples) if s.nbytes >= LARGE_MESSAGE_NBYTES]
+    small = [i for i, s in enumerate(samples) if s.nbytes < LARGE_MESSAGE_NBYTES]
+    fixed = (lambda i: [1.0, steps[i]]) if len(groups) > 1 else (lambda i: [1.0])  # one group: no alpha
+    inverse_beta: float | None = None
+    if len({samples[i].nbytes for i in large}) >= 2 and small:
+        # beta where it dominates (>= 1 MiB), then o and alpha where they do, beta held
+        inverse_beta = _nonnegative_lstsq([[*fixed(i), moved[i]] for i in large], [times[i] for i in large], keep=len(fixed(0)))[-1]
+        fit_on, residual = small, [times[i] - moved[i] * inverse_beta for i in small]
+        x = _nonnegative_lstsq([fixed(i) for i in fit_on], residual, keep=None, scales=[times[i] for i in fit_on])
+    else:  # too few large messages: one joint fit over every size
+        x = _nonnegative_lstsq([[*fixed(i), moved[i]] for i in range(len(samples))], times, keep=len(fixed(0)))
+        inverse_beta = x.pop()
+    o, alpha = x[0], (x[1] if len(groups) > 1 else 0.0)
+    if inverse_beta <= 0:
+        raise CalibrationError(f"{kind}: the measured times do not grow with the message size; measure larger messages")
+    beta = 1.0 / inverse_beta
+    fit = CollectiveFit(kind, groups, o, alpha, beta, 0.0, 0.0, None, len(samples))
+    predicted = [fit.predict(nbytes=s.nbytes, group_size=s.group_size) for s in samples]
+    large = [(p, s.seconds) for p, s in zip(predicted, samples) if s.nbytes >= LARGE_MESSAGE_NBYTES]
+    return CollectiveFit(
+        kind, groups, o, alpha, beta,
+        r2=_r2(predicted, times),
+        median_rel_error=_median_rel_error(predicted, times),
+        median_rel_error_large=_median_rel_error(*zip(*large)) if large else None,
+        n_samples=len(samples),
+    )
+
+
+def _golden_min(f: Callable[[float], float], lo: float, hi: float, iterations: int = 100) -> float:
+    """Minimise ``f`` on [lo, hi]: a coarse grid first (the loss is flat where another term of
+    the roofline dominates, which would mislead a bare golden-section search), then golden
+    section between the best grid point's neighbours."""
+    steps = 240
+    grid = [lo + (hi - lo) * k / steps for k in range(steps + 1)]
+    best = min(range(len(grid)), key=lambda k: f(grid[k]))
+    lo, hi = grid[max(0, best - 1)], grid[min(steps, best + 1)]
+    ratio = (math.sqrt(5) - 1) / 2
+    a, b = lo, hi
+    c, d = b - ratio * (b - a), a + ratio * (b - a)
+    fc, fd = f(c), f(d)
+    for _ in range(iterations):
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - ratio * (b - a)
+            fc = f(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + ratio * (b - a)
+            fd = f(d)
+    return (a + b) / 2
+
+
+def fit_compute(samples: Sequence[KernelSample]) -> ComputeFit:
+    """Launch floor and memory bandwidth from the memory-bound kernel, then FLOP/s per dtype."""
+    memory = [s for s in samples if s.kind == "memory"]
+    _check(memory, "memory-bound kernel", 2)
+    times = [s.seconds for s in memory]
+    launch, inverse_w = _nonnegative_lstsq([[1.0, s.nbytes] for s in memory], times, keep=1)
+    if inverse_w <= 0:
+        raise CalibrationError("memory-bound kernel: the times do not grow with the size; measure larger tensors")
+    predicted = [launch + s.nbytes * inverse_w for s in memory]
+    flops: dict[str, float] = {}
+    errors: dict[str, float] = {}
+    for dtype in sorted({s.dtype for s in samples if s.kind == "matmul"}):
+        matmuls = [s for s in samples if s.kind == "matmul" and s.dtype == dtype]
+        _check(matmuls, f"matmul {dtype}", 1)
+
+        def model(log_rate: float, s: KernelSample) -> float:
+            return launch + max(s.flops / math.exp(log_rate), s.nbytes * inverse_w)
+
+        def loss(log_rate: float, matmuls: list[KernelSample] = matmuls) -> float:
+            return sum(((model(log_rate, s) - s.seconds) / s.seconds) ** 2 for s in matmuls)
+
+        best = _golden_min(loss, math.log(1e6), math.log(1e18))
+        flops[dtype] = math.exp(best)
+        errors[dtype] = _median_rel_error([model(best, s) for s in matmuls], [s.seconds for s in matmuls])
+    if "float32" not in flops:
+        raise CalibrationError("no float32 matmul was measured; the profile needs a float32 rate")
+    return ComputeFit(launch, 1.0 / inverse_w, _r2(predicted, times), _median_rel_error(predicted, times), flops, errors)
+
+
+def fit_all(kernels: Sequence[KernelSample], collectives: Iterable[CollectiveSample]) -> CalibrationReport:
+    """Every fit, in a report (collectives in ``Collective`` order)."""
+    by_kind: dict[str, list[CollectiveSample]] = {}
+    for s in collectives:
+        by_kind.setdefault(Collective(s.collective).value, []).append(s)
+    fits = tuple(fit_collective(by_kind[c.value]) for c in Collective if c.value in by_kind)
+    if not any(f.collective == Collective.ALL_REDUCE.value for f in fits):
+        raise CalibrationError("all_reduce was not measured; the link's own numbers come from it")
+    return CalibrationReport(fit_compute(kernels), fits)
+
+
+def build_profile(
+    report: CalibrationReport,
+    *,
+    name: str,
+    device_type: str,
+    memory_capacity_nbytes: int,
+    description: str,
+) -> HardwareProfile:
+    """A one-node profile holding the fitted numbers, with a source for each.
+
+    ``description`` says where and how it was measured (host, ranks, backend, date); it is
+    the profile's ``source`` and starts every entry of ``sources``.
+    """
+    c = report.compute
+    by_kind = {f.collective: f for f in report.collectives}
+    base = by_kind[Collective.ALL_REDUCE.value]
+    overrides = {
+        kind: CollectiveLink(call_overhead_seconds=f.call_overhead_seconds, latency_seconds=f.latency_seconds, bytes_per_s=f.bytes_per_s)
+        for kind, f in by_kind.items()
+        if kind != Collective.ALL_REDUCE.value
+    }
+    link = LinkProfile(latency_seconds=base.latency_seconds, bytes_per_s=base.bytes_per_s, call_overhead_seconds=base.call_overhead_seconds, collectives=overrides)
+    measured = f"measured by autotp calibrate ({description})"
+    sources = {
+        "compute.peak_flops_per_s": f"{measured}: achieved matmul FLOP/s, least squares over the shape grid",
+        "compute.compute_efficiency": "1.0: the measured rates are achieved rates",
+        "compute.kernel_launch_seconds": f"{measured}: intercept of the memory-bound kernel's fit",
+        "memory.bytes_per_s": f"{measured}: slope of the memory-bound kernel's fit",
+        "memory.capacity_nbytes": f"{measured}: device memory (CPU: RAM / ranks)",
+        "memory.efficiency": "1.0: the measured bandwidth is achieved bandwidth",
+    }
+    for field in ("latency_seconds", "bytes_per_s", "call_overhead_seconds"):
+        sources[f"links.intra_node.{field}"] = f"{measured}: all_reduce fit (R² {base.r2:.3f}, median error {base.median_rel_error:.1%})"
+    for kind in overrides:
+        f = by_kind[kind]
+        sources[f"links.intra_node.{kind}"] = f"{measured}: {kind} fit (R² {f.r2:.3f}, median error {f.median_rel_error:.1%})"
+    return HardwareProfile(
+        name=name,
+        device_type=device_type,
+        peak_flops_per_s=c.flops_per_s,
+        memory_bytes_per_s=c.memory_bytes_per_s,
+        memory_capacity_nbytes=memory_capacity_nbytes,
+        compute_efficiency=1.0,
+        memory_efficiency=1.0,
+        kernel_launch_seconds=c.kernel_launch_seconds,
+        intra_node=link,
+        source=measured,
+        sources=sources,
+    )

@@ -1,0 +1,534 @@
+"""Profile files: the TOML schema, loading by name or path, and writing.
+
+Every field name carries its unit, so a file cannot be read two ways. Schema version 2
+(``docs/calibration.md`` explains each field and how to measure it)::
+
+    version = 2
+    name = "h100-sxm"
+    device_type = "cuda"                                  # "cuda" or "cpu"
+    source = "where the numbers come from, in one line"
+
+    [compute]
+    peak_flops_per_s = { float32 = 6.7e13, bfloat16 = 9.895e14 }  # must contain float32
+    compute_efficiency = 0.7                              # in (0, 1]
+    kernel_launch_seconds = 5e-6                          # >= 0
+
+    [memory]
+    bytes_per_s = 3.35e12
+    capacity_nbytes = 85899345920
+    efficiency = 0.8                                      # in (0, 1]
+
+    [links]
+    devices_per_node = 8                                  # optional; comes with inter_node
+
+    [links.intra_node]                                    # required
+    latency_seconds = 3e-6                                # alpha, per ring step
+    bytes_per_s = 4.5e11                                  # beta, one direction
+    call_overhead_seconds = 1e-5                          # o, once per call
+    algorithms = { all_reduce = "ring" }                  # optional: ring, tree or auto
+    [links.intra_node.broadcast]                          # optional per-collective overrides
+    bytes_per_s = 4e11                                    # (any of the three numbers)
+
+    [links.inter_node]                                    # optional, same fields as intra_node
+    ...
+
+    [sources]                                             # optional: field path -> provenance
+    "memory.bytes_per_s" = "datasheet: H100 SXM5, 3.35 TB/s HBM3"
+
+Version 1 files (no ``devices_per_node``, ``inter_node``, ``algorithms``, per-collective
+tables or ``sources``) still load. Loading checks types and signs, rejects unknown fields
+(``bandwidth = ...`` has no unit), and checks that every number lies in a plausible range for
+its unit, because a number far outside it (``bytes_per_s = 450``) is almost always written in
+another unit (GB/s). Every error names the file and the field.
+
+Names are looked up among the built-in profiles (``cost_models/profiles/<name>.toml``) and
+then in the user profile directories: ``$AUTOTP_PROFILE_DIR`` (one or more directories,
+separated like ``PATH``) or else ``$XDG_CONFIG_HOME/autotp/profiles`` (default
+``~/.config/autotp/profiles``). ``autotp calibrate`` writes there. A user profile cannot
+shadow a built-in name.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.resources
+import json
+import os
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cost_models.algorithms import ALGORITHMS, Collective
+from cost_models.profile import (
+    CollectiveLink,
+    HardwareProfile,
+    LinkProfile,
+    ProfileError,
+    _bad_field,
+    _device_type,
+    _fraction,
+    _Invalid,
+    _non_negative,
+    _positive,
+    _positive_int,
+    _text,
+    check_flops_table,
+)
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10
+    import tomli as tomllib
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "available_profiles",
+    "load_profile",
+    "profile_from_dict",
+    "profile_to_toml",
+    "resolve_profile_path",
+    "user_profile_dirs",
+    "user_profiles",
+    "write_profile",
+]
+
+SCHEMA_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
+PROFILE_DIR_ENV = "AUTOTP_PROFILE_DIR"
+
+
+# --------------------------------------------------------------------------------------------
+# Plausible ranges: a number outside them is nearly always in the wrong unit
+# --------------------------------------------------------------------------------------------
+
+# unit -> (smallest, largest, what the unit is, a worked conversion)
+_RANGES: dict[str, tuple[float, float, str, str]] = {
+    "flops": (1e8, 1e17, "FLOP/s", "e.g. 989 TFLOP/s is 9.89e14"),
+    "link_bandwidth": (1e6, 1e14, "bytes per second", "e.g. 450 GB/s is 4.5e11, 25 Gbit/s is 3.125e9"),
+    "memory_bandwidth": (1e8, 1e14, "bytes per second", "e.g. 3.35 TB/s is 3.35e12"),
+    "seconds": (0.0, 0.1, "seconds", "e.g. 5 us is 5e-6"),
+    "capacity": (2**20, 2**50, "bytes", "e.g. 80 GiB is 85899345920"),
+    "devices": (1, 4096, "devices", "devices per node, e.g. 8"),
+}
+
+
+def _in_range(unit: str) -> Callable[[float], None]:
+    lo, hi, name, example = _RANGES[unit]
+
+    def check(value: float) -> None:
+        if not lo <= value <= hi:
+            raise _Invalid(
+                f"between {lo:g} and {hi:g} {name} (a number this far out is usually in another "
+                f"unit; this field is in {name}, {example})"
+            )
+
+    return check
+
+
+def _checked(base: Callable[[object], Any], unit: str | None) -> Callable[[object], Any]:
+    if unit is None:
+        return base
+    in_range = _in_range(unit)
+
+    def check(value: object) -> Any:
+        number = base(value)
+        in_range(number)
+        return number
+
+    return check
+
+
+# --------------------------------------------------------------------------------------------
+# The schema
+# --------------------------------------------------------------------------------------------
+
+# TOML path -> (checker, what the field means). Tables (flops, links, sources) are handled apart.
+_SCALAR_FIELDS: dict[tuple[str, ...], tuple[Callable[[object], Any], str]] = {
+    ("name",): (_text, "profile name"),
+    ("device_type",): (_device_type, "the torch device type the profile describes"),
+    ("source",): (_text, "where the numbers come from: datasheet, paper or measurement"),
+    ("compute", "compute_efficiency"): (_fraction, "achievable fraction of peak FLOP/s"),
+    ("compute", "kernel_launch_seconds"): (_checked(_non_negative, "seconds"), "fixed cost of one kernel, seconds"),
+    ("memory", "bytes_per_s"): (_checked(_positive, "memory_bandwidth"), "peak memory bandwidth, bytes per second"),
+    ("memory", "capacity_nbytes"): (_checked(_positive_int, "capacity"), "device memory size, bytes"),
+    ("memory", "efficiency"): (_fraction, "achievable fraction of peak memory bandwidth"),
+}
+_LINK_FIELDS: dict[str, tuple[Callable[[object], Any], str]] = {
+    "latency_seconds": (_checked(_non_negative, "seconds"), "per-step latency alpha, seconds"),
+    "bytes_per_s": (_checked(_positive, "link_bandwidth"), "bandwidth beta of one direction, bytes/s"),
+    "call_overhead_seconds": (_checked(_non_negative, "seconds"), "fixed cost of one collective call, seconds"),
+}
+_FLOPS_PATH = ("compute", "peak_flops_per_s")
+_LINK_NAMES = ("intra_node", "inter_node")
+_COLLECTIVE_NAMES = frozenset(c.value for c in Collective)
+
+# Which keys each table may hold; anything else is a typo or a field without a unit.
+_KNOWN_KEYS: dict[tuple[str, ...], frozenset[str]] = {
+    (): frozenset({"version", "name", "device_type", "source", "compute", "memory", "links", "sources"}),
+    ("compute",): frozenset({"peak_flops_per_s", "compute_efficiency", "kernel_launch_seconds"}),
+    ("memory",): frozenset({"bytes_per_s", "capacity_nbytes", "efficiency"}),
+    ("links",): frozenset({"intra_node", "inter_node", "devices_per_node"}),
+    **{("links", link): frozenset({*_LINK_FIELDS, "algorithms"} | _COLLECTIVE_NAMES) for link in _LINK_NAMES},
+    **{("links", link, "algorithms"): _COLLECTIVE_NAMES for link in _LINK_NAMES},
+    **{("links", link, c): frozenset(_LINK_FIELDS) for link in _LINK_NAMES for c in _COLLECTIVE_NAMES},
+}
+# Fields a version-1 file may not use.
+_VERSION_2_ONLY = (("links", "inter_node"), ("links", "devices_per_node"), ("sources",))
+
+
+def _dotted(path: tuple[str, ...]) -> str:
+    return ".".join(path)
+
+
+def _lookup(data: Mapping[str, Any], path: tuple[str, ...], *, where: str, meaning: str) -> Any:
+    node: Any = data
+    for depth, key in enumerate(path):
+        if not isinstance(node, Mapping):
+            raise _bad_field(where, _dotted(path[:depth]), "a table", node)
+        if key not in node:
+            raise ProfileError(f"{where}: missing required field {_dotted(path)!r} ({meaning})")
+        node = node[key]
+    return node
+
+
+def _get(data: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    node: Any = data
+    for key in path:
+        if not isinstance(node, Mapping) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def _reject_unknown_keys(data: Mapping[str, Any], *, where: str) -> None:
+    for path, known in _KNOWN_KEYS.items():
+        table = _get(data, path) if path else data
+        if not isinstance(table, Mapping):
+            continue  # missing or mistyped tables are reported by _lookup
+        unknown = sorted(set(table) - known)
+        if unknown:
+            name = _dotted((*path, unknown[0]))
+            hint = difflib.get_close_matches(unknown[0], sorted(known), n=1, cutoff=0.6)
+            raise ProfileError(
+                f"{where}: unknown field {name!r}; expected one of {sorted(known)} "
+                f"(units are part of each field name, e.g. bytes_per_s, latency_seconds)"
+                + (f"; did you mean {hint[0]!r}?" if hint else "")
+            )
+
+
+def _check_version(data: Mapping[str, Any], *, where: str) -> int:
+    meaning = f"schema version; this autotp reads version = {SCHEMA_VERSION}"
+    version = _lookup(data, ("version",), where=where, meaning=meaning)
+    if isinstance(version, bool) or version not in SUPPORTED_VERSIONS:
+        expected = f"{SCHEMA_VERSION} (or 1, the older schema; no other profile schema exists)"
+        raise _bad_field(where, "version", expected, version)
+    if version == 1:
+        for path in _VERSION_2_ONLY:
+            if _get(data, path) is not None:
+                raise ProfileError(f"{where}: field {_dotted(path)!r} needs version = 2 (this file says version = 1)")
+        for link in _LINK_NAMES:
+            table = _get(data, ("links", link))
+            extra = sorted(set(table) - set(_LINK_FIELDS)) if isinstance(table, Mapping) else []
+            if extra:
+                raise ProfileError(f"{where}: field {_dotted(('links', link, extra[0]))!r} needs version = 2 (this file says version = 1)")
+    return int(version)
+
+
+def _scalar(data: Mapping[str, Any], path: tuple[str, ...], check: Callable[[object], Any], meaning: str, *, where: str) -> Any:
+    raw = _lookup(data, path, where=where, meaning=meaning)
+    try:
+        return check(raw)
+    except _Invalid as exc:
+        raise _bad_field(where, _dotted(path), f"{exc} ({meaning})", raw) from None
+
+
+def _link_from_dict(data: Mapping[str, Any], link: str, *, where: str) -> LinkProfile:
+    base = ("links", link)
+    values = {
+        name: _scalar(data, (*base, name), check, meaning, where=where)
+        for name, (check, meaning) in _LINK_FIELDS.items()
+    }
+    table = _get(data, base)
+    overrides: dict[str, CollectiveLink] = {}
+    for kind in sorted(_COLLECTIVE_NAMES & set(table)):
+        sub = table[kind]
+        if not isinstance(sub, Mapping):
+            raise _bad_field(where, _dotted((*base, kind)), f"a table of {sorted(_LINK_FIELDS)}", sub)
+        fields = {}
+        for name, (check, meaning) in _LINK_FIELDS.items():
+            if name in sub:
+                fields[name] = _scalar(data, (*base, kind, name), check, f"{meaning}, {kind} only", where=where)
+        overrides[kind] = CollectiveLink(**fields)
+    algorithms = table.get("algorithms", {})
+    if not isinstance(algorithms, Mapping):
+        raise _bad_field(where, _dotted((*base, "algorithms")), "a table of collective -> algorithm", algorithms)
+    for kind, algorithm in algorithms.items():
+        offered = [a.value for a in ALGORITHMS[Collective(kind)]] + ["auto"]
+        if algorithm not in offered:
+            raise _bad_field(where, _dotted((*base, "algorithms", kind)), f"one of {offered}", algorithm)
+    return LinkProfile(**values, collectives=overrides, algorithms=dict(algorithms))
+
+
+def _known_source_paths(data: Mapping[str, Any]) -> set[str]:
+    """Every dotted path a ``[sources]`` key may name: the profile's numbers and their tables."""
+    paths = {_dotted(p) for p in _SCALAR_FIELDS} | {_dotted(_FLOPS_PATH), "compute", "memory", "links", "links.devices_per_node"}
+    flops = _get(data, _FLOPS_PATH)
+    if isinstance(flops, Mapping):
+        paths |= {_dotted((*_FLOPS_PATH, k)) for k in flops}
+    for link in _LINK_NAMES:
+        table = _get(data, ("links", link))
+        if not isinstance(table, Mapping):
+            continue
+        paths |= {f"links.{link}"} | {f"links.{link}.{f}" for f in _LINK_FIELDS}
+        for kind in _COLLECTIVE_NAMES & set(table):
+            paths |= {f"links.{link}.{kind}"} | {f"links.{link}.{kind}.{f}" for f in table[kind]}
+        if "algorithms" in table:
+            paths.add(f"links.{link}.algorithms")
+    return paths
+
+
+def _sources(data: Mapping[str, Any], *, where: str) -> dict[str, str]:
+    raw = data.get("sources", {})
+    if not isinstance(raw, Mapping):
+        raise _bad_field(where, "sources", "a table of field path -> where its number comes from", raw)
+    known = _known_source_paths(data)
+    checked: dict[str, str] = {}
+    for key, text in raw.items():
+        if key not in known:
+            hint = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+            raise ProfileError(
+                f"{where}: field 'sources' names {key!r}, which is not a field of this profile"
+                + (f"; did you mean {hint[0]!r}?" if hint else "")
+            )
+        try:
+            checked[key] = _text(text)
+        except _Invalid as exc:
+            raise _bad_field(where, f"sources.{key}", str(exc), text) from None
+    return checked
+
+
+def profile_from_dict(data: Mapping[str, Any], *, where: str = "<profile>") -> HardwareProfile:
+    """Validate a parsed profile (schema version 1 or 2) and build the :class:`HardwareProfile`.
+
+    ``where`` (usually the file path) starts every error message.
+    """
+    _check_version(data, where=where)
+    _reject_unknown_keys(data, where=where)
+    values = {path: _scalar(data, path, check, meaning, where=where) for path, (check, meaning) in _SCALAR_FIELDS.items()}
+    flops_raw = _lookup(data, _FLOPS_PATH, where=where, meaning="table of dtype -> peak FLOP/s")
+    flops = check_flops_table(flops_raw, where=where, name=_dotted(_FLOPS_PATH))
+    in_range = _in_range("flops")
+    for dtype, rate in flops.items():
+        try:
+            in_range(rate)
+        except _Invalid as exc:
+            raise _bad_field(where, _dotted((*_FLOPS_PATH, dtype)), str(exc), rate) from None
+    intra = _link_from_dict(data, "intra_node", where=where)
+    inter = _link_from_dict(data, "inter_node", where=where) if _get(data, ("links", "inter_node")) is not None else None
+    devices = _get(data, ("links", "devices_per_node"))
+    if (inter is None) != (devices is None):
+        given, missing = ("links.inter_node", "links.devices_per_node") if inter is not None else ("links.devices_per_node", "links.inter_node")
+        raise ProfileError(
+            f"{where}: field {given!r} needs {missing!r} too: a multi-node profile gives the "
+            "inter-node link and how many devices one node holds; a one-node profile gives neither"
+        )
+    if devices is not None:
+        devices = _scalar(data, ("links", "devices_per_node"), _checked(_positive_int, "devices"), "devices in one node", where=where)
+    return HardwareProfile(
+        name=values[("name",)],
+        device_type=values[("device_type",)],
+        peak_flops_per_s=flops,
+        memory_bytes_per_s=values[("memory", "bytes_per_s")],
+        memory_capacity_nbytes=values[("memory", "capacity_nbytes")],
+        compute_efficiency=values[("compute", "compute_efficiency")],
+        memory_efficiency=values[("memory", "efficiency")],
+        kernel_launch_seconds=values[("compute", "kernel_launch_seconds")],
+        intra_node=intra,
+        source=values[("source",)],
+        inter_node=inter,
+        devices_per_node=devices,
+        sources=_sources(data, where=where),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value)  # shortest round-tripping form; "1e-05" is valid TOML
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # a TOML basic string
+    if isinstance(value, Mapping):
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(f"cannot write {type(value).__name__} {value!r} to a profile")
+
+
+def _toml_key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() else json.dumps(key)
+
+
+def _comment(text: str | None) -> list[str]:
+    return [f"# {line}".rstrip() for line in text.splitlines()] if text else []
+
+
+def _link_lines(name: str, link: LinkProfile, comments: Mapping[str, str]) -> list[str]:
+    lines = ["", *_comment(comments.get(f"links.{name}")), f"[links.{name}]"]
+    for field in ("latency_seconds", "bytes_per_s", "call_overhead_seconds"):
+        lines += [*_comment(comments.get(f"links.{name}.{field}")), f"{field} = {_toml_value(getattr(link, field))}"]
+    if link.algorithms:
+        lines.append(f"algorithms = {_toml_value(dict(link.algorithms))}")
+    for kind, override in link.collectives.items():
+        lines += ["", *_comment(comments.get(f"links.{name}.{kind}")), f"[links.{name}.{kind}]"]
+        for field in ("latency_seconds", "bytes_per_s", "call_overhead_seconds"):
+            value = getattr(override, field)
+            if value is not None:
+                lines.append(f"{field} = {_toml_value(value)}")
+    return lines
+
+
+def profile_to_toml(profile: HardwareProfile, *, header: str = "", comments: Mapping[str, str] | None = None) -> str:
+    """``profile`` as a schema-2 TOML document that :func:`load_profile` reads back equal.
+
+    ``header`` becomes a comment block at the top; ``comments`` maps a dotted field path to a
+    comment written above that field (a report, a derivation).
+    """
+    notes = dict(comments or {})
+    lines = [*_comment(header), f"version = {SCHEMA_VERSION}", f"name = {_toml_value(profile.name)}",
+             f"device_type = {_toml_value(profile.device_type)}", f"source = {_toml_value(profile.source)}",
+             "", "[compute]"]
+    lines += [*_comment(notes.get("compute.peak_flops_per_s")), f"peak_flops_per_s = {_toml_value(dict(profile.peak_flops_per_s))}"]
+    lines += [*_comment(notes.get("compute.compute_efficiency")), f"compute_efficiency = {_toml_value(profile.compute_efficiency)}"]
+    lines += [*_comment(notes.get("compute.kernel_launch_seconds")), f"kernel_launch_seconds = {_toml_value(profile.kernel_launch_seconds)}"]
+    lines += ["", "[memory]"]
+    lines += [*_comment(notes.get("memory.bytes_per_s")), f"bytes_per_s = {_toml_value(profile.memory_bytes_per_s)}"]
+    lines += [*_comment(notes.get("memory.capacity_nbytes")), f"capacity_nbytes = {_toml_value(profile.memory_capacity_nbytes)}"]
+    lines += [*_comment(notes.get("memory.efficiency")), f"efficiency = {_toml_value(profile.memory_efficiency)}"]
+    if profile.devices_per_node is not None:
+        lines += ["", "[links]", f"devices_per_node = {profile.devices_per_node}"]
+    lines += _link_lines("intra_node", profile.intra_node, notes)
+    if profile.inter_node is not None:
+        lines += _link_lines("inter_node", profile.inter_node, notes)
+    if profile.sources:
+        lines += ["", "[sources]"] + [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in profile.sources.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_profile(profile: HardwareProfile, path: str | os.PathLike[str], **kwargs: Any) -> Path:
+    """Write ``profile`` to ``path`` (parents created) and check it loads back equal."""
+    path = Path(path)
+    text = profile_to_toml(profile, **kwargs)
+    loaded = profile_from_dict(tomllib.loads(text), where=str(path))
+    if loaded != profile:
+        raise ProfileError(f"{path}: the written profile does not read back equal (a bug in profile_to_toml)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def _builtin_dir() -> Traversable:
+    return importlib.resources.files("cost_models").joinpath("profiles")
+
+
+def available_profiles() -> list[str]:
+    """Names of the built-in profiles, sorted (``cost_models/profiles/<name>.toml``)."""
+    return sorted(
+        entry.name.removesuffix(".toml")
+        for entry in _builtin_dir().iterdir()
+        if entry.is_file() and entry.name.endswith(".toml")
+    )
+
+
+def user_profile_dirs() -> list[Path]:
+    """Where profiles are looked up by name after the built-in ones, in order.
+
+    ``$AUTOTP_PROFILE_DIR`` (several directories separated by ``os.pathsep``) when set,
+    else ``$XDG_CONFIG_HOME/autotp/profiles``, else ``~/.config/autotp/profiles``.
+    """
+    env = os.environ.get(PROFILE_DIR_ENV)
+    if env:
+        return [Path(p).expanduser() for p in env.split(os.pathsep) if p]
+    config = os.environ.get("XDG_CONFIG_HOME") or str(Path("~/.config").expanduser())
+    return [Path(config) / "autotp" / "profiles"]
+
+
+def user_profiles() -> list[str]:
+    """Names of the profiles in the user profile directories, sorted."""
+    names = {p.stem for d in user_profile_dirs() if d.is_dir() for p in d.glob("*.toml") if p.is_file()}
+    return sorted(names - set(available_profiles()))
+
+
+def _looks_like_path(name_or_path: str | os.PathLike[str]) -> bool:
+    if isinstance(name_or_path, os.PathLike):
+        return True
+    separators = {"/", os.sep} | ({os.altsep} if os.altsep else set())
+    return name_or_path.endswith(".toml") or any(s in name_or_path for s in separators)
+
+
+def resolve_profile_path(name: str) -> Path | None:
+    """The file of user profile ``name`` (first user directory that has it), or ``None``."""
+    for directory in user_profile_dirs():
+        candidate = directory / f"{name}.toml"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ProfileError(f"{path}: no such profile file") from None
+    except OSError as exc:
+        raise ProfileError(f"{path}: cannot read profile file: {exc}") from None
+
+
+def load_profile(name_or_path: str | os.PathLike[str]) -> HardwareProfile:
+    """Load a hardware profile by name (``"h100-sxm"``) or from a TOML file path.
+
+    A ``PathLike``, or a string containing a path separator or ending in ``.toml``, is read as
+    a file. Any other string names a built-in profile (see :func:`available_profiles`) or,
+    failing that, a profile in a user profile directory (see :func:`user_profile_dirs`).
+    Raises :class:`ProfileError` naming the file and field for any problem.
+    """
+    if _looks_like_path(name_or_path):
+        path = Path(name_or_path)
+        where, text = str(path), _read(path)
+    else:
+        name = str(name_or_path)
+        if name in available_profiles():
+            where = f"cost_models/profiles/{name}.toml"
+            text = _builtin_dir().joinpath(f"{name}.toml").read_text(encoding="utf-8")
+        else:
+            path = resolve_profile_path(name)
+            if path is None:
+                dirs = ", ".join(str(d) for d in user_profile_dirs())
+                user = user_profiles()
+                raise ProfileError(
+                    f"unknown hardware profile {name!r}; available profiles: "
+                    f"{', '.join(available_profiles())}"
+                    + (f"; user profiles: {', '.join(user)}" if user else "")
+                    + f" (user profiles are looked up in {dirs}; or pass the path of a .toml "
+                    "profile file; `autotp calibrate` writes one for this machine)"
+                )
+            where, text = str(path), _read(path)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ProfileError(f"{where}: not valid TOML: {exc}") from None
+    return profile_from_dict(data, where=where)
