@@ -179,8 +179,9 @@ def test_crossover_batches_match_an_independent_bisection(gpt_crossovers) -> Non
 
 def test_crossovers_validate_their_range() -> None:
     model, inputs = build_example("mlp", device="meta")
+    assert autotp.crossovers is crossovers
     with pytest.raises(ConfigError, match="batch_range"):
-        crossovers(model, inputs, mesh_shape=(2,), hardware="cpu-gloo", batch_range=(8, 4))
+        autotp.crossovers(model, inputs, mesh_shape=(2,), hardware="cpu-gloo", batch_range=(8, 4))
 
 
 # ---------------------------------------------------------------------------------------------

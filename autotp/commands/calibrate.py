@@ -31,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--nproc", type=int, default=2, help="local ranks to measure with (>= 2; default: 2)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda when available, else cpu")
-    parser.add_argument("--quick", action="store_true", help="a smaller grid (messages up to 16 MiB): about a minute on a CPU")
+    parser.add_argument("--quick", action="store_true", help="a smaller grid (messages up to 16 MiB): under a minute on a 2-core CPU")
     parser.add_argument("--name", default=None, help="profile name (default: local-<device>-<nproc>)")
     parser.add_argument("--output", default=None, help="write the profile here instead of the user profile directory")
     parser.add_argument(
