@@ -55,8 +55,7 @@ def node_nbytes(node: NodeSpace) -> float:
 
 
 def splits_work(strategy: OpStrategy) -> bool:
-    outs = strategy.output if isinstance(strategy.output, tuple) else (strategy.output,)
-    return any(isinstance(p, Shard) for p in (*strategy.inputs, *outs))
+    return any(isinstance(p, Shard) for p in (*strategy.inputs, *strategy.outputs()))
 
 
 _STEP_COLLECTIVE = {

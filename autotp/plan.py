@@ -170,7 +170,7 @@ class Plan:
         for n in self.nodes:
             if n.kind is NodeKind.OUTPUT and not n.conversions:
                 continue
-            if not n.conversions and all(p == R for p in _placements(n.strategy)):
+            if not n.conversions and all(p == R for p in (*n.strategy.inputs, *n.strategy.outputs())):
                 continue
             conv = "; ".join(f"{c.value}:{c.src}->{c.dst} {c.kind} {fmt_nbytes(c.nbytes)}" for c in n.conversions)
             rows.append((n.name, n.module_path or "-", n.op.removeprefix("aten."), str(n.strategy), conv or "-", fmt_seconds(n.compute_seconds + n.comm_seconds)))
@@ -193,11 +193,6 @@ class Plan:
             + (" (forward, with what autograd keeps for backward)" if self.training else " (forward)"),
         ]
         return "\n".join(lines)
-
-
-def _placements(strategy: OpStrategy) -> tuple[Placement, ...]:
-    outs = strategy.output if isinstance(strategy.output, tuple) else (strategy.output,)
-    return (*strategy.inputs, *outs)
 
 
 def build_plan(

@@ -87,10 +87,6 @@ def _ndim(value: str) -> int:
     return 0 if match is None or not match.group(1) else match.group(1).count(",") + 1
 
 
-def _outputs(node: NodePlan) -> tuple[Placement, ...]:
-    return node.strategy.output if isinstance(node.strategy.output, tuple) else (node.strategy.output,)
-
-
 def _split(ref: str) -> tuple[str, int | None]:
     match = re.fullmatch(r"(.*)\[(\d+)\]", ref)
     return (match.group(1), int(match.group(2))) if match else (ref, None)
@@ -110,7 +106,7 @@ class _Graph:
     def produced(self, ref: str) -> Placement:
         name, index = _split(ref)
         node = self.nodes[name]
-        return _outputs(node)[index] if index is not None else node.strategy.output  # type: ignore[return-value]
+        return node.strategy.outputs()[index] if index is not None else node.strategy.output  # type: ignore[return-value]
 
     def reads(self, ref: str) -> set[Placement]:
         return {node.strategy.inputs[slot] for node, slot in self.readers[ref]}
@@ -155,7 +151,7 @@ def _linear_style(node: NodePlan, graph: _Graph) -> tuple[Style | None, str]:
     """The style of one linear/embedding node, or (None, why) when it has none (None, "") if replicated."""
     s = node.strategy
     out = s.output
-    if all(p == R for p in (*s.inputs, *_outputs(node))):
+    if all(p == R for p in (*s.inputs, *node.strategy.outputs())):
         return None, ""
     last = _ndim(node.value) - 1
     reads = graph.reads(node.name)
@@ -194,7 +190,7 @@ def _sequence_parallel(ops: list[NodePlan], graph: _Graph) -> bool:
             want = R if producer.kind is NodeKind.STATE else Shard(1)
             if node.strategy.inputs[slot] != want:
                 return False
-        if any(p != Shard(1) for p in _outputs(node)):
+        if any(p != Shard(1) for p in node.strategy.outputs()):
             return False
     return True
 
@@ -257,7 +253,7 @@ def _reshape_notes(plan: Plan, graph: _Graph, styled_nodes: dict[str, str]) -> l
     for node in plan.nodes:
         if node.kind is not NodeKind.OP or node.name in styled_nodes or not node.op.startswith(_VIEWS):
             continue
-        if any(isinstance(p, Shard) for p in (*node.strategy.inputs, *_outputs(node))):
+        if any(isinstance(p, Shard) for p in (*node.strategy.inputs, *node.strategy.outputs())):
             pattern = re.sub(r"\.\d+(\.|$)", r".*\1", node.module_path) or "(model)"
             modules.setdefault(pattern, f"{node.name}: {node.op} -> {node.value}")
     return [

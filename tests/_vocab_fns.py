@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch.distributed.device_mesh import init_device_mesh
 
 import autotp

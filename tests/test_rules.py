@@ -25,7 +25,7 @@ from torch import nn
 
 from autotp.capture import CapturedGraph, capture
 from autotp.examples import build_example
-from autotp.placement import P, Partial, Placement, R, Replicate, Shard
+from autotp.placement import P, Partial, R, Replicate, Shard
 from autotp.rules.check import (
     check_graph,
     check_strategy,
@@ -288,12 +288,8 @@ def _sharded_cases(space: StrategySpace) -> int:
     """(node, strategy) pairs of op nodes that do not replicate everything."""
     return sum(
         1 for n in space.nodes if n.kind is NodeKind.OP
-        for s in n.strategies if any(not isinstance(p, Replicate) for p in (*s.inputs, *_outs(s)))
+        for s in n.strategies if any(not isinstance(p, Replicate) for p in (*s.inputs, *s.outputs()))
     )
-
-
-def _outs(strategy: OpStrategy) -> tuple[Placement, ...]:
-    return strategy.output if isinstance(strategy.output, tuple) else (strategy.output,)
 
 
 def _failures_text(failures: list[Any]) -> str:
@@ -365,7 +361,7 @@ def test_linear_offers_column_and_row_parallel(tp_size: int) -> None:
 @pytest.mark.parametrize("tp_size", TP_SIZES)
 def test_partial_passes_only_through_linear_pointwise_ops(tp_size: int) -> None:
     (plus_one,) = _op_spaces("add_scalar", tp_size, "aten.add")
-    assert not any(isinstance(p, Partial) for s in plus_one.strategies for p in (*s.inputs, *_outs(s)))
+    assert not any(isinstance(p, Partial) for s in plus_one.strategies for p in (*s.inputs, *s.outputs()))
     assert OpStrategy((Shard(2),), Shard(2)) in plus_one.strategies
     (times_half,) = _op_spaces("mul_scalar", tp_size, "aten.mul")
     assert OpStrategy((P,), P) in times_half.strategies
@@ -396,7 +392,7 @@ def test_indivisible_dims_are_never_split() -> None:
         for space in _space(captured, tp_size).nodes:
             metas = (*space.slot_metas, *(space.output_meta if isinstance(space.output_meta, tuple) else (space.output_meta,)))
             for strategy in space.strategies:
-                for placement, meta in zip((*strategy.inputs, *_outs(strategy)), metas):
+                for placement, meta in zip((*strategy.inputs, *strategy.outputs()), metas):
                     if isinstance(placement, Shard):
                         assert meta.shape[placement.dim] % tp_size == 0, (space.name, str(strategy), tp_size)
                         split_six[tp_size] += meta.shape[placement.dim] == 6

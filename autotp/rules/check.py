@@ -136,7 +136,7 @@ def check_strategy(
             return f"input {k} is {value.dtype} but placed P (only R or S make sense for integers)"
     expected = values[node.name]
     expected_outs = tuple(expected) if isinstance(expected, (tuple, list)) else (expected,)
-    out_placements = strategy.output if isinstance(strategy.output, tuple) else (strategy.output,)
+    out_placements = strategy.outputs()
     for k, (value, placement) in enumerate(zip(expected_outs, out_placements)):
         if isinstance(placement, Partial) and not value.dtype.is_floating_point:
             return f"output {k} is {value.dtype} but placed P (only R or S make sense for integers)"
@@ -211,8 +211,7 @@ def _run_local(
     )
     kwargs = local(dict(node.kwargs))
     target = node.target
-    outs = strategy.output if isinstance(strategy.output, tuple) else (strategy.output,)
-    if rule is not None and rule.localize is not None and any(isinstance(p, Shard) for p in outs):
+    if rule is not None and rule.localize is not None and any(isinstance(p, Shard) for p in strategy.outputs()):
         lc = LocalContext(rank, tp_size, strategy, space.slot_metas, space.output_meta)  # type: ignore[arg-type]
         args, kwargs = rule.localize(args, kwargs, lc)
         target = getattr(target, "overloadpacket", target)
