@@ -9,7 +9,7 @@ partial sum (Megatron-LM's ``f``). Ops with shape arguments get them localised b
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -128,12 +128,7 @@ class _Emitter:
             self.env[node.name] = inputs[0]
             return
         rule = lookup(node.target)
-        args, kwargs = _replace_slots(node, rule, iter(inputs), self.env)
-        target = _VIEW_AS_RESHAPE.get(node.target, node.target)
-        if rule is not None and rule.localize is not None and _splits_output(strategy):
-            lc = LocalContext(self.rank, self.tp_size, strategy, space.slot_metas, space.output_meta)  # type: ignore[arg-type]
-            args, kwargs = rule.localize(args, kwargs, lc)
-            target = getattr(target, "overloadpacket", target)  # localised args may pick another overload
+        target, args, kwargs = local_call(node, rule, space, strategy, inputs, self.env, rank=self.rank, tp_size=self.tp_size)
         if self.device is not None and "device" in kwargs:
             kwargs = {**kwargs, "device": self.device}
         local_impl = rule.local_impl(strategy) if rule is not None and rule.local_impl is not None else None
@@ -157,7 +152,7 @@ def _splits_output(strategy: OpStrategy) -> bool:
     return any(isinstance(p, Shard) for p in strategy.outputs())
 
 
-def _map_tensor_args(args: Any, replacements: Iterator[fx.Node], env: dict[str, fx.Node]) -> Any:
+def _map_tensor_args(args: Any, replacements: Iterator[Any], env: Mapping[str, Any]) -> Any:
     """Replace tensor fx.Nodes in ``args`` by ``replacements`` in ``iter_node_args`` order."""
     if isinstance(args, fx.Node):
         if is_tensor_value(args):
@@ -170,7 +165,30 @@ def _map_tensor_args(args: Any, replacements: Iterator[fx.Node], env: dict[str, 
     return args
 
 
-def _replace_slots(node: fx.Node, rule: Rule | None, replacements: Iterator[fx.Node], env: dict[str, fx.Node]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+def local_call(
+    node: fx.Node,
+    rule: Rule | None,
+    space: NodeSpace,
+    strategy: OpStrategy,
+    inputs: Sequence[Any],
+    env: Mapping[str, Any],
+    *,
+    rank: int,
+    tp_size: int,
+) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+    """How rank ``rank`` calls ``node`` under ``strategy``: input slots replaced by ``inputs``,
+    other nodes looked up in ``env``, shape arguments localised, views run as reshapes.
+    The rewriter emits this call and the rule checker (``autotp.rules.check``) runs it."""
+    args, kwargs = _replace_slots(node, rule, iter(inputs), env)
+    target = _VIEW_AS_RESHAPE.get(node.target, node.target)
+    if rule is not None and rule.localize is not None and _splits_output(strategy):
+        lc = LocalContext(rank, tp_size, strategy, space.slot_metas, space.output_meta)  # type: ignore[arg-type]
+        args, kwargs = rule.localize(args, kwargs, lc)
+        target = getattr(target, "overloadpacket", target)  # localised args may pick another overload
+    return target, args, kwargs
+
+
+def _replace_slots(node: fx.Node, rule: Rule | None, replacements: Iterator[Any], env: Mapping[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Args and kwargs of ``node`` with each input slot replaced, in ``slot_nodes`` order."""
     metadata = set(rule.metadata_args) if rule is not None else set()
     args = []

@@ -35,13 +35,13 @@ from torch.utils import _pytree as pytree
 
 from autotp.capture import CapturedGraph, InputRole
 from autotp.placement import Partial, Placement, Shard
-from autotp.rules.registry import LocalContext, OpStrategy, Rule, lookup
+from autotp.rewrite import local_call
+from autotp.rules.registry import OpStrategy, Rule, lookup
 from autotp.strategies import (
     NodeKind,
     NodeSpace,
     ValueRef,
     build_strategy_space,
-    is_tensor_value,
 )
 
 aten = torch.ops.aten
@@ -193,28 +193,7 @@ def _run_local(
     """
     if node.target is operator.getitem:
         return inputs[0]  # the rewriter forwards the chosen output of the producer
-    slots = iter(inputs)
-    metadata = set(rule.metadata_args) if rule is not None else set()
-
-    def local(arg: Any) -> Any:
-        if isinstance(arg, fx.Node):
-            return next(slots) if is_tensor_value(arg) else values[arg.name]
-        if isinstance(arg, (list, tuple)):
-            return type(arg)(local(a) for a in arg)
-        if isinstance(arg, dict):
-            return {k: local(v) for k, v in arg.items()}
-        return arg
-
-    args = tuple(
-        fx.node.map_arg(a, lambda n: values[n.name]) if i in metadata else local(a)
-        for i, a in enumerate(node.args)
-    )
-    kwargs = local(dict(node.kwargs))
-    target = node.target
-    if rule is not None and rule.localize is not None and any(isinstance(p, Shard) for p in strategy.outputs()):
-        lc = LocalContext(rank, tp_size, strategy, space.slot_metas, space.output_meta)  # type: ignore[arg-type]
-        args, kwargs = rule.localize(args, kwargs, lc)
-        target = getattr(target, "overloadpacket", target)
+    target, args, kwargs = local_call(node, rule, space, strategy, inputs, values, rank=rank, tp_size=tp_size)
     with torch.no_grad():
         return target(*args, **kwargs)  # type: ignore[operator]
 
