@@ -28,7 +28,7 @@ def _local_embedding(strategy: OpStrategy) -> Callable[..., Any] | None:
 
 @register(aten.embedding, local_impl=_local_embedding)
 def embedding(ctx: OpContext) -> Iterator[OpStrategy]:
-    weight, ids = ctx.inputs[0], ctx.inputs[1]
+    ids = ctx.inputs[1]
     yield OpStrategy((Shard(1), R), Shard(ids.ndim))
     yield VOCAB_PARALLEL
     for d in range(ids.ndim):

@@ -41,10 +41,10 @@ register(
 
 def _localize_arange(args: tuple[Any, ...], kwargs: dict[str, Any], lc: LocalContext) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """arange(end) / arange(start, end) / arange(start, end, step) -> this rank's chunk."""
-    if len(args) == 1:
-        start, end, step = 0, args[0], 1
+    if len(args) == 1:  # the end is implied by the output size
+        start, step = 0, 1
     else:
-        start, end = args[0], args[1]
+        start = args[0]
         step = args[2] if len(args) > 2 else kwargs.get("step", 1)
     chunk = lc.output.shape[0] // lc.tp_size
     local_start = start + lc.rank * chunk * step
