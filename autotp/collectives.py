@@ -124,10 +124,15 @@ class _LocalChunk(torch.autograd.Function):
         return _all_gather(grad.contiguous(), ctx.dim, ctx.group_name), None, None
 
 
+def _partial_copy(x: torch.Tensor, group_name: str) -> torch.Tensor:
+    """``x`` as a partial sum: rank 0 holds it, the others zeros."""
+    return x.clone() if dist.get_rank(_group(group_name)) == 0 else torch.zeros_like(x)
+
+
 class _ToPartial(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, group_name: str) -> torch.Tensor:
-        return x.clone() if dist.get_rank(_group(group_name)) == 0 else torch.zeros_like(x)
+        return _partial_copy(x, group_name)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -145,32 +150,42 @@ class _GradAllReduce(torch.autograd.Function):
         return _all_reduce(grad, ctx.group_name), None
 
 
+def _tracks_grad(x: torch.Tensor) -> bool:
+    """Whether autograd will differentiate through ``x`` here; if not, the plain op is enough.
+
+    ``Function.apply`` costs several microseconds of CPU per call, paid on every collective and
+    on every ``grad_all_reduce`` marker (one per replicated input of a split op) even in
+    inference, where there is no backward for it to prepare.
+    """
+    return torch.is_grad_enabled() and x.requires_grad
+
+
 def all_reduce(x: torch.Tensor, group_name: str) -> torch.Tensor:
-    return _AllReduce.apply(x, group_name)
+    return _AllReduce.apply(x, group_name) if _tracks_grad(x) else _all_reduce(x, group_name)
 
 
 def all_gather(x: torch.Tensor, dim: int, group_name: str) -> torch.Tensor:
-    return _AllGather.apply(x, dim, group_name)
+    return _AllGather.apply(x, dim, group_name) if _tracks_grad(x) else _all_gather(x, dim, group_name)
 
 
 def reduce_scatter(x: torch.Tensor, dim: int, group_name: str) -> torch.Tensor:
-    return _ReduceScatter.apply(x, dim, group_name)
+    return _ReduceScatter.apply(x, dim, group_name) if _tracks_grad(x) else _reduce_scatter(x, dim, group_name)
 
 
 def all_to_all(x: torch.Tensor, src_dim: int, dst_dim: int, group_name: str) -> torch.Tensor:
-    return _AllToAll.apply(x, src_dim, dst_dim, group_name)
+    return _AllToAll.apply(x, src_dim, dst_dim, group_name) if _tracks_grad(x) else _all_to_all(x, src_dim, dst_dim, group_name)
 
 
 def local_chunk(x: torch.Tensor, dim: int, group_name: str) -> torch.Tensor:
-    return _LocalChunk.apply(x, dim, group_name)
+    return _LocalChunk.apply(x, dim, group_name) if _tracks_grad(x) else _chunk(x, dim, group_name)
 
 
 def to_partial(x: torch.Tensor, group_name: str) -> torch.Tensor:
-    return _ToPartial.apply(x, group_name)
+    return _ToPartial.apply(x, group_name) if _tracks_grad(x) else _partial_copy(x, group_name)
 
 
 def grad_all_reduce(x: torch.Tensor, group_name: str) -> torch.Tensor:
-    return _GradAllReduce.apply(x, group_name)
+    return _GradAllReduce.apply(x, group_name) if _tracks_grad(x) else x
 
 
 COLLECTIVE_FUNCTIONS = frozenset({all_reduce, all_gather, reduce_scatter, all_to_all})

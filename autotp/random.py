@@ -50,6 +50,27 @@ def is_random(target: Any) -> bool:
     return isinstance(target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in target.tags
 
 
+def draws_random(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether this call of ``target`` draws random numbers: a seeded op, unless its arguments
+    switch the draw off (dropout with ``train=False`` or probability 0, attention with
+    ``dropout_p=0``). Forking the generator costs two state copies per call, so an eval-mode
+    dropout or a dropout-free attention runs as it is."""
+    if not is_random(target):
+        return False
+    bound: dict[str, Any] = {}
+    for i, argument in enumerate(target._schema.arguments):
+        if i < len(args):
+            bound[argument.name] = args[i]
+        elif argument.name in kwargs:
+            bound[argument.name] = kwargs[argument.name]
+        elif argument.has_default_value():
+            bound[argument.name] = argument.default_value
+    if bound.get("train") is False:
+        return False
+    probability = next((bound[name] for name in ("p", "dropout_p") if name in bound), None)
+    return not (isinstance(probability, (int, float)) and probability == 0)
+
+
 @contextmanager
 def _forked(stream: _Stream, device: torch.device) -> Iterator[None]:
     if device.type == "cuda":

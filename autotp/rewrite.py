@@ -22,7 +22,7 @@ from autotp.plan import Plan
 from autotp.redistribute import Step, StepKind, transition
 from autotp.rules import LocalContext, OpStrategy, lookup
 from autotp.rules.registry import Rule
-from autotp.random import is_random
+from autotp.random import draws_random
 from autotp.strategies import ASSERT_OPS, NodeSpace, StrategySpace, ValueRef, is_tensor_value
 
 _COPIED_META = ("nn_module_stack", "stack_trace")
@@ -134,7 +134,7 @@ class _Emitter:
         local_impl = rule.local_impl(strategy) if rule is not None and rule.local_impl is not None else None
         if local_impl is not None:
             target, kwargs = local_impl, {**kwargs, "group_name": self.group_name}
-        if is_random(node.target) and _splits_output(strategy):  # independent draws per chunk
+        if draws_random(node.target, node.args, node.kwargs) and _splits_output(strategy):  # independent draws per chunk
             args, target = (target, self.group_name, *args), random.run_in_sharded_stream
         new = self.graph.create_node("call_function", target, args, kwargs, name=node.name)
         new.meta.update({k: node.meta[k] for k in _COPIED_META if k in node.meta})

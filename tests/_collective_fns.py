@@ -153,6 +153,29 @@ def megatron_mlp(rank: int, world_size: int) -> dict[str, tuple[torch.Tensor, to
     return report
 
 
+def no_grad_cases(rank: int, world_size: int) -> dict[str, tuple[torch.Tensor, torch.Tensor, bool]]:
+    """Each op on a tensor that requires grad, with autograd on and under no_grad (which skips the
+    autograd.Function): (with grad, without, whether the no_grad result is a plain tensor)."""
+    group_name = dist.group.WORLD.group_name
+    ops = {
+        "all_reduce": (lambda t: C.all_reduce(t, group_name), SHAPE),
+        "all_gather": (lambda t: C.all_gather(t, 0, group_name), local_shape(0, world_size)),
+        "reduce_scatter": (lambda t: C.reduce_scatter(t, -1, group_name), SHAPE),
+        "all_to_all": (lambda t: C.all_to_all(t, 0, -1, group_name), local_shape(0, world_size)),
+        "local_chunk": (lambda t: C.local_chunk(t, 0, group_name), SHAPE),
+        "to_partial": (lambda t: C.to_partial(t, group_name), SHAPE),
+        "grad_all_reduce": (lambda t: C.grad_all_reduce(t, group_name), SHAPE),
+    }
+    cases = {}
+    for name, (op, shape) in ops.items():
+        x = ramp(shape, 100.0 * rank).requires_grad_()
+        tracked = op(x).detach()
+        with torch.no_grad():
+            plain = op(x)
+        cases[name] = (tracked, plain.detach(), plain.grad_fn is None and (name != "grad_all_reduce" or plain is x))
+    return cases
+
+
 def all_cases(rank: int, world_size: int) -> dict[str, dict]:
-    """Both groups of checks in one spawn (spawning costs seconds; the checks take milliseconds)."""
-    return {"hand": hand_cases(rank, world_size), "mlp": megatron_mlp(rank, world_size)}
+    """Every group of checks in one spawn (spawning costs seconds; the checks take milliseconds)."""
+    return {"hand": hand_cases(rank, world_size), "mlp": megatron_mlp(rank, world_size), "no_grad": no_grad_cases(rank, world_size)}

@@ -144,8 +144,7 @@ def dropout_masks(rank: int, world_size: int) -> dict[str, Any]:
             return value
 
     torch.manual_seed(42)  # the same global stream on every rank, as users seed it
-    flat = [x if kind == "input" else sharded._state(path) for kind, path in sharded._sources]
-    Recorder(sharded.graph_module).run(*flat)
+    Recorder(sharded.graph_module).run(*sharded.graph_arguments(x))
     inner_mask = (recorded[inner.name] == 0).flatten()
     outer_mask = (recorded[outer.name] == 0).flatten()
     masks = [torch.zeros_like(inner_mask) for _ in range(world_size)]

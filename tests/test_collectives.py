@@ -147,3 +147,13 @@ def test_megatron_mlp_matches_single_process_reference(ranks: tuple[int, list]) 
             torch.testing.assert_close(
                 actual, expected, atol=1e-5, rtol=1e-5, msg=lambda m, key=key, rank=rank: f"rank {rank} {key}: {m}"
             )
+
+
+def test_without_autograd_each_op_gives_the_same_values_as_its_function(ranks: tuple[int, list]) -> None:
+    """Under no_grad the ops skip their autograd.Function (microseconds per call) but not their work."""
+    _, results = ranks
+    for rank, result in enumerate(results):
+        assert set(result["no_grad"]) == {"all_reduce", "all_gather", "reduce_scatter", "all_to_all", "local_chunk", "to_partial", "grad_all_reduce"}
+        for name, (tracked, plain, untracked) in result["no_grad"].items():
+            assert untracked, f"rank {rank} {name}: a no_grad call still built a graph"
+            torch.testing.assert_close(plain, tracked, rtol=0, atol=0, msg=lambda m, name=name: f"rank {rank} {name}: {m}")
