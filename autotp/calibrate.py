@@ -13,6 +13,10 @@ median):
 * matmuls ``aten.mm`` over a grid of (M, K, N) shapes and dtypes;
 * a memory-bound kernel, ``aten.add`` of two tensors from a few KiB to tens of MiB, as the
   rank-local graph calls it (allocating its output);
+* one or two representative ops of each op class (``cost_models.OP_CLASSES``): views
+  (``view``, ``t``, ``unsqueeze``), activations (``gelu``, ``silu``), normalisations
+  (``layer_norm``, ``_softmax``) and causal ``scaled_dot_product_attention``, whose measured
+  lines floor the roofline of every op of the class (elementwise ops reuse the ``add``);
 * all_reduce, all_gather, reduce_scatter, all_to_all and broadcast over message sizes from
   4 KiB to 256 MiB (``quick``: to 16 MiB), on groups of 2 ranks and of all N. Each call
   follows a little compute, whose time is subtracted (:func:`collective_seconds`): that is how a
@@ -20,6 +24,8 @@ median):
 """
 from __future__ import annotations
 
+import collections
+import itertools
 import os
 import platform
 import statistics
@@ -47,6 +53,8 @@ class CalibrationConfig:
     dtypes: tuple[str, ...]
     memory_nbytes: tuple[int, ...]  # size of each operand of the add
     message_nbytes: tuple[int, ...]
+    op_class_numels: tuple[int, ...] = ()  # elements of each activation / normalization sample
+    attention_shapes: tuple[tuple[int, int, int, int], ...] = ()  # (batch, heads, tokens, head dim)
     collectives: tuple[str, ...] = COLLECTIVES
     repeats: int = 7
     warmup: int = 2
@@ -55,7 +63,9 @@ class CalibrationConfig:
 
     def n_samples(self, world_size: int) -> int:
         groups = len(self.group_sizes or {2, world_size})
-        return len(self.matmul_shapes) * len(self.dtypes) + len(self.memory_nbytes) + len(self.collectives) * len(self.message_nbytes) * groups
+        kernels = len(self.matmul_shapes) * len(self.dtypes) + len(self.memory_nbytes)
+        op_classes = len(_VIEW_OPS) + 4 * len(self.op_class_numels) + len(self.attention_shapes)
+        return kernels + op_classes + len(self.collectives) * len(self.message_nbytes) * groups
 
 
 def default_config(*, device_type: str, quick: bool) -> CalibrationConfig:
@@ -64,15 +74,19 @@ def default_config(*, device_type: str, quick: bool) -> CalibrationConfig:
         shapes = ((256, 256, 256), (1024, 1024, 1024), (2048, 2048, 2048), (4096, 4096, 4096), (8192, 1024, 8192), (1024, 8192, 1024))
         dtypes = ("float32", "bfloat16", "float16")
         memory = tuple(4**k * 64 * KIB for k in range(0, 7 if quick else 9))  # 64 KiB .. 1 GiB
+        numels = tuple(4**k * 16 * KIB for k in range(0, 6 if quick else 8))  # 16 Ki .. 16 / 256 Mi elements
+        attention = ((4, 16, 512, 64), (8, 16, 1024, 64), (8, 32, 2048, 128)) + (() if quick else ((4, 32, 4096, 128),))
     else:
         shapes = ((32, 32, 32), (64, 64, 64), (128, 128, 128), (256, 256, 256), (512, 512, 512), (128, 1024, 512), (1024, 256, 256))
         dtypes = ("float32", "bfloat16") if quick else ("float32", "bfloat16", "float64")
         memory = tuple(4**k * 4 * KIB for k in range(0, 7 if quick else 8))  # 4 KiB .. 16 / 64 MiB
+        numels = tuple(4**k * 4 * KIB for k in range(0, 4 if quick else 5))  # 4 Ki .. 256 Ki / 1 Mi elements
+        attention = ((1, 4, 64, 32), (4, 8, 64, 32), (4, 8, 128, 64)) + (() if quick else ((8, 8, 256, 64),))
     if quick:
         shapes = shapes[:5]
     top = 16 * MIB if quick else 256 * MIB
     messages = tuple(s for s in (4**k * 4 * KIB for k in range(10)) if s <= top)
-    return CalibrationConfig(device_type, shapes, dtypes, memory, messages, repeats=5 if quick else 9, warmup=1 if quick else 2)
+    return CalibrationConfig(device_type, shapes, dtypes, memory, messages, numels, attention, repeats=5 if quick else 9, warmup=1 if quick else 2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,8 +175,13 @@ class _Sample:
 
 
 def gap_kernel(device: torch.device) -> Callable[[], object]:
-    """A few hundred microseconds of compute to run between collective calls (see collective_seconds)."""
-    n = 2048 if device.type == "cuda" else 256
+    """About a millisecond of compute on a CPU core, as a model runs between collectives (see collective_seconds).
+
+    On gloo the gap's length matters: measured on 2 ranks, a 256 KiB all-reduce took 1.4 ms
+    after 0.05 ms of compute, 1.5 ms after 0.3 ms, 2.2 ms after 1.1 ms and 3.0 ms after 2.7 ms.
+    The blocks of a small transformer compute for about a millisecond between collectives.
+    """
+    n = 2048 if device.type == "cuda" else 384
     a = torch.randn(n, n, device=device)
     return lambda: torch.ops.aten.mm.default(a, a)
 
@@ -196,9 +215,64 @@ def _kernel_samples(config: CalibrationConfig, device: torch.device) -> list[tup
             out.append((KernelSample("matmul", dtype_name, 2.0 * m * k * n, nbytes, 0.0), _Sample(f"matmul {dtype_name} {m}x{k}x{n}", make, None, True)))
     for size in config.memory_nbytes:
         def make(size: int = size) -> Callable[[], object]:
-            x, y = torch.ones(size // 4, device=device), torch.ones(size // 4, device=device)
-            return lambda: torch.ops.aten.add.Tensor(x, y)  # allocates its output, as the graph does
+            return _as_in_a_graph(lambda: (torch.ones(size // 4, device=device), torch.ones(size // 4, device=device)), torch.ops.aten.add.Tensor, 3 * size)
         out.append((KernelSample("memory", "float32", float(size // 4), 3.0 * (size // 4) * 4, 0.0), _Sample(f"add of 2 x {size / MIB:.3f} MiB", make, None, True)))
+    return out
+
+
+_RING_NBYTES = 32 * MIB  # what the input sets and live outputs of one sample may hold at most
+
+
+def _as_in_a_graph(make_inputs: Callable[[], tuple[torch.Tensor, ...]], op: Callable[..., object], nbytes: int) -> Callable[[], object]:
+    """``op`` called as a graph calls it: each call reads another of up to 8 input sets (not the
+    one it just read, still hot in cache) and writes a fresh output while the last few outputs
+    stay alive. On one CPU core a GELU of 256 Ki elements took 133 us called on the same tensor
+    and 230 us this way, which is what it took inside a model's graph."""
+    k = max(1, min(8, _RING_NBYTES // max(nbytes, 1)))
+    inputs = itertools.cycle([make_inputs() for _ in range(k)])
+    live: collections.deque[object] = collections.deque(maxlen=k)
+    return lambda: live.append(op(*next(inputs)))
+
+
+_VIEW_OPS: tuple[tuple[str, Callable[[torch.Tensor], object]], ...] = (
+    ("view", lambda x: torch.ops.aten.view.default(x, [-1])),
+    ("t", lambda x: torch.ops.aten.t.default(x)),
+    ("unsqueeze", lambda x: torch.ops.aten.unsqueeze.default(x, 0)),
+)
+
+
+def _op_class_samples(config: CalibrationConfig, device: torch.device) -> list[tuple[KernelSample, _Sample]]:
+    """Views, activations, normalisations and attention, in the dtype models run them in."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    out = []
+    for name, view in _VIEW_OPS:
+        def make(view: Callable[[torch.Tensor], object] = view) -> Callable[[], object]:
+            x = torch.ones(64, 256, device=device, dtype=dtype)
+            return lambda: view(x)
+        out.append((KernelSample("view", "float32", 0.0, 0.0, 0.0), _Sample(f"view: {name}", make, None, True)))
+    width = 256
+    unary = (
+        ("activation", "gelu", lambda x, w, b: torch.ops.aten.gelu.default(x)),
+        ("activation", "silu", lambda x, w, b: torch.ops.aten.silu.default(x)),
+        ("normalization", "layer_norm", lambda x, w, b: torch.ops.aten.layer_norm.default(x, [width], w, b)),
+        ("normalization", "softmax", lambda x, w, b: torch.ops.aten._softmax.default(x, -1, False)),
+    )
+    for numel in config.op_class_numels:
+        for kind, name, op in unary:
+            nbytes = 2.0 * numel * dtype.itemsize
+
+            def make(numel: int = numel, op: Callable[..., object] = op, nbytes: float = nbytes) -> Callable[[], object]:
+                w, b = torch.ones(width, device=device, dtype=dtype), torch.zeros(width, device=device, dtype=dtype)
+                return _as_in_a_graph(lambda: (torch.randn(max(1, numel // width), width, device=device).to(dtype), w, b), op, int(nbytes))
+            out.append((KernelSample(kind, str(dtype).removeprefix("torch."), float(numel), nbytes, 0.0), _Sample(f"{name} of {numel} elements", make, None, True)))
+    for b, h, t, d in config.attention_shapes:
+        flops, nbytes = 4.0 * b * h * t * t * d, 4.0 * b * h * t * d * dtype.itemsize
+
+        def make(shape: tuple[int, int, int, int] = (b, h, t, d), nbytes: float = nbytes) -> Callable[[], object]:
+            def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                return torch.ops.aten.scaled_dot_product_attention.default(q, k, v, is_causal=True)
+            return _as_in_a_graph(lambda: tuple(torch.randn(*shape, device=device).to(dtype) for _ in range(3)), attention, int(nbytes))
+        out.append((KernelSample("attention", str(dtype).removeprefix("torch."), flops, nbytes, 0.0), _Sample(f"causal attention {b}x{h}x{t}x{d}", make, None, True)))
     return out
 
 
@@ -210,8 +284,8 @@ def measure_rank(rank: int, world_size: int, config: CalibrationConfig, progress
     """
     device = torch.device("cuda", torch.cuda.current_device()) if config.device_type == "cuda" else torch.device("cpu")
     say = progress if (progress is not None and rank == 0) else (lambda _: None)
-    kernels = _kernel_samples(config, device)
-    group_sizes = config.group_sizes or tuple(sorted({2, world_size}))
+    kernels = _kernel_samples(config, device) + _op_class_samples(config, device)
+    group_sizes = config.group_sizes or tuple(sorted({2, world_size} if world_size >= 2 else ()))  # one rank: kernels only
     groups = {g: dist.new_group(list(range(g))) for g in group_sizes}  # every rank creates every group
     collectives: list[tuple[CollectiveSample, _Sample]] = []
     gap = gap_kernel(device)

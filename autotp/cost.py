@@ -2,8 +2,10 @@
 
 Compute is a roofline per op on the rank-local share of the work: a strategy that splits any
 tensor divides FLOPs and bytes by ``tp_size``; all-replicate and partial-in/partial-out
-strategies run the whole op on every rank. Views launch no kernel and cost nothing.
-A transition costs the sum of its steps from ``redistribute.transition``.
+strategies run the whole op on every rank. A profile with measured op classes (``autotp
+calibrate`` writes them) floors each op by its class's rate (:func:`op_class`), views
+included; without them views launch no kernel and cost nothing. A transition costs the sum of
+its steps from ``redistribute.transition``.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cost_models import Collective, HardwareProfile, LinkProfile, bytes_moved_per_rank, collective_seconds, roofline_seconds, select_algorithm, state_nbytes
+from cost_models import Collective, HardwareProfile, LinkProfile, bytes_moved_per_rank, collective_seconds, op_seconds, roofline_seconds, select_algorithm, state_nbytes
 from autotp.capture import TensorMeta
 from autotp.placement import Placement, Shard
 from autotp.redistribute import GRAD_SYNC, Step, StepKind, backward_steps, transition
@@ -22,6 +24,21 @@ from autotp.strategies import NodeKind, NodeSpace
 aten = torch.ops.aten
 
 _CONTRACTION_OPS = {"aten.linear", "aten.mm", "aten.bmm", "aten.addmm", "aten.matmul", "aten.baddbmm"}
+_ATTENTION_OPS = {
+    "aten.scaled_dot_product_attention", "aten._scaled_dot_product_flash_attention_for_cpu",
+    "aten._scaled_dot_product_flash_attention", "aten._scaled_dot_product_efficient_attention",
+    "aten._scaled_dot_product_cudnn_attention",
+}
+_ACTIVATION_OPS = {f"aten.{name}" for name in (
+    "gelu", "silu", "sigmoid", "tanh", "exp", "exp2", "expm1", "log", "log1p", "log2", "erf", "pow",
+    "rsqrt", "sqrt", "reciprocal", "softplus", "mish", "elu", "selu", "celu", "logsigmoid", "sin", "cos",
+)}
+_NORMALIZATION_OPS = {f"aten.{name}" for name in (
+    "layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm", "group_norm", "native_group_norm",
+    "softmax", "_softmax", "log_softmax", "_log_softmax", "mean", "sum", "var", "var_mean", "std",
+    "amax", "amin", "max", "min", "argmax", "argmin", "norm", "linalg_vector_norm", "cumsum",
+    "cross_entropy", "cross_entropy_loss", "nll_loss", "nll_loss_forward", "logsumexp",
+)}
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -46,6 +63,22 @@ def node_flops(node: NodeSpace) -> float:
         return 4.0 * batch_heads * q.shape[-2] * k.shape[-2] * q.shape[-1]
     outs = out if isinstance(out, tuple) else (out,) if out is not None else ()
     return float(sum(m.numel for m in outs))
+
+
+def op_class(node: NodeSpace) -> str | None:
+    """The ``cost_models.OP_CLASSES`` entry whose measured floor prices ``node``; None for contractions."""
+    packet = _packet_name(node.op)
+    if node.is_view:
+        return "view"
+    if packet in _CONTRACTION_OPS:
+        return None
+    if packet in _ATTENTION_OPS:
+        return "attention"
+    if packet in _ACTIVATION_OPS:
+        return "activation"
+    if packet in _NORMALIZATION_OPS:
+        return "normalization"
+    return "elementwise"
 
 
 def node_nbytes(node: NodeSpace) -> float:
@@ -86,11 +119,14 @@ class CostModel:
     optimizer: str | None = None
 
     def compute_seconds(self, node: NodeSpace, strategy: OpStrategy) -> float:
-        if node.kind is not NodeKind.OP or node.is_view:
+        if node.kind is not NodeKind.OP:
             return 0.0
+        if node.is_view:  # no kernel; a calibrated profile charges the dispatch
+            forward = op_seconds(self.profile, flops=0.0, nbytes=0.0, op_class="view")
+            return forward * (1 + BACKWARD_COMPUTE_FACTOR) if self.training and node.requires_grad else forward
         share = self.tp_size if splits_work(strategy) else 1
         dtype = _dtype_name(node.slot_metas[0].dtype if node.slot_metas else torch.float32)
-        forward = roofline_seconds(self.profile, flops=node_flops(node) / share, nbytes=node_nbytes(node) / share, dtype=dtype)
+        forward = op_seconds(self.profile, flops=node_flops(node) / share, nbytes=node_nbytes(node) / share, dtype=dtype, op_class=op_class(node))
         compute = forward * (1 + BACKWARD_COMPUTE_FACTOR) if self.training and node.requires_grad else forward
         return compute + self.internal_comm_seconds(node, strategy)
 

@@ -11,10 +11,15 @@ rational coefficients, on the basis
 from a 2 x 3 grid of (B, T), then checked at a seventh point. A plan's time is then, with the
 profile's numbers for each node's roofline and each conversion's collective,
 
-    total(B, T) = Σ_nodes  m · (launch + Max(F(B,T) · s_flop, N(B,T) · s_byte))
-                + Σ_steps  Min_algorithms(fixed + slope · N_value(B,T))
+    total(B, T) = Σ_nodes  m · Max(launch + Max(F(B,T) · s_flop, N(B,T) · s_byte),
+                                 class_launch + F(B,T) · class_s_flop)
+                + Σ_steps  Min_algorithms(fixed + slope · N + Σ_knees extra · Max(0, N - at)),
+                                                                    N = N_value(B,T)
 
-where ``m`` is 3 for a node priced forward and backward (training) and 1 otherwise, and a
+where ``m`` is 3 for a node priced forward and backward (training) and 1 otherwise, the
+second argument of the outer Max is the profile's measured floor for the node's op class (absent
+when the profile has none; a view has only that floor), the knees are the link's bandwidth
+knees (``cost_models.PiecewiseLinearCost``; none on a straight-line link), and a
 conversion's steps are priced as ``autotp.cost.CostModel`` prices them. ``total(B0, T0)`` is
 the plan's ``total_seconds``. The expression prices *this plan's strategies* at any size; it does
 not say whether tp still divides the split dims there, nor that the plan is still optimal.
@@ -33,9 +38,9 @@ import sympy
 import torch
 from torch import nn
 
-from cost_models import HardwareProfile, collective_terms, roofline
+from cost_models import HardwareProfile, OpClassRate, collective_terms, roofline
 from autotp.capture import capture
-from autotp.cost import BACKWARD_COMPUTE_FACTOR, CostModel, _STEP_COLLECTIVE, node_flops, node_nbytes, splits_work
+from autotp.cost import BACKWARD_COMPUTE_FACTOR, CostModel, _STEP_COLLECTIVE, node_flops, node_nbytes, op_class, splits_work
 from autotp.errors import AutoTPError, ConfigError
 from autotp.plan import Plan
 from autotp.redistribute import GRAD_SYNC, Step, StepKind
@@ -216,7 +221,9 @@ def fit_work(
 
 @dataclass(frozen=True, slots=True)
 class ComputeTerm:
-    """``multiplier · (launch + Max(flops · seconds_per_flop, nbytes · seconds_per_byte))``, 0 without work."""
+    """``multiplier · Max(roofline, floor)`` with ``roofline = launch + Max(flops · seconds_per_flop,
+    nbytes · seconds_per_byte)`` (0 without work) and ``floor`` the op class's measured line
+    ``floor.launch_seconds + flops · floor.seconds_per_flop`` (``cost_models.op_seconds``)."""
 
     node: str
     multiplier: float
@@ -225,39 +232,63 @@ class ComputeTerm:
     seconds_per_byte: float
     flops: Poly
     nbytes: Poly
+    floor: OpClassRate | None = None
 
     def seconds(self, batch: float, seq: float) -> float:
-        if not (self.flops or self.nbytes):
-            return 0.0
-        return self.multiplier * (self.launch_seconds + max(self.flops(batch, seq) * self.seconds_per_flop, self.nbytes(batch, seq) * self.seconds_per_byte))
+        flops = self.flops(batch, seq)
+        roof = self.launch_seconds + max(flops * self.seconds_per_flop, self.nbytes(batch, seq) * self.seconds_per_byte) if (self.flops or self.nbytes) else 0.0
+        return self.multiplier * (roof if self.floor is None else max(roof, self.floor.seconds(flops)))
 
     def expr(self) -> sympy.Expr:
-        if not (self.flops or self.nbytes):
-            return sympy.Integer(0)
-        work = sympy.Max(self.flops.expr() * self.seconds_per_flop, self.nbytes.expr() * self.seconds_per_byte)
-        return self.multiplier * (self.launch_seconds + work)
+        roof: sympy.Expr = sympy.Integer(0)
+        if self.flops or self.nbytes:
+            roof = self.launch_seconds + sympy.Max(self.flops.expr() * self.seconds_per_flop, self.nbytes.expr() * self.seconds_per_byte)
+        if self.floor is not None:
+            roof = sympy.Max(roof, self.floor.launch_seconds + self.flops.expr() * self.floor.seconds_per_flop)
+        return self.multiplier * roof
+
+
+@dataclass(frozen=True, slots=True)
+class StepLine:
+    """One way to run a step: ``fixed + slope · N + Σ extra · Max(0, N - at)``, N the full tensor's bytes.
+
+    ``knees`` are ``(at, extra)`` pairs as in ``cost_models.PiecewiseLinearCost`` (the link's
+    bandwidth knees in bytes of the full tensor), summed in the same order so that
+    :meth:`seconds` is the planner's price to the last bit.
+    """
+
+    fixed_seconds: float
+    seconds_per_byte: float
+    knees: tuple[tuple[float, float], ...] = ()
+
+    def seconds(self, size: float) -> float:
+        return self.fixed_seconds + self.seconds_per_byte * size + sum(extra * max(0.0, size - at) for at, extra in self.knees)
+
+    def expr(self, size: sympy.Expr) -> sympy.Expr:
+        bends = [extra * sympy.Max(0, size - at) for at, extra in self.knees]
+        return sympy.Add(self.fixed_seconds + self.seconds_per_byte * size, *bends)
 
 
 @dataclass(frozen=True, slots=True)
 class StepTerm:
-    """One conversion step: ``Min over lines (fixed + slope · nbytes)``, 0 for an empty tensor."""
+    """One conversion step: ``Min over lines`` (:class:`StepLine`) of the tensor's bytes, 0 for an empty tensor."""
 
     node: str
     step: str
-    lines: tuple[tuple[float, float], ...]  # (fixed seconds, seconds per byte of the full tensor)
+    lines: tuple[StepLine, ...]
     nbytes: Poly
 
     def seconds(self, batch: float, seq: float) -> float:
         if not (self.nbytes and self.lines):
             return 0.0
         size = self.nbytes(batch, seq)
-        return min(fixed + slope * size for fixed, slope in self.lines)
+        return min(line.seconds(size) for line in self.lines)
 
     def expr(self) -> sympy.Expr:
         if not (self.nbytes and self.lines):
             return sympy.Integer(0)
         size = self.nbytes.expr()
-        return sympy.Min(*(fixed + slope * size for fixed, slope in self.lines))
+        return sympy.Min(*(line.expr(size) for line in self.lines))
 
 
 CostTerm = ComputeTerm | StepTerm
@@ -268,14 +299,14 @@ def _value_ref(text: str) -> ValueRef:
     return ValueRef(name, int(rest.rstrip("]")) if bracket else None)
 
 
-def _step_lines(step: Step, cost: CostModel) -> tuple[tuple[float, float], ...]:
+def _step_lines(step: Step, cost: CostModel) -> tuple[StepLine, ...]:
     rates = roofline(cost.profile)
     if step.kind is StepKind.LOCAL_CHUNK:  # copies this rank's chunk: 2·B/tp bytes
-        return ((rates.launch_seconds, 2 * rates.seconds_per_byte / cost.tp_size),)
+        return (StepLine(rates.launch_seconds, 2 * rates.seconds_per_byte / cost.tp_size),)
     if step.kind is StepKind.TO_PARTIAL:
-        return ((rates.launch_seconds, rates.seconds_per_byte),)
-    lines = collective_terms(cost.link, _STEP_COLLECTIVE[step.kind], group_size=cost.tp_size)
-    return tuple((line.fixed_seconds, line.seconds_per_byte) for line in lines)
+        return (StepLine(rates.launch_seconds, rates.seconds_per_byte),)
+    curves = collective_terms(cost.link, _STEP_COLLECTIVE[step.kind], group_size=cost.tp_size)
+    return tuple(StepLine(c.fixed_seconds, c.seconds_per_byte, c.knees) for c in curves)
 
 
 def cost_terms(plan: Plan, work: WorkModel, cost: CostModel) -> tuple[CostTerm, ...]:
@@ -284,15 +315,17 @@ def cost_terms(plan: Plan, work: WorkModel, cost: CostModel) -> tuple[CostTerm, 
     terms: list[CostTerm] = []
     for node in plan.nodes:
         space: NodeSpace = spaces[node.name]
-        if node.kind is NodeKind.OP and not space.is_view:
+        floor = cost.profile.op_classes.get(op_class(space)) if node.kind is NodeKind.OP else None
+        if node.kind is NodeKind.OP and (not space.is_view or floor is not None):
             share = cost.tp_size if splits_work(node.strategy) else 1
             dtype = str(space.slot_metas[0].dtype if space.slot_metas else torch.float32).removeprefix("torch.")
             rates = roofline(cost.profile, dtype)
             node_work = work.nodes[node.name]
             multiplier = 1 + BACKWARD_COMPUTE_FACTOR if cost.training and space.requires_grad else 1
+            flops, nbytes = (Poly(()), Poly(())) if space.is_view else (node_work.flops * Fraction(1, share), node_work.nbytes * Fraction(1, share))
             terms.append(ComputeTerm(
                 node.name, float(multiplier), rates.launch_seconds, rates.seconds_per_flop, rates.seconds_per_byte,
-                node_work.flops * Fraction(1, share), node_work.nbytes * Fraction(1, share),
+                flops, nbytes, floor,
             ))
         for conversion in node.conversions:
             ref = _value_ref(conversion.value)

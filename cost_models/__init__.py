@@ -14,16 +14,17 @@ from __future__ import annotations
 
 from cost_models.algorithms import ALGORITHMS, Algorithm, Collective
 from cost_models.comm import (
-    LinearCost,
+    PiecewiseLinearCost,
     bytes_moved_per_rank,
     collective_seconds,
     collective_terms,
     latency_steps,
     select_algorithm,
+    transfer_seconds,
 )
-from cost_models.compute import Roofline, roofline, roofline_seconds
+from cost_models.compute import Roofline, op_seconds, roofline, roofline_seconds
 from cost_models.memory import OPTIMIZER_STATE_BYTES_PER_ELEMENT, peak_live_nbytes, state_nbytes
-from cost_models.profile import CollectiveLink, HardwareProfile, LinkProfile, ProfileError
+from cost_models.profile import OP_CLASSES, BandwidthKnee, CollectiveLink, HardwareProfile, LinkProfile, OpClassRate, ProfileError
 from cost_models.profile_files import (
     SCHEMA_VERSION,
     available_profiles,
@@ -37,14 +38,17 @@ from cost_models.profile_files import (
 
 __all__ = [
     "ALGORITHMS",
+    "OP_CLASSES",
     "OPTIMIZER_STATE_BYTES_PER_ELEMENT",
     "SCHEMA_VERSION",
     "Algorithm",
+    "BandwidthKnee",
     "Collective",
     "CollectiveLink",
     "HardwareProfile",
-    "LinearCost",
     "LinkProfile",
+    "OpClassRate",
+    "PiecewiseLinearCost",
     "ProfileError",
     "Roofline",
     "available_profiles",
@@ -53,6 +57,7 @@ __all__ = [
     "collective_terms",
     "latency_steps",
     "load_profile",
+    "op_seconds",
     "peak_live_nbytes",
     "profile_from_dict",
     "profile_to_toml",
@@ -60,6 +65,7 @@ __all__ = [
     "roofline_seconds",
     "select_algorithm",
     "state_nbytes",
+    "transfer_seconds",
     "user_profile_dirs",
     "user_profiles",
     "write_profile",

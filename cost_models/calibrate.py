@@ -11,6 +11,9 @@ are weighted least squares on *relative* error, so a 4 KiB message counts as muc
 * **Matmuls** of F FLOPs and N bytes, per dtype, with launch and W fixed from above:
   ``t = launch + max(F / P, N / W)``; P, the achieved FLOP/s, by a 1-D search.
   A measured profile states achieved rates, so both efficiencies are 1.0.
+* **Op classes** (``cost_models.OP_CLASSES``): per class, ``t = launch_c + F · s_c`` over its
+  samples (views: ``t = launch_c``; elementwise: the memory-bound kernel's samples), written as
+  the profile's ``op_classes``, a floor under the roofline of every op of that class.
 * **Each collective** over message sizes B and group sizes n:
   ``t = o + steps(n) · alpha + moved(n, B) / beta`` (``cost_models.comm``, ring/pairwise
   formulas). beta is fitted on the messages of at least 1 MiB, where it dominates; then o and
@@ -19,6 +22,18 @@ are weighted least squares on *relative* error, so a 4 KiB message counts as muc
   (caches, protocol switches), and this split keeps each regime's error small instead of
   spreading the misfit over both. With a single group size, steps is a constant and o and alpha
   cannot be told apart: alpha is set to 0 and o takes the whole fixed cost.
+* **Bandwidth knees** where the large messages bend (``cost_models.BandwidthKnee``): with o and
+  alpha held, the bandwidth term ``c_0 · moved + Σ_i c_i · max(0, moved - k_i)`` is fitted on
+  the messages of at least 1 MiB (relative error; 1/beta = c_0, 1/beta_i = c_0 + ... + c_i).
+  Candidate k are the moved sizes measured there but the largest; knees are added greedily
+  (each time the candidate that lowers Σ squared relative error most, after which every knee
+  moves to another candidate if that lowers it further), up to three and at most one per two
+  large messages beyond the first two (two measurements per fitted bandwidth, so that no
+  curve runs through every point and keeps each one's noise), each only if it cuts
+  that error by at least 30% and leaves every segment a positive bandwidth, and none once the
+  fit is within 1% RMS: a straight line stays straight. When knees are found, o and alpha are
+  fitted again on the small messages with the new bandwidth held, and the two fits alternate
+  until they settle. Knees are in bytes moved per rank, so the group sizes share them.
 
 The link's own numbers are all-reduce's (the collective tensor parallelism calls most); every
 other collective is written as a per-collective override (``[links.intra_node.<collective>]``),
@@ -26,20 +41,22 @@ because real implementations differ: gloo's broadcast streams bytes several time
 its all-gather on the same loopback.
 
 The report gives, per collective, the fitted latency (o + steps · alpha at the largest group
-size) and bandwidth, R² of the fit on seconds, and the median relative error over all sizes
-and over messages of at least 1 MiB.
+size), bandwidth and knees (``32MiB:0.41GB/s``: past 32 MiB moved per rank, 0.41 GB/s), R² of
+the fit on seconds, and the median relative error over all sizes and over messages of at least
+1 MiB.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from cost_models.algorithms import Collective
-from cost_models.comm import bytes_moved_per_rank, latency_steps
-from cost_models.profile import CollectiveLink, HardwareProfile, LinkProfile
+from cost_models.comm import bytes_moved_per_rank, latency_steps, transfer_seconds
+from cost_models.profile import OP_CLASSES, BandwidthKnee, CollectiveLink, HardwareProfile, LinkProfile, OpClassRate
 
 __all__ = [
     "CalibrationError",
@@ -55,6 +72,13 @@ __all__ = [
 ]
 
 LARGE_MESSAGE_NBYTES = 2**20  # the report's second error column: messages of at least 1 MiB
+MAX_KNEES = 3
+KNEE_MIN_GAIN = 0.3  # a knee must cut the large messages' Σ squared relative error by 30% ...
+KNEE_NOISE = 0.01  # ... and a fit within 1% RMS of them needs none
+KNEE_SAMPLES_PER_PARAMETER = 2  # 1/beta and each knee's bandwidth need two large messages each:
+# with one each the curve runs through every point and bakes each one's noise in (on a shared
+# machine repeated timings of one size differ by 10-25%)
+_SETTLE_ROUNDS = 50  # alternations of the bandwidth and fixed-cost fits (a handful suffice)
 
 
 class CalibrationError(ValueError):
@@ -63,7 +87,11 @@ class CalibrationError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class KernelSample:
-    """One timed kernel: ``kind`` is ``"matmul"`` or ``"memory"``; seconds per call (median)."""
+    """One timed kernel: ``kind`` is ``"matmul"``, ``"memory"`` or an op class; seconds per call.
+
+    For an op class, ``flops`` is the cost model's count (one per output element; attention's
+    ``4·B·H·Tq·Tk·D``; 0 for a view).
+    """
 
     kind: str
     dtype: str
@@ -93,6 +121,7 @@ class CollectiveFit:
     median_rel_error: float
     median_rel_error_large: float | None  # messages >= 1 MiB; None when none was measured
     n_samples: int
+    bandwidth_knees: tuple[BandwidthKnee, ...] = ()
 
     def fixed_seconds(self, group_size: int) -> float:
         """o + steps · alpha at ``group_size``: the time of an (almost) empty message."""
@@ -100,7 +129,19 @@ class CollectiveFit:
 
     def predict(self, *, nbytes: float, group_size: int) -> float:
         moved = bytes_moved_per_rank(self.collective, nbytes=nbytes, group_size=group_size)
-        return self.fixed_seconds(group_size) + moved / self.bytes_per_s
+        return self.fixed_seconds(group_size) + transfer_seconds(moved, bytes_per_s=self.bytes_per_s, knees=self.bandwidth_knees)
+
+    def knees_text(self) -> str:
+        """``32MiB:0.41GB/s,128MiB:0.2GB/s`` (bytes moved per rank: bandwidth past them), ``-`` for none."""
+        return ",".join(f"{_format_nbytes(k.moved_nbytes)}:{k.bytes_per_s / 1e9:.3g}GB/s" for k in self.bandwidth_knees) or "-"
+
+
+def _format_nbytes(nbytes: float) -> str:
+    """``33554432`` -> ``32MiB``, ``3e6`` -> ``2.86MiB``: three significant digits at most."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= size:
+            return f"{nbytes / size:.3g}{unit}"
+    return f"{nbytes:.3g}B"
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +152,8 @@ class ComputeFit:
     memory_median_rel_error: float
     flops_per_s: dict[str, float]
     matmul_median_rel_error: dict[str, float]
+    op_classes: dict[str, OpClassRate]
+    op_class_median_rel_error: dict[str, float]
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,14 +170,19 @@ class CalibrationReport:
         ]
         for dtype, rate in c.flops_per_s.items():
             lines.append(f"  matmul {dtype:<13} {rate / 1e9:9.2f} GFLOP/s (median error {c.matmul_median_rel_error[dtype]:.1%})")
+        for name, floor in c.op_classes.items():
+            lines.append(
+                f"  {name:<20} {floor.launch_seconds * 1e6:9.2f} us + {floor.seconds_per_flop * 1e9:.4f} ns/FLOP "
+                f"(median error {c.op_class_median_rel_error[name]:.1%})"
+            )
         lines += ["", "collectives (fitted on each; latency = o + steps·alpha at the largest group):",
-                  f"  {'collective':<15} {'ranks':>5} {'latency':>10} {'bandwidth':>11} {'R²':>6} {'median err':>10} {'>=1MiB err':>10}"]
+                  f"  {'collective':<15} {'ranks':>5} {'latency':>10} {'bandwidth':>11} {'R²':>6} {'median err':>10} {'>=1MiB err':>10}  knees (moved per rank:bandwidth)"]
         for f in self.collectives:
             n = max(f.group_sizes)
             large = "-" if f.median_rel_error_large is None else f"{f.median_rel_error_large:.1%}"
             lines.append(
                 f"  {f.collective:<15} {n:>5} {f.fixed_seconds(n) * 1e6:>8.1f}us {f.bytes_per_s / 1e9:>7.3f}GB/s "
-                f"{f.r2:>6.3f} {f.median_rel_error:>10.1%} {large:>10}"
+                f"{f.r2:>6.3f} {f.median_rel_error:>10.1%} {large:>10}  {f.knees_text()}"
             )
         return "\n".join(lines)
 
@@ -207,8 +255,57 @@ def _check(samples: Sequence[object], what: str, minimum: int) -> None:
 # Fits
 
 
+def _bandwidth_fit(moved: Sequence[float], residual: Sequence[float], times: Sequence[float], knees_at: Sequence[float]) -> tuple[float, list[float]] | None:
+    """``(loss, [1/beta, 1/beta_1, ...])`` of ``residual ≈ c_0·moved + Σ c_i·max(0, moved - k_i)``.
+
+    ``residual`` is the time less the fixed part; the loss is Σ squared error relative to
+    ``times``. None when the knees leave the fit undetermined or a segment's bandwidth <= 0.
+    """
+    rows = [[m, *(max(0.0, m - k) for k in knees_at)] for m in moved]
+    try:
+        c = _weighted_lstsq(rows, residual, times)
+    except CalibrationError:
+        return None
+    inverse = list(itertools.accumulate(c))
+    if min(inverse) <= 0:
+        return None
+    loss = sum(((sum(a * b for a, b in zip(row, c)) - r) / t) ** 2 for row, r, t in zip(rows, residual, times))
+    return loss, inverse
+
+
+_KneeFit = tuple[tuple[float, ...], tuple[float, list[float]]]  # (knee positions, (loss, inverse bandwidths))
+
+
+def _choose_knees(moved: Sequence[float], residual: Sequence[float], times: Sequence[float]) -> tuple[float, tuple[BandwidthKnee, ...]] | None:
+    """``(1/beta, knees)`` for the large messages (the module docstring's rule); None: no knee helps."""
+
+    def best_of(options: Iterable[tuple[float, ...]]) -> _KneeFit | None:
+        fits = [(at, fit) for at in options if (fit := _bandwidth_fit(moved, residual, times, at)) is not None]
+        return min(fits, key=lambda f: f[1][0], default=None)
+
+    candidates = sorted(set(moved))[:-1]
+    most = min(MAX_KNEES, len(times) // KNEE_SAMPLES_PER_PARAMETER - 1)
+    chosen = best_of([()])
+    while chosen is not None and len(chosen[0]) < most and chosen[1][0] > len(times) * KNEE_NOISE**2:
+        at, (loss, _) = chosen
+        added = best_of(tuple(sorted((*at, k))) for k in candidates if k not in at)
+        if added is None or added[1][0] > (1 - KNEE_MIN_GAIN) * loss:
+            break
+        chosen = added
+        while True:  # a pair of knees can beat the best single knee and its best partner
+            at = chosen[0]
+            moved_one = best_of(tuple(sorted({*at} - {old} | {new})) for old in at for new in candidates if new not in at)
+            if moved_one is None or moved_one[1][0] >= chosen[1][0]:
+                break
+            chosen = moved_one
+    if chosen is None or not chosen[0]:
+        return None
+    at, (_, inverse) = chosen
+    return inverse[0], tuple(BandwidthKnee(k, 1.0 / v) for k, v in zip(at, inverse[1:]))
+
+
 def fit_collective(samples: Sequence[CollectiveSample]) -> CollectiveFit:
-    """o, alpha, beta of one collective from its timings (see the module docstring)."""
+    """o, alpha, beta and bandwidth knees of one collective from its timings (see the module docstring)."""
     kind = Collective(samples[0].collective).value
     _check(samples, kind, 2)
     if any(s.collective != kind for s in samples):
@@ -223,11 +320,23 @@ def fit_collective(samples: Sequence[CollectiveSample]) -> CollectiveFit:
     small = [i for i, s in enumerate(samples) if s.nbytes < LARGE_MESSAGE_NBYTES]
     fixed = (lambda i: [1.0, steps[i]]) if len(groups) > 1 else (lambda i: [1.0])  # one group: no alpha
     inverse_beta: float | None = None
+    knees: tuple[BandwidthKnee, ...] = ()
     if len({samples[i].nbytes for i in large}) >= 2 and small:
         # beta where it dominates (>= 1 MiB), then o and alpha where they do, beta held
         inverse_beta = _nonnegative_lstsq([[*fixed(i), moved[i]] for i in large], [times[i] for i in large], keep=len(fixed(0)))[-1]
         fit_on, residual = small, [times[i] - moved[i] * inverse_beta for i in small]
         x = _nonnegative_lstsq([fixed(i) for i in fit_on], residual, keep=None, scales=[times[i] for i in fit_on])
+        rounds = _SETTLE_ROUNDS if inverse_beta > 0 else 0  # times that do not grow are refused below
+        for _ in range(rounds):  # knees with o and alpha held, then o and alpha with the knees held
+            rest = [times[i] - sum(a * b for a, b in zip(fixed(i), x)) for i in large]
+            chosen = _choose_knees([moved[i] for i in large], rest, [times[i] for i in large])
+            if chosen is None:
+                break
+            inverse_beta, knees = chosen
+            residual = [times[i] - transfer_seconds(moved[i], bytes_per_s=1.0 / inverse_beta, knees=knees) for i in small]
+            before, x = x, _nonnegative_lstsq([fixed(i) for i in small], residual, keep=None, scales=[times[i] for i in small])
+            if all(math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-15) for a, b in zip(x, before)):
+                break
     else:  # too few large messages: one joint fit over every size
         x = _nonnegative_lstsq([[*fixed(i), moved[i]] for i in range(len(samples))], times, keep=len(fixed(0)))
         inverse_beta = x.pop()
@@ -235,7 +344,7 @@ def fit_collective(samples: Sequence[CollectiveSample]) -> CollectiveFit:
     if inverse_beta <= 0:
         raise CalibrationError(f"{kind}: the measured times do not grow with the message size; measure larger messages")
     beta = 1.0 / inverse_beta
-    fit = CollectiveFit(kind, groups, o, alpha, beta, 0.0, 0.0, None, len(samples))
+    fit = CollectiveFit(kind, groups, o, alpha, beta, 0.0, 0.0, None, len(samples), knees)
     predicted = [fit.predict(nbytes=s.nbytes, group_size=s.group_size) for s in samples]
     large = [(p, s.seconds) for p, s in zip(predicted, samples) if s.nbytes >= LARGE_MESSAGE_NBYTES]
     return CollectiveFit(
@@ -244,6 +353,7 @@ def fit_collective(samples: Sequence[CollectiveSample]) -> CollectiveFit:
         median_rel_error=_median_rel_error(predicted, times),
         median_rel_error_large=_median_rel_error(*zip(*large)) if large else None,
         n_samples=len(samples),
+        bandwidth_knees=knees,
     )
 
 
@@ -297,7 +407,28 @@ def fit_compute(samples: Sequence[KernelSample]) -> ComputeFit:
         errors[dtype] = _median_rel_error([model(best, s) for s in matmuls], [s.seconds for s in matmuls])
     if "float32" not in flops:
         raise CalibrationError("no float32 matmul was measured; the profile needs a float32 rate")
-    return ComputeFit(launch, 1.0 / inverse_w, _r2(predicted, times), _median_rel_error(predicted, times), flops, errors)
+    classes, class_errors = _fit_op_classes(samples)
+    return ComputeFit(launch, 1.0 / inverse_w, _r2(predicted, times), _median_rel_error(predicted, times), flops, errors, classes, class_errors)
+
+
+def _fit_op_classes(samples: Sequence[KernelSample]) -> tuple[dict[str, OpClassRate], dict[str, float]]:
+    """``t = launch + F · s`` per op class measured (elementwise from the memory-bound kernel)."""
+    rates: dict[str, OpClassRate] = {}
+    errors: dict[str, float] = {}
+    for name in OP_CLASSES:
+        kind = "memory" if name == "elementwise" else name
+        measured = [s for s in samples if s.kind == kind]
+        if not measured:
+            continue
+        times = [s.seconds for s in measured]
+        if name == "view":  # dispatch only: no work to scale with
+            rate = OpClassRate(statistics.median(times), 0.0)
+        else:
+            _check(measured, f"op class {name}", 2)
+            rate = OpClassRate(*_nonnegative_lstsq([[1.0, s.flops] for s in measured], times, keep=None))
+        rates[name] = rate
+        errors[name] = _median_rel_error([rate.seconds(s.flops) for s in measured], times)
+    return rates, errors
 
 
 def fit_all(kernels: Sequence[KernelSample], collectives: Iterable[CollectiveSample]) -> CalibrationReport:
@@ -328,11 +459,17 @@ def build_profile(
     by_kind = {f.collective: f for f in report.collectives}
     base = by_kind[Collective.ALL_REDUCE.value]
     overrides = {
-        kind: CollectiveLink(call_overhead_seconds=f.call_overhead_seconds, latency_seconds=f.latency_seconds, bytes_per_s=f.bytes_per_s)
+        kind: CollectiveLink(
+            call_overhead_seconds=f.call_overhead_seconds, latency_seconds=f.latency_seconds, bytes_per_s=f.bytes_per_s,
+            bandwidth_knees=f.bandwidth_knees,
+        )
         for kind, f in by_kind.items()
         if kind != Collective.ALL_REDUCE.value
     }
-    link = LinkProfile(latency_seconds=base.latency_seconds, bytes_per_s=base.bytes_per_s, call_overhead_seconds=base.call_overhead_seconds, collectives=overrides)
+    link = LinkProfile(
+        latency_seconds=base.latency_seconds, bytes_per_s=base.bytes_per_s, call_overhead_seconds=base.call_overhead_seconds,
+        collectives=overrides, bandwidth_knees=base.bandwidth_knees,
+    )
     measured = f"measured by autotp calibrate ({description})"
     sources = {
         "compute.peak_flops_per_s": f"{measured}: achieved matmul FLOP/s, least squares over the shape grid",
@@ -342,7 +479,9 @@ def build_profile(
         "memory.capacity_nbytes": f"{measured}: device memory (CPU: RAM / ranks)",
         "memory.efficiency": "1.0: the measured bandwidth is achieved bandwidth",
     }
-    for field in ("latency_seconds", "bytes_per_s", "call_overhead_seconds"):
+    for op_class in c.op_classes:
+        sources[f"compute.op_classes.{op_class}"] = f"{measured}: {op_class} ops, least squares (median error {c.op_class_median_rel_error[op_class]:.1%})"
+    for field in ("latency_seconds", "bytes_per_s", "call_overhead_seconds", *(("bandwidth_knees",) if base.bandwidth_knees else ())):
         sources[f"links.intra_node.{field}"] = f"{measured}: all_reduce fit (R² {base.r2:.3f}, median error {base.median_rel_error:.1%})"
     for kind in overrides:
         f = by_kind[kind]
@@ -359,4 +498,5 @@ def build_profile(
         intra_node=link,
         source=measured,
         sources=sources,
+        op_classes=c.op_classes,
     )

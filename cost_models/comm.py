@@ -6,9 +6,12 @@ One link hop carrying m bytes costs ``alpha + m / beta`` seconds (Hockney's mode
 which every rank sends one message to one peer at the same time, so its time is
 
     T = o + steps · alpha + bytes_moved / beta
+          + Σ_i max(0, bytes_moved - k_i) · (1/beta_i - 1/beta_{i-1})      (beta_0 = beta)
 
-with ``o`` the fixed per-call overhead (launch, setup, completion; LogP's ``o``), and
-``bytes_moved`` the bytes on the busiest rank's path through the rounds.
+with ``o`` the fixed per-call overhead (launch, setup, completion; LogP's ``o``),
+``bytes_moved`` the bytes on the busiest rank's path through the rounds, and knee i
+(``LinkProfile.knees``) saying that past k_i bytes moved each further byte moves at beta_i:
+bandwidth that drops once a message leaves the caches or a transport switches protocol.
 
 Convention, for every collective: ``nbytes`` (B below) is the size of the FULL tensor involved,
 the unsharded one, i.e. the largest of input and output. Callers never pre-divide by n.
@@ -47,28 +50,32 @@ Derivations (Patarasuk & Yuan 2009; Thakur, Rabenseifner & Gropp 2005):
   sends do not share wires. Compared with all_gather of the same tensor it moves n times fewer
   bytes, which is why S(0) -> S(1) by all_to_all beats gathering and slicing.
 
-For a fixed group and algorithm, T is linear in B for B > 0: ``T = fixed + per_byte · B``
-(:func:`collective_terms`); ``"auto"`` takes the cheaper algorithm per call, a minimum of
-lines. n == 1 costs nothing (no communication happens), and so does an empty tensor.
+For a fixed group and algorithm, T is continuous and piecewise linear in B for B > 0: with
+bytes_moved = f · B, ``T = fixed + f/beta · B + Σ_i f · (1/beta_i - 1/beta_{i-1}) · max(0, B -
+k_i / f)`` (:func:`collective_terms`), one straight line without knees; ``"auto"`` takes the
+cheaper algorithm per call, a minimum of such curves. n == 1 costs nothing (no communication
+happens), and so does an empty tensor.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cost_models.algorithms import AUTO, ALGORITHMS, Algorithm, Collective, parse_algorithm, parse_collective
-from cost_models.profile import LinkProfile
+from cost_models.profile import BandwidthKnee, LinkProfile
 
 __all__ = [
     "Algorithm",
     "Collective",
-    "LinearCost",
+    "PiecewiseLinearCost",
     "bytes_moved_per_rank",
     "collective_seconds",
     "collective_terms",
     "latency_steps",
     "select_algorithm",
+    "transfer_seconds",
 ]
 
 
@@ -142,25 +149,51 @@ def bytes_moved_per_rank(
     return _moved_fraction(kind, _concrete(kind, algorithm), n) * size
 
 
+def _knee_extras(bytes_per_s: float, knees: Sequence[BandwidthKnee]) -> list[tuple[float, float]]:
+    """``(k_i, 1/beta_i - 1/beta_{i-1})`` per knee: where it starts, what each moved byte adds."""
+    rates = [bytes_per_s, *(k.bytes_per_s for k in knees)]
+    return [(k.moved_nbytes, 1.0 / rate - 1.0 / before) for k, before, rate in zip(knees, rates, rates[1:])]
+
+
+def transfer_seconds(moved_nbytes: float, *, bytes_per_s: float, knees: Sequence[BandwidthKnee] = ()) -> float:
+    """Seconds to move ``moved_nbytes`` per rank: the bandwidth term of the collective's time.
+
+        moved / beta + Σ_i max(0, moved - k_i) · (1/beta_i - 1/beta_{i-1})
+
+    e.g. beta = 1e9 B/s, one knee at 1e6 bytes to 5e8 B/s: 3e6 bytes take 3e-3 + 2e6 · 1e-9 = 5e-3 s.
+    """
+    return moved_nbytes / bytes_per_s + sum(extra * max(0.0, moved_nbytes - at) for at, extra in _knee_extras(bytes_per_s, knees))
+
+
 @dataclass(frozen=True, slots=True)
-class LinearCost:
-    """``seconds(B) = fixed_seconds + seconds_per_byte · B`` for B > 0, and 0 for B == 0."""
+class PiecewiseLinearCost:
+    """``seconds(B) = fixed + seconds_per_byte · B + Σ extra · max(0, B - at)`` for B > 0, 0 for B == 0.
+
+    ``knees`` holds ``(at, extra)`` per bandwidth knee, in bytes of the full tensor: from ``at``
+    on, each byte costs ``extra`` seconds more (negative where bandwidth rises). Without knees
+    it is a straight line.
+    """
 
     algorithm: Algorithm
     fixed_seconds: float
     seconds_per_byte: float
+    knees: tuple[tuple[float, float], ...] = ()
 
     def seconds(self, nbytes: float) -> float:
-        return 0.0 if nbytes == 0 else self.fixed_seconds + self.seconds_per_byte * nbytes
+        if nbytes == 0:
+            return 0.0
+        return self.fixed_seconds + self.seconds_per_byte * nbytes + sum(extra * max(0.0, nbytes - at) for at, extra in self.knees)
 
 
 def collective_terms(
     link: LinkProfile, kind: Collective | str, *, group_size: int, algorithm: Algorithm | str | None = None
-) -> tuple[LinearCost, ...]:
-    """The cost line of each algorithm ``kind`` may run on ``link``; the time is their minimum.
+) -> tuple[PiecewiseLinearCost, ...]:
+    """The cost curve of each algorithm ``kind`` may run on ``link``; the time is their minimum.
 
     ``algorithm=None`` uses the link's choice (``link.algorithm(kind)``); ``"auto"`` gives every
-    algorithm the collective has. One line for a concrete algorithm. Empty for n == 1.
+    algorithm the collective has. One curve for a concrete algorithm. Empty for n == 1.
+    With bytes_moved = f · B, a knee at k bytes moved starts at B = k / f and adds
+    f · (1/beta_i - 1/beta_{i-1}) seconds per byte of B.
     """
     kind = parse_collective(kind)
     n = _group_size(group_size)
@@ -169,13 +202,16 @@ def collective_terms(
     chosen = parse_algorithm(kind, link.algorithm(kind) if algorithm is None else algorithm)
     algorithms = ALGORITHMS[kind] if chosen == AUTO else (chosen,)
     o, alpha, beta = link.alpha_beta(kind)
+    extras = _knee_extras(beta, link.knees(kind))
+    fractions = {a: _moved_fraction(kind, a, n) for a in algorithms}  # type: ignore[arg-type]
     return tuple(
-        LinearCost(
+        PiecewiseLinearCost(
             algorithm=a,
             fixed_seconds=o + latency_steps(kind, group_size=n, algorithm=a) * alpha,
-            seconds_per_byte=_moved_fraction(kind, a, n) / beta,  # type: ignore[arg-type]
+            seconds_per_byte=f / beta,
+            knees=tuple((at / f, f * extra) for at, extra in extras),
         )
-        for a in algorithms
+        for a, f in fractions.items()
     )
 
 
@@ -201,8 +237,9 @@ def collective_seconds(
 ) -> float:
     """Seconds for one collective over ``group_size`` ranks joined by ``link``.
 
-        T = o + latency_steps · alpha + bytes_moved_per_rank / beta
-        (o, alpha, beta = link.alpha_beta(kind): the link's, or that collective's overrides)
+        T = o + latency_steps · alpha + transfer_seconds(bytes_moved_per_rank, beta, knees)
+        (o, alpha, beta = link.alpha_beta(kind), knees = link.knees(kind): the link's, or
+        that collective's overrides)
 
     e.g. ring all_reduce of B = 1e9 bytes on n = 4 over o = 0, alpha = 3e-6 s, beta = 4.5e11
     B/s: 6 · 3e-6 + 1.5e9 / 4.5e11 = 1.8e-5 + 3.333e-3 = 3.351e-3 s.

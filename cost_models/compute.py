@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from cost_models.profile import HardwareProfile
 
-__all__ = ["Roofline", "roofline", "roofline_seconds"]
+__all__ = ["Roofline", "op_seconds", "roofline", "roofline_seconds"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,3 +84,18 @@ def roofline_seconds(
     compute_seconds = flops / (profile.flops_per_s(dtype) * profile.compute_efficiency)
     memory_seconds = nbytes / (profile.memory_bytes_per_s * profile.memory_efficiency)
     return profile.kernel_launch_seconds + max(compute_seconds, memory_seconds)
+
+
+def op_seconds(
+    profile: HardwareProfile, *, flops: float, nbytes: float, dtype: str = "float32", op_class: str | None = None
+) -> float:
+    """Seconds for one op: its roofline, floored by the profile's measured rate for ``op_class``.
+
+        T = max(roofline_seconds(flops, nbytes), launch[op_class] + flops · seconds_per_flop[op_class])
+
+    The floor applies only when the profile lists ``op_class`` (a calibrated profile does); a
+    view (no FLOPs, no bytes) then costs its class's launch, the framework's dispatch.
+    """
+    roof = roofline_seconds(profile, flops=flops, nbytes=nbytes, dtype=dtype)
+    rate = profile.op_classes.get(op_class) if op_class is not None else None
+    return roof if rate is None else max(roof, rate.seconds(_work(flops, "flops")))

@@ -7,15 +7,19 @@ devices move bytes:
                 + kernel_launch_seconds per kernel               (the floor under every op)
     memory      memory_bytes_per_s * memory_efficiency           (B/s actually reached)
     link        T = o + steps · alpha + bytes_moved / beta       (o = call_overhead_seconds,
-                                                                  alpha = latency_seconds,
-                                                                  beta = bytes_per_s)
+                    + Σ_i max(0, bytes_moved - k_i)               alpha = latency_seconds,
+                          · (1/beta_i - 1/beta_{i-1})             beta = beta_0 = bytes_per_s,
+                                                                  knee i: past k_i bytes moved,
+                                                                  bytes move at beta_i)
 
 There is one link for devices of the same node (``intra_node``: NVLink, PCIe, loopback) and,
 optionally, one for devices on different nodes (``inter_node``: InfiniBand, Ethernet) with the
 number of devices per node that separates them. A link may override ``o``, ``alpha`` or
 ``beta`` for one collective (a measured profile does, because e.g. gloo's broadcast streams
 bytes several times faster than its all-gather) and may pick each collective's algorithm
-(ring, tree, or ``auto``: the cheaper per call).
+(ring, tree, or ``auto``: the cheaper per call). Bandwidth knees make the time a continuous,
+piecewise-linear function of the bytes moved: loopback slows once a message leaves the CPU
+caches, a NIC or NCCL switches protocol at some size, and one straight line cannot follow both.
 
 This module holds the validated, frozen values. :mod:`cost_models.profile_files` reads and
 writes them as TOML (the schema is documented there and in ``docs/calibration.md``).
@@ -23,6 +27,7 @@ writes them as TOML (the schema is documented there and in ``docs/calibration.md
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +35,7 @@ from typing import Any
 
 from cost_models.algorithms import ALGORITHMS, AUTO, Algorithm, Collective, parse_algorithm, parse_collective
 
-__all__ = ["CollectiveLink", "HardwareProfile", "LinkProfile", "ProfileError"]
+__all__ = ["OP_CLASSES", "BandwidthKnee", "CollectiveLink", "HardwareProfile", "LinkProfile", "OpClassRate", "ProfileError"]
 
 _DEVICE_TYPES = ("cuda", "cpu")
 _FALLBACK_DTYPE = "float32"
@@ -80,15 +85,42 @@ class FrozenMap(Mapping[str, Any]):
 
 
 @dataclass(frozen=True, slots=True)
+class BandwidthKnee:
+    """Past ``moved_nbytes`` bytes moved per rank, each further byte moves at ``bytes_per_s``.
+
+    Knees are in bytes *moved*, not message bytes, so one knee serves every group size (a
+    64 MiB all-gather moves 32 MiB per rank on 2 ranks, 48 MiB on 4). E.g. beta = 1e9 B/s and
+    a knee (1e6, 5e8): moving 3e6 bytes takes 3e6 / 1e9 + 2e6 · (1 / 5e8 - 1 / 1e9) = 5e-3 s.
+    """
+
+    moved_nbytes: float
+    bytes_per_s: float
+
+    def __post_init__(self) -> None:
+        _validate_fields(self, _KNEE_FIELD_CHECKS, owner="BandwidthKnee")
+
+
+@dataclass(frozen=True, slots=True)
 class CollectiveLink:
-    """Per-collective replacements for a link's ``o``, ``alpha`` and ``beta``; ``None`` keeps the link's."""
+    """Per-collective replacements for a link's ``o``, ``alpha`` and ``beta``; ``None`` keeps the link's.
+
+    ``bandwidth_knees`` continue this override's ``bytes_per_s`` and need it: an override that
+    sets ``bytes_per_s`` replaces the link's knees with its own (none when it gives none).
+    """
 
     call_overhead_seconds: float | None = None
     latency_seconds: float | None = None
     bytes_per_s: float | None = None
+    bandwidth_knees: tuple[BandwidthKnee, ...] = ()
 
     def __post_init__(self) -> None:
         _validate_fields(self, _OVERRIDE_FIELD_CHECKS, owner="CollectiveLink")
+        _validate_knees(self, owner="CollectiveLink")
+        if self.bandwidth_knees and self.bytes_per_s is None:
+            raise ProfileError(
+                "CollectiveLink: field 'bandwidth_knees' needs 'bytes_per_s' too: knees continue "
+                "the override's own bandwidth (without it the link's bandwidth and knees apply)"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +137,9 @@ class LinkProfile:
     ``collectives`` maps a collective name to a :class:`CollectiveLink` replacing some of the
     three numbers for that collective only; ``algorithms`` maps a collective name to the
     algorithm it runs (``"ring"``, ``"tree"``, ``"pairwise"`` or ``"auto"``; default: the
-    collective's first algorithm, see :mod:`cost_models.algorithms`).
+    collective's first algorithm, see :mod:`cost_models.algorithms`). ``bandwidth_knees``
+    (:class:`BandwidthKnee`, strictly increasing ``moved_nbytes``) bend beta where bandwidth
+    changes with the message size; empty, the link is one straight line.
     """
 
     latency_seconds: float
@@ -113,9 +147,11 @@ class LinkProfile:
     call_overhead_seconds: float = 0.0
     collectives: Mapping[str, CollectiveLink] = field(default_factory=FrozenMap)
     algorithms: Mapping[str, str] = field(default_factory=FrozenMap)
+    bandwidth_knees: tuple[BandwidthKnee, ...] = ()
 
     def __post_init__(self) -> None:
         _validate_fields(self, _LINK_FIELD_CHECKS, owner="LinkProfile")
+        _validate_knees(self, owner="LinkProfile")
         overrides: dict[str, CollectiveLink] = {}
         for name, override in dict(self.collectives).items():
             kind = _collective_name(name, owner="LinkProfile", attr="collectives")
@@ -143,11 +179,46 @@ class LinkProfile:
             beta = beta if override.bytes_per_s is None else override.bytes_per_s
         return o, alpha, beta
 
+    def knees(self, kind: Collective | str) -> tuple[BandwidthKnee, ...]:
+        """The knees after ``alpha_beta(kind)``'s beta: an override's own when it sets
+        ``bytes_per_s`` (none if it gives none), else the link's."""
+        override = self.collectives.get(parse_collective(kind).value)
+        if override is not None and override.bytes_per_s is not None:
+            return override.bandwidth_knees
+        return self.bandwidth_knees
+
     def algorithm(self, kind: Collective | str) -> Algorithm | str:
         """The algorithm ``kind`` runs on this link, or ``"auto"`` (cheapest per call)."""
         kind = parse_collective(kind)
         name = self.algorithms.get(kind.value)
         return ALGORITHMS[kind][0] if name is None else (AUTO if name == AUTO else Algorithm(name))
+
+
+# Classes of non-matmul ops whose measured cost a profile may state (``HardwareProfile.op_classes``):
+# views (dispatch only, no kernel), arithmetic elementwise ops, transcendental activations,
+# normalisations and softmax (row reductions), and fused attention.
+OP_CLASSES = ("view", "elementwise", "activation", "normalization", "attention")
+
+
+@dataclass(frozen=True, slots=True)
+class OpClassRate:
+    """A measured floor under every op of one class: ``launch_seconds + flops · seconds_per_flop``.
+
+    The roofline prices an op by its FLOPs and bytes at matmul and streaming rates; on a CPU a
+    GELU or a LayerNorm runs several times slower than its bytes suggest, and every op, a view
+    included, pays the framework's dispatch. FLOPs are the cost model's count: one per output
+    element for elementwise, activation and normalization ops, ``4·B·H·Tq·Tk·D`` for attention,
+    none for a view.
+    """
+
+    launch_seconds: float
+    seconds_per_flop: float
+
+    def __post_init__(self) -> None:
+        _validate_fields(self, _OP_CLASS_FIELD_CHECKS, owner="OpClassRate")
+
+    def seconds(self, flops: float) -> float:
+        return self.launch_seconds + flops * self.seconds_per_flop
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +228,9 @@ class HardwareProfile:
     ``peak_flops_per_s`` maps dtype names as PyTorch spells them without the ``torch.`` prefix
     (``"float32"``, ``"bfloat16"``, ...) to peak FLOP/s. It must contain ``"float32"``, the
     fallback for any dtype it does not list. Achieved rates are peak times the efficiencies.
+    ``op_classes`` maps names from :data:`OP_CLASSES` to measured per-class floors
+    (:class:`OpClassRate`); an op of a class the profile lists costs the larger of its roofline
+    and that floor. Datasheet profiles leave it empty.
 
     ``inter_node`` and ``devices_per_node`` come together or not at all. Without them every
     group of devices is priced on ``intra_node`` (a one-node profile). ``sources`` maps a field's
@@ -176,6 +250,7 @@ class HardwareProfile:
     inter_node: LinkProfile | None = None
     devices_per_node: int | None = None
     sources: Mapping[str, str] = field(default_factory=FrozenMap)
+    op_classes: Mapping[str, OpClassRate] = field(default_factory=FrozenMap)
 
     def __post_init__(self) -> None:
         table = check_flops_table(self.peak_flops_per_s, where="HardwareProfile", name="peak_flops_per_s")
@@ -200,6 +275,13 @@ class HardwareProfile:
             if not isinstance(text, str) or not text.strip():
                 raise _bad_field("HardwareProfile", f"sources.{key}", "a non-empty string", text)
         object.__setattr__(self, "sources", FrozenMap(sources))
+        classes = dict(self.op_classes)
+        for name, rate in classes.items():
+            if name not in OP_CLASSES:
+                raise _bad_field("HardwareProfile", f"op_classes.{name}", f"one of {list(OP_CLASSES)}", name)
+            if not isinstance(rate, OpClassRate):
+                raise _bad_field("HardwareProfile", f"op_classes.{name}", "an OpClassRate", rate)
+        object.__setattr__(self, "op_classes", FrozenMap(classes))
 
     def flops_per_s(self, dtype: str) -> float:
         """Peak FLOP/s for ``dtype`` (``"bfloat16"`` or ``"torch.bfloat16"``).
@@ -342,6 +424,14 @@ _LINK_FIELD_CHECKS: dict[str, Callable[[object], object]] = {
 _OVERRIDE_FIELD_CHECKS: dict[str, Callable[[object], object]] = {
     name: _optional(check) for name, check in _LINK_FIELD_CHECKS.items()
 }
+_KNEE_FIELD_CHECKS: dict[str, Callable[[object], object]] = {
+    "moved_nbytes": _positive,
+    "bytes_per_s": _positive,
+}
+_OP_CLASS_FIELD_CHECKS: dict[str, Callable[[object], object]] = {
+    "launch_seconds": _non_negative,
+    "seconds_per_flop": _non_negative,
+}
 _HARDWARE_FIELD_CHECKS: dict[str, Callable[[object], object]] = {
     "name": _text,
     "device_type": _device_type,
@@ -352,6 +442,26 @@ _HARDWARE_FIELD_CHECKS: dict[str, Callable[[object], object]] = {
     "kernel_launch_seconds": _non_negative,
     "source": _text,
 }
+
+
+def increasing_knees(value: object) -> tuple[BandwidthKnee, ...]:
+    """``value`` as a tuple of :class:`BandwidthKnee` in strictly increasing ``moved_nbytes``."""
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence):
+        raise _Invalid("a sequence of BandwidthKnee")
+    knees = tuple(value)
+    if not all(isinstance(k, BandwidthKnee) for k in knees):
+        raise _Invalid("a sequence of BandwidthKnee")
+    if any(b.moved_nbytes <= a.moved_nbytes for a, b in itertools.pairwise(knees)):
+        raise _Invalid("knees in strictly increasing moved_nbytes (each starts past the one before)")
+    return knees
+
+
+def _validate_knees(obj: LinkProfile | CollectiveLink, *, owner: str) -> None:
+    value = obj.bandwidth_knees
+    try:
+        object.__setattr__(obj, "bandwidth_knees", increasing_knees(value))
+    except _Invalid as exc:
+        raise _bad_field(owner, "bandwidth_knees", str(exc), value) from None
 
 
 def _validate_fields(

@@ -12,6 +12,10 @@ Every field name carries its unit, so a file cannot be read two ways. Schema ver
     peak_flops_per_s = { float32 = 6.7e13, bfloat16 = 9.895e14 }  # must contain float32
     compute_efficiency = 0.7                              # in (0, 1]
     kernel_launch_seconds = 5e-6                          # >= 0
+    [compute.op_classes.activation]                       # optional, measured: a floor under
+    launch_seconds = 4e-6                                 # each op of the class (view,
+    seconds_per_flop = 8e-10                              # elementwise, activation,
+                                                          # normalization, attention)
 
     [memory]
     bytes_per_s = 3.35e12
@@ -25,9 +29,13 @@ Every field name carries its unit, so a file cannot be read two ways. Schema ver
     latency_seconds = 3e-6                                # alpha, per ring step
     bytes_per_s = 4.5e11                                  # beta, one direction
     call_overhead_seconds = 1e-5                          # o, once per call
+    bandwidth_knees = [{ moved_nbytes = 33554432, bytes_per_s = 2e11 }]  # optional: past 32 MiB
+                                                          # moved per rank, bytes move at 2e11
     algorithms = { all_reduce = "ring" }                  # optional: ring, tree or auto
     [links.intra_node.broadcast]                          # optional per-collective overrides
-    bytes_per_s = 4e11                                    # (any of the three numbers)
+    bytes_per_s = 4e11                                    # (any of the three numbers; knees
+                                                          # only with bytes_per_s, and replace
+                                                          # the link's knees)
 
     [links.inter_node]                                    # optional, same fields as intra_node
     ...
@@ -35,8 +43,8 @@ Every field name carries its unit, so a file cannot be read two ways. Schema ver
     [sources]                                             # optional: field path -> provenance
     "memory.bytes_per_s" = "datasheet: H100 SXM5, 3.35 TB/s HBM3"
 
-Version 1 files (no ``devices_per_node``, ``inter_node``, ``algorithms``, per-collective
-tables or ``sources``) still load. Loading checks types and signs, rejects unknown fields
+Version 1 files (no ``devices_per_node``, ``inter_node``, ``algorithms``,
+``bandwidth_knees``, per-collective tables or ``sources``) still load. Loading checks types and signs, rejects unknown fields
 (``bandwidth = ...`` has no unit), and checks that every number lies in a plausible range for
 its unit, because a number far outside it (``bytes_per_s = 450``) is almost always written in
 another unit (GB/s). Every error names the file and the field.
@@ -61,9 +69,12 @@ from typing import TYPE_CHECKING, Any
 
 from cost_models.algorithms import ALGORITHMS, Collective
 from cost_models.profile import (
+    BandwidthKnee,
     CollectiveLink,
+    OP_CLASSES,
     HardwareProfile,
     LinkProfile,
+    OpClassRate,
     ProfileError,
     _bad_field,
     _device_type,
@@ -74,6 +85,7 @@ from cost_models.profile import (
     _positive_int,
     _text,
     check_flops_table,
+    increasing_knees,
 )
 
 if sys.version_info >= (3, 11):
@@ -112,6 +124,7 @@ _RANGES: dict[str, tuple[float, float, str, str]] = {
     "memory_bandwidth": (1e8, 1e14, "bytes per second", "e.g. 3.35 TB/s is 3.35e12"),
     "seconds": (0.0, 0.1, "seconds", "e.g. 5 us is 5e-6"),
     "capacity": (2**20, 2**50, "bytes", "e.g. 80 GiB is 85899345920"),
+    "message": (1, 2**50, "bytes", "e.g. 32 MiB is 33554432"),
     "devices": (1, 4096, "devices", "devices per node, e.g. 8"),
 }
 
@@ -162,6 +175,16 @@ _LINK_FIELDS: dict[str, tuple[Callable[[object], Any], str]] = {
     "bytes_per_s": (_checked(_positive, "link_bandwidth"), "bandwidth beta of one direction, bytes/s"),
     "call_overhead_seconds": (_checked(_non_negative, "seconds"), "fixed cost of one collective call, seconds"),
 }
+_KNEES = "bandwidth_knees"
+_KNEE_FIELDS: dict[str, tuple[Callable[[object], Any], str]] = {
+    "moved_nbytes": (_checked(_positive, "message"), "bytes moved per rank past which the knee's bandwidth applies"),
+    "bytes_per_s": (_checked(_positive, "link_bandwidth"), "bandwidth past the knee, bytes/s"),
+}
+_OP_CLASS_FIELDS: dict[str, tuple[Callable[[object], Any], str]] = {
+    "launch_seconds": (_checked(_non_negative, "seconds"), "fixed cost of one op of the class, seconds"),
+    "seconds_per_flop": (_checked(_non_negative, "seconds"), "seconds per FLOP as the cost model counts them"),
+}
+_OP_CLASSES_PATH = ("compute", "op_classes")
 _FLOPS_PATH = ("compute", "peak_flops_per_s")
 _LINK_NAMES = ("intra_node", "inter_node")
 _COLLECTIVE_NAMES = frozenset(c.value for c in Collective)
@@ -169,15 +192,17 @@ _COLLECTIVE_NAMES = frozenset(c.value for c in Collective)
 # Which keys each table may hold; anything else is a typo or a field without a unit.
 _KNOWN_KEYS: dict[tuple[str, ...], frozenset[str]] = {
     (): frozenset({"version", "name", "device_type", "source", "compute", "memory", "links", "sources"}),
-    ("compute",): frozenset({"peak_flops_per_s", "compute_efficiency", "kernel_launch_seconds"}),
+    ("compute",): frozenset({"peak_flops_per_s", "compute_efficiency", "kernel_launch_seconds", "op_classes"}),
+    _OP_CLASSES_PATH: frozenset(OP_CLASSES),
+    **{(*_OP_CLASSES_PATH, c): frozenset(_OP_CLASS_FIELDS) for c in OP_CLASSES},
     ("memory",): frozenset({"bytes_per_s", "capacity_nbytes", "efficiency"}),
     ("links",): frozenset({"intra_node", "inter_node", "devices_per_node"}),
-    **{("links", link): frozenset({*_LINK_FIELDS, "algorithms"} | _COLLECTIVE_NAMES) for link in _LINK_NAMES},
+    **{("links", link): frozenset({*_LINK_FIELDS, _KNEES, "algorithms"} | _COLLECTIVE_NAMES) for link in _LINK_NAMES},
     **{("links", link, "algorithms"): _COLLECTIVE_NAMES for link in _LINK_NAMES},
-    **{("links", link, c): frozenset(_LINK_FIELDS) for link in _LINK_NAMES for c in _COLLECTIVE_NAMES},
+    **{("links", link, c): frozenset({*_LINK_FIELDS, _KNEES}) for link in _LINK_NAMES for c in _COLLECTIVE_NAMES},
 }
 # Fields a version-1 file may not use.
-_VERSION_2_ONLY = (("links", "inter_node"), ("links", "devices_per_node"), ("sources",))
+_VERSION_2_ONLY = (("links", "inter_node"), ("links", "devices_per_node"), ("sources",), _OP_CLASSES_PATH)
 
 
 def _dotted(path: tuple[str, ...]) -> str:
@@ -246,6 +271,39 @@ def _scalar(data: Mapping[str, Any], path: tuple[str, ...], check: Callable[[obj
         raise _bad_field(where, _dotted(path), f"{exc} ({meaning})", raw) from None
 
 
+def _knees_from_dict(table: Mapping[str, Any], path: tuple[str, ...], *, where: str) -> tuple[BandwidthKnee, ...]:
+    """``bandwidth_knees = [{ moved_nbytes = ..., bytes_per_s = ... }, ...]`` of the table at ``path``."""
+    name = _dotted((*path, _KNEES))
+    raw = table.get(_KNEES, [])
+    expected = "an array of { moved_nbytes = ..., bytes_per_s = ... } tables"
+    if not isinstance(raw, list):
+        raise _bad_field(where, name, expected, raw)
+    knees = []
+    for i, entry in enumerate(raw):
+        if not isinstance(entry, Mapping):
+            raise _bad_field(where, f"{name}[{i}]", "a table { moved_nbytes = ..., bytes_per_s = ... }", entry)
+        unknown = sorted(set(entry) - set(_KNEE_FIELDS))
+        if unknown:
+            hint = difflib.get_close_matches(unknown[0], sorted(_KNEE_FIELDS), n=1, cutoff=0.6)
+            raise ProfileError(
+                f"{where}: unknown field '{name}[{i}].{unknown[0]}'; expected one of {sorted(_KNEE_FIELDS)}"
+                + (f"; did you mean {hint[0]!r}?" if hint else "")
+            )
+        values = {}
+        for field, (check, meaning) in _KNEE_FIELDS.items():
+            if field not in entry:
+                raise ProfileError(f"{where}: missing required field '{name}[{i}].{field}' ({meaning})")
+            try:
+                values[field] = check(entry[field])
+            except _Invalid as exc:
+                raise _bad_field(where, f"{name}[{i}].{field}", f"{exc} ({meaning})", entry[field]) from None
+        knees.append(BandwidthKnee(**values))
+    try:
+        return increasing_knees(knees)
+    except _Invalid as exc:
+        raise _bad_field(where, name, str(exc), raw) from None
+
+
 def _link_from_dict(data: Mapping[str, Any], link: str, *, where: str) -> LinkProfile:
     base = ("links", link)
     values = {
@@ -257,12 +315,18 @@ def _link_from_dict(data: Mapping[str, Any], link: str, *, where: str) -> LinkPr
     for kind in sorted(_COLLECTIVE_NAMES & set(table)):
         sub = table[kind]
         if not isinstance(sub, Mapping):
-            raise _bad_field(where, _dotted((*base, kind)), f"a table of {sorted(_LINK_FIELDS)}", sub)
+            raise _bad_field(where, _dotted((*base, kind)), f"a table of {sorted({*_LINK_FIELDS, _KNEES})}", sub)
         fields = {}
         for name, (check, meaning) in _LINK_FIELDS.items():
             if name in sub:
                 fields[name] = _scalar(data, (*base, kind, name), check, f"{meaning}, {kind} only", where=where)
-        overrides[kind] = CollectiveLink(**fields)
+        knees = _knees_from_dict(sub, (*base, kind), where=where)
+        if knees and "bytes_per_s" not in sub:
+            raise ProfileError(
+                f"{where}: field {_dotted((*base, kind, _KNEES))!r} needs {_dotted((*base, kind, 'bytes_per_s'))!r} "
+                "too: an override's knees continue its own bandwidth (without it the link's bandwidth and knees apply)"
+            )
+        overrides[kind] = CollectiveLink(**fields, bandwidth_knees=knees)
     algorithms = table.get("algorithms", {})
     if not isinstance(algorithms, Mapping):
         raise _bad_field(where, _dotted((*base, "algorithms")), "a table of collective -> algorithm", algorithms)
@@ -270,7 +334,26 @@ def _link_from_dict(data: Mapping[str, Any], link: str, *, where: str) -> LinkPr
         offered = [a.value for a in ALGORITHMS[Collective(kind)]] + ["auto"]
         if algorithm not in offered:
             raise _bad_field(where, _dotted((*base, "algorithms", kind)), f"one of {offered}", algorithm)
-    return LinkProfile(**values, collectives=overrides, algorithms=dict(algorithms))
+    knees = _knees_from_dict(table, base, where=where)
+    return LinkProfile(**values, collectives=overrides, algorithms=dict(algorithms), bandwidth_knees=knees)
+
+
+def _op_classes_from_dict(data: Mapping[str, Any], *, where: str) -> dict[str, OpClassRate]:
+    table = _get(data, _OP_CLASSES_PATH)
+    if table is None:
+        return {}
+    if not isinstance(table, Mapping):
+        raise _bad_field(where, _dotted(_OP_CLASSES_PATH), f"a table of op class -> {sorted(_OP_CLASS_FIELDS)}", table)
+    rates = {}
+    for name in table:
+        path = (*_OP_CLASSES_PATH, name)
+        if not isinstance(table[name], Mapping):
+            raise _bad_field(where, _dotted(path), f"a table of {sorted(_OP_CLASS_FIELDS)}", table[name])
+        rates[name] = OpClassRate(**{
+            field: _scalar(data, (*path, field), check, f"{meaning}, {name} ops", where=where)
+            for field, (check, meaning) in _OP_CLASS_FIELDS.items()
+        })
+    return rates
 
 
 def _known_source_paths(data: Mapping[str, Any]) -> set[str]:
@@ -279,11 +362,18 @@ def _known_source_paths(data: Mapping[str, Any]) -> set[str]:
     flops = _get(data, _FLOPS_PATH)
     if isinstance(flops, Mapping):
         paths |= {_dotted((*_FLOPS_PATH, k)) for k in flops}
+    classes = _get(data, _OP_CLASSES_PATH)
+    if isinstance(classes, Mapping):
+        paths |= {_dotted(_OP_CLASSES_PATH)}
+        for name in classes:
+            paths |= {_dotted((*_OP_CLASSES_PATH, name))} | {_dotted((*_OP_CLASSES_PATH, name, f)) for f in _OP_CLASS_FIELDS}
     for link in _LINK_NAMES:
         table = _get(data, ("links", link))
         if not isinstance(table, Mapping):
             continue
         paths |= {f"links.{link}"} | {f"links.{link}.{f}" for f in _LINK_FIELDS}
+        if _KNEES in table:
+            paths.add(f"links.{link}.{_KNEES}")
         for kind in _COLLECTIVE_NAMES & set(table):
             paths |= {f"links.{link}.{kind}"} | {f"links.{link}.{kind}.{f}" for f in table[kind]}
         if "algorithms" in table:
@@ -352,6 +442,7 @@ def profile_from_dict(data: Mapping[str, Any], *, where: str = "<profile>") -> H
         inter_node=inter,
         devices_per_node=devices,
         sources=_sources(data, where=where),
+        op_classes=_op_classes_from_dict(data, where=where),
     )
 
 
@@ -371,6 +462,8 @@ def _toml_value(value: object) -> str:
         return json.dumps(value, ensure_ascii=False)  # a TOML basic string
     if isinstance(value, Mapping):
         return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {type(value).__name__} {value!r} to a profile")
 
 
@@ -382,10 +475,21 @@ def _comment(text: str | None) -> list[str]:
     return [f"# {line}".rstrip() for line in text.splitlines()] if text else []
 
 
+def _knees_line(knees: tuple[BandwidthKnee, ...]) -> str:
+    """``bandwidth_knees = [...]``, a whole moved_nbytes written as an integer (33554432, not 33554432.0)."""
+    tables = [
+        {"moved_nbytes": int(k.moved_nbytes) if k.moved_nbytes.is_integer() else k.moved_nbytes, "bytes_per_s": k.bytes_per_s}
+        for k in knees
+    ]
+    return f"{_KNEES} = {_toml_value(tables)}"
+
+
 def _link_lines(name: str, link: LinkProfile, comments: Mapping[str, str]) -> list[str]:
     lines = ["", *_comment(comments.get(f"links.{name}")), f"[links.{name}]"]
     for field in ("latency_seconds", "bytes_per_s", "call_overhead_seconds"):
         lines += [*_comment(comments.get(f"links.{name}.{field}")), f"{field} = {_toml_value(getattr(link, field))}"]
+    if link.bandwidth_knees:
+        lines += [*_comment(comments.get(f"links.{name}.{_KNEES}")), _knees_line(link.bandwidth_knees)]
     if link.algorithms:
         lines.append(f"algorithms = {_toml_value(dict(link.algorithms))}")
     for kind, override in link.collectives.items():
@@ -394,6 +498,8 @@ def _link_lines(name: str, link: LinkProfile, comments: Mapping[str, str]) -> li
             value = getattr(override, field)
             if value is not None:
                 lines.append(f"{field} = {_toml_value(value)}")
+        if override.bandwidth_knees:
+            lines.append(_knees_line(override.bandwidth_knees))
     return lines
 
 
@@ -410,6 +516,9 @@ def profile_to_toml(profile: HardwareProfile, *, header: str = "", comments: Map
     lines += [*_comment(notes.get("compute.peak_flops_per_s")), f"peak_flops_per_s = {_toml_value(dict(profile.peak_flops_per_s))}"]
     lines += [*_comment(notes.get("compute.compute_efficiency")), f"compute_efficiency = {_toml_value(profile.compute_efficiency)}"]
     lines += [*_comment(notes.get("compute.kernel_launch_seconds")), f"kernel_launch_seconds = {_toml_value(profile.kernel_launch_seconds)}"]
+    for name, rate in profile.op_classes.items():
+        lines += ["", *_comment(notes.get(f"compute.op_classes.{name}")), f"[compute.op_classes.{name}]",
+                  f"launch_seconds = {_toml_value(rate.launch_seconds)}", f"seconds_per_flop = {_toml_value(rate.seconds_per_flop)}"]
     lines += ["", "[memory]"]
     lines += [*_comment(notes.get("memory.bytes_per_s")), f"bytes_per_s = {_toml_value(profile.memory_bytes_per_s)}"]
     lines += [*_comment(notes.get("memory.capacity_nbytes")), f"capacity_nbytes = {_toml_value(profile.memory_capacity_nbytes)}"]
