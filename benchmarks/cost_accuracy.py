@@ -10,7 +10,7 @@ For each world size N (2 and 4 gloo CPU ranks, one thread each):
    16 MiB (and 64 MiB unless ``--quick``), and compare with the profile's prediction.
 3. **Forward step times.** For GPT and LLaMA at three sizes, plan with the profile
    (``training=False``: a forward step) and time the sharded model's forward pass (the slowest
-   rank's time per step, the layouts stepped round-robin) for three layouts: autotp's plan,
+   rank's mean over batches of back-to-back steps, the layouts batched round-robin) for three layouts: autotp's plan,
    replicate-all (every op pinned to replicate) and the Megatron hand layout
    (``autotp.layouts.megatron_pins``), each priced by the same profile through
    ``autotp.solve.solve(pinned=...)``.
@@ -120,14 +120,25 @@ def reprice(plan: Plan, example: str, config: dict, batch: int, seq: int, *, pro
 
 
 def _time_forwards(modules: dict[str, torch.nn.Module], inputs: tuple[torch.Tensor, ...], *, steps: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds per forward step of each layout: ``steps`` batches of back-to-back forwards each.
+
+    Steps run back to back as in training, so the ranks keep each other in step through the
+    collectives and a batch's mean is the steady-state period. A single step timed after a
+    barrier would also count how far apart the ranks leave the barrier (about a millisecond
+    on loopback gloo), which is no part of a step. A batch lasts about 50 ms, as calibration's
+    do; batches are taken round-robin over the layouts so drift and load hit every layout alike.
+    """
     seconds: dict[str, list[float]] = {name: [] for name in modules}
+    cpu = torch.device("cpu")
     with torch.no_grad():
+        calls = {name: _agree(_calls_for(_estimate(lambda m=m: m(*inputs), cpu), 0.05), cpu) for name, m in modules.items()}
         for i in range(warmup + steps):
-            for name, module in modules.items():  # round-robin: drift and load hit every layout alike
+            for name, module in modules.items():
                 dist.barrier()
                 started = time.perf_counter()
-                module(*inputs)
-                elapsed = time.perf_counter() - started
+                for _ in range(calls[name]):
+                    module(*inputs)
+                elapsed = (time.perf_counter() - started) / calls[name]
                 if i >= warmup:
                     seconds[name].append(elapsed)
     return seconds
@@ -202,7 +213,7 @@ def calibrate(world: int, *, quick: bool, out_dir: Path) -> dict[str, HardwarePr
 
 
 def _over_steps(per_rank: Sequence[list[float]], statistic: str) -> float:
-    """The statistic over steps of the slowest rank's time."""
+    """The statistic over batches of the slowest rank's mean step."""
     return STATISTICS[statistic]([max(step) for step in zip(*per_rank)])
 
 
