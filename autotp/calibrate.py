@@ -10,7 +10,8 @@ so that it lasts about ``batch_seconds``, and counts the mean; a collective's sa
 median over batches of the slowest rank's time, a kernel's the median over ranks of each rank's
 median):
 
-* matmuls ``aten.mm`` over a grid of (M, K, N) shapes and dtypes;
+* matmuls ``aten.mm`` over a grid of (M, K, N) shapes and dtypes, called as a graph calls them
+  (:func:`_as_in_a_graph`: a layer's weights were last read a whole forward ago);
 * a memory-bound kernel, ``aten.add`` of two tensors from a few KiB to tens of MiB, as the
   rank-local graph calls it (allocating its output);
 * one or two representative ops of each op class (``cost_models.OP_CLASSES``): views
@@ -208,10 +209,12 @@ def _kernel_samples(config: CalibrationConfig, device: torch.device) -> list[tup
     for dtype_name in config.dtypes:
         dtype = getattr(torch, dtype_name)
         for m, k, n in config.matmul_shapes:
-            def make(m: int = m, k: int = k, n: int = n, dtype: torch.dtype = dtype) -> Callable[[], object]:
-                a, b = torch.randn(m, k, device=device).to(dtype), torch.randn(k, n, device=device).to(dtype)
-                return lambda: torch.ops.aten.mm.default(a, b)
             nbytes = float((m * k + k * n + m * n) * dtype.itemsize)
+
+            def make(m: int = m, k: int = k, n: int = n, dtype: torch.dtype = dtype, nbytes: float = nbytes) -> Callable[[], object]:
+                def operands() -> tuple[torch.Tensor, torch.Tensor]:
+                    return torch.randn(m, k, device=device).to(dtype), torch.randn(k, n, device=device).to(dtype)
+                return _as_in_a_graph(operands, torch.ops.aten.mm.default, int(nbytes))
             out.append((KernelSample("matmul", dtype_name, 2.0 * m * k * n, nbytes, 0.0), _Sample(f"matmul {dtype_name} {m}x{k}x{n}", make, None, True)))
     for size in config.memory_nbytes:
         def make(size: int = size) -> Callable[[], object]:

@@ -175,6 +175,8 @@ class CalibrationReport:
                 f"  {name:<20} {floor.launch_seconds * 1e6:9.2f} us + {floor.seconds_per_flop * 1e9:.4f} ns/FLOP "
                 f"(median error {c.op_class_median_rel_error[name]:.1%})"
             )
+        if not self.collectives:  # one rank: kernels only
+            return "\n".join(lines)
         lines += ["", "collectives (fitted on each; latency = o + steps·alpha at the largest group):",
                   f"  {'collective':<15} {'ranks':>5} {'latency':>10} {'bandwidth':>11} {'R²':>6} {'median err':>10} {'>=1MiB err':>10}  knees (moved per rank:bandwidth)"]
         for f in self.collectives:
