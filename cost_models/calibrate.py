@@ -34,6 +34,10 @@ are weighted least squares on *relative* error, so a 4 KiB message counts as muc
   fit is within 1% RMS: a straight line stays straight. When knees are found, o and alpha are
   fitted again on the small messages with the new bandwidth held, and the two fits alternate
   until they settle. Knees are in bytes moved per rank, so the group sizes share them.
+* **The algorithm.** With two or more group sizes, a collective that has several algorithms
+  (all_reduce, broadcast: ring or tree) is fitted under each, and the one with the smaller Σ
+  squared relative error is kept and written to the link's ``algorithms``: the algorithms
+  differ in how time grows with the group size.
 
 The link's own numbers are all-reduce's (the collective tensor parallelism calls most); every
 other collective is written as a per-collective override (``[links.intra_node.<collective>]``),
@@ -52,9 +56,9 @@ import itertools
 import math
 import statistics
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from cost_models.algorithms import Collective
+from cost_models.algorithms import ALGORITHMS, Algorithm, Collective
 from cost_models.comm import bytes_moved_per_rank, latency_steps, transfer_seconds
 from cost_models.profile import OP_CLASSES, BandwidthKnee, CollectiveLink, HardwareProfile, LinkProfile, OpClassRate
 
@@ -67,6 +71,7 @@ __all__ = [
     "KernelSample",
     "build_profile",
     "fit_collective",
+    "fit_collective_algorithm",
     "fit_all",
     "fit_compute",
 ]
@@ -122,13 +127,14 @@ class CollectiveFit:
     median_rel_error_large: float | None  # messages >= 1 MiB; None when none was measured
     n_samples: int
     bandwidth_knees: tuple[BandwidthKnee, ...] = ()
+    algorithm: Algorithm | None = None  # None: the collective's default
 
     def fixed_seconds(self, group_size: int) -> float:
         """o + steps · alpha at ``group_size``: the time of an (almost) empty message."""
-        return self.call_overhead_seconds + latency_steps(self.collective, group_size=group_size) * self.latency_seconds
+        return self.call_overhead_seconds + latency_steps(self.collective, group_size=group_size, algorithm=self.algorithm) * self.latency_seconds
 
     def predict(self, *, nbytes: float, group_size: int) -> float:
-        moved = bytes_moved_per_rank(self.collective, nbytes=nbytes, group_size=group_size)
+        moved = bytes_moved_per_rank(self.collective, nbytes=nbytes, group_size=group_size, algorithm=self.algorithm)
         return self.fixed_seconds(group_size) + transfer_seconds(moved, bytes_per_s=self.bytes_per_s, knees=self.bandwidth_knees)
 
     def knees_text(self) -> str:
@@ -178,12 +184,12 @@ class CalibrationReport:
         if not self.collectives:  # one rank: kernels only
             return "\n".join(lines)
         lines += ["", "collectives (fitted on each; latency = o + steps·alpha at the largest group):",
-                  f"  {'collective':<15} {'ranks':>5} {'latency':>10} {'bandwidth':>11} {'R²':>6} {'median err':>10} {'>=1MiB err':>10}  knees (moved per rank:bandwidth)"]
+                  f"  {'collective':<17} {'ranks':>5} {'latency':>10} {'bandwidth':>11} {'R²':>6} {'median err':>10} {'>=1MiB err':>10}  knees (moved per rank:bandwidth)"]
         for f in self.collectives:
             n = max(f.group_sizes)
             large = "-" if f.median_rel_error_large is None else f"{f.median_rel_error_large:.1%}"
             lines.append(
-                f"  {f.collective:<15} {n:>5} {f.fixed_seconds(n) * 1e6:>8.1f}us {f.bytes_per_s / 1e9:>7.3f}GB/s "
+                f"  {f.collective + ('' if f.algorithm is None else f' ({f.algorithm.value})'):<17} {n:>5} {f.fixed_seconds(n) * 1e6:>8.1f}us {f.bytes_per_s / 1e9:>7.3f}GB/s "
                 f"{f.r2:>6.3f} {f.median_rel_error:>10.1%} {large:>10}  {f.knees_text()}"
             )
         return "\n".join(lines)
@@ -306,8 +312,9 @@ def _choose_knees(moved: Sequence[float], residual: Sequence[float], times: Sequ
     return inverse[0], tuple(BandwidthKnee(k, 1.0 / v) for k, v in zip(at, inverse[1:]))
 
 
-def fit_collective(samples: Sequence[CollectiveSample]) -> CollectiveFit:
-    """o, alpha, beta and bandwidth knees of one collective from its timings (see the module docstring)."""
+def fit_collective(samples: Sequence[CollectiveSample], *, algorithm: Algorithm | None = None) -> CollectiveFit:
+    """o, alpha, beta and bandwidth knees of one collective from its timings (see the module
+    docstring), priced as ``algorithm`` (default: the collective's default algorithm)."""
     kind = Collective(samples[0].collective).value
     _check(samples, kind, 2)
     if any(s.collective != kind for s in samples):
@@ -316,8 +323,8 @@ def fit_collective(samples: Sequence[CollectiveSample]) -> CollectiveFit:
     if groups[0] < 2:
         raise CalibrationError(f"{kind}: group sizes must be >= 2, got {groups}")
     times = [s.seconds for s in samples]
-    moved = [bytes_moved_per_rank(kind, nbytes=s.nbytes, group_size=s.group_size) for s in samples]
-    steps = [float(latency_steps(kind, group_size=s.group_size)) for s in samples]
+    moved = [bytes_moved_per_rank(kind, nbytes=s.nbytes, group_size=s.group_size, algorithm=algorithm) for s in samples]
+    steps = [float(latency_steps(kind, group_size=s.group_size, algorithm=algorithm)) for s in samples]
     large = [i for i, s in enumerate(samples) if s.nbytes >= LARGE_MESSAGE_NBYTES]
     small = [i for i, s in enumerate(samples) if s.nbytes < LARGE_MESSAGE_NBYTES]
     fixed = (lambda i: [1.0, steps[i]]) if len(groups) > 1 else (lambda i: [1.0])  # one group: no alpha
@@ -346,7 +353,7 @@ def fit_collective(samples: Sequence[CollectiveSample]) -> CollectiveFit:
     if inverse_beta <= 0:
         raise CalibrationError(f"{kind}: the measured times do not grow with the message size; measure larger messages")
     beta = 1.0 / inverse_beta
-    fit = CollectiveFit(kind, groups, o, alpha, beta, 0.0, 0.0, None, len(samples), knees)
+    fit = CollectiveFit(kind, groups, o, alpha, beta, 0.0, 0.0, None, len(samples), knees, algorithm)
     predicted = [fit.predict(nbytes=s.nbytes, group_size=s.group_size) for s in samples]
     large = [(p, s.seconds) for p, s in zip(predicted, samples) if s.nbytes >= LARGE_MESSAGE_NBYTES]
     return CollectiveFit(
@@ -356,7 +363,35 @@ def fit_collective(samples: Sequence[CollectiveSample]) -> CollectiveFit:
         median_rel_error_large=_median_rel_error(*zip(*large)) if large else None,
         n_samples=len(samples),
         bandwidth_knees=knees,
+        algorithm=algorithm,
     )
+
+
+def _squared_relative_error(fit: CollectiveFit, samples: Sequence[CollectiveSample]) -> float:
+    return sum((fit.predict(nbytes=s.nbytes, group_size=s.group_size) / s.seconds - 1) ** 2 for s in samples)
+
+
+def fit_collective_algorithm(samples: Sequence[CollectiveSample]) -> CollectiveFit:
+    """The fit under whichever of the collective's algorithms explains the timings best.
+
+    Algorithms differ in how time grows with the group size (a tree broadcast sends
+    ⌈log2 n⌉ copies, a ring one), so with two or more group sizes the data can tell them apart:
+    gloo's broadcast on 4 ranks took twice its 2-rank time per byte, as a tree does. With one
+    group size they coincide and the default is kept.
+    """
+    kind = Collective(samples[0].collective)
+    if len({s.group_size for s in samples}) < 2 or len(ALGORITHMS[kind]) < 2:
+        return fit_collective(samples)
+    fits = []
+    for algorithm in ALGORITHMS[kind]:
+        try:
+            fits.append(fit_collective(samples, algorithm=algorithm))
+        except CalibrationError:
+            continue
+    if not fits:
+        return fit_collective(samples)  # raises the default algorithm's error
+    best = min(fits, key=lambda f: _squared_relative_error(f, samples))
+    return best if best.algorithm is not ALGORITHMS[kind][0] else replace(best, algorithm=None)
 
 
 def _golden_min(f: Callable[[float], float], lo: float, hi: float, iterations: int = 100) -> float:
@@ -438,7 +473,7 @@ def fit_all(kernels: Sequence[KernelSample], collectives: Iterable[CollectiveSam
     by_kind: dict[str, list[CollectiveSample]] = {}
     for s in collectives:
         by_kind.setdefault(Collective(s.collective).value, []).append(s)
-    fits = tuple(fit_collective(by_kind[c.value]) for c in Collective if c.value in by_kind)
+    fits = tuple(fit_collective_algorithm(by_kind[c.value]) for c in Collective if c.value in by_kind)
     if not any(f.collective == Collective.ALL_REDUCE.value for f in fits):
         raise CalibrationError("all_reduce was not measured; the link's own numbers come from it")
     return CalibrationReport(fit_compute(kernels), fits)
@@ -471,6 +506,7 @@ def build_profile(
     link = LinkProfile(
         latency_seconds=base.latency_seconds, bytes_per_s=base.bytes_per_s, call_overhead_seconds=base.call_overhead_seconds,
         collectives=overrides, bandwidth_knees=base.bandwidth_knees,
+        algorithms={f.collective: f.algorithm.value for f in report.collectives if f.algorithm is not None},
     )
     measured = f"measured by autotp calibrate ({description})"
     sources = {
@@ -488,6 +524,8 @@ def build_profile(
     for kind in overrides:
         f = by_kind[kind]
         sources[f"links.intra_node.{kind}"] = f"{measured}: {kind} fit (R² {f.r2:.3f}, median error {f.median_rel_error:.1%})"
+    if link.algorithms:
+        sources["links.intra_node.algorithms"] = f"{measured}: the algorithm whose cost fits the timings over the group sizes best"
     return HardwareProfile(
         name=name,
         device_type=device_type,

@@ -17,6 +17,7 @@ from cost_models.calibrate import (
     build_profile,
     fit_all,
     fit_collective,
+    fit_collective_algorithm,
     fit_compute,
 )
 from cost_models.profile import HardwareProfile, LinkProfile
@@ -43,6 +44,30 @@ def test_collective_fit_recovers_o_alpha_beta(kind: str) -> None:
     assert fit.latency_seconds == pytest.approx(3e-5, rel=1e-6)
     assert fit.bytes_per_s == pytest.approx(2e9, rel=1e-6)
     assert fit.r2 == pytest.approx(1.0) and fit.median_rel_error < 1e-9 and fit.median_rel_error_large < 1e-9
+
+
+@pytest.mark.parametrize(("kind", "algorithm"), [("broadcast", "tree"), ("broadcast", "ring"), ("all_reduce", "tree"), ("all_reduce", "ring")])
+def test_the_fit_tells_ring_from_tree_by_the_group_sizes(kind: str, algorithm: str) -> None:
+    """Timings made by one algorithm on groups of 2 and 4 are fitted best by that algorithm."""
+    link = LinkProfile(latency_seconds=3e-5, bytes_per_s=2e9, call_overhead_seconds=1e-4, algorithms={kind: algorithm})
+    samples = _samples(kind, link, (2, 4))
+    fit = fit_collective_algorithm(samples)
+    assert fit.algorithm == (None if algorithm == "ring" else algorithm)  # None: the default, ring
+    assert fit.bytes_per_s == pytest.approx(2e9, rel=1e-6) and fit.median_rel_error < 1e-9
+    profile = build_profile(fit_all(_kernels(), _samples("all_reduce", link, (2, 4)) + samples), name="p", device_type="cpu", memory_capacity_nbytes=2**30, description="t")
+    assert dict(profile.intra_node.algorithms) == ({} if algorithm == "ring" else {kind: algorithm})
+    for n, b in ((2, 3 * MIB), (4, 3 * MIB)):  # the profile prices as the timings were made
+        assert collective_seconds(profile.intra_node, kind, nbytes=b, group_size=n) == pytest.approx(collective_seconds(link, kind, nbytes=b, group_size=n), rel=1e-6)
+
+
+def test_one_group_size_keeps_the_default_algorithm() -> None:
+    link = LinkProfile(latency_seconds=3e-5, bytes_per_s=2e9, call_overhead_seconds=1e-4, algorithms={"broadcast": "tree"})
+    assert fit_collective_algorithm(_samples("broadcast", link, (4,))).algorithm is None
+
+
+def _kernels() -> list[KernelSample]:
+    kernels = [KernelSample("memory", "float32", n / 12, float(n), roofline_seconds(ROUND, flops=n / 12, nbytes=n)) for n in SIZES]
+    return kernels + [KernelSample("matmul", "float32", 2.0 * m**3, 12.0 * m * m, roofline_seconds(ROUND, flops=2.0 * m**3, nbytes=12.0 * m * m)) for m in (64, 256, 1024)]
 
 
 def test_one_group_size_puts_the_fixed_cost_in_o() -> None:
