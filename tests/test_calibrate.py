@@ -150,7 +150,7 @@ def test_measured_profile_on_two_ranks_plans_a_model() -> None:
 
     config = CalibrationConfig(
         device_type="cpu", matmul_shapes=((32, 32, 32), (128, 128, 128)), dtypes=("float32",),
-        memory_nbytes=(16 * KIB, 256 * KIB, MIB), message_nbytes=(16 * KIB, 256 * KIB, MIB),
+        memory_nbytes=(16 * KIB, 256 * KIB, MIB), message_nbytes=(16 * KIB, MIB, 8 * MIB),  # sizes far apart: a loaded CI box is noisy
         collectives=("all_reduce", "all_gather"), repeats=2, warmup=1,
     )
     ranks = run_on_ranks(measure_rank, 2, config, timeout_seconds=180)
