@@ -65,7 +65,7 @@ class CalibrationConfig:
     def n_samples(self, world_size: int) -> int:
         groups = len(self.group_sizes or {2, world_size})
         kernels = len(self.matmul_shapes) * len(self.dtypes) + len(self.memory_nbytes)
-        op_classes = len(_VIEW_OPS) + 4 * len(self.op_class_numels) + len(self.attention_shapes)
+        op_classes = len(_VIEW_OPS) + len(_ROW_OPS) * len(self.op_class_numels) + len(self.attention_shapes)
         return kernels + op_classes + len(self.collectives) * len(self.message_nbytes) * groups
 
 
@@ -237,6 +237,14 @@ def _as_in_a_graph(make_inputs: Callable[[], tuple[torch.Tensor, ...]], op: Call
     return lambda: live.append(op(*next(inputs)))
 
 
+_ROW_WIDTH = 256  # activation and normalization samples are (numel / 256, 256) tensors
+# (op class, name, op(x, weight, bias)) for the activation and normalization samples
+_ROW_OPS: tuple[tuple[str, str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], object]], ...] = (
+    ("activation", "gelu", lambda x, w, b: torch.ops.aten.gelu.default(x)),
+    ("activation", "silu", lambda x, w, b: torch.ops.aten.silu.default(x)),
+    ("normalization", "layer_norm", lambda x, w, b: torch.ops.aten.layer_norm.default(x, [_ROW_WIDTH], w, b)),
+    ("normalization", "softmax", lambda x, w, b: torch.ops.aten._softmax.default(x, -1, False)),
+)
 _VIEW_OPS: tuple[tuple[str, Callable[[torch.Tensor], object]], ...] = (
     ("view", lambda x: torch.ops.aten.view.default(x, [-1])),
     ("t", lambda x: torch.ops.aten.t.default(x)),
@@ -253,20 +261,13 @@ def _op_class_samples(config: CalibrationConfig, device: torch.device) -> list[t
             x = torch.ones(64, 256, device=device, dtype=dtype)
             return lambda: view(x)
         out.append((KernelSample("view", "float32", 0.0, 0.0, 0.0), _Sample(f"view: {name}", make, None, True)))
-    width = 256
-    unary = (
-        ("activation", "gelu", lambda x, w, b: torch.ops.aten.gelu.default(x)),
-        ("activation", "silu", lambda x, w, b: torch.ops.aten.silu.default(x)),
-        ("normalization", "layer_norm", lambda x, w, b: torch.ops.aten.layer_norm.default(x, [width], w, b)),
-        ("normalization", "softmax", lambda x, w, b: torch.ops.aten._softmax.default(x, -1, False)),
-    )
     for numel in config.op_class_numels:
-        for kind, name, op in unary:
+        for kind, name, op in _ROW_OPS:
             nbytes = 2.0 * numel * dtype.itemsize
 
             def make(numel: int = numel, op: Callable[..., object] = op, nbytes: float = nbytes) -> Callable[[], object]:
-                w, b = torch.ones(width, device=device, dtype=dtype), torch.zeros(width, device=device, dtype=dtype)
-                return _as_in_a_graph(lambda: (torch.randn(max(1, numel // width), width, device=device).to(dtype), w, b), op, int(nbytes))
+                w, b = torch.ones(_ROW_WIDTH, device=device, dtype=dtype), torch.zeros(_ROW_WIDTH, device=device, dtype=dtype)
+                return _as_in_a_graph(lambda: (torch.randn(max(1, numel // _ROW_WIDTH), _ROW_WIDTH, device=device).to(dtype), w, b), op, int(nbytes))
             out.append((KernelSample(kind, str(dtype).removeprefix("torch."), float(numel), nbytes, 0.0), _Sample(f"{name} of {numel} elements", make, None, True)))
     for b, h, t, d in config.attention_shapes:
         flops, nbytes = 4.0 * b * h * t * t * d, 4.0 * b * h * t * d * dtype.itemsize
