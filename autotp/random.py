@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
+from torch.fx.operator_schemas import normalize_function
 
 SHARDED_SEED_OFFSET = 2718  # as in Megatron-LM's model_parallel_cuda_manual_seed
 
@@ -57,14 +58,10 @@ def draws_random(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
     dropout or a dropout-free attention runs as it is."""
     if not is_random(target):
         return False
-    bound: dict[str, Any] = {}
-    for i, argument in enumerate(target._schema.arguments):
-        if i < len(args):
-            bound[argument.name] = args[i]
-        elif argument.name in kwargs:
-            bound[argument.name] = kwargs[argument.name]
-        elif argument.has_default_value():
-            bound[argument.name] = argument.default_value
+    normalized = normalize_function(target, args, kwargs, normalize_to_only_use_kwargs=True)
+    if normalized is None:  # arguments torch cannot bind to the schema: assume the op draws
+        return True
+    bound = normalized.kwargs  # every argument by name, defaults filled in
     if bound.get("train") is False:
         return False
     probability = next((bound[name] for name in ("p", "dropout_p") if name in bound), None)
