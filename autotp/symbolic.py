@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from cost_models import HardwareProfile, OpClassRate, collective_terms, roofline
+from cost_models.comm import piecewise_linear_seconds
 from autotp.capture import capture
 from autotp.cost import BACKWARD_COMPUTE_FACTOR, CostModel, _STEP_COLLECTIVE, node_flops, node_nbytes, op_class, splits_work
 from autotp.errors import AutoTPError, ConfigError
@@ -253,8 +254,8 @@ class StepLine:
     """One way to run a step: ``fixed + slope · N + Σ extra · Max(0, N - at)``, N the full tensor's bytes.
 
     ``knees`` are ``(at, extra)`` pairs as in ``cost_models.PiecewiseLinearCost`` (the link's
-    bandwidth knees in bytes of the full tensor), summed in the same order so that
-    :meth:`seconds` is the planner's price to the last bit.
+    bandwidth knees in bytes of the full tensor); :meth:`seconds` is
+    ``cost_models.comm.piecewise_linear_seconds``, as the planner's price is.
     """
 
     fixed_seconds: float
@@ -262,7 +263,7 @@ class StepLine:
     knees: tuple[tuple[float, float], ...] = ()
 
     def seconds(self, size: float) -> float:
-        return self.fixed_seconds + self.seconds_per_byte * size + sum(extra * max(0.0, size - at) for at, extra in self.knees)
+        return piecewise_linear_seconds(size, fixed=self.fixed_seconds, slope=self.seconds_per_byte, knees=self.knees)
 
     def expr(self, size: sympy.Expr) -> sympy.Expr:
         bends = [extra * sympy.Max(0, size - at) for at, extra in self.knees]

@@ -74,6 +74,7 @@ __all__ = [
     "collective_seconds",
     "collective_terms",
     "latency_steps",
+    "piecewise_linear_seconds",
     "select_algorithm",
     "transfer_seconds",
 ]
@@ -155,6 +156,15 @@ def _knee_extras(bytes_per_s: float, knees: Sequence[BandwidthKnee]) -> list[tup
     return [(k.moved_nbytes, 1.0 / rate - 1.0 / before) for k, before, rate in zip(knees, rates, rates[1:])]
 
 
+def piecewise_linear_seconds(x: float, *, fixed: float, slope: float, knees: Sequence[tuple[float, float]] = ()) -> float:
+    """``fixed + slope · x + Σ extra · max(0, x - at)`` over ``knees`` = ``(at, extra)`` pairs.
+
+    The one place this sum is written: the planner's prices, calibration's fits and the
+    symbolic terms all call it, so they agree to the last bit.
+    """
+    return fixed + slope * x + sum(extra * max(0.0, x - at) for at, extra in knees)
+
+
 def transfer_seconds(moved_nbytes: float, *, bytes_per_s: float, knees: Sequence[BandwidthKnee] = ()) -> float:
     """Seconds to move ``moved_nbytes`` per rank: the bandwidth term of the collective's time.
 
@@ -162,7 +172,7 @@ def transfer_seconds(moved_nbytes: float, *, bytes_per_s: float, knees: Sequence
 
     e.g. beta = 1e9 B/s, one knee at 1e6 bytes to 5e8 B/s: 3e6 bytes take 3e-3 + 2e6 · 1e-9 = 5e-3 s.
     """
-    return moved_nbytes / bytes_per_s + sum(extra * max(0.0, moved_nbytes - at) for at, extra in _knee_extras(bytes_per_s, knees))
+    return piecewise_linear_seconds(moved_nbytes, fixed=0.0, slope=1.0 / bytes_per_s, knees=_knee_extras(bytes_per_s, knees))
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,7 +192,7 @@ class PiecewiseLinearCost:
     def seconds(self, nbytes: float) -> float:
         if nbytes == 0:
             return 0.0
-        return self.fixed_seconds + self.seconds_per_byte * nbytes + sum(extra * max(0.0, nbytes - at) for at, extra in self.knees)
+        return piecewise_linear_seconds(nbytes, fixed=self.fixed_seconds, slope=self.seconds_per_byte, knees=self.knees)
 
 
 def collective_terms(
