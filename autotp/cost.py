@@ -123,10 +123,10 @@ class CostModel:
             return 0.0
         if node.is_view:  # no kernel; a calibrated profile charges the dispatch
             forward = op_seconds(self.profile, flops=0.0, nbytes=0.0, op_class="view")
-            return forward * (1 + BACKWARD_COMPUTE_FACTOR) if self.training and node.requires_grad else forward
-        share = self.tp_size if splits_work(strategy) else 1
-        dtype = _dtype_name(node.slot_metas[0].dtype if node.slot_metas else torch.float32)
-        forward = op_seconds(self.profile, flops=node_flops(node) / share, nbytes=node_nbytes(node) / share, dtype=dtype, op_class=op_class(node))
+        else:
+            share = self.tp_size if splits_work(strategy) else 1
+            dtype = _dtype_name(node.slot_metas[0].dtype if node.slot_metas else torch.float32)
+            forward = op_seconds(self.profile, flops=node_flops(node) / share, nbytes=node_nbytes(node) / share, dtype=dtype, op_class=op_class(node))
         compute = forward * (1 + BACKWARD_COMPUTE_FACTOR) if self.training and node.requires_grad else forward
         return compute + self.internal_comm_seconds(node, strategy)
 
