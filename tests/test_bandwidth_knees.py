@@ -29,6 +29,7 @@ from cost_models import (
 from cost_models.algorithms import Algorithm
 from cost_models.calibrate import CollectiveSample, KernelSample, build_profile, fit_all, fit_collective
 from cost_models.comm import PiecewiseLinearCost
+from tests._profile_fns import assert_rejected
 
 KIB, MIB = 2**10, 2**20
 SIZES = [4 * KIB * 4**k for k in range(10)]  # 4 KiB .. 1 GiB: large messages 1 .. 1024 MiB
@@ -214,10 +215,7 @@ KNEE = "{ moved_nbytes = 33554432, bytes_per_s = 5e8 }"
     ],
 )
 def test_malformed_knees_name_file_and_field(tmp_path: Path, old: str, new: str, message: str) -> None:
-    assert old in KNEED_TOML, old  # guards the test itself
-    path = _write(tmp_path, KNEED_TOML.replace(old, new, 1), "broken.toml")
-    with pytest.raises(ProfileError, match=re.escape(str(path)) + ": .*" + message):
-        load_profile(path)
+    assert_rejected(tmp_path, KNEED_TOML, old, new, message)
 
 
 # ------------------------------------------------------------------------------------------

@@ -3,7 +3,6 @@ which random ops need their own generator stream."""
 from __future__ import annotations
 
 import dataclasses
-import re
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from autotp.strategies import NodeKind, build_strategy_space
 from autotp.symbolic import B, T
 from cost_models import OP_CLASSES, HardwareProfile, LinkProfile, OpClassRate, ProfileError, load_profile, op_seconds, profile_to_toml, roofline_seconds, write_profile
 from cost_models.calibrate import KernelSample, fit_compute
+from tests._profile_fns import assert_rejected
 
 ROUND = HardwareProfile(
     name="round-classes",
@@ -121,12 +121,7 @@ def test_op_classes_round_trip_through_toml(tmp_path: Path) -> None:
     ],
 )
 def test_malformed_op_classes_name_the_file_and_field(tmp_path: Path, old: str, new: str, message: str) -> None:
-    text = profile_to_toml(ROUND)
-    assert old in text, old
-    path = tmp_path / "broken.toml"
-    path.write_text(text.replace(old, new, 1), encoding="utf-8")
-    with pytest.raises(ProfileError, match=re.escape(str(path)) + ": .*" + message):
-        load_profile(path)
+    assert_rejected(tmp_path, profile_to_toml(ROUND), old, new, message)
 
 
 def test_op_class_names_are_checked_in_python_too() -> None:

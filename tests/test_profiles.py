@@ -19,6 +19,7 @@ from cost_models import (
     write_profile,
 )
 from cost_models.profile_files import _builtin_dir
+from tests._profile_fns import assert_rejected
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -162,10 +163,7 @@ def test_version_2_fields_load(tmp_path: Path) -> None:
     ],
 )
 def test_malformed_v2_profile_names_file_and_field(tmp_path: Path, old: str, new: str, message: str) -> None:
-    assert old in V2_TOML, old  # guards the test itself
-    path = _write(tmp_path, V2_TOML.replace(old, new, 1), "broken.toml")
-    with pytest.raises(ProfileError, match=re.escape(str(path)) + ": .*" + message):
-        load_profile(path)
+    assert_rejected(tmp_path, V2_TOML, old, new, message)
 
 
 def test_version_1_file_cannot_use_version_2_fields(tmp_path: Path) -> None:
