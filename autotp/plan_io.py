@@ -11,7 +11,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from autotp.errors import PlanFormatError
 from autotp.placement import Placement, parse_placement
@@ -151,13 +151,21 @@ def _node_to_dict(node: NodePlan) -> dict[str, Any]:
     }
 
 
+_Kind = TypeVar("_Kind", NodeKind, StepKind)
+
+
+def _kind(obj: _Obj, enum: type[_Kind], what: str, where: str) -> _Kind:
+    """``obj``'s ``kind`` field as a member of ``enum``; an unknown value names the known ones."""
+    text = obj.get("kind", str)
+    try:
+        return enum(text)
+    except ValueError:
+        raise PlanFormatError(f"{where}.kind: unknown {what} {text!r} (known: {', '.join(k.value for k in enum)})") from None
+
+
 def _node_from_dict(data: Any, where: str) -> NodePlan:
     obj = _Obj(data, where)
-    kind_text = obj.get("kind", str)
-    try:
-        kind = NodeKind(kind_text)
-    except ValueError:
-        raise PlanFormatError(f"{where}.kind: unknown node kind {kind_text!r} (known: {', '.join(k.value for k in NodeKind)})") from None
+    kind = _kind(obj, NodeKind, "node kind", where)
     strategy = _Obj(obj.get("strategy", dict), f"{where}.strategy")
     inputs = tuple(_placement(p, f"{where}.strategy.inputs") for p in _str_list(strategy.get("inputs", list), f"{where}.strategy.inputs"))
     raw_out = strategy.get("output", (str, list))
@@ -223,11 +231,7 @@ def _step_to_dict(step: Step) -> dict[str, Any]:
 
 def _step_from_dict(data: Any, where: str) -> Step:
     obj = _Obj(data, where)
-    kind_text = obj.get("kind", str)
-    try:
-        kind = StepKind(kind_text)
-    except ValueError:
-        raise PlanFormatError(f"{where}.kind: unknown step {kind_text!r} (known: {', '.join(k.value for k in StepKind)})") from None
+    kind = _kind(obj, StepKind, "step", where)
     src_dim = obj.get("src_dim", int) if "src_dim" in obj.data else None
     dst_dim = obj.get("dst_dim", int) if "dst_dim" in obj.data else None
     obj.done()
