@@ -62,8 +62,12 @@ class CalibrationConfig:
     batch_seconds: float = 0.05  # each timed batch lasts about this long (see _calls_for)
     group_sizes: tuple[int, ...] = field(default=())  # () -> {2, nproc}
 
+    def groups(self, world_size: int) -> tuple[int, ...]:
+        """The group sizes collectives are measured on: 2 and all ranks (none on one rank)."""
+        return self.group_sizes or tuple(sorted({2, world_size} if world_size >= 2 else ()))
+
     def n_samples(self, world_size: int) -> int:
-        groups = len(self.group_sizes or {2, world_size})
+        groups = len(self.groups(world_size))
         kernels = len(self.matmul_shapes) * len(self.dtypes) + len(self.memory_nbytes)
         op_classes = len(_VIEW_OPS) + len(_ROW_OPS) * len(self.op_class_numels) + len(self.attention_shapes)
         return kernels + op_classes + len(self.collectives) * len(self.message_nbytes) * groups
@@ -289,8 +293,7 @@ def measure_rank(rank: int, world_size: int, config: CalibrationConfig, progress
     device = torch.device("cuda", torch.cuda.current_device()) if config.device_type == "cuda" else torch.device("cpu")
     say = progress if (progress is not None and rank == 0) else (lambda _: None)
     kernels = _kernel_samples(config, device) + _op_class_samples(config, device)
-    group_sizes = config.group_sizes or tuple(sorted({2, world_size} if world_size >= 2 else ()))  # one rank: kernels only
-    groups = {g: dist.new_group(list(range(g))) for g in group_sizes}  # every rank creates every group
+    groups = {g: dist.new_group(list(range(g))) for g in config.groups(world_size)}  # every rank creates every group
     collectives: list[tuple[CollectiveSample, _Sample]] = []
     gap = gap_kernel(device)
     for kind in config.collectives:
