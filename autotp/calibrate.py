@@ -5,7 +5,7 @@ numbers are what one rank gets while its peers work too, which is how a tensor-p
 runs. The fitting is torch-free and lives in ``cost_models.calibrate``.
 
 What is timed (per sample: ``warmup`` untimed then ``repeats`` timed batches, taken round-robin
-over the samples; each batch runs the op ``k`` times back to back between barriers, ``k`` chosen
+over the samples, then more rounds of the samples still noisy, see :func:`measure_rank`; each batch runs the op ``k`` times back to back between barriers, ``k`` chosen
 so that it lasts about ``batch_seconds``, and counts the mean; a collective's sample is the
 median over batches of the slowest rank's time, a kernel's the median over ranks of each rank's
 median):
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import math
 import os
 import platform
 import statistics
@@ -57,14 +58,20 @@ class CalibrationConfig:
     op_class_numels: tuple[int, ...] = ()  # elements of each activation / normalization sample
     attention_shapes: tuple[tuple[int, int, int, int], ...] = ()  # (batch, heads, tokens, head dim)
     collectives: tuple[str, ...] = COLLECTIVES
-    repeats: int = 7
+    repeats: int = 7  # timed batches of every sample
     warmup: int = 2
+    max_repeats: int = 0  # a noisy sample gets more timed batches, up to this many (0: exactly ``repeats``)
+    precision: float = 0.04  # ... until its median's standard error is at most this fraction of it
     batch_seconds: float = 0.05  # each timed batch lasts about this long (see _calls_for)
     group_sizes: tuple[int, ...] = field(default=())  # () -> {2, nproc}
 
     def groups(self, world_size: int) -> tuple[int, ...]:
         """The group sizes collectives are measured on: 2 and all ranks (none on one rank)."""
         return self.group_sizes or tuple(sorted({2, world_size} if world_size >= 2 else ()))
+
+    def repeats_text(self) -> str:
+        """'9 repeats', or '9 to 45 repeats' when noisy samples get more."""
+        return f"{self.repeats}" + (f" to {self.max_repeats}" if self.max_repeats > self.repeats else "") + " repeats"
 
     def n_samples(self, world_size: int) -> int:
         groups = len(self.groups(world_size))
@@ -91,7 +98,7 @@ def default_config(*, device_type: str, quick: bool) -> CalibrationConfig:
         shapes = shapes[:5]
     top = 16 * MIB if quick else 256 * MIB
     messages = tuple(s for s in (4**k * 4 * KIB for k in range(10)) if s <= top)
-    return CalibrationConfig(device_type, shapes, dtypes, memory, messages, numels, attention, repeats=5 if quick else 9, warmup=1 if quick else 2)
+    return CalibrationConfig(device_type, shapes, dtypes, memory, messages, numels, attention, repeats=5 if quick else 9, warmup=1 if quick else 2, max_repeats=0 if quick else 45)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,9 +152,30 @@ def _estimate(op: Callable[[], object], device: torch.device) -> float:
 
 def _agree(value: int, device: torch.device, group: dist.ProcessGroup | None = None) -> int:
     """The largest of every rank's ``value`` (all ranks must run the same number of calls)."""
-    t = torch.tensor([value], dtype=torch.int64, device=device)
+    return _agree_all([value], device, group)[0]
+
+
+def _agree_all(values: Sequence[int], device: torch.device, group: dist.ProcessGroup | None = None) -> list[int]:
+    """The largest of every rank's value, element by element."""
+    t = torch.tensor(list(values), dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return int(t.item())
+    return [int(v) for v in t.tolist()]
+
+
+def median_relative_error(times: Sequence[float]) -> float:
+    """Standard error of the median of ``times``, as a fraction of it; ``inf`` for fewer than 3.
+
+    Distribution-free (McKean and Schrader): half the distance between the order statistics
+    sqrt(n)/2 ranks either side of the middle. Batch times on a shared machine have long tails,
+    where the normal formula would mislead.
+    """
+    n = len(times)
+    if n < 3:
+        return math.inf
+    ordered = sorted(times)
+    c = max(1, math.floor((n + 1) / 2 - math.sqrt(n) / 2 + 0.5))  # 1-based rank of the lower one
+    middle = statistics.median(ordered)
+    return (ordered[n - c] - ordered[c - 1]) / 2 / middle if middle > 0 else math.inf
 
 
 def _collective_op(kind: str, nbytes: int, group: dist.ProcessGroup, n: int, device: torch.device) -> Callable[[], object]:
@@ -284,11 +312,38 @@ def _op_class_samples(config: CalibrationConfig, device: torch.device) -> list[t
     return out
 
 
+def _time_batch(sample: _Sample, device: torch.device, config: CalibrationConfig) -> float:
+    """One timed batch of ``sample`` on this rank (0.0 if it is not in the sample's group); every rank takes part."""
+    seconds = 0.0
+    if sample.member:
+        op = sample.make()
+        if sample.calls == 0:  # as many calls as fill a batch, the same on every rank
+            one = op if sample.gap is None else (lambda op=op, gap=sample.gap: (gap(), op()))
+            sample.calls = _agree(_calls_for(_estimate(one, device), config.batch_seconds), device, sample.group)
+        if sample.gap is None:
+            seconds = _timed_batches(op, calls=sample.calls, repeats=1, warmup=0, device=device, group=sample.group)[0]
+        else:
+            seconds = collective_seconds(op, sample.gap, calls=sample.calls, device=device, group=sample.group)
+        del op
+    if sample.group is not None:
+        dist.barrier()
+    return seconds
+
+
+def _needs_more(sample: _Sample, config: CalibrationConfig) -> bool:
+    return sample.member and len(sample.times) < config.max_repeats and median_relative_error(sample.times) > config.precision
+
+
 def measure_rank(rank: int, world_size: int, config: CalibrationConfig, progress: Progress | None = None) -> RankMeasurements:
     """Run the whole grid on this rank (inside ``autotp.testing.run_on_ranks``).
 
     Samples are timed round-robin, one batch of each per round, so a burst of load from
-    elsewhere on the machine spreads over all samples instead of spoiling one.
+    elsewhere on the machine spreads over all samples instead of spoiling one. Then, while any
+    rank finds a sample's median less certain than ``config.precision``
+    (:func:`median_relative_error`), further rounds time the noisy samples, up to
+    ``config.max_repeats`` batches each. On a shared 2-core VM the batches of one collective
+    spread by a factor of 2, and a median of 9 moved by 15 to 38% between runs; of 36, by
+    10% or less.
     """
     device = torch.device("cuda", torch.cuda.current_device()) if config.device_type == "cuda" else torch.device("cpu")
     say = progress if (progress is not None and rank == 0) else (lambda _: None)
@@ -306,23 +361,20 @@ def measure_rank(rank: int, world_size: int, config: CalibrationConfig, progress
     rounds = config.warmup + config.repeats
     for round_ in range(rounds):
         for k, sample in enumerate(samples):
-            if sample.member:
-                op = sample.make()
-                if sample.calls == 0:  # as many calls as fill a batch, the same on every rank
-                    one = op if sample.gap is None else (lambda op=op, gap=sample.gap: (gap(), op()))
-                    sample.calls = _agree(_calls_for(_estimate(one, device), config.batch_seconds), device, sample.group)
-                if sample.gap is None:
-                    seconds = _timed_batches(op, calls=sample.calls, repeats=1, warmup=0, device=device, group=sample.group)[0]
-                else:
-                    seconds = collective_seconds(op, sample.gap, calls=sample.calls, device=device, group=sample.group)
-                if round_ >= config.warmup:
-                    sample.times.append(seconds)
-                del op
-            if sample.group is not None:
-                dist.barrier()
+            seconds = _time_batch(sample, device, config)
+            if round_ >= config.warmup and sample.member:
+                sample.times.append(seconds)
             if round_ == 0:
                 say(f"[{k + 1}/{len(samples)}] {sample.label}" + (f": {seconds * 1e6:.1f} us" if sample.member else ""))
         say(f"round {round_ + 1}/{rounds} done" + (" (warm-up)" if round_ < config.warmup else ""))
+    extra = 0
+    while noisy := [s for s, again in zip(samples, _agree_all([_needs_more(s, config) for s in samples], device)) if again]:
+        extra += 1
+        say(f"extra round {extra}: {len(noisy)} noisy samples, each to be within {config.precision:.0%} (at most {config.max_repeats} repeats)")
+        for sample in noisy:
+            seconds = _time_batch(sample, device, config)
+            if sample.member:
+                sample.times.append(seconds)
     for group in groups.values():
         dist.destroy_process_group(group)
     return RankMeasurements([(ks, s.times) for ks, s in kernels], [(cs, s.times) for cs, s in collectives])
@@ -345,13 +397,17 @@ def merge(ranks: Sequence[RankMeasurements], *, statistic: str = "median") -> tu
         sample = per_rank[0][0]
         seconds = statistics.median(reduce(times) for _, times in per_rank)
         kernels.append(KernelSample(sample.kind, sample.dtype, sample.flops, sample.nbytes, seconds))
-    collectives = []
-    first = ranks[0].collectives
-    for index, (sample, _) in enumerate(first):
-        members = [r.collectives[index][1] for r in ranks[: sample.group_size]]
-        slowest = [max(batch) for batch in zip(*members)]
-        collectives.append(CollectiveSample(sample.collective, sample.group_size, sample.nbytes, reduce(slowest)))
+    collectives = [CollectiveSample(s.collective, s.group_size, s.nbytes, reduce(slowest)) for s, slowest in slowest_batches(ranks)]
     return kernels, collectives
+
+
+def slowest_batches(ranks: Sequence[RankMeasurements]) -> list[tuple[CollectiveSample, list[float]]]:
+    """Each collective sample with, per timed batch, the slowest member rank's seconds (a collective ends when its last rank does)."""
+    out = []
+    for index, (sample, _) in enumerate(ranks[0].collectives):
+        members = [r.collectives[index][1] for r in ranks[: sample.group_size]]
+        out.append((sample, [max(batch) for batch in zip(*members)]))
+    return out
 
 
 def memory_capacity_nbytes(device_type: str, nproc: int) -> int:

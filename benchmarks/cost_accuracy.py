@@ -7,7 +7,10 @@ For each world size N (2 and 4 gloo CPU ranks, one thread each):
 
 1. **Calibrate** on N ranks exactly as ``autotp calibrate --nproc N`` does, giving a profile.
 2. **Collectives, out of sample.** Time each collective again in a separate run, at 1, 4 and
-   16 MiB (and 64 MiB unless ``--quick``), and compare with the profile's prediction.
+   16 MiB (and 64 MiB unless ``--quick``), with calibration's own sampler
+   (``autotp.calibrate.measure_rank``: 9 to 45 batches, until the median is known to 4%), and
+   compare with the profile's prediction. The table gives each measurement's own standard
+   error beside the model's error: what noise alone would explain.
 3. **Forward step times.** For GPT and LLaMA at three sizes, plan with the profile
    (``training=False``: a forward step) and time the sharded model's forward pass (the slowest
    rank's mean over batches of back-to-back steps, the layouts batched round-robin) for three layouts: autotp's plan,
@@ -46,7 +49,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 import autotp
 from autotp.api import plan_model
-from autotp.calibrate import MIB, STATISTICS, _agree, _calls_for, _collective_op, _estimate, collective_seconds as time_collective, default_config, gap_kernel, describe_machine, measure_rank, memory_capacity_nbytes, merge
+from autotp.calibrate import MIB, STATISTICS, CalibrationConfig, RankMeasurements, _agree, _calls_for, _estimate, default_config, describe_machine, measure_rank, median_relative_error, memory_capacity_nbytes, merge, slowest_batches
 from autotp.capture import capture
 from autotp.cost import CostModel
 from autotp.examples import build_example
@@ -144,24 +147,6 @@ def _time_forwards(modules: dict[str, torch.nn.Module], inputs: tuple[torch.Tens
     return seconds
 
 
-def _time_collectives(world: int, sizes: Sequence[int], repeats: int) -> dict[tuple[str, int], list[float]]:
-    """Seconds per call of each collective, timed as calibration times it (after compute, ~50 ms batches, round-robin)."""
-    out: dict[tuple[str, int], list[float]] = {(k, s): [] for k in CHECK_COLLECTIVES for s in sizes}
-    group, cpu = dist.group.WORLD, torch.device("cpu")
-    gap = gap_kernel(cpu)
-    calls: dict[tuple[str, int], int] = {}
-    for i in range(repeats + 1):
-        for kind in CHECK_COLLECTIVES:
-            for size in sizes:
-                op = _collective_op(kind, size, group, world, cpu)
-                if (kind, size) not in calls:
-                    calls[(kind, size)] = _agree(_calls_for(_estimate(lambda: (gap(), op()), cpu), 0.05), cpu)
-                seconds = time_collective(op, gap, calls=calls[(kind, size)], device=cpu, group=None)
-                if i > 0:
-                    out[(kind, size)].append(seconds)
-    return out
-
-
 def _reference_matmul_seconds() -> float:
     """Seconds per (512, 512) @ (512, 512) fp32 matmul, on all ranks at once, as calibration times it."""
     a, b = torch.randn(512, 512), torch.randn(512, 512)
@@ -176,10 +161,11 @@ def _reference_matmul_seconds() -> float:
     return statistics.median(per_batch)
 
 
-def accuracy_rank(rank: int, world: int, cases: list, sizes: Sequence[int], steps: int, warmup: int) -> tuple[dict, list, tuple[float, float]]:
+def accuracy_rank(rank: int, world: int, cases: list, sizes: Sequence[int], steps: int, warmup: int) -> tuple[RankMeasurements, list, tuple[float, float]]:
     """On each rank: a reference matmul, the out-of-sample collectives, every case's layouts, the matmul again."""
     before = _reference_matmul_seconds()
-    collectives = _time_collectives(world, sizes, repeats=9)
+    check = CalibrationConfig("cpu", (), (), (), tuple(sizes), collectives=CHECK_COLLECTIVES, repeats=9, warmup=1, max_repeats=45, group_sizes=(world,))
+    collectives = measure_rank(rank, world, check)  # timed exactly as calibration times them
     mesh = init_device_mesh("cpu", (world,))
     times = []
     for (example, _label, config, batch, seq), plans in cases:
@@ -204,7 +190,7 @@ def calibrate(world: int, *, quick: bool, out_dir: Path) -> dict[str, HardwarePr
     for statistic in STATS:
         report = fit_all(*merge(ranks, statistic=statistic))
         print(f"--- {statistic} ---\n{report.text()}", flush=True)
-        description = describe_machine("cpu", world, "gloo") + f", {statistic} of {config.repeats} repeats"
+        description = describe_machine("cpu", world, "gloo") + f", {statistic} of {config.repeats_text()}"
         profile = build_profile(report, name=f"bench-cpu-{world}-{statistic}", device_type="cpu", memory_capacity_nbytes=memory_capacity_nbytes("cpu", world), description=description)
         path = write_profile(profile, out_dir / f"bench-cpu-{world}-{statistic}.toml", header=f"benchmarks/cost_accuracy.py calibration\n\n{report.text()}")
         print(f"wrote {path}", flush=True)
@@ -236,11 +222,11 @@ def _report(statistic: str, steps: list[StepResult], coll_rows: list, ranking: l
     median_step = statistics.median(abs(s.error) for s in steps)
     print(f"\nmedian |error| over {len(steps)} step times: {median_step:.1%} (target <= {TARGET_STEP_ERROR:.0%})")
     print("\n## Collectives >= 1 MiB, out of sample\n")
-    print("| ranks | collective | MiB | predicted ms | measured ms | error |")
-    print("|---|---|---|---|---|---|")
+    print("| ranks | collective | MiB | predicted ms | measured ms | measurement's own error | batches | error |")
+    print("|---|---|---|---|---|---|---|---|")
     per_collective: dict[tuple[int, str], list[float]] = {}
-    for world, kind, size, p, m in coll_rows:
-        print(f"| {world} | {kind} | {size // MIB} | {p * 1e3:.2f} | {m * 1e3:.2f} | {p / m - 1:+.0%} |")
+    for world, kind, size, p, m, batches in coll_rows:
+        print(f"| {world} | {kind} | {size // MIB} | {p * 1e3:.2f} | {m * 1e3:.2f} | ±{median_relative_error(batches):.0%} | {len(batches)} | {p / m - 1:+.0%} |")
         per_collective.setdefault((world, kind), []).append(abs(p / m - 1))
     print("\n| ranks | collective | median error |\n|---|---|---|")
     for (world, kind), errs in per_collective.items():
@@ -294,9 +280,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                      f"{before * 1e3:.2f} ms before and {after * 1e3:.2f} ms after the timings (load average now {_load()})")
         for statistic, profile in profiles.items():
             link = profile.link_for_group(world)
-            for kind, size in collectives[0]:
-                measured = _over_steps([c[(kind, size)] for c in collectives], statistic)
-                coll_rows[statistic].append((world, kind, size, collective_seconds(link, kind, nbytes=size, group_size=world), measured))
+            for sample, slowest in slowest_batches(collectives):
+                predicted = collective_seconds(link, sample.collective, nbytes=sample.nbytes, group_size=world)
+                coll_rows[statistic].append((world, sample.collective, int(sample.nbytes), predicted, STATISTICS[statistic](slowest), slowest))
             for k, ((example, label, config, batch, seq), plans) in enumerate(cases):
                 predicted, measured = {}, {}
                 for name, plan in plans.items():

@@ -55,7 +55,8 @@ from __future__ import annotations
 import itertools
 import math
 import statistics
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 from dataclasses import dataclass, replace
 
 from cost_models.algorithms import ALGORITHMS, Algorithm, Collective
@@ -165,7 +166,8 @@ class ComputeFit:
 @dataclass(frozen=True, slots=True)
 class CalibrationReport:
     compute: ComputeFit
-    collectives: tuple[CollectiveFit, ...]
+    collectives: tuple[CollectiveFit, ...]  # one per collective, over every group size
+    group_fits: tuple[CollectiveFit, ...] = ()  # one per collective and group size, when several were timed
 
     def text(self) -> str:
         c = self.compute
@@ -185,14 +187,19 @@ class CalibrationReport:
             return "\n".join(lines)
         lines += ["", "collectives (fitted on each; latency = o + steps·alpha at the largest group):",
                   f"  {'collective':<17} {'ranks':>5} {'latency':>10} {'bandwidth':>11} {'R²':>6} {'median err':>10} {'>=1MiB err':>10}  knees (moved per rank:bandwidth)"]
-        for f in self.collectives:
-            n = max(f.group_sizes)
-            large = "-" if f.median_rel_error_large is None else f"{f.median_rel_error_large:.1%}"
-            lines.append(
-                f"  {f.collective + ('' if f.algorithm is None else f' ({f.algorithm.value})'):<17} {n:>5} {f.fixed_seconds(n) * 1e6:>8.1f}us {f.bytes_per_s / 1e9:>7.3f}GB/s "
-                f"{f.r2:>6.3f} {f.median_rel_error:>10.1%} {large:>10}  {f.knees_text()}"
-            )
+        lines += [_collective_row(f, max(f.group_sizes)) for f in self.collectives]
+        if self.group_fits:
+            lines += ["", "measured groups (fitted on one group size alone, kept where that fits it better than the joint fit):"]
+            lines += [_collective_row(f, f.group_sizes[0]) for f in self.group_fits]
         return "\n".join(lines)
+
+
+def _collective_row(f: CollectiveFit, n: int) -> str:
+    large = "-" if f.median_rel_error_large is None else f"{f.median_rel_error_large:.1%}"
+    return (
+        f"  {f.collective + ('' if f.algorithm is None else f' ({f.algorithm.value})'):<17} {n:>5} {f.fixed_seconds(n) * 1e6:>8.1f}us {f.bytes_per_s / 1e9:>7.3f}GB/s "
+        f"{f.r2:>6.3f} {f.median_rel_error:>10.1%} {large:>10}  {f.knees_text()}"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -476,7 +483,46 @@ def fit_all(kernels: Sequence[KernelSample], collectives: Iterable[CollectiveSam
     fits = tuple(fit_collective_algorithm(by_kind[c.value]) for c in Collective if c.value in by_kind)
     if not any(f.collective == Collective.ALL_REDUCE.value for f in fits):
         raise CalibrationError("all_reduce was not measured; the link's own numbers come from it")
-    return CalibrationReport(fit_compute(kernels), fits)
+    return CalibrationReport(fit_compute(kernels), fits, _group_fits(fits, by_kind))
+
+
+def _group_fits(fits: Sequence[CollectiveFit], by_kind: Mapping[str, Sequence[CollectiveSample]]) -> tuple[CollectiveFit, ...]:
+    """Each collective fitted on each group size alone, under the algorithm the joint fit chose.
+
+    The joint fit prices group sizes that were not timed; these price the ones that were. A
+    group keeps the joint fit where that prices its timings better (fitted alone, a group has
+    half the large messages, so fewer knees), or where they cannot be fitted alone.
+    """
+    out = []
+    for f in fits:
+        if len(f.group_sizes) < 2:
+            continue
+        for n in f.group_sizes:
+            samples = [s for s in by_kind[f.collective] if s.group_size == n]
+            try:
+                alone = fit_collective(samples, algorithm=f.algorithm)
+            except CalibrationError:
+                continue
+            if _squared_relative_error(alone, samples) < _squared_relative_error(f, samples):
+                out.append(alone)
+    return tuple(out)
+
+
+def _link_numbers(f: CollectiveFit) -> dict[str, Any]:
+    return {"call_overhead_seconds": f.call_overhead_seconds, "latency_seconds": f.latency_seconds, "bytes_per_s": f.bytes_per_s, "bandwidth_knees": f.bandwidth_knees}
+
+
+def _measured_group_links(report: CalibrationReport, joint: LinkProfile) -> dict[int, LinkProfile]:
+    """One link per group size with a collective fitted alone; a collective that was not
+    keeps its joint numbers there."""
+    by_kind = {f.collective: f for f in report.collectives}
+    links = {}
+    for n in sorted({f.group_sizes[0] for f in report.group_fits}):
+        alone = {f.collective: f for f in report.group_fits if f.group_sizes == (n,)}
+        base = alone.get(Collective.ALL_REDUCE.value, by_kind[Collective.ALL_REDUCE.value])
+        overrides = {kind: CollectiveLink(**_link_numbers(alone.get(kind, f))) for kind, f in by_kind.items() if kind != Collective.ALL_REDUCE.value}
+        links[n] = LinkProfile(**_link_numbers(base), collectives=overrides, algorithms=joint.algorithms)
+    return links
 
 
 def build_profile(
@@ -509,6 +555,8 @@ def build_profile(
         algorithms={f.collective: f.algorithm.value for f in report.collectives if f.algorithm is not None},
     )
     measured = f"measured by autotp calibrate ({description})"
+    groups = _measured_group_links(report, link)
+    link = replace(link, measured_groups=groups)
     sources = {
         "compute.peak_flops_per_s": f"{measured}: achieved matmul FLOP/s, least squares over the shape grid",
         "compute.compute_efficiency": "1.0: the measured rates are achieved rates",
@@ -526,6 +574,9 @@ def build_profile(
         sources[f"links.intra_node.{kind}"] = f"{measured}: {kind} fit (R² {f.r2:.3f}, median error {f.median_rel_error:.1%})"
     if link.algorithms:
         sources["links.intra_node.algorithms"] = f"{measured}: the algorithm whose cost fits the timings over the group sizes best"
+    for n in groups:
+        fitted = ", ".join(f"{f.collective} {f.median_rel_error:.1%}" for f in report.group_fits if f.group_sizes == (n,))
+        sources[f"links.intra_node.measured_groups.{n}"] = f"{measured}: each collective fitted on groups of {n} ranks alone (median error {fitted})"
     return HardwareProfile(
         name=name,
         device_type=device_type,

@@ -202,6 +202,7 @@ def collective_terms(
 
     ``algorithm=None`` uses the link's choice (``link.algorithm(kind)``); ``"auto"`` gives every
     algorithm the collective has. One curve for a concrete algorithm. Empty for n == 1.
+    A group size the link was measured on is priced by that measurement (``LinkProfile.for_group``).
     With bytes_moved = f · B, a knee at k bytes moved starts at B = k / f and adds
     f · (1/beta_i - 1/beta_{i-1}) seconds per byte of B.
     """
@@ -209,6 +210,7 @@ def collective_terms(
     n = _group_size(group_size)
     if n == 1:
         return ()
+    link = link.for_group(n)
     chosen = parse_algorithm(kind, link.algorithm(kind) if algorithm is None else algorithm)
     algorithms = ALGORITHMS[kind] if chosen == AUTO else (chosen,)
     o, alpha, beta = link.alpha_beta(kind)

@@ -37,6 +37,12 @@ Every field name carries its unit, so a file cannot be read two ways. Schema ver
                                                           # only with bytes_per_s, and replace
                                                           # the link's knees)
 
+    [links.intra_node.measured_groups.4]                  # optional: the link as measured on
+    latency_seconds = 0.0                                 # groups of exactly 4 ranks (a whole
+    bytes_per_s = 2.1e11                                  # link table: numbers, knees, algorithms,
+    call_overhead_seconds = 4e-5                          # per-collective tables); it prices
+                                                          # every group of 4
+
     [links.inter_node]                                    # optional, same fields as intra_node
     ...
 
@@ -188,6 +194,7 @@ _OP_CLASSES_PATH = ("compute", "op_classes")
 _FLOPS_PATH = ("compute", "peak_flops_per_s")
 _LINK_NAMES = ("intra_node", "inter_node")
 _COLLECTIVE_NAMES = frozenset(c.value for c in Collective)
+_GROUPS = "measured_groups"  # [links.<link>.measured_groups.<n>]: the link as measured on n ranks
 
 # Which keys each table may hold; anything else is a typo or a field without a unit.
 _KNOWN_KEYS: dict[tuple[str, ...], frozenset[str]] = {
@@ -197,7 +204,7 @@ _KNOWN_KEYS: dict[tuple[str, ...], frozenset[str]] = {
     **{(*_OP_CLASSES_PATH, c): frozenset(_OP_CLASS_FIELDS) for c in OP_CLASSES},
     ("memory",): frozenset({"bytes_per_s", "capacity_nbytes", "efficiency"}),
     ("links",): frozenset({"intra_node", "inter_node", "devices_per_node"}),
-    **{("links", link): frozenset({*_LINK_FIELDS, _KNEES, "algorithms"} | _COLLECTIVE_NAMES) for link in _LINK_NAMES},
+    **{("links", link): frozenset({*_LINK_FIELDS, _KNEES, "algorithms", _GROUPS} | _COLLECTIVE_NAMES) for link in _LINK_NAMES},
     **{("links", link, "algorithms"): _COLLECTIVE_NAMES for link in _LINK_NAMES},
     **{("links", link, c): frozenset({*_LINK_FIELDS, _KNEES}) for link in _LINK_NAMES for c in _COLLECTIVE_NAMES},
 }
@@ -231,18 +238,21 @@ def _get(data: Mapping[str, Any], path: tuple[str, ...]) -> Any:
 
 def _reject_unknown_keys(data: Mapping[str, Any], *, where: str) -> None:
     for path, known in _KNOWN_KEYS.items():
-        table = _get(data, path) if path else data
-        if not isinstance(table, Mapping):
-            continue  # missing or mistyped tables are reported by _lookup
-        unknown = sorted(set(table) - known)
-        if unknown:
-            name = _dotted((*path, unknown[0]))
-            hint = difflib.get_close_matches(unknown[0], sorted(known), n=1, cutoff=0.6)
-            raise ProfileError(
-                f"{where}: unknown field {name!r}; expected one of {sorted(known)} "
-                f"(units are part of each field name, e.g. bytes_per_s, latency_seconds)"
-                + (f"; did you mean {hint[0]!r}?" if hint else "")
-            )
+        _reject_unknown(_get(data, path) if path else data, known, path, where=where)
+
+
+def _reject_unknown(table: object, known: frozenset[str], path: tuple[str, ...], *, where: str) -> None:
+    if not isinstance(table, Mapping):
+        return  # missing or mistyped tables are reported by _lookup
+    unknown = sorted(set(table) - known)
+    if unknown:
+        name = _dotted((*path, unknown[0]))
+        hint = difflib.get_close_matches(unknown[0], sorted(known), n=1, cutoff=0.6)
+        raise ProfileError(
+            f"{where}: unknown field {name!r}; expected one of {sorted(known)} "
+            f"(units are part of each field name, e.g. bytes_per_s, latency_seconds)"
+            + (f"; did you mean {hint[0]!r}?" if hint else "")
+        )
 
 
 def _check_version(data: Mapping[str, Any], *, where: str) -> int:
@@ -304,8 +314,8 @@ def _knees_from_dict(table: Mapping[str, Any], path: tuple[str, ...], *, where: 
         raise _bad_field(where, name, str(exc), raw) from None
 
 
-def _link_from_dict(data: Mapping[str, Any], link: str, *, where: str) -> LinkProfile:
-    base = ("links", link)
+def _link_from_dict(data: Mapping[str, Any], base: tuple[str, ...], *, where: str) -> LinkProfile:
+    """The link table at ``base`` (``links.intra_node``, or one of its measured groups)."""
     values = {
         name: _scalar(data, (*base, name), check, meaning, where=where)
         for name, (check, meaning) in _LINK_FIELDS.items()
@@ -335,7 +345,30 @@ def _link_from_dict(data: Mapping[str, Any], link: str, *, where: str) -> LinkPr
         if algorithm not in offered:
             raise _bad_field(where, _dotted((*base, "algorithms", kind)), f"one of {offered}", algorithm)
     knees = _knees_from_dict(table, base, where=where)
-    return LinkProfile(**values, collectives=overrides, algorithms=dict(algorithms), bandwidth_knees=knees)
+    return LinkProfile(**values, collectives=overrides, algorithms=dict(algorithms), bandwidth_knees=knees, measured_groups=_measured_groups(data, base, where=where))
+
+
+def _measured_groups(data: Mapping[str, Any], base: tuple[str, ...], *, where: str) -> dict[int, LinkProfile]:
+    """``[<base>.measured_groups.<n>]`` tables: whole links, each for groups of exactly n ranks."""
+    path = (*base, _GROUPS)
+    groups = _get(data, path)
+    if groups is None:
+        return {}
+    if not isinstance(groups, Mapping) or len(base) != 2:
+        raise _bad_field(where, _dotted(path), "a table of group size -> link table (on intra_node or inter_node only)", groups)
+    out = {}
+    for key, table in groups.items():
+        if not key.isdigit() or int(key) < 2:
+            raise _bad_field(where, _dotted((*path, key)), "a group size: a whole number >= 2", key)
+        if not isinstance(table, Mapping):
+            raise _bad_field(where, _dotted((*path, key)), "a link table", table)
+        group = (*path, key)
+        _reject_unknown(table, _KNOWN_KEYS[base] - {_GROUPS}, group, where=where)
+        _reject_unknown(table.get("algorithms"), _COLLECTIVE_NAMES, (*group, "algorithms"), where=where)
+        for kind in _COLLECTIVE_NAMES & set(table):
+            _reject_unknown(table[kind], _KNOWN_KEYS[(*base, kind)], (*group, kind), where=where)
+        out[int(key)] = _link_from_dict(data, group, where=where)
+    return out
 
 
 def _op_classes_from_dict(data: Mapping[str, Any], *, where: str) -> dict[str, OpClassRate]:
@@ -369,15 +402,24 @@ def _known_source_paths(data: Mapping[str, Any]) -> set[str]:
             paths |= {_dotted((*_OP_CLASSES_PATH, name))} | {_dotted((*_OP_CLASSES_PATH, name, f)) for f in _OP_CLASS_FIELDS}
     for link in _LINK_NAMES:
         table = _get(data, ("links", link))
-        if not isinstance(table, Mapping):
-            continue
-        paths |= {f"links.{link}"} | {f"links.{link}.{f}" for f in _LINK_FIELDS}
-        if _KNEES in table:
-            paths.add(f"links.{link}.{_KNEES}")
-        for kind in _COLLECTIVE_NAMES & set(table):
-            paths |= {f"links.{link}.{kind}"} | {f"links.{link}.{kind}.{f}" for f in table[kind]}
-        if "algorithms" in table:
-            paths.add(f"links.{link}.algorithms")
+        paths |= _link_source_paths(table, f"links.{link}")
+        groups = table.get(_GROUPS) if isinstance(table, Mapping) else None
+        if isinstance(groups, Mapping):
+            for n, group in groups.items():
+                paths |= _link_source_paths(group, f"links.{link}.{_GROUPS}.{n}")
+    return paths
+
+
+def _link_source_paths(table: object, name: str) -> set[str]:
+    if not isinstance(table, Mapping):
+        return set()
+    paths = {name} | {f"{name}.{f}" for f in _LINK_FIELDS}
+    if _KNEES in table:
+        paths.add(f"{name}.{_KNEES}")
+    for kind in _COLLECTIVE_NAMES & set(table):
+        paths |= {f"{name}.{kind}"} | {f"{name}.{kind}.{f}" for f in table[kind]}
+    if "algorithms" in table:
+        paths.add(f"{name}.algorithms")
     return paths
 
 
@@ -417,8 +459,8 @@ def profile_from_dict(data: Mapping[str, Any], *, where: str = "<profile>") -> H
             in_range(rate)
         except _Invalid as exc:
             raise _bad_field(where, _dotted((*_FLOPS_PATH, dtype)), str(exc), rate) from None
-    intra = _link_from_dict(data, "intra_node", where=where)
-    inter = _link_from_dict(data, "inter_node", where=where) if _get(data, ("links", "inter_node")) is not None else None
+    intra = _link_from_dict(data, ("links", "intra_node"), where=where)
+    inter = _link_from_dict(data, ("links", "inter_node"), where=where) if _get(data, ("links", "inter_node")) is not None else None
     devices = _get(data, ("links", "devices_per_node"))
     if (inter is None) != (devices is None):
         given, missing = ("links.inter_node", "links.devices_per_node") if inter is not None else ("links.devices_per_node", "links.inter_node")
@@ -500,6 +542,8 @@ def _link_lines(name: str, link: LinkProfile, comments: Mapping[str, str]) -> li
                 lines.append(f"{field} = {_toml_value(value)}")
         if override.bandwidth_knees:
             lines.append(_knees_line(override.bandwidth_knees))
+    for n, group in link.measured_groups.items():
+        lines += _link_lines(f"{name}.{_GROUPS}.{n}", group, comments)
     return lines
 
 

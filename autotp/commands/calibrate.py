@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     path = Path(args.output) if args.output else user_profile_dirs()[0] / f"{name}.toml"
     backend = "nccl" if device == "cuda" else "gloo"
     config = default_config(device_type=device, quick=args.quick)
-    print(f"autotp calibrate: measuring {config.n_samples(args.nproc)} samples, {config.warmup + config.repeats} rounds, on {args.nproc} {device} ranks over {backend} ...", flush=True)
+    print(f"autotp calibrate: measuring {config.n_samples(args.nproc)} samples, {config.repeats_text()} of each after {config.warmup} warm-up, on {args.nproc} {device} ranks over {backend} ...", flush=True)
     started = time.perf_counter()
     try:
         ranks = run_on_ranks(measure_rank, args.nproc, config, _progress, timeout_seconds=args.timeout, backend=backend)
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     except CalibrationError as exc:
         print(f"autotp: error: cannot fit the measurements: {exc}", file=sys.stderr)
         return 1
-    description = describe_machine(device, args.nproc, backend) + f", {args.statistic} of {config.repeats} repeats"
+    description = describe_machine(device, args.nproc, backend) + f", {args.statistic} of {config.repeats_text()}"
     profile = build_profile(report, name=name, device_type=device, memory_capacity_nbytes=memory_capacity_nbytes(device, args.nproc), description=description)
     flags = (" --quick" if args.quick else "") + (f" --statistic {args.statistic}" if args.statistic != "median" else "")
     header = f"Written by `autotp calibrate --nproc {args.nproc}{flags}` on {description}.\n\nFit report:\n{report.text()}"
