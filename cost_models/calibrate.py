@@ -512,17 +512,18 @@ def _link_numbers(f: CollectiveFit) -> dict[str, Any]:
     return {"call_overhead_seconds": f.call_overhead_seconds, "latency_seconds": f.latency_seconds, "bytes_per_s": f.bytes_per_s, "bandwidth_knees": f.bandwidth_knees}
 
 
-def _measured_group_links(report: CalibrationReport, joint: LinkProfile) -> dict[int, LinkProfile]:
+def _link_from_fits(fits: Mapping[str, CollectiveFit], algorithms: Mapping[str, str], measured_groups: Mapping[int, LinkProfile] | None = None) -> LinkProfile:
+    """A link whose own numbers are all_reduce's fit, with a per-collective table for every other fit."""
+    overrides = {kind: CollectiveLink(**_link_numbers(f)) for kind, f in fits.items() if kind != Collective.ALL_REDUCE.value}
+    return LinkProfile(**_link_numbers(fits[Collective.ALL_REDUCE.value]), collectives=overrides, algorithms=algorithms, measured_groups=measured_groups or {})
+
+
+def _measured_group_links(report: CalibrationReport, algorithms: Mapping[str, str]) -> dict[int, LinkProfile]:
     """One link per group size with a collective fitted alone; a collective that was not
     keeps its joint numbers there."""
     by_kind = {f.collective: f for f in report.collectives}
-    links = {}
-    for n in sorted({f.group_sizes[0] for f in report.group_fits}):
-        alone = {f.collective: f for f in report.group_fits if f.group_sizes == (n,)}
-        base = alone.get(Collective.ALL_REDUCE.value, by_kind[Collective.ALL_REDUCE.value])
-        overrides = {kind: CollectiveLink(**_link_numbers(alone.get(kind, f))) for kind, f in by_kind.items() if kind != Collective.ALL_REDUCE.value}
-        links[n] = LinkProfile(**_link_numbers(base), collectives=overrides, algorithms=joint.algorithms)
-    return links
+    groups = sorted({f.group_sizes[0] for f in report.group_fits})
+    return {n: _link_from_fits({**by_kind, **{f.collective: f for f in report.group_fits if f.group_sizes == (n,)}}, algorithms) for n in groups}
 
 
 def build_profile(
@@ -541,22 +542,10 @@ def build_profile(
     c = report.compute
     by_kind = {f.collective: f for f in report.collectives}
     base = by_kind[Collective.ALL_REDUCE.value]
-    overrides = {
-        kind: CollectiveLink(
-            call_overhead_seconds=f.call_overhead_seconds, latency_seconds=f.latency_seconds, bytes_per_s=f.bytes_per_s,
-            bandwidth_knees=f.bandwidth_knees,
-        )
-        for kind, f in by_kind.items()
-        if kind != Collective.ALL_REDUCE.value
-    }
-    link = LinkProfile(
-        latency_seconds=base.latency_seconds, bytes_per_s=base.bytes_per_s, call_overhead_seconds=base.call_overhead_seconds,
-        collectives=overrides, bandwidth_knees=base.bandwidth_knees,
-        algorithms={f.collective: f.algorithm.value for f in report.collectives if f.algorithm is not None},
-    )
+    algorithms = {f.collective: f.algorithm.value for f in report.collectives if f.algorithm is not None}
+    groups = _measured_group_links(report, algorithms)
+    link = _link_from_fits(by_kind, algorithms, groups)
     measured = f"measured by autotp calibrate ({description})"
-    groups = _measured_group_links(report, link)
-    link = replace(link, measured_groups=groups)
     sources = {
         "compute.peak_flops_per_s": f"{measured}: achieved matmul FLOP/s, least squares over the shape grid",
         "compute.compute_efficiency": "1.0: the measured rates are achieved rates",
@@ -569,7 +558,7 @@ def build_profile(
         sources[f"compute.op_classes.{op_class}"] = f"{measured}: {op_class} ops, least squares (median error {c.op_class_median_rel_error[op_class]:.1%})"
     for field in ("latency_seconds", "bytes_per_s", "call_overhead_seconds", *(("bandwidth_knees",) if base.bandwidth_knees else ())):
         sources[f"links.intra_node.{field}"] = f"{measured}: all_reduce fit (R² {base.r2:.3f}, median error {base.median_rel_error:.1%})"
-    for kind in overrides:
+    for kind in link.collectives:
         f = by_kind[kind]
         sources[f"links.intra_node.{kind}"] = f"{measured}: {kind} fit (R² {f.r2:.3f}, median error {f.median_rel_error:.1%})"
     if link.algorithms:

@@ -354,8 +354,8 @@ def _measured_groups(data: Mapping[str, Any], base: tuple[str, ...], *, where: s
     groups = _get(data, path)
     if groups is None:
         return {}
-    if not isinstance(groups, Mapping) or len(base) != 2:
-        raise _bad_field(where, _dotted(path), "a table of group size -> link table (on intra_node or inter_node only)", groups)
+    if not isinstance(groups, Mapping):
+        raise _bad_field(where, _dotted(path), "a table of group size -> link table", groups)
     out = {}
     for key, table in groups.items():
         if not key.isdigit() or int(key) < 2:
