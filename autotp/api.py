@@ -5,7 +5,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -26,6 +26,7 @@ from autotp.rewrite import rewrite
 from autotp.solve import solve
 from autotp.strategies import StrategySpace, build_strategy_space
 from autotp.units import parse_nbytes
+from autotp.wake import plan_mean_gap_seconds
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +98,40 @@ def plan_model(
     cost = CostModel(profile, tp_size, training=training, optimizer=optimizer if training else None)
     solution = solve(space, cost, memory_budget=budget, time_limit_s=time_limit_s, solver=solver)
     result = build_plan(space, solution, cost, hardware=profile.name, memory_budget=budget)
+    if cost.prices_wake:
+        result = _wake_aware(result, space, cost, memory_budget=budget, time_limit_s=time_limit_s, solver=solver)
     log.info("planned %s on %d ranks in %.2fs", captured.model_name, tp_size, time.perf_counter() - started)
     return PlanningResult(captured, space, result)
+
+
+WAKE_ROUNDS = 3  # re-solves at most, each with the last plan's mean gap before a collective
+
+
+def _wake_aware(plan: Plan, space: StrategySpace, cost: CostModel, *, memory_budget: float | None, time_limit_s: float, solver: str) -> Plan:
+    """The cheapest plan, priced from its schedule, of ``plan`` and a few re-solves that charge
+    every collective the wake-up at the last plan's mean gap (``autotp.wake``).
+
+    The solver prices edges one by one and cannot see where the other collectives fall. Charging
+    them all the wake-up at one gap is the linear stand-in: a plan with one collective after a
+    whole step of compute pays a lot for it, one with a collective per block little. A plan
+    without collectives gives a new one its whole compute as the gap.
+    """
+    best, seen = plan, {_choice(plan)}
+    for _ in range(WAKE_ROUNDS):
+        gap = plan_mean_gap_seconds(plan, space, cost)
+        solution = solve(space, replace(cost, assumed_gap_seconds=gap), memory_budget=memory_budget, time_limit_s=time_limit_s, solver=solver)
+        plan = build_plan(space, solution, cost, hardware=best.hardware, memory_budget=memory_budget)
+        log.info("wake-aware re-solve at a %.3f ms gap: %.3f ms (best so far %.3f ms)", gap * 1e3, plan.total_seconds * 1e3, best.total_seconds * 1e3)
+        if plan.total_seconds < best.total_seconds:
+            best = plan
+        if _choice(plan) in seen:
+            break
+        seen.add(_choice(plan))
+    return best
+
+
+def _choice(plan: Plan) -> tuple[str, ...]:
+    return tuple(str(n.strategy) for n in plan.nodes)
 
 
 def parallelize(

@@ -21,7 +21,10 @@ median):
 * all_reduce, all_gather, reduce_scatter, all_to_all and broadcast over message sizes from
   4 KiB to 256 MiB (``quick``: to 16 MiB), on groups of 2 ranks and of all N. Each call
   follows a little compute, whose time is subtracted (:func:`collective_seconds`): that is how a
-  model calls them, and back-to-back calls would hide the wake-up latency each call pays.
+  model calls them, and back-to-back calls would hide the wake-up latency each call pays;
+* the wake-up (CPU only): each collective of 128 KiB on all ranks after 1, 2, 4 and 8 times
+  that compute (``wake_gaps``). On gloo a collective pays more the longer its ranks computed
+  before it, up to a plateau; a plan prices that from its schedule (``cost_models.WakeCurve``).
 """
 from __future__ import annotations
 
@@ -38,12 +41,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from cost_models.calibrate import CollectiveSample, KernelSample
+from cost_models.calibrate import CollectiveSample, KernelSample, WakeSample
 
 Progress = Callable[[str], None]
 
 KIB, MIB = 2**10, 2**20
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast")
+WAKE_PROBE_NBYTES = 128 * KIB  # each collective is timed at this size after each wake gap
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +68,7 @@ class CalibrationConfig:
     precision: float = 0.04  # ... until its median's standard error is at most this fraction of it
     batch_seconds: float = 0.05  # each timed batch lasts about this long (see _calls_for)
     group_sizes: tuple[int, ...] = field(default=())  # () -> {2, nproc}
+    wake_gaps: tuple[int, ...] = ()  # the wake probe follows this many gap kernels (the collectives follow 1)
 
     def groups(self, world_size: int) -> tuple[int, ...]:
         """The group sizes collectives are measured on: 2 and all ranks (none on one rank)."""
@@ -77,7 +82,8 @@ class CalibrationConfig:
         groups = len(self.groups(world_size))
         kernels = len(self.matmul_shapes) * len(self.dtypes) + len(self.memory_nbytes)
         op_classes = len(_VIEW_OPS) + len(_ROW_OPS) * len(self.op_class_numels) + len(self.attention_shapes)
-        return kernels + op_classes + len(self.collectives) * len(self.message_nbytes) * groups
+        wake = len(self.wake_gaps) * len(self.collectives) if world_size >= 2 else 0
+        return kernels + op_classes + len(self.collectives) * len(self.message_nbytes) * groups + wake
 
 
 def default_config(*, device_type: str, quick: bool) -> CalibrationConfig:
@@ -98,7 +104,9 @@ def default_config(*, device_type: str, quick: bool) -> CalibrationConfig:
         shapes = shapes[:5]
     top = 16 * MIB if quick else 256 * MIB
     messages = tuple(s for s in (4**k * 4 * KIB for k in range(10)) if s <= top)
-    return CalibrationConfig(device_type, shapes, dtypes, memory, messages, numels, attention, repeats=5 if quick else 9, warmup=1 if quick else 2, max_repeats=0 if quick else 45)
+    wake_gaps = () if device_type == "cuda" else (1, 2, 4, 8)  # NCCL queues collectives on the stream: no wake-up to time
+    return CalibrationConfig(device_type, shapes, dtypes, memory, messages, numels, attention, repeats=5 if quick else 9, warmup=1 if quick else 2,
+                             max_repeats=0 if quick else 45, wake_gaps=wake_gaps)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +115,7 @@ class RankMeasurements:
 
     kernels: list[tuple[KernelSample, list[float]]]
     collectives: list[tuple[CollectiveSample, list[float]]]
+    wake: list[tuple[WakeSample, list[float], list[float]]] = field(default_factory=list)  # and each batch's gap seconds
 
 
 def _sync(device: torch.device) -> None:
@@ -205,6 +214,7 @@ class _Sample:
     calls: int = 0  # ops per timed batch, agreed by all ranks in the first round
     times: list[float] = field(default_factory=list)
     gap: Callable[[], object] | None = None  # collectives: compute run before each call, then subtracted
+    gap_times: list[float] = field(default_factory=list)  # seconds of that compute, per timed batch
 
 
 def gap_kernel(device: torch.device) -> Callable[[], object]:
@@ -219,13 +229,22 @@ def gap_kernel(device: torch.device) -> Callable[[], object]:
     return lambda: torch.ops.aten.mm.default(a, a)
 
 
-def collective_seconds(op: Callable[[], object], gap: Callable[[], object], *, calls: int, device: torch.device, group: dist.ProcessGroup | None) -> float:
+def repeated(gap: Callable[[], object], times: int) -> Callable[[], object]:
+    """``gap`` run ``times`` times: the longer compute a wake-up sample follows."""
+    def run() -> None:
+        for _ in range(times):
+            gap()
+    return run
+
+
+def collective_seconds(op: Callable[[], object], gap: Callable[[], object], *, calls: int, device: torch.device, group: dist.ProcessGroup | None) -> tuple[float, float]:
     """Seconds per call of the collective ``op`` when each call follows some compute, as in a model.
 
     Back to back, a collective finds its peers already waiting and the transport hot; in a model
     every call follows compute, and pays the peers' wake-up (on gloo over loopback a 256 KiB
     all-reduce takes about twice as long that way). So each call runs after ``gap``, and the
-    time of ``gap`` alone, timed right after, is subtracted.
+    time of ``gap`` alone, timed right after, is subtracted. Returns both: the collective's
+    seconds per call and the gap's.
     """
     def both() -> None:
         gap()
@@ -233,7 +252,7 @@ def collective_seconds(op: Callable[[], object], gap: Callable[[], object], *, c
 
     with_gap = _timed_batches(both, calls=calls, repeats=1, warmup=0, device=device, group=group)[0]
     gap_only = _timed_batches(gap, calls=calls, repeats=1, warmup=0, device=device, group=group)[0]
-    return max(with_gap - gap_only, 0.01 * with_gap)
+    return max(with_gap - gap_only, 0.01 * with_gap), gap_only
 
 
 def _kernel_samples(config: CalibrationConfig, device: torch.device) -> list[tuple[KernelSample, _Sample]]:
@@ -312,9 +331,10 @@ def _op_class_samples(config: CalibrationConfig, device: torch.device) -> list[t
     return out
 
 
-def _time_batch(sample: _Sample, device: torch.device, config: CalibrationConfig) -> float:
-    """One timed batch of ``sample`` on this rank (0.0 if it is not in the sample's group); every rank takes part."""
-    seconds = 0.0
+def _time_batch(sample: _Sample, device: torch.device, config: CalibrationConfig) -> tuple[float, float]:
+    """One timed batch of ``sample`` on this rank: seconds per call and the gap's before each
+    (0.0 without one, both 0.0 if it is not in the sample's group); every rank takes part."""
+    seconds = gap_seconds = 0.0
     if sample.member:
         op = sample.make()
         if sample.calls == 0:  # as many calls as fill a batch, the same on every rank
@@ -323,11 +343,11 @@ def _time_batch(sample: _Sample, device: torch.device, config: CalibrationConfig
         if sample.gap is None:
             seconds = _timed_batches(op, calls=sample.calls, repeats=1, warmup=0, device=device, group=sample.group)[0]
         else:
-            seconds = collective_seconds(op, sample.gap, calls=sample.calls, device=device, group=sample.group)
+            seconds, gap_seconds = collective_seconds(op, sample.gap, calls=sample.calls, device=device, group=sample.group)
         del op
     if sample.group is not None:
         dist.barrier()
-    return seconds
+    return seconds, gap_seconds
 
 
 def _needs_more(sample: _Sample, config: CalibrationConfig) -> bool:
@@ -357,13 +377,20 @@ def measure_rank(rank: int, world_size: int, config: CalibrationConfig, progress
                 make = lambda kind=kind, nbytes=nbytes, group=group, g=g: _collective_op(kind, nbytes, group, g, device)  # noqa: E731
                 sample = _Sample(f"{kind} {nbytes / MIB:.3f} MiB on {g} ranks", make, group, rank < g, gap=gap)
                 collectives.append((CollectiveSample(kind, g, float(nbytes), 0.0), sample))
-    samples = [s for _, s in kernels] + [s for _, s in collectives]
+    wake: list[tuple[WakeSample, _Sample]] = []
+    for kind in config.collectives if world_size >= 2 else ():
+        for times in config.wake_gaps:
+            make = lambda kind=kind: _collective_op(kind, WAKE_PROBE_NBYTES, dist.group.WORLD, world_size, device)  # noqa: E731
+            sample = _Sample(f"{kind} {WAKE_PROBE_NBYTES / MIB:.3f} MiB on {world_size} ranks after {times} x the gap", make, dist.group.WORLD, True, gap=repeated(gap, times))
+            wake.append((WakeSample(kind, world_size, float(WAKE_PROBE_NBYTES), 0.0, 0.0), sample))
+    samples = [s for _, s in kernels] + [s for _, s in collectives] + [s for _, s in wake]
     rounds = config.warmup + config.repeats
     for round_ in range(rounds):
         for k, sample in enumerate(samples):
-            seconds = _time_batch(sample, device, config)
+            seconds, gap_seconds = _time_batch(sample, device, config)
             if round_ >= config.warmup and sample.member:
                 sample.times.append(seconds)
+                sample.gap_times.append(gap_seconds)
             if round_ == 0:
                 say(f"[{k + 1}/{len(samples)}] {sample.label}" + (f": {seconds * 1e6:.1f} us" if sample.member else ""))
         say(f"round {round_ + 1}/{rounds} done" + (" (warm-up)" if round_ < config.warmup else ""))
@@ -372,22 +399,24 @@ def measure_rank(rank: int, world_size: int, config: CalibrationConfig, progress
         extra += 1
         say(f"extra round {extra}: {len(noisy)} noisy samples, each to be within {config.precision:.0%} (at most {config.max_repeats} repeats)")
         for sample in noisy:
-            seconds = _time_batch(sample, device, config)
+            seconds, gap_seconds = _time_batch(sample, device, config)
             if sample.member:
                 sample.times.append(seconds)
+                sample.gap_times.append(gap_seconds)
     for group in groups.values():
         dist.destroy_process_group(group)
-    return RankMeasurements([(ks, s.times) for ks, s in kernels], [(cs, s.times) for cs, s in collectives])
+    return RankMeasurements([(ks, s.times) for ks, s in kernels], [(cs, s.times) for cs, s in collectives], [(ws, s.times, s.gap_times) for ws, s in wake])
 
 
 STATISTICS: dict[str, Callable[[Sequence[float]], float]] = {"median": statistics.median, "min": min}
 
 
-def merge(ranks: Sequence[RankMeasurements], *, statistic: str = "median") -> tuple[list[KernelSample], list[CollectiveSample]]:
-    """One sample per kernel and per collective, from every rank's batches.
+def merge(ranks: Sequence[RankMeasurements], *, statistic: str = "median") -> tuple[list[KernelSample], list[CollectiveSample], list[WakeSample]]:
+    """One sample per kernel, per collective and per wake gap, from every rank's batches.
 
     A kernel's time is the median over ranks of each rank's ``statistic`` over its batches; a
-    collective's is the ``statistic`` over batches of the slowest rank's time. ``"median"`` is
+    collective's is the ``statistic`` over batches of the slowest rank's time, and so is a wake
+    sample's, after the median over ranks of each rank's median gap. ``"median"`` is
     the default; ``"min"`` (best of the batches) estimates the machine without the load other
     programs put on it, for a shared machine, and must then be compared with best-of timings.
     """
@@ -398,7 +427,13 @@ def merge(ranks: Sequence[RankMeasurements], *, statistic: str = "median") -> tu
         seconds = statistics.median(reduce(times) for _, times in per_rank)
         kernels.append(KernelSample(sample.kind, sample.dtype, sample.flops, sample.nbytes, seconds))
     collectives = [CollectiveSample(s.collective, s.group_size, s.nbytes, reduce(slowest)) for s, slowest in slowest_batches(ranks)]
-    return kernels, collectives
+    wake = []
+    for per_rank in zip(*(r.wake for r in ranks)):
+        sample = per_rank[0][0]
+        gap = statistics.median(statistics.median(gaps) for _, _, gaps in per_rank)
+        slowest = [max(batch) for batch in zip(*(times for _, times, _ in per_rank))]
+        wake.append(WakeSample(sample.collective, sample.group_size, sample.nbytes, gap, reduce(slowest)))
+    return kernels, collectives, wake
 
 
 def slowest_batches(ranks: Sequence[RankMeasurements]) -> list[tuple[CollectiveSample, list[float]]]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cost_models import Collective, HardwareProfile, LinkProfile, bytes_moved_per_rank, collective_seconds, op_seconds, roofline_seconds, select_algorithm, state_nbytes
+from cost_models import Collective, HardwareProfile, LinkProfile, bytes_moved_per_rank, collective_seconds, op_seconds, roofline_seconds, select_algorithm, state_nbytes, wake_seconds, WakeCurve
 from autotp.capture import TensorMeta
 from autotp.placement import Placement, Shard
 from autotp.redistribute import GRAD_SYNC, Step, StepKind, backward_steps, transition
@@ -110,13 +110,16 @@ class CostModel:
     With ``training`` the prices cover forward and backward: compute ×(1 + 2), each conversion
     plus its conjugate (``redistribute.backward_steps``) when the value needs a gradient, and
     the gradient all-reduce of ``R`` inputs to split compute. Memory counts gradients and
-    ``optimizer`` state per parameter element.
+    ``optimizer`` state per parameter element. ``assumed_gap_seconds`` lets the solver see the
+    wake-up (``autotp.wake``) at one gap for all collectives; a plan is priced without it, from
+    its own schedule.
     """
 
     profile: HardwareProfile
     tp_size: int
     training: bool = False
     optimizer: str | None = None
+    assumed_gap_seconds: float | None = None  # solver only: charge every collective the wake-up after this much compute
 
     def compute_seconds(self, node: NodeSpace, strategy: OpStrategy) -> float:
         if node.kind is not NodeKind.OP:
@@ -142,12 +145,28 @@ class CostModel:
             return roofline_seconds(self.profile, flops=0, nbytes=2 * meta.nbytes / self.tp_size)
         if step.kind is StepKind.TO_PARTIAL:  # zeros on all ranks but one
             return roofline_seconds(self.profile, flops=0, nbytes=meta.nbytes)
-        return collective_seconds(self.link, _STEP_COLLECTIVE[step.kind], nbytes=meta.nbytes, group_size=self.tp_size)
+        seconds = collective_seconds(self.link, _STEP_COLLECTIVE[step.kind], nbytes=meta.nbytes, group_size=self.tp_size)
+        if self.assumed_gap_seconds is not None and seconds > 0:
+            seconds += self.wake_seconds(step, self.assumed_gap_seconds)
+        return seconds
 
     @property
     def link(self) -> LinkProfile:
         """The link the mesh axis's groups talk over (intra-node unless tp spans nodes)."""
         return self.profile.link_for_group(self.tp_size)
+
+    @property
+    def prices_wake(self) -> bool:
+        """Whether the link charges collectives a wake-up after long compute (``autotp.wake``)."""
+        link = self.link.for_group(self.tp_size)
+        return self.tp_size > 1 and any(link.wake_curve(kind) is not None for kind in Collective)
+
+    def wake_seconds(self, step: Step, gap_seconds: float) -> float:
+        """A collective step's wake-up after ``gap_seconds`` of compute (0 up to calibration's gap)."""
+        return wake_seconds(self.link, _STEP_COLLECTIVE[step.kind], gap_seconds=gap_seconds, group_size=self.tp_size)
+
+    def wake_curve(self, step: Step) -> WakeCurve | None:
+        return self.link.for_group(self.tp_size).wake_curve(_STEP_COLLECTIVE[step.kind])
 
     def step_bytes_per_rank(self, step: Step, meta: TensorMeta) -> float:
         if not step.kind.is_collective:

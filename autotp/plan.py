@@ -6,8 +6,9 @@ the first one, as the rewriter emits it once.
 """
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from autotp.capture import TensorMeta
 from autotp.fingerprint import format_value, space_fingerprint
@@ -18,6 +19,7 @@ from autotp.redistribute import GRAD_SYNC, Step, transition
 from autotp.rules import OpStrategy
 from autotp.solve import Solution, state_nbytes
 from autotp.strategies import NodeKind, StrategySpace, ValueRef
+from autotp.wake import collective_gaps
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +34,7 @@ class Conversion:
     bytes_per_rank: float  # what each rank sends, per the collective's algorithm (fwd + bwd)
     seconds: float  # forward, plus the conjugate backward when the plan is for training
     backward_only: bool = False  # the gradient all-reduce of an R input to split work
+    wake_seconds: float = 0.0  # part of seconds: its collectives' wake-up after the compute before them (autotp.wake)
 
     @property
     def kind(self) -> str:
@@ -137,6 +140,11 @@ class Plan:
         return sum(n.comm_seconds for n in self.nodes)
 
     @property
+    def wake_seconds(self) -> float:
+        """The part of ``comm_seconds`` that is collectives' wake-up after long compute (``autotp.wake``)."""
+        return sum(c.wake_seconds for _, c in self.conversions())
+
+    @property
     def total_seconds(self) -> float:
         return self.compute_seconds + self.comm_seconds
 
@@ -178,12 +186,13 @@ class Plan:
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         n_coll = len(self.collectives(backward=True))
+        wake = f" (of which {fmt_seconds(self.wake_seconds)} wake-up after long compute)" if self.wake_seconds else ""
         mode = f"training ({self.optimizer or 'no optimizer'}): forward + backward" if self.training else "inference: forward only"
         lines += [
             "",
             f"mesh {self.mesh_shape} on {self.hardware}, {mode}; solver {self.solver_status} in {self.solve_seconds:.2f}s",
             f"estimated time: {fmt_seconds(self.total_seconds)} (compute {fmt_seconds(self.compute_seconds)}, "
-            f"communication {fmt_seconds(self.comm_seconds)} in {n_coll} collectives, "
+            f"communication {fmt_seconds(self.comm_seconds)} in {n_coll} collectives{wake}, "
             f"{fmt_nbytes(self.comm_bytes_per_rank)} sent per rank)",
             f"parameter memory per device: {fmt_nbytes(self.param_nbytes_per_device)} "
             f"(replicated: {fmt_nbytes(self.replicated_param_nbytes)}); with gradients and optimizer state: "
@@ -234,7 +243,7 @@ def build_plan(
         mesh_shape=(space.tp_size,),
         hardware=hardware,
         memory_budget=memory_budget,
-        nodes=tuple(plans),
+        nodes=_with_wake(plans, space, cost),
         param_nbytes_per_device=sum(_local_nbytes(n.output_meta, chosen[n.name].output, space.tp_size) for n in state),  # type: ignore[arg-type]
         replicated_param_nbytes=float(sum(n.output_meta.nbytes for n in state)),  # type: ignore[union-attr]
         memory_nbytes_per_device=sum(state_nbytes(n, chosen[n.name].output, cost) for n in state),  # type: ignore[arg-type]
@@ -243,6 +252,24 @@ def build_plan(
         training=cost.training,
         optimizer=cost.optimizer,
         fingerprint=space_fingerprint(space),
+    )
+
+
+def _with_wake(plans: list[NodePlan], space: StrategySpace, cost: CostModel) -> tuple[NodePlan, ...]:
+    """``plans`` with each collective's wake-up for the compute before it added (``autotp.wake``)."""
+    if not cost.prices_wake:
+        return tuple(plans)
+    spaces = space.by_name()
+    compute = {n.name: cost.compute_seconds(spaces[n.name], n.strategy) - cost.internal_comm_seconds(spaces[n.name], n.strategy) for n in plans}
+    extra: dict[tuple[int, int], float] = defaultdict(float)
+    for gap in collective_gaps(plans, training=cost.training, requires_grad={n.name: n.requires_grad for n in space.nodes}):
+        extra[gap.conversion] += cost.wake_seconds(gap.step, gap.seconds(compute.__getitem__))
+    return tuple(
+        replace(node, conversions=tuple(
+            replace(c, seconds=c.seconds + extra[(i, j)], wake_seconds=extra[(i, j)]) if (i, j) in extra else c
+            for j, c in enumerate(node.conversions)
+        ))
+        for i, node in enumerate(plans)
     )
 
 

@@ -201,6 +201,7 @@ def _conversion_to_dict(c: Conversion) -> dict[str, Any]:
         "bytes_per_rank": c.bytes_per_rank,
         "seconds": c.seconds,
         "backward_only": c.backward_only,
+        **({"wake_seconds": c.wake_seconds} if c.wake_seconds else {}),
     }
 
 
@@ -215,6 +216,7 @@ def _conversion_from_dict(data: Any, where: str) -> Conversion:
         bytes_per_rank=obj.get("bytes_per_rank", float),
         seconds=obj.get("seconds", float),
         backward_only=obj.get("backward_only", bool),
+        wake_seconds=obj.get("wake_seconds", float) if "wake_seconds" in data else 0.0,
     )
     obj.done()
     return conversion

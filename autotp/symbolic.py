@@ -23,6 +23,8 @@ knees (``cost_models.PiecewiseLinearCost``; none on a straight-line link), and a
 conversion's steps are priced as ``autotp.cost.CostModel`` prices them. ``total(B0, T0)`` is
 the plan's ``total_seconds``. The expression prices *this plan's strategies* at any size; it does
 not say whether tp still divides the split dims there, nor that the plan is still optimal.
+A profile whose link has a wake curve adds, per collective, the curve at the compute since the
+previous collective (``autotp.wake``, :class:`WakeTerm`).
 That is what :func:`crossovers` finds: the batch sizes at which the optimal plan changes.
 """
 from __future__ import annotations
@@ -38,7 +40,7 @@ import sympy
 import torch
 from torch import nn
 
-from cost_models import HardwareProfile, OpClassRate, collective_terms, roofline
+from cost_models import HardwareProfile, OpClassRate, WakeCurve, collective_terms, roofline
 from cost_models.comm import piecewise_linear_seconds
 from autotp.capture import capture
 from autotp.cost import BACKWARD_COMPUTE_FACTOR, CostModel, _STEP_COLLECTIVE, node_flops, node_nbytes, op_class, splits_work
@@ -46,6 +48,7 @@ from autotp.errors import AutoTPError, ConfigError
 from autotp.plan import Plan
 from autotp.redistribute import GRAD_SYNC, Step, StepKind
 from autotp.strategies import NodeKind, NodeSpace, StrategySpace, ValueRef, build_strategy_space
+from autotp.wake import collective_gaps
 
 log = logging.getLogger(__name__)
 
@@ -292,7 +295,28 @@ class StepTerm:
         return sympy.Min(*(line.expr(size) for line in self.lines))
 
 
-CostTerm = ComputeTerm | StepTerm
+@dataclass(frozen=True, slots=True)
+class WakeTerm:
+    """One collective's wake-up: ``curve`` at the gap ``Σ fraction · compute term`` before it (``autotp.wake``).
+
+    The curve is linear between its measured gaps and flat outside them, so its expression is
+    ``Σ_segments slope · (Min(Max(gap, from), to) - from)``.
+    """
+
+    node: str
+    step: str
+    curve: WakeCurve
+    gap: tuple[tuple[ComputeTerm, float], ...]
+
+    def seconds(self, batch: float, seq: float) -> float:
+        return self.curve.seconds(sum(fraction * term.seconds(batch, seq) for term, fraction in self.gap))
+
+    def expr(self) -> sympy.Expr:
+        gap = sympy.Add(*(fraction * term.expr() for term, fraction in self.gap))
+        return sympy.Add(*(slope * (sympy.Min(sympy.Max(gap, start), end) - start) for start, end, slope in self.curve.segments() if slope))
+
+
+CostTerm = ComputeTerm | StepTerm | WakeTerm
 
 
 def _value_ref(text: str) -> ValueRef:
@@ -336,6 +360,13 @@ def cost_terms(plan: Plan, work: WorkModel, cost: CostModel) -> tuple[CostTerm, 
             else:
                 steps = cost.steps_with_backward(conversion.steps, spaces[ref.node].requires_grad)
             terms += [StepTerm(node.name, str(step), _step_lines(step, cost), size) for step in steps]
+    if cost.prices_wake:
+        compute = {t.node: t for t in terms if isinstance(t, ComputeTerm)}
+        for gap in collective_gaps(plan.nodes, training=cost.training, requires_grad={n.name: n.requires_grad for n in work.space.nodes}):
+            curve = cost.wake_curve(gap.step)
+            if curve is not None:
+                parts = tuple((compute[name], fraction) for name, fraction in gap.compute if name in compute)
+                terms.append(WakeTerm(plan.nodes[gap.conversion[0]].name, str(gap.step), curve, parts))
     return tuple(terms)
 
 

@@ -80,7 +80,7 @@ def _forward_seconds(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], 
 def gpu_rank(rank: int, world: int, datasheet: HardwareProfile, quick: bool) -> tuple[str, list[tuple[str, str, float, float, float]]]:
     torch.cuda.set_device(rank)
     config = dataclasses.replace(default_config(device_type="cuda", quick=quick), collectives=())
-    kernels, _ = merge([measure_rank(rank, world, config, progress=lambda line: print(line, file=sys.stderr, flush=True))])
+    kernels, _, _ = merge([measure_rank(rank, world, config, progress=lambda line: print(line, file=sys.stderr, flush=True))])
     fit = fit_compute(kernels)
     profile = calibrated(datasheet, fit)
     mesh = init_device_mesh("cuda", (1,))

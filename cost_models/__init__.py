@@ -21,10 +21,11 @@ from cost_models.comm import (
     latency_steps,
     select_algorithm,
     transfer_seconds,
+    wake_seconds,
 )
 from cost_models.compute import Roofline, op_seconds, roofline, roofline_seconds
 from cost_models.memory import OPTIMIZER_STATE_BYTES_PER_ELEMENT, peak_live_nbytes, state_nbytes
-from cost_models.profile import OP_CLASSES, BandwidthKnee, CollectiveLink, HardwareProfile, LinkProfile, OpClassRate, ProfileError
+from cost_models.profile import OP_CLASSES, BandwidthKnee, CollectiveLink, HardwareProfile, LinkProfile, OpClassRate, ProfileError, WakeCurve
 from cost_models.profile_files import (
     SCHEMA_VERSION,
     available_profiles,
@@ -51,6 +52,7 @@ __all__ = [
     "PiecewiseLinearCost",
     "ProfileError",
     "Roofline",
+    "WakeCurve",
     "available_profiles",
     "bytes_moved_per_rank",
     "collective_seconds",
@@ -68,5 +70,6 @@ __all__ = [
     "transfer_seconds",
     "user_profile_dirs",
     "user_profiles",
+    "wake_seconds",
     "write_profile",
 ]

@@ -27,9 +27,11 @@ are weighted least squares on *relative* error, so a 4 KiB message counts as muc
   the messages of at least 1 MiB (relative error; 1/beta = c_0, 1/beta_i = c_0 + ... + c_i).
   Candidate k are the moved sizes measured there but the largest; knees are added greedily
   (each time the candidate that lowers Σ squared relative error most, after which every knee
-  moves to another candidate if that lowers it further), up to three and at most one per two
-  large messages beyond the first two (two measurements per fitted bandwidth, so that no
-  curve runs through every point and keeps each one's noise), each only if it cuts
+  moves to another candidate if that lowers it further), up to three and no more than the
+  large messages pay for: k knees are 2k + 1 numbers (k + 1 bandwidths, k positions), and need
+  as many large messages. The gain and noise rules below keep a curve from bending to follow
+  noise; out of sample, allowing the second knee that five large messages pay for halved the
+  worst collective's error on the CI VM (17% to 7%). Each knee is kept only if it cuts
   that error by at least 30% and leaves every segment a positive bandwidth, and none once the
   fit is within 1% RMS: a straight line stays straight. When knees are found, o and alpha are
   fitted again on the small messages with the new bandwidth held, and the two fits alternate
@@ -38,6 +40,11 @@ are weighted least squares on *relative* error, so a 4 KiB message counts as muc
   (all_reduce, broadcast: ring or tree) is fitted under each, and the one with the smaller Σ
   squared relative error is kept and written to the link's ``algorithms``: the algorithms
   differ in how time grows with the group size.
+
+* **The wake-up** (``cost_models.WakeCurve``): each collective, 128 KiB on all ranks, timed
+  after 1, 2, 4 and 8 times the compute the collectives above follow. Its extra time over the
+  first (the closest non-decreasing fit) at each measured gap is its wake curve:
+  all_reduce's is the link's ``wake``, every other one its override's.
 
 The link's own numbers are all-reduce's (the collective tensor parallelism calls most); every
 other collective is written as a per-collective override (``[links.intra_node.<collective>]``),
@@ -57,11 +64,11 @@ import math
 import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from cost_models.algorithms import ALGORITHMS, Algorithm, Collective
 from cost_models.comm import bytes_moved_per_rank, latency_steps, transfer_seconds
-from cost_models.profile import OP_CLASSES, BandwidthKnee, CollectiveLink, HardwareProfile, LinkProfile, OpClassRate
+from cost_models.profile import OP_CLASSES, BandwidthKnee, CollectiveLink, HardwareProfile, LinkProfile, OpClassRate, WakeCurve
 
 __all__ = [
     "CalibrationError",
@@ -70,20 +77,21 @@ __all__ = [
     "CollectiveSample",
     "ComputeFit",
     "KernelSample",
+    "WakeSample",
     "build_profile",
     "fit_collective",
     "fit_collective_algorithm",
     "fit_all",
     "fit_compute",
+    "fit_wake",
 ]
 
 LARGE_MESSAGE_NBYTES = 2**20  # the report's second error column: messages of at least 1 MiB
 MAX_KNEES = 3
 KNEE_MIN_GAIN = 0.3  # a knee must cut the large messages' Σ squared relative error by 30% ...
 KNEE_NOISE = 0.01  # ... and a fit within 1% RMS of them needs none
-KNEE_SAMPLES_PER_PARAMETER = 2  # 1/beta and each knee's bandwidth need two large messages each:
-# with one each the curve runs through every point and bakes each one's noise in (on a shared
-# machine repeated timings of one size differ by 10-25%)
+KNEE_MESSAGES = 2  # large messages each knee needs beyond the first, which anchors 1/beta: a knee
+# is two numbers, its position and its bandwidth (with 5 large messages, 2 knees; with 3, 1)
 _SETTLE_ROUNDS = 50  # alternations of the bandwidth and fixed-cost fits (a handful suffice)
 
 
@@ -113,6 +121,17 @@ class CollectiveSample:
     collective: str
     group_size: int
     nbytes: float
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class WakeSample:
+    """One collective (``collective`` of ``nbytes`` over ``group_size`` ranks) timed after ``gap_seconds`` of compute."""
+
+    collective: str
+    group_size: int
+    nbytes: float
+    gap_seconds: float
     seconds: float
 
 
@@ -168,6 +187,8 @@ class CalibrationReport:
     compute: ComputeFit
     collectives: tuple[CollectiveFit, ...]  # one per collective, over every group size
     group_fits: tuple[CollectiveFit, ...] = ()  # one per collective and group size, when several were timed
+    wake_samples: tuple[WakeSample, ...] = ()
+    wake: Mapping[str, WakeCurve] = field(default_factory=dict)  # per collective, fit_wake of its samples
 
     def text(self) -> str:
         c = self.compute
@@ -191,6 +212,14 @@ class CalibrationReport:
         if self.group_fits:
             lines += ["", "measured groups (fitted on one group size alone, kept where that fits it better than the joint fit):"]
             lines += [_collective_row(f, f.group_sizes[0]) for f in self.group_fits]
+        if self.wake:
+            probe = self.wake_samples[0]
+            lines += ["", f"wake-up: each collective of {_format_nbytes(probe.nbytes)} on {probe.group_size} ranks after longer compute "
+                          "(time; extra over the first gap, never decreasing):",
+                      f"  {'collective':<17} " + "  ".join(f"after {g * 1e3:5.2f}ms" for g in next(iter(self.wake.values())).gaps_seconds)]
+            for kind, curve in self.wake.items():
+                timed = sorted((s for s in self.wake_samples if s.collective == kind), key=lambda s: s.gap_seconds)
+                lines.append(f"  {kind:<17} " + "  ".join(f"{s.seconds * 1e3:5.2f} {e * 1e3:+5.2f}ms" for s, e in zip(timed, curve.extra_seconds)))
         return "\n".join(lines)
 
 
@@ -299,7 +328,7 @@ def _choose_knees(moved: Sequence[float], residual: Sequence[float], times: Sequ
         return min(fits, key=lambda f: f[1][0], default=None)
 
     candidates = sorted(set(moved))[:-1]
-    most = min(MAX_KNEES, len(times) // KNEE_SAMPLES_PER_PARAMETER - 1)
+    most = min(MAX_KNEES, (len(times) - 1) // KNEE_MESSAGES)
     chosen = best_of([()])
     while chosen is not None and len(chosen[0]) < most and chosen[1][0] > len(times) * KNEE_NOISE**2:
         at, (loss, _) = chosen
@@ -475,7 +504,36 @@ def _fit_op_classes(samples: Sequence[KernelSample]) -> tuple[dict[str, OpClassR
     return rates, errors
 
 
-def fit_all(kernels: Sequence[KernelSample], collectives: Iterable[CollectiveSample]) -> CalibrationReport:
+def _non_decreasing(values: Sequence[float]) -> list[float]:
+    """The least-squares non-decreasing fit to ``values`` (pool adjacent violators)."""
+    blocks: list[list[float]] = []  # [mean, count]
+    for v in values:
+        blocks.append([v, 1.0])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m1, n1), (m2, n2) = blocks.pop(-2), blocks.pop()
+            blocks.append([(m1 * n1 + m2 * n2) / (n1 + n2), n1 + n2])
+    return [m for m, n in blocks for _ in range(int(n))]
+
+
+def fit_wake(samples: Sequence[WakeSample]) -> WakeCurve | None:
+    """The wake curve of one collective timed after increasing gaps; None for fewer than 2.
+
+    Its times, fitted by the closest non-decreasing sequence (least squares), less the first:
+    a longer idle stretch makes a collective cheaper only by noise, and noise should not tell
+    the planner that a longer gap is cheaper than a shorter one, nor lift the whole curve the
+    way a running maximum of noisy times would.
+    """
+    ordered = sorted(samples, key=lambda s: s.gap_seconds)
+    if len(ordered) < 2:
+        return None
+    gaps = [s.gap_seconds for s in ordered]
+    if any(b <= a for a, b in itertools.pairwise(gaps)):
+        raise CalibrationError(f"wake-up of {ordered[0].collective}: the gaps before it must differ, measured {gaps}")
+    fitted = _non_decreasing([s.seconds for s in ordered])
+    return WakeCurve(tuple(gaps), (0.0, *(max(0.0, f - fitted[0]) for f in fitted[1:])))
+
+
+def fit_all(kernels: Sequence[KernelSample], collectives: Iterable[CollectiveSample], wake: Sequence[WakeSample] = ()) -> CalibrationReport:
     """Every fit, in a report (collectives in ``Collective`` order)."""
     by_kind: dict[str, list[CollectiveSample]] = {}
     for s in collectives:
@@ -483,7 +541,8 @@ def fit_all(kernels: Sequence[KernelSample], collectives: Iterable[CollectiveSam
     fits = tuple(fit_collective_algorithm(by_kind[c.value]) for c in Collective if c.value in by_kind)
     if not any(f.collective == Collective.ALL_REDUCE.value for f in fits):
         raise CalibrationError("all_reduce was not measured; the link's own numbers come from it")
-    return CalibrationReport(fit_compute(kernels), fits, _group_fits(fits, by_kind))
+    curves = {c.value: fit_wake([s for s in wake if s.collective == c.value]) for c in Collective}
+    return CalibrationReport(fit_compute(kernels), fits, _group_fits(fits, by_kind), tuple(wake), {k: v for k, v in curves.items() if v is not None})
 
 
 def _group_fits(fits: Sequence[CollectiveFit], by_kind: Mapping[str, Sequence[CollectiveSample]]) -> tuple[CollectiveFit, ...]:
@@ -512,18 +571,19 @@ def _link_numbers(f: CollectiveFit) -> dict[str, Any]:
     return {"call_overhead_seconds": f.call_overhead_seconds, "latency_seconds": f.latency_seconds, "bytes_per_s": f.bytes_per_s, "bandwidth_knees": f.bandwidth_knees}
 
 
-def _link_from_fits(fits: Mapping[str, CollectiveFit], algorithms: Mapping[str, str], measured_groups: Mapping[int, LinkProfile] | None = None) -> LinkProfile:
-    """A link whose own numbers are all_reduce's fit, with a per-collective table for every other fit."""
-    overrides = {kind: CollectiveLink(**_link_numbers(f)) for kind, f in fits.items() if kind != Collective.ALL_REDUCE.value}
-    return LinkProfile(**_link_numbers(fits[Collective.ALL_REDUCE.value]), collectives=overrides, algorithms=algorithms, measured_groups=measured_groups or {})
+def _link_from_fits(fits: Mapping[str, CollectiveFit], algorithms: Mapping[str, str], wake: Mapping[str, WakeCurve], measured_groups: Mapping[int, LinkProfile] | None = None) -> LinkProfile:
+    """A link whose own numbers (and wake curve) are all_reduce's, with a per-collective table for every other fit."""
+    overrides = {kind: CollectiveLink(**_link_numbers(f), wake=wake.get(kind)) for kind, f in fits.items() if kind != Collective.ALL_REDUCE.value}
+    return LinkProfile(**_link_numbers(fits[Collective.ALL_REDUCE.value]), collectives=overrides, algorithms=algorithms,
+                       measured_groups=measured_groups or {}, wake=wake.get(Collective.ALL_REDUCE.value))
 
 
 def _measured_group_links(report: CalibrationReport, algorithms: Mapping[str, str]) -> dict[int, LinkProfile]:
     """One link per group size with a collective fitted alone; a collective that was not
-    keeps its joint numbers there."""
+    keeps its joint numbers there, and every group the one wake curve (measured on all ranks)."""
     by_kind = {f.collective: f for f in report.collectives}
     groups = sorted({f.group_sizes[0] for f in report.group_fits})
-    return {n: _link_from_fits({**by_kind, **{f.collective: f for f in report.group_fits if f.group_sizes == (n,)}}, algorithms) for n in groups}
+    return {n: _link_from_fits({**by_kind, **{f.collective: f for f in report.group_fits if f.group_sizes == (n,)}}, algorithms, report.wake) for n in groups}
 
 
 def build_profile(
@@ -544,7 +604,7 @@ def build_profile(
     base = by_kind[Collective.ALL_REDUCE.value]
     algorithms = {f.collective: f.algorithm.value for f in report.collectives if f.algorithm is not None}
     groups = _measured_group_links(report, algorithms)
-    link = _link_from_fits(by_kind, algorithms, groups)
+    link = _link_from_fits(by_kind, algorithms, report.wake, groups)
     measured = f"measured by autotp calibrate ({description})"
     sources = {
         "compute.peak_flops_per_s": f"{measured}: achieved matmul FLOP/s, least squares over the shape grid",
@@ -556,13 +616,17 @@ def build_profile(
     }
     for op_class in c.op_classes:
         sources[f"compute.op_classes.{op_class}"] = f"{measured}: {op_class} ops, least squares (median error {c.op_class_median_rel_error[op_class]:.1%})"
-    for field in ("latency_seconds", "bytes_per_s", "call_overhead_seconds", *(("bandwidth_knees",) if base.bandwidth_knees else ())):
-        sources[f"links.intra_node.{field}"] = f"{measured}: all_reduce fit (R² {base.r2:.3f}, median error {base.median_rel_error:.1%})"
+    for name in ("latency_seconds", "bytes_per_s", "call_overhead_seconds", *(("bandwidth_knees",) if base.bandwidth_knees else ())):
+        sources[f"links.intra_node.{name}"] = f"{measured}: all_reduce fit (R² {base.r2:.3f}, median error {base.median_rel_error:.1%})"
     for kind in link.collectives:
         f = by_kind[kind]
         sources[f"links.intra_node.{kind}"] = f"{measured}: {kind} fit (R² {f.r2:.3f}, median error {f.median_rel_error:.1%})"
     if link.algorithms:
         sources["links.intra_node.algorithms"] = f"{measured}: the algorithm whose cost fits the timings over the group sizes best"
+    probe = f"of {report.wake_samples[0].nbytes:.0f} bytes on {report.wake_samples[0].group_size} ranks after each gap, extra over the first" if report.wake_samples else ""
+    for kind in report.wake:
+        path = "links.intra_node.wake" if kind == Collective.ALL_REDUCE.value else f"links.intra_node.{kind}.wake"
+        sources[path] = f"{measured}: {kind} {probe}"
     for n in groups:
         fitted = ", ".join(f"{f.collective} {f.median_rel_error:.1%}" for f in report.group_fits if f.group_sizes == (n,))
         sources[f"links.intra_node.measured_groups.{n}"] = f"{measured}: each collective fitted on groups of {n} ranks alone (median error {fitted})"

@@ -263,3 +263,15 @@ def collective_seconds(
     if not terms or size == 0.0:
         return 0.0
     return min(t.seconds(size) for t in terms)
+
+
+def wake_seconds(link: LinkProfile, kind: Collective | str, *, gap_seconds: float, group_size: int) -> float:
+    """What one ``kind`` over ``group_size`` ranks costs beyond :func:`collective_seconds` when it
+    follows ``gap_seconds`` of compute since the last collective (``LinkProfile.wake_curve``; 0 without one).
+
+    A plan prices it per collective from its schedule (``autotp.schedule``): the solver cannot,
+    since the gap depends on where the other collectives fall.
+    """
+    n = _group_size(group_size)
+    wake = link.for_group(n).wake_curve(kind)
+    return 0.0 if n == 1 or wake is None else wake.seconds(gap_seconds)

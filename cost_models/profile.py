@@ -35,7 +35,7 @@ from typing import Any
 
 from cost_models.algorithms import ALGORITHMS, AUTO, Algorithm, Collective, parse_algorithm, parse_collective
 
-__all__ = ["OP_CLASSES", "BandwidthKnee", "CollectiveLink", "HardwareProfile", "LinkProfile", "OpClassRate", "ProfileError"]
+__all__ = ["OP_CLASSES", "BandwidthKnee", "CollectiveLink", "HardwareProfile", "LinkProfile", "OpClassRate", "ProfileError", "WakeCurve"]
 
 _DEVICE_TYPES = ("cuda", "cpu")
 _FALLBACK_DTYPE = "float32"
@@ -101,6 +101,52 @@ class BandwidthKnee:
 
 
 @dataclass(frozen=True, slots=True)
+class WakeCurve:
+    """What a collective costs beyond its fitted price when it follows a longer stretch of compute.
+
+    ``gaps_seconds[0]`` is the compute gap the link's collectives were measured after (the
+    reference); after a gap g a collective costs ``seconds(g)`` more: linear between the
+    measured points, 0 up to the reference, the last extra beyond the last gap. On gloo over
+    loopback the wake-up grows with the idle time and levels off: on the 2-core CI VM a
+    128 KiB all-gather took 1.0 ms after 1.2 ms of compute and 2.4 ms after 3.6 ms, and about
+    as much after 9 and 23 ms. Gaps strictly increase; extras start at 0 and never decrease.
+    """
+
+    gaps_seconds: tuple[float, ...]
+    extra_seconds: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        gaps, extras = self.gaps_seconds, self.extra_seconds
+        for attr, values in (("gaps_seconds", gaps), ("extra_seconds", extras)):
+            if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Sequence):
+                raise _bad_field("WakeCurve", attr, "a sequence of seconds", values)
+            try:
+                object.__setattr__(self, attr, tuple(_non_negative(v) for v in values))
+            except _Invalid as exc:
+                raise _bad_field("WakeCurve", attr, f"a sequence of seconds, each {exc}", values) from None
+        gaps, extras = self.gaps_seconds, self.extra_seconds
+        if len(gaps) < 2 or len(gaps) != len(extras):
+            raise ProfileError(f"WakeCurve: fields 'gaps_seconds' and 'extra_seconds' need the same number of points, at least 2; got {len(gaps)} and {len(extras)}")
+        if any(b <= a for a, b in itertools.pairwise(gaps)):
+            raise _bad_field("WakeCurve", "gaps_seconds", "strictly increasing gaps", gaps)
+        if extras[0] != 0.0 or any(b < a for a, b in itertools.pairwise(extras)):
+            raise _bad_field("WakeCurve", "extra_seconds", "0 at the reference gap, then never decreasing", extras)
+
+    def segments(self) -> tuple[tuple[float, float, float], ...]:
+        """``(from, to, slope)`` of each linear piece between measured gaps."""
+        points = list(zip(self.gaps_seconds, self.extra_seconds))
+        return tuple((g0, g1, (e1 - e0) / (g1 - g0)) for (g0, e0), (g1, e1) in itertools.pairwise(points))
+
+    def seconds(self, gap_seconds: float) -> float:
+        """Extra seconds of a collective that follows ``gap_seconds`` of compute (0 up to the reference).
+
+        E.g. gaps (1e-3, 3e-3, 9e-3) and extras (0, 1.2e-3, 1.5e-3): 0 after 0.5 ms, 0.6e-3 s
+        after 2 ms, 1.5e-3 s after 20 ms.
+        """
+        return sum(slope * (min(max(gap_seconds, g0), g1) - g0) for g0, g1, slope in self.segments())
+
+
+@dataclass(frozen=True, slots=True)
 class CollectiveLink:
     """Per-collective replacements for a link's ``o``, ``alpha`` and ``beta``; ``None`` keeps the link's.
 
@@ -112,9 +158,12 @@ class CollectiveLink:
     latency_seconds: float | None = None
     bytes_per_s: float | None = None
     bandwidth_knees: tuple[BandwidthKnee, ...] = ()
+    wake: WakeCurve | None = None  # replaces the link's wake curve for this collective
 
     def __post_init__(self) -> None:
         _validate_fields(self, _OVERRIDE_FIELD_CHECKS, owner="CollectiveLink")
+        if self.wake is not None and not isinstance(self.wake, WakeCurve):
+            raise _bad_field("CollectiveLink", "wake", "a WakeCurve or None", self.wake)
         _validate_knees(self, owner="CollectiveLink")
         if self.bandwidth_knees and self.bytes_per_s is None:
             raise ProfileError(
@@ -148,6 +197,11 @@ class LinkProfile:
     scale with n as any algorithm's textbook cost says (gloo's all_to_all of 64 MiB took
     21.6 ms on 2 ranks and 9.2 ms on 4 on a 16-core host, where the model's bytes moved
     say 4 ranks are the slower).
+
+    ``wake`` (:class:`WakeCurve`, per collective through its override, :meth:`wake_curve`)
+    prices what a collective pays beyond its fitted cost when it follows more compute than
+    calibration ran before it; ``None`` (datasheet links: NCCL
+    collectives queue on the GPU stream and pay no such wake-up) means nothing.
     """
 
     latency_seconds: float
@@ -157,9 +211,12 @@ class LinkProfile:
     algorithms: Mapping[str, str] = field(default_factory=FrozenMap)
     bandwidth_knees: tuple[BandwidthKnee, ...] = ()
     measured_groups: Mapping[int, LinkProfile] = field(default_factory=FrozenMap)
+    wake: WakeCurve | None = None
 
     def __post_init__(self) -> None:
         _validate_fields(self, _LINK_FIELD_CHECKS, owner="LinkProfile")
+        if self.wake is not None and not isinstance(self.wake, WakeCurve):
+            raise _bad_field("LinkProfile", "wake", "a WakeCurve or None", self.wake)
         _validate_knees(self, owner="LinkProfile")
         groups = dict(self.measured_groups)
         for n, link in groups.items():
@@ -208,6 +265,11 @@ class LinkProfile:
         if override is not None and override.bytes_per_s is not None:
             return override.bandwidth_knees
         return self.bandwidth_knees
+
+    def wake_curve(self, kind: Collective | str) -> WakeCurve | None:
+        """``kind``'s wake curve: its override's when it has one, else the link's."""
+        override = self.collectives.get(parse_collective(kind).value)
+        return override.wake if override is not None and override.wake is not None else self.wake
 
     def algorithm(self, kind: Collective | str) -> Algorithm | str:
         """The algorithm ``kind`` runs on this link, or ``"auto"`` (cheapest per call)."""

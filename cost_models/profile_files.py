@@ -37,6 +37,12 @@ Every field name carries its unit, so a file cannot be read two ways. Schema ver
                                                           # only with bytes_per_s, and replace
                                                           # the link's knees)
 
+    [links.intra_node.wake]                               # optional, measured: what a collective
+    gaps_seconds = [1.1e-3, 2.2e-3, 4.4e-3, 8.8e-3]       # pays beyond its price when it follows
+    extra_seconds = [0.0, 4e-4, 1.3e-3, 1.3e-3]           # more compute than calibration ran
+                                                          # before it (the first gap); also per
+                                                          # collective: [links.intra_node.all_gather.wake]
+
     [links.intra_node.measured_groups.4]                  # optional: the link as measured on
     latency_seconds = 0.0                                 # groups of exactly 4 ranks (a whole
     bytes_per_s = 2.1e11                                  # link table: numbers, knees, algorithms,
@@ -82,6 +88,7 @@ from cost_models.profile import (
     LinkProfile,
     OpClassRate,
     ProfileError,
+    WakeCurve,
     _bad_field,
     _device_type,
     _fraction,
@@ -195,6 +202,9 @@ _FLOPS_PATH = ("compute", "peak_flops_per_s")
 _LINK_NAMES = ("intra_node", "inter_node")
 _COLLECTIVE_NAMES = frozenset(c.value for c in Collective)
 _GROUPS = "measured_groups"  # [links.<link>.measured_groups.<n>]: the link as measured on n ranks
+_WAKE = "wake"  # [links.<link>.wake]: a collective's extra cost after longer compute (WakeCurve)
+_WAKE_FIELDS = {"gaps_seconds": "compute gaps before a collective, seconds, the first the one calibration used",
+                "extra_seconds": "what a collective costs beyond its price after each gap, seconds, 0 first"}
 
 # Which keys each table may hold; anything else is a typo or a field without a unit.
 _KNOWN_KEYS: dict[tuple[str, ...], frozenset[str]] = {
@@ -204,9 +214,11 @@ _KNOWN_KEYS: dict[tuple[str, ...], frozenset[str]] = {
     **{(*_OP_CLASSES_PATH, c): frozenset(_OP_CLASS_FIELDS) for c in OP_CLASSES},
     ("memory",): frozenset({"bytes_per_s", "capacity_nbytes", "efficiency"}),
     ("links",): frozenset({"intra_node", "inter_node", "devices_per_node"}),
-    **{("links", link): frozenset({*_LINK_FIELDS, _KNEES, "algorithms", _GROUPS} | _COLLECTIVE_NAMES) for link in _LINK_NAMES},
+    **{("links", link): frozenset({*_LINK_FIELDS, _KNEES, "algorithms", _GROUPS, _WAKE} | _COLLECTIVE_NAMES) for link in _LINK_NAMES},
+    **{("links", link, _WAKE): frozenset(_WAKE_FIELDS) for link in _LINK_NAMES},
     **{("links", link, "algorithms"): _COLLECTIVE_NAMES for link in _LINK_NAMES},
-    **{("links", link, c): frozenset({*_LINK_FIELDS, _KNEES}) for link in _LINK_NAMES for c in _COLLECTIVE_NAMES},
+    **{("links", link, c): frozenset({*_LINK_FIELDS, _KNEES, _WAKE}) for link in _LINK_NAMES for c in _COLLECTIVE_NAMES},
+    **{("links", link, c, _WAKE): frozenset(_WAKE_FIELDS) for link in _LINK_NAMES for c in _COLLECTIVE_NAMES},
 }
 # Fields a version-1 file may not use.
 _VERSION_2_ONLY = (("links", "inter_node"), ("links", "devices_per_node"), ("sources",), _OP_CLASSES_PATH)
@@ -325,7 +337,7 @@ def _link_from_dict(data: Mapping[str, Any], base: tuple[str, ...], *, where: st
     for kind in sorted(_COLLECTIVE_NAMES & set(table)):
         sub = table[kind]
         if not isinstance(sub, Mapping):
-            raise _bad_field(where, _dotted((*base, kind)), f"a table of {sorted({*_LINK_FIELDS, _KNEES})}", sub)
+            raise _bad_field(where, _dotted((*base, kind)), f"a table of {sorted({*_LINK_FIELDS, _KNEES, _WAKE})}", sub)
         fields = {}
         for name, (check, meaning) in _LINK_FIELDS.items():
             if name in sub:
@@ -336,7 +348,7 @@ def _link_from_dict(data: Mapping[str, Any], base: tuple[str, ...], *, where: st
                 f"{where}: field {_dotted((*base, kind, _KNEES))!r} needs {_dotted((*base, kind, 'bytes_per_s'))!r} "
                 "too: an override's knees continue its own bandwidth (without it the link's bandwidth and knees apply)"
             )
-        overrides[kind] = CollectiveLink(**fields, bandwidth_knees=knees)
+        overrides[kind] = CollectiveLink(**fields, bandwidth_knees=knees, wake=_wake_from_dict(data, (*base, kind, _WAKE), where=where))
     algorithms = table.get("algorithms", {})
     if not isinstance(algorithms, Mapping):
         raise _bad_field(where, _dotted((*base, "algorithms")), "a table of collective -> algorithm", algorithms)
@@ -345,7 +357,33 @@ def _link_from_dict(data: Mapping[str, Any], base: tuple[str, ...], *, where: st
         if algorithm not in offered:
             raise _bad_field(where, _dotted((*base, "algorithms", kind)), f"one of {offered}", algorithm)
     knees = _knees_from_dict(table, base, where=where)
-    return LinkProfile(**values, collectives=overrides, algorithms=dict(algorithms), bandwidth_knees=knees, measured_groups=_measured_groups(data, base, where=where))
+    return LinkProfile(**values, collectives=overrides, algorithms=dict(algorithms), bandwidth_knees=knees,
+                       measured_groups=_measured_groups(data, base, where=where), wake=_wake_from_dict(data, (*base, _WAKE), where=where))
+
+
+def _wake_from_dict(data: Mapping[str, Any], path: tuple[str, ...], *, where: str) -> WakeCurve | None:
+    """``[<link>.wake]``: two equally long arrays of seconds (``WakeCurve``), or None when absent."""
+    table = _get(data, path)
+    if table is None:
+        return None
+    if not isinstance(table, Mapping):
+        raise _bad_field(where, _dotted(path), f"a table of {sorted(_WAKE_FIELDS)}", table)
+    arrays = {}
+    for name, meaning in _WAKE_FIELDS.items():
+        raw = _lookup(data, (*path, name), where=where, meaning=meaning)
+        if not isinstance(raw, list):
+            raise _bad_field(where, _dotted((*path, name)), f"an array of seconds ({meaning})", raw)
+        check = _checked(_non_negative, "seconds")
+        for i, value in enumerate(raw):
+            try:
+                check(value)
+            except _Invalid as exc:
+                raise _bad_field(where, f"{_dotted((*path, name))}[{i}]", f"{exc} ({meaning})", value) from None
+        arrays[name] = tuple(raw)
+    try:
+        return WakeCurve(arrays["gaps_seconds"], arrays["extra_seconds"])
+    except ProfileError as exc:
+        raise ProfileError(f"{where}: field {_dotted(path)!r}: {str(exc).removeprefix('WakeCurve: ')}") from None
 
 
 def _measured_groups(data: Mapping[str, Any], base: tuple[str, ...], *, where: str) -> dict[int, LinkProfile]:
@@ -365,8 +403,11 @@ def _measured_groups(data: Mapping[str, Any], base: tuple[str, ...], *, where: s
         group = (*path, key)
         _reject_unknown(table, _KNOWN_KEYS[base] - {_GROUPS}, group, where=where)
         _reject_unknown(table.get("algorithms"), _COLLECTIVE_NAMES, (*group, "algorithms"), where=where)
+        _reject_unknown(table.get(_WAKE), frozenset(_WAKE_FIELDS), (*group, _WAKE), where=where)
         for kind in _COLLECTIVE_NAMES & set(table):
             _reject_unknown(table[kind], _KNOWN_KEYS[(*base, kind)], (*group, kind), where=where)
+            if isinstance(table[kind], Mapping):
+                _reject_unknown(table[kind].get(_WAKE), frozenset(_WAKE_FIELDS), (*group, kind, _WAKE), where=where)
         out[int(key)] = _link_from_dict(data, group, where=where)
     return out
 
@@ -418,8 +459,12 @@ def _link_source_paths(table: object, name: str) -> set[str]:
         paths.add(f"{name}.{_KNEES}")
     for kind in _COLLECTIVE_NAMES & set(table):
         paths |= {f"{name}.{kind}"} | {f"{name}.{kind}.{f}" for f in table[kind]}
+        if isinstance(table[kind], Mapping) and _WAKE in table[kind]:
+            paths |= {f"{name}.{kind}.{_WAKE}.{f}" for f in _WAKE_FIELDS}
     if "algorithms" in table:
         paths.add(f"{name}.algorithms")
+    if _WAKE in table:
+        paths |= {f"{name}.{_WAKE}"} | {f"{name}.{_WAKE}.{f}" for f in _WAKE_FIELDS}
     return paths
 
 
@@ -526,6 +571,11 @@ def _knees_line(knees: tuple[BandwidthKnee, ...]) -> str:
     return f"{_KNEES} = {_toml_value(tables)}"
 
 
+def _wake_lines(name: str, wake: WakeCurve, comments: Mapping[str, str]) -> list[str]:
+    return ["", *_comment(comments.get(f"links.{name}.{_WAKE}")), f"[links.{name}.{_WAKE}]",
+            f"gaps_seconds = {_toml_value(list(wake.gaps_seconds))}", f"extra_seconds = {_toml_value(list(wake.extra_seconds))}"]
+
+
 def _link_lines(name: str, link: LinkProfile, comments: Mapping[str, str]) -> list[str]:
     lines = ["", *_comment(comments.get(f"links.{name}")), f"[links.{name}]"]
     for field in ("latency_seconds", "bytes_per_s", "call_overhead_seconds"):
@@ -542,6 +592,10 @@ def _link_lines(name: str, link: LinkProfile, comments: Mapping[str, str]) -> li
                 lines.append(f"{field} = {_toml_value(value)}")
         if override.bandwidth_knees:
             lines.append(_knees_line(override.bandwidth_knees))
+        if override.wake is not None:
+            lines += _wake_lines(f"{name}.{kind}", override.wake, comments)
+    if link.wake is not None:
+        lines += _wake_lines(name, link.wake, comments)
     for n, group in link.measured_groups.items():
         lines += _link_lines(f"{name}.{_GROUPS}.{n}", group, comments)
     return lines

@@ -76,9 +76,8 @@ def run(args: argparse.Namespace) -> int:
     except RankError as exc:
         print(f"autotp: error: a rank failed:\n{exc}", file=sys.stderr)
         return 1
-    kernels, collectives = merge(ranks, statistic=args.statistic)
     try:
-        report = fit_all(kernels, collectives)
+        report = fit_all(*merge(ranks, statistic=args.statistic))
     except CalibrationError as exc:
         print(f"autotp: error: cannot fit the measurements: {exc}", file=sys.stderr)
         return 1

@@ -1,0 +1,98 @@
+"""Each collective's wake-up, priced from where it falls in the plan's schedule.
+
+On gloo over loopback a collective costs more the longer its ranks computed since the one
+before it, up to a plateau (``cost_models.WakeCurve``; measured on the 2-core CI VM, a 1 MiB
+all-gather took 1.9 ms after 1.1 ms of compute and 3.3 ms after 7 ms, inside a batch-split
+GPT). The solver prices every collective as calibration timed it, after calibration's own gap:
+what one collective pays depends on where the others fall, which an edge price cannot see.
+So when a plan is built, this walks its rank-local program in order (forward nodes, then, for
+training, their backward in reverse) and gives every collective the wake-up for the compute
+run since the collective before it. Steps repeat back to back, so the first collective's gap
+includes the compute after the last one. A plan without collectives, or a link without a wake
+curve (datasheet profiles: NCCL queues collectives on the GPU stream), pays nothing.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from autotp.cost import BACKWARD_COMPUTE_FACTOR
+from autotp.redistribute import GRAD_SYNC, Step, backward_steps
+
+if TYPE_CHECKING:
+    from autotp.cost import CostModel
+    from autotp.plan import NodePlan, Plan
+    from autotp.strategies import StrategySpace
+
+ConversionKey = tuple[int, int]  # (position of the node in the plan, of the conversion on it)
+
+
+@dataclass(frozen=True, slots=True)
+class CollectiveGap:
+    """One collective step of the schedule and the compute run since the previous one.
+
+    ``compute`` holds ``(node name, fraction)``: that share of the node's priced compute
+    (forward and backward together when training) ran in the gap.
+    """
+
+    conversion: ConversionKey
+    step: Step
+    compute: tuple[tuple[str, float], ...]
+
+    def seconds(self, node_seconds: Callable[[str], float]) -> float:
+        return sum(fraction * node_seconds(name) for name, fraction in self.compute)
+
+
+def _producer(value: str) -> str:
+    return value.partition("[")[0]
+
+
+def collective_gaps(nodes: Sequence[NodePlan], *, training: bool, requires_grad: Mapping[str, bool]) -> list[CollectiveGap]:
+    """Every collective step of one training or inference step, in the order ranks run them.
+
+    ``requires_grad`` says, per node name, whether its output gets a gradient: its compute is
+    then split 1 : ``BACKWARD_COMPUTE_FACTOR`` between forward and backward (as
+    ``autotp.cost.CostModel`` prices it), and a conversion of it runs its conjugate steps in
+    backward (``redistribute.backward_steps``).
+    """
+    events: list[tuple[str, float] | tuple[ConversionKey, Step]] = []
+    forward_share = {n.name: 1 / (1 + BACKWARD_COMPUTE_FACTOR) if training and requires_grad.get(n.name, False) else 1.0 for n in nodes}
+    for i, node in enumerate(nodes):
+        for j, conversion in enumerate(node.conversions):
+            if not conversion.backward_only:
+                events += [((i, j), step) for step in conversion.steps if step.kind.is_collective]
+        events.append((node.name, forward_share[node.name]))
+    if training:
+        for i, node in reversed(list(enumerate(nodes))):
+            if forward_share[node.name] < 1.0:
+                events.append((node.name, 1.0 - forward_share[node.name]))
+            for j, conversion in enumerate(node.conversions):
+                if conversion.backward_only:
+                    steps: tuple[Step, ...] = (GRAD_SYNC,)
+                elif requires_grad.get(_producer(conversion.value), False):
+                    steps = tuple(b for s in conversion.steps for b in backward_steps(s))
+                else:
+                    steps = ()
+                events += [((i, j), step) for step in steps if step.kind.is_collective]
+    collectives = [k for k, (_, what) in enumerate(events) if isinstance(what, Step)]
+    if not collectives:
+        return []
+    gaps = []
+    for previous, current in zip([collectives[-1], *collectives[:-1]], collectives):
+        between = events[previous + 1:current] if previous < current else events[previous + 1:] + events[:current]
+        compute = tuple(e for e in between if isinstance(e[1], float))
+        key, step = events[current]
+        gaps.append(CollectiveGap(key, step, compute))  # type: ignore[arg-type]
+    return gaps
+
+
+def plan_mean_gap_seconds(plan: Plan, space: StrategySpace, cost: CostModel) -> float:
+    """The compute per collective step of ``plan``'s schedule (all of it when it has none).
+
+    What the solver charges each collective's wake-up at when it re-solves (``autotp.api``).
+    """
+    spaces = space.by_name()
+    compute = sum(cost.compute_seconds(spaces[n.name], n.strategy) - cost.internal_comm_seconds(spaces[n.name], n.strategy) for n in plan.nodes)
+    steps = collective_gaps(plan.nodes, training=cost.training, requires_grad={n.name: n.requires_grad for n in space.nodes})
+    return compute / max(1, len(steps))
