@@ -172,6 +172,7 @@ def test_calibration_writes_each_collectives_curve(tmp_path: Path) -> None:
     wake = _wake_samples("all_reduce", [1e-3, 1.5e-3, 2e-3, 2e-3]) + _wake_samples("all_gather", [1e-3, 1e-3, 1.2e-3, 1.3e-3])
     report = fit_all(kernels, collectives, wake)
     profile = build_profile(report, name="w", device_type="cpu", memory_capacity_nbytes=2**33, description="test")
+    assert profile.name == "w"
     link = profile.intra_node
     assert link.wake.extra_seconds == pytest.approx((0.0, 0.5e-3, 1e-3, 1e-3))
     assert link.wake_curve("all_gather").extra_seconds == pytest.approx((0.0, 0.0, 0.2e-3, 0.3e-3))
