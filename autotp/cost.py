@@ -166,6 +166,7 @@ class CostModel:
         return wake_seconds(self.link, _STEP_COLLECTIVE[step.kind], gap_seconds=gap_seconds, group_size=self.tp_size)
 
     def wake_curve(self, step: Step) -> WakeCurve | None:
+        """The wake curve of a collective step's collective on this link (None: it pays none)."""
         return self.link.for_group(self.tp_size).wake_curve(_STEP_COLLECTIVE[step.kind])
 
     def step_bytes_per_rank(self, step: Step, meta: TensorMeta) -> float:

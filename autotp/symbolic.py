@@ -20,11 +20,11 @@ where ``m`` is 3 for a node priced forward and backward (training) and 1 otherwi
 second argument of the outer Max is the profile's measured floor for the node's op class (absent
 when the profile has none; a view has only that floor), the knees are the link's bandwidth
 knees (``cost_models.PiecewiseLinearCost``; none on a straight-line link), and a
-conversion's steps are priced as ``autotp.cost.CostModel`` prices them. ``total(B0, T0)`` is
+conversion's steps are priced as ``autotp.cost.CostModel`` prices them. A profile whose link
+has wake curves adds, per collective, its curve at the compute since the previous collective
+(``autotp.wake``, :class:`WakeTerm`). ``total(B0, T0)`` is
 the plan's ``total_seconds``. The expression prices *this plan's strategies* at any size; it does
 not say whether tp still divides the split dims there, nor that the plan is still optimal.
-A profile whose link has a wake curve adds, per collective, the curve at the compute since the
-previous collective (``autotp.wake``, :class:`WakeTerm`).
 That is what :func:`crossovers` finds: the batch sizes at which the optimal plan changes.
 """
 from __future__ import annotations
