@@ -122,6 +122,10 @@ class CostModel:
     assumed_gap_seconds: float | None = None  # solver only: charge every collective the wake-up after this much compute
 
     def compute_seconds(self, node: NodeSpace, strategy: OpStrategy) -> float:
+        return self.kernel_seconds(node, strategy) + self.internal_comm_seconds(node, strategy)
+
+    def kernel_seconds(self, node: NodeSpace, strategy: OpStrategy) -> float:
+        """The op's own compute (forward, and backward when training), without the collectives it runs inside."""
         if node.kind is not NodeKind.OP:
             return 0.0
         if node.is_view:  # no kernel; a calibrated profile charges the dispatch
@@ -130,8 +134,7 @@ class CostModel:
             share = self.tp_size if splits_work(strategy) else 1
             dtype = _dtype_name(node.slot_metas[0].dtype if node.slot_metas else torch.float32)
             forward = op_seconds(self.profile, flops=node_flops(node) / share, nbytes=node_nbytes(node) / share, dtype=dtype, op_class=op_class(node))
-        compute = forward * (1 + BACKWARD_COMPUTE_FACTOR) if self.training and node.requires_grad else forward
-        return compute + self.internal_comm_seconds(node, strategy)
+        return forward * (1 + BACKWARD_COMPUTE_FACTOR) if self.training and node.requires_grad else forward
 
     def internal_comm_seconds(self, node: NodeSpace, strategy: OpStrategy) -> float:
         """Collectives an op's local implementation runs inside (e.g. vocab-parallel softmax)."""

@@ -260,9 +260,9 @@ def _with_wake(plans: list[NodePlan], space: StrategySpace, cost: CostModel) -> 
     if not cost.prices_wake:
         return tuple(plans)
     spaces = space.by_name()
-    compute = {n.name: cost.compute_seconds(spaces[n.name], n.strategy) - cost.internal_comm_seconds(spaces[n.name], n.strategy) for n in plans}
+    compute = {n.name: cost.kernel_seconds(spaces[n.name], n.strategy) for n in plans}
     extra: dict[tuple[int, int], float] = defaultdict(float)
-    for gap in collective_gaps(plans, training=cost.training, requires_grad={n.name: n.requires_grad for n in space.nodes}):
+    for gap in collective_gaps(plans, space, training=cost.training):
         extra[gap.conversion] += cost.wake_seconds(gap.step, gap.seconds(compute.__getitem__))
     return tuple(
         replace(node, conversions=tuple(

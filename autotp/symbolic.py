@@ -362,7 +362,7 @@ def cost_terms(plan: Plan, work: WorkModel, cost: CostModel) -> tuple[CostTerm, 
             terms += [StepTerm(node.name, str(step), _step_lines(step, cost), size) for step in steps]
     if cost.prices_wake:
         compute = {t.node: t for t in terms if isinstance(t, ComputeTerm)}
-        for gap in collective_gaps(plan.nodes, training=cost.training, requires_grad={n.name: n.requires_grad for n in work.space.nodes}):
+        for gap in collective_gaps(plan.nodes, work.space, training=cost.training):
             curve = cost.wake_curve(gap.step)
             if curve is not None:
                 parts = tuple((compute[name], fraction) for name, fraction in gap.compute if name in compute)

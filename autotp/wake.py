@@ -13,7 +13,7 @@ curve (datasheet profiles: NCCL queues collectives on the GPU stream), pays noth
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -48,14 +48,15 @@ def _producer(value: str) -> str:
     return value.partition("[")[0]
 
 
-def collective_gaps(nodes: Sequence[NodePlan], *, training: bool, requires_grad: Mapping[str, bool]) -> list[CollectiveGap]:
+def collective_gaps(nodes: Sequence[NodePlan], space: StrategySpace, *, training: bool) -> list[CollectiveGap]:
     """Every collective step of one training or inference step, in the order ranks run them.
 
-    ``requires_grad`` says, per node name, whether its output gets a gradient: its compute is
-    then split 1 : ``BACKWARD_COMPUTE_FACTOR`` between forward and backward (as
+    A node whose output gets a gradient (``space``'s ``requires_grad``) has its compute
+    split 1 : ``BACKWARD_COMPUTE_FACTOR`` between forward and backward (as
     ``autotp.cost.CostModel`` prices it), and a conversion of it runs its conjugate steps in
     backward (``redistribute.backward_steps``).
     """
+    requires_grad = {n.name: n.requires_grad for n in space.nodes}
     events: list[tuple[str, float] | tuple[ConversionKey, Step]] = []
     forward_share = {n.name: 1 / (1 + BACKWARD_COMPUTE_FACTOR) if training and requires_grad.get(n.name, False) else 1.0 for n in nodes}
     for i, node in enumerate(nodes):
@@ -93,6 +94,6 @@ def plan_mean_gap_seconds(plan: Plan, space: StrategySpace, cost: CostModel) -> 
     What the solver charges each collective's wake-up at when it re-solves (``autotp.api``).
     """
     spaces = space.by_name()
-    compute = sum(cost.compute_seconds(spaces[n.name], n.strategy) - cost.internal_comm_seconds(spaces[n.name], n.strategy) for n in plan.nodes)
-    steps = collective_gaps(plan.nodes, training=cost.training, requires_grad={n.name: n.requires_grad for n in space.nodes})
+    compute = sum(cost.kernel_seconds(spaces[n.name], n.strategy) for n in plan.nodes)
+    steps = collective_gaps(plan.nodes, space, training=cost.training)
     return compute / max(1, len(steps))

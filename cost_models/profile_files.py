@@ -401,13 +401,10 @@ def _measured_groups(data: Mapping[str, Any], base: tuple[str, ...], *, where: s
         if not isinstance(table, Mapping):
             raise _bad_field(where, _dotted((*path, key)), "a link table", table)
         group = (*path, key)
-        _reject_unknown(table, _KNOWN_KEYS[base] - {_GROUPS}, group, where=where)
-        _reject_unknown(table.get("algorithms"), _COLLECTIVE_NAMES, (*group, "algorithms"), where=where)
-        _reject_unknown(table.get(_WAKE), frozenset(_WAKE_FIELDS), (*group, _WAKE), where=where)
-        for kind in _COLLECTIVE_NAMES & set(table):
-            _reject_unknown(table[kind], _KNOWN_KEYS[(*base, kind)], (*group, kind), where=where)
-            if isinstance(table[kind], Mapping):
-                _reject_unknown(table[kind].get(_WAKE), frozenset(_WAKE_FIELDS), (*group, kind, _WAKE), where=where)
+        for known_path, known in _KNOWN_KEYS.items():  # a group's tables hold what the link's do, but no groups
+            if known_path[:len(base)] == base:
+                inner = known_path[len(base):]
+                _reject_unknown(_get(table, inner) if inner else table, known - {_GROUPS}, (*group, *inner), where=where)
         out[int(key)] = _link_from_dict(data, group, where=where)
     return out
 

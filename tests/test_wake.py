@@ -249,7 +249,7 @@ def test_training_splits_each_ops_compute_between_forward_and_backward() -> None
     model, inputs = build_example("gpt", device="meta", batch=4, seq=16)
     result = plan_model(model, inputs, mesh_shape=(2,), hardware="cpu-gloo", memory_budget=None, training=True)
     grads = {n.name: n.requires_grad for n in result.space.nodes}
-    gaps = collective_gaps(plan.nodes, training=True, requires_grad=grads)
+    gaps = collective_gaps(plan.nodes, result.space, training=True)
     kinds = [g.step.kind for g in gaps]
     # forward: the four P -> R all-reduces; backward: the gradient all-reduces of the R inputs to the column splits
     assert kinds[:4] == [StepKind.ALL_REDUCE] * 4 and len(kinds) > 4
