@@ -16,7 +16,7 @@ import pytest
 from cost_models import LinkProfile, ProfileError, collective_seconds, load_profile, write_profile
 from cost_models.calibrate import CollectiveSample, KernelSample, build_profile, fit_all
 from cost_models.profile import BandwidthKnee, CollectiveLink
-from tests._profile_fns import assert_rejected
+from tests._profile_fns import assert_rejected, cpu_link_toml
 
 KIB, MIB = 2**10, 2**20
 SIZES = [4 * KIB * 4**k for k in range(8)]  # 4 KiB .. 64 MiB
@@ -111,27 +111,7 @@ def test_invalid_measured_groups_are_refused(make, message: str) -> None:
         make()
 
 
-GROUPS_TOML = """\
-version = 2
-name = "groups-file"
-device_type = "cpu"
-source = "test"
-
-[compute]
-peak_flops_per_s = { float32 = 1e11 }
-compute_efficiency = 1.0
-kernel_launch_seconds = 1e-5
-
-[memory]
-bytes_per_s = 2e10
-capacity_nbytes = 8589934592
-efficiency = 1.0
-
-[links.intra_node]
-latency_seconds = 5e-5
-bytes_per_s = 1.5e9
-call_overhead_seconds = 1e-4
-
+GROUPS_TOML = cpu_link_toml("groups-file") + """
 [links.intra_node.measured_groups.4]
 latency_seconds = 0.0
 bytes_per_s = 4e9

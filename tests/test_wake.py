@@ -22,7 +22,7 @@ from autotp.symbolic import B, T, attach_cost_terms
 from autotp.wake import collective_gaps
 from cost_models import CollectiveLink, HardwareProfile, LinkProfile, ProfileError, WakeCurve, load_profile, wake_seconds, write_profile
 from cost_models.calibrate import CalibrationError, CollectiveSample, KernelSample, WakeSample, build_profile, fit_all, fit_wake
-from tests._profile_fns import assert_rejected
+from tests._profile_fns import assert_rejected, cpu_link_toml
 
 KIB = 2**10
 CURVE = WakeCurve((1e-3, 3e-3, 9e-3), (0.0, 1.2e-3, 1.5e-3))
@@ -71,27 +71,7 @@ def test_a_collectives_own_curve_replaces_the_links() -> None:
 # Profile files
 
 
-WAKE_TOML = """\
-version = 2
-name = "wake-file"
-device_type = "cpu"
-source = "test"
-
-[compute]
-peak_flops_per_s = { float32 = 1e11 }
-compute_efficiency = 1.0
-kernel_launch_seconds = 1e-5
-
-[memory]
-bytes_per_s = 2e10
-capacity_nbytes = 8589934592
-efficiency = 1.0
-
-[links.intra_node]
-latency_seconds = 5e-5
-bytes_per_s = 1.5e9
-call_overhead_seconds = 1e-4
-
+WAKE_TOML = cpu_link_toml("wake-file") + """
 [links.intra_node.all_gather]
 bytes_per_s = 1e9
 
