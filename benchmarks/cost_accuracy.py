@@ -6,8 +6,8 @@
 For each world size N (2 and 4 gloo CPU ranks, one thread each):
 
 1. **Calibrate** on N ranks exactly as ``autotp calibrate --nproc N`` does, giving a profile,
-   with each collective also timed at **held-out sizes** (2, 8 and 32 MiB; 2 and 8 with
-   ``--quick``), between calibration's own (4 KiB * 4^k), in the same round-robin rounds. The
+   with each collective also timed at **held-out sizes** (1.5, 3, 6, 12, 24 and 48 MiB; up to
+   12 with ``--quick``), between calibration's own (1, 2, 4, ... MiB), in the same rounds. The
    fit never sees them; they test the model on sizes it did not fit, on the machine as it was
    while calibrating. This is the number the collective target is judged on.
 2. **Collectives, later.** Time each collective again in a separate run after calibration, at
@@ -84,7 +84,7 @@ MODELS: tuple[tuple[str, str, dict, int, int], ...] = (
     ("llama", "L", dict(dim=512, n_heads=8, n_kv_heads=4, n_layers=2, ffn_hidden=1408, vocab_size=2048, max_seq_len=128), 4, 128),
 )
 PINS = {"gpt": (GPT_COLUMN, GPT_ROW), "llama": (LLAMA_COLUMN, LLAMA_ROW)}
-HELD_OUT_NBYTES = (2 * MIB, 8 * MIB, 32 * MIB)  # between calibration's sizes (4 KiB * 4^k); timed with them, never fitted
+HELD_OUT_NBYTES = tuple(3 * MIB // 2 * 2**k for k in range(6))  # 1.5 .. 48 MiB, between calibration's sizes; timed with them, never fitted
 
 
 @dataclass(frozen=True, slots=True)
