@@ -104,8 +104,8 @@ def default_config(*, device_type: str, quick: bool) -> CalibrationConfig:
         shapes = shapes[:5]
     top = 16 * MIB if quick else 256 * MIB
     # x4 steps below 1 MiB; x2 from there in the full grid, where caches and protocol switches
-    # bend the curve (on a 2-core VM gloo's all-gather took 3.0x as long at 32 MiB as at 16, and
-    # 1.7x at 64): a knee can only sit at a measured size.
+    # bend the curve (on a 2-core VM gloo's all-gather took 3.3x as long at 32 MiB as at 16, then
+    # 1.8x as long again at 64): a knee can only sit at a measured size.
     small = (4**k * 4 * KIB for k in range(4))  # 4 KiB .. 256 KiB
     large = (MIB * (4**k if quick else 2**k) for k in range(9))
     messages = tuple(s for s in (*small, *large) if s <= top)
