@@ -136,6 +136,17 @@ def test_all_reduce_is_required() -> None:
         fit_all([], [CollectiveSample("broadcast", 2, float(b), 1e-4 + b / 1e9) for b in SIZES])
 
 
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
+def test_message_grid_steps_x4_to_1_mib_then_x2_and_x4_when_quick(device_type: str) -> None:
+    """Knees can only sit at measured sizes: the full grid doubles from 1 MiB to 256 MiB."""
+    from autotp.calibrate import KIB, MIB, default_config
+
+    full = default_config(device_type=device_type, quick=False).message_nbytes
+    quick = default_config(device_type=device_type, quick=True).message_nbytes
+    assert full == (4 * KIB, 16 * KIB, 64 * KIB, 256 * KIB, MIB, 2 * MIB, 4 * MIB, 8 * MIB, 16 * MIB, 32 * MIB, 64 * MIB, 128 * MIB, 256 * MIB)
+    assert quick == (4 * KIB, 16 * KIB, 64 * KIB, 256 * KIB, MIB, 4 * MIB, 16 * MIB)
+
+
 # ---------------------------------------------------------------------------------------------
 # Measured on this machine
 
