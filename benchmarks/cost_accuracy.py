@@ -14,7 +14,7 @@ For each world size N (2 and 4 gloo CPU ranks, one thread each):
    1, 4 and 16 MiB (and 64 MiB unless ``--quick``), with calibration's own sampler
    (``autotp.calibrate.measure_rank``: 9 to 45 batches, until the median is known to 4%), and
    compare with the profile's prediction. This adds whatever the machine drifted in between (a
-   shared VM's speed moved by 12 to 49% within minutes; the reference matmul measures it). Both
+   shared VM's speed moved by 9 to 49% within minutes; the reference matmul measures it). Both
    tables give each measurement's own standard error beside the model's error: what noise
    alone would explain.
 3. **Forward step times.** For GPT and LLaMA at three sizes, plan with the profile
