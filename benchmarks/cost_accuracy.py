@@ -321,7 +321,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         drift.append(f"{world} ranks: (512, 512) @ (512, 512) fp32 predicted {expected * 1e3:.2f} ms, measured "
                      f"{before * 1e3:.2f} ms before and {after * 1e3:.2f} ms after the timings (load average now {_load()})")
         for statistic, profile in profiles.items():
-            held_out_rows[statistic] += _collective_rows(held_out, profile, statistic, world)
+            if held_out:  # none when the profiles were given (--profile): nothing was calibrated here
+                held_out_rows[statistic] += _collective_rows(held_out, profile, statistic, world)
             later_rows[statistic] += _collective_rows(collectives, profile, statistic, world)
             for k, ((example, label, config, batch, seq), plans) in enumerate(cases):
                 predicted, measured = {}, {}
