@@ -4,8 +4,10 @@ Compute is a roofline per op on the rank-local share of the work: a strategy tha
 tensor divides FLOPs and bytes by ``tp_size``; all-replicate and partial-in/partial-out
 strategies run the whole op on every rank. A profile with measured op classes (``autotp
 calibrate`` writes them) floors each op by its class's rate (:func:`op_class`), views
-included; without them views launch no kernel and cost nothing. A transition costs the sum of
-its steps from ``redistribute.transition``.
+included; without them views launch no kernel and cost nothing. A contraction also fetches
+its weight (``cost_models.matmul_seconds``), all of it unless the strategy splits the weight,
+when the profile gives a rate for that (a calibrated CPU profile does). A transition costs the
+sum of its steps from ``redistribute.transition``.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cost_models import Collective, HardwareProfile, LinkProfile, bytes_moved_per_rank, collective_seconds, op_seconds, roofline_seconds, select_algorithm, state_nbytes, wake_seconds, WakeCurve
+from cost_models import Collective, HardwareProfile, LinkProfile, bytes_moved_per_rank, collective_seconds, matmul_seconds, op_seconds, roofline_seconds, select_algorithm, state_nbytes, wake_seconds, WakeCurve
 from autotp.capture import TensorMeta
 from autotp.placement import Placement, Shard
 from autotp.redistribute import GRAD_SYNC, Step, StepKind, backward_steps, transition
@@ -81,6 +83,22 @@ def op_class(node: NodeSpace) -> str | None:
     return "elementwise"
 
 
+# The slot of a contraction's second matrix: ``nn.Linear``'s weight, or the keys of attention scores.
+_WEIGHT_SLOT = {"aten.linear": 1, "aten.mm": 1, "aten.matmul": 1, "aten.bmm": 1, "aten.addmm": 2, "aten.baddbmm": 2}
+
+
+def node_weight_nbytes(node: NodeSpace) -> float:
+    """Global bytes of a contraction's second matrix (its weight); 0 for any other op."""
+    slot = _WEIGHT_SLOT.get(_packet_name(node.op))
+    return float(node.slot_metas[slot].nbytes) if slot is not None and slot < len(node.slot_metas) else 0.0
+
+
+def weight_share(node: NodeSpace, strategy: OpStrategy, tp_size: int) -> int:
+    """How many ranks split a contraction's weight under ``strategy`` (1: each holds all of it)."""
+    slot = _WEIGHT_SLOT.get(_packet_name(node.op))
+    return tp_size if slot is not None and slot < len(strategy.inputs) and isinstance(strategy.inputs[slot], Shard) else 1
+
+
 def node_nbytes(node: NodeSpace) -> float:
     out = node.output_meta
     outs = out if isinstance(out, tuple) else (out,) if out is not None else ()
@@ -133,7 +151,12 @@ class CostModel:
         else:
             share = self.tp_size if splits_work(strategy) else 1
             dtype = _dtype_name(node.slot_metas[0].dtype if node.slot_metas else torch.float32)
-            forward = op_seconds(self.profile, flops=node_flops(node) / share, nbytes=node_nbytes(node) / share, dtype=dtype, op_class=op_class(node))
+            flops, nbytes, kind = node_flops(node) / share, node_nbytes(node) / share, op_class(node)
+            if kind is None:  # a contraction, which also fetches its weight
+                weight = node_weight_nbytes(node) / weight_share(node, strategy, self.tp_size)
+                forward = matmul_seconds(self.profile, flops=flops, nbytes=nbytes, weight_nbytes=weight, dtype=dtype)
+            else:
+                forward = op_seconds(self.profile, flops=flops, nbytes=nbytes, dtype=dtype, op_class=kind)
         return forward * (1 + BACKWARD_COMPUTE_FACTOR) if self.training and node.requires_grad else forward
 
     def internal_comm_seconds(self, node: NodeSpace, strategy: OpStrategy) -> float:

@@ -43,7 +43,7 @@ from torch import nn
 from cost_models import HardwareProfile, OpClassRate, WakeCurve, collective_terms, roofline
 from cost_models.comm import piecewise_linear_seconds
 from autotp.capture import capture
-from autotp.cost import BACKWARD_COMPUTE_FACTOR, CostModel, _STEP_COLLECTIVE, node_flops, node_nbytes, op_class, splits_work
+from autotp.cost import BACKWARD_COMPUTE_FACTOR, CostModel, _STEP_COLLECTIVE, node_flops, node_nbytes, node_weight_nbytes, op_class, splits_work, weight_share
 from autotp.errors import AutoTPError, ConfigError
 from autotp.plan import Plan
 from autotp.redistribute import GRAD_SYNC, Step, StepKind
@@ -108,11 +108,13 @@ def _fit(basis: Sequence[Monomial], points: Sequence[tuple[int, int]], values: S
 
 @dataclass(frozen=True, slots=True)
 class NodeWork:
-    """One node's FLOPs and bytes moved (whole op, unsplit) and each output's size, as polynomials."""
+    """One node's FLOPs and bytes moved (whole op, unsplit), each output's size and, for a
+    contraction, its weight's size (``cost.node_weight_nbytes``), as polynomials."""
 
     flops: Poly
     nbytes: Poly
     outputs: dict[int | None, Poly]
+    weight_nbytes: Poly = Poly(())
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +156,7 @@ def _space_at(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> StrategySpa
         return build_strategy_space(capture(model, inputs), 1)
 
 
-def _measure(space: StrategySpace) -> dict[str, tuple[float, float, dict[int | None, float]]]:
+def _measure(space: StrategySpace) -> dict[str, tuple[float, float, dict[int | None, float], float]]:
     out = {}
     for node in space.nodes:
         flops = node_flops(node) if node.kind is NodeKind.OP else 0.0
@@ -165,7 +167,7 @@ def _measure(space: StrategySpace) -> dict[str, tuple[float, float, dict[int | N
             outputs = {i: float(m.nbytes) for i, m in enumerate(metas)}
         elif metas is not None:
             outputs = {None: float(metas.nbytes)}
-        out[node.name] = (flops, nbytes, outputs)
+        out[node.name] = (flops, nbytes, outputs, node_weight_nbytes(node) if node.kind is NodeKind.OP else 0.0)
     return out
 
 
@@ -208,14 +210,16 @@ def fit_work(
         flops = _fit(basis, grid, [s[0] for s in series])
         nbytes = _fit(basis, grid, [s[1] for s in series])
         outputs = {k: _fit(basis, grid, [s[2][k] for s in series]) for k in series[0][2]}
+        weight = _fit(basis, grid, [s[3] for s in series])
         expected = measured[check][name]
-        for poly, value, what in [(flops, expected[0], "FLOPs"), (nbytes, expected[1], "bytes"), *((outputs[k], expected[2][k], "output size") for k in outputs)]:
+        checks = [(flops, expected[0], "FLOPs"), (nbytes, expected[1], "bytes"), (weight, expected[3], "weight bytes"), *((outputs[k], expected[2][k], "output size") for k in outputs)]
+        for poly, value, what in checks:
             if not math.isclose(poly(*check), value, rel_tol=1e-9, abs_tol=1e-6):
                 raise ConfigError(
                     f"the {what} of node '{name}' are not a polynomial of degree 1 in the batch and 2 in the "
                     f"sequence length (fit predicts {poly(*check):g} at {check}, capture gives {value:g})"
                 )
-        nodes[name] = NodeWork(flops, nbytes, outputs)
+        nodes[name] = NodeWork(flops, nbytes, outputs, weight)
     return WorkModel(nodes=nodes, space=base, batch0=batch0, seq0=seq0 or 0, has_seq=has_seq)
 
 
@@ -227,7 +231,9 @@ def fit_work(
 class ComputeTerm:
     """``multiplier · Max(roofline, floor)`` with ``roofline = launch + Max(flops · seconds_per_flop,
     nbytes · seconds_per_byte)`` (0 without work) and ``floor`` the op class's measured line
-    ``floor.launch_seconds + flops · floor.seconds_per_flop`` (``cost_models.op_seconds``)."""
+    ``floor.launch_seconds + flops · floor.seconds_per_flop`` (``cost_models.op_seconds``). A
+    contraction adds ``weight_nbytes · seconds_per_weight_byte``, fetching its weight
+    (``cost_models.matmul_seconds``)."""
 
     node: str
     multiplier: float
@@ -237,16 +243,21 @@ class ComputeTerm:
     flops: Poly
     nbytes: Poly
     floor: OpClassRate | None = None
+    weight_nbytes: Poly = Poly(())
+    seconds_per_weight_byte: float = 0.0
 
     def seconds(self, batch: float, seq: float) -> float:
         flops = self.flops(batch, seq)
         roof = self.launch_seconds + max(flops * self.seconds_per_flop, self.nbytes(batch, seq) * self.seconds_per_byte) if (self.flops or self.nbytes) else 0.0
+        roof += self.weight_nbytes(batch, seq) * self.seconds_per_weight_byte
         return self.multiplier * (roof if self.floor is None else max(roof, self.floor.seconds(flops)))
 
     def expr(self) -> sympy.Expr:
         roof: sympy.Expr = sympy.Integer(0)
         if self.flops or self.nbytes:
             roof = self.launch_seconds + sympy.Max(self.flops.expr() * self.seconds_per_flop, self.nbytes.expr() * self.seconds_per_byte)
+        if self.weight_nbytes and self.seconds_per_weight_byte:
+            roof += self.weight_nbytes.expr() * self.seconds_per_weight_byte
         if self.floor is not None:
             roof = sympy.Max(roof, self.floor.launch_seconds + self.flops.expr() * self.floor.seconds_per_flop)
         return self.multiplier * roof
@@ -348,9 +359,12 @@ def cost_terms(plan: Plan, work: WorkModel, cost: CostModel) -> tuple[CostTerm, 
             node_work = work.nodes[node.name]
             multiplier = 1 + BACKWARD_COMPUTE_FACTOR if cost.training and space.requires_grad else 1
             flops, nbytes = (Poly(()), Poly(())) if space.is_view else (node_work.flops * Fraction(1, share), node_work.nbytes * Fraction(1, share))
+            weight_rate = cost.profile.matmul_weight_bytes_per_s
+            launch = cost.profile.matmul_launch_seconds if op_class(space) is None and cost.profile.matmul_launch_seconds is not None else rates.launch_seconds
             terms.append(ComputeTerm(
-                node.name, float(multiplier), rates.launch_seconds, rates.seconds_per_flop, rates.seconds_per_byte,
+                node.name, float(multiplier), launch, rates.seconds_per_flop, rates.seconds_per_byte,
                 flops, nbytes, floor,
+                node_work.weight_nbytes * Fraction(1, weight_share(space, node.strategy, cost.tp_size)), 0.0 if weight_rate is None else 1.0 / weight_rate,
             ))
         for conversion in node.conversions:
             ref = _value_ref(conversion.value)

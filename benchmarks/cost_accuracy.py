@@ -56,7 +56,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 import autotp
 from autotp.api import plan_model
-from autotp.calibrate import MIB, STATISTICS, CalibrationConfig, RankMeasurements, _agree, _calls_for, _estimate, default_config, describe_machine, measure_rank, median_relative_error, memory_capacity_nbytes, merge, slowest_batches
+from autotp.calibrate import MIB, STATISTICS, CalibrationConfig, RankMeasurements, _agree, _as_in_a_layer, _calls_for, _estimate, default_config, describe_machine, measure_rank, median_relative_error, memory_capacity_nbytes, merge, slowest_batches
 from autotp.capture import capture
 from autotp.cost import CostModel
 from autotp.examples import build_example
@@ -65,7 +65,7 @@ from autotp.plan import Plan, build_plan
 from autotp.solve import Solution, solve
 from autotp.strategies import NodeKind, build_strategy_space
 from autotp.testing import run_on_ranks
-from cost_models import HardwareProfile, collective_seconds, load_profile, roofline_seconds, write_profile
+from cost_models import HardwareProfile, collective_seconds, load_profile, matmul_seconds, write_profile
 from cost_models.calibrate import build_profile, fit_all
 
 LAYOUTS = ("autotp", "replicate", "megatron")
@@ -158,14 +158,14 @@ def _time_forwards(modules: dict[str, torch.nn.Module], inputs: tuple[torch.Tens
 
 def _reference_matmul_seconds() -> float:
     """Seconds per (512, 512) @ (512, 512) fp32 matmul, on all ranks at once, as calibration times it."""
-    a, b = torch.randn(512, 512), torch.randn(512, 512)
-    torch.ops.aten.mm.default(a, b)
+    matmul = _as_in_a_layer(512, 512, 512, torch.float32, torch.device("cpu"))
+    matmul()
     calls, per_batch = 16, []  # about 50 ms a batch, as calibration times it
     for _ in range(5):
         dist.barrier()
         started = time.perf_counter()
         for _ in range(calls):
-            torch.ops.aten.mm.default(a, b)
+            matmul()
         per_batch.append((time.perf_counter() - started) / calls)
     return statistics.median(per_batch)
 
@@ -316,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         collectives, times, reference = zip(*run_on_ranks(accuracy_rank, world, cases, sizes, args.steps, args.warmup, timeout_seconds=3600))
         with open(out_dir / f"timings-{world}.pkl", "wb") as f:
             pickle.dump({"cases": cases, "collectives": collectives, "times": times, "reference": reference}, f)
-        expected = roofline_seconds(planning, flops=2.0 * 512**3, nbytes=3.0 * 512 * 512 * 4)
+        expected = matmul_seconds(planning, flops=2.0 * 512**3, nbytes=3.0 * 512 * 512 * 4, weight_nbytes=512.0 * 512 * 4)
         before, after = (statistics.median(r[k] for r in reference) for k in (0, 1))
         drift.append(f"{world} ranks: (512, 512) @ (512, 512) fp32 predicted {expected * 1e3:.2f} ms, measured "
                      f"{before * 1e3:.2f} ms before and {after * 1e3:.2f} ms after the timings (load average now {_load()})")

@@ -50,7 +50,8 @@ def calibrated(datasheet: HardwareProfile, fit: ComputeFit) -> HardwareProfile:
     return dataclasses.replace(
         datasheet, name=f"{datasheet.name}-measured", peak_flops_per_s=fit.flops_per_s, compute_efficiency=1.0,
         memory_bytes_per_s=fit.memory_bytes_per_s, memory_efficiency=1.0, kernel_launch_seconds=fit.kernel_launch_seconds,
-        op_classes=fit.op_classes, source=f"compute measured by {__file__}; links from {datasheet.name}",
+        op_classes=fit.op_classes, matmul_launch_seconds=fit.matmul_launch_seconds, matmul_weight_bytes_per_s=fit.matmul_weight_bytes_per_s,
+        source=f"compute measured by {__file__}; links from {datasheet.name}",
     )
 
 

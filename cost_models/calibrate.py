@@ -8,8 +8,12 @@ are weighted least squares on *relative* error, so a 4 KiB message counts as muc
 
 * **Memory-bound kernel** (an elementwise add moving N bytes, a few KiB to tens of MiB):
   ``t = launch + N / W`` gives ``kernel_launch_seconds`` and ``memory.bytes_per_s`` (W).
-* **Matmuls** of F FLOPs and N bytes, per dtype, with launch and W fixed from above:
-  ``t = launch + max(F / P, N / W)``; P, the achieved FLOP/s, by a 1-D search.
+* **Matmuls** of F FLOPs with a weight (second matrix) of N_w bytes:
+  ``t = launch_mm + F / P + N_w · s_w``; P, the achieved FLOP/s per dtype, and the launch and
+  s_w, the seconds per weight byte, which all dtypes share (``matmul_launch_seconds``,
+  ``matmul_weight_bytes_per_s`` = 1 / s_w), by non-negative least squares. Each weight was last read a forward ago (``autotp.calibrate``); on a CPU its
+  fetch does not hide behind a small matmul's arithmetic. The profile prices a matmul as
+  ``launch_mm + max(F / P, N / W) + N_w · s_w`` (``cost_models.matmul_seconds``).
   A measured profile states achieved rates, so both efficiencies are 1.0.
 * **Op classes** (``cost_models.OP_CLASSES``): per class, ``t = launch_c + F · s_c`` over its
   samples (views: ``t = launch_c``; elementwise: the memory-bound kernel's samples), written as
@@ -104,7 +108,7 @@ class KernelSample:
     """One timed kernel: ``kind`` is ``"matmul"``, ``"memory"`` or an op class; seconds per call.
 
     For an op class, ``flops`` is the cost model's count (one per output element; attention's
-    ``4·B·H·Tq·Tk·D``; 0 for a view).
+    ``4·B·H·Tq·Tk·D``; 0 for a view). For a matmul, ``weight_nbytes`` is its second matrix's size.
     """
 
     kind: str
@@ -112,6 +116,7 @@ class KernelSample:
     flops: float
     nbytes: float
     seconds: float
+    weight_nbytes: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +185,8 @@ class ComputeFit:
     matmul_median_rel_error: dict[str, float]
     op_classes: dict[str, OpClassRate]
     op_class_median_rel_error: dict[str, float]
+    matmul_launch_seconds: float | None = None  # fixed cost of one matmul (None: kernel_launch_seconds)
+    matmul_weight_bytes_per_s: float | None = None  # None: the weight's size explains none of a matmul's time
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +206,10 @@ class CalibrationReport:
         ]
         for dtype, rate in c.flops_per_s.items():
             lines.append(f"  matmul {dtype:<13} {rate / 1e9:9.2f} GFLOP/s (median error {c.matmul_median_rel_error[dtype]:.1%})")
+        if c.matmul_launch_seconds is not None:
+            lines.append(f"  matmul launch        {c.matmul_launch_seconds * 1e6:9.2f} us")
+        if c.matmul_weight_bytes_per_s is not None:
+            lines.append(f"  matmul weight fetch  {c.matmul_weight_bytes_per_s / 1e9:9.2f} GB/s   (a matmul's weight, on top of its FLOPs)")
         for name, floor in c.op_classes.items():
             lines.append(
                 f"  {name:<20} {floor.launch_seconds * 1e6:9.2f} us + {floor.seconds_per_flop * 1e9:.4f} ns/FLOP "
@@ -463,25 +474,53 @@ def fit_compute(samples: Sequence[KernelSample]) -> ComputeFit:
     if inverse_w <= 0:
         raise CalibrationError("memory-bound kernel: the times do not grow with the size; measure larger tensors")
     predicted = [launch + s.nbytes * inverse_w for s in memory]
-    flops: dict[str, float] = {}
-    errors: dict[str, float] = {}
-    for dtype in sorted({s.dtype for s in samples if s.kind == "matmul"}):
-        matmuls = [s for s in samples if s.kind == "matmul" and s.dtype == dtype]
-        _check(matmuls, f"matmul {dtype}", 1)
-
-        def model(log_rate: float, s: KernelSample) -> float:
-            return launch + max(s.flops / math.exp(log_rate), s.nbytes * inverse_w)
-
-        def loss(log_rate: float, matmuls: list[KernelSample] = matmuls) -> float:
-            return sum(((model(log_rate, s) - s.seconds) / s.seconds) ** 2 for s in matmuls)
-
-        best = _golden_min(loss, math.log(1e6), math.log(1e18))
-        flops[dtype] = math.exp(best)
-        errors[dtype] = _median_rel_error([model(best, s) for s in matmuls], [s.seconds for s in matmuls])
-    if "float32" not in flops:
+    matmuls = [s for s in samples if s.kind == "matmul"]
+    dtypes = sorted({s.dtype for s in matmuls})
+    if "float32" not in dtypes:
         raise CalibrationError("no float32 matmul was measured; the profile needs a float32 rate")
+    matmul_launch, flops, seconds_per_weight_byte = _fit_matmuls(matmuls, dtypes, inverse_w, launch)
+    launch_mm = launch if matmul_launch is None else matmul_launch
+    errors: dict[str, float] = {}
+    for dtype in dtypes:
+        of_dtype = [s for s in matmuls if s.dtype == dtype]
+        model = [launch_mm + max(s.flops / flops[dtype], s.nbytes * inverse_w) + s.weight_nbytes * seconds_per_weight_byte for s in of_dtype]
+        errors[dtype] = _median_rel_error(model, [s.seconds for s in of_dtype])
     classes, class_errors = _fit_op_classes(samples)
-    return ComputeFit(launch, 1.0 / inverse_w, _r2(predicted, times), _median_rel_error(predicted, times), flops, errors, classes, class_errors)
+    weight_rate = 1.0 / seconds_per_weight_byte if seconds_per_weight_byte > 0 else None
+    return ComputeFit(launch, 1.0 / inverse_w, _r2(predicted, times), _median_rel_error(predicted, times), flops, errors, classes, class_errors,
+                      matmul_launch, weight_rate)
+
+
+def _fit_matmuls(matmuls: Sequence[KernelSample], dtypes: Sequence[str], inverse_w: float, launch: float) -> tuple[float | None, dict[str, float], float]:
+    """The launch all dtypes share (None: too few samples, ``launch`` taken), per dtype the achieved FLOP/s, and the seconds per weight byte of
+
+        t = launch_mm + F / P[dtype] + weight_nbytes · s_w
+
+    by non-negative least squares on relative error, on the samples the fit finds compute-bound
+    (F / P >= N / W: a matmul small enough to be memory-bound says nothing about P), refitted
+    until that set settles. s_w = 0 when the weight's size explains nothing, as when fetching
+    it overlaps the compute, or when no sample says its weight's size. A grid too small for
+    every number fits fewer: first without the weight, then with ``launch`` (the memory-bound
+    kernel's) for the matmuls'."""
+    weights = any(s.weight_nbytes > 0 for s in matmuls) and len(matmuls) >= len(dtypes) + 2
+    free_launch = len(matmuls) >= len(dtypes) + 1 + weights
+    kept = list(matmuls)
+    for _ in range(5):  # settles in one or two refits; never cycle
+        rows = [[1.0] * free_launch + [s.flops if s.dtype == d else 0.0 for d in dtypes] + ([s.weight_nbytes] if weights else []) for s in kept]
+        targets = [s.seconds if free_launch else max(s.seconds - launch, 0.01 * s.seconds) for s in kept]
+        numbers = _nonnegative_lstsq(rows, targets, keep=None, scales=[s.seconds for s in kept])
+        matmul_launch = numbers.pop(0) if free_launch else None
+        seconds_per_weight_byte = numbers.pop() if weights else 0.0
+        inverse_rates = numbers
+        if any(x <= 0 for x in inverse_rates):
+            bad = dtypes[next(i for i, x in enumerate(inverse_rates) if x <= 0)]
+            raise CalibrationError(f"matmul {bad}: the times do not grow with the FLOPs; measure larger matmuls")
+        per_flop = dict(zip(dtypes, inverse_rates))
+        bound = [s for s in matmuls if s.flops * per_flop[s.dtype] >= s.nbytes * inverse_w]
+        if bound == kept or any(sum(s.dtype == d for s in bound) < 2 for d in dtypes) or len(bound) < len(rows[0]):
+            break
+        kept = bound
+    return matmul_launch, {d: 1.0 / x for d, x in per_flop.items()}, seconds_per_weight_byte
 
 
 def _fit_op_classes(samples: Sequence[KernelSample]) -> tuple[dict[str, OpClassRate], dict[str, float]]:
@@ -614,6 +653,10 @@ def build_profile(
         "memory.capacity_nbytes": f"{measured}: device memory (CPU: RAM / ranks)",
         "memory.efficiency": "1.0: the measured bandwidth is achieved bandwidth",
     }
+    if c.matmul_launch_seconds is not None:
+        sources["compute.matmul_launch_seconds"] = f"{measured}: intercept of the matmuls' fit over the shape grid"
+    if c.matmul_weight_bytes_per_s is not None:
+        sources["compute.matmul_weight_bytes_per_s"] = f"{measured}: least squares over the shape grid, with the FLOP/s (each weight last read a forward ago)"
     for op_class in c.op_classes:
         sources[f"compute.op_classes.{op_class}"] = f"{measured}: {op_class} ops, least squares (median error {c.op_class_median_rel_error[op_class]:.1%})"
     for number in ("latency_seconds", "bytes_per_s", "call_overhead_seconds", *(("bandwidth_knees",) if base.bandwidth_knees else ())):
@@ -643,4 +686,6 @@ def build_profile(
         source=measured,
         sources=sources,
         op_classes=c.op_classes,
+        matmul_launch_seconds=c.matmul_launch_seconds,
+        matmul_weight_bytes_per_s=c.matmul_weight_bytes_per_s,
     )

@@ -9,6 +9,8 @@ with P the datasheet peak FLOP/s for the dtype, W the peak memory bandwidth, and
 achievable fractions of each (``HardwareProfile.compute_efficiency``/``memory_efficiency``).
 The kernel is compute-bound when its arithmetic intensity F/N exceeds the ridge point
 P·e_c / (W·e_m), memory-bound below it. t_launch is the fixed floor every kernel pays.
+A matmul on a CPU also pays for fetching its weight, which the arithmetic of a small matmul
+does not hide, when a calibrated profile says so: :func:`matmul_seconds`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 
 from cost_models.profile import HardwareProfile
 
-__all__ = ["Roofline", "op_seconds", "roofline", "roofline_seconds"]
+__all__ = ["Roofline", "matmul_seconds", "op_seconds", "roofline", "roofline_seconds"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,3 +101,28 @@ def op_seconds(
     roof = roofline_seconds(profile, flops=flops, nbytes=nbytes, dtype=dtype)
     rate = profile.op_classes.get(op_class) if op_class is not None else None
     return roof if rate is None else max(roof, rate.seconds(_work(flops, "flops")))
+
+
+def matmul_seconds(
+    profile: HardwareProfile, *, flops: float, nbytes: float, weight_nbytes: float = 0.0, dtype: str = "float32"
+) -> float:
+    """Seconds for one matmul: its roofline from the matmul launch, plus fetching its weight when
+    the profile says that does not overlap the compute:
+
+        T = matmul_launch_seconds + max(flops / (peak[dtype] * compute_efficiency),
+                                        nbytes / (memory_bytes_per_s * memory_efficiency))
+            + weight_nbytes / matmul_weight_bytes_per_s
+
+    (``kernel_launch_seconds`` without a matmul launch, no last term without a weight rate).
+    E.g. 90 GFLOP/s, 8 GB/s for the weight, 3 us launch: a 256x128x128 fp32 matmul (8.39e6
+    FLOPs, a 65536-byte weight) takes 3 + 93.2 + 8.2 = 104.4 us; with half the tokens,
+    3 + 46.6 + 8.2 = 57.8 us, not half.
+    """
+    rates = roofline(profile, dtype)
+    flops, nbytes = _work(flops, "flops"), _work(nbytes, "nbytes")
+    if flops == 0.0 and nbytes == 0.0:
+        return 0.0
+    launch = rates.launch_seconds if profile.matmul_launch_seconds is None else profile.matmul_launch_seconds
+    seconds = launch + max(flops * rates.seconds_per_flop, nbytes * rates.seconds_per_byte)
+    rate = profile.matmul_weight_bytes_per_s
+    return seconds if rate is None else seconds + _work(weight_nbytes, "weight_nbytes") / rate

@@ -316,6 +316,14 @@ class HardwareProfile:
     (:class:`OpClassRate`); an op of a class the profile lists costs the larger of its roofline
     and that floor. Datasheet profiles leave it empty.
 
+    ``matmul_launch_seconds``, when set, is a matmul's fixed cost instead of
+    ``kernel_launch_seconds``. ``matmul_weight_bytes_per_s``, when set, is the rate at which a matmul fetches its weight
+    (its second matrix), last read a whole forward ago, on top of its compute: a CPU does not
+    hide that fetch behind the arithmetic of a small matmul. It is why halving a matmul's
+    tokens does not halve its time while halving its weight does: on the 2-core CI VM a
+    128x128x128 fp32 ``linear`` took 64 us inside a model's graph and a 256x128x128 one
+    108 us, not 128. ``autotp calibrate`` measures both; datasheet profiles leave them unset.
+
     ``inter_node`` and ``devices_per_node`` come together or not at all. Without them every
     group of devices is priced on ``intra_node`` (a one-node profile). ``sources`` maps a field's
     dotted TOML path (``"memory.bytes_per_s"``) to where its number comes from.
@@ -335,6 +343,8 @@ class HardwareProfile:
     devices_per_node: int | None = None
     sources: Mapping[str, str] = field(default_factory=FrozenMap)
     op_classes: Mapping[str, OpClassRate] = field(default_factory=FrozenMap)
+    matmul_launch_seconds: float | None = None  # None: kernel_launch_seconds
+    matmul_weight_bytes_per_s: float | None = None  # None: fetching a matmul's weight overlaps its compute
 
     def __post_init__(self) -> None:
         table = check_flops_table(self.peak_flops_per_s, where="HardwareProfile", name="peak_flops_per_s")
@@ -525,6 +535,8 @@ _HARDWARE_FIELD_CHECKS: dict[str, Callable[[object], object]] = {
     "memory_efficiency": _fraction,
     "kernel_launch_seconds": _non_negative,
     "source": _text,
+    "matmul_launch_seconds": _optional(_non_negative),
+    "matmul_weight_bytes_per_s": _optional(_positive),
 }
 
 

@@ -12,6 +12,9 @@ Every field name carries its unit, so a file cannot be read two ways. Schema ver
     peak_flops_per_s = { float32 = 6.7e13, bfloat16 = 9.895e14 }  # must contain float32
     compute_efficiency = 0.7                              # in (0, 1]
     kernel_launch_seconds = 5e-6                          # >= 0
+    matmul_launch_seconds = 3e-6                          # optional, measured: a matmul's fixed cost
+    matmul_weight_bytes_per_s = 8e9                       # optional, measured: a matmul fetches its
+                                                          # weight at this rate on top of its compute
     [compute.op_classes.activation]                       # optional, measured: a floor under
     launch_seconds = 4e-6                                 # each op of the class (view,
     seconds_per_flop = 8e-10                              # elementwise, activation,
@@ -197,6 +200,11 @@ _OP_CLASS_FIELDS: dict[str, tuple[Callable[[object], Any], str]] = {
     "launch_seconds": (_checked(_non_negative, "seconds"), "fixed cost of one op of the class, seconds"),
     "seconds_per_flop": (_checked(_non_negative, "seconds"), "seconds per FLOP as the cost model counts them"),
 }
+# Optional fields of [compute] (a calibrated CPU profile has them; datasheet profiles do not).
+_OPTIONAL_FIELDS: dict[tuple[str, ...], tuple[Callable[[object], Any], str]] = {
+    ("compute", "matmul_launch_seconds"): (_checked(_non_negative, "seconds"), "fixed cost of one matmul, seconds"),
+    ("compute", "matmul_weight_bytes_per_s"): (_checked(_positive, "memory_bandwidth"), "rate at which a matmul fetches its weight on top of its compute, bytes per second"),
+}
 _OP_CLASSES_PATH = ("compute", "op_classes")
 _FLOPS_PATH = ("compute", "peak_flops_per_s")
 _LINK_NAMES = ("intra_node", "inter_node")
@@ -209,7 +217,7 @@ _WAKE_FIELDS = {"gaps_seconds": "compute gaps before a collective, seconds, the 
 # Which keys each table may hold; anything else is a typo or a field without a unit.
 _KNOWN_KEYS: dict[tuple[str, ...], frozenset[str]] = {
     (): frozenset({"version", "name", "device_type", "source", "compute", "memory", "links", "sources"}),
-    ("compute",): frozenset({"peak_flops_per_s", "compute_efficiency", "kernel_launch_seconds", "op_classes"}),
+    ("compute",): frozenset({"peak_flops_per_s", "compute_efficiency", "kernel_launch_seconds", "op_classes", *(p[-1] for p in _OPTIONAL_FIELDS)}),
     _OP_CLASSES_PATH: frozenset(OP_CLASSES),
     **{(*_OP_CLASSES_PATH, c): frozenset(_OP_CLASS_FIELDS) for c in OP_CLASSES},
     ("memory",): frozenset({"bytes_per_s", "capacity_nbytes", "efficiency"}),
@@ -429,7 +437,7 @@ def _op_classes_from_dict(data: Mapping[str, Any], *, where: str) -> dict[str, O
 
 def _known_source_paths(data: Mapping[str, Any]) -> set[str]:
     """Every dotted path a ``[sources]`` key may name: the profile's numbers and their tables."""
-    paths = {_dotted(p) for p in _SCALAR_FIELDS} | {_dotted(_FLOPS_PATH), "compute", "memory", "links", "links.devices_per_node"}
+    paths = {_dotted(p) for p in (*_SCALAR_FIELDS, *_OPTIONAL_FIELDS)} | {_dotted(_FLOPS_PATH), "compute", "memory", "links", "links.devices_per_node"}
     flops = _get(data, _FLOPS_PATH)
     if isinstance(flops, Mapping):
         paths |= {_dotted((*_FLOPS_PATH, k)) for k in flops}
@@ -527,6 +535,7 @@ def profile_from_dict(data: Mapping[str, Any], *, where: str = "<profile>") -> H
         devices_per_node=devices,
         sources=_sources(data, where=where),
         op_classes=_op_classes_from_dict(data, where=where),
+        **{path[-1]: _scalar(data, path, check, meaning, where=where) for path, (check, meaning) in _OPTIONAL_FIELDS.items() if _get(data, path) is not None},
     )
 
 
@@ -611,6 +620,9 @@ def profile_to_toml(profile: HardwareProfile, *, header: str = "", comments: Map
     lines += [*_comment(notes.get("compute.peak_flops_per_s")), f"peak_flops_per_s = {_toml_value(dict(profile.peak_flops_per_s))}"]
     lines += [*_comment(notes.get("compute.compute_efficiency")), f"compute_efficiency = {_toml_value(profile.compute_efficiency)}"]
     lines += [*_comment(notes.get("compute.kernel_launch_seconds")), f"kernel_launch_seconds = {_toml_value(profile.kernel_launch_seconds)}"]
+    for path in _OPTIONAL_FIELDS:
+        if (value := getattr(profile, path[-1])) is not None:
+            lines += [*_comment(notes.get(_dotted(path))), f"{path[-1]} = {_toml_value(value)}"]
     for name, rate in profile.op_classes.items():
         lines += ["", *_comment(notes.get(f"compute.op_classes.{name}")), f"[compute.op_classes.{name}]",
                   f"launch_seconds = {_toml_value(rate.launch_seconds)}", f"seconds_per_flop = {_toml_value(rate.seconds_per_flop)}"]

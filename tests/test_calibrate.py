@@ -1,6 +1,7 @@
 """``autotp calibrate``: the fits on synthetic timings, a measured run on 2 gloo ranks, the CLI."""
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import subprocess
@@ -199,3 +200,36 @@ def test_cli_quick_calibration_writes_a_profile_usable_by_name_and_path(tmp_path
 def test_cli_refuses_a_built_in_name(tmp_path: Path) -> None:
     done = subprocess.run([shutil.which("autotp") or "autotp", "calibrate", "--name", "h100-sxm"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "is a built-in profile name" in done.stderr
+
+
+def test_matmul_fit_recovers_launch_flops_and_weight_fetch_and_the_profile_prices_with_them(tmp_path: Path) -> None:
+    """Timings made by ``matmul_seconds`` on a profile with a matmul launch and a weight rate are
+    fitted back to those numbers, and the built profile prices a matmul as they were made."""
+    from cost_models import matmul_seconds
+
+    truth = dataclasses.replace(ROUND, matmul_launch_seconds=3e-6, matmul_weight_bytes_per_s=8e9)
+    samples = [KernelSample("memory", "float32", n / 12, float(n), roofline_seconds(ROUND, flops=n / 12, nbytes=n)) for n in SIZES]
+    for dtype, itemsize in (("float32", 4), ("bfloat16", 2)):
+        for m, k, n in ((64, 64, 64), (256, 256, 256), (1024, 256, 256), (128, 1024, 512), (512, 512, 512)):
+            flops, nbytes, weight = 2.0 * m * k * n, float((m * k + k * n + m * n) * itemsize), float(k * n * itemsize)
+            seconds = matmul_seconds(truth, flops=flops, nbytes=nbytes, weight_nbytes=weight, dtype=dtype)
+            samples.append(KernelSample("matmul", dtype, flops, nbytes, seconds, weight_nbytes=weight))
+    fit = fit_compute(samples)
+    assert fit.matmul_launch_seconds == pytest.approx(3e-6, rel=1e-4)
+    assert fit.matmul_weight_bytes_per_s == pytest.approx(8e9, rel=1e-4)
+    assert fit.flops_per_s == pytest.approx({"float32": 5e11, "bfloat16": 2e12}, rel=1e-4)
+    report = fit_all(samples, _samples("all_reduce", LinkProfile(latency_seconds=0.0, bytes_per_s=1e9, call_overhead_seconds=1e-4), (2,)))
+    assert re.search(r"matmul weight fetch\s+8\.00 GB/s", report.text()) and re.search(r"matmul launch\s+3\.00 us", report.text())
+    profile = build_profile(report, name="box", device_type="cpu", memory_capacity_nbytes=2**34, description="box")
+    assert "least squares" in profile.sources["compute.matmul_weight_bytes_per_s"]
+    loaded = load_profile(write_profile(profile, tmp_path / "box.toml"))
+    for m, k, n in ((128, 128, 128), (256, 128, 352)):  # shapes the grid did not hold
+        flops, nbytes, weight = 2.0 * m * k * n, float((m * k + k * n + m * n) * 4), float(k * n * 4)
+        assert matmul_seconds(loaded, flops=flops, nbytes=nbytes, weight_nbytes=weight) == pytest.approx(
+            matmul_seconds(truth, flops=flops, nbytes=nbytes, weight_nbytes=weight), rel=1e-3)
+
+
+def test_matmuls_that_do_not_say_their_weight_fit_without_a_weight_fetch() -> None:
+    fit = fit_compute(_kernels())
+    assert fit.matmul_weight_bytes_per_s is None
+    assert fit.flops_per_s["float32"] == pytest.approx(5e11, rel=1e-4)

@@ -24,7 +24,9 @@ from cost_models import (
     collective_terms,
     latency_steps,
     load_profile,
+    matmul_seconds,
     peak_live_nbytes,
+    profile_to_toml,
     roofline,
     roofline_seconds,
     select_algorithm,
@@ -221,6 +223,21 @@ def test_h100_matmul_example_from_docstring() -> None:
     assert seconds == pytest.approx(203.4e-6, rel=1e-3)
 
 
+def test_matmul_pays_its_own_launch_and_its_weight_fetch_by_hand() -> None:
+    # 256 x 128 x 128 fp32 on ROUND (5e11 FLOP/s, 5e10 B/s) with a 3 us matmul launch and 8e9 B/s
+    # for the weight: 8.39e6 / 5e11 = 16.78 us of compute (memory 3.28e5 B / 5e10 = 6.55 us is
+    # less), plus 65536 / 8e9 = 8.19 us for the (128, 128) weight.
+    weighty = dataclasses.replace(ROUND, matmul_launch_seconds=3e-6, matmul_weight_bytes_per_s=8e9)
+    flops, nbytes, weight = 2.0 * 256 * 128 * 128, 4.0 * (256 * 128 * 2 + 128 * 128), 4.0 * 128 * 128
+    assert matmul_seconds(weighty, flops=flops, nbytes=nbytes, weight_nbytes=weight) == pytest.approx(3e-6 + flops / 5e11 + weight / 8e9)
+    # half the tokens halve the compute but not the weight's fetch
+    half = matmul_seconds(weighty, flops=flops / 2, nbytes=nbytes / 2, weight_nbytes=weight)
+    assert half == pytest.approx(3e-6 + flops / 2 / 5e11 + weight / 8e9)
+    # without the two fields a matmul is its roofline, whatever its weight
+    assert matmul_seconds(ROUND, flops=flops, nbytes=nbytes, weight_nbytes=weight) == roofline_seconds(ROUND, flops=flops, nbytes=nbytes)
+    assert matmul_seconds(weighty, flops=0, nbytes=0) == 0.0
+
+
 @pytest.mark.parametrize(("flops", "nbytes"), [(-1.0, 0.0), (0.0, -1.0), (float("nan"), 1.0)])
 def test_negative_or_nan_work_rejected(flops: float, nbytes: float) -> None:
     with pytest.raises(ValueError, match="must be a finite number >= 0"):
@@ -377,6 +394,21 @@ def test_missing_file_is_named(tmp_path: Path) -> None:
         ),
         ("[links.intra_node]", "[links.inter_node]", r"field 'links\.inter_node' needs version = 2"),
         ('name = "tiny"', "name = ", r"not valid TOML"),
+        (
+            "kernel_launch_seconds = 1e-5",
+            "kernel_launch_seconds = 1e-5\nmatmul_weight_bytes_per_s = -8e9",
+            r"field 'compute\.matmul_weight_bytes_per_s' must be a positive number",
+        ),
+        (
+            "kernel_launch_seconds = 1e-5",
+            "kernel_launch_seconds = 1e-5\nmatmul_weight_bytes_per_s = 8",
+            r"field 'compute\.matmul_weight_bytes_per_s' must be between 1e\+08 and 1e\+14 bytes per second",
+        ),
+        (
+            "kernel_launch_seconds = 1e-5",
+            "kernel_launch_seconds = 1e-5\nmatmul_launch_seconds = 3",
+            r"field 'compute\.matmul_launch_seconds' must be between 0 and 0\.1 seconds",
+        ),
     ],
 )
 def test_malformed_profile_names_file_and_field(
@@ -387,6 +419,16 @@ def test_malformed_profile_names_file_and_field(
         load_profile(path)
 
 
+def test_matmul_fields_load_and_write_back(tmp_path: Path) -> None:
+    text = _replace_line(VALID_TOML, "kernel_launch_seconds = 1e-5", "kernel_launch_seconds = 1e-5\nmatmul_launch_seconds = 3e-6\nmatmul_weight_bytes_per_s = 8e9")
+    profile = load_profile(_write(tmp_path, text, name="weighty.toml"))
+    assert (profile.matmul_launch_seconds, profile.matmul_weight_bytes_per_s) == (3e-6, 8e9)
+    assert load_profile(_write(tmp_path, profile_to_toml(profile), name="again.toml")) == profile
+    plain = load_profile(_write(tmp_path, VALID_TOML, name="plain.toml"))
+    assert plain.matmul_launch_seconds is None and plain.matmul_weight_bytes_per_s is None
+    assert "matmul" not in profile_to_toml(plain)
+
+
 def test_direct_construction_is_validated() -> None:
     with pytest.raises(ProfileError, match=r"HardwareProfile: field 'memory_efficiency'"):
         dataclasses.replace(ROUND, memory_efficiency=0.0)
@@ -394,6 +436,8 @@ def test_direct_construction_is_validated() -> None:
         LinkProfile(latency_seconds=0.0, bytes_per_s=0.0)
     with pytest.raises(ProfileError, match=r"'float32' entry"):
         dataclasses.replace(ROUND, peak_flops_per_s={"bfloat16": 1e12})
+    with pytest.raises(ProfileError, match=r"HardwareProfile: field 'matmul_weight_bytes_per_s' must be a positive number"):
+        dataclasses.replace(ROUND, matmul_weight_bytes_per_s=0.0)
 
 
 def test_cost_models_imports_neither_torch_nor_autotp() -> None:

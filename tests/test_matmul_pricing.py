@@ -1,0 +1,83 @@
+"""A matmul's own launch and its weight's fetch: the planner's prices, the symbolic total, and
+how calibration calls matmuls (a weight last read a forward ago)."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+import autotp
+from autotp.calibrate import _WEIGHT_RING_NBYTES, _as_in_a_layer, _weight_ring
+from autotp.capture import capture
+from autotp.cost import CostModel, node_weight_nbytes
+from autotp.examples import build_example
+from autotp.placement import Replicate, Shard
+from autotp.strategies import build_strategy_space
+from autotp.symbolic import B, T
+from cost_models import HardwareProfile, LinkProfile, write_profile
+
+WEIGHTY = HardwareProfile(
+    name="round-weighty",
+    device_type="cpu",
+    peak_flops_per_s={"float32": 1e12},
+    memory_bytes_per_s=1e11,
+    memory_capacity_nbytes=2**30,
+    compute_efficiency=0.5,  # 5e11 FLOP/s
+    memory_efficiency=0.5,  # 5e10 B/s
+    kernel_launch_seconds=1e-5,
+    intra_node=LinkProfile(latency_seconds=1e-5, bytes_per_s=1e9),
+    source="test fixture",
+    matmul_launch_seconds=3e-6,
+    matmul_weight_bytes_per_s=1e9,
+)
+
+
+def test_a_batch_split_fetches_the_whole_weight_and_a_weight_split_half() -> None:
+    """Halving a linear's tokens halves its FLOPs, not its weight; splitting the weight halves both."""
+    model, inputs = build_example("gpt", device="meta", batch=4, seq=16, n_layer=1)
+    space = build_strategy_space(capture(model, inputs), 2)
+    fc = next(n for n in space.nodes if n.op == "aten.linear.default" and n.slot_metas[1].shape[0] == 4 * n.slot_metas[1].shape[1])
+    weight = node_weight_nbytes(fc)
+    assert weight == fc.slot_metas[1].numel * 4
+    flops = 2.0 * fc.output_meta.numel * fc.slot_metas[0].shape[-1]
+    cost = CostModel(WEIGHTY, 2)
+    by_batch = next(s for s in fc.strategies if s.inputs[0] == Shard(0) and s.inputs[1] == Replicate())
+    by_column = next(s for s in fc.strategies if s.inputs[0] == Replicate() and s.inputs[1] == Shard(0))
+    # compute-bound here (FLOPs / 5e11 beat bytes / 5e10), so each price is launch + FLOPs + weight
+    assert cost.kernel_seconds(fc, by_batch) == pytest.approx(3e-6 + flops / 2 / 5e11 + weight / 1e9)
+    assert cost.kernel_seconds(fc, by_column) == pytest.approx(3e-6 + flops / 2 / 5e11 + weight / 2 / 1e9)
+    replicate = next(s for s in fc.strategies if all(p == Replicate() for p in s.inputs))
+    assert cost.kernel_seconds(fc, replicate) == pytest.approx(3e-6 + flops / 5e11 + weight / 1e9)
+    # a profile without the two numbers prices the three by FLOPs and bytes alone, the splits alike
+    plain = CostModel(dataclasses.replace(WEIGHTY, matmul_launch_seconds=None, matmul_weight_bytes_per_s=None), 2)
+    assert plain.kernel_seconds(fc, by_batch) == pytest.approx(plain.kernel_seconds(fc, by_column))
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_cost_expression_carries_the_weight_fetch(training: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The symbolic total equals the plan's at the planned size and the planner's price elsewhere."""
+    from tests.test_symbolic import _pin_all
+
+    monkeypatch.setenv("AUTOTP_PROFILE_DIR", str(tmp_path))
+    write_profile(WEIGHTY, tmp_path / "round-weighty.toml")
+    model, inputs = build_example("gpt", device="meta", batch=4, seq=16)
+    plan = autotp.plan(model, inputs, mesh_shape=(2,), hardware="round-weighty", training=training, symbolic=True)
+    fetches = [t for t in plan.cost_terms if getattr(t, "seconds_per_weight_byte", 0.0) > 0 and t.weight_nbytes]
+    assert len(fetches) >= 4  # the block's linears and the head
+    expr = plan.cost_expression()
+    assert float(expr.subs({B: 4, T: 16})) == pytest.approx(plan.total_seconds, rel=1e-9)
+    for batch, seq in ((8, 32), (2, 64)):
+        assert float(expr.subs({B: batch, T: seq})) == pytest.approx(_pin_all(plan, batch, seq).total_seconds, rel=1e-9)
+
+
+def test_calibration_reads_a_new_weight_each_call_from_a_ring_larger_than_a_cache() -> None:
+    small = _weight_ring(64, 32, torch.float32, torch.device("cpu"))  # 8 KiB each: capped at 512
+    assert len(small) == 512 and len({w.data_ptr() for w in small}) == 512
+    assert small[0].shape == (64, 32) and small[0].stride() == (1, 64)  # stored (n, k), transposed as nn.Linear keeps it
+    large = _weight_ring(1024, 1024, torch.float32, torch.device("cpu"))  # 4 MiB each
+    assert len(large) * 4 * 2**20 == _WEIGHT_RING_NBYTES > 32 * 2**20  # more than the CI VM's 32 MiB L3
+    op = _as_in_a_layer(8, 64, 32, torch.float32, torch.device("cpu"))
+    first, second = op(), op()
+    assert first.shape == (8, 32) and torch.equal(first, second) and first.data_ptr() != second.data_ptr()
