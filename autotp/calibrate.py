@@ -29,6 +29,7 @@ median):
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import math
 import os
@@ -453,7 +454,7 @@ def merge(ranks: Sequence[RankMeasurements], *, statistic: str = "median") -> tu
     for per_rank in zip(*(r.kernels for r in ranks)):
         sample = per_rank[0][0]
         seconds = statistics.median(reduce(times) for _, times in per_rank)
-        kernels.append(KernelSample(sample.kind, sample.dtype, sample.flops, sample.nbytes, seconds))
+        kernels.append(dataclasses.replace(sample, seconds=seconds))
     collectives = [CollectiveSample(s.collective, s.group_size, s.nbytes, reduce(slowest)) for s, slowest in slowest_batches(ranks)]
     wake = []
     for per_rank in zip(*(r.wake for r in ranks)):
