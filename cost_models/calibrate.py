@@ -11,8 +11,9 @@ are weighted least squares on *relative* error, so a 4 KiB message counts as muc
 * **Matmuls** of F FLOPs with a weight (second matrix) of N_w bytes:
   ``t = launch_mm + F / P + N_w · s_w``; P, the achieved FLOP/s per dtype, and the launch and
   s_w, the seconds per weight byte, which all dtypes share (``matmul_launch_seconds``,
-  ``matmul_weight_bytes_per_s`` = 1 / s_w), by non-negative least squares. Each weight was last read a forward ago (``autotp.calibrate``); on a CPU its
-  fetch does not hide behind a small matmul's arithmetic. The profile prices a matmul as
+  ``matmul_weight_bytes_per_s`` = 1 / s_w), by non-negative least squares. Each weight was
+  last read a forward ago (``autotp.calibrate``); on a CPU its fetch does not hide behind a
+  small matmul's arithmetic. The profile prices a matmul as
   ``launch_mm + max(F / P, N / W) + N_w · s_w`` (``cost_models.matmul_seconds``).
   A measured profile states achieved rates, so both efficiencies are 1.0.
 * **Op classes** (``cost_models.OP_CLASSES``): per class, ``t = launch_c + F · s_c`` over its
@@ -66,7 +67,7 @@ from __future__ import annotations
 import itertools
 import math
 import statistics
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 from dataclasses import dataclass, field, replace
 
@@ -441,30 +442,6 @@ def fit_collective_algorithm(samples: Sequence[CollectiveSample]) -> CollectiveF
     return best if best.algorithm is not ALGORITHMS[kind][0] else replace(best, algorithm=None)
 
 
-def _golden_min(f: Callable[[float], float], lo: float, hi: float, iterations: int = 100) -> float:
-    """Minimise ``f`` on [lo, hi]: a coarse grid first (the loss is flat where another term of
-    the roofline dominates, which would mislead a bare golden-section search), then golden
-    section between the best grid point's neighbours."""
-    steps = 240
-    grid = [lo + (hi - lo) * k / steps for k in range(steps + 1)]
-    best = min(range(len(grid)), key=lambda k: f(grid[k]))
-    lo, hi = grid[max(0, best - 1)], grid[min(steps, best + 1)]
-    ratio = (math.sqrt(5) - 1) / 2
-    a, b = lo, hi
-    c, d = b - ratio * (b - a), a + ratio * (b - a)
-    fc, fd = f(c), f(d)
-    for _ in range(iterations):
-        if fc < fd:
-            b, d, fd = d, c, fc
-            c = b - ratio * (b - a)
-            fc = f(c)
-        else:
-            a, c, fc = c, d, fd
-            d = a + ratio * (b - a)
-            fd = f(d)
-    return (a + b) / 2
-
-
 def fit_compute(samples: Sequence[KernelSample]) -> ComputeFit:
     """Launch floor and memory bandwidth from the memory-bound kernel, then FLOP/s per dtype."""
     memory = [s for s in samples if s.kind == "memory"]
@@ -492,7 +469,8 @@ def fit_compute(samples: Sequence[KernelSample]) -> ComputeFit:
 
 
 def _fit_matmuls(matmuls: Sequence[KernelSample], dtypes: Sequence[str], inverse_w: float, launch: float) -> tuple[float | None, dict[str, float], float]:
-    """The launch all dtypes share (None: too few samples, ``launch`` taken), per dtype the achieved FLOP/s, and the seconds per weight byte of
+    """The launch all dtypes share (None: too few samples, ``launch`` taken), per dtype the
+    achieved FLOP/s, and the seconds per weight byte of
 
         t = launch_mm + F / P[dtype] + weight_nbytes · s_w
 
