@@ -87,16 +87,21 @@ def op_class(node: NodeSpace) -> str | None:
 _WEIGHT_SLOT = {"aten.linear": 1, "aten.mm": 1, "aten.matmul": 1, "aten.bmm": 1, "aten.addmm": 2, "aten.baddbmm": 2}
 
 
+def _weight_slot(node: NodeSpace) -> int | None:
+    slot = _WEIGHT_SLOT.get(_packet_name(node.op))
+    return slot if slot is not None and slot < len(node.slot_metas) else None
+
+
 def node_weight_nbytes(node: NodeSpace) -> float:
     """Global bytes of a contraction's second matrix (its weight); 0 for any other op."""
-    slot = _WEIGHT_SLOT.get(_packet_name(node.op))
-    return float(node.slot_metas[slot].nbytes) if slot is not None and slot < len(node.slot_metas) else 0.0
+    slot = _weight_slot(node)
+    return 0.0 if slot is None else float(node.slot_metas[slot].nbytes)
 
 
 def weight_share(node: NodeSpace, strategy: OpStrategy, tp_size: int) -> int:
     """How many ranks split a contraction's weight under ``strategy`` (1: each holds all of it)."""
-    slot = _WEIGHT_SLOT.get(_packet_name(node.op))
-    return tp_size if slot is not None and slot < len(strategy.inputs) and isinstance(strategy.inputs[slot], Shard) else 1
+    slot = _weight_slot(node)
+    return tp_size if slot is not None and isinstance(strategy.inputs[slot], Shard) else 1
 
 
 def node_nbytes(node: NodeSpace) -> float:

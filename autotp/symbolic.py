@@ -40,7 +40,7 @@ import sympy
 import torch
 from torch import nn
 
-from cost_models import HardwareProfile, OpClassRate, WakeCurve, collective_terms, roofline
+from cost_models import HardwareProfile, OpClassRate, WakeCurve, collective_terms, matmul_roofline, roofline
 from cost_models.comm import piecewise_linear_seconds
 from autotp.capture import capture
 from autotp.cost import BACKWARD_COMPUTE_FACTOR, CostModel, _STEP_COLLECTIVE, node_flops, node_nbytes, node_weight_nbytes, op_class, splits_work, weight_share
@@ -351,18 +351,18 @@ def cost_terms(plan: Plan, work: WorkModel, cost: CostModel) -> tuple[CostTerm, 
     terms: list[CostTerm] = []
     for node in plan.nodes:
         space: NodeSpace = spaces[node.name]
-        floor = cost.profile.op_classes.get(op_class(space)) if node.kind is NodeKind.OP else None
+        kind = op_class(space) if node.kind is NodeKind.OP else None
+        floor = cost.profile.op_classes.get(kind) if node.kind is NodeKind.OP else None
         if node.kind is NodeKind.OP and (not space.is_view or floor is not None):
             share = cost.tp_size if splits_work(node.strategy) else 1
             dtype = str(space.slot_metas[0].dtype if space.slot_metas else torch.float32).removeprefix("torch.")
-            rates = roofline(cost.profile, dtype)
+            rates = matmul_roofline(cost.profile, dtype) if kind is None else roofline(cost.profile, dtype)
             node_work = work.nodes[node.name]
             multiplier = 1 + BACKWARD_COMPUTE_FACTOR if cost.training and space.requires_grad else 1
             flops, nbytes = (Poly(()), Poly(())) if space.is_view else (node_work.flops * Fraction(1, share), node_work.nbytes * Fraction(1, share))
             weight_rate = cost.profile.matmul_weight_bytes_per_s
-            launch = cost.profile.matmul_launch_seconds if op_class(space) is None and cost.profile.matmul_launch_seconds is not None else rates.launch_seconds
             terms.append(ComputeTerm(
-                node.name, float(multiplier), launch, rates.seconds_per_flop, rates.seconds_per_byte,
+                node.name, float(multiplier), rates.launch_seconds, rates.seconds_per_flop, rates.seconds_per_byte,
                 flops, nbytes, floor,
                 node_work.weight_nbytes * Fraction(1, weight_share(space, node.strategy, cost.tp_size)), 0.0 if weight_rate is None else 1.0 / weight_rate,
             ))

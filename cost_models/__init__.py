@@ -23,7 +23,7 @@ from cost_models.comm import (
     transfer_seconds,
     wake_seconds,
 )
-from cost_models.compute import Roofline, matmul_seconds, op_seconds, roofline, roofline_seconds
+from cost_models.compute import Roofline, matmul_roofline, matmul_seconds, op_seconds, roofline, roofline_seconds
 from cost_models.memory import OPTIMIZER_STATE_BYTES_PER_ELEMENT, peak_live_nbytes, state_nbytes
 from cost_models.profile import OP_CLASSES, BandwidthKnee, CollectiveLink, HardwareProfile, LinkProfile, OpClassRate, ProfileError, WakeCurve
 from cost_models.profile_files import (
@@ -59,6 +59,7 @@ __all__ = [
     "collective_terms",
     "latency_steps",
     "load_profile",
+    "matmul_roofline",
     "matmul_seconds",
     "op_seconds",
     "peak_live_nbytes",

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from cost_models.profile import HardwareProfile
 
-__all__ = ["Roofline", "matmul_seconds", "op_seconds", "roofline", "roofline_seconds"]
+__all__ = ["Roofline", "matmul_roofline", "matmul_seconds", "op_seconds", "roofline", "roofline_seconds"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +49,13 @@ def roofline(profile: HardwareProfile, dtype: str = "float32") -> Roofline:
         seconds_per_flop=1.0 / (profile.flops_per_s(dtype) * profile.compute_efficiency),
         seconds_per_byte=1.0 / (profile.memory_bytes_per_s * profile.memory_efficiency),
     )
+
+
+def matmul_roofline(profile: HardwareProfile, dtype: str = "float32") -> Roofline:
+    """:func:`roofline` for a matmul: from ``matmul_launch_seconds`` when the profile has one."""
+    rates = roofline(profile, dtype)
+    launch = profile.matmul_launch_seconds
+    return rates if launch is None else Roofline(launch, rates.seconds_per_flop, rates.seconds_per_byte)
 
 
 def _work(value: float, name: str) -> float:
@@ -118,11 +125,6 @@ def matmul_seconds(
     FLOPs, a 65536-byte weight) takes 3 + 93.2 + 8.2 = 104.4 us; with half the tokens,
     3 + 46.6 + 8.2 = 57.8 us, not half.
     """
-    rates = roofline(profile, dtype)
-    flops, nbytes = _work(flops, "flops"), _work(nbytes, "nbytes")
-    if flops == 0.0 and nbytes == 0.0:
-        return 0.0
-    launch = rates.launch_seconds if profile.matmul_launch_seconds is None else profile.matmul_launch_seconds
-    seconds = launch + max(flops * rates.seconds_per_flop, nbytes * rates.seconds_per_byte)
+    seconds = matmul_roofline(profile, dtype).seconds(_work(flops, "flops"), _work(nbytes, "nbytes"))
     rate = profile.matmul_weight_bytes_per_s
     return seconds if rate is None else seconds + _work(weight_nbytes, "weight_nbytes") / rate

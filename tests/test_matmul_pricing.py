@@ -8,30 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
-import autotp
 from autotp.calibrate import _WEIGHT_RING_NBYTES, _as_in_a_layer, _weight_ring
 from autotp.capture import capture
 from autotp.cost import CostModel, node_weight_nbytes
 from autotp.examples import build_example
 from autotp.placement import Replicate, Shard
 from autotp.strategies import build_strategy_space
-from autotp.symbolic import B, T
-from cost_models import HardwareProfile, LinkProfile, write_profile
+from tests.test_op_classes import ROUND
 
-WEIGHTY = HardwareProfile(
-    name="round-weighty",
-    device_type="cpu",
-    peak_flops_per_s={"float32": 1e12},
-    memory_bytes_per_s=1e11,
-    memory_capacity_nbytes=2**30,
-    compute_efficiency=0.5,  # 5e11 FLOP/s
-    memory_efficiency=0.5,  # 5e10 B/s
-    kernel_launch_seconds=1e-5,
-    intra_node=LinkProfile(latency_seconds=1e-5, bytes_per_s=1e9),
-    source="test fixture",
-    matmul_launch_seconds=3e-6,
-    matmul_weight_bytes_per_s=1e9,
-)
+# The op-class tests' round profile (5e11 FLOP/s, 5e10 B/s, launch 1e-5 s) without its floors,
+# with a matmul launch and a weight fetch.
+WEIGHTY = dataclasses.replace(ROUND, name="round-weighty", op_classes={}, matmul_launch_seconds=3e-6, matmul_weight_bytes_per_s=1e9)
 
 
 def test_a_batch_split_fetches_the_whole_weight_and_a_weight_split_half() -> None:
@@ -58,18 +45,12 @@ def test_a_batch_split_fetches_the_whole_weight_and_a_weight_split_half() -> Non
 @pytest.mark.parametrize("training", [False, True])
 def test_cost_expression_carries_the_weight_fetch(training: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The symbolic total equals the plan's at the planned size and the planner's price elsewhere."""
-    from tests.test_symbolic import _pin_all
+    from tests.test_symbolic import assert_expression_prices_as_the_planner, plan_on_a_user_profile
 
-    monkeypatch.setenv("AUTOTP_PROFILE_DIR", str(tmp_path))
-    write_profile(WEIGHTY, tmp_path / "round-weighty.toml")
-    model, inputs = build_example("gpt", device="meta", batch=4, seq=16)
-    plan = autotp.plan(model, inputs, mesh_shape=(2,), hardware="round-weighty", training=training, symbolic=True)
+    plan = plan_on_a_user_profile(WEIGHTY, tmp_path, monkeypatch, training=training)
     fetches = [t for t in plan.cost_terms if getattr(t, "seconds_per_weight_byte", 0.0) > 0 and t.weight_nbytes]
     assert len(fetches) >= 4  # the block's linears and the head
-    expr = plan.cost_expression()
-    assert float(expr.subs({B: 4, T: 16})) == pytest.approx(plan.total_seconds, rel=1e-9)
-    for batch, seq in ((8, 32), (2, 64)):
-        assert float(expr.subs({B: batch, T: seq})) == pytest.approx(_pin_all(plan, batch, seq).total_seconds, rel=1e-9)
+    assert_expression_prices_as_the_planner(plan)
 
 
 def test_calibration_reads_a_new_weight_each_call_from_a_ring_larger_than_a_cache() -> None:

@@ -8,13 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import autotp
 from autotp.capture import capture
 from autotp.cost import CostModel, op_class
 from autotp.examples import build_example
 from autotp.random import draws_random
 from autotp.strategies import NodeKind, build_strategy_space
-from autotp.symbolic import B, T
 from cost_models import OP_CLASSES, HardwareProfile, LinkProfile, OpClassRate, ProfileError, load_profile, op_seconds, profile_to_toml, roofline_seconds, write_profile
 from cost_models.calibrate import KernelSample, fit_compute
 from tests._profile_fns import assert_rejected
@@ -83,18 +81,12 @@ def test_ops_fall_into_the_classes_the_profile_prices() -> None:
 @pytest.mark.parametrize("training", [False, True])
 def test_cost_expression_carries_the_floors(training: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The symbolic total equals the plan's at the planned size and the planner's price elsewhere."""
-    from tests.test_symbolic import _pin_all
+    from tests.test_symbolic import assert_expression_prices_as_the_planner, plan_on_a_user_profile
 
-    monkeypatch.setenv("AUTOTP_PROFILE_DIR", str(tmp_path))
-    write_profile(ROUND, tmp_path / "round-classes.toml")
-    model, inputs = build_example("gpt", device="meta", batch=4, seq=16)
-    plan = autotp.plan(model, inputs, mesh_shape=(2,), hardware="round-classes", training=training, symbolic=True)
+    plan = plan_on_a_user_profile(ROUND, tmp_path, monkeypatch, training=training)
     floors = sum(1 for t in plan.cost_terms if getattr(t, "floor", None) is not None)
     assert floors > 10  # views, GELU, attention
-    expr = plan.cost_expression()
-    assert float(expr.subs({B: 4, T: 16})) == pytest.approx(plan.total_seconds, rel=1e-9)
-    for batch, seq in ((8, 32), (2, 64)):
-        assert float(expr.subs({B: batch, T: seq})) == pytest.approx(_pin_all(plan, batch, seq).total_seconds, rel=1e-9)
+    assert_expression_prices_as_the_planner(plan)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 import sympy
@@ -21,6 +22,7 @@ from autotp.plan import Plan, build_plan
 from autotp.solve import solve
 from autotp.strategies import NodeKind, StrategySpace, build_strategy_space
 from autotp.symbolic import B, T, _fit, attach_cost_terms, fit_work, resize_inputs
+from cost_models import HardwareProfile, write_profile
 
 # ---------------------------------------------------------------------------------------------
 # Polynomial fits
@@ -58,6 +60,23 @@ def _pin_all(plan: Plan, batch: int, seq: int, example: str = "gpt", **config) -
     cost = CostModel(resolve_hardware(plan.hardware), plan.tp_size, training=plan.training, optimizer=plan.optimizer)
     pins = {n.name: n.strategy for n in plan.nodes}
     return build_plan(result.space, solve(result.space, cost, pinned=pins), cost, hardware=plan.hardware, memory_budget=None)
+
+
+def plan_on_a_user_profile(profile: HardwareProfile, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, training: bool) -> Plan:
+    """GPT (batch 4, seq 16) planned on 2 ranks with cost terms, ``profile`` found by name in a
+    user profile directory (as ``_pin_all`` re-plans by name)."""
+    monkeypatch.setenv("AUTOTP_PROFILE_DIR", str(tmp_path))
+    write_profile(profile, tmp_path / f"{profile.name}.toml")
+    model, inputs = build_example("gpt", device="meta", batch=4, seq=16)
+    return autotp.plan(model, inputs, mesh_shape=(2,), hardware=profile.name, training=training, symbolic=True)
+
+
+def assert_expression_prices_as_the_planner(plan: Plan) -> None:
+    """``plan.cost_expression()`` equals the plan's total at (4, 16) and the planner's price at two other sizes."""
+    expr = plan.cost_expression()
+    assert float(expr.subs({B: 4, T: 16})) == pytest.approx(plan.total_seconds, rel=1e-9)
+    for batch, seq in ((8, 32), (2, 64)):
+        assert float(expr.subs({B: batch, T: seq})) == pytest.approx(_pin_all(plan, batch, seq).total_seconds, rel=1e-9)
 
 
 @pytest.mark.parametrize("training", [False, True])
