@@ -5,6 +5,7 @@ The sharded run is the real thing: ``autotp.parallelize`` on ``prod(mesh_shape)`
 The reference runs in this process on a copy of the model. Compared, tensor by tensor:
 
     outputs      every output leaf of every rank against the original's
+    input grads  (training) of every floating example input, on every rank
     gradients    (training) of a fixed random projection of the outputs, sharded gradients
                  reassembled per the plan's placements (``S(d)``: rank chunks concatenated
                  along ``d``; ``R``: every rank's copy compared)
@@ -25,7 +26,7 @@ import pickle
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -61,7 +62,7 @@ GraphHook = Callable[[fx.GraphModule, int], None]
 class Comparison:
     """One tensor of the sharded run against the original's."""
 
-    kind: str  # "output", "gradient" or "parameter"
+    kind: str  # "output", "input gradient", "gradient" or "parameter"
     name: str
     dtype: str
     placement: str  # of the parameter in the plan; "" for outputs
@@ -225,6 +226,7 @@ class RunResult:
     outputs: Mapping[str, torch.Tensor]
     grads: Mapping[str, torch.Tensor | None]
     params: Mapping[str, torch.Tensor]  # after one AdamW step when training, else as loaded
+    input_grads: tuple[torch.Tensor | None, ...] = ()  # of each floating example input, by position
     adam_eps: float = 0.0
     placements: Mapping[str, Placement] = field(default_factory=dict)
     collectives: Mapping[str, int] = field(default_factory=dict)
@@ -249,8 +251,8 @@ def verify_rank(
         sharded.graph_module.recompile()
     result = _run(sharded, inputs, training=training, adam_eps=adam_eps)
     placements = sharded.placements()
-    return RunResult(
-        result.outputs, result.grads, result.params,
+    return replace(
+        result,
         placements={name: placements.get(name, Replicate()) for name in result.params},
         collectives=count_collectives(sharded.graph_module),
         local_elements=sum(p.numel() for p in sharded.parameters()),
@@ -277,6 +279,7 @@ def _run(model: nn.Module, inputs: tuple[torch.Tensor, ...], *, training: bool, 
         with torch.no_grad():
             outputs = _leaves(model(*inputs))
         return RunResult(outputs, {}, {n: p.detach().clone() for n, p in params.items()})
+    inputs = tuple(t.detach().clone().requires_grad_(True) if _differentiable(t) else t for t in inputs)
     outputs = _leaves(model(*inputs))
     loss = _loss(outputs)
     if loss.requires_grad:
@@ -286,7 +289,12 @@ def _run(model: nn.Module, inputs: tuple[torch.Tensor, ...], *, training: bool, 
         adam_eps = max(_kind_scale(g for g in grads.values() if g is not None), 1e-12)
     torch.optim.AdamW(list({id(p): p for p in params.values()}.values()), lr=ADAMW_LR, eps=adam_eps).step()
     stepped = {n: p.detach().clone() for n, p in params.items()}
-    return RunResult({k: v.detach() for k, v in outputs.items()}, grads, stepped, adam_eps)
+    input_grads = tuple(t.grad if _differentiable(t) else None for t in inputs)
+    return RunResult({k: v.detach() for k, v in outputs.items()}, grads, stepped, input_grads, adam_eps)
+
+
+def _differentiable(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and t.dtype.is_floating_point
 
 
 def _leaves(output: Any) -> dict[str, torch.Tensor]:
@@ -314,6 +322,9 @@ def _compare(reference: RunResult, ranks: Sequence[RunResult], names: Sequence[s
             for name, ref in reference.outputs.items()]
     if not training:
         return tuple(rows)
+    input_grads = [(k, g) for k, g in enumerate(reference.input_grads) if g is not None]
+    scale = _kind_scale(g for _, g in input_grads)
+    rows += [_compare_one("input gradient", f"input {k}", g, [r.input_grads[k] for r in ranks], "", scale) for k, g in input_grads]
     placements = ranks[0].placements
     for kind, ref_values, rank_values in (
         ("gradient", reference.grads, [r.grads for r in ranks]),
@@ -412,7 +423,7 @@ def _elements(model: nn.Module) -> int:
 
 
 # --- the table -----------------------------------------------------------------------------------
-_KIND_TITLES = {"output": "outputs", "gradient": "gradients", "parameter": "params after AdamW"}
+_KIND_TITLES = {"output": "outputs", "input gradient": "input gradients", "gradient": "gradients", "parameter": "params after AdamW"}
 MAX_LISTED_FAILURES = 10
 
 
