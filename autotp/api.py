@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -13,6 +13,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from cost_models import OPTIMIZER_STATE_BYTES_PER_ELEMENT, HardwareProfile, ProfileError, load_profile
+from autotp.arguments import PlannedCall
 from autotp.capture import CapturedGraph, InputRole, capture
 from autotp.cost import CostModel
 from autotp.errors import ConfigError, PlanMismatchError
@@ -22,6 +23,7 @@ from autotp.module import ShardedModule, register_state
 from autotp.placement import Shard
 from autotp.plan import Plan, build_plan
 from autotp.random import seed_sharded_stream
+from autotp.retrace import Retracer
 from autotp.rewrite import rewrite
 from autotp.solve import solve
 from autotp.strategies import StrategySpace, build_strategy_space
@@ -144,16 +146,21 @@ def parallelize(
     plan: Plan | None = None,
     training: bool = True,
     optimizer: str | None = "adamw",
+    dynamic_dims: Mapping[str, Sequence[int]] | None = None,
 ) -> ShardedModule:
     """Return this rank's sharded copy of ``model``; call it on every rank of ``mesh``.
 
     With ``plan=None`` every rank plans (deterministically) and the ranks check that they agree.
+    The sharded module takes inputs of ``example_inputs``' shapes and values; ``dynamic_dims``
+    names the dims of tensor inputs that may take other sizes (``{"input_ids": (0, 1)}``, by
+    ``forward``'s parameter names): each new size is captured again on every rank, with the same plan.
     """
     if not isinstance(mesh, DeviceMesh):
         raise ConfigError(f"mesh must be a torch.distributed.device_mesh.DeviceMesh, got {type(mesh).__name__}")
     if mesh.ndim != 1:
         raise ConfigError(f"autotp supports 1-D meshes for now; got a mesh of shape {tuple(mesh.shape)}")
     tp_size = mesh.size()
+    planned_call = PlannedCall.from_example(model.forward, example_inputs, model_name=type(model).__name__, dynamic_dims=dynamic_dims)
     hardware = hardware or DEFAULT_HARDWARE.get(mesh.device_type, "h100-sxm")
     if plan is None:
         result = plan_model(
@@ -168,7 +175,13 @@ def parallelize(
     device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else None
     gm = rewrite(result.captured, result.space, result.plan, rank=rank, group_name=group.group_name, device=device)
     local = _local_state(model, result, rank=rank, device=device)
-    sharded = ShardedModule(result.captured, gm, local, result.plan, rank=rank, group_name=group.group_name, mesh=mesh)
+    retracer = (
+        Retracer(model, result.captured, result.plan, planned_call, rank=rank, group_name=group.group_name, device=device)
+        if planned_call.has_dynamic_dims else None
+    )
+    sharded = ShardedModule(
+        result.captured, gm, local, result.plan, planned_call=planned_call, rank=rank, group_name=group.group_name, mesh=mesh, retracer=retracer,
+    )
     seed_sharded_stream(group.group_name, rank=rank, seed=torch.initial_seed())
     parameter_names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     non_persistent = {f"{path}.{name}".lstrip(".") for path, module in model.named_modules() for name in module._non_persistent_buffers_set}
