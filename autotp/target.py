@@ -126,8 +126,11 @@ def _literal(raw: str) -> Any:
     return raw
 
 
-def load_target(spec: str, *, inputs: Sequence[InputSpec] = (), config: Mapping[str, Any] | None = None) -> Target:
-    """Build the model ``spec`` names, on the meta device when it can be, with its example inputs."""
+def load_target(spec: str, *, inputs: Sequence[InputSpec] = (), config: Mapping[str, Any] | None = None, device: str = "meta") -> Target:
+    """Build the model ``spec`` names, on the meta device when it can be, with its example inputs.
+
+    ``device`` is what a function target that takes a ``device`` argument gets (``autotp verify``
+    runs the model, so it asks for ``"cpu"``)."""
     from autotp.examples import EXAMPLES
 
     config = dict(config or {})
@@ -146,7 +149,7 @@ def load_target(spec: str, *, inputs: Sequence[InputSpec] = (), config: Mapping[
     except (TypeError, ValueError):
         params = {}
     if "device" in params:
-        kwargs["device"] = "meta"
+        kwargs["device"] = device
     try:
         returned = fn(**kwargs)
     except TypeError as exc:

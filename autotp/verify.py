@@ -201,7 +201,7 @@ def verify_source(
             type(model).__name__, tp_size, training, (), (), 0, len(list(model.parameters())), (), _elements(model),
             time.perf_counter() - started, error=str(exc), notes=tuple(notes),
         )
-    comparisons = _compare(reference, ranks, [name for name, _ in model.named_parameters()], training=training)
+    comparisons = _compare(reference, ranks, [name for name, _ in model.named_parameters()], _input_names(model, example_inputs), training=training)
     placements = ranks[0].placements
     return VerifyReport(
         model_name=type(model).__name__,
@@ -254,19 +254,20 @@ def verify_rank(
     return replace(
         result,
         placements={name: placements.get(name, Replicate()) for name in result.params},
-        collectives=count_collectives(sharded.graph_module),
+        collectives=count_collectives(sharded.graph_module, training=training),
         local_elements=sum(p.numel() for p in sharded.parameters()),
     )
 
 
-def count_collectives(gm: fx.GraphModule) -> dict[str, int]:
-    """Collectives in a rank-local graph by kind; ``grad_all_reduce`` is the backward all-reduce."""
+def count_collectives(gm: fx.GraphModule, *, training: bool) -> dict[str, int]:
+    """Collectives in a rank-local graph by kind; with ``training`` also ``grad_all_reduce``, the
+    backward all-reduce (it communicates only when there is a backward)."""
     from autotp import collectives
     from autotp.rewrite import collective_nodes
 
     kinds = Counter(n.target.__name__ for n in collective_nodes(gm))
     backward = sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is collectives.grad_all_reduce)
-    if backward:
+    if backward and training:
         kinds["all_reduce (backward)"] = backward
     return dict(sorted(kinds.items()))
 
@@ -316,7 +317,9 @@ def _loss(outputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
 
 
 # --- comparison ----------------------------------------------------------------------------------
-def _compare(reference: RunResult, ranks: Sequence[RunResult], names: Sequence[str], *, training: bool) -> tuple[Comparison, ...]:
+def _compare(
+    reference: RunResult, ranks: Sequence[RunResult], names: Sequence[str], input_names: Sequence[str], *, training: bool,
+) -> tuple[Comparison, ...]:
     """Every output, and (training) every parameter's gradient and stepped value, once per tied group."""
     rows = [_compare_one("output", name, ref, [r.outputs.get(name) for r in ranks], "", _kind_scale(reference.outputs.values()))
             for name, ref in reference.outputs.items()]
@@ -324,7 +327,7 @@ def _compare(reference: RunResult, ranks: Sequence[RunResult], names: Sequence[s
         return tuple(rows)
     input_grads = [(k, g) for k, g in enumerate(reference.input_grads) if g is not None]
     scale = _kind_scale(g for _, g in input_grads)
-    rows += [_compare_one("input gradient", f"input {k}", g, [r.input_grads[k] for r in ranks], "", scale) for k, g in input_grads]
+    rows += [_compare_one("input gradient", input_names[k], g, [r.input_grads[k] for r in ranks], "", scale) for k, g in input_grads]
     placements = ranks[0].placements
     for kind, ref_values, rank_values in (
         ("gradient", reference.grads, [r.grads for r in ranks]),
@@ -416,6 +419,14 @@ def _check_real(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
         raise ConfigError(f"verify runs the model, but {what} is on the meta device; build it with real weights and inputs on the CPU")
     if any(isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in [*model.parameters(), *inputs]):
         raise ConfigError("verify runs on local CPU gloo ranks; move the model and example inputs to the CPU first")
+
+
+def _input_names(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[str]:
+    """``forward``'s parameter names for the example inputs, ``input k`` where it has none."""
+    from autotp.target import _forward_params
+
+    params = _forward_params(model)
+    return [params[k] if k < len(params) else f"input {k}" for k in range(len(inputs))]
 
 
 def _elements(model: nn.Module) -> int:
