@@ -14,9 +14,10 @@ from autotp.placement import Partial, Replicate, Shard
 from autotp.plan import Plan
 from autotp.random import manual_seed
 from autotp.strategies import UnsupportedOpWarning
+from autotp.verify import VerifyReport, verify
 
 __all__ = [
     "AutoTPError", "CaptureError", "ConfigError", "Crossover", "CrossoverReport", "InfeasiblePlanError", "InputMismatchError", "Partial", "Plan",
     "PlanFormatError", "PlanMismatchError", "Replicate", "Shard", "SolverError", "UnsupportedOpWarning",
-    "crossovers", "full_state_dict", "load_sharded_state_dict", "manual_seed", "parallelize", "plan", "sharded_state_dict",
+    "crossovers", "full_state_dict", "load_sharded_state_dict", "manual_seed", "parallelize", "plan", "sharded_state_dict", "verify", "VerifyReport",
 ]
