@@ -179,7 +179,7 @@ def verify_source(
     graph_hook: GraphHook | None,
 ) -> VerifyReport:
     """``verify`` with the ranks' copy of the model given by ``source`` (see ``RebuiltModel``)."""
-    from autotp.api import _tp_size
+    from autotp.api import _apply_plan, _tp_size
     from autotp.testing import RankError, run_on_ranks
 
     tp_size = _tp_size(mesh_shape)
@@ -191,6 +191,8 @@ def verify_source(
         notes += [note] if note else []
     elif plan.tp_size != tp_size:
         raise ConfigError(f"the plan was made for {plan.tp_size} ranks but mesh_shape {tuple(mesh_shape)} has {tp_size}; pass mesh_shape=({plan.tp_size},)")
+    else:
+        _apply_plan(model, example_inputs, plan, tp_size)  # a plan for another model fails here, typed, not in a rank
     reference = _run(copy.deepcopy(model), example_inputs, training=training, adam_eps=None)
     try:
         ranks = run_on_ranks(

@@ -108,7 +108,7 @@ def test_comparison_tolerance_depends_on_dtype() -> None:
     assert not Comparison("output", "y", "float32", "", math.nan, math.nan, 1e-4, "NaN").passed
 
 
-def test_verify_refuses_meta_models_unpicklable_models_and_a_plan_for_another_mesh() -> None:
+def test_verify_refuses_meta_models_unpicklable_models_and_plans_that_do_not_fit() -> None:
     meta, meta_inputs = build_example("mlp", device="meta")
     with pytest.raises(autotp.ConfigError, match="meta device"):
         verify(meta, meta_inputs)
@@ -121,6 +121,9 @@ def test_verify_refuses_meta_models_unpicklable_models_and_a_plan_for_another_me
     model, inputs = build_example("gpt")
     with pytest.raises(autotp.ConfigError, match="made for 2 ranks.*mesh_shape=\\(2,\\)"):
         verify(model, inputs, mesh_shape=(4,), plan=_gpt_plan())
+    llama, llama_inputs = build_example("llama")
+    with pytest.raises(autotp.PlanMismatchError, match="graph fingerprint differs"):  # before any rank starts
+        verify(llama, llama_inputs, plan=_gpt_plan())
 
 
 @pytest.mark.timeout(2 * TIMEOUT_S)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -73,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     config = parse_config(args.config)
     model, example_inputs = build_target(args.target, inputs, config)
     source = RebuiltModel(build_target_model, (args.target, inputs, config), model.state_dict())
+    print(f"autotp verify: running {type(model).__name__} on {mesh[0]} CPU ranks and unsharded ...", file=sys.stderr, flush=True)
     report = verify_source(
         source, model, example_inputs, mesh_shape=mesh, plan=plan, training=args.training, memory_budget=args.memory_budget,
         hardware=args.hardware, optimizer="adamw", timeout_seconds=args.timeout, graph_hook=None,
