@@ -134,14 +134,14 @@ def verify(
     The model must be picklable and deterministic (call ``model.eval()`` to turn dropout off).
     """
     return verify_source(
-        _PickledModel(_pickle_model(model)), model, example_inputs, mesh_shape=mesh_shape, plan=plan, training=training,
+        PickledModel(_pickle_model(model)), model, example_inputs, mesh_shape=mesh_shape, plan=plan, training=training,
         memory_budget=memory_budget, hardware=hardware, optimizer=optimizer, timeout_seconds=timeout_seconds, graph_hook=graph_hook,
     )
 
 
 @dataclass(frozen=True, slots=True)
-class _PickledModel:
-    """The model as the ranks receive it when its class can be imported there."""
+class PickledModel:
+    """The model pickled whole, for ranks that can import its classes (``verify``)."""
 
     data: bytes
 
@@ -165,7 +165,7 @@ class RebuiltModel:
 
 
 def verify_source(
-    source: _PickledModel | RebuiltModel,
+    source: PickledModel | RebuiltModel,
     model: nn.Module,
     example_inputs: tuple[torch.Tensor, ...],
     *,
@@ -236,7 +236,7 @@ class RunResult:
 
 
 def verify_rank(
-    rank: int, world_size: int, source: _PickledModel | RebuiltModel, inputs: tuple[torch.Tensor, ...],
+    rank: int, world_size: int, source: PickledModel | RebuiltModel, inputs: tuple[torch.Tensor, ...],
     plan: Plan, training: bool, adam_eps: float, graph_hook: GraphHook | None,
 ) -> RunResult:
     """One rank of ``verify``: parallelize with ``plan``, apply ``graph_hook``, run as the reference does."""
