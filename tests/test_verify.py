@@ -18,7 +18,7 @@ import autotp
 from autotp.cli import main
 from autotp.examples import build_example
 from autotp.target import builtin_memory_budget
-from autotp.verify import TOLERANCES, Comparison, VerifyReport, verify
+from autotp.verify import TOLERANCES, Comparison, GraphHook, VerifyReport, verify
 from tests import _verify_fns
 
 TIMEOUT_S = 240
@@ -68,7 +68,7 @@ def _gpt_plan() -> autotp.Plan:
 
 @pytest.mark.timeout(2 * TIMEOUT_S)
 @pytest.mark.parametrize("hook", [None, _verify_fns.correct_reduce_scatter], ids=["as planned", "all-reduce as reduce-scatter + all-gather"])
-def test_verify_passes_without_injected_bug(hook: _verify_fns.GraphHook | None) -> None:
+def test_verify_passes_without_injected_bug(hook: GraphHook | None) -> None:
     """The control for the bug tests below: same model, same plan, a correct graph."""
     model, inputs = build_example("gpt")
     report = verify(model, inputs, plan=_gpt_plan(), graph_hook=hook, timeout_seconds=TIMEOUT_S)
