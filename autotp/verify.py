@@ -227,7 +227,7 @@ class RunResult:
 
     outputs: Mapping[str, torch.Tensor]
     grads: Mapping[str, torch.Tensor | None]
-    params: Mapping[str, torch.Tensor]  # after one AdamW step when training, else as loaded
+    params: Mapping[str, torch.Tensor]  # after one AdamW step (training only)
     input_grads: tuple[torch.Tensor | None, ...] = ()  # of each floating example input, by position
     adam_eps: float = 0.0
     placements: Mapping[str, Placement] = field(default_factory=dict)
@@ -255,7 +255,7 @@ def verify_rank(
     placements = sharded.placements()
     return replace(
         result,
-        placements={name: placements.get(name, Replicate()) for name in result.params},
+        placements={name: placements.get(name, Replicate()) for name, _ in sharded.named_parameters(remove_duplicate=False)},
         collectives=count_collectives(sharded.graph_module, training=training),
         local_elements=sum(p.numel() for p in sharded.parameters()),
     )
@@ -281,7 +281,7 @@ def _run(model: nn.Module, inputs: tuple[torch.Tensor, ...], *, training: bool, 
     if not training:
         with torch.no_grad():
             outputs = _leaves(model(*inputs))
-        return RunResult(outputs, {}, {n: p.detach().clone() for n, p in params.items()})
+        return RunResult(outputs, {}, {})
     inputs = tuple(t.detach().clone().requires_grad_(True) if _differentiable(t) else t for t in inputs)
     outputs = _leaves(model(*inputs))
     loss = _loss(outputs)
