@@ -1,4 +1,4 @@
-"""Hand a plan over to PyTorch: the ``parallelize_module`` plan that runs the same layout.
+"""Hand a plan over to PyTorch: the ``parallelize_module`` plan that runs the same layout, or a refusal.
 
 PyTorch's tensor-parallel API shards whole modules with three styles (``torch.distributed.tensor.parallel``):
 
@@ -7,34 +7,46 @@ PyTorch's tensor-parallel API shards whole modules with three styles (``torch.di
                       to R (all-reduce) or S(d) (reduce-scatter) as ``output_layouts`` says
     SequenceParallel  a norm or dropout run on a sequence-split (S(1)) activation
 
-Between styled modules the model's Python runs on plain local tensors. An autotp plan is
-expressible in these styles when every split parameter belongs to a styled ``nn.Linear`` /
-``nn.Embedding``, and every conversion happens at a styled module's input (``input_layouts``)
-or output (``output_layouts``). What is not expressible is listed with the reason; those ops run
-as the model's own code decides (replicated unless the plan's neighbours feed them shards).
+Between styled modules the model's Python runs on plain rank-local tensors, and every rank is
+called with the full inputs. An autotp plan is expressible in these styles when every split
+parameter belongs to a styled ``nn.Linear`` / ``nn.Embedding``, and every conversion happens at a
+styled module's input (``input_layouts``) or output (``output_layouts``).
 
-A note is added for each module that reshapes a split tensor: its Python computes the shape
-from its own attributes (``view(B, T, self.n_head, head_dim)``), which must then be the
-rank-local head count, as torchtitan sets ``n_heads // tp`` in its ``parallelize.py``.
+Expressible is not enough: the model's own code must also compute rank-local sizes.
+``view(B, T, self.n_head, head_dim)`` with the global head count fails on a column-split
+projection, and ``view(B, T, n_head, -1)`` runs but mixes heads. ``export_torch_tp`` therefore
+captures the model as one rank runs it under the styles (meta tensors, rank-local parameter
+shapes) and compares every op outside the styles with the plan's rank-local shapes. A plan that
+is not expressible, or a model whose code does not follow, is refused with a
+:class:`~autotp.errors.TorchTPExportError` naming the module and what to do; nothing is written
+that would run differently from the plan.
 """
 from __future__ import annotations
 
+import copy
+import fnmatch
 import json
+import linecache
 import re
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+import torch
+from torch import nn
+
+from autotp.capture import capture, module_path
+from autotp.errors import AutoTPError, TorchTPExportError, describe_node
+from autotp.fingerprint import LAYOUT_ONLY_OPS
 from autotp.placement import Partial, Placement, R, Replicate, Shard, parse_placement
 from autotp.plan import NodePlan, Plan
 from autotp.strategies import NodeKind
 
 FORMAT = "autotp.torch_tp"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: a file is written only for a plan the styles run as planned (no not_expressible, no notes)
 
 _LINEAR = ("aten.linear",)
 _EMBEDDING = ("aten.embedding",)
-_VIEWS = ("aten.view", "aten.reshape", "aten._unsafe_view", "aten.expand", "aten.repeat", "aten.split", "aten.chunk")
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,12 +71,12 @@ class Style:
 
 @dataclass(frozen=True, slots=True)
 class TorchTPPlan:
-    """Module path (``fnmatch`` patterns allowed) -> style, and what could not be expressed."""
+    """Module path (``fnmatch`` patterns allowed) -> style, and what could not be expressed
+    (``{"module", "node", "why"}`` each; an exported plan has none)."""
 
     tp_size: int
     styles: dict[str, Style]
-    not_expressible: list[dict[str, str]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
+    not_expressible: tuple[dict[str, str], ...] = ()
 
     @property
     def complete(self) -> bool:
@@ -76,8 +88,6 @@ class TorchTPPlan:
             "version": SCHEMA_VERSION,
             "tp_size": self.tp_size,
             "plan": {path: style.to_dict() for path, style in self.styles.items()},
-            "not_expressible": self.not_expressible,
-            "notes": self.notes,
         }
 
 
@@ -104,8 +114,13 @@ class _Graph:
                 self.readers[ref].append((node, slot))
 
     def produced(self, ref: str) -> Placement:
+        """The placement the code after ``ref``'s producer sees. A model input is R whatever the
+        plan says: under ``parallelize_module`` every rank is called with the full tensor (a plan
+        that splits the batch there has no style to do it, and is refused where it is read)."""
         name, index = _split(ref)
         node = self.nodes[name]
+        if node.kind is NodeKind.USER_INPUT:
+            return R
         return node.strategy.outputs()[index] if index is not None else node.strategy.output  # type: ignore[return-value]
 
     def reads(self, ref: str) -> set[Placement]:
@@ -143,8 +158,7 @@ def torch_tp_plan(plan: Plan) -> TorchTPPlan:
     _fill_inputs(styles, styled_nodes, graph, effective)
     problems += _check_unstyled(plan, graph, styled_nodes, effective)
     problems += _check_state(plan, graph, styled_nodes)
-    notes = _reshape_notes(plan, graph, styled_nodes)
-    return TorchTPPlan(plan.tp_size, _collapse(styles, plan), problems, notes)
+    return TorchTPPlan(plan.tp_size, _collapse(styles, plan), tuple(problems))
 
 
 def _linear_style(node: NodePlan, graph: _Graph) -> tuple[Style | None, str]:
@@ -248,21 +262,6 @@ def _check_state(plan: Plan, graph: _Graph, styled_nodes: dict[str, str]) -> lis
     return problems
 
 
-def _reshape_notes(plan: Plan, graph: _Graph, styled_nodes: dict[str, str]) -> list[str]:
-    modules: dict[str, str] = {}
-    for node in plan.nodes:
-        if node.kind is not NodeKind.OP or node.name in styled_nodes or not node.op.startswith(_VIEWS):
-            continue
-        if any(isinstance(p, Shard) for p in (*node.strategy.inputs, *node.strategy.outputs())):
-            pattern = re.sub(r"\.\d+(\.|$)", r".*\1", node.module_path) or "(model)"
-            modules.setdefault(pattern, f"{node.name}: {node.op} -> {node.value}")
-    return [
-        f"'{module}' reshapes a split tensor ({example}); its forward() must compute rank-local sizes "
-        f"(e.g. head counts divided by {plan.tp_size}, or -1 in view) when run under these styles"
-        for module, example in modules.items()
-    ]
-
-
 def _collapse(styles: dict[str, Style], plan: Plan) -> dict[str, Style]:
     """``blocks.0.mlp.c_fc`` ... ``blocks.11.mlp.c_fc`` with one style -> ``blocks.*.mlp.c_fc``."""
     indices: dict[str, set[int]] = defaultdict(set)
@@ -289,12 +288,221 @@ def _collapse(styles: dict[str, Style], plan: Plan) -> dict[str, Style]:
 
 
 # ----------------------------------------------------------------------------------------------
+# refusing what the styles cannot run
+
+
+_WHAT_TO_DO = (
+    "run this plan with autotp.parallelize (or save it with --format json and load it with "
+    "autotp.Plan.load), which inserts every conversion itself; or make a plan whose splits sit "
+    "on linears in column/row pairs (pin them: autotp.layouts.megatron_pins)"
+)
+_SHOWN = 6  # problems listed in a refusal; the rest are counted
+
+
+def export_torch_tp(plan: Plan, *, model: nn.Module, example_inputs: tuple[Any, ...]) -> TorchTPPlan:
+    """The ``parallelize_module`` plan that runs ``model`` as ``plan`` does, checked against the
+    model's own code; :class:`TorchTPExportError` when the styles cannot express the plan or
+    the model's code does not run on rank-local tensors."""
+    tp = torch_tp_plan(plan)
+    if tp.not_expressible:
+        raise TorchTPExportError(_inexpressible_message(tp))
+    if tp.styles:
+        _check_local_shapes(tp, plan, model, example_inputs)
+    return tp
+
+
+def _inexpressible_message(tp: TorchTPPlan) -> str:
+    lines = [
+        f"cannot export this plan for parallelize_module: {len(tp.not_expressible)} part(s) of it are beyond "
+        "ColwiseParallel/RowwiseParallel/SequenceParallel, which convert layouts only at a styled "
+        "linear's or embedding's input and output, and would run differently from the plan:"
+    ]
+    lines += [f"  module '{p['module'] or '(model)'}', node {p['node']}: {p['why']}" for p in tp.not_expressible[:_SHOWN]]
+    if len(tp.not_expressible) > _SHOWN:
+        lines.append(f"  ... and {len(tp.not_expressible) - _SHOWN} more")
+    lines.append(f"What to do: {_WHAT_TO_DO}.")
+    return "\n".join(lines)
+
+
+def _check_local_shapes(tp: TorchTPPlan, plan: Plan, model: nn.Module, example_inputs: tuple[Any, ...]) -> None:
+    """Capture ``model`` as rank 0 runs it under ``tp``'s styles and compare every op outside the
+    styled modules with the rank-local shape the plan gives it.
+
+    The copy lives on the meta device. Each styled module gets rank-local parameter shapes and
+    hooks that take its input from ``input_layouts`` to the layout it computes on, and its output
+    to ``output_layouts`` (``parallelize_module``'s conversions, in shapes only). The code between
+    styled modules then sees what it will see under ``parallelize_module``:
+
+        view(B, T, self.n_head, hd) on a (B, T, C/tp) tensor   -> fails to capture: refused
+        view(B, T, self.n_head, -1)                            -> (B, T, n_head, hd/tp), the plan
+                                                                  says (B, T, n_head/tp, hd): refused
+        view(B, T, -1, hd)                                     -> (B, T, n_head/tp, hd): as planned
+    """
+    local = _meta_copy(model)
+    styled = _style_locally(local, tp)
+    inputs = tuple(x.to("meta") if isinstance(x, torch.Tensor) else x for x in example_inputs)
+    try:
+        captured = capture(local, inputs)
+    except AutoTPError as exc:
+        cause = exc.__cause__ or exc
+        reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        raise TorchTPExportError(
+            f"cannot export this plan for parallelize_module: under its styles ({', '.join(tp.styles)}) "
+            f"{_failing_code(cause, local)} fails on rank-local tensors: {type(cause).__name__}: {reason}. "
+            f"A module between styled ones sees local shards, so a reshape must compute rank-local sizes: "
+            f"view(B, T, -1, head_dim) works, view(B, T, self.n_head, head_dim) or view(B, T, C) with global "
+            f"sizes does not. What to do: reshape with -1 there, or {_WHAT_TO_DO}."
+        ) from exc
+    planned = _planned_local_shapes(plan)
+    seen: dict[tuple[str, str], int] = defaultdict(int)
+    for node in captured.graph_module.graph.nodes:
+        found = _value_shapes(node.meta.get("val")) if node.op == "call_function" else None
+        path = module_path(node)
+        if not found or str(node.target) in LAYOUT_ONLY_OPS or any(_inside(path, m) for m in styled):
+            continue
+        key = (path, str(node.target))
+        name, want = planned.get((*key, seen[key]), ("", ()))
+        seen[key] += 1
+        if want != found:
+            expected = f"the plan's node {name} has rank-local shape(s) {want}" if name else "the plan has no such op there"
+            raise TorchTPExportError(
+                f"cannot export this plan for parallelize_module: under the styles, "
+                f"{describe_node(node)} computes rank-local shape(s) {found}, but {expected}; the model's "
+                f"code in module '{path or '(model)'}' computes a size from global values (a head count, "
+                f"a width), so it would run differently from the plan. What to do: reshape with -1 on the "
+                f"split dim (view(B, T, -1, head_dim)), or {_WHAT_TO_DO}."
+            )
+
+
+def _failing_code(exc: BaseException, model: nn.Module) -> str:
+    """``module 'blocks.0.attn' (gpt.py:69: q = ...)``: the innermost ``forward`` of ``model`` in
+    ``exc``'s traceback, with the line it failed on."""
+    paths = {id(m): path for path, m in model.named_modules()}
+    found = "the model's code"
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        owner = frame.f_locals.get("self")
+        if id(owner) in paths and not frame.f_code.co_filename.startswith(torch.__path__[0]):
+            line = linecache.getline(frame.f_code.co_filename, tb.tb_lineno).strip()
+            found = f"module '{paths[id(owner)] or '(model)'}' ({frame.f_code.co_filename}:{tb.tb_lineno}: {line})"
+        tb = tb.tb_next
+    return found
+
+
+def _meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every parameter and buffer on the meta device (tied ones stay tied);
+    the original's tensors are not copied."""
+    memo: dict[int, Any] = {}
+    for tensor in (*model.parameters(), *model.buffers()):
+        meta = torch.empty_like(tensor, device="meta")
+        memo[id(tensor)] = nn.Parameter(meta, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
+    return copy.deepcopy(model, memo)
+
+
+def _matches(path: str, pattern: str) -> bool:
+    """``parallelize_module``'s matching: one ``fnmatch`` per dotted token."""
+    names, tokens = path.split("."), pattern.split(".")
+    return len(names) == len(tokens) and all(fnmatch.fnmatchcase(n, t) for n, t in zip(names, tokens))
+
+
+def _inside(path: str, module: str) -> bool:
+    return path == module or path.startswith(module + ".")
+
+
+def _style_locally(model: nn.Module, tp: TorchTPPlan) -> list[str]:
+    """Give each styled module of ``model`` (a meta copy) rank-local parameters and layout hooks;
+    returns their paths."""
+    styled = []
+    for path, module in model.named_modules():
+        style = next((s for pattern, s in tp.styles.items() if _matches(path, pattern)), None)
+        if style is None or style.style == "SequenceParallel":  # replicated parameters, local in and out
+            continue
+        styled.append(path)
+        is_embedding = isinstance(module, nn.Embedding)
+        column = style.style == "ColwiseParallel"
+        weight_dim = (1 if is_embedding else 0) if column else (0 if is_embedding else 1)
+        for name, param in list(module.named_parameters(recurse=False)):
+            dim = weight_dim if name == "weight" else 0 if column else None  # a row-parallel bias is replicated
+            if dim is not None:
+                shape = list(param.shape)
+                shape[dim] = _local_size(shape[dim], tp.tp_size)
+                setattr(module, name, nn.Parameter(torch.empty(shape, device="meta"), requires_grad=param.requires_grad))
+        computes_on = R if column or is_embedding else _LAST
+        produces = _LAST if column else Partial()
+        module.register_forward_pre_hook(_input_hook(style.input_layouts or computes_on, computes_on, tp.tp_size))
+        module.register_forward_hook(_output_hook(produces, style.output_layouts or (_LAST if column else R), tp.tp_size))
+    return styled
+
+
+_LAST = "S(-1)"  # the styles' default Shard(-1): split on the last dim, whatever the rank
+
+
+def _local_size(size: int, tp_size: int) -> int:
+    """Rank 0's share of a split dim (``torch.chunk``: the first shares are the larger)."""
+    return -(-size // tp_size)
+
+
+def _relayout(x: torch.Tensor, src: Placement | str, dst: Placement | str, tp_size: int) -> torch.Tensor:
+    """Rank 0's local tensor of ``x`` (local in ``src``) once in ``dst``, in shape only."""
+    src, dst = (Shard(x.dim() - 1) if p == _LAST else p for p in (src, dst))
+    if src == dst:
+        return x
+    full = torch.cat([x] * tp_size, dim=src.dim) if isinstance(src, Shard) else x  # (..., size * tp, ...)
+    if not isinstance(dst, Shard):
+        return full
+    return full.narrow(dst.dim, 0, _local_size(full.size(dst.dim), tp_size))
+
+
+def _input_hook(arrives: Placement | str, computes_on: Placement | str, tp_size: int) -> Any:
+    def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (_relayout(args[0], arrives, computes_on, tp_size), *args[1:])
+    return hook
+
+
+def _output_hook(produces: Placement | str, leaves_as: Placement | str, tp_size: int) -> Any:
+    def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        return _relayout(output, produces, leaves_as, tp_size)
+    return hook
+
+
+def _value_shapes(value: Any) -> tuple[tuple[int, ...], ...]:
+    """The shapes of a node's tensor output(s): ``()`` when it makes no tensor."""
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    if not values or not all(isinstance(v, torch.Tensor) for v in values):
+        return ()
+    return tuple(tuple(int(d) for d in v.shape) for v in values)
+
+
+def _planned_local_shapes(plan: Plan) -> dict[tuple[str, str, int], tuple[str, tuple[tuple[int, ...], ...]]]:
+    """(module path, op, occurrence in that module) -> (node, rank 0's output shape(s) under the plan)."""
+    out: dict[tuple[str, str, int], tuple[str, tuple[tuple[int, ...], ...]]] = {}
+    seen: dict[tuple[str, str], int] = defaultdict(int)
+    for node in plan.nodes:
+        if node.kind is not NodeKind.OP or node.op in LAYOUT_ONLY_OPS:
+            continue
+        shapes = [tuple(int(d) for d in dims.split(",") if d) for dims in re.findall(r"\[([^\]]*)\]", node.value)]
+        if not shapes:
+            continue
+        local = []
+        for shape, placement in zip(shapes, node.strategy.outputs()):
+            if isinstance(placement, Shard):
+                shape = shape[: placement.dim] + (_local_size(shape[placement.dim], plan.tp_size),) + shape[placement.dim + 1:]
+            local.append(shape)
+        key = (node.module_path, node.op)
+        out[(*key, seen[key])] = (node.name, tuple(local))
+        seen[key] += 1
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 # emitting and applying
 
 
-def dumps_torch_tp(plan: Plan, *, python: bool = False, title: str = "") -> str:
-    """JSON (``python=False``) or a Python module defining ``PLAN`` for ``parallelize_module``."""
-    tp = torch_tp_plan(plan)
+def dumps_torch_tp(plan: Plan, *, model: nn.Module, example_inputs: tuple[Any, ...], python: bool = False, title: str = "") -> str:
+    """JSON (``python=False``) or a Python module defining ``PLAN`` for ``parallelize_module``;
+    :class:`TorchTPExportError` where that would not run as ``plan`` does (see ``export_torch_tp``)."""
+    tp = export_torch_tp(plan, model=model, example_inputs=example_inputs)
     if not python:
         return json.dumps(tp.to_dict(), indent=1) + "\n"
     lines = [
@@ -302,6 +510,8 @@ def dumps_torch_tp(plan: Plan, *, python: bool = False, title: str = "") -> str:
         "",
         "    from torch.distributed.tensor.parallel import parallelize_module",
         "    parallelize_module(model, mesh, PLAN)",
+        "",
+        "autotp checked the model's code against the plan on rank-local shapes: it runs as planned.",
         '"""',
         "from torch.distributed.tensor import Partial, Replicate, Shard",
         "from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel",
@@ -310,12 +520,6 @@ def dumps_torch_tp(plan: Plan, *, python: bool = False, title: str = "") -> str:
     ]
     lines += [f"    {path!r}: {_style_source(style)}," for path, style in tp.styles.items()]
     lines.append("}")
-    lines.append("")
-    lines.append("# Not expressible in these styles (the plan's layout there is not reproduced):")
-    lines += [f"#   {p['node']} ({p['module'] or '(model)'}): {p['why']}" for p in tp.not_expressible] or ["#   (nothing: the whole plan is expressed)"]
-    if tp.notes:
-        lines.append("# Notes:")
-        lines += [f"#   {note}" for note in tp.notes]
     return "\n".join(lines) + "\n"
 
 
@@ -351,7 +555,11 @@ def to_parallelize_plan(data: dict[str, Any]) -> dict[str, Any]:
     from autotp.errors import PlanFormatError
 
     if data.get("format") != FORMAT or data.get("version") != SCHEMA_VERSION:
-        raise PlanFormatError(f"not a version-{SCHEMA_VERSION} {FORMAT} file (format {data.get('format')!r}, version {data.get('version')!r})")
+        raise PlanFormatError(
+            f"not a version-{SCHEMA_VERSION} {FORMAT} file (format {data.get('format')!r}, version {data.get('version')!r}); "
+            "a version-1 file may hold a partial plan that runs differently from the autotp plan: "
+            "export it again with autotp plan --format torch-tp"
+        )
 
     def layout(text: str | None) -> Any:
         if text is None:

@@ -178,7 +178,10 @@ def run(args: argparse.Namespace) -> int:
     elif args.format == "html":
         text = render.to_html(plan, baselines, title=title)
     else:
-        text = dumps_torch_tp(plan, python=bool(args.out and args.out.endswith(".py")), title=title)
+        text = dumps_torch_tp(
+            plan, model=planned.target.model, example_inputs=planned.target.example_inputs,
+            python=bool(args.out and args.out.endswith(".py")), title=title,
+        )
     if args.out:
         try:
             with open(args.out, "w", encoding="utf-8") as f:
