@@ -114,13 +114,8 @@ class _Graph:
                 self.readers[ref].append((node, slot))
 
     def produced(self, ref: str) -> Placement:
-        """The placement the code after ``ref``'s producer sees. A model input is R whatever the
-        plan says: under ``parallelize_module`` every rank is called with the full tensor (a plan
-        that splits the batch there has no style to do it, and is refused where it is read)."""
         name, index = _split(ref)
         node = self.nodes[name]
-        if node.kind is NodeKind.USER_INPUT:
-            return R
         return node.strategy.outputs()[index] if index is not None else node.strategy.output  # type: ignore[return-value]
 
     def reads(self, ref: str) -> set[Placement]:
