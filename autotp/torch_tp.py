@@ -353,9 +353,9 @@ def _check_local_shapes(tp: TorchTPPlan, plan: Plan, model: nn.Module, example_i
     for node in captured.graph_module.graph.nodes:
         found = _value_shapes(node.meta.get("val")) if node.op == "call_function" else None
         path = module_path(node)
-        if not found or str(node.target) in LAYOUT_ONLY_OPS or any(_inside(path, m) for m in styled):
+        if not found or _op_name(node) in LAYOUT_ONLY_OPS or any(_inside(path, m) for m in styled):
             continue
-        key = (path, str(node.target))
+        key = (path, _op_name(node))
         name, want = planned.get((*key, seen[key]), ("", ()))
         seen[key] += 1
         if want != found:
@@ -367,6 +367,12 @@ def _check_local_shapes(tp: TorchTPPlan, plan: Plan, model: nn.Module, example_i
                 f"a width), so it would run differently from the plan. What to do: reshape with -1 on the "
                 f"split dim (view(B, T, -1, head_dim)), or {_WHAT_TO_DO}."
             )
+
+
+def _op_name(node: torch.fx.Node) -> str:
+    """The op as a plan names it: ``aten.view.default``, or a Python callable's name (``getitem``)."""
+    target = node.target
+    return str(target) if hasattr(target, "_schema") or not callable(target) else getattr(target, "__name__", str(target))
 
 
 def _failing_code(exc: BaseException, model: nn.Module) -> str:

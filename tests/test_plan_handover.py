@@ -69,13 +69,18 @@ def _pinned_plan(model: nn.Module, inputs: tuple[torch.Tensor, ...], column: tup
     return build_plan(result.space, solve(result.space, cost, pinned=pins), cost, hardware="cpu-gloo", memory_budget=None)
 
 
-def _export(case: dict, pins: tuple[tuple[str, ...], tuple[str, ...]], tmp_path: Path) -> dict:
+def _export(case: dict, pins: tuple[tuple[str, ...], tuple[str, ...]], tmp_path: Path, *, python: bool = False) -> dict:
     """Plan ``case`` (a built-in example on the meta device, or a tiny HF model) with ``pins`` and
-    write its torch-tp JSON next to the case; raises TorchTPExportError where the export refuses."""
+    write its torch-tp JSON next to the case; raises TorchTPExportError where the export refuses.
+    ``python``: also check that the ``.py`` form is valid Python with the JSON's styles."""
     model, inputs = build_case(case, device="meta")
     plan = _pinned_plan(model, inputs, *pins)
     path = tmp_path / f"{case['name']}.tp.json"
     path.write_text(dumps_torch_tp(plan, model=model, example_inputs=inputs))
+    if python:
+        namespace: dict = {}
+        exec(compile(dumps_torch_tp(plan, model=model, example_inputs=inputs, python=True), "tp_plan.py", "exec"), namespace)  # noqa: S102
+        assert {k: type(v).__name__ for k, v in namespace["PLAN"].items()} == {k: v["style"] for k, v in json.loads(path.read_text())["plan"].items()}
     return {**case, "plan_path": str(path)}
 
 
@@ -99,7 +104,7 @@ def test_torch_tp_plan_reproduces_outputs_with_parallelize_module(tmp_path: Path
     cases = [
         {"name": "mlp", "example": "mlp", "config": MLP, "batch": 2, "seq": 8, "plan_path": str(mlp_path)},
         _export({**GPT_CASE, "name": "gpt"}, GPT_MLP, tmp_path),
-        _export({**GPT_CASE, "name": "gpt_heads_from_data", "attention": "heads_from_data"}, (GPT_COLUMN, GPT_ROW), tmp_path),
+        _export({**GPT_CASE, "name": "gpt_heads_from_data", "attention": "heads_from_data"}, (GPT_COLUMN, GPT_ROW), tmp_path, python=True),
         _export({**LLAMA_CASE, "name": "llama"}, LLAMA_MLP, tmp_path),
         _export({"name": "hf_llama", "hf_model": "llama"}, HF_LLAMA_MEGATRON, tmp_path),
     ]

@@ -124,11 +124,9 @@ def test_torch_tp_megatron_layout_is_fully_expressible() -> None:
         "blocks.*.attn.c_proj": "RowwiseParallel", "blocks.*.mlp.c_fc": "ColwiseParallel", "blocks.*.mlp.c_proj": "RowwiseParallel",
     }
     assert tp.styles["blocks.*.attn.c_proj"].output_layouts == R and tp.styles["blocks.*.mlp.c_fc"].output_layouts == Shard(2)
-    source = dumps_torch_tp(plan, python=True)
-    namespace: dict = {}
-    exec(compile(source, "tp_plan.py", "exec"), namespace)  # noqa: S102 - the emitted plan must be valid Python
-    assert set(namespace["PLAN"]) == set(tp.styles)
-    assert "(nothing: the whole plan is expressed)" in source and "rank-local sizes" in source
+    # expressible, but the example reshapes with its global head count: the export refuses (tests/test_plan_handover.py)
+    with pytest.raises(autotp.errors.TorchTPExportError, match=r"module 'blocks\.0\.attn'"):
+        dumps_torch_tp(plan, model=model, example_inputs=inputs, python=True)
 
 
 def test_torch_tp_lists_what_it_cannot_express() -> None:
