@@ -251,7 +251,12 @@ def _check_state(plan: Plan, graph: _Graph, styled_nodes: dict[str, str]) -> lis
             continue
         owners = {styled_nodes.get(c.name) for c, _ in graph.readers[node.name]}
         if None in owners:
-            problems.append({"module": node.module_path, "node": node.name, "why": f"parameter {node.name} is split {node.strategy.output} but read by ops outside a styled linear/embedding"})
+            ops = ", ".join(sorted({c.op for c, _ in graph.readers[node.name] if c.name not in styled_nodes}))
+            problems.append({
+                "module": node.module_path, "node": node.name,
+                "why": f"parameter {node.name} is split {node.strategy.output} but read by {ops} outside a styled module "
+                "(styles shard nn.Linear (aten.linear) and nn.Embedding (aten.embedding) modules only)",
+            })
         elif len(owners) > 1:
             problems.append({"module": node.module_path, "node": node.name, "why": f"parameter {node.name} is shared by modules {', '.join(sorted(owners))} (tied weights); each style would shard it again"})
     return problems
@@ -312,9 +317,14 @@ def _inexpressible_message(tp: TorchTPPlan) -> str:
         "ColwiseParallel/RowwiseParallel/SequenceParallel, which convert layouts only at a styled "
         "linear's or embedding's input and output, and would run differently from the plan:"
     ]
-    lines += [f"  module '{p['module'] or '(model)'}', node {p['node']}: {p['why']}" for p in tp.not_expressible[:_SHOWN]]
-    if len(tp.not_expressible) > _SHOWN:
-        lines.append(f"  ... and {len(tp.not_expressible) - _SHOWN} more")
+    by_pattern: dict[str, list[dict[str, str]]] = defaultdict(list)  # blocks.0.ln_1, blocks.1.ln_1 -> blocks.*.ln_1
+    for problem in tp.not_expressible:
+        by_pattern[re.sub(r"\.\d+(\.|$)", r".*\1", problem["module"])].append(problem)
+    for pattern, problems in list(by_pattern.items())[:_SHOWN]:
+        first, more = problems[0], f" (and {len(problems) - 1} more in '{pattern}')" if len(problems) > 1 else ""
+        lines.append(f"  module '{first['module'] or '(model)'}'{more}, node {first['node']}: {first['why']}")
+    if len(by_pattern) > _SHOWN:
+        lines.append(f"  ... and {sum(len(p) for p in list(by_pattern.values())[_SHOWN:])} more in {len(by_pattern) - _SHOWN} other modules")
     lines.append(f"What to do: {_WHAT_TO_DO}.")
     return "\n".join(lines)
 
