@@ -15,29 +15,24 @@ styled module's input (``input_layouts``) or output (``output_layouts``).
 Expressible is not enough: the model's own code must also compute rank-local sizes.
 ``view(B, T, self.n_head, head_dim)`` with the global head count fails on a column-split
 projection, and ``view(B, T, n_head, -1)`` runs but mixes heads. ``export_torch_tp`` therefore
-captures the model as one rank runs it under the styles (meta tensors, rank-local parameter
-shapes) and compares every op outside the styles with the plan's rank-local shapes. A plan that
+captures the model as one rank runs it under the styles (``autotp.torch_tp_check``: meta tensors,
+rank-local parameter shapes) and compares every op outside the styles with the plan's
+rank-local shapes. A plan that
 is not expressible, or a model whose code does not follow, is refused with a
 :class:`~autotp.errors.TorchTPExportError` naming the module and what to do; nothing is written
 that would run differently from the plan.
 """
 from __future__ import annotations
 
-import copy
-import fnmatch
 import json
-import linecache
 import re
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
-from autotp.capture import capture, module_path
-from autotp.errors import AutoTPError, TorchTPExportError, describe_node
-from autotp.fingerprint import LAYOUT_ONLY_OPS
+from autotp.errors import TorchTPExportError
 from autotp.placement import Partial, Placement, R, Replicate, Shard, parse_placement
 from autotp.plan import NodePlan, Plan
 from autotp.strategies import NodeKind
@@ -97,7 +92,7 @@ def _ndim(value: str) -> int:
     return 0 if match is None or not match.group(1) else match.group(1).count(",") + 1
 
 
-def _split(ref: str) -> tuple[str, int | None]:
+def split_ref(ref: str) -> tuple[str, int | None]:
     match = re.fullmatch(r"(.*)\[(\d+)\]", ref)
     return (match.group(1), int(match.group(2))) if match else (ref, None)
 
@@ -114,7 +109,7 @@ class _Graph:
                 self.readers[ref].append((node, slot))
 
     def produced(self, ref: str) -> Placement:
-        name, index = _split(ref)
+        name, index = split_ref(ref)
         node = self.nodes[name]
         return node.strategy.outputs()[index] if index is not None else node.strategy.output  # type: ignore[return-value]
 
@@ -195,7 +190,7 @@ def _sequence_parallel(ops: list[NodePlan], graph: _Graph) -> bool:
         return False
     for node in ops:
         for slot, ref in enumerate(node.inputs):
-            producer = graph.nodes[_split(ref)[0]]
+            producer = graph.nodes[split_ref(ref)[0]]
             want = R if producer.kind is NodeKind.STATE else Shard(1)
             if node.strategy.inputs[slot] != want:
                 return False
@@ -226,7 +221,7 @@ def _check_unstyled(plan: Plan, graph: _Graph, styled_nodes: dict[str, str], eff
         if node.name in styled_nodes and node.op.startswith(_LINEAR + _EMBEDDING):
             continue  # the style converts its input (input_layouts -> what it computes on)
         for slot, ref in enumerate(node.inputs):
-            producer_name = _split(ref)[0]
+            producer_name = split_ref(ref)[0]
             if styled_nodes.get(producer_name) is not None and graph.nodes[producer_name].op.startswith(_LINEAR + _EMBEDDING):
                 arriving = effective[producer_name]
             else:
@@ -291,7 +286,7 @@ def _collapse(styles: dict[str, Style], plan: Plan) -> dict[str, Style]:
 # refusing what the styles cannot run
 
 
-_WHAT_TO_DO = (
+WHAT_TO_DO = (
     "run this plan with autotp.parallelize (or save it with --format json and load it with "
     "autotp.Plan.load), which inserts every conversion itself; or make a plan whose splits sit "
     "on linears in column/row pairs (pin them: autotp.layouts.megatron_pins)"
@@ -307,7 +302,9 @@ def export_torch_tp(plan: Plan, *, model: nn.Module, example_inputs: tuple[Any, 
     if tp.not_expressible:
         raise TorchTPExportError(_inexpressible_message(tp))
     if tp.styles:
-        _check_local_shapes(tp, plan, model, example_inputs)
+        from autotp.torch_tp_check import check_torch_tp  # torch.export and the capture stage: only when exporting
+
+        check_torch_tp(tp, plan=plan, model=model, example_inputs=example_inputs)
     return tp
 
 
@@ -325,185 +322,8 @@ def _inexpressible_message(tp: TorchTPPlan) -> str:
         lines.append(f"  module '{first['module'] or '(model)'}'{more}, node {first['node']}: {first['why']}")
     if len(by_pattern) > _SHOWN:
         lines.append(f"  ... and {sum(len(p) for p in list(by_pattern.values())[_SHOWN:])} more in {len(by_pattern) - _SHOWN} other modules")
-    lines.append(f"What to do: {_WHAT_TO_DO}.")
+    lines.append(f"What to do: {WHAT_TO_DO}.")
     return "\n".join(lines)
-
-
-def _check_local_shapes(tp: TorchTPPlan, plan: Plan, model: nn.Module, example_inputs: tuple[Any, ...]) -> None:
-    """Capture ``model`` as rank 0 runs it under ``tp``'s styles and compare every op outside the
-    styled modules with the rank-local shape the plan gives it.
-
-    The copy lives on the meta device. Each styled module gets rank-local parameter shapes and
-    hooks that take its input from ``input_layouts`` to the layout it computes on, and its output
-    to ``output_layouts`` (``parallelize_module``'s conversions, in shapes only). The code between
-    styled modules then sees what it will see under ``parallelize_module``:
-
-        view(B, T, self.n_head, hd) on a (B, T, C/tp) tensor   -> fails to capture: refused
-        view(B, T, self.n_head, -1)                            -> (B, T, n_head, hd/tp), the plan
-                                                                  says (B, T, n_head/tp, hd): refused
-        view(B, T, -1, hd)                                     -> (B, T, n_head/tp, hd): as planned
-    """
-    local = _meta_copy(model)
-    styled = _style_locally(local, tp)
-    inputs = tuple(x.to("meta") if isinstance(x, torch.Tensor) else x for x in example_inputs)
-    try:
-        captured = capture(local, inputs)
-    except AutoTPError as exc:
-        cause = exc.__cause__ or exc
-        reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
-        raise TorchTPExportError(
-            f"cannot export this plan for parallelize_module: under its styles ({', '.join(tp.styles)}) "
-            f"{_failing_code(cause, local)} fails on rank-local tensors: {type(cause).__name__}: {reason}. "
-            f"A module between styled ones sees local shards, so a reshape must compute rank-local sizes: "
-            f"view(B, T, -1, head_dim) works, view(B, T, self.n_head, head_dim) or view(B, T, C) with global "
-            f"sizes does not. What to do: reshape with -1 there, or {_WHAT_TO_DO}."
-        ) from exc
-    planned = _planned_local_shapes(plan)
-    seen: dict[tuple[str, str], int] = defaultdict(int)
-    for node in captured.graph_module.graph.nodes:
-        found = _value_shapes(node.meta.get("val")) if node.op == "call_function" else None
-        path = module_path(node)
-        if not found or _op_name(node) in LAYOUT_ONLY_OPS or any(_inside(path, m) for m in styled):
-            continue
-        key = (path, _op_name(node))
-        name, want = planned.get((*key, seen[key]), ("", ()))
-        seen[key] += 1
-        if want != found:
-            expected = f"the plan's node {name} has rank-local shape(s) {want}" if name else "the plan has no such op there"
-            raise TorchTPExportError(
-                f"cannot export this plan for parallelize_module: under the styles, "
-                f"{describe_node(node)} computes rank-local shape(s) {found}, but {expected}; the model's "
-                f"code in module '{path or '(model)'}' computes a size from global values (a head count, "
-                f"a width), so it would run differently from the plan. What to do: reshape with -1 on the "
-                f"split dim (view(B, T, -1, head_dim)), or {_WHAT_TO_DO}."
-            )
-
-
-def _op_name(node: torch.fx.Node) -> str:
-    """The op as a plan names it: ``aten.view.default``, or a Python callable's name (``getitem``)."""
-    target = node.target
-    return str(target) if hasattr(target, "_schema") or not callable(target) else getattr(target, "__name__", str(target))
-
-
-def _failing_code(exc: BaseException, model: nn.Module) -> str:
-    """``module 'blocks.0.attn' (gpt.py:69: q = ...)``: the innermost ``forward`` of ``model`` in
-    ``exc``'s traceback, with the line it failed on."""
-    paths = {id(m): path for path, m in model.named_modules()}
-    found = "the model's code"
-    tb = exc.__traceback__
-    while tb is not None:
-        frame = tb.tb_frame
-        owner = frame.f_locals.get("self")
-        if id(owner) in paths and not frame.f_code.co_filename.startswith(torch.__path__[0]):
-            line = linecache.getline(frame.f_code.co_filename, tb.tb_lineno).strip()
-            found = f"module '{paths[id(owner)] or '(model)'}' ({frame.f_code.co_filename}:{tb.tb_lineno}: {line})"
-        tb = tb.tb_next
-    return found
-
-
-def _meta_copy(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every parameter and buffer on the meta device (tied ones stay tied);
-    the original's tensors are not copied."""
-    memo: dict[int, Any] = {}
-    for tensor in (*model.parameters(), *model.buffers()):
-        meta = torch.empty_like(tensor, device="meta")
-        memo[id(tensor)] = nn.Parameter(meta, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
-    return copy.deepcopy(model, memo)
-
-
-def _matches(path: str, pattern: str) -> bool:
-    """``parallelize_module``'s matching: one ``fnmatch`` per dotted token."""
-    names, tokens = path.split("."), pattern.split(".")
-    return len(names) == len(tokens) and all(fnmatch.fnmatchcase(n, t) for n, t in zip(names, tokens))
-
-
-def _inside(path: str, module: str) -> bool:
-    return path == module or path.startswith(module + ".")
-
-
-def _style_locally(model: nn.Module, tp: TorchTPPlan) -> list[str]:
-    """Give each styled module of ``model`` (a meta copy) rank-local parameters and layout hooks;
-    returns their paths."""
-    styled = []
-    for path, module in model.named_modules():
-        style = next((s for pattern, s in tp.styles.items() if _matches(path, pattern)), None)
-        if style is None or style.style == "SequenceParallel":  # replicated parameters, local in and out
-            continue
-        styled.append(path)
-        is_embedding = isinstance(module, nn.Embedding)
-        column = style.style == "ColwiseParallel"
-        weight_dim = (1 if is_embedding else 0) if column else (0 if is_embedding else 1)
-        for name, param in list(module.named_parameters(recurse=False)):
-            dim = weight_dim if name == "weight" else 0 if column else None  # a row-parallel bias is replicated
-            if dim is not None:
-                shape = list(param.shape)
-                shape[dim] = _local_size(shape[dim], tp.tp_size)
-                setattr(module, name, nn.Parameter(torch.empty(shape, device="meta"), requires_grad=param.requires_grad))
-        computes_on = R if column or is_embedding else _LAST
-        produces = _LAST if column else Partial()
-        module.register_forward_pre_hook(_input_hook(style.input_layouts or computes_on, computes_on, tp.tp_size))
-        module.register_forward_hook(_output_hook(produces, style.output_layouts or (_LAST if column else R), tp.tp_size))
-    return styled
-
-
-_LAST = "S(-1)"  # the styles' default Shard(-1): split on the last dim, whatever the rank
-
-
-def _local_size(size: int, tp_size: int) -> int:
-    """Rank 0's share of a split dim (``torch.chunk``: the first shares are the larger)."""
-    return -(-size // tp_size)
-
-
-def _relayout(x: torch.Tensor, src: Placement | str, dst: Placement | str, tp_size: int) -> torch.Tensor:
-    """Rank 0's local tensor of ``x`` (local in ``src``) once in ``dst``, in shape only."""
-    src, dst = (Shard(x.dim() - 1) if p == _LAST else p for p in (src, dst))
-    if src == dst:
-        return x
-    full = torch.cat([x] * tp_size, dim=src.dim) if isinstance(src, Shard) else x  # (..., size * tp, ...)
-    if not isinstance(dst, Shard):
-        return full
-    return full.narrow(dst.dim, 0, _local_size(full.size(dst.dim), tp_size))
-
-
-def _input_hook(arrives: Placement | str, computes_on: Placement | str, tp_size: int) -> Any:
-    def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        return (_relayout(args[0], arrives, computes_on, tp_size), *args[1:])
-    return hook
-
-
-def _output_hook(produces: Placement | str, leaves_as: Placement | str, tp_size: int) -> Any:
-    def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
-        return _relayout(output, produces, leaves_as, tp_size)
-    return hook
-
-
-def _value_shapes(value: Any) -> tuple[tuple[int, ...], ...]:
-    """The shapes of a node's tensor output(s): ``()`` when it makes no tensor."""
-    values = value if isinstance(value, (tuple, list)) else (value,)
-    if not values or not all(isinstance(v, torch.Tensor) for v in values):
-        return ()
-    return tuple(tuple(int(d) for d in v.shape) for v in values)
-
-
-def _planned_local_shapes(plan: Plan) -> dict[tuple[str, str, int], tuple[str, tuple[tuple[int, ...], ...]]]:
-    """(module path, op, occurrence in that module) -> (node, rank 0's output shape(s) under the plan)."""
-    out: dict[tuple[str, str, int], tuple[str, tuple[tuple[int, ...], ...]]] = {}
-    seen: dict[tuple[str, str], int] = defaultdict(int)
-    for node in plan.nodes:
-        if node.kind is not NodeKind.OP or node.op in LAYOUT_ONLY_OPS:
-            continue
-        shapes = [tuple(int(d) for d in dims.split(",") if d) for dims in re.findall(r"\[([^\]]*)\]", node.value)]
-        if not shapes:
-            continue
-        local = []
-        for shape, placement in zip(shapes, node.strategy.outputs()):
-            if isinstance(placement, Shard):
-                shape = shape[: placement.dim] + (_local_size(shape[placement.dim], plan.tp_size),) + shape[placement.dim + 1:]
-            local.append(shape)
-        key = (node.module_path, node.op)
-        out[(*key, seen[key])] = (node.name, tuple(local))
-        seen[key] += 1
-    return out
 
 
 # ----------------------------------------------------------------------------------------------

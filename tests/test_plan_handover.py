@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,8 @@ from autotp.plan import Plan, build_plan
 from autotp.solve import solve
 from autotp.strategies import NodeKind
 from autotp.testing import run_on_ranks
-from autotp.torch_tp import dumps_torch_tp, to_parallelize_plan
+from autotp.torch_tp import dumps_torch_tp, export_torch_tp, to_parallelize_plan
+from autotp.torch_tp_check import check_torch_tp
 from tests._hf_fns import budget_for, build_hf_model
 from tests._plan_fns import apply_saved_plan, apply_torch_tp, build_case
 
@@ -180,3 +182,19 @@ def test_to_parallelize_plan_refuses_a_version_1_file() -> None:
     data = {"format": "autotp.torch_tp", "version": 1, "tp_size": 2, "plan": {}, "not_expressible": [{"module": "lm_head"}]}
     with pytest.raises(PlanFormatError, match="version-1 file may hold a partial plan"):
         to_parallelize_plan(data)
+
+
+@pytest.mark.timeout(300)
+def test_torch_tp_check_refuses_an_output_left_split() -> None:
+    """The GPT-2 symptom, (1, 16, 256) per rank instead of (2, 16, 256): a style whose
+    output_layouts leaves the last module's output batch-split hands each rank its shard. Written
+    by hand into an otherwise valid export, the check refuses it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64))
+    inputs = (torch.randn(2, 16, 64),)
+    plan = _pinned_plan(model, inputs, ("0",), ("2",))
+    tp = export_torch_tp(plan, model=model, example_inputs=inputs)
+    assert {k: v.style for k, v in tp.styles.items()} == {"0": "ColwiseParallel", "2": "RowwiseParallel"}
+    batch_split = replace(tp, styles={**tp.styles, "2": replace(tp.styles["2"], output_layouts=Shard(0))})
+    with pytest.raises(TorchTPExportError, match=r"each rank returns outputs of shape\(s\) \(\(1, 16, 64\),\), the model returns \(\(2, 16, 64\),\)"):
+        check_torch_tp(batch_split, plan=plan, model=model, example_inputs=inputs)
