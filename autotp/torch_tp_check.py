@@ -63,7 +63,7 @@ def check_torch_tp(tp: TorchTPPlan, *, plan: Plan, model: nn.Module, example_inp
 
 def _compare_ops(graph: torch.fx.Graph, styled: list[str], planned: dict[tuple[str, str, int], tuple[str, tuple[tuple[int, ...], ...]]]) -> None:
     """Each op outside the styled modules, matched to the plan by (module, op, occurrence), has
-    the plan's rank-local shape."""
+    the plan's rank-local shape, and no planned op is missing."""
     seen: dict[tuple[str, str], int] = defaultdict(int)
     for node in graph.nodes:
         found = _value_shapes(node.meta.get("val")) if node.op == "call_function" else None
@@ -82,6 +82,17 @@ def _compare_ops(graph: torch.fx.Graph, styled: list[str], planned: dict[tuple[s
                 f"a width), so it would run differently from the plan. What to do: reshape with -1 on the "
                 f"split dim (view(B, T, -1, head_dim)), or {WHAT_TO_DO}."
             )
+    missing = [
+        (path, op, name) for (path, op, k), (name, _) in planned.items()
+        if k >= seen[(path, op)] and not any(_inside(path, m) for m in styled)
+    ]
+    if missing:
+        path, op, name = missing[0]
+        raise TorchTPExportError(
+            f"cannot export this plan for parallelize_module: under the styles the model's code in module "
+            f"'{path or '(model)'}' does not run the plan's node {name} ({op}): it takes another path on "
+            f"rank-local tensors. What to do: {WHAT_TO_DO}."
+        )
 
 
 def _compare_outputs(graph: torch.fx.Graph, plan: Plan) -> None:
@@ -155,6 +166,11 @@ def _style_locally(model: nn.Module, tp: TorchTPPlan) -> list[str]:
         style = next((s for pattern, s in tp.styles.items() if _matches(path, pattern)), None)
         if style is None or style.style == "SequenceParallel":  # replicated parameters, local in and out
             continue
+        if not isinstance(module, (nn.Linear, nn.Embedding)):
+            raise TorchTPExportError(
+                f"cannot export this plan for parallelize_module: module '{path}' is a {type(module).__name__}, and "
+                f"{style.style} shards nn.Linear and nn.Embedding only. What to do: {WHAT_TO_DO}."
+            )
         styled.append(path)
         is_embedding = isinstance(module, nn.Embedding)
         column = style.style == "ColwiseParallel"

@@ -131,12 +131,19 @@ def test_torch_tp_plan_reproduces_outputs_with_parallelize_module(tmp_path: Path
     ("case", "pins", "match"),
     [
         # attention split, but the example reshapes with its global head count: view(B, T, self.n_head, hd)
-        pytest.param({**GPT_CASE, "name": "gpt"}, (GPT_COLUMN, GPT_ROW), r"module 'blocks\.0\.attn' \(.*gpt\.py:\d+: q = self\.q_proj\(x\)\.view\(B, T, self\.n_head", id="gpt"),
-        pytest.param({**LLAMA_CASE, "name": "llama"}, (LLAMA_COLUMN, LLAMA_ROW), r"module 'layers\.0\.attention' \(.*llama\.py:\d+: q = self\.wq\(x\)\.view", id="llama"),
+        pytest.param(
+            {**GPT_CASE, "name": "gpt"}, (GPT_COLUMN, GPT_ROW),
+            r"module 'blocks\.0\.attn' \(.*gpt\.py:\d+: q = self\.q_proj\(x\)\.view\(B, T, self\.n_head", id="gpt",
+        ),
+        pytest.param(
+            {**LLAMA_CASE, "name": "llama"}, (LLAMA_COLUMN, LLAMA_ROW),
+            r"module 'layers\.0\.attention' \(.*llama\.py:\d+: q = self\.wq\(x\)\.view", id="llama",
+        ),
         # view(B, T, self.n_head, -1) would run, mixing heads: the rank-local shapes give it away
         pytest.param(
             {**GPT_CASE, "name": "gpt_head_dim_from_data", "attention": "head_dim_from_data"}, (GPT_COLUMN, GPT_ROW),
-            r"node 'view'.* in module 'blocks\.0\.attn'.* computes rank-local shape\(s\) \(\(2, 16, 4, 8\),\), but the plan's node view has rank-local shape\(s\) \(\(2, 16, 2, 16\),\)",
+            r"node 'view'.* in module 'blocks\.0\.attn'.* computes rank-local shape\(s\) \(\(2, 16, 4, 8\),\), "
+            r"but the plan's node view has rank-local shape\(s\) \(\(2, 16, 2, 16\),\)",
             id="gpt_head_dim_from_data",
         ),
     ],
@@ -198,3 +205,22 @@ def test_torch_tp_check_refuses_an_output_left_split() -> None:
     batch_split = replace(tp, styles={**tp.styles, "2": replace(tp.styles["2"], output_layouts=Shard(0))})
     with pytest.raises(TorchTPExportError, match=r"each rank returns outputs of shape\(s\) \(\(1, 16, 64\),\), the model returns \(\(2, 16, 64\),\)"):
         check_torch_tp(batch_split, plan=plan, model=model, example_inputs=inputs)
+
+
+class _FunctionalLinear(nn.Module):
+    """``F.linear`` on its own weight: one linear op, like ``nn.Linear``, but no style shards it."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d_out, d_in) / d_in**0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight)
+
+
+def test_torch_tp_export_refuses_a_style_on_a_module_it_cannot_shard() -> None:
+    model = nn.Sequential(_FunctionalLinear(64, 256), nn.GELU(), nn.Linear(256, 64))
+    inputs = (torch.randn(2, 16, 64),)
+    plan = _pinned_plan(model, inputs, ("0",), ("2",))
+    with pytest.raises(TorchTPExportError, match=r"module '0' is a _FunctionalLinear, and ColwiseParallel shards nn\.Linear and nn\.Embedding only"):
+        export_torch_tp(plan, model=model, example_inputs=inputs)
