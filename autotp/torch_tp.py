@@ -17,10 +17,9 @@ Expressible is not enough: the model's own code must also compute rank-local siz
 projection, and ``view(B, T, n_head, -1)`` runs but mixes heads. ``export_torch_tp`` therefore
 captures the model as one rank runs it under the styles (``autotp.torch_tp_check``: meta tensors,
 rank-local parameter shapes) and compares every op outside the styles with the plan's
-rank-local shapes. A plan that
-is not expressible, or a model whose code does not follow, is refused with a
-:class:`~autotp.errors.TorchTPExportError` naming the module and what to do; nothing is written
-that would run differently from the plan.
+rank-local shapes. A plan that is not expressible, or a model whose code does not follow, is
+refused with a :class:`~autotp.errors.TorchTPExportError` naming the module and what to do;
+nothing is written that would run differently from the plan.
 """
 from __future__ import annotations
 
