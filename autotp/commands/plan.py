@@ -164,20 +164,20 @@ class StageLines:
         self.lock = threading.Lock()  # news comes from the solver's log-reading thread and the ticker
         self.running: ProgressEvent | None = None  # the stage now running, with its latest news
         self.started = 0.0
-        self.ticked = threading.Event()
+        self.stage_ended = threading.Event()  # stops the ticker
 
     def __call__(self, event: ProgressEvent) -> None:
         with self.lock:
             if event.state == "end":
                 self.running = None
-                self.ticked.set()
+                self.stage_ended.set()
                 self._write(f"autotp: {event.stage} {event.seconds:.2f}s" + (f" ({event.detail})" if event.detail else ""), end=True)
                 return
             self.running, self.started = event, time.perf_counter() - event.seconds
             self._write(self._running_text(event.seconds), end=not self.live)
-        if event.state == "start" and self.live:
-            self.ticked.clear()
-            threading.Thread(target=self._tick, args=(event.stage,), daemon=True).start()
+            if event.state == "start" and self.live:
+                self.stage_ended.clear()
+                threading.Thread(target=self._tick, args=(event.stage,), daemon=True).start()
 
     def _running_text(self, seconds: float) -> str:
         event = self.running
@@ -186,7 +186,7 @@ class StageLines:
         return f"autotp: {event.stage} ...{news} ({seconds:.1f}s)" if event.state == "update" or self.live else f"autotp: {event.stage} ..."
 
     def _tick(self, stage_name: str) -> None:
-        while not self.ticked.wait(self.tick_seconds):
+        while not self.stage_ended.wait(self.tick_seconds):
             with self.lock:
                 if self.running is None or self.running.stage != stage_name:
                     return
