@@ -227,7 +227,10 @@ def fit_work(
 def _graph_change(base: list[tuple[str, str]], other: list[tuple[str, str]], planned: tuple[int, int | None], size: tuple[int, int], seq_dim: int | None) -> str:
     """Why a fit is impossible: the first node that differs between the graphs at two sizes."""
     k = next((i for i, (a, b) in enumerate(zip(base, other)) if a != b), min(len(base), len(other)))
-    show = lambda nodes: f"'{nodes[k][0]}' ({nodes[k][1]})" if k < len(nodes) else "nothing"  # noqa: E731
+
+    def show(nodes: list[tuple[str, str]]) -> str:
+        return f"'{nodes[k][0]}' ({nodes[k][1]})" if k < len(nodes) else "nothing"
+
     at = f"batch {size[0]}" + (f", sequence length {size[1]}" if seq_dim is not None else "")
     planned_at = f"batch {planned[0]}" + (f", sequence length {planned[1]}" if seq_dim is not None else "")
     hint = (
