@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from autotp.blocks import block_of
+from autotp.cost import _packet_name
 from autotp.errors import AutoTPError
 from autotp.placement import P, R, Shard
 from autotp.rules import OpStrategy
@@ -135,7 +136,10 @@ def megatron_layout_of(space: StrategySpace) -> MegatronLayout:
             n_mlp += 1
             column |= set(producers)
             row.add(name)
-    pins = {name: graph.column_strategy(name) if name in column else graph.row_strategy(name) for name in sorted(column | row, key=graph.order.get)}
+    pins = {
+        name: graph.column_strategy(name) if name in column else graph.row_strategy(name)
+        for name in sorted(column | row, key=graph.order.get)
+    }
     notes = dict.fromkeys(
         f"{_any_block(space.by_name()[name].module_path or name)} projects q, k and v with one fused weight: Megatron splits it "
         "per head, which no contiguous split of its output expresses, so it is left to the solver"
@@ -164,7 +168,7 @@ class _Graph:
 
     def weighted(self, node: NodeSpace) -> _Weighted | None:
         """The slots of a contraction against a trainable parameter; None for any other op."""
-        facts = _WEIGHTED.get(_packet(node.op))
+        facts = _WEIGHTED.get(_packet_name(node.op))
         if facts is None or facts.weight_slot >= len(node.slots):
             return None
         weight = self.nodes.get(node.slots[facts.weight_slot].node)
@@ -176,7 +180,7 @@ class _Graph:
     def attention_cores(self) -> Iterator[tuple[tuple[ValueRef, ...], str]]:
         """``((q, k, v), output node)`` for each attention: sdpa, or softmax(Q @ K^T) @ V."""
         for node in self.nodes.values():
-            packet = _packet(node.op)
+            packet = _packet_name(node.op)
             if packet.startswith(("aten.scaled_dot_product", "aten._scaled_dot_product")) and len(node.slots) >= 3:
                 yield node.slots[:3], node.name
             elif packet in ("aten.softmax", "aten._softmax"):
@@ -223,7 +227,9 @@ class _Graph:
         activated = any(not self.nodes[n].is_view for n in expanded)
         return sorted(producers, key=self.order.get) if producers and not others and activated else []
 
-    def _region(self, start: str, *, through: Callable[[NodeSpace], bool], backward: bool, expand_start: bool) -> tuple[list[str], list[NodeSpace]]:
+    def _region(
+        self, start: str, *, through: Callable[[NodeSpace], bool], backward: bool, expand_start: bool,
+    ) -> tuple[list[str], list[NodeSpace]]:
         """Ops reached from ``start`` that ``through`` lets the walk pass (expanded), and where it stopped (frontier).
 
         A weighted linear always stops the walk: it is the edge of an attention or MLP.
@@ -269,7 +275,7 @@ class _Graph:
 
     @staticmethod
     def _no_split(node: NodeSpace, what: str) -> AutoTPError:
-        shape = node.slot_metas[_WEIGHTED[_packet(node.op)].weight_slot].shape
+        shape = node.slot_metas[_WEIGHTED[_packet_name(node.op)].weight_slot].shape
         return AutoTPError(
             f"Megatron-LM baseline: linear '{node.name}' ({node.module_path}, weight {tuple(shape)}) offers no {what} "
             "strategy on this mesh; its feature count must divide by the tensor-parallel size"
@@ -278,27 +284,24 @@ class _Graph:
 
 def _is_unweighted_matmul(node: NodeSpace, graph: _Graph) -> bool:
     """``Q @ K^T`` or ``A @ V``: a matmul of two activations."""
-    return _packet(node.op) in ("aten.matmul", "aten.bmm") and graph.weighted(node) is None
-
-
-def _packet(op: str) -> str:
-    """``aten.linear.default`` -> ``aten.linear``; ``getitem`` stays."""
-    return op.rsplit(".", 1)[0] if op.count(".") >= 2 else op
+    return _packet_name(node.op) in ("aten.matmul", "aten.bmm") and graph.weighted(node) is None
 
 
 def _is_elementwise_or_view(node: NodeSpace) -> bool:
-    if node.is_view or _packet(node.op) in _ELEMENTWISE:
+    if node.is_view or _packet_name(node.op) in _ELEMENTWISE:
         return True
     overload = _overload(node.op)
     return overload is not None and torch.Tag.pointwise in overload.tags
 
 
 def _is_regrouping(node: NodeSpace) -> bool:
-    return _is_elementwise_or_view(node) or _packet(node.op) in _REGROUPING
+    return _is_elementwise_or_view(node) or _packet_name(node.op) in _REGROUPING
 
 
 def _overload(op: str) -> torch._ops.OpOverload | None:
-    namespace, _, rest = op.partition(".")
-    packet_name, _, overload_name = rest.partition(".")
-    packet = getattr(getattr(torch.ops, namespace, None), packet_name, None) if namespace == "aten" else None
-    return getattr(packet, overload_name or "default", None) if packet is not None else None
+    """``"aten.mul.Tensor"`` -> ``torch.ops.aten.mul.Tensor``; None for ``getitem`` and other namespaces."""
+    parts = op.split(".")
+    if len(parts) != 3 or parts[0] != "aten":
+        return None
+    packet = getattr(torch.ops.aten, parts[1], None)
+    return getattr(packet, parts[2], None) if packet is not None else None

@@ -138,7 +138,11 @@ def test_fused_qkv_is_left_to_the_solver_and_said() -> None:
         "transformer.h.*.attn.c_attn projects q, k and v with one fused weight: Megatron splits it per head, "
         "which no contiguous split of its output expresses, so it is left to the solver",
     )
-    assert layout.notes[0] in layout.describe(space)
+    megatron = price_baselines(space, CostModel(resolve_hardware("cpu-gloo"), TP), hardware="cpu-gloo", memory_budget=None)[1]
+    assert megatron.plan is not None and layout.notes[0] in megatron.note
+    assert megatron.note.startswith(
+        "6 linears pinned by graph structure (2 attentions, 2 MLPs): transformer.h.0-1: column mlp.c_fc; row attn.c_proj, mlp.c_proj; "
+    )
 
 
 @pytest.mark.timeout(600)
