@@ -12,7 +12,7 @@ import pytest
 from autotp.api import plan_model, resolve_hardware
 from autotp.cost import CostModel
 from autotp.examples import build_example
-from autotp.layouts import GPT_COLUMN, GPT_ROW, megatron_pins
+from autotp.layouts import megatron_pins
 from autotp.plan import build_plan
 from autotp.solve import solve
 from autotp.testing import run_on_ranks
@@ -53,7 +53,7 @@ def _megatron_gpt_plan(tmp_path: Path) -> Path:
     model, inputs = build_example("gpt", device="meta", **GPT)
     result = plan_model(model, inputs, mesh_shape=(2,), hardware="cpu-gloo", memory_budget=None, training=False)
     cost = CostModel(resolve_hardware("cpu-gloo"), 2)
-    pins = megatron_pins(result.space, column=GPT_COLUMN, row=GPT_ROW)
+    pins = megatron_pins(result.space)
     plan = build_plan(result.space, solve(result.space, cost, pinned=pins), cost, hardware="cpu-gloo", memory_budget=None)
     path = tmp_path / "gpt.tp.json"
     path.write_text(dumps_torch_tp(plan))
