@@ -6,14 +6,17 @@
 from autotp.api import parallelize, plan
 from autotp.checkpoint import full_state_dict, load_sharded_state_dict, sharded_state_dict
 from autotp.crossover import Crossover, CrossoverReport, crossovers
-from autotp.errors import AutoTPError, CaptureError, ConfigError, InfeasiblePlanError, PlanFormatError, PlanMismatchError, SolverError
+from autotp.errors import (
+    AutoTPError, CaptureError, ConfigError, InfeasiblePlanError, InputMismatchError, PlanFormatError,
+    PlanMismatchError, SolverError,
+)
 from autotp.placement import Partial, Replicate, Shard
 from autotp.plan import Plan
 from autotp.random import manual_seed
 from autotp.strategies import UnsupportedOpWarning
 
 __all__ = [
-    "AutoTPError", "CaptureError", "ConfigError", "Crossover", "CrossoverReport", "InfeasiblePlanError", "Partial", "Plan",
+    "AutoTPError", "CaptureError", "ConfigError", "Crossover", "CrossoverReport", "InfeasiblePlanError", "InputMismatchError", "Partial", "Plan",
     "PlanFormatError", "PlanMismatchError", "Replicate", "Shard", "SolverError", "UnsupportedOpWarning",
     "crossovers", "full_state_dict", "load_sharded_state_dict", "manual_seed", "parallelize", "plan", "sharded_state_dict",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -13,6 +13,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from cost_models import OPTIMIZER_STATE_BYTES_PER_ELEMENT, HardwareProfile, ProfileError, load_profile
+from autotp.arguments import PlannedCall
 from autotp.capture import CapturedGraph, InputRole, capture
 from autotp.cost import CostModel
 from autotp.errors import ConfigError, PlanMismatchError
@@ -21,11 +22,13 @@ from autotp.plan_align import align_plan
 from autotp.module import ShardedModule, register_state
 from autotp.placement import Shard
 from autotp.plan import Plan, build_plan
+from autotp.progress import Progress, stage
 from autotp.random import seed_sharded_stream
+from autotp.retrace import Retracer
 from autotp.rewrite import rewrite
 from autotp.solve import solve
 from autotp.strategies import StrategySpace, build_strategy_space
-from autotp.units import parse_nbytes
+from autotp.units import fmt_seconds, parse_nbytes
 from autotp.wake import plan_mean_gap_seconds
 
 log = logging.getLogger(__name__)
@@ -85,21 +88,35 @@ def plan_model(
     optimizer: str | None = "adamw",
     solver: str = "cbc",
     time_limit_s: float = 60.0,
+    progress: Progress | None = None,
 ) -> PlanningResult:
+    """Capture, build the strategy space, solve and build the plan; ``progress`` hears each stage
+    start and end, and the solver's incumbents (``autotp.progress``)."""
     tp_size = _tp_size(mesh_shape)
     profile = resolve_hardware(hardware)
     budget = parse_nbytes(memory_budget)
     if optimizer is not None and optimizer.lower() not in OPTIMIZER_STATE_BYTES_PER_ELEMENT:
         raise ConfigError(f"unknown optimizer {optimizer!r}; known: {', '.join(sorted(OPTIMIZER_STATE_BYTES_PER_ELEMENT))}")
     started = time.perf_counter()
-    captured = capture(model, example_inputs)
+    with stage(progress, "capture") as report:
+        captured = capture(model, example_inputs)
+        report.outcome = f"{len(captured.graph_module.graph.nodes)} nodes"
     log.info("captured %s: %d nodes in %.2fs", captured.model_name, len(captured.graph_module.graph.nodes), time.perf_counter() - started)
-    space = build_strategy_space(captured, tp_size)
+    with stage(progress, "strategies") as report:
+        space = build_strategy_space(captured, tp_size)
+        report.outcome = f"{sum(len(n.strategies) for n in space.nodes)} candidates"
     cost = CostModel(profile, tp_size, training=training, optimizer=optimizer if training else None)
-    solution = solve(space, cost, memory_budget=budget, time_limit_s=time_limit_s, solver=solver)
-    result = build_plan(space, solution, cost, hardware=profile.name, memory_budget=budget)
+    with stage(progress, "solve") as report:
+        def on_incumbent(seconds: float, bound_seconds: float | None) -> None:
+            report.update(f"incumbent {fmt_seconds(seconds)}" + (f", bound {fmt_seconds(bound_seconds)}" if bound_seconds is not None else ""))
+
+        solution = solve(space, cost, memory_budget=budget, time_limit_s=time_limit_s, solver=solver, on_incumbent=on_incumbent if progress is not None else None)
+        report.outcome = f"{solution.status}, {fmt_seconds(solution.objective_seconds)}"
+    with stage(progress, "build"):
+        result = build_plan(space, solution, cost, hardware=profile.name, memory_budget=budget)
     if cost.prices_wake:
-        result = _wake_aware(result, space, cost, memory_budget=budget, time_limit_s=time_limit_s, solver=solver)
+        with stage(progress, "wake re-solves"):
+            result = _wake_aware(result, space, cost, memory_budget=budget, time_limit_s=time_limit_s, solver=solver)
     log.info("planned %s on %d ranks in %.2fs", captured.model_name, tp_size, time.perf_counter() - started)
     return PlanningResult(captured, space, result)
 
@@ -144,16 +161,21 @@ def parallelize(
     plan: Plan | None = None,
     training: bool = True,
     optimizer: str | None = "adamw",
+    dynamic_dims: Mapping[str, Sequence[int]] | None = None,
 ) -> ShardedModule:
     """Return this rank's sharded copy of ``model``; call it on every rank of ``mesh``.
 
     With ``plan=None`` every rank plans (deterministically) and the ranks check that they agree.
+    The sharded module takes inputs of ``example_inputs``' shapes and values; ``dynamic_dims``
+    names the dims of tensor inputs that may take other sizes (``{"input_ids": (0, 1)}``, by
+    ``forward``'s parameter names): each new size is captured again on every rank, with the same plan.
     """
     if not isinstance(mesh, DeviceMesh):
         raise ConfigError(f"mesh must be a torch.distributed.device_mesh.DeviceMesh, got {type(mesh).__name__}")
     if mesh.ndim != 1:
         raise ConfigError(f"autotp supports 1-D meshes for now; got a mesh of shape {tuple(mesh.shape)}")
     tp_size = mesh.size()
+    planned_call = PlannedCall.from_example(model.forward, example_inputs, model_name=type(model).__name__, dynamic_dims=dynamic_dims)
     hardware = hardware or DEFAULT_HARDWARE.get(mesh.device_type, "h100-sxm")
     if plan is None:
         result = plan_model(
@@ -168,7 +190,13 @@ def parallelize(
     device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else None
     gm = rewrite(result.captured, result.space, result.plan, rank=rank, group_name=group.group_name, device=device)
     local = _local_state(model, result, rank=rank, device=device)
-    sharded = ShardedModule(result.captured, gm, local, result.plan, rank=rank, group_name=group.group_name, mesh=mesh)
+    retracer = (
+        Retracer(model, result.captured, result.plan, planned_call, rank=rank, group_name=group.group_name, device=device)
+        if planned_call.has_dynamic_dims else None
+    )
+    sharded = ShardedModule(
+        result.captured, gm, local, result.plan, planned_call=planned_call, rank=rank, group_name=group.group_name, mesh=mesh, retracer=retracer,
+    )
     seed_sharded_stream(group.group_name, rank=rank, seed=torch.initial_seed())
     parameter_names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     non_persistent = {f"{path}.{name}".lstrip(".") for path, module in model.named_modules() for name in module._non_persistent_buffers_set}

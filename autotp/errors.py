@@ -28,6 +28,11 @@ class ConfigError(AutoTPError, ValueError):
     """An argument is malformed: a memory budget string, a mesh shape, a hardware name."""
 
 
+class InputMismatchError(AutoTPError, TypeError):
+    """The sharded module was called with arguments its planned graph cannot take (a scalar, shape
+    or dtype other than planned, an argument that was not in ``example_inputs``)."""
+
+
 class PlanFormatError(AutoTPError, ValueError):
     """A saved plan file is malformed, has unknown fields or a schema version this autotp cannot read."""
 

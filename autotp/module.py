@@ -9,16 +9,20 @@ from torch import fx, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.utils import _pytree as pytree
 
+from autotp.arguments import PlannedCall
 from autotp.capture import CapturedGraph, InputRole
 from autotp.placement import Placement
 from autotp.plan import Plan
+from autotp.retrace import Retracer
 
 
 class ShardedModule(nn.Module):
     """Holds only this rank's shard of each split parameter, named as in the original model.
 
     ``state_dict()`` keys match the original's; split tensors hold the local chunk.
-    ``graph_module`` is the rank-local fx graph (inspect it to see the collectives).
+    ``graph_module`` is the rank-local fx graph (inspect it to see the collectives). Calls bind
+    as the original ``forward`` binds them and must match the planned inputs, except along the
+    dims declared dynamic (``autotp.arguments``), for which ``retracer`` builds further graphs.
     """
 
     def __init__(
@@ -28,14 +32,18 @@ class ShardedModule(nn.Module):
         local_state: dict[str, torch.Tensor],
         plan: Plan,
         *,
+        planned_call: PlannedCall,
         rank: int,
         group_name: str,
         mesh: DeviceMesh | None = None,
+        retracer: Retracer | None = None,
     ) -> None:
         super().__init__()
         self.training = captured.training
         self.__dict__["graph_module"] = graph_module  # not a submodule: keeps state_dict keys clean
         self.plan = plan
+        self.planned_call = planned_call
+        self._retracer = retracer
         self.rank = rank
         self.group_name = group_name
         self.mesh = mesh
@@ -58,7 +66,6 @@ class ShardedModule(nn.Module):
                     register_state(self, fqn, tensor, gi.role, gi.persistent)
                 path = gi.fqns[0]
             self._feeds.append(self._owner_and_name(path))
-        self._n_inputs = sum(1 for feed in self._feeds if feed is None)
 
     def placements(self) -> dict[str, Placement]:
         """Placement of every parameter/buffer by its name(s) in the original model."""
@@ -80,16 +87,18 @@ class ShardedModule(nn.Module):
         owner, _, name = path.rpartition(".")
         return (self.get_submodule(owner) if owner else self), name
 
-    def graph_arguments(self, *args: Any, **kwargs: Any) -> list[torch.Tensor]:
+    def graph_arguments(self, *args: Any, **kwargs: Any) -> list[Any]:
         """The rank-local graph's placeholders for these inputs: user inputs and this rank's state, in order."""
-        user_inputs = pytree.tree_leaves((args, kwargs))
-        if len(user_inputs) != self._n_inputs:
-            raise TypeError(f"this sharded model takes {self._n_inputs} input tensors (as in example_inputs), got {len(user_inputs)}")
+        return self._placeholders(self.planned_call.bind(args, kwargs)[0])
+
+    def _placeholders(self, user_inputs: list[Any]) -> list[Any]:
         user_iter = iter(user_inputs)
         return [next(user_iter) if feed is None else getattr(*feed) for feed in self._feeds]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        outputs = self.graph_module(*self.graph_arguments(*args, **kwargs))
+        user_inputs, resized = self.planned_call.bind(args, kwargs)
+        graph = self.graph_module if resized is None else self._retracer.graph_for(resized)  # resized only along dynamic dims
+        outputs = graph(*self._placeholders(user_inputs))
         return pytree.tree_unflatten(list(outputs), self._out_spec)
 
 

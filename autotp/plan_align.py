@@ -28,6 +28,16 @@ def align_plan(plan: Plan, space: StrategySpace, *, fallback_hardware: str = "cp
     """
     if [n.name for n in plan.nodes] == [n.name for n in space.nodes]:
         return plan
+    log.info("aligning a plan of %d nodes to a graph of %d (layout-only ops differ)", len(plan.nodes), len(space.nodes))
+    return carry_plan(plan, space, fallback_hardware=fallback_hardware)
+
+
+def carry_plan(plan: Plan, space: StrategySpace, *, fallback_hardware: str = "cpu-gloo") -> Plan:
+    """``plan``'s layout on ``space``'s nodes, by name and op, re-priced there.
+
+    ``space`` is a graph that differs from the planned one in layout-only ops, or the same model
+    captured at other input sizes (``dynamic_dims``); each strategy must be a candidate there.
+    """
     from autotp.api import resolve_hardware
 
     planned = {n.name: n for n in plan.nodes}
@@ -55,5 +65,4 @@ def align_plan(plan: Plan, space: StrategySpace, *, fallback_hardware: str = "cp
         profile = resolve_hardware(fallback_hardware)
     cost = CostModel(profile, plan.tp_size, training=plan.training, optimizer=plan.optimizer if plan.training else None)
     solution = Solution(choice=choice, objective_seconds=0.0, status=plan.solver_status, seconds=plan.solve_seconds, n_variables=0, n_constraints=0)
-    log.info("aligned a plan of %d nodes to a graph of %d (layout-only ops differ)", len(plan.nodes), len(space.nodes))
     return build_plan(space, solution, cost, hardware=plan.hardware, memory_budget=plan.memory_budget)

@@ -120,6 +120,11 @@ def load_plan(path: str | os.PathLike[str]) -> Plan:
             text = f.read()
     except OSError as exc:
         raise PlanFormatError(f"cannot read plan file {os.fspath(path)!r}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise PlanFormatError(
+            f"plan file {os.fspath(path)!r} is not a text file (byte {exc.start} is not UTF-8): "
+            "a plan is the JSON written by `autotp plan --out plan.json` or Plan.save"
+        ) from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:

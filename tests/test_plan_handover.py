@@ -16,7 +16,7 @@ from torch import nn
 from autotp.api import plan_model, resolve_hardware
 from autotp.cost import CostModel
 from autotp.errors import PlanFormatError, TorchTPExportError
-from autotp.layouts import GPT_COLUMN, GPT_ROW, LLAMA_COLUMN, LLAMA_ROW, megatron_pins
+from autotp.layouts import megatron_pins
 from autotp.placement import Shard
 from autotp.plan import Plan, build_plan
 from autotp.solve import solve
@@ -57,26 +57,24 @@ def test_json_round_trip_applies_on_two_ranks(tmp_path: Path) -> None:
 
 
 LLAMA = {"n_layers": 2, "dim": 64, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 256, "ffn_hidden": 176, "max_seq_len": 64}
-GPT_MLP = (("mlp.c_fc",), ("mlp.c_proj",))  # (column, row) linears pinned: only the MLP is split
-LLAMA_MLP = (("w1", "w3"), ("w2",))
-HF_LLAMA_MEGATRON = (("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"), ("o_proj", "down_proj"))
-
-
-def _pinned_plan(model: nn.Module, inputs: tuple[torch.Tensor, ...], column: tuple[str, ...], row: tuple[str, ...]) -> Plan:
-    """A plan with the named linears pinned column/row-parallel, the rest as the solver likes."""
+def _pinned_plan(model: nn.Module, inputs: tuple[torch.Tensor, ...], *, within: str = "") -> Plan:
+    """A plan with Megatron's column/row linears pinned where their module path contains ``within``
+    (``"mlp"``: the MLPs only; ``""``: attention too), the rest as the solver likes."""
     result = plan_model(model, inputs, mesh_shape=(2,), hardware="cpu-gloo", memory_budget=None, training=False)
     cost = CostModel(resolve_hardware("cpu-gloo"), 2)
-    pins = megatron_pins(result.space, column=column, row=row)
-    assert pins, "the pinned module names match no linear"
+    nodes = result.space.by_name()
+    pins = {name: s for name, s in megatron_pins(result.space).items() if within in nodes[name].module_path}
+    assert pins, f"no Megatron linear in a module path containing {within!r}"
     return build_plan(result.space, solve(result.space, cost, pinned=pins), cost, hardware="cpu-gloo", memory_budget=None)
 
 
-def _export(case: dict, pins: tuple[tuple[str, ...], tuple[str, ...]], tmp_path: Path, *, python: bool = False) -> dict:
-    """Plan ``case`` (a built-in example on the meta device, or a tiny HF model) with ``pins`` and
+def _export(case: dict, within: str, tmp_path: Path, *, python: bool = False) -> dict:
+    """Plan ``case`` (a built-in example on the meta device, or a tiny HF model) with Megatron's
+    linears pinned ``within`` (see ``_pinned_plan``) and
     write its torch-tp JSON next to the case; raises TorchTPExportError where the export refuses.
     ``python``: also check that the ``.py`` form is valid Python with the JSON's styles."""
     model, inputs = build_case(case, device="meta")
-    plan = _pinned_plan(model, inputs, *pins)
+    plan = _pinned_plan(model, inputs, within=within)
     path = tmp_path / f"{case['name']}.tp.json"
     path.write_text(dumps_torch_tp(plan, model=model, example_inputs=inputs))
     if python:
@@ -105,10 +103,10 @@ def test_torch_tp_plan_reproduces_outputs_with_parallelize_module(tmp_path: Path
     assert mlp["version"] == 2 and set(mlp) == {"format", "version", "tp_size", "plan"} and mlp["plan"], mlp
     cases = [
         {"name": "mlp", "example": "mlp", "config": MLP, "batch": 2, "seq": 8, "plan_path": str(mlp_path)},
-        _export({**GPT_CASE, "name": "gpt"}, GPT_MLP, tmp_path),
-        _export({**GPT_CASE, "name": "gpt_heads_from_data", "attention": "heads_from_data"}, (GPT_COLUMN, GPT_ROW), tmp_path, python=True),
-        _export({**LLAMA_CASE, "name": "llama"}, LLAMA_MLP, tmp_path),
-        _export({"name": "hf_llama", "hf_model": "llama"}, HF_LLAMA_MEGATRON, tmp_path),
+        _export({**GPT_CASE, "name": "gpt"}, "mlp", tmp_path),
+        _export({**GPT_CASE, "name": "gpt_heads_from_data", "attention": "heads_from_data"}, "", tmp_path, python=True),
+        _export({**LLAMA_CASE, "name": "llama"}, "feed_forward", tmp_path),
+        _export({"name": "hf_llama", "hf_model": "llama"}, "", tmp_path),
     ]
     hf_plan = json.loads(Path(cases[-1]["plan_path"]).read_text())["plan"]
     assert hf_plan["model.layers.*.self_attn.q_proj"]["style"] == "ColwiseParallel"
@@ -128,29 +126,29 @@ def test_torch_tp_plan_reproduces_outputs_with_parallelize_module(tmp_path: Path
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize(
-    ("case", "pins", "match"),
+    ("case", "within", "match"),
     [
         # attention split, but the example reshapes with its global head count: view(B, T, self.n_head, hd)
         pytest.param(
-            {**GPT_CASE, "name": "gpt"}, (GPT_COLUMN, GPT_ROW),
+            {**GPT_CASE, "name": "gpt"}, "",
             r"module 'blocks\.0\.attn' \(.*gpt\.py:\d+: q = self\.q_proj\(x\)\.view\(B, T, self\.n_head", id="gpt",
         ),
         pytest.param(
-            {**LLAMA_CASE, "name": "llama"}, (LLAMA_COLUMN, LLAMA_ROW),
+            {**LLAMA_CASE, "name": "llama"}, "",
             r"module 'layers\.0\.attention' \(.*llama\.py:\d+: q = self\.wq\(x\)\.view", id="llama",
         ),
         # view(B, T, self.n_head, -1) would run, mixing heads: the rank-local shapes give it away
         pytest.param(
-            {**GPT_CASE, "name": "gpt_head_dim_from_data", "attention": "head_dim_from_data"}, (GPT_COLUMN, GPT_ROW),
+            {**GPT_CASE, "name": "gpt_head_dim_from_data", "attention": "head_dim_from_data"}, "",
             r"node 'view'.* in module 'blocks\.0\.attn'.* computes rank-local shape\(s\) \(\(2, 16, 4, 8\),\), "
             r"but the plan's node view has rank-local shape\(s\) \(\(2, 16, 2, 16\),\)",
             id="gpt_head_dim_from_data",
         ),
     ],
 )
-def test_torch_tp_export_refuses_code_that_is_not_rank_local(case: dict, pins: tuple, match: str, tmp_path: Path) -> None:
+def test_torch_tp_export_refuses_code_that_is_not_rank_local(case: dict, within: str, match: str, tmp_path: Path) -> None:
     with pytest.raises(TorchTPExportError, match=match):
-        _export(case, pins, tmp_path)
+        _export(case, within, tmp_path)
     assert not (tmp_path / f"{case['name']}.tp.json").exists()
 
 
@@ -199,7 +197,7 @@ def test_torch_tp_check_refuses_an_output_left_split() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64))
     inputs = (torch.randn(2, 16, 64),)
-    plan = _pinned_plan(model, inputs, ("0",), ("2",))
+    plan = _pinned_plan(model, inputs)
     tp = export_torch_tp(plan, model=model, example_inputs=inputs)
     assert {k: v.style for k, v in tp.styles.items()} == {"0": "ColwiseParallel", "2": "RowwiseParallel"}
     batch_split = replace(tp, styles={**tp.styles, "2": replace(tp.styles["2"], output_layouts=Shard(0))})
@@ -221,6 +219,6 @@ class _FunctionalLinear(nn.Module):
 def test_torch_tp_export_refuses_a_style_on_a_module_it_cannot_shard() -> None:
     model = nn.Sequential(_FunctionalLinear(64, 256), nn.GELU(), nn.Linear(256, 64))
     inputs = (torch.randn(2, 16, 64),)
-    plan = _pinned_plan(model, inputs, ("0",), ("2",))
+    plan = _pinned_plan(model, inputs)
     with pytest.raises(TorchTPExportError, match=r"module '0' is a _FunctionalLinear, and ColwiseParallel shards nn\.Linear and nn\.Embedding only"):
         export_torch_tp(plan, model=model, example_inputs=inputs)

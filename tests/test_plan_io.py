@@ -78,6 +78,11 @@ def test_malformed_json_and_missing_file(tmp_path: Path) -> None:
         autotp.Plan.load(str(tmp_path / "absent.json"))
     with pytest.raises(autotp.PlanFormatError, match=r"plan must be an object, got a list"):
         autotp.Plan.load(_write(tmp_path, []))
+    garbage = tmp_path / "garbage.json"
+    garbage.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    with pytest.raises(autotp.PlanFormatError, match=r"garbage.json' is not a text file \(byte 0 is not UTF-8\)") as info:
+        autotp.Plan.load(str(garbage))
+    assert "\n" not in str(info.value)
 
 
 def test_fingerprint_depends_on_shapes_and_ranks(gpt_plan: autotp.Plan) -> None:
