@@ -288,7 +288,7 @@ def _collapse(styles: dict[str, Style], plan: Plan) -> dict[str, Style]:
 WHAT_TO_DO = (
     "run this plan with autotp.parallelize (or save it with --format json and load it with "
     "autotp.Plan.load), which inserts every conversion itself; or make a plan whose splits sit "
-    "on linears in column/row pairs (pin them: autotp.layouts.megatron_pins)"
+    "on linears in column/row pairs (autotp.solve.solve(space, cost, pinned=autotp.layouts.megatron_pins(space)))"
 )
 _SHOWN = 6  # problems listed in a refusal; the rest are counted
 
