@@ -8,7 +8,7 @@ from autotp.checkpoint import full_state_dict, load_sharded_state_dict, sharded_
 from autotp.crossover import Crossover, CrossoverReport, crossovers
 from autotp.errors import (
     AutoTPError, CaptureError, ConfigError, InfeasiblePlanError, InputMismatchError, PlanFormatError,
-    PlanMismatchError, SolverError,
+    PlanMismatchError, SolverError, TorchTPExportError,
 )
 from autotp.placement import Partial, Replicate, Shard
 from autotp.plan import Plan
@@ -18,6 +18,7 @@ from autotp.verify import VerifyReport, verify
 
 __all__ = [
     "AutoTPError", "CaptureError", "ConfigError", "Crossover", "CrossoverReport", "InfeasiblePlanError", "InputMismatchError", "Partial", "Plan",
-    "PlanFormatError", "PlanMismatchError", "Replicate", "Shard", "SolverError", "UnsupportedOpWarning",
-    "crossovers", "full_state_dict", "load_sharded_state_dict", "manual_seed", "parallelize", "plan", "sharded_state_dict", "verify", "VerifyReport",
+    "PlanFormatError", "PlanMismatchError", "Replicate", "Shard", "SolverError", "TorchTPExportError", "UnsupportedOpWarning",
+    "crossovers", "full_state_dict", "load_sharded_state_dict", "manual_seed", "parallelize", "plan", "sharded_state_dict",
+    "verify", "VerifyReport",
 ]

@@ -22,12 +22,13 @@ from autotp.plan_align import align_plan
 from autotp.module import ShardedModule, register_state
 from autotp.placement import Shard
 from autotp.plan import Plan, build_plan
+from autotp.progress import Progress, stage
 from autotp.random import seed_sharded_stream
 from autotp.retrace import Retracer
 from autotp.rewrite import rewrite
 from autotp.solve import solve
 from autotp.strategies import StrategySpace, build_strategy_space
-from autotp.units import parse_nbytes
+from autotp.units import fmt_seconds, parse_nbytes
 from autotp.wake import plan_mean_gap_seconds
 
 log = logging.getLogger(__name__)
@@ -87,21 +88,35 @@ def plan_model(
     optimizer: str | None = "adamw",
     solver: str = "cbc",
     time_limit_s: float = 60.0,
+    progress: Progress | None = None,
 ) -> PlanningResult:
+    """Capture, build the strategy space, solve and build the plan; ``progress`` hears each stage
+    start and end, and the solver's incumbents (``autotp.progress``)."""
     tp_size = _tp_size(mesh_shape)
     profile = resolve_hardware(hardware)
     budget = parse_nbytes(memory_budget)
     if optimizer is not None and optimizer.lower() not in OPTIMIZER_STATE_BYTES_PER_ELEMENT:
         raise ConfigError(f"unknown optimizer {optimizer!r}; known: {', '.join(sorted(OPTIMIZER_STATE_BYTES_PER_ELEMENT))}")
     started = time.perf_counter()
-    captured = capture(model, example_inputs)
+    with stage(progress, "capture") as report:
+        captured = capture(model, example_inputs)
+        report.outcome = f"{len(captured.graph_module.graph.nodes)} nodes"
     log.info("captured %s: %d nodes in %.2fs", captured.model_name, len(captured.graph_module.graph.nodes), time.perf_counter() - started)
-    space = build_strategy_space(captured, tp_size)
+    with stage(progress, "strategies") as report:
+        space = build_strategy_space(captured, tp_size)
+        report.outcome = f"{sum(len(n.strategies) for n in space.nodes)} candidates"
     cost = CostModel(profile, tp_size, training=training, optimizer=optimizer if training else None)
-    solution = solve(space, cost, memory_budget=budget, time_limit_s=time_limit_s, solver=solver)
-    result = build_plan(space, solution, cost, hardware=profile.name, memory_budget=budget)
+    with stage(progress, "solve") as report:
+        def on_incumbent(seconds: float, bound_seconds: float | None) -> None:
+            report.update(f"incumbent {fmt_seconds(seconds)}" + (f", bound {fmt_seconds(bound_seconds)}" if bound_seconds is not None else ""))
+
+        solution = solve(space, cost, memory_budget=budget, time_limit_s=time_limit_s, solver=solver, on_incumbent=on_incumbent if progress is not None else None)
+        report.outcome = f"{solution.status}, {fmt_seconds(solution.objective_seconds)}"
+    with stage(progress, "build"):
+        result = build_plan(space, solution, cost, hardware=profile.name, memory_budget=budget)
     if cost.prices_wake:
-        result = _wake_aware(result, space, cost, memory_budget=budget, time_limit_s=time_limit_s, solver=solver)
+        with stage(progress, "wake re-solves"):
+            result = _wake_aware(result, space, cost, memory_budget=budget, time_limit_s=time_limit_s, solver=solver)
     log.info("planned %s on %d ranks in %.2fs", captured.model_name, tp_size, time.perf_counter() - started)
     return PlanningResult(captured, space, result)
 

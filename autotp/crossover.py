@@ -19,7 +19,9 @@ The search:
    the new one (``above``), and ``batch_exact``: where the two plans' cost expressions are
    equal, a real number between them.
 
-The sequence length stays at the example's. Batch sizes are multiples of ``batch_multiple``
+The sequence length stays at the example's, so the work is fitted in B alone (the model is
+captured at other batch sizes only): a graph that changes with the sequence length, such as a
+``pos[:t]`` slice that is a no-op at the example's length, does not stop a batch search. Batch sizes are multiples of ``batch_multiple``
 (default 1): at a batch size tp does not divide, batch-split strategies are not offered, so
 with ``batch_multiple=1`` a crossover can mark a divisibility change rather than a change of
 regime; pass ``batch_multiple=tp`` to compare only evenly splittable batches.
@@ -35,16 +37,19 @@ import torch
 from torch import nn
 
 from autotp.api import _tp_size, plan_model, resolve_hardware
+from autotp.blocks import block_of
 from autotp.cost import CostModel
 from autotp.errors import ConfigError
 from autotp.plan import Plan
+from autotp.report import n_collectives
+from autotp.strategies import NodeKind
 from autotp.symbolic import CostTerm, WorkModel, cost_terms, fit_work, resize_inputs, terms_seconds
 from autotp.units import fmt_seconds
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, repr=False)
 class Crossover:
     """The optimal plan is ``below`` up to ``batch_below`` and ``above`` from ``batch_above`` on."""
 
@@ -63,14 +68,44 @@ class Crossover:
         """Nodes whose strategy differs between the two plans."""
         return [a.name for a, b in zip(self.below.nodes, self.above.nodes) if a.strategy != b.strategy]
 
+    def changed_modules(self) -> list[str]:
+        """Modules whose nodes change strategy, in graph order, a path repeated over blocks folded
+        into one entry: ``blocks.0.mlp.c_fc`` ... ``blocks.11.mlp.c_fc`` -> ``blocks.*.mlp.c_fc ×12``."""
+        blocks: dict[str, set[int]] = {}  # folded path -> the block indices it was seen in
+        for a, b in zip(self.below.nodes, self.above.nodes):
+            if a.strategy == b.strategy:
+                continue
+            path = a.module_path or ("(output)" if a.kind is NodeKind.OUTPUT else "(model)")
+            block = block_of(path)
+            if block is None:
+                blocks.setdefault(path, set())
+            else:
+                group, index = block
+                blocks.setdefault(f"{group}.*{path[len(f'{group}.{index}'):]}", set()).add(index)
+        out = []
+        for path, indices in blocks.items():
+            if len(indices) == 1:  # one block only: its real path
+                group, _, rest = path.partition(".*")
+                out.append(f"{group}.{next(iter(indices))}{rest}")
+            else:
+                out.append(f"{path} ×{len(indices)}" if indices else path)
+        return out
 
-@dataclass(frozen=True, slots=True)
+    def __repr__(self) -> str:
+        exact = "none" if self.batch_exact is None else f"{self.batch_exact:.2f}"
+        return f"Crossover(batch {self.batch_below} -> {self.batch_above}, costs cross at {exact}, {len(self.changed_nodes())} nodes change strategy)"
+
+
+@dataclass(frozen=True, slots=True, repr=False)
 class CrossoverReport:
-    """Every crossover found in the batch range, and the grid of plans it started from."""
+    """Every crossover found in the batch range, and the grid of plans it started from.
+
+    ``str(report)`` (and ``summary()``) is a short table; ``repr`` one line.
+    """
 
     crossovers: tuple[Crossover, ...]
     grid: tuple[tuple[int, Plan], ...]
-    seq: int
+    seq: int | None  # the example's sequence length, held over the search; None without a sequence dim
 
     def __iter__(self) -> Iterator[Crossover]:
         return iter(self.crossovers)
@@ -82,17 +117,39 @@ class CrossoverReport:
         return self.crossovers[k]
 
     def summary(self) -> str:
-        lines = [f"optimal plans over batch sizes {self.grid[0][0]}..{self.grid[-1][0]} (sequence length {self.seq}):"]
+        """Per crossover: the first batch of the new plan, where the costs cross, each plan's time
+        on its side, then the modules that change strategy."""
+        at_seq = f" at sequence length {self.seq}" if self.seq is not None else ""
+        count = f"{len(self)} crossover{'s' if len(self) != 1 else ''}"
+        lines = [f"optimal plans over batch sizes {self.grid[0][0]}..{self.grid[-1][0]}{at_seq}: {count}"]
         if not self.crossovers:
-            lines.append("  one plan is optimal over the whole range (no crossover)")
+            plan = self.grid[0][1]
+            lines.append(f"one plan is optimal over the whole range ({n_collectives(plan)} collectives at batch {self.grid[0][0]})")
+            return "\n".join(lines)
+        rows = [("batch", "costs cross at", "plan below", "plan above")]
         for c in self.crossovers:
-            changed = c.changed_nodes()
-            exact = f"costs cross at {c.batch_exact:.2f}" if c.batch_exact is not None else "strategies that tp now divides"
-            lines.append(
-                f"  at batch {c.batch_above} ({exact}): {len(changed)} nodes change strategy; "
-                f"at {c.batch_below}: {fmt_seconds(c.below.total_seconds)}, at {c.batch_above}: {fmt_seconds(c.above.total_seconds)}"
-            )
+            exact = f"{c.batch_exact:.2f}" if c.batch_exact is not None else "- (tp now divides)"
+            rows.append((str(c.batch_above), exact, _plan_cell(c.below, c.batch_below), _plan_cell(c.above, c.batch_above)))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines.append("")
+        lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows[:1]]
+        lines.append("  ".join("-" * w for w in widths))
+        lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows[1:]]
+        lines.append("")
+        for c in self.crossovers:
+            lines.append(f"at batch {c.batch_above}, {len(c.changed_nodes())} nodes change strategy in: {', '.join(c.changed_modules())}")
         return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    def __repr__(self) -> str:
+        batches = ", ".join(str(c.batch_above) for c in self.crossovers) or "none"
+        return f"CrossoverReport(batch {self.grid[0][0]}..{self.grid[-1][0]}, seq {self.seq}: crossovers at {batches})"
+
+
+def _plan_cell(plan: Plan, batch: int) -> str:
+    return f"{fmt_seconds(plan.total_seconds)} at batch {batch}, {n_collectives(plan)} collectives"
 
 
 def _grid(lo: int, hi: int, factor: float, multiple: int) -> list[int]:
@@ -177,8 +234,8 @@ def crossovers(
 ) -> CrossoverReport:
     """The batch sizes in ``batch_range`` at which the optimal plan changes, with the plans on each side.
 
-    The first dim of every example input is the batch; ``seq_dim`` (the sequence) is held at
-    the example's length. The other arguments are :func:`autotp.plan`'s.
+    The first dim of every example input is the batch; every other dim is held at the
+    example's size. ``seq_dim`` only names the sequence dim for the report. The other arguments are :func:`autotp.plan`'s.
     """
     lo, hi = batch_range
     if not (isinstance(lo, int) and isinstance(hi, int)) or not 1 <= lo <= hi:
@@ -191,9 +248,12 @@ def crossovers(
     plan_kwargs = dict(mesh_shape=mesh_shape, hardware=profile, memory_budget=memory_budget, training=training, optimizer=optimizer)
     tp_size = _tp_size(mesh_shape)
     cost = CostModel(profile, tp_size, training=training, optimizer=optimizer if training else None)
-    search = _Search(model, example_inputs, work=fit_work(model, example_inputs, seq_dim=seq_dim), cost=cost, plan_kwargs=plan_kwargs, rel_tol=rel_tol)
+    work = fit_work(model, example_inputs, seq_dim=None)  # T is held, so B alone; varying T could change the graph
+    search = _Search(model, example_inputs, work=work, cost=cost, plan_kwargs=plan_kwargs, rel_tol=rel_tol)
     grid = _grid(lo, hi, grid_factor, batch_multiple)
     found: list[Crossover] = []
     for left, right in zip(grid, grid[1:]):
         found += search.between(left, right, batch_multiple)
-    return CrossoverReport(tuple(found), tuple((b, search.plan(b)) for b in grid), search.work.seq0)
+    first = example_inputs[0]
+    seq = int(first.shape[seq_dim]) if seq_dim is not None and first.ndim > seq_dim else None
+    return CrossoverReport(tuple(found), tuple((b, search.plan(b)) for b in grid), seq)

@@ -50,3 +50,7 @@ def describe_node(node: fx.Node) -> str:
         where = f" at {lines[-2]}: {lines[-1]}" if len(lines) >= 2 else f" at {lines[-1]}"
     module_part = f" in module '{module}'" if module else ""
     return f"node '{node.name}' ({node.target}, shape {shape}){module_part}{where}"
+
+
+class TorchTPExportError(AutoTPError):
+    """A plan cannot be handed to PyTorch's ``parallelize_module`` styles and still run as planned."""

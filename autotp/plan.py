@@ -68,8 +68,14 @@ class NodePlan:
         return sum(c.seconds for c in self.conversions)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, repr=False)
 class Plan:
+    """What the solver chose for every node, and its estimated costs.
+
+    ``str(plan)`` is the layout table of ``autotp plan`` (``autotp.report.format_table``:
+    by module, repeated blocks collapsed); ``repr(plan)`` one line; ``summary()`` every split op.
+    """
+
     mesh_shape: tuple[int, ...]
     hardware: str
     memory_budget: int | None
@@ -171,6 +177,19 @@ class Plan:
     def sharded_state(self) -> dict[str, Placement]:
         """Placement of every parameter/buffer placeholder that is split."""
         return {n.name: n.strategy.output for n in self.nodes if n.kind is NodeKind.STATE and isinstance(n.strategy.output, Shard)}  # type: ignore[misc]
+
+    def __repr__(self) -> str:
+        mode = "training" if self.training else "inference"
+        split = sum(1 for n in self.nodes if n.kind is NodeKind.OP and n.strategy.divides_output())
+        return (
+            f"Plan(mesh {self.mesh_shape} on {self.hardware}, {mode}, {len(self.nodes)} nodes, {split} ops split, "
+            f"{len(self.collectives(backward=True))} collectives, est. {fmt_seconds(self.total_seconds)}, {self.solver_status})"
+        )
+
+    def __str__(self) -> str:
+        from autotp.report import format_table
+
+        return format_table(self)
 
     def summary(self) -> str:
         """A table of the ops that are split or communicate, then the totals."""

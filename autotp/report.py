@@ -2,9 +2,9 @@
 
 ``layout_sections`` groups the plan's ops by module and collapses identical repeated blocks
 (``blocks.1-11 ×11``). ``price_baselines`` prices the layouts a user would otherwise write under
-the same cost model: everything replicated, and Megatron-LM's column/row split where the
-model's linears are named as in GPT, LLaMA or the MLP example. A pinned layout may not fit the
-memory budget, so baselines are priced without it and say so. ``format_table`` renders all of
+the same cost model: everything replicated, and Megatron-LM's column/row split of the linears
+around each attention and MLP found in the graph (``layouts.megatron_layout_of``). A pinned
+layout may not fit the memory budget, so baselines are priced without it and say so. ``format_table`` renders all of
 it as text for ``autotp plan --format table``.
 """
 from __future__ import annotations
@@ -14,23 +14,15 @@ from dataclasses import dataclass
 
 from autotp.cost import CostModel
 from autotp.errors import AutoTPError
-from autotp.layouts import GPT_COLUMN, GPT_ROW, LLAMA_COLUMN, LLAMA_ROW, megatron_pins
+from autotp.layouts import megatron_layout_of
 from autotp.placement import R
 from autotp.plan import Conversion, NodePlan, Plan, build_plan
 from autotp.solve import Solution, solve
 from autotp.strategies import NodeKind, StrategySpace
 from autotp.units import fmt_nbytes, fmt_seconds
 
-# Megatron-LM's layout, by the module names of the models it is written for: column-parallel
-# linears feed row-parallel ones (Shoeybi et al. 2019, section 3).
-HAND_LAYOUTS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
-    ("GPT", GPT_COLUMN, GPT_ROW),
-    ("LLaMA", LLAMA_COLUMN, LLAMA_ROW),
-    ("MLP", ("fc1",), ("fc2",)),
-)
-
-
 TOP_LEVEL = "top level"
+MEGATRON = "Megatron-LM"
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,30 +176,26 @@ def replicate_all(space: StrategySpace, cost: CostModel, *, hardware: str) -> Pl
     return build_plan(space, solution, cost, hardware=hardware, memory_budget=None)
 
 
-def megatron_layout(space: StrategySpace, cost: CostModel, *, hardware: str) -> tuple[str, Plan] | None:
-    """Megatron-LM's layout for the first hand layout whose module names match; ``None`` if none do.
+def megatron_baseline(space: StrategySpace, cost: CostModel, *, hardware: str) -> Baseline:
+    """Megatron-LM's layout of the attentions and MLPs in the graph; "not applicable" where there are none.
 
-    The named linears are pinned; the solver places everything else around them, without the
-    memory budget (a hand layout need not fit it).
+    The found linears are pinned column/row parallel; the solver places everything else around
+    them, without the memory budget (a hand layout need not fit it).
     """
-    for name, column, row in HAND_LAYOUTS:
-        pins = megatron_pins(space, column=column, row=row)
-        if pins:
-            solution = solve(space, cost, memory_budget=None, pinned=pins)
-            return f"{len(pins)} linears pinned by {name} module names", build_plan(space, solution, cost, hardware=hardware, memory_budget=None)
-    return None
+    layout = megatron_layout_of(space)
+    if not layout.found:
+        return Baseline(MEGATRON, None, "not applicable: the graph has no attention core or MLP (linears joined by pointwise ops) to split")
+    solution = solve(space, cost, memory_budget=None, pinned=layout.pins)
+    return Baseline(MEGATRON, build_plan(space, solution, cost, hardware=hardware, memory_budget=None), layout.describe(space))
 
 
 def price_baselines(space: StrategySpace, cost: CostModel, *, hardware: str, memory_budget: int | None) -> list[Baseline]:
-    """Replicate-all and, where the module names match, Megatron-LM, each priced without the budget."""
+    """Replicate-all and Megatron-LM, each priced without the budget (the note says when it is over)."""
     baselines = [_with_budget_note(Baseline("replicate-all", replicate_all(space, cost, hardware=hardware)), memory_budget)]
     try:
-        megatron = megatron_layout(space, cost, hardware=hardware)
+        baselines.append(_with_budget_note(megatron_baseline(space, cost, hardware=hardware), memory_budget))
     except AutoTPError as exc:  # a pinned split the model's shapes do not allow
-        baselines.append(Baseline("Megatron-LM", None, f"not priced: {exc}"))
-    else:
-        if megatron is not None:
-            baselines.append(_with_budget_note(Baseline("Megatron-LM", megatron[1], megatron[0]), memory_budget))
+        baselines.append(Baseline(MEGATRON, None, f"not priced: {exc}"))
     return baselines
 
 

@@ -20,10 +20,15 @@ Costs enter in microseconds so solver tolerances do not swallow them.
 from __future__ import annotations
 
 import logging
+import math
+import os
+import re
+import tempfile
+import threading
 import time
 import warnings
 from collections import Counter, defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import pulp
@@ -80,12 +85,16 @@ def solve(
     solver: str = "cbc",
     pinned: Mapping[str, OpStrategy] | None = None,
     dedup: bool = True,
+    on_incumbent: Callable[[float, float | None], None] | None = None,
 ) -> Solution:
     """Solve the ILP; raise ``InfeasiblePlanError`` when no plan fits ``memory_budget``.
 
     ``pinned`` fixes the strategy of some nodes (a hand layout to price, or a user override).
     ``dedup`` solves repeated identical blocks once (``autotp.blocks``): they share variables,
     so the ILP does not grow with depth, at the price of giving every repeat the same layout.
+    ``on_incumbent(seconds, bound_seconds)`` is called, from another thread, with the objective
+    of each better integer solution CBC finds while it runs and its lower bound so far (None
+    before it has one), read from its log; other solvers do not call it.
     """
     if memory_budget is not None:
         floor = min_state_nbytes(space, cost)
@@ -114,7 +123,7 @@ def solve(
         _memory_constraint(problem, space, cost, x, canonical, memory_budget)
     _pin(problem, space, x, canonical, pinned or {})
     problem += pulp.lpSum(objective)
-    status = _run(problem, solver, time_limit_s)
+    status = _run(problem, solver, time_limit_s, on_incumbent)
     choice = {n.name: _chosen(x[canonical[n.name]]) for n in space.nodes}
     elapsed = time.perf_counter() - started
     log.info("ILP: %d variables, %d constraints, %s in %.2fs", problem.numVariables(), problem.numConstraints(), status, elapsed)
@@ -244,16 +253,85 @@ def _memory_constraint(problem: pulp.LpProblem, space: StrategySpace, cost: Cost
     problem += pulp.lpSum(terms) <= budget, "memory_budget"
 
 
-def _run(problem: pulp.LpProblem, solver: str, time_limit_s: float) -> str:
-    if solver == "cbc":
-        with warnings.catch_warnings():  # PuLP 3.3 deprecates its bundled CBC; it still ships and works
-            warnings.simplefilter("ignore", DeprecationWarning)
-            warnings.simplefilter("ignore", FutureWarning)
-            backend = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, threads=1)
-    elif solver == "highs":
-        backend = pulp.HiGHS(msg=False, timeLimit=time_limit_s, threads=1)
-    else:
+def _run(problem: pulp.LpProblem, solver: str, time_limit_s: float, on_incumbent: Callable[[float, float | None], None] | None = None) -> str:
+    if solver not in ("cbc", "highs"):
         raise SolverError(f"unknown solver {solver!r}; use 'cbc' or 'highs'")
+    if solver == "cbc" and on_incumbent is not None:
+        with tempfile.TemporaryDirectory(prefix="autotp-cbc-") as tmp:
+            log_path = os.path.join(tmp, "cbc.log")
+            with _IncumbentTail(log_path, on_incumbent):
+                return _solve_with(problem, _cbc(time_limit_s, log_path), solver, time_limit_s)
+    backend = _cbc(time_limit_s, None) if solver == "cbc" else pulp.HiGHS(msg=False, timeLimit=time_limit_s, threads=1)
+    return _solve_with(problem, backend, solver, time_limit_s)
+
+
+def _cbc(time_limit_s: float, log_path: str | None) -> pulp.LpSolver:
+    with warnings.catch_warnings():  # PuLP 3.3 deprecates its bundled CBC; it still ships and works
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, threads=1, logPath=log_path)
+
+
+# CBC's log lines with a new incumbent's objective ("Cbc0012I Integer solution of 6.2021878 found by
+# feasibility pump ...", "Cbc0004I Integer solution of 6.2 found after 120 iterations ...") and with
+# the search's progress ("Cbc0010I After 0 nodes, 1 on tree, 6.2021878 best solution, best possible
+# 5.842724 (0.14 seconds)"); CBC writes 1e+50 as the best solution before it has one.
+_INCUMBENT = re.compile(r"^Cbc00(?:04|12)I Integer solution of (\S+) found")
+_SEARCH = re.compile(r"^Cbc0010I After \d+ nodes, \d+ on tree, (\S+) best solution, best possible (\S+)")
+_NO_SOLUTION = 1e49
+
+
+class _IncumbentTail:
+    """While CBC runs, a thread reads its log as it grows and reports each better incumbent and
+    lower bound, in seconds. CBC's output to a file is block-buffered, so news comes in bursts."""
+
+    def __init__(self, log_path: str, on_incumbent: Callable[[float, float | None], None], *, poll_seconds: float = 0.2) -> None:
+        self.log_path, self.on_incumbent, self.poll_seconds = log_path, on_incumbent, poll_seconds
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._follow, name="autotp-cbc-log", daemon=True)
+        self.best, self.bound = math.inf, -math.inf
+
+    def __enter__(self) -> _IncumbentTail:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def _follow(self) -> None:
+        offset, partial = 0, ""
+        while True:
+            stopping = self.stop.is_set()  # read once more after CBC ends: the log is complete then
+            try:
+                with open(self.log_path, encoding="utf-8", errors="replace") as f:
+                    f.seek(offset)
+                    chunk = f.read()
+                    offset = f.tell()
+            except FileNotFoundError:
+                chunk = ""
+            *lines, partial = (partial + chunk).split("\n")
+            for line in lines:
+                self._read(line.strip())
+            if stopping:
+                return
+            self.stop.wait(self.poll_seconds)
+
+    def _read(self, line: str) -> None:
+        best, bound = self.best, self.bound
+        if match := _INCUMBENT.match(line):
+            best = min(best, float(match.group(1)))
+        elif match := _SEARCH.match(line):
+            if float(match.group(1)) < _NO_SOLUTION:
+                best = min(best, float(match.group(1)))
+            bound = max(bound, float(match.group(2)))
+        news = best < self.best * (1 - 1e-9) or bound > self.bound
+        self.best, self.bound = best, bound
+        if news and best < math.inf:
+            self.on_incumbent(best / _MICRO, bound / _MICRO if bound > -math.inf else None)
+
+
+def _solve_with(problem: pulp.LpProblem, backend: pulp.LpSolver, solver: str, time_limit_s: float) -> str:
     try:
         problem.solve(backend)
     except pulp.PulpSolverError as exc:

@@ -201,8 +201,9 @@ def fit_work(
     base = spaces[grid[0]]  # (batch0, seq0): the planned size
     names = [(n.name, n.op) for n in base.nodes]
     for size, space in spaces.items():
-        if [(n.name, n.op) for n in space.nodes] != names:
-            raise ConfigError(f"the captured graph changes with the input size (at batch, seq = {size}): its costs are not one expression of B and T")
+        other = [(n.name, n.op) for n in space.nodes]
+        if other != names:
+            raise ConfigError(_graph_change(names, other, (batch0, seq0), size, seq_dim if has_seq else None))
     measured = {size: _measure(space) for size, space in spaces.items()}
     nodes: dict[str, NodeWork] = {}
     for name, _ in names:
@@ -221,6 +222,26 @@ def fit_work(
                 )
         nodes[name] = NodeWork(flops, nbytes, outputs, weight)
     return WorkModel(nodes=nodes, space=base, batch0=batch0, seq0=seq0 or 0, has_seq=has_seq)
+
+
+def _graph_change(base: list[tuple[str, str]], other: list[tuple[str, str]], planned: tuple[int, int | None], size: tuple[int, int], seq_dim: int | None) -> str:
+    """Why a fit is impossible: the first node that differs between the graphs at two sizes."""
+    k = next((i for i, (a, b) in enumerate(zip(base, other)) if a != b), min(len(base), len(other)))
+
+    def show(nodes: list[tuple[str, str]]) -> str:
+        return f"'{nodes[k][0]}' ({nodes[k][1]})" if k < len(nodes) else "nothing"
+
+    at = f"batch {size[0]}" + (f", sequence length {size[1]}" if seq_dim is not None else "")
+    planned_at = f"batch {planned[0]}" + (f", sequence length {planned[1]}" if seq_dim is not None else "")
+    hint = (
+        "; a slice that is a no-op at the example's sequence length (pos[:t] with t the position table's size) "
+        "is a common cause: use a shorter example sequence, or seq_dim=None to fit the batch size alone"
+        if seq_dim is not None else ""
+    )
+    return (
+        f"the captured graph changes with the input size, so its costs are not one expression of B and T: "
+        f"node {k} is {show(base)} at {planned_at} but {show(other)} at {at}{hint}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Hand a plan over to PyTorch: the ``parallelize_module`` plan that runs the same layout.
+"""Hand a plan over to PyTorch: the ``parallelize_module`` plan that runs the same layout, or a refusal.
 
 PyTorch's tensor-parallel API shards whole modules with three styles (``torch.distributed.tensor.parallel``):
 
@@ -7,34 +7,40 @@ PyTorch's tensor-parallel API shards whole modules with three styles (``torch.di
                       to R (all-reduce) or S(d) (reduce-scatter) as ``output_layouts`` says
     SequenceParallel  a norm or dropout run on a sequence-split (S(1)) activation
 
-Between styled modules the model's Python runs on plain local tensors. An autotp plan is
-expressible in these styles when every split parameter belongs to a styled ``nn.Linear`` /
-``nn.Embedding``, and every conversion happens at a styled module's input (``input_layouts``)
-or output (``output_layouts``). What is not expressible is listed with the reason; those ops run
-as the model's own code decides (replicated unless the plan's neighbours feed them shards).
+Between styled modules the model's Python runs on plain rank-local tensors, and every rank is
+called with the full inputs. An autotp plan is expressible in these styles when every split
+parameter belongs to a styled ``nn.Linear`` / ``nn.Embedding``, and every conversion happens at a
+styled module's input (``input_layouts``) or output (``output_layouts``).
 
-A note is added for each module that reshapes a split tensor: its Python computes the shape
-from its own attributes (``view(B, T, self.n_head, head_dim)``), which must then be the
-rank-local head count, as torchtitan sets ``n_heads // tp`` in its ``parallelize.py``.
+Expressible is not enough: the model's own code must also compute rank-local sizes.
+``view(B, T, self.n_head, head_dim)`` with the global head count fails on a column-split
+projection, and ``view(B, T, n_head, -1)`` runs but mixes heads. ``export_torch_tp`` therefore
+captures the model as one rank runs it under the styles (``autotp.torch_tp_check``: meta tensors,
+rank-local parameter shapes) and compares every op outside the styles with the plan's
+rank-local shapes. A plan that is not expressible, or a model whose code does not follow, is
+refused with a :class:`~autotp.errors.TorchTPExportError` naming the module and what to do;
+nothing is written that would run differently from the plan.
 """
 from __future__ import annotations
 
 import json
 import re
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from torch import nn
+
+from autotp.errors import TorchTPExportError
 from autotp.placement import Partial, Placement, R, Replicate, Shard, parse_placement
 from autotp.plan import NodePlan, Plan
 from autotp.strategies import NodeKind
 
 FORMAT = "autotp.torch_tp"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: a file is written only for a plan the styles run as planned (no not_expressible, no notes)
 
 _LINEAR = ("aten.linear",)
 _EMBEDDING = ("aten.embedding",)
-_VIEWS = ("aten.view", "aten.reshape", "aten._unsafe_view", "aten.expand", "aten.repeat", "aten.split", "aten.chunk")
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,12 +65,12 @@ class Style:
 
 @dataclass(frozen=True, slots=True)
 class TorchTPPlan:
-    """Module path (``fnmatch`` patterns allowed) -> style, and what could not be expressed."""
+    """Module path (``fnmatch`` patterns allowed) -> style, and what could not be expressed
+    (``{"module", "node", "why"}`` each; an exported plan has none)."""
 
     tp_size: int
     styles: dict[str, Style]
-    not_expressible: list[dict[str, str]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
+    not_expressible: tuple[dict[str, str], ...] = ()
 
     @property
     def complete(self) -> bool:
@@ -76,8 +82,6 @@ class TorchTPPlan:
             "version": SCHEMA_VERSION,
             "tp_size": self.tp_size,
             "plan": {path: style.to_dict() for path, style in self.styles.items()},
-            "not_expressible": self.not_expressible,
-            "notes": self.notes,
         }
 
 
@@ -87,7 +91,7 @@ def _ndim(value: str) -> int:
     return 0 if match is None or not match.group(1) else match.group(1).count(",") + 1
 
 
-def _split(ref: str) -> tuple[str, int | None]:
+def split_ref(ref: str) -> tuple[str, int | None]:
     match = re.fullmatch(r"(.*)\[(\d+)\]", ref)
     return (match.group(1), int(match.group(2))) if match else (ref, None)
 
@@ -104,7 +108,7 @@ class _Graph:
                 self.readers[ref].append((node, slot))
 
     def produced(self, ref: str) -> Placement:
-        name, index = _split(ref)
+        name, index = split_ref(ref)
         node = self.nodes[name]
         return node.strategy.outputs()[index] if index is not None else node.strategy.output  # type: ignore[return-value]
 
@@ -143,8 +147,7 @@ def torch_tp_plan(plan: Plan) -> TorchTPPlan:
     _fill_inputs(styles, styled_nodes, graph, effective)
     problems += _check_unstyled(plan, graph, styled_nodes, effective)
     problems += _check_state(plan, graph, styled_nodes)
-    notes = _reshape_notes(plan, graph, styled_nodes)
-    return TorchTPPlan(plan.tp_size, _collapse(styles, plan), problems, notes)
+    return TorchTPPlan(plan.tp_size, _collapse(styles, plan), tuple(problems))
 
 
 def _linear_style(node: NodePlan, graph: _Graph) -> tuple[Style | None, str]:
@@ -186,7 +189,7 @@ def _sequence_parallel(ops: list[NodePlan], graph: _Graph) -> bool:
         return False
     for node in ops:
         for slot, ref in enumerate(node.inputs):
-            producer = graph.nodes[_split(ref)[0]]
+            producer = graph.nodes[split_ref(ref)[0]]
             want = R if producer.kind is NodeKind.STATE else Shard(1)
             if node.strategy.inputs[slot] != want:
                 return False
@@ -217,7 +220,7 @@ def _check_unstyled(plan: Plan, graph: _Graph, styled_nodes: dict[str, str], eff
         if node.name in styled_nodes and node.op.startswith(_LINEAR + _EMBEDDING):
             continue  # the style converts its input (input_layouts -> what it computes on)
         for slot, ref in enumerate(node.inputs):
-            producer_name = _split(ref)[0]
+            producer_name = split_ref(ref)[0]
             if styled_nodes.get(producer_name) is not None and graph.nodes[producer_name].op.startswith(_LINEAR + _EMBEDDING):
                 arriving = effective[producer_name]
             else:
@@ -242,25 +245,15 @@ def _check_state(plan: Plan, graph: _Graph, styled_nodes: dict[str, str]) -> lis
             continue
         owners = {styled_nodes.get(c.name) for c, _ in graph.readers[node.name]}
         if None in owners:
-            problems.append({"module": node.module_path, "node": node.name, "why": f"parameter {node.name} is split {node.strategy.output} but read by ops outside a styled linear/embedding"})
+            ops = ", ".join(sorted({c.op for c, _ in graph.readers[node.name] if c.name not in styled_nodes}))
+            problems.append({
+                "module": node.module_path, "node": node.name,
+                "why": f"parameter {node.name} is split {node.strategy.output} but read by {ops} outside a styled module "
+                "(styles shard nn.Linear (aten.linear) and nn.Embedding (aten.embedding) modules only)",
+            })
         elif len(owners) > 1:
             problems.append({"module": node.module_path, "node": node.name, "why": f"parameter {node.name} is shared by modules {', '.join(sorted(owners))} (tied weights); each style would shard it again"})
     return problems
-
-
-def _reshape_notes(plan: Plan, graph: _Graph, styled_nodes: dict[str, str]) -> list[str]:
-    modules: dict[str, str] = {}
-    for node in plan.nodes:
-        if node.kind is not NodeKind.OP or node.name in styled_nodes or not node.op.startswith(_VIEWS):
-            continue
-        if any(isinstance(p, Shard) for p in (*node.strategy.inputs, *node.strategy.outputs())):
-            pattern = re.sub(r"\.\d+(\.|$)", r".*\1", node.module_path) or "(model)"
-            modules.setdefault(pattern, f"{node.name}: {node.op} -> {node.value}")
-    return [
-        f"'{module}' reshapes a split tensor ({example}); its forward() must compute rank-local sizes "
-        f"(e.g. head counts divided by {plan.tp_size}, or -1 in view) when run under these styles"
-        for module, example in modules.items()
-    ]
 
 
 def _collapse(styles: dict[str, Style], plan: Plan) -> dict[str, Style]:
@@ -289,12 +282,57 @@ def _collapse(styles: dict[str, Style], plan: Plan) -> dict[str, Style]:
 
 
 # ----------------------------------------------------------------------------------------------
+# refusing what the styles cannot run
+
+
+WHAT_TO_DO = (
+    "run this plan with autotp.parallelize (or save it with --format json and load it with "
+    "autotp.Plan.load), which inserts every conversion itself; or make a plan whose splits sit "
+    "on linears in column/row pairs (autotp.solve.solve(space, cost, pinned=autotp.layouts.megatron_pins(space)))"
+)
+_SHOWN = 6  # problems listed in a refusal; the rest are counted
+
+
+def export_torch_tp(plan: Plan, *, model: nn.Module, example_inputs: tuple[Any, ...]) -> TorchTPPlan:
+    """The ``parallelize_module`` plan that runs ``model`` as ``plan`` does, checked against the
+    model's own code; :class:`TorchTPExportError` when the styles cannot express the plan or
+    the model's code does not run on rank-local tensors."""
+    tp = torch_tp_plan(plan)
+    if tp.not_expressible:
+        raise TorchTPExportError(_inexpressible_message(tp))
+    if tp.styles:
+        from autotp.torch_tp_check import check_torch_tp  # torch.export and the capture stage: only when exporting
+
+        check_torch_tp(tp, plan=plan, model=model, example_inputs=example_inputs)
+    return tp
+
+
+def _inexpressible_message(tp: TorchTPPlan) -> str:
+    lines = [
+        f"cannot export this plan for parallelize_module: {len(tp.not_expressible)} part(s) of it are beyond "
+        "ColwiseParallel/RowwiseParallel/SequenceParallel, which convert layouts only at a styled "
+        "linear's or embedding's input and output, and would run differently from the plan:"
+    ]
+    by_pattern: dict[str, list[dict[str, str]]] = defaultdict(list)  # blocks.0.ln_1, blocks.1.ln_1 -> blocks.*.ln_1
+    for problem in tp.not_expressible:
+        by_pattern[re.sub(r"\.\d+(\.|$)", r".*\1", problem["module"])].append(problem)
+    for pattern, problems in list(by_pattern.items())[:_SHOWN]:
+        first, more = problems[0], f" (and {len(problems) - 1} more in '{pattern}')" if len(problems) > 1 else ""
+        lines.append(f"  module '{first['module'] or '(model)'}'{more}, node {first['node']}: {first['why']}")
+    if len(by_pattern) > _SHOWN:
+        lines.append(f"  ... and {sum(len(p) for p in list(by_pattern.values())[_SHOWN:])} more in {len(by_pattern) - _SHOWN} other modules")
+    lines.append(f"What to do: {WHAT_TO_DO}.")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
 # emitting and applying
 
 
-def dumps_torch_tp(plan: Plan, *, python: bool = False, title: str = "") -> str:
-    """JSON (``python=False``) or a Python module defining ``PLAN`` for ``parallelize_module``."""
-    tp = torch_tp_plan(plan)
+def dumps_torch_tp(plan: Plan, *, model: nn.Module, example_inputs: tuple[Any, ...], python: bool = False, title: str = "") -> str:
+    """JSON (``python=False``) or a Python module defining ``PLAN`` for ``parallelize_module``;
+    :class:`TorchTPExportError` where that would not run as ``plan`` does (see ``export_torch_tp``)."""
+    tp = export_torch_tp(plan, model=model, example_inputs=example_inputs)
     if not python:
         return json.dumps(tp.to_dict(), indent=1) + "\n"
     lines = [
@@ -302,6 +340,8 @@ def dumps_torch_tp(plan: Plan, *, python: bool = False, title: str = "") -> str:
         "",
         "    from torch.distributed.tensor.parallel import parallelize_module",
         "    parallelize_module(model, mesh, PLAN)",
+        "",
+        "autotp checked the model's code against the plan on rank-local shapes: it runs as planned.",
         '"""',
         "from torch.distributed.tensor import Partial, Replicate, Shard",
         "from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel",
@@ -310,12 +350,6 @@ def dumps_torch_tp(plan: Plan, *, python: bool = False, title: str = "") -> str:
     ]
     lines += [f"    {path!r}: {_style_source(style)}," for path, style in tp.styles.items()]
     lines.append("}")
-    lines.append("")
-    lines.append("# Not expressible in these styles (the plan's layout there is not reproduced):")
-    lines += [f"#   {p['node']} ({p['module'] or '(model)'}): {p['why']}" for p in tp.not_expressible] or ["#   (nothing: the whole plan is expressed)"]
-    if tp.notes:
-        lines.append("# Notes:")
-        lines += [f"#   {note}" for note in tp.notes]
     return "\n".join(lines) + "\n"
 
 
@@ -351,7 +385,11 @@ def to_parallelize_plan(data: dict[str, Any]) -> dict[str, Any]:
     from autotp.errors import PlanFormatError
 
     if data.get("format") != FORMAT or data.get("version") != SCHEMA_VERSION:
-        raise PlanFormatError(f"not a version-{SCHEMA_VERSION} {FORMAT} file (format {data.get('format')!r}, version {data.get('version')!r})")
+        raise PlanFormatError(
+            f"not a version-{SCHEMA_VERSION} {FORMAT} file (format {data.get('format')!r}, version {data.get('version')!r}); "
+            "a version-1 file may hold a partial plan that runs differently from the autotp plan: "
+            "export it again with autotp plan --format torch-tp"
+        )
 
     def layout(text: str | None) -> Any:
         if text is None:

@@ -60,7 +60,7 @@ from autotp.calibrate import MIB, STATISTICS, CalibrationConfig, RankMeasurement
 from autotp.capture import capture
 from autotp.cost import CostModel
 from autotp.examples import build_example
-from autotp.layouts import GPT_COLUMN, GPT_ROW, LLAMA_COLUMN, LLAMA_ROW, megatron_pins
+from autotp.layouts import megatron_pins
 from autotp.plan import Plan, build_plan
 from autotp.solve import Solution, solve
 from autotp.strategies import NodeKind, build_strategy_space
@@ -83,7 +83,6 @@ MODELS: tuple[tuple[str, str, dict, int, int], ...] = (
     ("llama", "M", dict(dim=256, n_heads=8, n_kv_heads=4, n_layers=2, ffn_hidden=704, vocab_size=1024, max_seq_len=128), 4, 64),
     ("llama", "L", dict(dim=512, n_heads=8, n_kv_heads=4, n_layers=2, ffn_hidden=1408, vocab_size=2048, max_seq_len=128), 4, 128),
 )
-PINS = {"gpt": (GPT_COLUMN, GPT_ROW), "llama": (LLAMA_COLUMN, LLAMA_ROW)}
 HELD_OUT_NBYTES = tuple(3 * MIB // 2 * 2**k for k in range(6))  # 1.5 .. 48 MiB, between calibration's sizes; timed with them, never fitted
 
 
@@ -114,8 +113,7 @@ def layout_plans(example: str, config: dict, batch: int, seq: int, *, tp: int, p
     result = plan_model(model, inputs, mesh_shape=(tp,), hardware=profile, memory_budget=None, training=False)
     cost = CostModel(profile, tp, training=False)
     replicate = {n.name: n.strategies[0] for n in result.space.nodes if n.kind in (NodeKind.OP, NodeKind.STATE)}
-    column, row = PINS[example]
-    megatron = megatron_pins(result.space, column=column, row=row)
+    megatron = megatron_pins(result.space)
     plans = {"autotp": result.plan}
     for name, pins in (("replicate", replicate), ("megatron", megatron)):
         plans[name] = build_plan(result.space, solve(result.space, cost, pinned=pins), cost, hardware=profile.name, memory_budget=None)

@@ -61,7 +61,7 @@ from autotp.capture import capture
 from autotp.cost import CostModel
 from autotp.examples import build_example
 from autotp.examples.gpt import CausalSelfAttention
-from autotp.layouts import GPT_COLUMN, GPT_ROW, megatron_pins
+from autotp.layouts import megatron_pins
 from autotp.placement import Replicate
 from autotp.plan import Plan, build_plan
 from autotp.rules import OpStrategy
@@ -187,7 +187,7 @@ def megatron_plan(space: StrategySpace, cost: CostModel) -> Plan:
     pinned to all-replicate, as the DTensor plan leaves them. The solver only fills in what
     follows: the ops between a column and a row linear, and the parameters' placements.
     """
-    pins = megatron_pins(space, column=GPT_COLUMN, row=GPT_ROW)
+    pins = megatron_pins(space)
     for node in space.nodes:
         if node.kind is NodeKind.OP and node.name not in pins and not _TP_MODULE.match(node.module_path):
             pins[node.name] = next(s for s in node.strategies if not _splits(s))

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import types
 from typing import Any
 
 import torch
@@ -15,6 +14,7 @@ from autotp.examples import build_example
 from autotp.examples.gpt import CausalSelfAttention
 from autotp.fingerprint import LAYOUT_ONLY_OPS
 from autotp.rewrite import collective_nodes
+from tests._hf_fns import _logits, build_hf_model
 
 ATOL, RTOL = 1e-5, 1e-4
 
@@ -42,16 +42,48 @@ def apply_saved_plan(rank: int, world_size: int, plan_path: str, example: str, c
     }
 
 
-def _local_attention(self: CausalSelfAttention, x: torch.Tensor) -> torch.Tensor:
-    """The GPT example's attention on rank-local heads: ``self.n_head`` is the local count and the
-    output view takes its width from the data (``-1``), as torchtitan's models do under TP."""
-    B, T, _ = x.size()  # (B, T, n_embd)
-    q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head/tp, T, head_dim)
-    k = self.k_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-    v = self.v_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-    y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    y = y.transpose(1, 2).contiguous().view(B, T, -1)  # (B, T, n_embd/tp)
-    return self.resid_drop(self.c_proj(y))
+class HeadsFromDataAttention(CausalSelfAttention):
+    """The GPT example's attention with torchtitan's reshapes: the head count comes from the data
+    (``-1``), so the same code runs on all heads or on a rank's column-split share of them."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.size()  # (B, T, n_embd)
+        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, n_head/tp, T, head_dim)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)  # (B, T, n_embd/tp)
+        return self.resid_drop(self.c_proj(y))
+
+
+class HeadDimFromDataAttention(CausalSelfAttention):
+    """A plausible wrong port: ``view(B, T, self.n_head, -1)`` runs on a column-split projection,
+    but with the global head count it halves head_dim and mixes heads instead of taking half of them."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.size()
+        q = self.q_proj(x).view(B, T, self.n_head, -1).transpose(1, 2)  # (B, n_head, T, head_dim/tp): wrong
+        k = self.k_proj(x).view(B, T, self.n_head, -1).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_head, -1).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)
+        return self.resid_drop(self.c_proj(y))
+
+
+ATTENTION_VARIANTS = {"heads_from_data": HeadsFromDataAttention, "head_dim_from_data": HeadDimFromDataAttention}
+
+
+def build_case(case: dict[str, Any], *, device: str = "cpu") -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
+    """A case's model and inputs: a built-in example (its attention optionally swapped for one of
+    ``ATTENTION_VARIANTS``, weights unchanged) or a tiny Hugging Face model (``hf_model``; real weights)."""
+    if "hf_model" in case:
+        return build_hf_model(case["hf_model"])
+    model, inputs = build_example(case["example"], device=device, batch=case["batch"], seq=case["seq"], **case["config"])
+    if "attention" in case:
+        for module in model.modules():
+            if isinstance(module, CausalSelfAttention):
+                module.__class__ = ATTENTION_VARIANTS[case["attention"]]
+    return model, inputs
 
 
 def apply_torch_tp(rank: int, world_size: int, cases: list[dict[str, Any]]) -> dict[str, Any]:
@@ -63,20 +95,15 @@ def apply_torch_tp(rank: int, world_size: int, cases: list[dict[str, Any]]) -> d
     mesh = init_device_mesh("cpu", (world_size,))
     report = {}
     for case in cases:
-        model, inputs = build_example(case["example"], batch=case["batch"], seq=case["seq"], **case["config"])
+        model, inputs = build_case(case)
         with torch.no_grad():
-            expected = model(*inputs)
+            expected = _logits(model(*inputs))
         with open(case["plan_path"], encoding="utf-8") as f:
             data = json.load(f)
         parallelize_module(model, mesh, to_parallelize_plan(data))
-        if case["example"] == "gpt":  # the plan's note: attention must use rank-local head counts
-            for module in model.modules():
-                if isinstance(module, CausalSelfAttention):
-                    module.n_head //= world_size
-                    module.forward = types.MethodType(_local_attention, module)
         with torch.no_grad():
-            actual = model(*inputs)
-        actual = actual.full_tensor() if hasattr(actual, "full_tensor") else actual
+            actual = _logits(model(*inputs))
+        actual = actual.full_tensor() if isinstance(actual, DTensor) else actual
         torch.testing.assert_close(actual, expected, atol=ATOL, rtol=RTOL)
         report[case["name"]] = {
             "max_abs_diff": (actual - expected).abs().max().item(),

@@ -13,7 +13,7 @@ from autotp.commands.plan import parse_mesh
 from autotp.cost import CostModel
 from autotp.examples import build_example
 from autotp.explain import explain_node, find_nodes, format_explanation
-from autotp.layouts import GPT_COLUMN, GPT_ROW, megatron_pins
+from autotp.layouts import megatron_pins
 from autotp.placement import R, Shard
 from autotp.plan import build_plan
 from autotp.render import to_dot, to_html
@@ -56,7 +56,7 @@ def test_table_has_rows_and_totals_against_baselines(gpt4) -> None:
     replicated, megatron = baselines[0].plan, baselines[1].plan
     assert replicated.comm_seconds == 0 and replicated.memory_nbytes_per_device > budget
     assert "over the" in baselines[0].note and "priced without it" in baselines[0].note
-    assert "24 linears pinned by GPT module names" in baselines[1].note
+    assert "24 linears pinned by graph structure (4 attentions, 4 MLPs)" in baselines[1].note
     if megatron.memory_nbytes_per_device <= budget:  # within budget the ILP never loses to the hand layout
         assert result.plan.total_seconds <= megatron.total_seconds * (1 + 1e-9)
     text = format_table(result.plan, baselines, title="t")
@@ -115,7 +115,7 @@ def test_torch_tp_megatron_layout_is_fully_expressible() -> None:
     model, inputs = build_example("gpt", device="meta")
     result = plan_model(model, inputs, mesh_shape=(2,), hardware="cpu-gloo", memory_budget=None, training=False)
     cost = CostModel(resolve_hardware("cpu-gloo"), 2)
-    pins = megatron_pins(result.space, column=GPT_COLUMN, row=GPT_ROW)
+    pins = megatron_pins(result.space)
     plan = build_plan(result.space, solve(result.space, cost, pinned=pins), cost, hardware="cpu-gloo", memory_budget=None)
     tp = torch_tp_plan(plan)
     assert tp.complete
@@ -124,11 +124,9 @@ def test_torch_tp_megatron_layout_is_fully_expressible() -> None:
         "blocks.*.attn.c_proj": "RowwiseParallel", "blocks.*.mlp.c_fc": "ColwiseParallel", "blocks.*.mlp.c_proj": "RowwiseParallel",
     }
     assert tp.styles["blocks.*.attn.c_proj"].output_layouts == R and tp.styles["blocks.*.mlp.c_fc"].output_layouts == Shard(2)
-    source = dumps_torch_tp(plan, python=True)
-    namespace: dict = {}
-    exec(compile(source, "tp_plan.py", "exec"), namespace)  # noqa: S102 - the emitted plan must be valid Python
-    assert set(namespace["PLAN"]) == set(tp.styles)
-    assert "(nothing: the whole plan is expressed)" in source and "rank-local sizes" in source
+    # expressible, but the example reshapes with its global head count: the export refuses (tests/test_plan_handover.py)
+    with pytest.raises(autotp.errors.TorchTPExportError, match=r"module 'blocks\.0\.attn'"):
+        dumps_torch_tp(plan, model=model, example_inputs=inputs, python=True)
 
 
 def test_torch_tp_lists_what_it_cannot_express() -> None:
@@ -194,7 +192,7 @@ def test_torch_tp_sequence_parallel_norms() -> None:
     the linears around them take and give S(1)."""
     model, inputs = build_example("gpt", device="meta", batch=2, seq=16)
     result = plan_model(model, inputs, mesh_shape=(2,), hardware="h100-sxm", memory_budget=None, training=False)
-    pins = megatron_pins(result.space, column=GPT_COLUMN, row=GPT_ROW)
+    pins = megatron_pins(result.space)
     for node in result.space.nodes:
         if node.op.startswith("aten.layer_norm") and node.module_path.startswith("blocks"):
             pins[node.name] = next(s for s in node.strategies if s.inputs[0] == Shard(1) and s.output == Shard(1))

@@ -11,7 +11,7 @@ import autotp
 from autotp.api import plan_model, resolve_hardware
 from autotp.cost import CostModel
 from autotp.examples import build_example
-from autotp.layouts import GPT_COLUMN, GPT_ROW, megatron_pins
+from autotp.layouts import megatron_pins
 from autotp.placement import P, R, Shard
 from autotp.plan import Plan, build_plan
 from autotp.rewrite import collective_nodes, rewrite
@@ -95,7 +95,7 @@ def test_megatron_is_the_ilp_optimum_here(megatron_case) -> None:
     """Pinning Megatron's layout costs the same as the free optimum: it is the optimum."""
     result, budget = megatron_case
     cost = CostModel(resolve_hardware("h100-sxm"), 4, training=result.plan.training, optimizer=result.plan.optimizer)
-    pins = megatron_pins(result.space, column=GPT_COLUMN, row=GPT_ROW)
+    pins = megatron_pins(result.space)
     assert len(pins) == 6 * N_LAYER
     pinned = build_plan(result.space, solve(result.space, cost, memory_budget=budget, pinned=pins), cost, hardware="h100-sxm", memory_budget=budget)
     assert pinned.total_seconds == pytest.approx(result.plan.total_seconds, rel=1e-6)
@@ -107,7 +107,7 @@ def test_megatron_pins_cost_at_least_the_optimum_at_large_batch() -> None:
     budget = int(_param_nbytes(model) / 4 * 1.15)
     result = plan_model(model, inputs, mesh_shape=(4,), hardware="h100-sxm", memory_budget=budget, training=False)
     cost = CostModel(resolve_hardware("h100-sxm"), 4)
-    pins = megatron_pins(result.space, column=GPT_COLUMN, row=GPT_ROW)
+    pins = megatron_pins(result.space)
     pinned = build_plan(result.space, solve(result.space, cost, memory_budget=budget, pinned=pins), cost, hardware="h100-sxm", memory_budget=budget)
     assert result.plan.total_seconds <= pinned.total_seconds * (1 + 1e-9)
     # and every linear of every block is split one way or another: nothing runs replicated

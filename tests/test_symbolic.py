@@ -17,7 +17,7 @@ from autotp.cost import CostModel
 from autotp.crossover import crossovers
 from autotp.errors import ConfigError
 from autotp.examples import build_example
-from autotp.layouts import GPT_COLUMN, GPT_ROW, megatron_pins
+from autotp.layouts import megatron_pins
 from autotp.plan import Plan, build_plan
 from autotp.solve import solve
 from autotp.strategies import NodeKind, StrategySpace, build_strategy_space
@@ -147,10 +147,10 @@ def _pinned_total(batch: int, layout: str) -> float:
     if layout == "replicate":
         pins = {n.name: n.strategies[0] for n in space.nodes if n.kind in (NodeKind.OP, NodeKind.STATE)}
     elif layout == "megatron-mlp":  # attention's linears stay whole
-        pins = megatron_pins(space, column=("mlp.c_fc",), row=("mlp.c_proj",))
+        pins = {name: s for name, s in megatron_pins(space).items() if ".mlp." in space.by_name()[name].module_path}
         pins |= {n.name: n.strategies[0] for n in space.nodes if n.op.startswith("aten.linear") and ".attn." in n.module_path + "."}
     else:
-        pins = megatron_pins(space, column=GPT_COLUMN, row=GPT_ROW)
+        pins = megatron_pins(space)
     return build_plan(space, solve(space, cost, pinned=pins), cost, hardware=HARDWARE, memory_budget=None).total_seconds
 
 
@@ -216,7 +216,7 @@ def test_activation_memory_by_hand() -> None:
     # Megatron on 2 ranks: fc1 and gelu are split on features (8 KiB each), so 4 + 8 + 8 KiB.
     result = plan_model(model, inputs, mesh_shape=(2,), hardware="cpu-gloo", memory_budget=None, training=False)
     cost = CostModel(resolve_hardware("cpu-gloo"), 2)
-    pins = megatron_pins(result.space, column=("fc1",), row=("fc2",))
+    pins = megatron_pins(result.space)
     megatron = build_plan(result.space, solve(result.space, cost, pinned=pins), cost, hardware="cpu-gloo", memory_budget=None)
     assert megatron.activation_nbytes_per_device == 4096 + 8192 + 8192
     # Training keeps every op output for the backward: 2 blocks x (16 + 16 + 4 + 4) KiB.

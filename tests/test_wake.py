@@ -14,7 +14,7 @@ import pytest
 from autotp.api import plan_model, resolve_hardware
 from autotp.cost import BACKWARD_COMPUTE_FACTOR, CostModel
 from autotp.examples import build_example
-from autotp.layouts import GPT_COLUMN, GPT_ROW, megatron_pins
+from autotp.layouts import megatron_pins
 from autotp.plan import Plan, build_plan
 from autotp.redistribute import StepKind
 from autotp.solve import solve
@@ -192,7 +192,7 @@ def _megatron(profile: HardwareProfile, *, training: bool, batch: int = 4, seq: 
     model, inputs = build_example("gpt", device="meta", batch=batch, seq=seq)
     result = plan_model(model, inputs, mesh_shape=(2,), hardware=profile, memory_budget=None, training=training)
     cost = CostModel(profile, 2, training=training, optimizer=result.plan.optimizer)
-    pins = megatron_pins(result.space, column=GPT_COLUMN, row=GPT_ROW)
+    pins = megatron_pins(result.space)
     return build_plan(result.space, solve(result.space, cost, pinned=pins), cost, hardware=profile.name, memory_budget=None)
 
 

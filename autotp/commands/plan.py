@@ -9,14 +9,16 @@ import argparse
 import logging
 import re
 import sys
+import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
     from autotp.api import PlanningResult
     from autotp.cost import CostModel
     from autotp.plan import Plan
+    from autotp.progress import ProgressEvent
     from autotp.target import Target
     from cost_models import HardwareProfile
 
@@ -82,6 +84,13 @@ def add_planning_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--time-limit", type=float, default=60.0, metavar="SECONDS", help="solver time limit (default: 60)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the planner does")
+    shown = parser.add_mutually_exclusive_group()
+    shown.add_argument(
+        "--progress", dest="progress", action="store_true", default=None,
+        help="show each stage (capture, strategies, solve with its incumbents, build, baselines) and its time on stderr "
+        "(default: only when stderr is a terminal)",
+    )
+    shown.add_argument("-q", "--quiet", dest="progress", action="store_false", help="show no progress, even on a terminal")
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,10 +144,63 @@ def plan_target(args: argparse.Namespace) -> Planned:
         budget = builtin_memory_budget(target.model, mesh[0], training=args.training, optimizer=optimizer)
     result = plan_model(
         target.model, target.example_inputs, mesh_shape=mesh, hardware=profile, memory_budget=budget,
-        training=args.training, optimizer=optimizer, time_limit_s=args.time_limit,
+        training=args.training, optimizer=optimizer, time_limit_s=args.time_limit, progress=progress_printer(args),
     )
     cost = CostModel(profile, mesh[0], training=args.training, optimizer=optimizer if args.training else None)
     return Planned(target, result, cost, budget, time.perf_counter() - started)
+
+
+class StageLines:
+    """Prints planning progress on ``stream``: one line per stage with its time when it ends.
+
+    On a terminal the running stage's line is redrawn in place every ``tick_seconds`` with its
+    elapsed time and latest news (the solver's incumbent and bound). Elsewhere (``--progress``
+    into a log) every start, update and end is its own line, and nothing ticks.
+    """
+
+    def __init__(self, stream: TextIO, *, tick_seconds: float = 1.0) -> None:
+        self.stream, self.tick_seconds = stream, tick_seconds
+        self.live = stream.isatty()
+        self.lock = threading.Lock()  # news comes from the solver's log-reading thread and the ticker
+        self.running: ProgressEvent | None = None  # the stage now running, with its latest news
+        self.started = 0.0
+        self.stage_ended = threading.Event()  # stops the ticker
+
+    def __call__(self, event: ProgressEvent) -> None:
+        with self.lock:
+            if event.state == "end":
+                self.running = None
+                self.stage_ended.set()
+                self._write(f"autotp: {event.stage} {event.seconds:.2f}s" + (f" ({event.detail})" if event.detail else ""), end=True)
+                return
+            self.running, self.started = event, time.perf_counter() - event.seconds
+            self._write(self._running_text(event.seconds), end=not self.live)
+            if event.state == "start" and self.live:
+                self.stage_ended.clear()
+                threading.Thread(target=self._tick, args=(event.stage,), daemon=True).start()
+
+    def _running_text(self, seconds: float) -> str:
+        event = self.running
+        assert event is not None
+        news = f" {event.detail}" if event.detail else ""
+        return f"autotp: {event.stage} ...{news} ({seconds:.1f}s)" if event.state == "update" or self.live else f"autotp: {event.stage} ..."
+
+    def _tick(self, stage_name: str) -> None:
+        while not self.stage_ended.wait(self.tick_seconds):
+            with self.lock:
+                if self.running is None or self.running.stage != stage_name:
+                    return
+                self._write(self._running_text(time.perf_counter() - self.started), end=False)
+
+    def _write(self, text: str, *, end: bool) -> None:
+        self.stream.write(("\r\033[K" if self.live else "") + text + ("\n" if end else ""))
+        self.stream.flush()
+
+
+def progress_printer(args: argparse.Namespace) -> StageLines | None:
+    """Stage lines on stderr with ``--progress``, or by default when stderr is a terminal; none with ``--quiet``."""
+    wanted = args.progress if args.progress is not None else sys.stderr.isatty()
+    return StageLines(sys.stderr) if wanted else None
 
 
 def _saved(plan: Plan, target: Target, mesh: tuple[int, ...], profile: HardwareProfile, started: float) -> Planned:
@@ -159,6 +221,7 @@ def _saved(plan: Plan, target: Target, mesh: tuple[int, ...], profile: HardwareP
 def run(args: argparse.Namespace) -> int:
     from autotp import render
     from autotp.plan_io import dumps_plan
+    from autotp.progress import stage
     from autotp.report import format_table, price_baselines
     from autotp.torch_tp import dumps_torch_tp
 
@@ -166,7 +229,8 @@ def run(args: argparse.Namespace) -> int:
     plan = planned.result.plan
     baselines = []
     if not args.no_baselines and args.format in ("table", "html"):
-        baselines = price_baselines(planned.result.space, planned.cost, hardware=plan.hardware, memory_budget=planned.memory_budget)
+        with stage(progress_printer(args), "baselines"):
+            baselines = price_baselines(planned.result.space, planned.cost, hardware=plan.hardware, memory_budget=planned.memory_budget)
     title = f"autotp plan: {planned.target.model_name} ({planned.target.about})"
     source = {"target": planned.target.spec, "model": planned.target.model_name}
     if args.format == "table":
@@ -178,7 +242,10 @@ def run(args: argparse.Namespace) -> int:
     elif args.format == "html":
         text = render.to_html(plan, baselines, title=title)
     else:
-        text = dumps_torch_tp(plan, python=bool(args.out and args.out.endswith(".py")), title=title)
+        text = dumps_torch_tp(
+            plan, model=planned.target.model, example_inputs=planned.target.example_inputs,
+            python=bool(args.out and args.out.endswith(".py")), title=title,
+        )
     if args.out:
         try:
             with open(args.out, "w", encoding="utf-8") as f:
