@@ -32,9 +32,12 @@ def _assert_really_sharded(report: VerifyReport) -> None:
 
 
 @pytest.mark.timeout(2 * TIMEOUT_S)
-@pytest.mark.parametrize("name", ["mlp", "llama"])
+@pytest.mark.parametrize("name", ["mlp", "llama", "mlp-bf16"])
 def test_verify_passes_on_builtin_examples(name: str) -> None:
-    model, inputs = build_example(name)
+    model, inputs = build_example(name.removesuffix("-bf16"))
+    if name.endswith("-bf16"):
+        model = model.to(torch.bfloat16)
+        inputs = tuple(t.to(torch.bfloat16) if t.is_floating_point() else t for t in inputs)
     report = verify(model, inputs, mesh_shape=(2,), timeout_seconds=TIMEOUT_S)
     _assert_really_sharded(report)
     assert report.passed, str(report)
@@ -42,6 +45,9 @@ def test_verify_passes_on_builtin_examples(name: str) -> None:
     assert {"output", "gradient", "parameter"} <= kinds
     assert sum(c.kind == "gradient" for c in report.comparisons) == len(list(model.parameters()))
     assert "PASS: the sharded model matches the original" in str(report)
+    if name.endswith("-bf16"):  # bf16 rounding is above fp32's tolerance: the tolerance follows the dtype
+        assert {c.dtype for c in report.comparisons} == {"bfloat16"}
+        assert max(c.max_rel for c in report.comparisons) > TOLERANCES[torch.float32]
 
 
 @pytest.mark.timeout(2 * TIMEOUT_S)
