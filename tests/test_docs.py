@@ -26,7 +26,7 @@ import sys
 import textwrap
 import tomllib
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -126,41 +126,38 @@ def parse_blocks(path: Path) -> tuple[list[Block], list[str]]:
 
 
 def _parse_markers(pending: list[tuple[int, str]], body: str) -> Markers:
-    values: dict[str, object] = {"replaces": [], "needs": []}
+    markers = Markers()
     problems: list[str] = []
     for _, text in pending:
         head, _, rest = text.partition("\n")
-        word = head.split(maxsplit=1)[0] if head.strip() else ""
+        words = head.split()
         skip = _SKIP.match(head)
-        if word == "skip":
+        if words[:1] == ["skip"]:
             if skip is None:
                 problems.append("`skip` needs a reason: <!-- doc-test: skip — why this block cannot run here -->")
             else:
-                values["skip"] = skip.group("reason")
-        elif word == "replace":
+                markers = replace(markers, skip=skip.group("reason"))
+        elif words[:1] == ["replace"]:
             args = shlex.split(head)[1:]
             if len(args) != 2:
                 problems.append(f'`{head}`: write replace "OLD" "NEW"')
             elif args[0] not in body:
                 problems.append(f"`{head}`: {args[0]!r} is not in the block any more")
             else:
-                values["replaces"].append((args[0], args[1]))  # type: ignore[union-attr]
-        elif word == "file" and len(head.split()) == 2:
-            values["file"] = head.split()[1]
-        elif word == "needs" and re.fullmatch(r"needs \S+ from \S+\.md", head.strip()):
-            name, _, source = head.split()[1:]
-            values["needs"].append((name, source))  # type: ignore[union-attr]
-        elif word == "ranks" and re.fullmatch(r"ranks [1-9]\d*", head.strip()):
-            values["ranks"] = int(head.split()[1])
-        elif word in ("setup", "check") and head.strip() == word:
-            values[word] = textwrap.dedent(rest)
-        elif word == "fails" and head.strip() == "fails":
-            values["fails"] = True
+                markers = replace(markers, replaces=(*markers.replaces, (args[0], args[1])))
+        elif len(words) == 2 and words[0] == "file":
+            markers = replace(markers, file=words[1])
+        elif len(words) == 4 and words[0] == "needs" and words[2] == "from":
+            markers = replace(markers, needs=(*markers.needs, (words[1], words[3])))
+        elif len(words) == 2 and words[0] == "ranks" and words[1].isdigit():
+            markers = replace(markers, ranks=int(words[1]))
+        elif words in (["setup"], ["check"]):
+            markers = replace(markers, **{words[0]: textwrap.dedent(rest)})
+        elif words == ["fails"]:
+            markers = replace(markers, fails=True)
         else:
             problems.append(f"unknown doc-test marker `{head}` (see docs/writing-docs.md)")
-    values["replaces"] = tuple(values["replaces"])  # type: ignore[arg-type]
-    values["needs"] = tuple(values["needs"])  # type: ignore[arg-type]
-    return Markers(**values, problems=tuple(problems))  # type: ignore[arg-type]
+    return replace(markers, problems=tuple(problems))
 
 
 def shell_commands(block: Block) -> list[list[str]]:
@@ -198,7 +195,7 @@ def block_problems(block: Block) -> list[str]:
     if markers.fails and block.lang not in SHELL:
         problems.append(f"{block.where}: `fails` applies to shell blocks only")
     for name, source in markers.needs:
-        if not any(b.markers.file == name for b in parse_blocks(ROOT / source)[0]):
+        if not (ROOT / source).is_file() or not any(b.markers.file == name for b in parse_blocks(ROOT / source)[0]):
             problems.append(f"{block.where}: `needs {name} from {source}`: {source} has no block marked `file {name}`")
     return problems
 
@@ -252,7 +249,7 @@ def test_doc_blocks_run(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert not problems, "\n".join(problems)
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
-    namespace: dict[str, object] = {"__name__": "__doc__"}
+    namespace: dict[str, object] = {"__name__": "__doc_test__"}
     try:
         for block in blocks:
             if block.markers.skip is None:
