@@ -241,6 +241,27 @@ def test_the_parser_reads_markers_and_finds_unmarked_blocks(tmp_path: Path) -> N
     ]
 
 
+def test_a_broken_block_fails_naming_its_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A block that fails as written fails the test at its file:line; `fails` expects a failure."""
+    page = tmp_path / "probe.md"
+    page.write_text(
+        "```python\nanswer = 6 * 7\n```\n\n"
+        "<!-- doc-test: check\nassert answer == 42\n-->\n```python\nanswer += 1\n```\n\n"
+        "<!-- doc-test: fails -->\n```bash\nautotp plan no_such_model.py:build\n```\n\n"
+        "```bash\nautotp plan no_such_model.py:build\n```\n",
+        encoding="utf-8",
+    )
+    monkeypatch.chdir(tmp_path)
+    blocks, _ = parse_blocks(page)
+    namespace: dict[str, object] = {}
+    _run(blocks[0], tmp_path, namespace)
+    with pytest.raises(pytest.fail.Exception, match=r"probe.md:8: the python check failed as written"):
+        _run(blocks[1], tmp_path, namespace)
+    _run(blocks[2], tmp_path, namespace)  # exits 2, as the marker says
+    with pytest.raises(pytest.fail.Exception, match=r"probe.md:17: `autotp plan no_such_model.py:build` exited with 2\n.*no such file"):
+        _run(blocks[3], tmp_path, namespace)
+
+
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("path", doc_files(), ids=lambda p: p.name)
 def test_doc_blocks_run(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
