@@ -39,6 +39,11 @@ class WrongInputWidth(nn.Module):
         return self.proj(x)
 
 
+class TakesAMask(nn.Module):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return x * mask
+
+
 class UsesNumpy(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(x.numpy() * 2)
@@ -64,6 +69,7 @@ def test_hugging_face_cache_output_names_the_cache_and_use_cache() -> None:
     assert "returns an object of type DynamicCache" in message
     assert "use_cache=False" in message
     assert "control flow" not in message
+    assert "<string>" not in message  # no frame of code torch generated
 
 
 def test_non_tensor_output_names_the_type_and_says_return_tensors() -> None:
@@ -86,6 +92,22 @@ def test_inputs_the_model_rejects_are_not_blamed_on_control_flow() -> None:
     message = _capture_error(WrongInputWidth(), (torch.randn(3, 5),))
     assert "check that model(*example_inputs) runs" in message
     assert "[3, 5]" in message  # torch's own reason, with the shapes
+    assert "control flow" not in message
+
+
+def test_a_missing_input_points_at_the_call_not_at_the_standard_library() -> None:
+    message = _capture_error(TakesAMask(), (torch.randn(3),))
+    assert "missing a required argument: 'mask'" in message
+    assert "check that model(*example_inputs) runs" in message
+    assert "inspect.py" not in message
+
+
+def test_inputs_on_another_device_than_the_model_say_to_make_them_there() -> None:
+    with torch.device("meta"):
+        model = WrongInputWidth()
+    message = _capture_error(model, (torch.randn(2, 4),))  # a meta model, real CPU inputs
+    assert "the model and the example inputs are on different devices (cpu and meta)" in message
+    assert 'device="meta"' in message
     assert "control flow" not in message
 
 
