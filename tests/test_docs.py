@@ -12,7 +12,8 @@ not. docs/writing-docs.md states the conventions for doc writers; in short:
   exit status 0. Any other command needs a marker.
 - HTML comments on the lines right above a fence (`<!-- doc-test: ... -->`) change how it runs:
   `skip — REASON`, `replace "OLD" "NEW"` (reduced sizes), `file NAME`, `needs NAME from DOC`,
-  `ranks N` (a script under torchrun), `setup`/`check` (hidden code before/after), `fails`.
+  `ranks N` (a script under torchrun), `setup`/`check` (hidden code before/after; a json or
+  toml block's check sees it parsed as `data`), `fails`.
 """
 from __future__ import annotations
 
@@ -190,8 +191,10 @@ def block_problems(block: Block) -> list[str]:
         for command in shell_commands(block):
             if command[0] != "autotp":
                 problems.append(f"{block.where}: `{shlex.join(command)}` is not an autotp command; only those run here: mark the block")
-    if (markers.file or markers.ranks or markers.setup or markers.check) and block.lang not in PYTHON:
-        problems.append(f"{block.where}: file/ranks/setup/check apply to python blocks only")
+    if (markers.file or markers.ranks) and block.lang not in PYTHON:
+        problems.append(f"{block.where}: file/ranks apply to python blocks only")
+    if (markers.setup or markers.check) and block.lang not in PYTHON | set(DATA):
+        problems.append(f"{block.where}: setup/check apply to python, json and toml blocks only")
     if markers.fails and block.lang not in SHELL:
         problems.append(f"{block.where}: `fails` applies to shell blocks only")
     for name, source in markers.needs:
@@ -288,9 +291,10 @@ def _run(block: Block, workdir: Path, namespace: dict[str, object]) -> None:
     code = block.runnable_code()
     if block.lang in DATA:
         try:
-            DATA[block.lang](code)
+            namespace["data"] = DATA[block.lang](code)
         except ValueError as exc:
             pytest.fail(f"{block.where}: the {block.lang} block does not parse: {exc}")
+        _exec_in_notebook(block, {"setup": block.markers.setup, "check": block.markers.check}, namespace)
     elif block.lang in SHELL:
         for command in shell_commands(block):
             status, output = _autotp(command[1:])
@@ -301,11 +305,15 @@ def _run(block: Block, workdir: Path, namespace: dict[str, object]) -> None:
     elif block.lang in PYTHON and block.markers.ranks:
         _run_on_ranks(block, code, workdir)
     elif block.lang in PYTHON:
-        for part, text in (("setup", block.markers.setup), ("block", code), ("check", block.markers.check)):
-            try:
-                exec(compile(text, f"{block.where} ({part})", "exec"), namespace)
-            except Exception:
-                pytest.fail(f"{block.where}: the python {part} failed as written\n{traceback.format_exc()[-4000:]}")
+        _exec_in_notebook(block, {"setup": block.markers.setup, "block": code, "check": block.markers.check}, namespace)
+
+
+def _exec_in_notebook(block: Block, parts: dict[str, str], namespace: dict[str, object]) -> None:
+    for part, text in parts.items():
+        try:
+            exec(compile(text, f"{block.where} ({part})", "exec"), namespace)
+        except Exception:
+            pytest.fail(f"{block.where}: the {block.lang} {part} failed as written\n{traceback.format_exc()[-4000:]}")
 
 
 def _autotp(argv: list[str]) -> tuple[int, str]:
