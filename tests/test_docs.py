@@ -20,8 +20,10 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import textwrap
@@ -170,10 +172,13 @@ def shell_commands(block: Block) -> list[list[str]]:
             if not line.startswith("$ "):
                 continue  # output shown in the doc
             line = line[2:]
-        words = shlex.split(line, comments=True)
-        while words:
-            command, words = (words[: words.index("&&")], words[words.index("&&") + 1 :]) if "&&" in words else (words, [])
-            commands.append(command)
+        command: list[str] = []
+        for word in [*shlex.split(line, comments=True), "&&"]:  # `a && b` is two commands
+            if word != "&&":
+                command.append(word)
+            elif command:
+                commands.append(command)
+                command = []
     return commands
 
 
@@ -338,9 +343,13 @@ def _run_on_ranks(block: Block, code: str, workdir: Path) -> None:
         sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={block.markers.ranks}",
         f"--master-port={find_free_port()}", script.name,
     ]
-    try:
-        done = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=RANKS_TIMEOUT_SECONDS)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"{block.where}: the block did not finish on {block.markers.ranks} ranks in {RANKS_TIMEOUT_SECONDS}s")
-    if done.returncode != 0:
-        pytest.fail(f"{block.where}: the block failed on {block.markers.ranks} ranks\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
+    # a session of its own, so a hang can be ended with every rank torchrun started
+    with subprocess.Popen(command, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True) as launcher:
+        try:
+            stdout, stderr = launcher.communicate(timeout=RANKS_TIMEOUT_SECONDS)
+        except subprocess.TimeoutExpired:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.communicate()
+            pytest.fail(f"{block.where}: the block did not finish on {block.markers.ranks} ranks in {RANKS_TIMEOUT_SECONDS}s")
+    if launcher.returncode != 0:
+        pytest.fail(f"{block.where}: the block failed on {block.markers.ranks} ranks\n{stdout[-3000:]}\n{stderr[-5000:]}")
