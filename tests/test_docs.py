@@ -20,13 +20,12 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import re
 import shlex
-import signal
 import subprocess
 import sys
 import textwrap
+import time
 import tomllib
 import traceback
 from dataclasses import dataclass, field, replace
@@ -270,6 +269,25 @@ def test_a_broken_block_fails_naming_its_line(tmp_path: Path, monkeypatch: pytes
         _run(blocks[3], tmp_path, namespace)
 
 
+@pytest.mark.timeout(120)
+def test_a_hanging_ranks_block_fails_and_leaves_no_rank(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    page = tmp_path / "probe.md"
+    page.write_text(
+        "<!-- doc-test: ranks 1 -->\n```python\nimport os, pathlib, time\n"
+        "pathlib.Path('rank.pid').write_text(str(os.getpid()))\ntime.sleep(600)\n```\n",
+        encoding="utf-8",
+    )
+    monkeypatch.setattr(sys.modules[__name__], "RANKS_TIMEOUT_SECONDS", 20)
+    blocks, _ = parse_blocks(page)
+    with pytest.raises(pytest.fail.Exception, match=r"probe.md:2: the block did not finish on 1 ranks in 20s"):
+        _run(blocks[0], tmp_path, {})
+    rank = Path(f"/proc/{(tmp_path / 'rank.pid').read_text()}/status")
+    deadline = time.monotonic() + 10
+    while rank.exists() and "\nState:\tZ" not in rank.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)  # SIGKILL is delivered asynchronously
+    assert not rank.exists() or "\nState:\tZ" in rank.read_text(), "the rank outlived its block"
+
+
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("path", doc_files(), ids=lambda p: p.name)
 def test_doc_blocks_run(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -343,13 +361,16 @@ def _run_on_ranks(block: Block, code: str, workdir: Path) -> None:
         sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={block.markers.ranks}",
         f"--master-port={find_free_port()}", script.name,
     ]
-    # a session of its own, so a hang can be ended with every rank torchrun started
-    with subprocess.Popen(command, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True) as launcher:
+    log = workdir / f"doc_block_{block.line}.log"  # a file, not a pipe: a stuck rank cannot block reading it
+    with log.open("w") as output, subprocess.Popen(command, cwd=workdir, stdout=output, stderr=subprocess.STDOUT) as launcher:
         try:
-            stdout, stderr = launcher.communicate(timeout=RANKS_TIMEOUT_SECONDS)
+            launcher.wait(timeout=RANKS_TIMEOUT_SECONDS)
         except subprocess.TimeoutExpired:
-            os.killpg(launcher.pid, signal.SIGKILL)
-            launcher.communicate()
+            launcher.terminate()  # torchrun ends its ranks on SIGTERM
+            try:
+                launcher.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                launcher.kill()
             pytest.fail(f"{block.where}: the block did not finish on {block.markers.ranks} ranks in {RANKS_TIMEOUT_SECONDS}s")
     if launcher.returncode != 0:
-        pytest.fail(f"{block.where}: the block failed on {block.markers.ranks} ranks\n{stdout[-3000:]}\n{stderr[-5000:]}")
+        pytest.fail(f"{block.where}: the block failed on {block.markers.ranks} ranks\n{log.read_text()[-8000:]}")
