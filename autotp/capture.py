@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import operator
+import re
+import sysconfig
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
@@ -18,6 +20,7 @@ import torch
 from torch import fx, nn
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from autotp.errors import CaptureError
 
@@ -119,21 +122,68 @@ def _export(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Expor
         return torch.export.export(model, example_inputs, strict=False)
     except Exception as exc:  # torch.export raises many unrelated types; all mean "cannot capture"
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        where = _innermost_user_frame(exc)
+        reason = reason.split(" If this type holds tensors")[0].rstrip(".!")  # pytree advice: not ours
         raise CaptureError(
             f"could not capture model '{name}' with torch.export: {type(exc).__name__}: {reason}"
-            f"{where}. autotp needs a model that torch.export.export(model, inputs, strict=False) "
-            "can trace; move data-dependent Python control flow out of forward() or express it "
-            "with torch.cond"
+            f"{_innermost_user_frame(exc)}. {_export_hint(exc, reason)}"
         ) from exc
 
 
+_NON_TENSOR_OUTPUT = re.compile(r"Found (?:<class '([\w.]+)'>|(\S+)) in output")
+_TWO_DEVICES = re.compile(r"found at least two devices, ([\w:]+) and ([\w:]+)")
+
+
+def _export_hint(exc: BaseException, reason: str) -> str:
+    """What to do about one torch.export failure: each known cause gets its own advice.
+
+    Only a guard on a tensor's *values* is data-dependent control flow; blaming it for a
+    non-tensor output (a Hugging Face ``DynamicCache``) or for inputs the model rejects sends
+    the user to the wrong line.
+    """
+    non_tensor = _NON_TENSOR_OUTPUT.search(reason)
+    if non_tensor:
+        found = (non_tensor.group(1) or non_tensor.group(2)).rsplit(".", 1)[-1]
+        return (
+            f"forward() returns an object of type {found}, which is not a tensor; autotp captures "
+            "outputs that are tensors or tuples, lists, dicts and ModelOutputs of tensors. For a "
+            "Hugging Face model this is the key/value cache: build it with use_cache=False in its "
+            "config (config.use_cache = False); otherwise return only tensors from forward()"
+        )
+    if isinstance(exc, GuardOnDataDependentSymNode):
+        return (
+            "forward() branches on or reads a tensor's values (if x.sum() > 0, .item(), int(x)), "
+            "which torch.export cannot trace; move that data-dependent Python control flow out of "
+            "forward() or express it with torch.cond"
+        )
+    devices = _TWO_DEVICES.search(reason)
+    if devices:
+        return (
+            f"the model and the example inputs are on different devices ({devices.group(1)} and "
+            f"{devices.group(2)}); make the inputs on the model's device, device=\"meta\" for a "
+            "model built on the meta device"
+        )
+    if "numpy" in reason:
+        return "forward() leaves torch for numpy, which torch.export cannot trace; use torch ops instead"
+    return (
+        "check that model(*example_inputs) runs as a plain call (forward()'s arguments in order, "
+        "with the shapes and dtypes it expects); if it does, forward() uses Python that "
+        "torch.export.export(model, inputs, strict=False) cannot trace (see the torch.export documentation)"
+    )
+
+
+_PYTHON_PATHS = sysconfig.get_paths()
+
+
 def _innermost_user_frame(exc: BaseException) -> str:
+    """The deepest frame of the user's code (not torch, autotp, the standard library or code
+    torch compiles at run time such as ``<string>``), as `` (in file:line, function)``."""
     tb = exc.__traceback__
     frame_line = ""
     while tb is not None:
         filename = tb.tb_frame.f_code.co_filename
-        if "/torch/" not in filename and "/autotp/" not in filename:
+        installed = filename.startswith((_PYTHON_PATHS["purelib"], _PYTHON_PATHS["platlib"]))
+        stdlib = filename.startswith(_PYTHON_PATHS["stdlib"]) and not installed  # site-packages may sit inside
+        if "/torch/" not in filename and "/autotp/" not in filename and not stdlib and not filename.startswith("<"):
             frame_line = f" (in {filename}:{tb.tb_lineno}, {tb.tb_frame.f_code.co_name})"
         tb = tb.tb_next
     return frame_line
