@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import fx, nn
@@ -13,7 +13,9 @@ from autotp.arguments import PlannedCall
 from autotp.capture import CapturedGraph, InputRole
 from autotp.placement import Placement
 from autotp.plan import Plan
-from autotp.retrace import Retracer
+
+if TYPE_CHECKING:  # the retracer runs the pipeline; the module only holds one
+    from autotp.retrace import Retracer
 
 
 class ShardedModule(nn.Module):
