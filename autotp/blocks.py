@@ -13,16 +13,46 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from collections.abc import Hashable
+from dataclasses import dataclass
 
 from autotp.strategies import NodeSpace, StrategySpace
 
 _BLOCK = re.compile(r"^(?P<group>(?:[^.]+\.)*?[^.]+)\.(?P<index>\d+)(?=\.|$)")
 
 
+@dataclass(frozen=True, slots=True)
+class BlockPath:
+    """A module path inside a repeated block: ``model.layers.3.mlp.up`` is group ``model.layers``,
+    index 3, and ``mlp.up`` within the block (``""`` for the block itself)."""
+
+    group: str
+    index: int
+    within: str
+
+    @property
+    def pattern(self) -> str:
+        """The path in every block of the group: ``model.layers.*.mlp.up``."""
+        return f"{self.group}.*" + (f".{self.within}" if self.within else "")
+
+
+def split_block_path(path: str) -> BlockPath | None:
+    """The block ``path`` lies in (its first numeric part), or ``None`` outside any block."""
+    match = _BLOCK.match(path)
+    if match is None:
+        return None
+    return BlockPath(match.group("group"), int(match.group("index")), path[match.end() + 1:])
+
+
 def block_of(path: str) -> tuple[str, int] | None:
     """``"model.layers.3.mlp.up"`` -> ``("model.layers", 3)``; ``None`` outside any block."""
-    match = _BLOCK.match(path)
-    return (match.group("group"), int(match.group("index"))) if match else None
+    block = split_block_path(path)
+    return (block.group, block.index) if block else None
+
+
+def block_pattern(path: str) -> str:
+    """``transformer.h.3.attn.c_attn`` -> ``transformer.h.*.attn.c_attn``; a path outside blocks as is."""
+    block = split_block_path(path)
+    return block.pattern if block else path
 
 
 def canonical_nodes(space: StrategySpace) -> dict[str, str]:

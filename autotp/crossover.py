@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from autotp.api import _tp_size, plan_model, resolve_hardware
-from autotp.blocks import block_of
+from autotp.blocks import split_block_path
 from autotp.cost import CostModel
 from autotp.errors import ConfigError
 from autotp.plan import Plan
@@ -76,12 +76,11 @@ class Crossover:
             if a.strategy == b.strategy:
                 continue
             path = a.module_path or ("(output)" if a.kind is NodeKind.OUTPUT else "(model)")
-            block = block_of(path)
+            block = split_block_path(path)
             if block is None:
                 blocks.setdefault(path, set())
             else:
-                group, index = block
-                blocks.setdefault(f"{group}.*{path[len(f'{group}.{index}'):]}", set()).add(index)
+                blocks.setdefault(block.pattern, set()).add(block.index)
         out = []
         for path, indices in blocks.items():
             if len(indices) == 1:  # one block only: its real path

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from autotp.blocks import block_of
+from autotp.blocks import block_of, block_pattern, split_block_path
 from autotp.cost import _packet_name
 from autotp.errors import AutoTPError
 from autotp.placement import P, R, Shard
@@ -78,12 +78,6 @@ class MegatronLayout:
         return "; ".join([f"{head}: {groups}" if groups else head, *self.notes])
 
 
-def _any_block(path: str) -> str:
-    """``transformer.h.3.attn.c_attn`` -> ``transformer.h.*.attn.c_attn``: one note for every block."""
-    block = block_of(path)
-    return f"{block[0]}.*{path[len(f'{block[0]}.{block[1]}'):]}" if block else path
-
-
 def _describe_groups(space: StrategySpace, column: tuple[str, ...], row: tuple[str, ...]) -> Iterator[str]:
     """One entry per run of blocks pinned alike: ``model.layers.0-1: column q_proj, k_proj; row o_proj``."""
     nodes = space.by_name()
@@ -91,9 +85,8 @@ def _describe_groups(space: StrategySpace, column: tuple[str, ...], row: tuple[s
     for side, names in ((0, column), (1, row)):
         for name in names:
             path = nodes[name].module_path
-            block = block_of(path)
-            relative = path[len(f"{block[0]}.{block[1]}."):] if block else path or name
-            per_block[block][side].append(relative)
+            block = split_block_path(path)
+            per_block[block_of(path)][side].append(block.within if block else path or name)
     runs: list[tuple[str, int, int, tuple]] = []
     for block, (cols, rows) in per_block.items():
         key = (tuple(cols), tuple(rows))
@@ -141,7 +134,7 @@ def megatron_layout_of(space: StrategySpace) -> MegatronLayout:
         for name in sorted(column | row, key=graph.order.get)
     }
     notes = dict.fromkeys(
-        f"{_any_block(space.by_name()[name].module_path or name)} projects q, k and v with one fused weight: Megatron splits it "
+        f"{block_pattern(space.by_name()[name].module_path or name)} projects q, k and v with one fused weight: Megatron splits it "
         "per head, which no contiguous split of its output expresses, so it is left to the solver"
         for name in sorted(fused, key=graph.order.get)
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from autotp.blocks import split_block_path
 from autotp.cost import CostModel
 from autotp.errors import AutoTPError
 from autotp.layouts import megatron_layout_of
@@ -111,15 +112,6 @@ def shown(node: NodePlan) -> bool:
     return bool(node.conversions) or node.compute_seconds > 0
 
 
-def _block_of(module: str) -> tuple[str, int, str] | None:
-    """``blocks.3.attn.q_proj`` -> ``("blocks", 3, "attn.q_proj")``: the first numeric path part."""
-    parts = module.split(".")
-    for k, part in enumerate(parts):
-        if part.isdigit() and k > 0:
-            return ".".join(parts[:k]), int(part), ".".join(parts[k + 1:])
-    return None
-
-
 def layout_sections(plan: Plan) -> list[Section]:
     """The plan's shown ops grouped by module (graph order), identical repeated blocks collapsed."""
     order: list[tuple] = []
@@ -127,10 +119,10 @@ def layout_sections(plan: Plan) -> list[Section]:
     for node in plan.nodes:
         if not shown(node):
             continue
-        block = _block_of(node.module_path)
+        block = split_block_path(node.module_path)
         if block is not None:
-            key: tuple = ("block", block[0], block[1])
-            row = Row(node, block[2] or "(block)")
+            key: tuple = ("block", block.group, block.index)
+            row = Row(node, block.within or "(block)")
         else:  # consecutive ops outside any block share one section
             key = ("top", len(order) if not order or order[-1][0] != "top" else order[-1][1])
             row = Row(node, "(output)" if node.kind is NodeKind.OUTPUT else node.module_path or "(model)")

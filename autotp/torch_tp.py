@@ -31,6 +31,7 @@ from typing import Any
 
 from torch import nn
 
+from autotp.blocks import block_pattern, split_block_path
 from autotp.errors import TorchTPExportError
 from autotp.placement import Partial, Placement, R, Replicate, Shard, parse_placement
 from autotp.plan import NodePlan, Plan
@@ -260,22 +261,21 @@ def _collapse(styles: dict[str, Style], plan: Plan) -> dict[str, Style]:
     """``blocks.0.mlp.c_fc`` ... ``blocks.11.mlp.c_fc`` with one style -> ``blocks.*.mlp.c_fc``."""
     indices: dict[str, set[int]] = defaultdict(set)
     for node in plan.nodes:
-        match = re.match(r"^(.*?)\.(\d+)(\.|$)", node.module_path)
-        if match:
-            indices[match.group(1)].add(int(match.group(2)))
-    groups: dict[tuple[str, str], dict[int, Style]] = defaultdict(dict)
+        block = split_block_path(node.module_path)
+        if block:
+            indices[block.group].add(block.index)
+    groups: dict[str, dict[int, Style]] = defaultdict(dict)  # by pattern: blocks.*.mlp.c_fc
     for path, style in styles.items():
-        match = re.match(r"^(.*?)\.(\d+)\.(.*)$", path)
-        if match:
-            groups[(match.group(1), match.group(3))][int(match.group(2))] = style
+        block = split_block_path(path)
+        if block and block.within:
+            groups[block.pattern][block.index] = style
     out: dict[str, Style] = {}
     for path, style in styles.items():
-        match = re.match(r"^(.*?)\.(\d+)\.(.*)$", path)
-        if match:
-            container, rest = match.group(1), match.group(3)
-            members = groups[(container, rest)]
-            if set(members) == indices[container] and len(set(members.values())) == 1 and len(members) > 1:
-                out[f"{container}.*.{rest}"] = style
+        block = split_block_path(path)
+        if block and block.within:
+            members = groups[block.pattern]
+            if set(members) == indices[block.group] and len(set(members.values())) == 1 and len(members) > 1:
+                out[block.pattern] = style
                 continue
         out[path] = style
     return out
@@ -315,7 +315,7 @@ def _inexpressible_message(tp: TorchTPPlan) -> str:
     ]
     by_pattern: dict[str, list[dict[str, str]]] = defaultdict(list)  # blocks.0.ln_1, blocks.1.ln_1 -> blocks.*.ln_1
     for problem in tp.not_expressible:
-        by_pattern[re.sub(r"\.\d+(\.|$)", r".*\1", problem["module"])].append(problem)
+        by_pattern[block_pattern(problem["module"])].append(problem)
     for pattern, problems in list(by_pattern.items())[:_SHOWN]:
         first, more = problems[0], f" (and {len(problems) - 1} more in '{pattern}')" if len(problems) > 1 else ""
         lines.append(f"  module '{first['module'] or '(model)'}'{more}, node {first['node']}: {first['why']}")
