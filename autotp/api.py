@@ -28,6 +28,7 @@ from autotp.retrace import Retracer
 from autotp.rewrite import rewrite
 from autotp.solve import solve
 from autotp.strategies import StrategySpace, build_strategy_space
+from autotp.torch_compat import non_persistent_buffer_names
 from autotp.units import fmt_seconds, parse_nbytes
 from autotp.wake import plan_mean_gap_seconds
 
@@ -199,7 +200,7 @@ def parallelize(
     )
     seed_sharded_stream(group.group_name, rank=rank, seed=torch.initial_seed())
     parameter_names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
-    non_persistent = {f"{path}.{name}".lstrip(".") for path, module in model.named_modules() for name in module._non_persistent_buffers_set}
+    non_persistent = {f"{path}.{name}".lstrip(".") for path, module in model.named_modules() for name in non_persistent_buffer_names(module)}
     for fqn in result.captured.unused_fqns:  # kept whole, so the state dict matches the original's
         role = InputRole.PARAMETER if fqn in parameter_names else InputRole.BUFFER
         register_state(sharded, fqn, _owned(_get_state(model, fqn), device), role, persistent=fqn not in non_persistent)

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils import _pytree as pytree
 
 from autotp.capture import TensorMeta, tensor_meta
 from autotp.errors import ConfigError, InputMismatchError
+from autotp.torch_compat import pytree
 
 Shapes = tuple[tuple[int, ...], ...]  # the shape of every tensor leaf, in leaf order
 

@@ -20,13 +20,11 @@ import torch
 from torch import fx, nn
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
-from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from autotp.errors import CaptureError
+from autotp.torch_compat import data_dependent_guard_error, set_grad_enabled_hop
 
 log = logging.getLogger(__name__)
-
-_SET_GRAD_ENABLED = torch._higher_order_ops.wrap.wrap_with_set_grad_enabled
 
 
 class InputRole(str, Enum):
@@ -149,7 +147,7 @@ def _export_hint(exc: BaseException, reason: str) -> str:
             "Hugging Face model this is the key/value cache: build it with use_cache=False in its "
             "config (config.use_cache = False); otherwise return only tensors from forward()"
         )
-    if isinstance(exc, GuardOnDataDependentSymNode):
+    if isinstance(exc, data_dependent_guard_error()):
         return (
             "forward() branches on or reads a tensor's values (if x.sum() > 0, .item(), int(x)), "
             "which torch.export cannot trace; move that data-dependent Python control flow out of "
@@ -250,8 +248,9 @@ def _inline_grad_mode_regions(gm: fx.GraphModule) -> None:
     its place; the outputs of a ``no_grad`` region are ``detach``ed, so gradients stop there just
     as they did in the original. Any other higher-order op is refused by name.
     """
+    set_grad_enabled = set_grad_enabled_hop()
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target is not _SET_GRAD_ENABLED:
+        if node.op != "call_function" or node.target is not set_grad_enabled:
             continue
         enabled, body_attr, *operands = node.args
         body: fx.GraphModule = getattr(gm, body_attr.target)

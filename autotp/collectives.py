@@ -24,11 +24,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.distributed_c10d import _resolve_process_group
+
+from autotp.torch_compat import resolve_process_group
 
 
 def _group(group_name: str) -> dist.ProcessGroup:
-    return _resolve_process_group(group_name)
+    return resolve_process_group(group_name)
 
 
 def _all_reduce(x: torch.Tensor, group_name: str) -> torch.Tensor:

@@ -33,13 +33,13 @@ _ATTENTION_OPS = {
 }
 _ACTIVATION_OPS = {f"aten.{name}" for name in (
     "gelu", "silu", "sigmoid", "tanh", "exp", "exp2", "expm1", "log", "log1p", "log2", "erf", "pow",
-    "rsqrt", "sqrt", "reciprocal", "softplus", "mish", "elu", "selu", "celu", "logsigmoid", "sin", "cos",
+    "rsqrt", "sqrt", "reciprocal", "softplus", "mish", "elu", "selu", "celu", "log_sigmoid", "sin", "cos",
 )}
 _NORMALIZATION_OPS = {f"aten.{name}" for name in (
     "layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm", "group_norm", "native_group_norm",
     "softmax", "_softmax", "log_softmax", "_log_softmax", "mean", "sum", "var", "var_mean", "std",
     "amax", "amin", "max", "min", "argmax", "argmin", "norm", "linalg_vector_norm", "cumsum",
-    "cross_entropy", "cross_entropy_loss", "nll_loss", "nll_loss_forward", "logsumexp",
+    "cross_entropy_loss", "nll_loss", "nll_loss_forward", "logsumexp",
 )}
 
 

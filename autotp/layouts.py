@@ -28,6 +28,7 @@ from autotp.errors import AutoTPError
 from autotp.placement import P, R, Shard
 from autotp.rules import OpStrategy
 from autotp.strategies import NodeKind, NodeSpace, StrategySpace, ValueRef
+from autotp.torch_compat import OpOverload
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,7 +292,7 @@ def _is_regrouping(node: NodeSpace) -> bool:
     return _is_elementwise_or_view(node) or _packet_name(node.op) in _REGROUPING
 
 
-def _overload(op: str) -> torch._ops.OpOverload | None:
+def _overload(op: str) -> OpOverload | None:
     """``"aten.mul.Tensor"`` -> ``torch.ops.aten.mul.Tensor``; None for ``getitem`` and other namespaces."""
     parts = op.split(".")
     if len(parts) != 3 or parts[0] != "aten":

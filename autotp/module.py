@@ -7,12 +7,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import fx, nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.utils import _pytree as pytree
 
 from autotp.arguments import PlannedCall
 from autotp.capture import CapturedGraph, InputRole
 from autotp.placement import Placement
 from autotp.plan import Plan
+from autotp.torch_compat import child_modules, pytree
 
 if TYPE_CHECKING:  # the retracer runs the pipeline; the module only holds one
     from autotp.retrace import Retracer
@@ -108,9 +108,9 @@ def register_state(root: nn.Module, fqn: str, tensor: torch.Tensor, role: InputR
     owner_path, _, name = fqn.rpartition(".")
     owner = root
     for part in owner_path.split(".") if owner_path else ():
-        if part not in owner._modules:
+        if part not in child_modules(owner):
             owner.add_module(part, nn.Module())
-        owner = owner._modules[part]  # type: ignore[assignment]
+        owner = child_modules(owner)[part]  # type: ignore[assignment]
     if role is InputRole.PARAMETER:
         owner.register_parameter(name, tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor))
     else:

@@ -17,6 +17,8 @@ from typing import Any, Iterator
 import torch
 from torch.fx.operator_schemas import normalize_function
 
+from autotp.torch_compat import OpOverload
+
 SHARDED_SEED_OFFSET = 2718  # as in Megatron-LM's model_parallel_cuda_manual_seed
 
 
@@ -48,7 +50,7 @@ def manual_seed(seed: int) -> None:
 
 
 def is_random(target: Any) -> bool:
-    return isinstance(target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in target.tags
+    return isinstance(target, OpOverload) and torch.Tag.nondeterministic_seeded in target.tags
 
 
 def draws_random(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:

@@ -15,7 +15,6 @@ from collections import OrderedDict
 
 import torch
 from torch import fx, nn
-from torch.utils import _pytree as pytree
 
 from autotp.arguments import PlannedCall, Shapes
 from autotp.capture import CapturedGraph, capture
@@ -25,6 +24,7 @@ from autotp.plan import Plan
 from autotp.plan_align import carry_plan
 from autotp.rewrite import rewrite
 from autotp.strategies import StrategySpace, build_strategy_space
+from autotp.torch_compat import pytree
 
 log = logging.getLogger(__name__)
 

@@ -23,6 +23,7 @@ from autotp.capture import CapturedGraph, GraphInput, InputRole, TensorMeta, mod
 from autotp.placement import Partial, R, Placement, Shard
 from autotp.rules import OpContext, OpStrategy, lookup
 from autotp.rules.registry import OutputMeta, OutputPlacement, Rule
+from autotp.torch_compat import op_schema
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +238,7 @@ def _op_space(node: fx.Node, meta: OutputMeta | None, metas: Mapping[str, Output
         for s in rule.strategies(ctx):  # type: ignore[union-attr]
             if s not in strategies and _strategy_fits(s, slot_metas, meta, tp_size):
                 strategies.append(s)
-    op_name = str(node.target) if not callable(node.target) or hasattr(node.target, "_schema") else getattr(node.target, "__name__", str(node.target))
+    op_name = str(node.target) if not callable(node.target) or op_schema(node.target) is not None else getattr(node.target, "__name__", str(node.target))
     internal_comm: tuple[tuple[tuple[str, int], ...], ...] = ()
     if rule is not None and rule.internal_collectives is not None:
         internal_comm = tuple(rule.internal_collectives(s, slot_metas, meta) for s in strategies)  # type: ignore[arg-type]

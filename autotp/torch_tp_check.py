@@ -23,6 +23,7 @@ from autotp.fingerprint import LAYOUT_ONLY_OPS
 from autotp.placement import Partial, Placement, R, Shard
 from autotp.plan import Plan
 from autotp.strategies import NodeKind
+from autotp.torch_compat import op_schema
 from autotp.torch_tp import WHAT_TO_DO, TorchTPPlan, split_ref
 
 
@@ -119,7 +120,7 @@ def _global_shapes(plan: Plan, ref: str) -> tuple[int, ...]:
 def _op_name(node: torch.fx.Node) -> str:
     """The op as a plan names it: ``aten.view.default``, or a Python callable's name (``getitem``)."""
     target = node.target
-    return str(target) if hasattr(target, "_schema") or not callable(target) else getattr(target, "__name__", str(target))
+    return str(target) if op_schema(target) is not None or not callable(target) else getattr(target, "__name__", str(target))
 
 
 def _failing_code(exc: BaseException, model: nn.Module) -> str:

@@ -31,11 +31,11 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.utils import _pytree as pytree
 
 from autotp.errors import ConfigError, InfeasiblePlanError
 from autotp.placement import Placement, Replicate, Shard
 from autotp.plan import Plan
+from autotp.torch_compat import pytree
 
 log = logging.getLogger(__name__)
 

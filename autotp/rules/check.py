@@ -31,7 +31,6 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.utils import _pytree as pytree
 
 from autotp.capture import CapturedGraph, InputRole
 from autotp.placement import Partial, Placement, Shard
@@ -43,6 +42,7 @@ from autotp.strategies import (
     ValueRef,
     build_strategy_space,
 )
+from autotp.torch_compat import OpOverload, op_schema, pytree
 
 aten = torch.ops.aten
 
@@ -205,7 +205,7 @@ def values_comparable(node: fx.Node) -> bool:
     their schemas are tagged ``nondeterministic_seeded``.
     """
     target = node.target
-    if not isinstance(target, torch._ops.OpOverload):
+    if not isinstance(target, OpOverload):
         return True
     packet = target.overloadpacket
     if packet in (aten.dropout, aten.native_dropout, aten.feature_dropout, aten.alpha_dropout):
@@ -216,7 +216,7 @@ def values_comparable(node: fx.Node) -> bool:
 
 
 def _named_arg(node: fx.Node, name: str, default: Any = None) -> Any:
-    for index, argument in enumerate(node.target._schema.arguments):  # type: ignore[union-attr]
+    for index, argument in enumerate(op_schema(node.target).arguments):  # type: ignore[union-attr]
         if argument.name == name:
             return node.args[index] if index < len(node.args) else node.kwargs.get(name, default)
     return default

@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from torch import fx
-from torch._ops import OpOverload
 
 from autotp.placement import P, R, Placement, Shard
 from autotp.rules.registry import OpContext, OpStrategy, Rule, register, set_pointwise_fallback
+from autotp.torch_compat import OpOverload
 
 aten = __import__("torch").ops.aten
 

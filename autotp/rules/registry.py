@@ -18,6 +18,7 @@ from torch import fx
 
 from autotp.capture import TensorMeta
 from autotp.placement import Placement, Replicate
+from autotp.torch_compat import OpOverload, op_schema
 
 OutputPlacement = Union[Placement, tuple[Placement, ...]]
 OutputMeta = Union[TensorMeta, tuple[TensorMeta, ...]]
@@ -69,7 +70,7 @@ class OpContext:
 
     def named_arg(self, name: str, default: Any = None) -> Any:
         """Argument ``name`` located through the op's schema (overloads order args differently)."""
-        schema = getattr(self.node.target, "_schema", None)
+        schema = op_schema(self.node.target)
         if schema is not None:
             for index, argument in enumerate(schema.arguments):
                 if argument.name == name:
@@ -144,7 +145,7 @@ def lookup(target: Any) -> Rule | None:
     rule = RULES.get(target)
     if rule is not None:
         return rule
-    if isinstance(target, torch._ops.OpOverload):
+    if isinstance(target, OpOverload):
         packet_rule = RULES.get(target.overloadpacket)
         if packet_rule is not None:
             return packet_rule
