@@ -21,7 +21,6 @@ from autotp.capture import CapturedGraph
 from autotp.conversions import GradSyncSite, Site, SlotKey, conversion_sites
 from autotp.placement import Shard
 from autotp.plan import Plan
-from autotp.redistribute import Step, StepKind
 from autotp.rules import LocalContext, OpStrategy, lookup
 from autotp.rules.registry import Rule
 from autotp.random import draws_random
@@ -87,24 +86,10 @@ class _Emitter:
                     value = self.graph.call_function(collectives.grad_all_reduce, (value, self.group_name))
                 else:
                     for step in site.forward:
-                        value = self.graph.call_function(*self._step_call(step, value))
+                        value = self.graph.call_function(*collectives.step_call(step, value, self.group_name))
                 self.emitted[site] = value
             value = self.emitted[site]
         return value
-
-    def _step_call(self, step: Step, value: fx.Node) -> tuple[Any, tuple[Any, ...]]:
-        g = self.group_name
-        if step.kind is StepKind.ALL_REDUCE:
-            return collectives.all_reduce, (value, g)
-        if step.kind is StepKind.ALL_GATHER:
-            return collectives.all_gather, (value, step.src_dim, g)
-        if step.kind is StepKind.REDUCE_SCATTER:
-            return collectives.reduce_scatter, (value, step.dst_dim, g)
-        if step.kind is StepKind.ALL_TO_ALL:
-            return collectives.all_to_all, (value, step.src_dim, step.dst_dim, g)
-        if step.kind is StepKind.LOCAL_CHUNK:
-            return collectives.local_chunk, (value, step.dst_dim, g)
-        return collectives.to_partial, (value, g)
 
     # --- nodes --------------------------------------------------------------------------------
     def emit(self, node: fx.Node) -> None:

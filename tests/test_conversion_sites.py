@@ -28,6 +28,7 @@ from autotp.redistribute import GRAD_SYNC, Step, StepKind, backward_steps
 from autotp.rewrite import rewrite
 from autotp.solve import min_state_nbytes, solve, state_nbytes
 from autotp.strategies import NodeKind, StrategySpace, ValueRef, build_strategy_space
+from autotp.testing import run_on_ranks
 
 TP = 2
 
@@ -237,3 +238,19 @@ def test_random_models_plan_lists_every_collective_the_graph_runs(seed: int) -> 
     gm, space, plan = _plan(model, inputs, training=seed % 2 == 0, squeeze=0.1 + 0.05 * (seed % 5))
     assert any(isinstance(p, Shard) for p in plan.sharded_state().values())
     assert_plan_lists_the_graphs_collectives(gm, space, plan)
+
+
+# --- the autograd conjugates against the table --------------------------------------------------
+@pytest.mark.timeout(240)
+def test_each_collectives_backward_is_the_tables_conjugate() -> None:
+    """On 2 gloo ranks, each autograd collective's backward equals running its
+    ``redistribute.backward_steps`` (what the planner prices) on the same gradient."""
+    from tests import _conversion_fns as fns
+
+    results = run_on_ranks(fns.conjugate_cases, 2, timeout_seconds=200)
+    names = [name for name, _, _ in results[0]]
+    assert names == [*(str(s) for s in fns.STEPS), "grad_all_reduce"]
+    assert {s.kind for s in fns.STEPS} == set(StepKind)
+    for rank, cases in enumerate(results):
+        for name, autograd, table in cases:
+            torch.testing.assert_close(autograd, table, rtol=0, atol=0, msg=lambda m, name=name, rank=rank: f"{name} on rank {rank}: {m}")
