@@ -21,7 +21,7 @@ Rules:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from autotp.capture import TensorMeta
 from autotp.placement import Placement, Replicate
@@ -105,6 +105,7 @@ def backward_conjugates(steps: tuple[Step, ...]) -> tuple[Step, ...]:
 def conversion_sites(space: StrategySpace, chosen: Mapping[str, OpStrategy], *, training: bool) -> tuple[Site, ...]:
     """Every conversion and gradient sync of the plan that picks ``chosen[node]`` per node, in graph order."""
     nodes = space.by_name()
+    # readers are collected as the walk meets them; each site is completed with them at the end
     conversions: dict[tuple[ValueRef, Placement], tuple[ConversionSite, list[SlotKey]]] = {}
     syncs: dict[ValueRef, tuple[GradSyncSite, list[SlotKey]]] = {}
     order: list[tuple[ValueRef, Placement] | ValueRef] = []
@@ -127,18 +128,11 @@ def conversion_sites(space: StrategySpace, chosen: Mapping[str, OpStrategy], *, 
                     syncs[ref] = (GradSyncSite(ref, priced, ()), [])
                     order.append(ref)
                 syncs[ref][1].append((node.name, slot))
-    sites: list[Site] = []
-    for key in order:
-        if isinstance(key, ValueRef):
-            sync, readers = syncs[key]
-            sites.append(GradSyncSite(sync.value, sync.priced_backward, tuple(readers)))
-        else:
-            conversion, readers = conversions[key]
-            sites.append(ConversionSite(
-                conversion.value, conversion.src, conversion.dst, conversion.forward,
-                conversion.conjugate, conversion.priced_backward, tuple(readers),
-            ))
-    return tuple(sites)
+    return tuple(
+        replace(syncs[key][0], readers=tuple(syncs[key][1])) if isinstance(key, ValueRef)
+        else replace(conversions[key][0], readers=tuple(conversions[key][1]))
+        for key in order
+    )
 
 
 def sites_by_consumer(sites: tuple[Site, ...]) -> dict[str, list[Site]]:
