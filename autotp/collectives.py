@@ -16,16 +16,21 @@ conversion therefore has a fixed backward:
 
 Plain ``torch.distributed`` calls have no autograd and functional collectives' backward for
 all-reduce is another all-reduce, neither of which is the conjugate we need; hence these.
-``tests/test_collectives.py`` checks each pair against a hand-computed case.
+``tests/test_collectives.py`` checks each pair against a hand-computed case, and
+``tests/test_conversion_sites.py`` each backward against ``redistribute.backward_steps`` (the
+table the planner prices).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from autotp.torch_compat import resolve_process_group
+
+from autotp.redistribute import Step, StepKind
 
 
 def _group(group_name: str) -> dist.ProcessGroup:
@@ -190,3 +195,22 @@ def grad_all_reduce(x: torch.Tensor, group_name: str) -> torch.Tensor:
 
 
 COLLECTIVE_FUNCTIONS = frozenset({all_reduce, all_gather, reduce_scatter, all_to_all})
+
+
+def step_call(step: Step, x: Any, group_name: str) -> tuple[Callable[..., torch.Tensor], tuple[Any, ...]]:
+    """The function and arguments that run one ``redistribute`` table step on ``x``.
+
+    The rewriter emits these calls; ``tests/test_conversion_sites.py`` checks each autograd
+    class's backward against running ``redistribute.backward_steps`` through this same map.
+    """
+    if step.kind is StepKind.ALL_REDUCE:
+        return all_reduce, (x, group_name)
+    if step.kind is StepKind.ALL_GATHER:
+        return all_gather, (x, step.src_dim, group_name)
+    if step.kind is StepKind.REDUCE_SCATTER:
+        return reduce_scatter, (x, step.dst_dim, group_name)
+    if step.kind is StepKind.ALL_TO_ALL:
+        return all_to_all, (x, step.src_dim, step.dst_dim, group_name)
+    if step.kind is StepKind.LOCAL_CHUNK:
+        return local_chunk, (x, step.dst_dim, group_name)
+    return to_partial, (x, group_name)

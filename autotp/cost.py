@@ -19,7 +19,8 @@ import torch
 from cost_models import Collective, HardwareProfile, LinkProfile, bytes_moved_per_rank, collective_seconds, matmul_seconds, op_seconds, roofline_seconds, select_algorithm, state_nbytes, wake_seconds, WakeCurve
 from autotp.capture import TensorMeta
 from autotp.placement import Placement, Shard
-from autotp.redistribute import GRAD_SYNC, Step, StepKind, backward_steps, transition
+from autotp.conversions import backward_conjugates
+from autotp.redistribute import GRAD_SYNC, Step, StepKind, transition
 from autotp.rules import OpStrategy
 from autotp.strategies import NodeKind, NodeSpace
 
@@ -210,7 +211,7 @@ class CostModel:
     def steps_with_backward(self, steps: tuple[Step, ...], requires_grad: bool) -> tuple[Step, ...]:
         if not (self.training and requires_grad):
             return steps
-        return steps + tuple(b for s in steps for b in backward_steps(s))
+        return steps + backward_conjugates(steps)
 
     def transition_seconds(self, src: Placement, dst: Placement, meta: TensorMeta, *, requires_grad: bool = False) -> float | None:
         """Seconds to convert ``src`` to ``dst``, or ``None`` when the table does not offer it."""

@@ -20,10 +20,11 @@ import difflib
 from dataclasses import dataclass
 
 from autotp.capture import TensorMeta
+from autotp.conversions import needs_grad_sync
 from autotp.cost import CostModel
 from autotp.errors import ConfigError
 from autotp.fingerprint import format_value
-from autotp.placement import Placement, Replicate
+from autotp.placement import Placement
 from autotp.plan import Plan
 from autotp.redistribute import transition
 from autotp.rules import OpStrategy
@@ -161,10 +162,11 @@ def _input_transfers(node, strategy, nodes, chosen, readers, cost) -> list[Trans
         if src != dst:
             shared = any(chosen[c.name].inputs[k] == dst for c, k in others)
             out.append(_transfer(ref, src, dst, meta, cost, requires_grad=producer.requires_grad, shared=shared))
-        sync = cost.grad_sync_seconds(meta, requires_grad=producer.requires_grad)
-        if sync > 0 and isinstance(dst, Replicate) and strategy.divides_output():
-            shared = any(isinstance(chosen[c.name].inputs[k], Replicate) and chosen[c.name].divides_output() for c, k in others)
-            out.append(Transfer(str(ref), dst, dst, sync, meta.nbytes, "grad_all_reduce (backward)", shared))
+        if needs_grad_sync(strategy, slot, meta):
+            sync = cost.grad_sync_seconds(meta, requires_grad=producer.requires_grad)
+            shared = any(needs_grad_sync(chosen[c.name], k, meta) for c, k in others)
+            kind = "grad_all_reduce (backward)" if sync > 0 else "grad_all_reduce (only if a gradient flows)"
+            out.append(Transfer(str(ref), dst, dst, sync, meta.nbytes, kind, shared))
     return out
 
 

@@ -1,8 +1,8 @@
 """The plan: a frozen record of what the solver chose and what it will cost.
 
 Per node: op, module path, chosen strategy, the conversions inserted on its inputs (kind,
-bytes, seconds) and its compute estimate. A conversion shared by several consumers is listed on
-the first one, as the rewriter emits it once.
+bytes, seconds) and its compute estimate: the sites of ``autotp.conversions.conversion_sites``,
+each listed on its first consumer, as the rewriter emits it once.
 """
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ from autotp.fingerprint import format_value, space_fingerprint
 from autotp.units import fmt_nbytes, fmt_seconds
 from autotp.cost import CostModel
 from autotp.placement import R, Placement, Shard
-from autotp.redistribute import GRAD_SYNC, Step, transition
+from autotp.conversions import GradSyncSite, Site, conversion_sites, sites_by_consumer
+from autotp.redistribute import Step
 from autotp.rules import OpStrategy
 from autotp.solve import Solution, state_nbytes
-from autotp.strategies import NodeKind, StrategySpace, ValueRef
+from autotp.strategies import NodeKind, StrategySpace
 from autotp.wake import collective_gaps
 
 
@@ -33,13 +34,19 @@ class Conversion:
     nbytes: int  # size of the full (global) tensor
     bytes_per_rank: float  # what each rank sends, per the collective's algorithm (fwd + bwd)
     seconds: float  # forward, plus the conjugate backward when the plan is for training
-    backward_only: bool = False  # the gradient all-reduce of an R input to split work
+    backward_only: bool = False  # the gradient all-reduce of an R input to split work (priced only if a gradient is expected)
     wake_seconds: float = 0.0  # part of seconds: its collectives' wake-up after the compute before them (autotp.wake)
+
+    @property
+    def priced(self) -> bool:
+        """False for a gradient sync the plan does not expect to run (no gradient reaches it in
+        the planned model); it still runs, and costs, if one does (``autotp.conversions``)."""
+        return not (self.backward_only and self.seconds == 0.0 and self.bytes_per_rank == 0.0)
 
     @property
     def kind(self) -> str:
         if self.backward_only:
-            return "grad_all_reduce"
+            return "grad_all_reduce" if self.priced else "grad_all_reduce (only if a gradient flows)"
         return "+".join(s.kind.value for s in self.steps)
 
     @property
@@ -231,32 +238,18 @@ def build_plan(
     hardware: str,
     memory_budget: int | None,
 ) -> Plan:
-    nodes_by_name = space.by_name()
     chosen = {n.name: n.strategies[solution.choice[n.name]] for n in space.nodes}
-    emitted: set[tuple[ValueRef, Placement]] = set()
-    synced: set[ValueRef] = set()
-    plans: list[NodePlan] = []
-    for node in space.nodes:
-        strategy = chosen[node.name]
-        conversions = []
-        for ref, dst in zip(node.slots, strategy.inputs):
-            producer = nodes_by_name[ref.node]
-            src = producer.output_placement(chosen[ref.node], ref.index)
-            meta = producer.output_value_meta(ref.index)
-            if src != dst and (ref, dst) not in emitted:
-                emitted.add((ref, dst))
-                conversions.append(_conversion(ref, src, dst, meta, cost, requires_grad=producer.requires_grad))
-            if dst == R and strategy.divides_output() and ref not in synced and cost.grad_sync_seconds(meta, requires_grad=producer.requires_grad) > 0:
-                synced.add(ref)
-                conversions.append(Conversion(
-                    value=str(ref), src=R, dst=R, steps=(GRAD_SYNC,), nbytes=meta.nbytes,
-                    bytes_per_rank=cost.step_bytes_per_rank(GRAD_SYNC, meta),
-                    seconds=cost.grad_sync_seconds(meta, requires_grad=True), backward_only=True,
-                ))
-        plans.append(NodePlan(
-            node.name, node.op, node.module_path, node.kind, strategy, tuple(conversions), cost.compute_seconds(node, strategy),
+    spaces = space.by_name()
+    by_consumer = sites_by_consumer(conversion_sites(space, chosen, training=cost.training))
+    plans = [
+        NodePlan(
+            node.name, node.op, node.module_path, node.kind, chosen[node.name],
+            tuple(_conversion(site, spaces[site.value.node].output_value_meta(site.value.index), cost) for site in by_consumer.get(node.name, ())),
+            cost.compute_seconds(node, chosen[node.name]),
             inputs=tuple(str(ref) for ref in node.slots), value=format_value(node.output_meta),
-        ))
+        )
+        for node in space.nodes
+    ]
     state = [n for n in space.nodes if n.kind is NodeKind.STATE]
     return Plan(
         mesh_shape=(space.tp_size,),
@@ -296,13 +289,16 @@ def _local_nbytes(meta: TensorMeta, placement: Placement, tp_size: int) -> float
     return meta.nbytes / tp_size if isinstance(placement, Shard) else float(meta.nbytes)
 
 
-def _conversion(ref: ValueRef, src: Placement, dst: Placement, meta: TensorMeta, cost: CostModel, *, requires_grad: bool) -> Conversion:
-    steps = transition(src, dst)
-    if steps is None:
-        raise AssertionError(f"solver chose a transition the table does not offer: {src} -> {dst} on {ref}")
-    priced = cost.steps_with_backward(steps, requires_grad)
+def _conversion(site: Site, meta: TensorMeta, cost: CostModel) -> Conversion:
+    """The plan's record of one site, priced by ``cost`` (a sync that is not priced costs 0)."""
+    priced = site.priced_steps
+    if isinstance(site, GradSyncSite):
+        src, dst, steps = R, R, site.conjugate
+    else:
+        src, dst, steps = site.src, site.dst, site.forward
     return Conversion(
-        value=str(ref), src=src, dst=dst, steps=steps, nbytes=meta.nbytes,
+        value=str(site.value), src=src, dst=dst, steps=steps, nbytes=meta.nbytes,
         bytes_per_rank=sum(cost.step_bytes_per_rank(s, meta) for s in priced),
         seconds=sum(cost.step_seconds(s, meta) for s in priced),
+        backward_only=isinstance(site, GradSyncSite),
     )

@@ -87,7 +87,7 @@ def summarize_conversions(conversions: Iterable[Conversion]) -> str:
     """One entry per kind and direction, bytes summed: ``all_reduce P->R 24.00 MiB, grad_all_reduce ×2 2.25 MiB (backward)``."""
     groups: dict[tuple[str, str], list[Conversion]] = {}
     for c in conversions:
-        key = ("grad_all_reduce", " (backward)") if c.backward_only else (c.kind, f" {c.src}->{c.dst}")
+        key = ("grad_all_reduce", _grad_sync_note(c)) if c.backward_only else (c.kind, f" {c.src}->{c.dst}")
         groups.setdefault(key, []).append(c)
     parts = []
     for (kind, how), cs in groups.items():
@@ -99,8 +99,13 @@ def summarize_conversions(conversions: Iterable[Conversion]) -> str:
 
 def format_conversion(c: Conversion) -> str:
     if c.backward_only:
-        return f"grad_all_reduce {fmt_nbytes(c.nbytes)} (backward)"
+        return f"grad_all_reduce {fmt_nbytes(c.nbytes)}{_grad_sync_note(c)}"
     return f"{c.kind} {c.src}->{c.dst} {fmt_nbytes(c.nbytes)}"
+
+
+def _grad_sync_note(c: Conversion) -> str:
+    """A gradient sync the plan prices runs in backward; one it does not, only if a gradient reaches it."""
+    return " (backward)" if c.priced else " (backward, only if a gradient flows)"
 
 
 def shown(node: NodePlan) -> bool:

@@ -1,14 +1,15 @@
 """Stage 5: the rank-local graph: collectives where placements change, local shape arguments.
 
-Walks the captured graph once. Every input slot is converted from its producer's placement to
-the placement the chosen strategy requires, with the steps of ``redistribute.transition`` (one
-conversion per value and target placement, shared by all consumers, as priced). An ``R`` input
-of an op that splits its work gets ``grad_all_reduce`` (identity forward): its gradient is a
-partial sum (Megatron-LM's ``f``). Ops with shape arguments get them localised by their rule.
+Walks the captured graph once and emits exactly the sites of ``autotp.conversions.conversion_sites``
+(the ones the plan lists and prices): a conversion with the steps of ``redistribute.transition``,
+emitted at its first consumer and shared by the later ones, and ``grad_all_reduce`` (identity
+forward) on an ``R`` input of an op that splits its work, whose gradient is a partial sum
+(Megatron-LM's ``f``). Ops with shape arguments get them localised by their rule.
 """
 from __future__ import annotations
 
 import operator
+from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -17,9 +18,9 @@ from torch import fx
 
 from autotp import collectives, random
 from autotp.capture import CapturedGraph
-from autotp.placement import Placement, Replicate, Shard
+from autotp.conversions import GradSyncSite, Site, SlotKey, conversion_sites
+from autotp.placement import Shard
 from autotp.plan import Plan
-from autotp.redistribute import Step, StepKind, transition
 from autotp.rules import LocalContext, OpStrategy, lookup
 from autotp.rules.registry import Rule
 from autotp.random import draws_random
@@ -61,8 +62,11 @@ class _Emitter:
         self.device = device
         self.env: dict[str, fx.Node] = {}
         self.items: dict[ValueRef, fx.Node] = {}
-        self.converted: dict[tuple[ValueRef, Placement], fx.Node] = {}
-        self.grad_synced: dict[ValueRef, fx.Node] = {}
+        self.sites_at: dict[SlotKey, list[Site]] = defaultdict(list)
+        for site in conversion_sites(space, self.strategies, training=plan.training):
+            for reader in site.readers:
+                self.sites_at[reader].append(site)
+        self.emitted: dict[Site, fx.Node] = {}
 
     # --- values -------------------------------------------------------------------------------
     def raw(self, ref: ValueRef) -> fx.Node:
@@ -72,42 +76,20 @@ class _Emitter:
             self.items[ref] = self.graph.call_function(operator.getitem, (self.env[ref.node], ref.index))
         return self.items[ref]
 
-    def placement_of(self, ref: ValueRef) -> Placement:
-        return self.spaces[ref.node].output_placement(self.strategies[ref.node], ref.index)
-
-    def convert(self, ref: ValueRef, dst: Placement) -> fx.Node:
-        src = self.placement_of(ref)
-        if src == dst:
-            return self.raw(ref)
-        key = (ref, dst)
-        if key not in self.converted:
-            steps = transition(src, dst)
-            if steps is None:
-                raise AssertionError(f"plan requires {src} -> {dst} on {ref}, which the table does not offer")
-            value = self.raw(ref)
-            for step in steps:
-                value = self.graph.call_function(*self._step_call(step, value))
-            self.converted[key] = value
-        return self.converted[key]
-
-    def _step_call(self, step: Step, value: fx.Node) -> tuple[Any, tuple[Any, ...]]:
-        g = self.group_name
-        if step.kind is StepKind.ALL_REDUCE:
-            return collectives.all_reduce, (value, g)
-        if step.kind is StepKind.ALL_GATHER:
-            return collectives.all_gather, (value, step.src_dim, g)
-        if step.kind is StepKind.REDUCE_SCATTER:
-            return collectives.reduce_scatter, (value, step.dst_dim, g)
-        if step.kind is StepKind.ALL_TO_ALL:
-            return collectives.all_to_all, (value, step.src_dim, step.dst_dim, g)
-        if step.kind is StepKind.LOCAL_CHUNK:
-            return collectives.local_chunk, (value, step.dst_dim, g)
-        return collectives.to_partial, (value, g)
-
-    def grad_sync(self, ref: ValueRef, value: fx.Node) -> fx.Node:
-        if ref not in self.grad_synced:
-            self.grad_synced[ref] = self.graph.call_function(collectives.grad_all_reduce, (value, self.group_name))
-        return self.grad_synced[ref]
+    def read(self, node: str, slot: int, ref: ValueRef) -> fx.Node:
+        """Value ``ref`` as slot ``slot`` of ``node`` reads it: its sites there applied in order,
+        each emitted once (at its first reader) and shared by the later ones."""
+        value = self.raw(ref)
+        for site in self.sites_at[(node, slot)]:
+            if site not in self.emitted:
+                if isinstance(site, GradSyncSite):
+                    value = self.graph.call_function(collectives.grad_all_reduce, (value, self.group_name))
+                else:
+                    for step in site.forward:
+                        value = self.graph.call_function(*collectives.step_call(step, value, self.group_name))
+                self.emitted[site] = value
+            value = self.emitted[site]
+        return value
 
     # --- nodes --------------------------------------------------------------------------------
     def emit(self, node: fx.Node) -> None:
@@ -116,14 +98,14 @@ class _Emitter:
             return
         if node.op == "output":
             space = self.spaces[node.name]
-            locals_ = iter([self.convert(ref, Replicate()) for ref in space.slots])
+            locals_ = iter([self.read(node.name, k, ref) for k, ref in enumerate(space.slots)])
             self.graph.output(_map_tensor_args(node.args[0], locals_, self.env))
             return
         if node.target in ASSERT_OPS:
             return
         space = self.spaces[node.name]
         strategy = self.strategies[node.name]
-        inputs = [self._input(space, strategy, k) for k in range(len(space.slots))]
+        inputs = [self.read(node.name, k, ref) for k, ref in enumerate(space.slots)]
         if node.target is operator.getitem:
             self.env[node.name] = inputs[0]
             return
@@ -139,13 +121,6 @@ class _Emitter:
         new = self.graph.create_node("call_function", target, args, kwargs, name=node.name)
         new.meta.update({k: node.meta[k] for k in _COPIED_META if k in node.meta})
         self.env[node.name] = new
-
-    def _input(self, space: NodeSpace, strategy: OpStrategy, slot: int) -> fx.Node:
-        ref, dst = space.slots[slot], strategy.inputs[slot]
-        value = self.convert(ref, dst)
-        if isinstance(dst, Replicate) and strategy.divides_output() and space.slot_metas[slot].dtype.is_floating_point:
-            value = self.grad_sync(ref, value)
-        return value
 
 
 def _splits_output(strategy: OpStrategy) -> bool:

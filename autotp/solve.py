@@ -35,10 +35,11 @@ import pulp
 
 from autotp.blocks import canonical_nodes
 from autotp.capture import TensorMeta
+from autotp.conversions import needs_grad_sync
 from autotp.units import fmt_nbytes
 from autotp.cost import CostModel
 from autotp.errors import InfeasiblePlanError, SolverError
-from autotp.placement import Placement, Replicate
+from autotp.placement import Placement
 from autotp.rules import OpStrategy
 from autotp.strategies import NodeKind, NodeSpace, StrategySpace, ValueRef
 
@@ -199,13 +200,14 @@ def _demand(problem: pulp.LpProblem, demands: list, name: str) -> object:
 
 
 def _grad_sync(problem: pulp.LpProblem, cost: CostModel, x: dict[str, list], readers: list[tuple[NodeSpace, int]], meta: TensorMeta, requires_grad: bool, tag: str) -> list:
-    """Backward all-reduce of a value's gradient when any reader takes it as R into split work."""
+    """Backward all-reduce of a value's gradient when any reader needs it (``conversions.needs_grad_sync``),
+    priced only when a gradient is expected (as ``conversions.conversion_sites`` prices it)."""
     seconds = cost.grad_sync_seconds(meta, requires_grad=requires_grad)
     if seconds <= 0:
         return []
     demands = []
     for node, slot in readers:
-        idxs = [i for i, s in enumerate(node.strategies) if isinstance(s.inputs[slot], Replicate) and s.divides_output()]
+        idxs = [i for i, s in enumerate(node.strategies) if needs_grad_sync(s, slot, meta)]
         if idxs:
             demands.append(pulp.lpSum(x[node.name][i] for i in idxs))
     if not demands:

@@ -46,8 +46,9 @@ from autotp.capture import capture
 from autotp.cost import BACKWARD_COMPUTE_FACTOR, CostModel, _STEP_COLLECTIVE, node_flops, node_nbytes, node_weight_nbytes, op_class, splits_work, weight_share
 from autotp.errors import AutoTPError, ConfigError
 from autotp.plan import Plan
-from autotp.redistribute import GRAD_SYNC, Step, StepKind
-from autotp.strategies import NodeKind, NodeSpace, StrategySpace, ValueRef, build_strategy_space
+from autotp.conversions import conversion_sites, sites_by_consumer
+from autotp.redistribute import Step, StepKind
+from autotp.strategies import NodeKind, NodeSpace, StrategySpace, build_strategy_space
 from autotp.wake import collective_gaps
 
 log = logging.getLogger(__name__)
@@ -351,11 +352,6 @@ class WakeTerm:
 CostTerm = ComputeTerm | StepTerm | WakeTerm
 
 
-def _value_ref(text: str) -> ValueRef:
-    name, bracket, rest = text.partition("[")
-    return ValueRef(name, int(rest.rstrip("]")) if bracket else None)
-
-
 def _step_lines(step: Step, cost: CostModel) -> tuple[StepLine, ...]:
     rates = roofline(cost.profile)
     if step.kind is StepKind.LOCAL_CHUNK:  # copies this rank's chunk: 2·B/tp bytes
@@ -369,6 +365,7 @@ def _step_lines(step: Step, cost: CostModel) -> tuple[StepLine, ...]:
 def cost_terms(plan: Plan, work: WorkModel, cost: CostModel) -> tuple[CostTerm, ...]:
     """The terms that sum to ``plan``'s time at any (B, T), priced by ``cost`` as the planner does."""
     spaces = work.space.by_name()
+    sites = sites_by_consumer(conversion_sites(work.space, {n.name: n.strategy for n in plan.nodes}, training=cost.training))
     terms: list[CostTerm] = []
     for node in plan.nodes:
         space: NodeSpace = spaces[node.name]
@@ -387,14 +384,9 @@ def cost_terms(plan: Plan, work: WorkModel, cost: CostModel) -> tuple[CostTerm, 
                 flops, nbytes, floor,
                 node_work.weight_nbytes * Fraction(1, weight_share(space, node.strategy, cost.tp_size)), 0.0 if weight_rate is None else 1.0 / weight_rate,
             ))
-        for conversion in node.conversions:
-            ref = _value_ref(conversion.value)
-            size = work.nodes[ref.node].outputs[ref.index]
-            if conversion.backward_only:
-                steps: tuple[Step, ...] = (GRAD_SYNC,)
-            else:
-                steps = cost.steps_with_backward(conversion.steps, spaces[ref.node].requires_grad)
-            terms += [StepTerm(node.name, str(step), _step_lines(step, cost), size) for step in steps]
+        for site in sites.get(node.name, ()):
+            size = work.nodes[site.value.node].outputs[site.value.index]
+            terms += [StepTerm(node.name, str(step), _step_lines(step, cost), size) for step in site.priced_steps]
     if cost.prices_wake:
         compute = {t.node: t for t in terms if isinstance(t, ComputeTerm)}
         for gap in collective_gaps(plan.nodes, work.space, training=cost.training):

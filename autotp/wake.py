@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from autotp.cost import BACKWARD_COMPUTE_FACTOR
-from autotp.redistribute import GRAD_SYNC, Step, backward_steps
+from autotp.conversions import conversion_sites, sites_by_consumer
+from autotp.redistribute import Step
 
 if TYPE_CHECKING:
     from autotp.cost import CostModel
@@ -44,38 +45,29 @@ class CollectiveGap:
         return sum(fraction * node_seconds(name) for name, fraction in self.compute)
 
 
-def _producer(value: str) -> str:
-    return value.partition("[")[0]
-
-
 def collective_gaps(nodes: Sequence[NodePlan], space: StrategySpace, *, training: bool) -> list[CollectiveGap]:
     """Every collective step of one training or inference step, in the order ranks run them.
 
     A node whose output gets a gradient (``space``'s ``requires_grad``) has its compute
     split 1 : ``BACKWARD_COMPUTE_FACTOR`` between forward and backward (as
-    ``autotp.cost.CostModel`` prices it), and a conversion of it runs its conjugate steps in
-    backward (``redistribute.backward_steps``).
+    ``autotp.cost.CostModel`` prices it); the collectives are the plan's conversion sites
+    (``autotp.conversions``), forward steps in order, priced backward steps in reverse. The
+    ``(i, j)`` keys are the node's position in ``nodes`` and the site's among its conversions.
     """
     requires_grad = {n.name: n.requires_grad for n in space.nodes}
+    sites = sites_by_consumer(conversion_sites(space, {n.name: n.strategy for n in nodes}, training=training))
     events: list[tuple[str, float] | tuple[ConversionKey, Step]] = []
     forward_share = {n.name: 1 / (1 + BACKWARD_COMPUTE_FACTOR) if training and requires_grad.get(n.name, False) else 1.0 for n in nodes}
     for i, node in enumerate(nodes):
-        for j, conversion in enumerate(node.conversions):
-            if not conversion.backward_only:
-                events += [((i, j), step) for step in conversion.steps if step.kind.is_collective]
+        for j, site in enumerate(sites.get(node.name, ())):
+            events += [((i, j), step) for step in site.forward if step.kind.is_collective]
         events.append((node.name, forward_share[node.name]))
     if training:
         for i, node in reversed(list(enumerate(nodes))):
             if forward_share[node.name] < 1.0:
                 events.append((node.name, 1.0 - forward_share[node.name]))
-            for j, conversion in enumerate(node.conversions):
-                if conversion.backward_only:
-                    steps: tuple[Step, ...] = (GRAD_SYNC,)
-                elif requires_grad.get(_producer(conversion.value), False):
-                    steps = tuple(b for s in conversion.steps for b in backward_steps(s))
-                else:
-                    steps = ()
-                events += [((i, j), step) for step in steps if step.kind.is_collective]
+            for j, site in enumerate(sites.get(node.name, ())):
+                events += [((i, j), step) for step in site.backward if step.kind.is_collective]
     collectives = [k for k, (_, what) in enumerate(events) if isinstance(what, Step)]
     if not collectives:
         return []

@@ -212,13 +212,13 @@ def test_the_gaps_split_the_steps_compute_between_the_collectives(training: bool
 
 def test_each_collective_pays_for_the_compute_since_the_one_before() -> None:
     plan = _megatron(_with_wake(SMALL), training=False)
-    carriers = [k for k, n in enumerate(plan.nodes) if any(c.is_collective for c in n.conversions)]
+    carriers = [k for k, n in enumerate(plan.nodes) if any(c.is_collective and c.in_forward for c in n.conversions)]
     assert len(carriers) == 4  # attention and MLP of two blocks, one all-reduce each
     compute = [n.compute_seconds for n in plan.nodes]
     # a collective runs before its node's compute; steps repeat, so the first follows the last block's tail
     gaps = [sum(compute[carriers[-1]:]) + sum(compute[:carriers[0]])] + [sum(compute[a:b]) for a, b in zip(carriers, carriers[1:])]
     for k, gap in zip(carriers, gaps):
-        (conversion,) = [c for c in plan.nodes[k].conversions if c.is_collective]
+        (conversion,) = [c for c in plan.nodes[k].conversions if c.is_collective and c.in_forward]
         assert conversion.wake_seconds == pytest.approx(SMALL.seconds(gap), rel=1e-12)
     assert sum(gaps) == pytest.approx(plan.compute_seconds)
     assert len({round(g, 12) for g in gaps}) > 1 and 0 < plan.wake_seconds  # the gaps differ, and they pay
