@@ -18,10 +18,10 @@ from autotp.capture import CapturedGraph, InputRole, capture
 from autotp.cost import CostModel
 from autotp.errors import ConfigError, PlanMismatchError
 from autotp.fingerprint import describe_mismatch
-from autotp.plan_align import align_plan
 from autotp.module import ShardedModule, register_state
 from autotp.placement import Shard
 from autotp.plan import Plan, build_plan
+from autotp.plan_align import align_plan
 from autotp.progress import Progress, stage
 from autotp.random import seed_sharded_stream
 from autotp.retrace import Retracer

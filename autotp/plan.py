@@ -11,15 +11,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 from autotp.capture import TensorMeta
-from autotp.fingerprint import format_value, space_fingerprint
-from autotp.units import fmt_nbytes, fmt_seconds
-from autotp.cost import CostModel
-from autotp.placement import R, Placement, Shard
 from autotp.conversions import GradSyncSite, Site, conversion_sites, sites_by_consumer
+from autotp.cost import CostModel
+from autotp.fingerprint import format_value, space_fingerprint
+from autotp.placement import Placement, R, Shard
 from autotp.redistribute import Step
 from autotp.rules import OpStrategy
 from autotp.solve import Solution, state_nbytes
 from autotp.strategies import NodeKind, StrategySpace
+from autotp.units import fmt_nbytes, fmt_seconds
 from autotp.wake import collective_gaps
 
 

@@ -21,9 +21,9 @@ from autotp.capture import CapturedGraph
 from autotp.conversions import GradSyncSite, Site, SlotKey, conversion_sites
 from autotp.placement import Shard
 from autotp.plan import Plan
+from autotp.random import draws_random
 from autotp.rules import LocalContext, OpStrategy, lookup
 from autotp.rules.registry import Rule
-from autotp.random import draws_random
 from autotp.strategies import ASSERT_OPS, NodeSpace, StrategySpace, ValueRef, is_tensor_value
 
 _COPIED_META = ("nn_module_stack", "stack_trace")

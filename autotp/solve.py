@@ -36,12 +36,12 @@ import pulp
 from autotp.blocks import canonical_nodes
 from autotp.capture import TensorMeta
 from autotp.conversions import needs_grad_sync
-from autotp.units import fmt_nbytes
 from autotp.cost import CostModel
 from autotp.errors import InfeasiblePlanError, SolverError
 from autotp.placement import Placement
 from autotp.rules import OpStrategy
 from autotp.strategies import NodeKind, NodeSpace, StrategySpace, ValueRef
+from autotp.units import fmt_nbytes
 
 log = logging.getLogger(__name__)
 
@@ -160,13 +160,11 @@ def _transition_terms(problem: pulp.LpProblem, space: StrategySpace, cost: CostM
     for node in space.nodes:
         for slot, ref in enumerate(node.slots):
             readers[ref].append((canonical[node.name], slot))
-    distinct: dict[tuple, tuple[ValueRef, int]] = {}
+    distinct: dict[tuple, int] = defaultdict(int)
     for ref, slots in readers.items():
-        key = (canonical[ref.node], ref.index, tuple(sorted(set(slots))))
-        first, count = distinct.get(key, (ref, 0))
-        distinct[key] = (first, count + 1)
+        distinct[(canonical[ref.node], ref.index, tuple(sorted(set(slots))))] += 1
     terms = []
-    for v_id, ((producer_name, index, slots), (ref, count)) in enumerate(distinct.items()):
+    for v_id, ((producer_name, index, slots), count) in enumerate(distinct.items()):
         producer = nodes[producer_name]
         meta = producer.output_value_meta(index)
         produced: dict[Placement, list[int]] = defaultdict(list)

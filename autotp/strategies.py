@@ -20,7 +20,7 @@ import torch
 from torch import fx
 
 from autotp.capture import CapturedGraph, GraphInput, InputRole, TensorMeta, module_path, tensor_meta
-from autotp.placement import Partial, R, Placement, Shard
+from autotp.placement import Partial, Placement, R, Shard
 from autotp.rules import OpContext, OpStrategy, lookup
 from autotp.rules.registry import OutputMeta, OutputPlacement, Rule
 from autotp.torch_compat import op_schema

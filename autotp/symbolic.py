@@ -43,10 +43,10 @@ from torch import nn
 from cost_models import HardwareProfile, OpClassRate, WakeCurve, collective_terms, matmul_roofline, roofline
 from cost_models.comm import piecewise_linear_seconds
 from autotp.capture import capture
-from autotp.cost import BACKWARD_COMPUTE_FACTOR, CostModel, _STEP_COLLECTIVE, node_flops, node_nbytes, node_weight_nbytes, op_class, splits_work, weight_share
+from autotp.conversions import conversion_sites, sites_by_consumer
+from autotp.cost import _STEP_COLLECTIVE, BACKWARD_COMPUTE_FACTOR, CostModel, node_flops, node_nbytes, node_weight_nbytes, op_class, splits_work, weight_share
 from autotp.errors import AutoTPError, ConfigError
 from autotp.plan import Plan
-from autotp.conversions import conversion_sites, sites_by_consumer
 from autotp.redistribute import Step, StepKind
 from autotp.strategies import NodeKind, NodeSpace, StrategySpace, build_strategy_space
 from autotp.wake import collective_gaps

@@ -310,7 +310,7 @@ def _loss(outputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """A fixed random projection of every floating output: each output element gets its own
     gradient, so a wrong order of elements shows (a mean or a sum of squares could hide one)."""
     total = torch.zeros(())
-    for k, (name, out) in enumerate(sorted(outputs.items())):
+    for k, (_name, out) in enumerate(sorted(outputs.items())):
         if not out.dtype.is_floating_point or not out.requires_grad:
             continue
         weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1000 + k), dtype=torch.float32)

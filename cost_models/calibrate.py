@@ -68,8 +68,8 @@ import itertools
 import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from cost_models.algorithms import ALGORITHMS, Algorithm, Collective
 from cost_models.comm import bytes_moved_per_rank, latency_steps, transfer_seconds

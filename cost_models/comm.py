@@ -63,7 +63,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from cost_models.algorithms import AUTO, ALGORITHMS, Algorithm, Collective, parse_algorithm, parse_collective
+from cost_models.algorithms import ALGORITHMS, AUTO, Algorithm, Collective, parse_algorithm, parse_collective
 from cost_models.profile import BandwidthKnee, LinkProfile
 
 __all__ = [

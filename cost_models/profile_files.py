@@ -84,9 +84,9 @@ from typing import TYPE_CHECKING, Any
 
 from cost_models.algorithms import ALGORITHMS, Collective
 from cost_models.profile import (
+    OP_CLASSES,
     BandwidthKnee,
     CollectiveLink,
-    OP_CLASSES,
     HardwareProfile,
     LinkProfile,
     OpClassRate,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from autotp.placement import R, Placement, Shard
+from autotp.placement import Placement, R, Shard
 from autotp.rules.registry import OpContext, OpStrategy, register
 
 aten = __import__("torch").ops.aten

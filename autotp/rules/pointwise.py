@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 from torch import fx
 
-from autotp.placement import P, R, Placement, Shard
+from autotp.placement import P, Placement, R, Shard
 from autotp.rules.registry import OpContext, OpStrategy, Rule, register, set_pointwise_fallback
 from autotp.torch_compat import OpOverload
 
