@@ -155,7 +155,7 @@ def local_call(
     other nodes looked up in ``env``, shape arguments localised, views run as reshapes.
     The rewriter emits this call and the rule checker (``autotp.rules.check``) runs it."""
     args, kwargs = _replace_slots(node, rule, iter(inputs), env)
-    target = _VIEW_AS_RESHAPE.get(node.target, node.target)
+    target = _VIEW_AS_RESHAPE.get(node.target, node.target)  # type: ignore[call-overload]  # any target may be looked up
     if rule is not None and rule.localize is not None and _splits_output(strategy):
         lc = LocalContext(rank, tp_size, strategy, space.slot_metas, space.output_meta)  # type: ignore[arg-type]
         args, kwargs = rule.localize(args, kwargs, lc)

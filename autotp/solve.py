@@ -71,7 +71,7 @@ def state_nbytes(node: NodeSpace, placement: Placement, cost: CostModel) -> floa
 def min_state_nbytes(space: StrategySpace, cost: CostModel) -> float:
     """The smallest state memory per device any plan can reach (each state at its best split)."""
     return sum(
-        min(state_nbytes(n, s.output, cost) for s in n.strategies)  # type: ignore[arg-type]
+        min(state_nbytes(n, s.output, cost) for s in n.strategies)  # type: ignore[arg-type, misc]
         for n in space.nodes
         if n.kind is NodeKind.STATE
     )
@@ -187,7 +187,7 @@ def _transition_terms(problem: pulp.LpProblem, space: StrategySpace, cost: CostM
     return terms
 
 
-def _demand(problem: pulp.LpProblem, demands: list, name: str) -> object:
+def _demand(problem: pulp.LpProblem, demands: list, name: str) -> pulp.LpAffineExpression:
     """At least every consumer's demand: shared work is paid once however many consumers need it."""
     if len(demands) == 1:
         return demands[0]

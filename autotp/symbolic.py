@@ -370,7 +370,7 @@ def cost_terms(plan: Plan, work: WorkModel, cost: CostModel) -> tuple[CostTerm, 
     for node in plan.nodes:
         space: NodeSpace = spaces[node.name]
         kind = op_class(space) if node.kind is NodeKind.OP else None
-        floor = cost.profile.op_classes.get(kind) if node.kind is NodeKind.OP else None
+        floor = cost.profile.op_classes.get(kind) if kind is not None else None
         if node.kind is NodeKind.OP and (not space.is_view or floor is not None):
             share = cost.tp_size if splits_work(node.strategy) else 1
             dtype = str(space.slot_metas[0].dtype if space.slot_metas else torch.float32).removeprefix("torch.")
