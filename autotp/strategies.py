@@ -20,6 +20,7 @@ import torch
 from torch import fx
 
 from autotp.capture import CapturedGraph, GraphInput, InputRole, TensorMeta, module_path, tensor_meta
+from autotp.errors import describe_node
 from autotp.placement import Partial, Placement, R, Shard
 from autotp.rules import OpContext, OpStrategy, lookup
 from autotp.rules.registry import OutputMeta, OutputPlacement, Rule
@@ -181,7 +182,7 @@ def build_strategy_space(captured: CapturedGraph, tp_size: int) -> StrategySpace
             if space.fallback:
                 unsupported[space.op] = None
         else:
-            raise NotImplementedError(f"unexpected fx node kind {node.op!r} in an exported graph")
+            raise NotImplementedError(f"unexpected fx node kind {node.op!r} in an exported graph: {describe_node(node)}")
         grads[space.name] = space.requires_grad
         spaces.append(space)
     if unsupported:
