@@ -7,8 +7,15 @@ from autotp.api import parallelize, plan
 from autotp.checkpoint import full_state_dict, load_sharded_state_dict, sharded_state_dict
 from autotp.crossover import Crossover, CrossoverReport, crossovers
 from autotp.errors import (
-    AutoTPError, CaptureError, ConfigError, InfeasiblePlanError, InputMismatchError, PlanFormatError,
-    PlanMismatchError, SolverError, TorchTPExportError,
+    AutoTPError,
+    CaptureError,
+    ConfigError,
+    InfeasiblePlanError,
+    InputMismatchError,
+    PlanFormatError,
+    PlanMismatchError,
+    SolverError,
+    TorchTPExportError,
 )
 from autotp.placement import Partial, Replicate, Shard
 from autotp.plan import Plan

@@ -49,7 +49,7 @@ def _sizes(value: str) -> list[tuple[int, bool]]:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def is_alias(op: str) -> bool:
     """Whether ``op`` (as a plan names it: ``"aten.view.default"``, ``"getitem"``) returns a view."""
     if op == "getitem":

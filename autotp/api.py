@@ -18,10 +18,10 @@ from autotp.capture import CapturedGraph, InputRole, capture
 from autotp.cost import CostModel
 from autotp.errors import ConfigError, PlanMismatchError
 from autotp.fingerprint import describe_mismatch
-from autotp.plan_align import align_plan
 from autotp.module import ShardedModule, register_state
 from autotp.placement import Shard
 from autotp.plan import Plan, build_plan
+from autotp.plan_align import align_plan
 from autotp.progress import Progress, stage
 from autotp.random import seed_sharded_stream
 from autotp.retrace import Retracer
@@ -125,7 +125,7 @@ def plan_model(
 WAKE_ROUNDS = 3  # re-solves at most, each with the last plan's mean gap before a collective
 
 
-def _wake_aware(plan: Plan, space: StrategySpace, cost: CostModel, *, memory_budget: float | None, time_limit_s: float, solver: str) -> Plan:
+def _wake_aware(plan: Plan, space: StrategySpace, cost: CostModel, *, memory_budget: int | None, time_limit_s: float, solver: str) -> Plan:
     """The cheapest plan, priced from its schedule, of ``plan`` and a few re-solves that charge
     every collective the wake-up at the last plan's mean gap (``autotp.wake``).
 

@@ -64,7 +64,7 @@ class PlannedCall:
         declared = {name: _dims(name, dims) for name, dims in (dynamic_dims or {}).items()}
         leaves = []
         for path, value in with_paths:
-            name = names[path[0].idx] + pytree.keystr(path[1:])
+            name = names[path[0].idx] + pytree.keystr(path[1:])  # type: ignore[attr-defined]  # a tuple's keys are SequenceKeys
             meta = tensor_meta(value)
             dims = declared.pop(name, frozenset())
             if dims and meta is None:

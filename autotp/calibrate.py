@@ -90,11 +90,11 @@ class CalibrationConfig:
 def default_config(*, device_type: str, quick: bool) -> CalibrationConfig:
     """The measurement grid: ``quick`` keeps a CPU run with 2 ranks well under 2 minutes."""
     if device_type == "cuda":
-        shapes = ((256, 256, 256), (1024, 1024, 1024), (2048, 2048, 2048), (4096, 4096, 4096), (8192, 1024, 8192), (1024, 8192, 1024))
-        dtypes = ("float32", "bfloat16", "float16")
+        shapes: tuple[tuple[int, int, int], ...] = ((256, 256, 256), (1024, 1024, 1024), (2048, 2048, 2048), (4096, 4096, 4096), (8192, 1024, 8192), (1024, 8192, 1024))
+        dtypes: tuple[str, ...] = ("float32", "bfloat16", "float16")
         memory = tuple(4**k * 64 * KIB for k in range(0, 7 if quick else 9))  # 64 KiB .. 1 GiB
         numels = tuple(4**k * 16 * KIB for k in range(0, 6 if quick else 8))  # 16 Ki .. 16 / 256 Mi elements
-        attention = ((4, 16, 512, 64), (8, 16, 1024, 64), (8, 32, 2048, 128)) + (() if quick else ((4, 32, 4096, 128),))
+        attention: tuple[tuple[int, int, int, int], ...] = ((4, 16, 512, 64), (8, 16, 1024, 64), (8, 32, 2048, 128)) + (() if quick else ((4, 32, 4096, 128),))
     else:
         shapes = ((32, 32, 32), (64, 64, 64), (128, 128, 128), (256, 256, 256), (512, 512, 512), (128, 1024, 512), (1024, 256, 256))
         dtypes = ("float32", "bfloat16") if quick else ("float32", "bfloat16", "float64")
@@ -272,7 +272,7 @@ def _kernel_samples(config: CalibrationConfig, device: torch.device) -> list[tup
                 return _as_in_a_layer(m, k, n, dtype, device)
             out.append((KernelSample("matmul", dtype_name, 2.0 * m * k * n, nbytes, 0.0, weight_nbytes=float(k * n * dtype.itemsize)), _Sample(f"matmul {dtype_name} {m}x{k}x{n}", make, None, True)))
     for size in config.memory_nbytes:
-        def make(size: int = size) -> Callable[[], object]:
+        def make(size: int = size) -> Callable[[], object]:  # type: ignore[misc]  # one closure per sample
             return _as_in_a_graph(lambda: (torch.ones(size // 4, device=device), torch.ones(size // 4, device=device)), torch.ops.aten.add.Tensor, 3 * size)
         out.append((KernelSample("memory", "float32", float(size // 4), 3.0 * (size // 4) * 4, 0.0), _Sample(f"add of 2 x {size / MIB:.3f} MiB", make, None, True)))
     return out
@@ -345,14 +345,14 @@ def _op_class_samples(config: CalibrationConfig, device: torch.device) -> list[t
         for kind, name, op in _ROW_OPS:
             nbytes = 2.0 * numel * dtype.itemsize
 
-            def make(numel: int = numel, op: Callable[..., object] = op, nbytes: float = nbytes) -> Callable[[], object]:
+            def make(numel: int = numel, op: Callable[..., object] = op, nbytes: float = nbytes) -> Callable[[], object]:  # type: ignore[misc]  # one closure per sample
                 w, b = torch.ones(_ROW_WIDTH, device=device, dtype=dtype), torch.zeros(_ROW_WIDTH, device=device, dtype=dtype)
                 return _as_in_a_graph(lambda: (torch.randn(max(1, numel // _ROW_WIDTH), _ROW_WIDTH, device=device).to(dtype), w, b), op, int(nbytes))
             out.append((KernelSample(kind, str(dtype).removeprefix("torch."), float(numel), nbytes, 0.0), _Sample(f"{name} of {numel} elements", make, None, True)))
     for b, h, t, d in config.attention_shapes:
         flops, nbytes = 4.0 * b * h * t * t * d, 4.0 * b * h * t * d * dtype.itemsize
 
-        def make(shape: tuple[int, int, int, int] = (b, h, t, d), nbytes: float = nbytes) -> Callable[[], object]:
+        def make(shape: tuple[int, int, int, int] = (b, h, t, d), nbytes: float = nbytes) -> Callable[[], object]:  # type: ignore[misc]  # one closure per sample
             def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
                 return torch.ops.aten.scaled_dot_product_attention.default(q, k, v, is_causal=True)
             return _as_in_a_graph(lambda: tuple(torch.randn(*shape, device=device).to(dtype) for _ in range(3)), attention, int(nbytes))
@@ -367,7 +367,7 @@ def _time_batch(sample: _Sample, device: torch.device, config: CalibrationConfig
     if sample.member:
         op = sample.make()
         if sample.calls == 0:  # as many calls as fill a batch, the same on every rank
-            one = op if sample.gap is None else (lambda op=op, gap=sample.gap: (gap(), op()))
+            one = op if sample.gap is None else (lambda op=op, gap=sample.gap: (gap(), op()))  # type: ignore[misc]  # default-bound lambda
             sample.calls = _agree(_calls_for(_estimate(one, device), config.batch_seconds), device, sample.group)
         if sample.gap is None:
             seconds = _timed_batches(op, calls=sample.calls, repeats=1, warmup=0, device=device, group=sample.group)[0]
@@ -409,7 +409,7 @@ def measure_rank(rank: int, world_size: int, config: CalibrationConfig, progress
     wake: list[tuple[WakeSample, _Sample]] = []
     for kind in config.collectives if world_size >= 2 else ():
         for times in config.wake_gaps:
-            make = lambda kind=kind: _collective_op(kind, WAKE_PROBE_NBYTES, dist.group.WORLD, world_size, device)  # noqa: E731
+            make = lambda kind=kind: _collective_op(kind, WAKE_PROBE_NBYTES, dist.group.WORLD, world_size, device)  # type: ignore[misc, assignment, arg-type]  # noqa: E731  # rebound closure; WORLD is set once the group is up
             sample = _Sample(f"{kind} {WAKE_PROBE_NBYTES / MIB:.3f} MiB on {world_size} ranks after {times} x the gap", make, dist.group.WORLD, True, gap=repeated(gap, times))
             wake.append((WakeSample(kind, world_size, float(WAKE_PROBE_NBYTES), 0.0, 0.0), sample))
     samples = [s for _, s in kernels] + [s for _, s in collectives] + [s for _, s in wake]

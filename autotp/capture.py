@@ -303,6 +303,6 @@ def _tied_names(model: nn.Module) -> dict[str, tuple[str, ...]]:
     by_id: dict[int, list[str]] = {}
     for name, tensor in model.named_parameters(remove_duplicate=False):
         by_id.setdefault(id(tensor), []).append(name)
-    for name, tensor in model.named_buffers(remove_duplicate=False):
-        by_id.setdefault(id(tensor), []).append(name)
+    for name, buffer in model.named_buffers(remove_duplicate=False):
+        by_id.setdefault(id(buffer), []).append(name)
     return {name: tuple(names) for names in by_id.values() for name in names}

@@ -28,9 +28,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from autotp.torch_compat import resolve_process_group
-
 from autotp.redistribute import Step, StepKind
+from autotp.torch_compat import resolve_process_group
 
 
 def _group(group_name: str) -> dist.ProcessGroup:

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
-from cost_models import Collective, HardwareProfile, LinkProfile, bytes_moved_per_rank, collective_seconds, matmul_seconds, op_seconds, roofline_seconds, select_algorithm, state_nbytes, wake_seconds, WakeCurve
+from cost_models import Collective, HardwareProfile, LinkProfile, WakeCurve, bytes_moved_per_rank, collective_seconds, matmul_seconds, op_seconds, roofline_seconds, select_algorithm, state_nbytes, wake_seconds
 from autotp.capture import TensorMeta
-from autotp.placement import Placement, Shard
 from autotp.conversions import backward_conjugates
+from autotp.placement import Placement, Shard
 from autotp.redistribute import GRAD_SYNC, Step, StepKind, transition
 from autotp.rules import OpStrategy
 from autotp.strategies import NodeKind, NodeSpace

@@ -40,7 +40,7 @@ class PlanFormatError(AutoTPError, ValueError):
 def describe_node(node: fx.Node) -> str:
     """One line naming a graph node, its op, its output shape and the user's source line."""
     val = node.meta.get("val")
-    shape = tuple(val.shape) if hasattr(val, "shape") else None
+    shape = tuple(val.shape) if val is not None and hasattr(val, "shape") else None
     stack = node.meta.get("nn_module_stack") or {}
     module = next(reversed(stack.values()))[0] if stack else ""
     where = ""

@@ -151,7 +151,7 @@ def _transfer(ref: ValueRef, src: Placement, dst: Placement, meta: TensorMeta, c
     return Transfer(str(ref), src, dst, cost.transition_seconds(src, dst, meta, requires_grad=requires_grad), meta.nbytes, kind, shared)
 
 
-def _input_transfers(node, strategy, nodes, chosen, readers, cost) -> list[Transfer]:  # type: ignore[no-untyped-def]
+def _input_transfers(node, strategy, nodes, chosen, readers, cost) -> list[Transfer]:
     out = []
     for slot, ref in enumerate(node.slots):
         producer = nodes[ref.node]
@@ -170,7 +170,7 @@ def _input_transfers(node, strategy, nodes, chosen, readers, cost) -> list[Trans
     return out
 
 
-def _output_transfers(node, strategy, nodes, chosen, readers, cost) -> list[Transfer]:  # type: ignore[no-untyped-def]
+def _output_transfers(node, strategy, nodes, chosen, readers, cost) -> list[Transfer]:
     out = []
     for ref, consumers in readers.items():
         if ref.node != node.name:
@@ -242,7 +242,7 @@ def format_explanation(exp: Explanation) -> str:
     for row in [header] + rows:
         lines.append("  ".join(cell.ljust(w) if k < 2 else cell.rjust(w) for k, (cell, w) in enumerate(zip(row, widths))).rstrip())
     lines += ["", f"chosen: {exp.chosen.strategy}", f"why: {exp.verdict}"]
-    for label, c in (("chosen", exp.chosen), ("runner-up", _runner_up(exp))):
+    for label, c in (("chosen", exp.chosen), ("runner-up", _runner_up(exp))):  # type: ignore[assignment]  # None is skipped
         if c is None:
             continue
         transfers = [f"      in   {t.describe()}" for t in c.inputs] + [f"      out  {t.describe()}" for t in c.outputs]

@@ -86,8 +86,8 @@ def _describe_groups(space: StrategySpace, column: tuple[str, ...], row: tuple[s
     for side, names in ((0, column), (1, row)):
         for name in names:
             path = nodes[name].module_path
-            block = split_block_path(path)
-            per_block[block_of(path)][side].append(block.within if block else path or name)
+            split = split_block_path(path)
+            per_block[block_of(path)][side].append(split.within if split else path or name)
     runs: list[tuple[str, int, int, tuple]] = []
     for block, (cols, rows) in per_block.items():
         key = (tuple(cols), tuple(rows))
@@ -125,19 +125,19 @@ def megatron_layout_of(space: StrategySpace) -> MegatronLayout:
         column |= {p for ps in producers for p in ps} - shared
         row |= set(consumers)
     for name in graph.weighted_names():
-        producers = graph.mlp_producers(name)
-        if producers and not (column | row | fused) & {name, *producers}:
+        mlp_producers = graph.mlp_producers(name)
+        if mlp_producers and not (column | row | fused) & {name, *mlp_producers}:
             n_mlp += 1
-            column |= set(producers)
+            column |= set(mlp_producers)
             row.add(name)
     pins = {
         name: graph.column_strategy(name) if name in column else graph.row_strategy(name)
-        for name in sorted(column | row, key=graph.order.get)
+        for name in sorted(column | row, key=graph.order.__getitem__)
     }
     notes = dict.fromkeys(
         f"{block_pattern(space.by_name()[name].module_path or name)} projects q, k and v with one fused weight: Megatron splits it "
         "per head, which no contiguous split of its output expresses, so it is left to the solver"
-        for name in sorted(fused, key=graph.order.get)
+        for name in sorted(fused, key=graph.order.__getitem__)
     )
     return MegatronLayout(
         pins, tuple(n for n in pins if n in column), tuple(n for n in pins if n in row), n_attention, n_mlp, tuple(notes),
@@ -219,7 +219,7 @@ class _Graph:
         producers = [n.name for n in frontier if n.kind is NodeKind.OP and self.weighted(n) is not None]
         others = [n for n in frontier if n.kind is not NodeKind.STATE and n.name not in producers]  # a bias or scale is fine
         activated = any(not self.nodes[n].is_view for n in expanded)
-        return sorted(producers, key=self.order.get) if producers and not others and activated else []
+        return sorted(producers, key=self.order.__getitem__) if producers and not others and activated else []
 
     def _region(
         self, start: str, *, through: Callable[[NodeSpace], bool], backward: bool, expand_start: bool,

@@ -27,6 +27,8 @@ class ShardedModule(nn.Module):
     dims declared dynamic (``autotp.arguments``), for which ``retracer`` builds further graphs.
     """
 
+    graph_module: fx.GraphModule  # set in __init__ outside nn.Module's registry
+
     def __init__(
         self,
         captured: CapturedGraph,
@@ -72,7 +74,7 @@ class ShardedModule(nn.Module):
     def placements(self) -> dict[str, Placement]:
         """Placement of every parameter/buffer by its name(s) in the original model."""
         by_node = {n.name: n.strategy.output for n in self.plan.nodes}
-        return {fqn: by_node[gi.node_name] for gi in self._captured_inputs for fqn in gi.fqns}
+        return {fqn: by_node[gi.node_name] for gi in self._captured_inputs for fqn in gi.fqns}  # type: ignore[misc]  # state nodes have one output
 
     def train(self, mode: bool = True) -> ShardedModule:
         """The graph was captured in one mode (dropout on or off); warn when asked for the other."""
@@ -99,9 +101,9 @@ class ShardedModule(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         user_inputs, resized = self.planned_call.bind(args, kwargs)
-        graph = self.graph_module if resized is None else self._retracer.graph_for(resized)  # resized only along dynamic dims
+        graph = self.graph_module if resized is None else self._retracer.graph_for(resized)  # type: ignore[union-attr]  # resized only along dynamic dims, which need a retracer
         outputs = graph(*self._placeholders(user_inputs))
-        return pytree.tree_unflatten(list(outputs), self._out_spec)
+        return pytree.tree_unflatten(list(outputs), self._out_spec)  # type: ignore[arg-type]  # CapturedGraph keeps it as object
 
 
 def register_state(root: nn.Module, fqn: str, tensor: torch.Tensor, role: InputRole, persistent: bool) -> None:

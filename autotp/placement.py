@@ -6,7 +6,6 @@ non-negative tensor dim.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +38,7 @@ class Partial:
         return "P"
 
 
-Placement = Union[Replicate, Shard, Partial]
+Placement = Replicate | Shard | Partial
 
 R = Replicate()
 P = Partial()

@@ -11,15 +11,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 from autotp.capture import TensorMeta
-from autotp.fingerprint import format_value, space_fingerprint
-from autotp.units import fmt_nbytes, fmt_seconds
-from autotp.cost import CostModel
-from autotp.placement import R, Placement, Shard
 from autotp.conversions import GradSyncSite, Site, conversion_sites, sites_by_consumer
+from autotp.cost import CostModel
+from autotp.fingerprint import format_value, space_fingerprint
+from autotp.placement import Placement, R, Shard
 from autotp.redistribute import Step
 from autotp.rules import OpStrategy
 from autotp.solve import Solution, state_nbytes
 from autotp.strategies import NodeKind, StrategySpace
+from autotp.units import fmt_nbytes, fmt_seconds
 from autotp.wake import collective_gaps
 
 
@@ -183,7 +183,7 @@ class Plan:
 
     def sharded_state(self) -> dict[str, Placement]:
         """Placement of every parameter/buffer placeholder that is split."""
-        return {n.name: n.strategy.output for n in self.nodes if n.kind is NodeKind.STATE and isinstance(n.strategy.output, Shard)}  # type: ignore[misc]
+        return {n.name: n.strategy.output for n in self.nodes if n.kind is NodeKind.STATE and isinstance(n.strategy.output, Shard)}
 
     def __repr__(self) -> str:
         mode = "training" if self.training else "inference"
@@ -256,9 +256,9 @@ def build_plan(
         hardware=hardware,
         memory_budget=memory_budget,
         nodes=_with_wake(plans, space, cost),
-        param_nbytes_per_device=sum(_local_nbytes(n.output_meta, chosen[n.name].output, space.tp_size) for n in state),  # type: ignore[arg-type]
-        replicated_param_nbytes=float(sum(n.output_meta.nbytes for n in state)),  # type: ignore[union-attr]
-        memory_nbytes_per_device=sum(state_nbytes(n, chosen[n.name].output, cost) for n in state),  # type: ignore[arg-type]
+        param_nbytes_per_device=sum(_local_nbytes(n.output_meta, chosen[n.name].output, space.tp_size) for n in state),  # type: ignore[arg-type, misc]
+        replicated_param_nbytes=float(sum(n.output_meta.nbytes for n in state)),  # type: ignore[union-attr, misc]
+        memory_nbytes_per_device=sum(state_nbytes(n, chosen[n.name].output, cost) for n in state),  # type: ignore[arg-type, misc]
         solver_status=solution.status,
         solve_seconds=solution.seconds,
         training=cost.training,
@@ -293,7 +293,9 @@ def _conversion(site: Site, meta: TensorMeta, cost: CostModel) -> Conversion:
     """The plan's record of one site, priced by ``cost`` (a sync that is not priced costs 0)."""
     priced = site.priced_steps
     if isinstance(site, GradSyncSite):
-        src, dst, steps = R, R, site.conjugate
+        src: Placement = R
+        dst: Placement = R
+        steps = site.conjugate
     else:
         src, dst, steps = site.src, site.dst, site.forward
     return Conversion(

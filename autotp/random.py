@@ -10,9 +10,10 @@ also keeps the global stream untouched and in step. The rewriter routes every op
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch.fx.operator_schemas import normalize_function

@@ -59,6 +59,7 @@ def transition(src: Placement, dst: Placement) -> tuple[Step, ...] | None:
     assert isinstance(src, Partial)
     if isinstance(dst, Replicate):
         return (Step(StepKind.ALL_REDUCE),)
+    assert isinstance(dst, Shard)  # Partial -> Partial returned () above
     return (Step(StepKind.REDUCE_SCATTER, dst_dim=dst.dim),)
 
 

@@ -21,9 +21,9 @@ from autotp.capture import CapturedGraph
 from autotp.conversions import GradSyncSite, Site, SlotKey, conversion_sites
 from autotp.placement import Shard
 from autotp.plan import Plan
+from autotp.random import draws_random
 from autotp.rules import LocalContext, OpStrategy, lookup
 from autotp.rules.registry import Rule
-from autotp.random import draws_random
 from autotp.strategies import ASSERT_OPS, NodeSpace, StrategySpace, ValueRef, is_tensor_value
 
 _COPIED_META = ("nn_module_stack", "stack_trace")
@@ -155,7 +155,7 @@ def local_call(
     other nodes looked up in ``env``, shape arguments localised, views run as reshapes.
     The rewriter emits this call and the rule checker (``autotp.rules.check``) runs it."""
     args, kwargs = _replace_slots(node, rule, iter(inputs), env)
-    target = _VIEW_AS_RESHAPE.get(node.target, node.target)
+    target = _VIEW_AS_RESHAPE.get(node.target, node.target)  # type: ignore[call-overload]  # any target may be looked up
     if rule is not None and rule.localize is not None and _splits_output(strategy):
         lc = LocalContext(rank, tp_size, strategy, space.slot_metas, space.output_meta)  # type: ignore[arg-type]
         args, kwargs = rule.localize(args, kwargs, lc)

@@ -36,12 +36,12 @@ import pulp
 from autotp.blocks import canonical_nodes
 from autotp.capture import TensorMeta
 from autotp.conversions import needs_grad_sync
-from autotp.units import fmt_nbytes
 from autotp.cost import CostModel
 from autotp.errors import InfeasiblePlanError, SolverError
 from autotp.placement import Placement
 from autotp.rules import OpStrategy
 from autotp.strategies import NodeKind, NodeSpace, StrategySpace, ValueRef
+from autotp.units import fmt_nbytes
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def state_nbytes(node: NodeSpace, placement: Placement, cost: CostModel) -> floa
 def min_state_nbytes(space: StrategySpace, cost: CostModel) -> float:
     """The smallest state memory per device any plan can reach (each state at its best split)."""
     return sum(
-        min(state_nbytes(n, s.output, cost) for s in n.strategies)  # type: ignore[arg-type]
+        min(state_nbytes(n, s.output, cost) for s in n.strategies)  # type: ignore[arg-type, misc]
         for n in space.nodes
         if n.kind is NodeKind.STATE
     )
@@ -160,13 +160,11 @@ def _transition_terms(problem: pulp.LpProblem, space: StrategySpace, cost: CostM
     for node in space.nodes:
         for slot, ref in enumerate(node.slots):
             readers[ref].append((canonical[node.name], slot))
-    distinct: dict[tuple, tuple[ValueRef, int]] = {}
+    distinct: dict[tuple, int] = defaultdict(int)
     for ref, slots in readers.items():
-        key = (canonical[ref.node], ref.index, tuple(sorted(set(slots))))
-        first, count = distinct.get(key, (ref, 0))
-        distinct[key] = (first, count + 1)
+        distinct[(canonical[ref.node], ref.index, tuple(sorted(set(slots))))] += 1
     terms = []
-    for v_id, ((producer_name, index, slots), (ref, count)) in enumerate(distinct.items()):
+    for v_id, ((producer_name, index, slots), count) in enumerate(distinct.items()):
         producer = nodes[producer_name]
         meta = producer.output_value_meta(index)
         produced: dict[Placement, list[int]] = defaultdict(list)
@@ -189,7 +187,7 @@ def _transition_terms(problem: pulp.LpProblem, space: StrategySpace, cost: CostM
     return terms
 
 
-def _demand(problem: pulp.LpProblem, demands: list, name: str) -> object:
+def _demand(problem: pulp.LpProblem, demands: list, name: str) -> pulp.LpAffineExpression:
     """At least every consumer's demand: shared work is paid once however many consumers need it."""
     if len(demands) == 1:
         return demands[0]

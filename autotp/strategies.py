@@ -14,13 +14,14 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from enum import Enum
 from types import MappingProxyType
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import fx
 
 from autotp.capture import CapturedGraph, GraphInput, InputRole, TensorMeta, module_path, tensor_meta
-from autotp.placement import Partial, R, Placement, Shard
+from autotp.errors import describe_node
+from autotp.placement import Partial, Placement, R, Shard
 from autotp.rules import OpContext, OpStrategy, lookup
 from autotp.rules.registry import OutputMeta, OutputPlacement, Rule
 from autotp.torch_compat import op_schema
@@ -130,7 +131,7 @@ def output_meta(node: fx.Node) -> OutputMeta | None:
     if isinstance(val, torch.Tensor):
         return tensor_meta(val)
     if _is_multi_output(node):
-        return tuple(tensor_meta(v) for v in val)  # type: ignore[misc]
+        return tuple(tensor_meta(v) for v in val)  # type: ignore[union-attr, misc]  # _is_multi_output checked val
     return None
 
 
@@ -181,7 +182,7 @@ def build_strategy_space(captured: CapturedGraph, tp_size: int) -> StrategySpace
             if space.fallback:
                 unsupported[space.op] = None
         else:
-            raise NotImplementedError(f"unexpected fx node kind {node.op!r} in an exported graph")
+            raise NotImplementedError(f"unexpected fx node kind {node.op!r} in an exported graph: {describe_node(node)}")
         grads[space.name] = space.requires_grad
         spaces.append(space)
     if unsupported:
@@ -223,13 +224,13 @@ def _output_space(node: fx.Node, metas: Mapping[str, OutputMeta | None]) -> Node
 def _op_space(node: fx.Node, meta: OutputMeta | None, metas: Mapping[str, OutputMeta | None], tp_size: int) -> NodeSpace:
     rule = lookup(node.target)
     if node.target is operator.getitem:
-        producer, index = node.args
-        slots = (ValueRef(producer.name, index),)
-        slot_metas = (metas[producer.name][index],)  # type: ignore[index]
+        producer, index = cast("tuple[fx.Node, int]", node.args)
+        slots: tuple[ValueRef, ...] = (ValueRef(producer.name, index),)
+        slot_metas: tuple[TensorMeta, ...] = (metas[producer.name][index],)  # type: ignore[index]
     else:
         nodes = slot_nodes(node, rule)
         slots = tuple(ValueRef(n.name) for n in nodes)
-        slot_metas = tuple(metas[n.name] for n in nodes)  # type: ignore[misc]
+        slot_metas = tuple(metas[n.name] for n in nodes)  # type: ignore[misc]  # a tuple or None sends the op to the fallback
     replicate = OpStrategy((R,) * len(slots), _replicated_output(meta))
     fallback = rule is None or meta is None or any(isinstance(m, tuple) for m in slot_metas)
     strategies = [replicate]

@@ -43,10 +43,10 @@ from torch import nn
 from cost_models import HardwareProfile, OpClassRate, WakeCurve, collective_terms, matmul_roofline, roofline
 from cost_models.comm import piecewise_linear_seconds
 from autotp.capture import capture
-from autotp.cost import BACKWARD_COMPUTE_FACTOR, CostModel, _STEP_COLLECTIVE, node_flops, node_nbytes, node_weight_nbytes, op_class, splits_work, weight_share
+from autotp.conversions import conversion_sites, sites_by_consumer
+from autotp.cost import _STEP_COLLECTIVE, BACKWARD_COMPUTE_FACTOR, CostModel, node_flops, node_nbytes, node_weight_nbytes, op_class, splits_work, weight_share
 from autotp.errors import AutoTPError, ConfigError
 from autotp.plan import Plan
-from autotp.conversions import conversion_sites, sites_by_consumer
 from autotp.redistribute import Step, StepKind
 from autotp.strategies import NodeKind, NodeSpace, StrategySpace, build_strategy_space
 from autotp.wake import collective_gaps
@@ -370,7 +370,7 @@ def cost_terms(plan: Plan, work: WorkModel, cost: CostModel) -> tuple[CostTerm, 
     for node in plan.nodes:
         space: NodeSpace = spaces[node.name]
         kind = op_class(space) if node.kind is NodeKind.OP else None
-        floor = cost.profile.op_classes.get(kind) if node.kind is NodeKind.OP else None
+        floor = cost.profile.op_classes.get(kind) if kind is not None else None
         if node.kind is NodeKind.OP and (not space.is_view or floor is not None):
             share = cost.tp_size if splits_work(node.strategy) else 1
             dtype = str(space.slot_metas[0].dtype if space.slot_metas else torch.float32).removeprefix("torch.")

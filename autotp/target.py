@@ -145,7 +145,7 @@ def load_target(spec: str, *, inputs: Sequence[InputSpec] = (), config: Mapping[
     fn = _load_function(where, fn_name, spec)
     kwargs = dict(config)
     try:
-        params = inspect.signature(fn).parameters
+        params: Mapping[str, inspect.Parameter] = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         params = {}
     if "device" in params:

@@ -253,7 +253,7 @@ def _check_state(plan: Plan, graph: _Graph, styled_nodes: dict[str, str]) -> lis
                 "(styles shard nn.Linear (aten.linear) and nn.Embedding (aten.embedding) modules only)",
             })
         elif len(owners) > 1:
-            problems.append({"module": node.module_path, "node": node.name, "why": f"parameter {node.name} is shared by modules {', '.join(sorted(owners))} (tied weights); each style would shard it again"})
+            problems.append({"module": node.module_path, "node": node.name, "why": f"parameter {node.name} is shared by modules {', '.join(sorted(owners))} (tied weights); each style would shard it again"})  # type: ignore[arg-type]  # no None: handled above
     return problems
 
 

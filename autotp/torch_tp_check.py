@@ -249,6 +249,6 @@ def _planned_local_shapes(plan: Plan) -> dict[tuple[str, str, int], tuple[str, t
                 shape = shape[: placement.dim] + (_local_size(shape[placement.dim], plan.tp_size),) + shape[placement.dim + 1:]
             local.append(shape)
         key = (node.module_path, node.op)
-        out[(*key, seen[key])] = (node.name, tuple(local))
+        out[key + (seen[key],)] = (node.name, tuple(local))
         seen[key] += 1
     return out

@@ -267,7 +267,7 @@ def count_collectives(gm: fx.GraphModule, *, training: bool) -> dict[str, int]:
     from autotp import collectives
     from autotp.rewrite import collective_nodes
 
-    kinds = Counter(n.target.__name__ for n in collective_nodes(gm))
+    kinds = Counter(n.target.__name__ for n in collective_nodes(gm))  # type: ignore[union-attr]  # collectives are functions
     backward = sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is collectives.grad_all_reduce)
     if backward and training:
         kinds["all_reduce (backward)"] = backward
@@ -310,7 +310,7 @@ def _loss(outputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """A fixed random projection of every floating output: each output element gets its own
     gradient, so a wrong order of elements shows (a mean or a sum of squares could hide one)."""
     total = torch.zeros(())
-    for k, (name, out) in enumerate(sorted(outputs.items())):
+    for k, (_name, out) in enumerate(sorted(outputs.items())):
         if not out.dtype.is_floating_point or not out.requires_grad:
             continue
         weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1000 + k), dtype=torch.float32)
@@ -374,7 +374,7 @@ def _compare_one(kind: str, name: str, ref: torch.Tensor | None, candidates: Seq
         return row(math.inf, math.inf, "missing on a rank" if kind != "gradient" else "the sharded model has no gradient here")
     bad_shape = next((t for t in candidates if t.shape != ref.shape), None)  # type: ignore[union-attr]
     if bad_shape is not None:
-        return row(math.inf, math.inf, f"shape {tuple(bad_shape.shape)}, expected {tuple(ref.shape)}")  # type: ignore[union-attr]
+        return row(math.inf, math.inf, f"shape {tuple(bad_shape.shape)}, expected {tuple(ref.shape)}")
     scale = max(_magnitude(ref), SCALE_FLOOR * kind_scale, 1e-30)
     diffs = [(t.double() - ref.double()).abs() for t in candidates]  # type: ignore[union-attr]
     max_abs = max((d.max().item() if d.numel() else 0.0) for d in diffs)
@@ -392,7 +392,7 @@ def _plan(
     from autotp.api import plan as make_plan
     from autotp.target import builtin_memory_budget
 
-    settings = {"mesh_shape": (tp_size,), "hardware": hardware or "cpu-gloo", "training": training, "optimizer": optimizer}
+    settings: dict[str, Any] = {"mesh_shape": (tp_size,), "hardware": hardware or "cpu-gloo", "training": training, "optimizer": optimizer}
     if memory_budget is not None:
         return make_plan(model, inputs, memory_budget=memory_budget, **settings), ""
     budget = builtin_memory_budget(model, tp_size, training=training, optimizer=optimizer)

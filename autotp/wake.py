@@ -17,8 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from autotp.cost import BACKWARD_COMPUTE_FACTOR
 from autotp.conversions import conversion_sites, sites_by_consumer
+from autotp.cost import BACKWARD_COMPUTE_FACTOR
 from autotp.redistribute import Step
 
 if TYPE_CHECKING:

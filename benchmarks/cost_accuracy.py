@@ -54,9 +54,27 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
+from cost_models import HardwareProfile, collective_seconds, load_profile, matmul_seconds, write_profile
+from cost_models.calibrate import CalibrationError, build_profile, fit_all
 import autotp
 from autotp.api import plan_model
-from autotp.calibrate import MIB, STATISTICS, CalibrationConfig, RankMeasurements, _agree, _as_in_a_layer, _calls_for, _estimate, default_config, describe_machine, measure_rank, median_relative_error, memory_capacity_nbytes, merge, slowest_batches
+from autotp.calibrate import (
+    MIB,
+    STATISTICS,
+    CalibrationConfig,
+    RankMeasurements,
+    _agree,
+    _as_in_a_layer,
+    _calls_for,
+    _estimate,
+    default_config,
+    describe_machine,
+    measure_rank,
+    median_relative_error,
+    memory_capacity_nbytes,
+    merge,
+    slowest_batches,
+)
 from autotp.capture import capture
 from autotp.cost import CostModel
 from autotp.examples import build_example
@@ -65,8 +83,6 @@ from autotp.plan import Plan, build_plan
 from autotp.solve import Solution, solve
 from autotp.strategies import NodeKind, build_strategy_space
 from autotp.testing import run_on_ranks
-from cost_models import HardwareProfile, collective_seconds, load_profile, matmul_seconds, write_profile
-from cost_models.calibrate import CalibrationError, build_profile, fit_all
 
 LAYOUTS = ("autotp", "replicate", "megatron")
 STATS = ("median", "min")

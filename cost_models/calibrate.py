@@ -68,8 +68,8 @@ import itertools
 import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from cost_models.algorithms import ALGORITHMS, Algorithm, Collective
 from cost_models.comm import bytes_moved_per_rank, latency_steps, transfer_seconds
@@ -403,12 +403,12 @@ def fit_collective(samples: Sequence[CollectiveSample], *, algorithm: Algorithm 
     beta = 1.0 / inverse_beta
     fit = CollectiveFit(kind, groups, o, alpha, beta, 0.0, 0.0, None, len(samples), knees, algorithm)
     predicted = [fit.predict(nbytes=s.nbytes, group_size=s.group_size) for s in samples]
-    large = [(p, s.seconds) for p, s in zip(predicted, samples) if s.nbytes >= LARGE_MESSAGE_NBYTES]
+    large_fit = [(p, s.seconds) for p, s in zip(predicted, samples) if s.nbytes >= LARGE_MESSAGE_NBYTES]
     return CollectiveFit(
         kind, groups, o, alpha, beta,
         r2=_r2(predicted, times),
         median_rel_error=_median_rel_error(predicted, times),
-        median_rel_error_large=_median_rel_error(*zip(*large)) if large else None,
+        median_rel_error_large=_median_rel_error(*zip(*large_fit)) if large_fit else None,
         n_samples=len(samples),
         bandwidth_knees=knees,
         algorithm=algorithm,

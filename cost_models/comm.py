@@ -63,7 +63,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from cost_models.algorithms import AUTO, ALGORITHMS, Algorithm, Collective, parse_algorithm, parse_collective
+from cost_models.algorithms import ALGORITHMS, AUTO, Algorithm, Collective, parse_algorithm, parse_collective
 from cost_models.profile import BandwidthKnee, LinkProfile
 
 __all__ = [
@@ -218,7 +218,7 @@ def collective_terms(
     fractions = {a: _moved_fraction(kind, a, n) for a in algorithms}  # type: ignore[arg-type]
     return tuple(
         PiecewiseLinearCost(
-            algorithm=a,
+            algorithm=a,  # type: ignore[arg-type]  # parse_algorithm returned a known name
             fixed_seconds=o + latency_steps(kind, group_size=n, algorithm=a) * alpha,
             seconds_per_byte=f / beta,
             knees=tuple((at / f, f * extra) for at, extra in extras),

@@ -210,7 +210,7 @@ class LinkProfile:
     collectives: Mapping[str, CollectiveLink] = field(default_factory=FrozenMap)
     algorithms: Mapping[str, str] = field(default_factory=FrozenMap)
     bandwidth_knees: tuple[BandwidthKnee, ...] = ()
-    measured_groups: Mapping[int, LinkProfile] = field(default_factory=FrozenMap)
+    measured_groups: Mapping[int, LinkProfile] = field(default_factory=FrozenMap)  # type: ignore[arg-type]  # FrozenMap keeps int keys too
     wake: WakeCurve | None = None
 
     def __post_init__(self) -> None:
@@ -226,7 +226,7 @@ class LinkProfile:
                 raise _bad_field("LinkProfile", f"measured_groups.{n}", "a LinkProfile", link)
             if link.measured_groups:
                 raise ProfileError(f"LinkProfile: field 'measured_groups.{n}' has measured groups of its own; a measured group is one group size")
-        object.__setattr__(self, "measured_groups", FrozenMap(groups))
+        object.__setattr__(self, "measured_groups", FrozenMap(groups))  # type: ignore[arg-type]  # int keys: group sizes
         overrides: dict[str, CollectiveLink] = {}
         for name, override in dict(self.collectives).items():
             kind = _collective_name(name, owner="LinkProfile", attr="collectives")

@@ -84,9 +84,9 @@ from typing import TYPE_CHECKING, Any
 
 from cost_models.algorithms import ALGORITHMS, Collective
 from cost_models.profile import (
+    OP_CLASSES,
     BandwidthKnee,
     CollectiveLink,
-    OP_CLASSES,
     HardwareProfile,
     LinkProfile,
     OpClassRate,
@@ -731,7 +731,7 @@ def load_profile(name_or_path: str | os.PathLike[str]) -> HardwareProfile:
             where = f"cost_models/profiles/{name}.toml"
             text = _builtin_dir().joinpath(f"{name}.toml").read_text(encoding="utf-8")
         else:
-            path = resolve_profile_path(name)
+            path = resolve_profile_path(name)  # type: ignore[assignment]  # None raises just below
             if path is None:
                 dirs = ", ".join(str(d) for d in user_profile_dirs())
                 user = user_profiles()

@@ -2,7 +2,6 @@
 rewriter would. Module-level, since ``autotp.verify`` pickles its ``graph_hook`` to the ranks."""
 from __future__ import annotations
 
-
 import torch
 from torch import fx
 
@@ -58,7 +57,7 @@ def swap_gathered_shard_order(gm: fx.GraphModule, rank: int) -> None:
     for node in _calls(gm, collectives.all_gather):
         with gm.graph.inserting_after(node):
             swapped = gm.graph.call_function(swap_halves, (node, node.args[1]))
-        node.replace_all_uses_with(swapped, delete_user_cb=lambda user: user is not swapped)
+        node.replace_all_uses_with(swapped, delete_user_cb=lambda user, swapped=swapped: user is not swapped)
 
 
 def wrong_local_head_shape(gm: fx.GraphModule, rank: int) -> None:

@@ -210,7 +210,8 @@ KNEE = "{ moved_nbytes = 33554432, bytes_per_s = 5e8 }"
         (f"bandwidth_knees = [{KNEE}, ", "bandwidth_knees = [5e8, ", r"field 'links\.intra_node\.bandwidth_knees\[0\]' must be a table"),
         ("bandwidth_knees = [{ moved_nbytes = 1048576, bytes_per_s = 5e8 }]", "bandwidth_knees = 5e8", r"field 'links\.inter_node\.bandwidth_knees' must be an array of"),
         ("bytes_per_s = 1e9\nbandwidth_knees", "bandwidth_knees", r"field 'links\.intra_node\.all_gather\.bandwidth_knees' needs 'links\.intra_node\.all_gather\.bytes_per_s' too"),
-        ('"links.inter_node.bandwidth_knees" = "estimate"', '"links.intra_node.broadcast.bandwidth_knees" = "estimate"', r"field 'sources' names 'links\.intra_node\.broadcast\.bandwidth_knees', which is not a field"),
+        ('"links.inter_node.bandwidth_knees" = "estimate"', '"links.intra_node.broadcast.bandwidth_knees" = "estimate"',
+         r"field 'sources' names 'links\.intra_node\.broadcast\.bandwidth_knees', which is not a field"),
         ("version = 2", "version = 1", r"needs version = 2"),
     ],
 )

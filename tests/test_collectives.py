@@ -49,7 +49,7 @@ def check(case: dict[str, torch.Tensor], **expected: torch.Tensor) -> None:
 def test_all_reduce_sums_partials_and_passes_gradient_through(ranks: tuple[int, list]) -> None:
     n, results = ranks
     base, w = ramp(SHAPE), loss_weight(SHAPE)
-    for rank, result in enumerate(results):
+    for result in results:
         # out = sum_r (base + 100 r) = n base + 100 n(n-1)/2 on every rank. The true loss depends
         # on x_r only through that sum, d out / d x_r = I, so grad x_r = w: backward is identity.
         check(result["hand"]["all_reduce"], out=n * base + 100 * n * (n - 1) / 2, grad=w)
@@ -156,4 +156,4 @@ def test_without_autograd_each_op_gives_the_same_values_as_its_function(ranks: t
         assert set(result["no_grad"]) == {"all_reduce", "all_gather", "reduce_scatter", "all_to_all", "local_chunk", "to_partial", "grad_all_reduce"}
         for name, (tracked, plain, untracked) in result["no_grad"].items():
             assert untracked, f"rank {rank} {name}: a no_grad call still built a graph"
-            torch.testing.assert_close(plain, tracked, rtol=0, atol=0, msg=lambda m, name=name: f"rank {rank} {name}: {m}")
+            torch.testing.assert_close(plain, tracked, rtol=0, atol=0, msg=lambda m, name=name, rank=rank: f"rank {rank} {name}: {m}")

@@ -17,11 +17,11 @@ import torch
 from torch import fx, nn
 
 from autotp import collectives
+from autotp.api import resolve_hardware
 from autotp.capture import capture
 from autotp.conversions import conversion_sites, needs_grad_sync
 from autotp.cost import CostModel
 from autotp.examples import build_example
-from autotp.api import resolve_hardware
 from autotp.placement import R, Shard
 from autotp.plan import Plan, build_plan
 from autotp.redistribute import GRAD_SYNC, Step, StepKind, backward_steps

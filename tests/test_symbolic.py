@@ -10,6 +10,7 @@ import sympy
 import torch
 from torch import nn
 
+from cost_models import HardwareProfile, write_profile
 import autotp
 from autotp.api import plan_model, resolve_hardware
 from autotp.capture import capture
@@ -22,7 +23,6 @@ from autotp.plan import Plan, build_plan
 from autotp.solve import solve
 from autotp.strategies import NodeKind, StrategySpace, build_strategy_space
 from autotp.symbolic import B, T, _fit, attach_cost_terms, fit_work, resize_inputs
-from cost_models import HardwareProfile, write_profile
 
 # ---------------------------------------------------------------------------------------------
 # Polynomial fits
@@ -133,13 +133,13 @@ GPT = dict(n_embd=512, n_head=8, n_layer=1, vocab_size=512, block_size=64)
 SEQ, TP, HARDWARE = 32, 4, "a100-pcie"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _space(batch: int) -> StrategySpace:
     model, inputs = build_example("gpt", device="meta", batch=batch, seq=SEQ, **GPT)
     return build_strategy_space(capture(model, inputs), TP)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _pinned_total(batch: int, layout: str) -> float:
     """The planner's price of one hand layout at ``batch``: replicate-all, Megatron's MLP only, or Megatron."""
     space = _space(batch)

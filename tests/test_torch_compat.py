@@ -25,7 +25,6 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from autotp import torch_compat
-from autotp.errors import AutoTPError
 from autotp.torch_compat import TESTED_TORCH, TorchCompatError, UntestedTorchWarning, aten_op, check_torch_version
 
 ROOT = Path(__file__).resolve().parent.parent

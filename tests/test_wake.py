@@ -11,6 +11,9 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+
+from cost_models import CollectiveLink, HardwareProfile, LinkProfile, ProfileError, WakeCurve, load_profile, wake_seconds, write_profile
+from cost_models.calibrate import CalibrationError, CollectiveSample, KernelSample, WakeSample, build_profile, fit_all, fit_wake
 from autotp.api import plan_model, resolve_hardware
 from autotp.cost import BACKWARD_COMPUTE_FACTOR, CostModel
 from autotp.examples import build_example
@@ -20,8 +23,6 @@ from autotp.redistribute import StepKind
 from autotp.solve import solve
 from autotp.symbolic import B, T, attach_cost_terms
 from autotp.wake import collective_gaps
-from cost_models import CollectiveLink, HardwareProfile, LinkProfile, ProfileError, WakeCurve, load_profile, wake_seconds, write_profile
-from cost_models.calibrate import CalibrationError, CollectiveSample, KernelSample, WakeSample, build_profile, fit_all, fit_wake
 from tests._profile_fns import assert_rejected, cpu_link_toml
 
 KIB = 2**10

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
+    from cost_models import HardwareProfile
     from autotp.api import PlanningResult
     from autotp.cost import CostModel
     from autotp.plan import Plan
     from autotp.progress import ProgressEvent
     from autotp.target import Target
-    from cost_models import HardwareProfile
 
 _START = time.perf_counter()  # the CLI imports every command at start-up: about when the process began
 

@@ -94,7 +94,7 @@ def build_target(spec: str, inputs: Sequence[InputSpec], config: Mapping[str, An
     if spec in EXAMPLES:
         sizes = {"batch": inputs[0].shape[0], "seq": inputs[0].shape[1]} if len(inputs) == 1 and len(inputs[0].shape) >= 2 else {}
         try:
-            return build_example(spec, device="cpu", **sizes, **config)
+            return build_example(spec, device="cpu", **sizes, **config)  # type: ignore[arg-type]  # sizes are the int size keywords
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"cannot build the '{spec}' example: {exc}") from exc
     target = load_target(spec, inputs=inputs, config=config, device="cpu")

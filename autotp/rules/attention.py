@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from autotp.placement import R, Placement, Shard
+from autotp.placement import Placement, R, Shard
 from autotp.rules.registry import OpContext, OpStrategy, register
 
 aten = __import__("torch").ops.aten
@@ -25,8 +25,8 @@ def sdpa(ctx: OpContext) -> Iterator[OpStrategy]:
     def mask_placement(dim: int) -> tuple[Placement, ...]:
         if mask is None:
             return ()
-        md = dim - (out.ndim - mask.ndim)
-        return (Shard(md) if md >= 0 and mask.shape[md] == out.shape[dim] else R,)
+        md = dim - (out.ndim - mask.ndim)  # type: ignore[union-attr]  # a single-output op
+        return (Shard(md) if md >= 0 and mask.shape[md] == out.shape[dim] else R,)  # type: ignore[union-attr]  # a single-output op
 
     for dim in (0, 1):
         yield OpStrategy((Shard(dim),) * 3 + mask_placement(dim), Shard(dim))

@@ -195,7 +195,7 @@ def _run_local(
         return inputs[0]  # the rewriter forwards the chosen output of the producer
     target, args, kwargs = local_call(node, rule, space, strategy, inputs, values, rank=rank, tp_size=tp_size)
     with torch.no_grad():
-        return target(*args, **kwargs)  # type: ignore[operator]
+        return target(*args, **kwargs)
 
 
 def values_comparable(node: fx.Node) -> bool:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 from autotp.capture import TensorMeta
-from autotp.placement import P, R, Placement, Shard
+from autotp.placement import P, Placement, R, Shard
 from autotp.rules.registry import OpContext, OpStrategy, register
 
 aten = __import__("torch").ops.aten

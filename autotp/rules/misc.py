@@ -18,13 +18,13 @@ aten = __import__("torch").ops.aten
 
 
 def constructor(ctx: OpContext) -> Iterator[OpStrategy]:
-    for d in range(ctx.output.ndim):
+    for d in range(ctx.output.ndim):  # type: ignore[union-attr]  # a single-output op
         yield OpStrategy((), Shard(d))
 
 
 def _localize_size_arg(index: int, name: str):
     def localize(args: tuple[Any, ...], kwargs: dict[str, Any], lc: LocalContext) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        size = local_shape(lc.output.shape, lc.strategy.output, lc.tp_size)
+        size = local_shape(lc.output.shape, lc.strategy.output, lc.tp_size)  # type: ignore[arg-type, union-attr]  # a single-output op
         if len(args) > index:
             return args[:index] + (size,) + args[index + 1:], kwargs
         return args, {**kwargs, name: size}
@@ -46,7 +46,7 @@ def _localize_arange(args: tuple[Any, ...], kwargs: dict[str, Any], lc: LocalCon
     else:
         start = args[0]
         step = args[2] if len(args) > 2 else kwargs.get("step", 1)
-    chunk = lc.output.shape[0] // lc.tp_size
+    chunk = lc.output.shape[0] // lc.tp_size  # type: ignore[union-attr]  # a single-output op
     local_start = start + lc.rank * chunk * step
     kwargs = {k: v for k, v in kwargs.items() if k != "step"}
     # the end half a step past the last element: a float end computed as start + chunk*step can

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 from torch import fx
 
-from autotp.placement import P, R, Placement, Shard
+from autotp.placement import P, Placement, R, Shard
 from autotp.rules.registry import OpContext, OpStrategy, Rule, register, set_pointwise_fallback
 from autotp.torch_compat import OpOverload
 
@@ -21,11 +21,11 @@ aten = __import__("torch").ops.aten
 def broadcast_strategies(ctx: OpContext) -> Iterator[OpStrategy]:
     """One strategy per output dim: shard it on the output and on every input that has it."""
     out = ctx.output
-    for d in range(out.ndim):
+    for d in range(out.ndim):  # type: ignore[union-attr]  # a single-output op
         inputs: list[Placement] = []
         for meta in ctx.inputs:
-            dk = d - (out.ndim - meta.ndim)
-            inputs.append(Shard(dk) if dk >= 0 and meta.shape[dk] == out.shape[d] else R)
+            dk = d - (out.ndim - meta.ndim)  # type: ignore[union-attr]  # a single-output op
+            inputs.append(Shard(dk) if dk >= 0 and meta.shape[dk] == out.shape[d] else R)  # type: ignore[union-attr]  # a single-output op
         yield OpStrategy(tuple(inputs), Shard(d))
 
 
@@ -71,7 +71,7 @@ register(
 @register(aten.triu, aten.tril)
 def triangular(ctx: OpContext) -> Iterator[OpStrategy]:
     """triu/tril look at the last two dims; any leading dim may be split."""
-    ndim = ctx.output.ndim
+    ndim = ctx.output.ndim  # type: ignore[union-attr]  # a single-output op
     for d in range(ndim - 2):
         yield OpStrategy((Shard(d),), Shard(d))
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import fx
@@ -20,8 +20,8 @@ from autotp.capture import TensorMeta
 from autotp.placement import Placement, Replicate
 from autotp.torch_compat import OpOverload, op_schema
 
-OutputPlacement = Union[Placement, tuple[Placement, ...]]
-OutputMeta = Union[TensorMeta, tuple[TensorMeta, ...]]
+OutputPlacement = Placement | tuple[Placement, ...]
+OutputMeta = TensorMeta | tuple[TensorMeta, ...]
 
 
 @dataclass(frozen=True, slots=True)

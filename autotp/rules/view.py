@@ -16,7 +16,7 @@ import operator
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from autotp.placement import P, R, Placement, Shard
+from autotp.placement import P, Placement, R, Shard
 from autotp.rules.registry import LocalContext, OpContext, OpStrategy, norm_dim, register
 
 aten = __import__("torch").ops.aten
@@ -50,7 +50,7 @@ def _localize_size(arg_index: int, name: str):
     """Replace the size argument with the local output shape."""
 
     def localize(args: tuple[Any, ...], kwargs: dict[str, Any], lc: LocalContext) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        size = local_shape(lc.output.shape, lc.strategy.output, lc.tp_size)
+        size = local_shape(lc.output.shape, lc.strategy.output, lc.tp_size)  # type: ignore[arg-type, union-attr]  # a single-output op
         if len(args) > arg_index:
             args = args[:arg_index] + (size,) + args[arg_index + 1:]
         else:
@@ -62,7 +62,7 @@ def _localize_size(arg_index: int, name: str):
 
 @register(aten.view, aten.reshape, aten._unsafe_view, localize=_localize_size(1, "size"), view=True)
 def reshape(ctx: OpContext) -> Iterator[OpStrategy]:
-    mapping = reshape_dim_map(ctx.inputs[0].shape, ctx.output.shape)
+    mapping = reshape_dim_map(ctx.inputs[0].shape, ctx.output.shape)  # type: ignore[union-attr]  # a single-output op
     yield from _with_partial(OpStrategy((Shard(d),), Shard(e)) for d, e in mapping.items())
 
 
@@ -73,7 +73,7 @@ def flatten(ctx: OpContext) -> Iterator[OpStrategy]:
 
 def _localize_unflatten(args: tuple[Any, ...], kwargs: dict[str, Any], lc: LocalContext) -> tuple[tuple[Any, ...], dict[str, Any]]:
     dim = norm_dim(args[1], lc.inputs[0].ndim)
-    out_local = local_shape(lc.output.shape, lc.strategy.output, lc.tp_size)
+    out_local = local_shape(lc.output.shape, lc.strategy.output, lc.tp_size)  # type: ignore[arg-type, union-attr]  # a single-output op
     sizes = out_local[dim:dim + len(args[2])]
     return (args[0], args[1], sizes) + tuple(args[3:]), kwargs
 
@@ -127,10 +127,10 @@ def squeeze(ctx: OpContext) -> Iterator[OpStrategy]:
 def expand(ctx: OpContext) -> Iterator[OpStrategy]:
     """Real dims keep their split; an expanded dim can be split on the output alone."""
     x, out = ctx.inputs[0], ctx.output
-    offset = out.ndim - x.ndim
-    for e in range(out.ndim):
+    offset = out.ndim - x.ndim  # type: ignore[union-attr]  # a single-output op
+    for e in range(out.ndim):  # type: ignore[union-attr]  # a single-output op
         d = e - offset
-        if d >= 0 and x.shape[d] == out.shape[e]:
+        if d >= 0 and x.shape[d] == out.shape[e]:  # type: ignore[union-attr]  # a single-output op
             yield OpStrategy((Shard(d),), Shard(e))
         else:
             yield OpStrategy((R,), Shard(e))
@@ -143,7 +143,7 @@ def slice_(ctx: OpContext) -> Iterator[OpStrategy]:
     (``x[:, 0:]``, ``x[:, :2**63-1]``): the local slice then keeps all of each chunk."""
     x = ctx.inputs[0]
     dim = norm_dim(ctx.arg(1, "dim", 0), x.ndim)
-    whole = ctx.arg(2, "start") in (None, 0) and ctx.arg(4, "step", 1) == 1 and ctx.output.shape[dim] == x.shape[dim]
+    whole = ctx.arg(2, "start") in (None, 0) and ctx.arg(4, "step", 1) == 1 and ctx.output.shape[dim] == x.shape[dim]  # type: ignore[union-attr]  # a single-output op
     yield from _with_partial(OpStrategy((Shard(d),), Shard(d)) for d in range(x.ndim) if d != dim or whole)
 
 
@@ -169,9 +169,9 @@ def select(ctx: OpContext) -> Iterator[OpStrategy]:
 def split(ctx: OpContext) -> Iterator[OpStrategy]:
     """Split along one dim into a tuple; any other dim keeps its split on every piece."""
     ndim = ctx.inputs[0].ndim
-    is_unbind = ctx.node.target.overloadpacket is aten.unbind
+    is_unbind = ctx.node.target.overloadpacket is aten.unbind  # type: ignore[union-attr]  # a call_function target is an OpOverload
     dim = norm_dim(ctx.arg(1, "dim", 0) if is_unbind else ctx.arg(2, "dim", 0), ndim)
-    count = len(ctx.output)
+    count = len(ctx.output)  # type: ignore[arg-type]  # a split's output is a tuple
     for d in range(ndim):
         if d != dim:
             out_d = d - 1 if is_unbind and d > dim else d
@@ -182,7 +182,7 @@ def split(ctx: OpContext) -> Iterator[OpStrategy]:
 @register(aten.cat, aten.concat)
 def cat(ctx: OpContext) -> Iterator[OpStrategy]:
     n = len(ctx.inputs)
-    ndim = ctx.output.ndim
+    ndim = ctx.output.ndim  # type: ignore[union-attr]  # a single-output op
     dim = norm_dim(ctx.arg(1, "dim", 0), ndim)
     for d in range(ndim):
         if d != dim and all(m.ndim == ndim for m in ctx.inputs):
@@ -203,7 +203,7 @@ def stack(ctx: OpContext) -> Iterator[OpStrategy]:
 @register(operator.getitem, view=True)
 def getitem(ctx: OpContext) -> Iterator[OpStrategy]:
     """Picks one output of a multi-output op; it keeps whatever placement that output has."""
-    for d in range(ctx.output.ndim):
+    for d in range(ctx.output.ndim):  # type: ignore[union-attr]  # a single-output op
         yield OpStrategy((Shard(d),), Shard(d))
     yield OpStrategy((P,), P)
 
