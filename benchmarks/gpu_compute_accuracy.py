@@ -27,7 +27,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 import autotp
 from autotp.api import plan_model
-from autotp.calibrate import default_config, measure_rank, merge
+from autotp.cost.calibrate import default_config, measure_rank, merge
 from autotp.examples import build_example
 from autotp.testing import run_on_ranks
 from cost_models import HardwareProfile, load_profile

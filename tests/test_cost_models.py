@@ -567,9 +567,9 @@ def test_inter_node_link_needs_devices_per_node() -> None:
 
 
 def test_cost_model_prices_a_group_that_spans_nodes_on_the_inter_node_link() -> None:
-    from autotp.capture import TensorMeta
-    from autotp.cost import CostModel
-    from autotp.placement import P, R
+    from autotp.capture.export import TensorMeta
+    from autotp.cost.model import CostModel
+    from autotp.ir.placement import P, R
 
     import torch
 

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from autotp.api import plan_model, resolve_hardware
-from autotp.cost import CostModel
+from autotp.cost.model import CostModel
 from autotp.examples import build_example
-from autotp.render import _SHARD_COLOURS, to_html
-from autotp.report import price_baselines
-from autotp.target import builtin_memory_budget
+from autotp.report.render import _SHARD_COLOURS, to_html
+from autotp.report.table import price_baselines
+from autotp.cli.target import builtin_memory_budget
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (apt-get install -y chromium)")
