@@ -12,16 +12,17 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from cost_models import OPTIMIZER_STATE_BYTES_PER_ELEMENT, HardwareProfile, ProfileError, load_profile
+from cost_models import OPTIMIZER_STATE_BYTES_PER_ELEMENT, HardwareProfile
 from autotp.runtime.arguments import PlannedCall
 from autotp.capture.export import CapturedGraph, InputRole, capture
-from autotp.cost.model import CostModel
+from autotp.cost.model import CostModel, resolve_hardware
 from autotp.errors import ConfigError, PlanMismatchError
 from autotp.io.fingerprint import describe_mismatch
 from autotp.io.plan_align import align_plan
 from autotp.runtime.module import ShardedModule, register_state
 from autotp.ir.placement import Shard
-from autotp.ir.plan import Plan, build_plan
+from autotp.ir.plan import Plan
+from autotp.solve.build import build_plan
 from autotp.report.progress import Progress, stage
 from autotp.runtime.random import seed_sharded_stream
 from autotp.runtime.retrace import Retracer
@@ -205,15 +206,6 @@ def parallelize(
         role = InputRole.PARAMETER if fqn in parameter_names else InputRole.BUFFER
         register_state(sharded, fqn, _owned(_get_state(model, fqn), device), role, persistent=fqn not in non_persistent)
     return sharded
-
-
-def resolve_hardware(hardware: str | HardwareProfile) -> HardwareProfile:
-    if isinstance(hardware, HardwareProfile):
-        return hardware
-    try:
-        return load_profile(hardware)
-    except ProfileError as exc:
-        raise ConfigError(str(exc)) from exc
 
 
 def _tp_size(mesh_shape: Sequence[int]) -> int:

@@ -61,7 +61,8 @@ from autotp.capture.export import capture
 from autotp.cost.model import CostModel
 from autotp.examples import build_example
 from autotp.solve.layouts import megatron_pins
-from autotp.ir.plan import Plan, build_plan
+from autotp.ir.plan import Plan
+from autotp.solve.build import build_plan
 from autotp.solve.ilp import Solution, solve
 from autotp.strategies.engine import NodeKind, build_strategy_space
 from autotp.testing import run_on_ranks

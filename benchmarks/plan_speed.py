@@ -30,11 +30,11 @@ BATCH, SEQ, TP = 1, 4096, 8
 
 def measure(config: dict, dedup: bool) -> dict:
     """Plan one model in this process, timing each stage."""
-    from autotp.api import resolve_hardware
+    from autotp.cost.model import resolve_hardware
     from autotp.capture.export import capture
     from autotp.cost.model import CostModel
     from autotp.examples import build_example
-    from autotp.ir.plan import build_plan
+    from autotp.solve.build import build_plan
     from autotp.solve.ilp import solve
     from autotp.strategies.engine import build_strategy_space
 

@@ -56,14 +56,15 @@ from torch.distributed.tensor.parallel import (
 )
 
 import autotp
-from autotp.api import resolve_hardware
+from autotp.cost.model import resolve_hardware
 from autotp.capture.export import capture
 from autotp.cost.model import CostModel
 from autotp.examples import build_example
 from autotp.examples.gpt import CausalSelfAttention
 from autotp.solve.layouts import megatron_pins
 from autotp.ir.placement import Replicate
-from autotp.ir.plan import Plan, build_plan
+from autotp.ir.plan import Plan
+from autotp.solve.build import build_plan
 from autotp.strategies.rules import OpStrategy
 from autotp.solve.ilp import min_state_nbytes, solve
 from autotp.strategies.engine import NodeKind, StrategySpace, build_strategy_space

@@ -6,11 +6,12 @@ from typing import Any
 from torch.distributed.device_mesh import init_device_mesh
 
 import autotp
-from autotp.api import plan_model, resolve_hardware
+from autotp.api import plan_model
+from autotp.cost.model import resolve_hardware
 from autotp.cost.model import CostModel
 from autotp.examples import build_example
 from autotp.ir.placement import P, R, Shard
-from autotp.ir.plan import build_plan
+from autotp.solve.build import build_plan
 from autotp.strategies.rules import OpStrategy
 from autotp.solve.ilp import solve
 

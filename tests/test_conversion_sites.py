@@ -21,9 +21,10 @@ from autotp.capture.export import capture
 from autotp.comm.conversions import conversion_sites, needs_grad_sync
 from autotp.cost.model import CostModel
 from autotp.examples import build_example
-from autotp.api import resolve_hardware
+from autotp.cost.model import resolve_hardware
 from autotp.ir.placement import R, Shard
-from autotp.ir.plan import Plan, build_plan
+from autotp.ir.plan import Plan
+from autotp.solve.build import build_plan
 from autotp.comm.redistribute import GRAD_SYNC, Step, StepKind, backward_steps
 from autotp.rewrite.rewriter import rewrite
 from autotp.solve.ilp import min_state_nbytes, solve, state_nbytes

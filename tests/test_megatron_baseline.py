@@ -14,14 +14,14 @@ import pytest
 import torch
 from torch import nn
 
-from autotp.api import resolve_hardware
+from autotp.cost.model import resolve_hardware
 from autotp.strategies.blocks import block_of
 from autotp.capture.export import capture
 from autotp.cost.model import CostModel
 from autotp.examples import build_example
 from autotp.solve.layouts import MegatronLayout, megatron_layout_of
 from autotp.ir.placement import P, R, Shard
-from autotp.ir.plan import build_plan
+from autotp.solve.build import build_plan
 from autotp.report.table import price_baselines
 from autotp.strategies.rules import OpStrategy
 from autotp.solve.ilp import solve

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from autotp.api import resolve_hardware
+from autotp.cost.model import resolve_hardware
 from autotp.capture.export import capture
 from autotp.cost.model import CostModel
 from autotp.examples import build_example

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from autotp.api import plan_model, resolve_hardware
+from autotp.api import plan_model
+
+from autotp.cost.model import resolve_hardware
 from autotp.cost.model import CostModel
 from autotp.examples import build_example
 from autotp.report.render import _SHARD_COLOURS, to_html

@@ -11,14 +11,16 @@ import torch
 from torch import nn
 
 import autotp
-from autotp.api import plan_model, resolve_hardware
+from autotp.api import plan_model
+from autotp.cost.model import resolve_hardware
 from autotp.capture.export import capture
 from autotp.cost.model import CostModel
 from autotp.report.crossover import crossovers
 from autotp.errors import ConfigError
 from autotp.examples import build_example
 from autotp.solve.layouts import megatron_pins
-from autotp.ir.plan import Plan, build_plan
+from autotp.ir.plan import Plan
+from autotp.solve.build import build_plan
 from autotp.solve.ilp import solve
 from autotp.strategies.engine import NodeKind, StrategySpace, build_strategy_space
 from autotp.cost.symbolic import B, T, _fit, attach_cost_terms, fit_work, resize_inputs

@@ -11,11 +11,13 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-from autotp.api import plan_model, resolve_hardware
+from autotp.api import plan_model
+from autotp.cost.model import resolve_hardware
 from autotp.cost.model import BACKWARD_COMPUTE_FACTOR, CostModel
 from autotp.examples import build_example
 from autotp.solve.layouts import megatron_pins
-from autotp.ir.plan import Plan, build_plan
+from autotp.ir.plan import Plan
+from autotp.solve.build import build_plan
 from autotp.comm.redistribute import StepKind
 from autotp.solve.ilp import solve
 from autotp.cost.symbolic import B, T, attach_cost_terms

@@ -16,8 +16,12 @@ from dataclasses import dataclass
 
 import torch
 
-from cost_models import Collective, HardwareProfile, LinkProfile, bytes_moved_per_rank, collective_seconds, matmul_seconds, op_seconds, roofline_seconds, select_algorithm, state_nbytes, wake_seconds, WakeCurve
+from cost_models import (
+    Collective, HardwareProfile, LinkProfile, ProfileError, WakeCurve, bytes_moved_per_rank, collective_seconds, load_profile, matmul_seconds,
+    op_seconds, roofline_seconds, select_algorithm, state_nbytes, wake_seconds,
+)
 from autotp.capture.export import TensorMeta
+from autotp.errors import ConfigError
 from autotp.ir.placement import Placement, Shard
 from autotp.comm.conversions import backward_conjugates
 from autotp.comm.redistribute import GRAD_SYNC, Step, StepKind, transition
@@ -231,3 +235,12 @@ class CostModel:
             param_nbytes=meta.nbytes / share, numel=meta.numel / share,
             training=self.training and is_parameter, optimizer=self.optimizer,
         )
+
+
+def resolve_hardware(hardware: str | HardwareProfile) -> HardwareProfile:
+    if isinstance(hardware, HardwareProfile):
+        return hardware
+    try:
+        return load_profile(hardware)
+    except ProfileError as exc:
+        raise ConfigError(str(exc)) from exc

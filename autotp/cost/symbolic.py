@@ -428,7 +428,7 @@ def attach_cost_terms(
     ``hardware`` defaults to the plan's profile name; pass the profile (or its path) when the
     plan was made from a profile file.
     """
-    from autotp.api import resolve_hardware
+    from autotp.cost.model import resolve_hardware
 
     profile = resolve_hardware(hardware if hardware is not None else plan.hardware)
     cost = CostModel(profile, plan.tp_size, training=plan.training, optimizer=plan.optimizer)

@@ -13,7 +13,8 @@ from autotp.cost.model import CostModel
 from autotp.errors import AutoTPError, PlanMismatchError
 from autotp.io.fingerprint import LAYOUT_ONLY_OPS
 from autotp.ir.placement import R
-from autotp.ir.plan import Plan, build_plan
+from autotp.ir.plan import Plan
+from autotp.solve.build import build_plan
 from autotp.strategies.rules import OpStrategy
 from autotp.solve.ilp import Solution
 from autotp.strategies.engine import StrategySpace
@@ -38,7 +39,7 @@ def carry_plan(plan: Plan, space: StrategySpace, *, fallback_hardware: str = "cp
     ``space`` is a graph that differs from the planned one in layout-only ops, or the same model
     captured at other input sizes (``dynamic_dims``); each strategy must be a candidate there.
     """
-    from autotp.api import resolve_hardware
+    from autotp.cost.model import resolve_hardware
 
     planned = {n.name: n for n in plan.nodes}
     chosen: dict[str, OpStrategy] = {}

@@ -36,7 +36,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from autotp.api import _tp_size, plan_model, resolve_hardware
+from autotp.api import _tp_size, plan_model
+
+from autotp.cost.model import resolve_hardware
 from autotp.strategies.blocks import split_block_path
 from autotp.cost.model import CostModel
 from autotp.errors import ConfigError

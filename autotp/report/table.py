@@ -17,7 +17,8 @@ from autotp.cost.model import CostModel
 from autotp.errors import AutoTPError
 from autotp.solve.layouts import megatron_layout_of
 from autotp.ir.placement import R
-from autotp.ir.plan import Conversion, NodePlan, Plan, build_plan
+from autotp.ir.plan import Conversion, NodePlan, Plan
+from autotp.solve.build import build_plan
 from autotp.solve.ilp import Solution, solve
 from autotp.strategies.engine import NodeKind, StrategySpace
 from autotp.ir.units import fmt_nbytes, fmt_seconds

@@ -12,7 +12,6 @@ import operator
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
-from enum import Enum
 from types import MappingProxyType
 from typing import Any
 
@@ -21,8 +20,9 @@ from torch import fx
 
 from autotp.capture.export import CapturedGraph, GraphInput, InputRole, TensorMeta, module_path, tensor_meta
 from autotp.ir.placement import Partial, R, Placement, Shard
+from autotp.ir.strategy import NodeKind, OutputPlacement
 from autotp.strategies.rules import OpContext, OpStrategy, lookup
-from autotp.strategies.rules.registry import OutputMeta, OutputPlacement, Rule
+from autotp.strategies.rules.registry import OutputMeta, Rule
 from autotp.capture.torch_compat import op_schema
 
 log = logging.getLogger(__name__)
@@ -35,13 +35,6 @@ ASSERT_OPS = frozenset({aten._assert_tensor_metadata.default, aten._assert_scala
 
 class UnsupportedOpWarning(UserWarning):
     """An op has no sharding rule and will run replicated."""
-
-
-class NodeKind(str, Enum):
-    USER_INPUT = "user_input"
-    STATE = "state"  # parameter, buffer or lifted constant: sliced once at conversion
-    OP = "op"
-    OUTPUT = "output"
 
 
 @dataclass(frozen=True, slots=True)

@@ -117,7 +117,8 @@ def parse_mesh(text: str) -> tuple[int, ...]:
 
 def plan_target(args: argparse.Namespace) -> Planned:
     """Load the target and plan it as the shared options say."""
-    from autotp.api import plan_model, resolve_hardware
+    from autotp.api import plan_model
+    from autotp.cost.model import resolve_hardware
     from autotp.cost.model import CostModel
     from autotp.ir.plan import Plan
     from autotp.cli.target import (
@@ -205,7 +206,8 @@ def progress_printer(args: argparse.Namespace) -> StageLines | None:
 
 def _saved(plan: Plan, target: Target, mesh: tuple[int, ...], profile: HardwareProfile, started: float) -> Planned:
     """A saved plan checked against the target; priced for baselines with the plan's own settings."""
-    from autotp.api import _apply_plan, resolve_hardware
+    from autotp.api import _apply_plan
+    from autotp.cost.model import resolve_hardware
     from autotp.cost.model import CostModel
     from autotp.errors import AutoTPError
 
@@ -223,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
     from autotp.io.plan_io import dumps_plan
     from autotp.report.progress import stage
     from autotp.report.table import format_table, price_baselines
-    from autotp.io.torch_tp import dumps_torch_tp
+    from autotp.io.torch_tp_export import dumps_torch_tp
 
     planned = plan_target(args)
     plan = planned.result.plan

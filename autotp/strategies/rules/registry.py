@@ -17,32 +17,10 @@ import torch
 from torch import fx
 
 from autotp.capture.export import TensorMeta
-from autotp.ir.placement import Placement, Replicate
+from autotp.ir.strategy import OpStrategy
 from autotp.capture.torch_compat import OpOverload, op_schema
 
-OutputPlacement = Union[Placement, tuple[Placement, ...]]
 OutputMeta = Union[TensorMeta, tuple[TensorMeta, ...]]
-
-
-@dataclass(frozen=True, slots=True)
-class OpStrategy:
-    """Placements of an op's tensor inputs (in argument order) and of its output."""
-
-    inputs: tuple[Placement, ...]
-    output: OutputPlacement
-
-    def outputs(self) -> tuple[Placement, ...]:
-        return self.output if isinstance(self.output, tuple) else (self.output,)
-
-    def divides_output(self) -> bool:
-        """The output is split or partial: each rank computes only part of it."""
-        return any(not isinstance(p, Replicate) for p in self.outputs())
-
-    def __str__(self) -> str:
-        ins = ", ".join(str(p) for p in self.inputs)
-        out = self.output
-        out_s = "(" + ", ".join(str(p) for p in out) + ")" if isinstance(out, tuple) else str(out)
-        return f"[{ins}] -> {out_s}"
 
 
 @dataclass(frozen=True, slots=True)
