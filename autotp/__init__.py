@@ -4,17 +4,24 @@
     sharded = autotp.parallelize(model, mesh, example_inputs)
 """
 from autotp.api import parallelize, plan
-from autotp.runtime.checkpoint import full_state_dict, load_sharded_state_dict, sharded_state_dict
-from autotp.report.crossover import Crossover, CrossoverReport, crossovers
 from autotp.errors import (
-    AutoTPError, CaptureError, ConfigError, InfeasiblePlanError, InputMismatchError, PlanFormatError,
-    PlanMismatchError, SolverError, TorchTPExportError,
+    AutoTPError,
+    CaptureError,
+    ConfigError,
+    InfeasiblePlanError,
+    InputMismatchError,
+    PlanFormatError,
+    PlanMismatchError,
+    SolverError,
+    TorchTPExportError,
 )
 from autotp.ir.placement import Partial, Replicate, Shard
 from autotp.ir.plan import Plan
-from autotp.runtime.random import manual_seed
-from autotp.strategies.engine import UnsupportedOpWarning
+from autotp.report.crossover import Crossover, CrossoverReport, crossovers
+from autotp.rewrite.random import manual_seed
+from autotp.runtime.checkpoint import full_state_dict, load_sharded_state_dict, sharded_state_dict
 from autotp.runtime.verify import VerifyReport, verify
+from autotp.strategies.engine import UnsupportedOpWarning
 
 __all__ = [
     "AutoTPError", "CaptureError", "ConfigError", "Crossover", "CrossoverReport", "InfeasiblePlanError", "InputMismatchError", "Partial", "Plan",

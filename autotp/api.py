@@ -13,25 +13,25 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from cost_models import OPTIMIZER_STATE_BYTES_PER_ELEMENT, HardwareProfile
-from autotp.runtime.arguments import PlannedCall
 from autotp.capture.export import CapturedGraph, InputRole, capture
+from autotp.capture.torch_compat import non_persistent_buffer_names
 from autotp.cost.model import CostModel, resolve_hardware
+from autotp.cost.wake import plan_mean_gap_seconds
 from autotp.errors import ConfigError, PlanMismatchError
 from autotp.io.fingerprint import describe_mismatch
 from autotp.io.plan_align import align_plan
-from autotp.runtime.module import ShardedModule, register_state
 from autotp.ir.placement import Shard
 from autotp.ir.plan import Plan
-from autotp.solve.build import build_plan
+from autotp.ir.units import fmt_seconds, parse_nbytes
 from autotp.report.progress import Progress, stage
-from autotp.runtime.random import seed_sharded_stream
-from autotp.runtime.retrace import Retracer
+from autotp.rewrite.random import seed_sharded_stream
 from autotp.rewrite.rewriter import rewrite
+from autotp.runtime.arguments import PlannedCall
+from autotp.runtime.module import ShardedModule, register_state
+from autotp.runtime.retrace import Retracer
+from autotp.solve.build import build_plan
 from autotp.solve.ilp import solve
 from autotp.strategies.engine import StrategySpace, build_strategy_space
-from autotp.capture.torch_compat import non_persistent_buffer_names
-from autotp.ir.units import fmt_seconds, parse_nbytes
-from autotp.cost.wake import plan_mean_gap_seconds
 
 log = logging.getLogger(__name__)
 

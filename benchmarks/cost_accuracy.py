@@ -54,20 +54,36 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
+from cost_models import HardwareProfile, collective_seconds, load_profile, matmul_seconds, write_profile
+from cost_models.calibrate import CalibrationError, build_profile, fit_all
 import autotp
 from autotp.api import plan_model
-from autotp.cost.calibrate import MIB, STATISTICS, CalibrationConfig, RankMeasurements, _agree, _as_in_a_layer, _calls_for, _estimate, default_config, describe_machine, measure_rank, median_relative_error, memory_capacity_nbytes, merge, slowest_batches
 from autotp.capture.export import capture
+from autotp.cost.calibrate import (
+    MIB,
+    STATISTICS,
+    CalibrationConfig,
+    RankMeasurements,
+    _agree,
+    _as_in_a_layer,
+    _calls_for,
+    _estimate,
+    default_config,
+    describe_machine,
+    measure_rank,
+    median_relative_error,
+    memory_capacity_nbytes,
+    merge,
+    slowest_batches,
+)
 from autotp.cost.model import CostModel
 from autotp.examples import build_example
-from autotp.solve.layouts import megatron_pins
 from autotp.ir.plan import Plan
 from autotp.solve.build import build_plan
 from autotp.solve.ilp import Solution, solve
+from autotp.solve.layouts import megatron_pins
 from autotp.strategies.engine import NodeKind, build_strategy_space
 from autotp.testing import run_on_ranks
-from cost_models import HardwareProfile, collective_seconds, load_profile, matmul_seconds, write_profile
-from cost_models.calibrate import CalibrationError, build_profile, fit_all
 
 LAYOUTS = ("autotp", "replicate", "megatron")
 STATS = ("median", "min")

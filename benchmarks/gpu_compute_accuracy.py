@@ -25,13 +25,13 @@ from collections.abc import Sequence
 import torch
 from torch.distributed.device_mesh import init_device_mesh
 
+from cost_models import HardwareProfile, load_profile
+from cost_models.calibrate import CalibrationReport, ComputeFit, fit_compute
 import autotp
 from autotp.api import plan_model
 from autotp.cost.calibrate import default_config, measure_rank, merge
 from autotp.examples import build_example
 from autotp.testing import run_on_ranks
-from cost_models import HardwareProfile, load_profile
-from cost_models.calibrate import CalibrationReport, ComputeFit, fit_compute
 
 # (example, label, config, batch, seq)
 MODELS: tuple[tuple[str, str, dict, int, int], ...] = (

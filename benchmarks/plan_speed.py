@@ -30,9 +30,8 @@ BATCH, SEQ, TP = 1, 4096, 8
 
 def measure(config: dict, dedup: bool) -> dict:
     """Plan one model in this process, timing each stage."""
-    from autotp.cost.model import resolve_hardware
     from autotp.capture.export import capture
-    from autotp.cost.model import CostModel
+    from autotp.cost.model import CostModel, resolve_hardware
     from autotp.examples import build_example
     from autotp.solve.build import build_plan
     from autotp.solve.ilp import solve

@@ -56,18 +56,17 @@ from torch.distributed.tensor.parallel import (
 )
 
 import autotp
-from autotp.cost.model import resolve_hardware
 from autotp.capture.export import capture
-from autotp.cost.model import CostModel
+from autotp.cost.model import CostModel, resolve_hardware
 from autotp.examples import build_example
 from autotp.examples.gpt import CausalSelfAttention
-from autotp.solve.layouts import megatron_pins
 from autotp.ir.placement import Replicate
 from autotp.ir.plan import Plan
 from autotp.solve.build import build_plan
-from autotp.strategies.rules import OpStrategy
 from autotp.solve.ilp import min_state_nbytes, solve
+from autotp.solve.layouts import megatron_pins
 from autotp.strategies.engine import NodeKind, StrategySpace, build_strategy_space
+from autotp.strategies.rules import OpStrategy
 from autotp.testing import run_on_ranks
 
 # The acceptance bar: autotp (Megatron layout) / DTensor step time.

@@ -2,7 +2,6 @@
 rewriter would. Module-level, since ``autotp.verify`` pickles its ``graph_hook`` to the ranks."""
 from __future__ import annotations
 
-
 import torch
 from torch import fx
 

@@ -7,13 +7,12 @@ from torch.distributed.device_mesh import init_device_mesh
 
 import autotp
 from autotp.api import plan_model
-from autotp.cost.model import resolve_hardware
-from autotp.cost.model import CostModel
+from autotp.cost.model import CostModel, resolve_hardware
 from autotp.examples import build_example
 from autotp.ir.placement import P, R, Shard
 from autotp.solve.build import build_plan
-from autotp.strategies.rules import OpStrategy
 from autotp.solve.ilp import solve
+from autotp.strategies.rules import OpStrategy
 
 
 def vocab_parallel_pins(space: Any) -> dict[str, OpStrategy]:

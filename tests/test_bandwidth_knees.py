@@ -322,8 +322,8 @@ def test_step_lines_price_knees_exactly_as_the_planner() -> None:
 @pytest.mark.timeout(120)
 def test_cost_expression_with_knees_equals_the_plans_total() -> None:
     import autotp
-    from autotp.examples import build_example
     from autotp.cost.symbolic import B, StepTerm, T, terms_seconds
+    from autotp.examples import build_example
 
     profile = load_profile("a100-pcie")
     knees = (BandwidthKnee(64 * KIB, 2e10), BandwidthKnee(MIB, 1.5e10))  # below the plan's all-reduces

@@ -16,17 +16,16 @@ import pytest
 import torch
 from torch import fx, nn
 
-from autotp.comm import collectives
 from autotp.capture.export import capture
+from autotp.comm import collectives
 from autotp.comm.conversions import conversion_sites, needs_grad_sync
-from autotp.cost.model import CostModel
+from autotp.comm.redistribute import GRAD_SYNC, Step, StepKind, backward_steps
+from autotp.cost.model import CostModel, resolve_hardware
 from autotp.examples import build_example
-from autotp.cost.model import resolve_hardware
 from autotp.ir.placement import R, Shard
 from autotp.ir.plan import Plan
-from autotp.solve.build import build_plan
-from autotp.comm.redistribute import GRAD_SYNC, Step, StepKind, backward_steps
 from autotp.rewrite.rewriter import rewrite
+from autotp.solve.build import build_plan
 from autotp.solve.ilp import min_state_nbytes, solve, state_nbytes
 from autotp.strategies.engine import NodeKind, StrategySpace, ValueRef, build_strategy_space
 from autotp.testing import run_on_ranks

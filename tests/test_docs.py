@@ -26,12 +26,12 @@ import subprocess
 import sys
 import textwrap
 import time
-import tomllib
 import traceback
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from autotp import cli
 from autotp.testing import find_free_port

@@ -26,8 +26,8 @@ import torch
 pytest.importorskip("transformers", reason="the Hugging Face tests need transformers (pip install -e '.[test]')")
 
 from autotp.capture.export import CapturedGraph, capture
-from autotp.strategies.rules.check import check_graph, node_values
 from autotp.strategies.engine import NodeKind, build_strategy_space
+from autotp.strategies.rules.check import check_graph, node_values
 from autotp.testing import run_on_ranks
 from tests import _hf_fns
 

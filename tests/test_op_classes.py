@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from cost_models import OP_CLASSES, HardwareProfile, LinkProfile, OpClassRate, ProfileError, load_profile, op_seconds, profile_to_toml, roofline_seconds, write_profile
+from cost_models.calibrate import KernelSample, fit_compute
 from autotp.capture.export import capture
 from autotp.cost.model import CostModel, op_class
 from autotp.examples import build_example
-from autotp.runtime.random import draws_random
+from autotp.rewrite.random import draws_random
 from autotp.strategies.engine import NodeKind, build_strategy_space
-from cost_models import OP_CLASSES, HardwareProfile, LinkProfile, OpClassRate, ProfileError, load_profile, op_seconds, profile_to_toml, roofline_seconds, write_profile
-from cost_models.calibrate import KernelSample, fit_compute
 from tests._profile_fns import assert_rejected
 
 ROUND = HardwareProfile(

@@ -9,9 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from autotp.cost.model import resolve_hardware
 from autotp.capture.export import capture
-from autotp.cost.model import CostModel
+from autotp.cost.model import CostModel, resolve_hardware
 from autotp.examples import build_example
 from autotp.ir.placement import R
 from autotp.solve.ilp import solve

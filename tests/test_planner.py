@@ -9,15 +9,14 @@ import torch
 
 import autotp
 from autotp.api import plan_model
-from autotp.cost.model import resolve_hardware
-from autotp.cost.model import CostModel
+from autotp.cost.model import CostModel, resolve_hardware
 from autotp.examples import build_example
-from autotp.solve.layouts import megatron_pins
 from autotp.ir.placement import P, R, Shard
 from autotp.ir.plan import Plan
-from autotp.solve.build import build_plan
 from autotp.rewrite.rewriter import collective_nodes, rewrite
+from autotp.solve.build import build_plan
 from autotp.solve.ilp import min_state_nbytes, solve
+from autotp.solve.layouts import megatron_pins
 from autotp.strategies.engine import NodeKind
 
 N_LAYER = 2

@@ -26,6 +26,7 @@ from torch import nn
 from autotp.capture.export import CapturedGraph, capture
 from autotp.examples import build_example
 from autotp.ir.placement import P, Partial, R, Replicate, Shard
+from autotp.strategies.engine import NodeKind, NodeSpace, StrategySpace, build_strategy_space
 from autotp.strategies.rules.check import (
     check_graph,
     check_strategy,
@@ -33,7 +34,6 @@ from autotp.strategies.rules.check import (
     values_comparable,
 )
 from autotp.strategies.rules.registry import OpStrategy
-from autotp.strategies.engine import NodeKind, NodeSpace, StrategySpace, build_strategy_space
 
 TP_SIZES = (2, 3, 4)
 

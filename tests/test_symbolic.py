@@ -10,21 +10,20 @@ import sympy
 import torch
 from torch import nn
 
+from cost_models import HardwareProfile, write_profile
 import autotp
 from autotp.api import plan_model
-from autotp.cost.model import resolve_hardware
 from autotp.capture.export import capture
-from autotp.cost.model import CostModel
-from autotp.report.crossover import crossovers
+from autotp.cost.model import CostModel, resolve_hardware
+from autotp.cost.symbolic import B, T, _fit, attach_cost_terms, fit_work, resize_inputs
 from autotp.errors import ConfigError
 from autotp.examples import build_example
-from autotp.solve.layouts import megatron_pins
 from autotp.ir.plan import Plan
+from autotp.report.crossover import crossovers
 from autotp.solve.build import build_plan
 from autotp.solve.ilp import solve
+from autotp.solve.layouts import megatron_pins
 from autotp.strategies.engine import NodeKind, StrategySpace, build_strategy_space
-from autotp.cost.symbolic import B, T, _fit, attach_cost_terms, fit_work, resize_inputs
-from cost_models import HardwareProfile, write_profile
 
 # ---------------------------------------------------------------------------------------------
 # Polynomial fits

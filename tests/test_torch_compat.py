@@ -25,8 +25,8 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from autotp.capture import torch_compat
-from autotp.errors import AutoTPError
 from autotp.capture.torch_compat import TESTED_TORCH, TorchCompatError, UntestedTorchWarning, aten_op, check_torch_version
+from autotp.errors import AutoTPError
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPAT = ROOT / "autotp" / "capture" / "torch_compat.py"

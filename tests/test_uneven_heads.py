@@ -20,8 +20,8 @@ import pytest
 from autotp.capture.export import capture
 from autotp.examples import build_example
 from autotp.ir.placement import P, R, Shard
-from autotp.strategies.rules.registry import OpStrategy
 from autotp.strategies.engine import NodeKind, NodeSpace, StrategySpace, build_strategy_space
+from autotp.strategies.rules.registry import OpStrategy
 from autotp.testing import run_on_ranks
 from tests import _uneven_heads_fns
 

@@ -11,19 +11,19 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-from autotp.api import plan_model
-from autotp.cost.model import resolve_hardware
-from autotp.cost.model import BACKWARD_COMPUTE_FACTOR, CostModel
-from autotp.examples import build_example
-from autotp.solve.layouts import megatron_pins
-from autotp.ir.plan import Plan
-from autotp.solve.build import build_plan
-from autotp.comm.redistribute import StepKind
-from autotp.solve.ilp import solve
-from autotp.cost.symbolic import B, T, attach_cost_terms
-from autotp.cost.wake import collective_gaps
+
 from cost_models import CollectiveLink, HardwareProfile, LinkProfile, ProfileError, WakeCurve, load_profile, wake_seconds, write_profile
 from cost_models.calibrate import CalibrationError, CollectiveSample, KernelSample, WakeSample, build_profile, fit_all, fit_wake
+from autotp.api import plan_model
+from autotp.comm.redistribute import StepKind
+from autotp.cost.model import BACKWARD_COMPUTE_FACTOR, CostModel, resolve_hardware
+from autotp.cost.symbolic import B, T, attach_cost_terms
+from autotp.cost.wake import collective_gaps
+from autotp.examples import build_example
+from autotp.ir.plan import Plan
+from autotp.solve.build import build_plan
+from autotp.solve.ilp import solve
+from autotp.solve.layouts import megatron_pins
 from tests._profile_fns import assert_rejected, cpu_link_toml
 
 KIB = 2**10

@@ -21,8 +21,8 @@ from torch import fx, nn
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 
-from autotp.errors import CaptureError
 from autotp.capture.torch_compat import data_dependent_guard_error, set_grad_enabled_hop
+from autotp.errors import CaptureError
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,6 @@ import torch
 import torch.distributed as dist
 
 from autotp.capture.torch_compat import resolve_process_group
-
 from autotp.comm.redistribute import Step, StepKind
 
 

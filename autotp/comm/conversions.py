@@ -24,10 +24,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from autotp.capture.export import TensorMeta
-from autotp.ir.placement import Placement, Replicate
 from autotp.comm.redistribute import GRAD_SYNC, Step, backward_steps, transition
-from autotp.strategies.rules import OpStrategy
+from autotp.ir.placement import Placement, Replicate
 from autotp.strategies.engine import StrategySpace, ValueRef
+from autotp.strategies.rules import OpStrategy
 
 SlotKey = tuple[str, int]  # (consumer node name, input slot)
 

@@ -10,7 +10,6 @@ Both the cost model and the rewriter read it, so what is priced is exactly what 
 """
 from __future__ import annotations
 
-
 from autotp.ir.placement import Partial, Placement, Replicate, Shard
 from autotp.ir.steps import Step, StepKind
 

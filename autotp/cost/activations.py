@@ -26,8 +26,8 @@ import torch
 
 from cost_models import peak_live_nbytes
 from autotp.ir.placement import Placement, Shard
-from autotp.strategies.rules import lookup
 from autotp.strategies.engine import NodeKind
+from autotp.strategies.rules import lookup
 
 if TYPE_CHECKING:
     from autotp.ir.plan import NodePlan, Plan

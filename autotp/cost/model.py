@@ -17,16 +17,28 @@ from dataclasses import dataclass
 import torch
 
 from cost_models import (
-    Collective, HardwareProfile, LinkProfile, ProfileError, WakeCurve, bytes_moved_per_rank, collective_seconds, load_profile, matmul_seconds,
-    op_seconds, roofline_seconds, select_algorithm, state_nbytes, wake_seconds,
+    Collective,
+    HardwareProfile,
+    LinkProfile,
+    ProfileError,
+    WakeCurve,
+    bytes_moved_per_rank,
+    collective_seconds,
+    load_profile,
+    matmul_seconds,
+    op_seconds,
+    roofline_seconds,
+    select_algorithm,
+    state_nbytes,
+    wake_seconds,
 )
 from autotp.capture.export import TensorMeta
-from autotp.errors import ConfigError
-from autotp.ir.placement import Placement, Shard
 from autotp.comm.conversions import backward_conjugates
 from autotp.comm.redistribute import GRAD_SYNC, Step, StepKind, transition
-from autotp.strategies.rules import OpStrategy
+from autotp.errors import ConfigError
+from autotp.ir.placement import Placement, Shard
 from autotp.strategies.engine import NodeKind, NodeSpace
+from autotp.strategies.rules import OpStrategy
 
 aten = torch.ops.aten
 

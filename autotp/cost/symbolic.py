@@ -43,13 +43,13 @@ from torch import nn
 from cost_models import HardwareProfile, OpClassRate, WakeCurve, collective_terms, matmul_roofline, roofline
 from cost_models.comm import piecewise_linear_seconds
 from autotp.capture.export import capture
-from autotp.cost.model import BACKWARD_COMPUTE_FACTOR, CostModel, _STEP_COLLECTIVE, node_flops, node_nbytes, node_weight_nbytes, op_class, splits_work, weight_share
-from autotp.errors import AutoTPError, ConfigError
-from autotp.ir.plan import Plan
 from autotp.comm.conversions import conversion_sites, sites_by_consumer
 from autotp.comm.redistribute import Step, StepKind
-from autotp.strategies.engine import NodeKind, NodeSpace, StrategySpace, build_strategy_space
+from autotp.cost.model import _STEP_COLLECTIVE, BACKWARD_COMPUTE_FACTOR, CostModel, node_flops, node_nbytes, node_weight_nbytes, op_class, splits_work, weight_share
 from autotp.cost.wake import collective_gaps
+from autotp.errors import AutoTPError, ConfigError
+from autotp.ir.plan import Plan
+from autotp.strategies.engine import NodeKind, NodeSpace, StrategySpace, build_strategy_space
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from autotp.cost.model import BACKWARD_COMPUTE_FACTOR
 from autotp.comm.conversions import conversion_sites, sites_by_consumer
 from autotp.comm.redistribute import Step
+from autotp.cost.model import BACKWARD_COMPUTE_FACTOR
 
 if TYPE_CHECKING:
     from autotp.cost.model import CostModel

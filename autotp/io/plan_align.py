@@ -15,9 +15,9 @@ from autotp.io.fingerprint import LAYOUT_ONLY_OPS
 from autotp.ir.placement import R
 from autotp.ir.plan import Plan
 from autotp.solve.build import build_plan
-from autotp.strategies.rules import OpStrategy
 from autotp.solve.ilp import Solution
 from autotp.strategies.engine import StrategySpace
+from autotp.strategies.rules import OpStrategy
 
 log = logging.getLogger(__name__)
 

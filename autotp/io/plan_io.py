@@ -13,12 +13,12 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
+from autotp.comm.redistribute import Step, StepKind
 from autotp.errors import PlanFormatError
 from autotp.ir.placement import Placement, parse_placement
 from autotp.ir.plan import Conversion, NodePlan, Plan
-from autotp.comm.redistribute import Step, StepKind
-from autotp.strategies.rules import OpStrategy
 from autotp.strategies.engine import NodeKind
+from autotp.strategies.rules import OpStrategy
 
 FORMAT = "autotp.plan"
 SCHEMA_VERSION = 1

@@ -28,10 +28,9 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-
-from autotp.strategies.blocks import split_block_path
 from autotp.ir.placement import Partial, Placement, R, Replicate, Shard, parse_placement
 from autotp.ir.plan import NodePlan, Plan
+from autotp.strategies.blocks import split_block_path
 from autotp.strategies.engine import NodeKind
 
 FORMAT = "autotp.torch_tp"

@@ -18,13 +18,13 @@ import torch
 from torch import nn
 
 from autotp.capture.export import capture, module_path
+from autotp.capture.torch_compat import op_schema
 from autotp.errors import AutoTPError, TorchTPExportError, describe_node
 from autotp.io.fingerprint import LAYOUT_ONLY_OPS
+from autotp.io.torch_tp import WHAT_TO_DO, TorchTPPlan, split_ref
 from autotp.ir.placement import Partial, Placement, R, Shard
 from autotp.ir.plan import Plan
 from autotp.strategies.engine import NodeKind
-from autotp.capture.torch_compat import op_schema
-from autotp.io.torch_tp import WHAT_TO_DO, TorchTPPlan, split_ref
 
 
 def check_torch_tp(tp: TorchTPPlan, *, plan: Plan, model: nn.Module, example_inputs: tuple[Any, ...]) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from autotp.ir.placement import R, Placement, Shard
+from autotp.ir.placement import Placement, R, Shard
 from autotp.ir.steps import Step
 from autotp.ir.strategy import NodeKind, OpStrategy
 from autotp.ir.units import fmt_nbytes, fmt_seconds

@@ -37,16 +37,14 @@ import torch
 from torch import nn
 
 from autotp.api import _tp_size, plan_model
-
-from autotp.cost.model import resolve_hardware
-from autotp.strategies.blocks import split_block_path
-from autotp.cost.model import CostModel
+from autotp.cost.model import CostModel, resolve_hardware
+from autotp.cost.symbolic import CostTerm, WorkModel, cost_terms, fit_work, resize_inputs, terms_seconds
 from autotp.errors import ConfigError
 from autotp.ir.plan import Plan
-from autotp.report.table import n_collectives
-from autotp.strategies.engine import NodeKind
-from autotp.cost.symbolic import CostTerm, WorkModel, cost_terms, fit_work, resize_inputs, terms_seconds
 from autotp.ir.units import fmt_seconds
+from autotp.report.table import n_collectives
+from autotp.strategies.blocks import split_block_path
+from autotp.strategies.engine import NodeKind
 
 log = logging.getLogger(__name__)
 

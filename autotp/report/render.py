@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from autotp.ir.placement import Partial, Placement, Shard
 from autotp.ir.plan import NodePlan, Plan
+from autotp.ir.units import fmt_nbytes, fmt_seconds
 from autotp.report.table import (
     Baseline,
     Row,
@@ -22,7 +23,6 @@ from autotp.report.table import (
     totals_rows,
 )
 from autotp.strategies.engine import NodeKind
-from autotp.ir.units import fmt_nbytes, fmt_seconds
 
 _SHARD_COLOURS = ("#4c78a8", "#54a24b", "#b279a2", "#72b7b2", "#9d755d", "#eeca3b")
 _REPLICATE_COLOUR = "#bab0ac"

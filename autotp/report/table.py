@@ -12,16 +12,16 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from autotp.strategies.blocks import split_block_path
 from autotp.cost.model import CostModel
 from autotp.errors import AutoTPError
-from autotp.solve.layouts import megatron_layout_of
 from autotp.ir.placement import R
 from autotp.ir.plan import Conversion, NodePlan, Plan
+from autotp.ir.units import fmt_nbytes, fmt_seconds
 from autotp.solve.build import build_plan
 from autotp.solve.ilp import Solution, solve
+from autotp.solve.layouts import megatron_layout_of
+from autotp.strategies.blocks import split_block_path
 from autotp.strategies.engine import NodeKind, StrategySpace
-from autotp.ir.units import fmt_nbytes, fmt_seconds
 
 TOP_LEVEL = "top level"
 MEGATRON = "Megatron-LM"

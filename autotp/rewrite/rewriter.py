@@ -16,16 +16,16 @@ from typing import Any
 import torch
 from torch import fx
 
-from autotp.comm import collectives
-from autotp.runtime import random
 from autotp.capture.export import CapturedGraph
+from autotp.comm import collectives
 from autotp.comm.conversions import GradSyncSite, Site, SlotKey, conversion_sites
 from autotp.ir.placement import Shard
 from autotp.ir.plan import Plan
+from autotp.rewrite import random
+from autotp.rewrite.random import draws_random
+from autotp.strategies.engine import ASSERT_OPS, NodeSpace, StrategySpace, ValueRef, is_tensor_value
 from autotp.strategies.rules import LocalContext, OpStrategy, lookup
 from autotp.strategies.rules.registry import Rule
-from autotp.runtime.random import draws_random
-from autotp.strategies.engine import ASSERT_OPS, NodeSpace, StrategySpace, ValueRef, is_tensor_value
 
 _COPIED_META = ("nn_module_stack", "stack_trace")
 

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from autotp.capture.export import TensorMeta, tensor_meta
-from autotp.errors import ConfigError, InputMismatchError
 from autotp.capture.torch_compat import pytree
+from autotp.errors import ConfigError, InputMismatchError
 
 Shapes = tuple[tuple[int, ...], ...]  # the shape of every tensor leaf, in leaf order
 

@@ -14,8 +14,8 @@ from torch.distributed.tensor import Replicate as DReplicate
 from torch.distributed.tensor import Shard as DShard
 
 from autotp.comm.collectives import _all_gather
-from autotp.runtime.module import ShardedModule
 from autotp.ir.placement import Shard
+from autotp.runtime.module import ShardedModule
 
 
 def full_state_dict(sharded: ShardedModule) -> dict[str, torch.Tensor]:

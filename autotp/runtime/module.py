@@ -8,11 +8,11 @@ import torch
 from torch import fx, nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from autotp.runtime.arguments import PlannedCall
 from autotp.capture.export import CapturedGraph, InputRole
+from autotp.capture.torch_compat import child_modules, pytree
 from autotp.ir.placement import Placement
 from autotp.ir.plan import Plan
-from autotp.capture.torch_compat import child_modules, pytree
+from autotp.runtime.arguments import PlannedCall
 
 if TYPE_CHECKING:  # the retracer runs the pipeline; the module only holds one
     from autotp.runtime.retrace import Retracer

@@ -16,15 +16,15 @@ from collections import OrderedDict
 import torch
 from torch import fx, nn
 
-from autotp.runtime.arguments import PlannedCall, Shapes
 from autotp.capture.export import CapturedGraph, capture
+from autotp.capture.torch_compat import pytree
 from autotp.errors import InputMismatchError, PlanMismatchError
 from autotp.io.fingerprint import canonical_entries, node_entry, plan_entries
-from autotp.ir.plan import Plan
 from autotp.io.plan_align import carry_plan
+from autotp.ir.plan import Plan
 from autotp.rewrite.rewriter import rewrite
+from autotp.runtime.arguments import PlannedCall, Shapes
 from autotp.strategies.engine import StrategySpace, build_strategy_space
-from autotp.capture.torch_compat import pytree
 
 log = logging.getLogger(__name__)
 

@@ -32,10 +32,10 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from autotp.capture.torch_compat import pytree
 from autotp.errors import ConfigError, InfeasiblePlanError
 from autotp.ir.placement import Placement, Replicate, Shard
 from autotp.ir.plan import Plan
-from autotp.capture.torch_compat import pytree
 
 log = logging.getLogger(__name__)
 
@@ -390,7 +390,7 @@ def _plan(
 ) -> tuple[Plan, str]:
     """The plan the ranks apply, made once here; a note when the default budget had to be dropped."""
     from autotp.api import plan as make_plan
-    from autotp.cli.target import builtin_memory_budget
+    from autotp.io.target import builtin_memory_budget
 
     settings = {"mesh_shape": (tp_size,), "hardware": hardware or "cpu-gloo", "training": training, "optimizer": optimizer}
     if memory_budget is not None:
@@ -425,7 +425,7 @@ def _check_real(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
 
 def _input_names(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[str]:
     """``forward``'s parameter names for the example inputs, ``input k`` where it has none."""
-    from autotp.cli.target import _forward_params
+    from autotp.io.target import _forward_params
 
     params = _forward_params(model)
     return [params[k] if k < len(params) else f"input {k}" for k in range(len(inputs))]

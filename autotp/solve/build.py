@@ -10,7 +10,7 @@ from autotp.comm.conversions import GradSyncSite, Site, conversion_sites, sites_
 from autotp.cost.model import CostModel
 from autotp.cost.wake import collective_gaps
 from autotp.io.fingerprint import format_value, space_fingerprint
-from autotp.ir.placement import R, Placement, Shard
+from autotp.ir.placement import Placement, R, Shard
 from autotp.ir.plan import Conversion, NodePlan, Plan
 from autotp.solve.ilp import Solution, state_nbytes
 from autotp.strategies.engine import NodeKind, StrategySpace

@@ -33,15 +33,15 @@ from dataclasses import dataclass
 
 import pulp
 
-from autotp.strategies.blocks import canonical_nodes
 from autotp.capture.export import TensorMeta
 from autotp.comm.conversions import needs_grad_sync
-from autotp.ir.units import fmt_nbytes
 from autotp.cost.model import CostModel
 from autotp.errors import InfeasiblePlanError, SolverError
 from autotp.ir.placement import Placement
-from autotp.strategies.rules import OpStrategy
+from autotp.ir.units import fmt_nbytes
+from autotp.strategies.blocks import canonical_nodes
 from autotp.strategies.engine import NodeKind, NodeSpace, StrategySpace, ValueRef
+from autotp.strategies.rules import OpStrategy
 
 log = logging.getLogger(__name__)
 

@@ -22,13 +22,13 @@ from dataclasses import dataclass
 
 import torch
 
-from autotp.strategies.blocks import block_of, block_pattern, split_block_path
+from autotp.capture.torch_compat import OpOverload
 from autotp.cost.model import _packet_name
 from autotp.errors import AutoTPError
 from autotp.ir.placement import P, R, Shard
-from autotp.strategies.rules import OpStrategy
+from autotp.strategies.blocks import block_of, block_pattern, split_block_path
 from autotp.strategies.engine import NodeKind, NodeSpace, StrategySpace, ValueRef
-from autotp.capture.torch_compat import OpOverload
+from autotp.strategies.rules import OpStrategy
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,11 +19,11 @@ import torch
 from torch import fx
 
 from autotp.capture.export import CapturedGraph, GraphInput, InputRole, TensorMeta, module_path, tensor_meta
-from autotp.ir.placement import Partial, R, Placement, Shard
+from autotp.capture.torch_compat import op_schema
+from autotp.ir.placement import Partial, Placement, R, Shard
 from autotp.ir.strategy import NodeKind, OutputPlacement
 from autotp.strategies.rules import OpContext, OpStrategy, lookup
 from autotp.strategies.rules.registry import OutputMeta, Rule
-from autotp.capture.torch_compat import op_schema
 
 log = logging.getLogger(__name__)
 

@@ -36,9 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from autotp.ir.units import fmt_nbytes
     from autotp.report.explain import explain_node, find_nodes, format_explanation
     from autotp.report.table import mode_text
-    from autotp.ir.units import fmt_nbytes
 
     planned = plan_target(args)
     space, plan = planned.result.space, planned.result.plan

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
+    from cost_models import HardwareProfile
     from autotp.api import PlanningResult
     from autotp.cost.model import CostModel
+    from autotp.io.target import Target
     from autotp.ir.plan import Plan
     from autotp.report.progress import ProgressEvent
-    from autotp.cli.target import Target
-    from cost_models import HardwareProfile
 
 _START = time.perf_counter()  # the CLI imports every command at start-up: about when the process began
 
@@ -118,15 +118,14 @@ def parse_mesh(text: str) -> tuple[int, ...]:
 def plan_target(args: argparse.Namespace) -> Planned:
     """Load the target and plan it as the shared options say."""
     from autotp.api import plan_model
-    from autotp.cost.model import resolve_hardware
-    from autotp.cost.model import CostModel
-    from autotp.ir.plan import Plan
-    from autotp.cli.target import (
+    from autotp.cost.model import CostModel, resolve_hardware
+    from autotp.io.target import (
         builtin_memory_budget,
         load_target,
         parse_config,
         parse_input,
     )
+    from autotp.ir.plan import Plan
     from autotp.ir.units import parse_nbytes
 
     if args.verbose:
@@ -207,8 +206,7 @@ def progress_printer(args: argparse.Namespace) -> StageLines | None:
 def _saved(plan: Plan, target: Target, mesh: tuple[int, ...], profile: HardwareProfile, started: float) -> Planned:
     """A saved plan checked against the target; priced for baselines with the plan's own settings."""
     from autotp.api import _apply_plan
-    from autotp.cost.model import resolve_hardware
-    from autotp.cost.model import CostModel
+    from autotp.cost.model import CostModel, resolve_hardware
     from autotp.errors import AutoTPError
 
     result = _apply_plan(target.model, target.example_inputs, plan, mesh[0])
@@ -221,11 +219,11 @@ def _saved(plan: Plan, target: Target, mesh: tuple[int, ...], profile: HardwareP
 
 
 def run(args: argparse.Namespace) -> int:
-    from autotp.report import render
     from autotp.io.plan_io import dumps_plan
+    from autotp.io.torch_tp_export import dumps_torch_tp
+    from autotp.report import render
     from autotp.report.progress import stage
     from autotp.report.table import format_table, price_baselines
-    from autotp.io.torch_tp_export import dumps_torch_tp
 
     planned = plan_target(args)
     plan = planned.result.plan

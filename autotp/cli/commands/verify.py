@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from autotp.cli.target import InputSpec
+    from autotp.io.target import InputSpec
 
 _EPILOG = """\
 examples:
@@ -62,8 +62,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from autotp.cli.commands.plan import parse_mesh
+    from autotp.io.target import parse_config, parse_input
     from autotp.ir.plan import Plan
-    from autotp.cli.target import parse_config, parse_input
     from autotp.runtime.verify import RebuiltModel, verify_source
 
     if args.verbose:
@@ -89,7 +89,7 @@ def build_target(spec: str, inputs: Sequence[InputSpec], config: Mapping[str, An
 
     from autotp.errors import ConfigError
     from autotp.examples import EXAMPLES, build_example
-    from autotp.cli.target import load_target
+    from autotp.io.target import load_target
 
     if spec in EXAMPLES:
         sizes = {"batch": inputs[0].shape[0], "seq": inputs[0].shape[1]} if len(inputs) == 1 and len(inputs[0].shape) >= 2 else {}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from autotp.ir.placement import R, Placement, Shard
+from autotp.ir.placement import Placement, R, Shard
 from autotp.strategies.rules.registry import OpContext, OpStrategy, register
 
 aten = __import__("torch").ops.aten

@@ -33,16 +33,16 @@ import torch
 from torch import fx, nn
 
 from autotp.capture.export import CapturedGraph, InputRole
+from autotp.capture.torch_compat import OpOverload, op_schema, pytree
 from autotp.ir.placement import Partial, Placement, Shard
 from autotp.rewrite.rewriter import local_call
-from autotp.strategies.rules.registry import OpStrategy, Rule, lookup
 from autotp.strategies.engine import (
     NodeKind,
     NodeSpace,
     ValueRef,
     build_strategy_space,
 )
-from autotp.capture.torch_compat import OpOverload, op_schema, pytree
+from autotp.strategies.rules.registry import OpStrategy, Rule, lookup
 
 aten = torch.ops.aten
 

@@ -7,9 +7,7 @@ ids in its range and zeros the rest, so the output is a partial sum (``P``).
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from autotp.comm.ops import vocab_parallel_embedding

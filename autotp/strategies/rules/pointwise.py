@@ -11,9 +11,9 @@ from collections.abc import Iterator
 
 from torch import fx
 
-from autotp.ir.placement import P, R, Placement, Shard
-from autotp.strategies.rules.registry import OpContext, OpStrategy, Rule, register, set_pointwise_fallback
 from autotp.capture.torch_compat import OpOverload
+from autotp.ir.placement import P, Placement, R, Shard
+from autotp.strategies.rules.registry import OpContext, OpStrategy, Rule, register, set_pointwise_fallback
 
 aten = __import__("torch").ops.aten
 

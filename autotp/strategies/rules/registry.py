@@ -17,8 +17,8 @@ import torch
 from torch import fx
 
 from autotp.capture.export import TensorMeta
-from autotp.ir.strategy import OpStrategy
 from autotp.capture.torch_compat import OpOverload, op_schema
+from autotp.ir.strategy import OpStrategy
 
 OutputMeta = Union[TensorMeta, tuple[TensorMeta, ...]]
 

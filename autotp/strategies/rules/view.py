@@ -16,7 +16,7 @@ import operator
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from autotp.ir.placement import P, R, Placement, Shard
+from autotp.ir.placement import P, Placement, R, Shard
 from autotp.strategies.rules.registry import LocalContext, OpContext, OpStrategy, norm_dim, register
 
 aten = __import__("torch").ops.aten
