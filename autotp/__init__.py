@@ -4,8 +4,6 @@
     sharded = autotp.parallelize(model, mesh, example_inputs)
 """
 from autotp.api import parallelize, plan
-from autotp.checkpoint import full_state_dict, load_sharded_state_dict, sharded_state_dict
-from autotp.crossover import Crossover, CrossoverReport, crossovers
 from autotp.errors import (
     AutoTPError,
     CaptureError,
@@ -17,11 +15,13 @@ from autotp.errors import (
     SolverError,
     TorchTPExportError,
 )
-from autotp.placement import Partial, Replicate, Shard
-from autotp.plan import Plan
-from autotp.random import manual_seed
-from autotp.strategies import UnsupportedOpWarning
-from autotp.verify import VerifyReport, verify
+from autotp.ir.placement import Partial, Replicate, Shard
+from autotp.ir.plan import Plan
+from autotp.report.crossover import Crossover, CrossoverReport, crossovers
+from autotp.rewrite.random import manual_seed
+from autotp.runtime.checkpoint import full_state_dict, load_sharded_state_dict, sharded_state_dict
+from autotp.runtime.verify import VerifyReport, verify
+from autotp.strategies.engine import UnsupportedOpWarning
 
 __all__ = [
     "AutoTPError", "CaptureError", "ConfigError", "Crossover", "CrossoverReport", "InfeasiblePlanError", "InputMismatchError", "Partial", "Plan",

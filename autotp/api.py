@@ -12,25 +12,26 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from cost_models import OPTIMIZER_STATE_BYTES_PER_ELEMENT, HardwareProfile, ProfileError, load_profile
-from autotp.arguments import PlannedCall
-from autotp.capture import CapturedGraph, InputRole, capture
-from autotp.cost import CostModel
+from cost_models import OPTIMIZER_STATE_BYTES_PER_ELEMENT, HardwareProfile
+from autotp.capture.export import CapturedGraph, InputRole, capture
+from autotp.capture.torch_compat import non_persistent_buffer_names
+from autotp.cost.model import CostModel, resolve_hardware
+from autotp.cost.wake import plan_mean_gap_seconds
 from autotp.errors import ConfigError, PlanMismatchError
-from autotp.fingerprint import describe_mismatch
-from autotp.module import ShardedModule, register_state
-from autotp.placement import Shard
-from autotp.plan import Plan, build_plan
-from autotp.plan_align import align_plan
-from autotp.progress import Progress, stage
-from autotp.random import seed_sharded_stream
-from autotp.retrace import Retracer
-from autotp.rewrite import rewrite
-from autotp.solve import solve
-from autotp.strategies import StrategySpace, build_strategy_space
-from autotp.torch_compat import non_persistent_buffer_names
-from autotp.units import fmt_seconds, parse_nbytes
-from autotp.wake import plan_mean_gap_seconds
+from autotp.io.fingerprint import describe_mismatch
+from autotp.io.plan_align import align_plan
+from autotp.ir.placement import Shard
+from autotp.ir.plan import Plan
+from autotp.ir.units import fmt_seconds, parse_nbytes
+from autotp.report.progress import Progress, stage
+from autotp.rewrite.random import seed_sharded_stream
+from autotp.rewrite.rewriter import rewrite
+from autotp.runtime.arguments import PlannedCall
+from autotp.runtime.module import ShardedModule, register_state
+from autotp.runtime.retrace import Retracer
+from autotp.solve.build import build_plan
+from autotp.solve.ilp import solve
+from autotp.strategies.engine import StrategySpace, build_strategy_space
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +66,14 @@ def plan(
     ``memory_budget``; ``training=False`` plans for inference (forward only, parameters only).
     ``symbolic`` also captures the model at a few more sizes so that ``plan.cost_expression()``
     gives the time as a sympy expression in batch ``B`` and sequence length ``T`` (dims 0 and 1
-    of the inputs; see ``autotp.symbolic``).
+    of the inputs; see ``autotp.cost.symbolic``).
     """
     result = plan_model(
         model, example_inputs, mesh_shape=mesh_shape, hardware=hardware or "h100-sxm",
         memory_budget=memory_budget, training=training, optimizer=optimizer, solver=solver, time_limit_s=time_limit_s,
     ).plan
     if symbolic:
-        from autotp.symbolic import attach_cost_terms
+        from autotp.cost.symbolic import attach_cost_terms
 
         result = attach_cost_terms(result, model, example_inputs, hardware=hardware or "h100-sxm")
     return result
@@ -92,7 +93,7 @@ def plan_model(
     progress: Progress | None = None,
 ) -> PlanningResult:
     """Capture, build the strategy space, solve and build the plan; ``progress`` hears each stage
-    start and end, and the solver's incumbents (``autotp.progress``)."""
+    start and end, and the solver's incumbents (``autotp.report.progress``)."""
     tp_size = _tp_size(mesh_shape)
     profile = resolve_hardware(hardware)
     budget = parse_nbytes(memory_budget)
@@ -127,7 +128,7 @@ WAKE_ROUNDS = 3  # re-solves at most, each with the last plan's mean gap before 
 
 def _wake_aware(plan: Plan, space: StrategySpace, cost: CostModel, *, memory_budget: int | None, time_limit_s: float, solver: str) -> Plan:
     """The cheapest plan, priced from its schedule, of ``plan`` and a few re-solves that charge
-    every collective the wake-up at the last plan's mean gap (``autotp.wake``).
+    every collective the wake-up at the last plan's mean gap (``autotp.cost.wake``).
 
     The solver prices edges one by one and cannot see where the other collectives fall. Charging
     them all the wake-up at one gap is the linear stand-in: a plan with one collective after a
@@ -205,15 +206,6 @@ def parallelize(
         role = InputRole.PARAMETER if fqn in parameter_names else InputRole.BUFFER
         register_state(sharded, fqn, _owned(_get_state(model, fqn), device), role, persistent=fqn not in non_persistent)
     return sharded
-
-
-def resolve_hardware(hardware: str | HardwareProfile) -> HardwareProfile:
-    if isinstance(hardware, HardwareProfile):
-        return hardware
-    try:
-        return load_profile(hardware)
-    except ProfileError as exc:
-        raise ConfigError(str(exc)) from exc
 
 
 def _tp_size(mesh_shape: Sequence[int]) -> int:

@@ -12,7 +12,7 @@ For each world size N (2 and 4 gloo CPU ranks, one thread each):
    while calibrating. This is the number the collective target is judged on.
 2. **Collectives, later.** Time each collective again in a separate run after calibration, at
    1, 4 and 16 MiB (and 64 MiB unless ``--quick``), with calibration's own sampler
-   (``autotp.calibrate.measure_rank``: 9 to 45 batches, until the median is known to 4%), and
+   (``autotp.cost.calibrate.measure_rank``: 9 to 45 batches, until the median is known to 4%), and
    compare with the profile's prediction. This adds whatever the machine drifted in between (a
    shared VM's speed moved by 9 to 49% within minutes; the reference matmul measures it). Both
    tables give each measurement's own standard error beside the model's error: what noise
@@ -21,8 +21,8 @@ For each world size N (2 and 4 gloo CPU ranks, one thread each):
    (``training=False``: a forward step) and time the sharded model's forward pass (the slowest
    rank's mean over batches of back-to-back steps, the layouts batched round-robin) for three layouts: autotp's plan,
    replicate-all (every op pinned to replicate) and the Megatron hand layout
-   (``autotp.layouts.megatron_pins``), each priced by the same profile through
-   ``autotp.solve.solve(pinned=...)``.
+   (``autotp.solve.layouts.megatron_pins``), each priced by the same profile through
+   ``autotp.solve.ilp.solve(pinned=...)``.
 4. **Ranking.** Per model, size and N, does the model order the three layouts as measured?
    Layouts whose measured times are within ``--tie`` of each other count as tied: either order
    is right.
@@ -58,7 +58,8 @@ from cost_models import HardwareProfile, collective_seconds, load_profile, matmu
 from cost_models.calibrate import CalibrationError, build_profile, fit_all
 import autotp
 from autotp.api import plan_model
-from autotp.calibrate import (
+from autotp.capture.export import capture
+from autotp.cost.calibrate import (
     MIB,
     STATISTICS,
     CalibrationConfig,
@@ -75,13 +76,13 @@ from autotp.calibrate import (
     merge,
     slowest_batches,
 )
-from autotp.capture import capture
-from autotp.cost import CostModel
+from autotp.cost.model import CostModel
 from autotp.examples import build_example
-from autotp.layouts import megatron_pins
-from autotp.plan import Plan, build_plan
-from autotp.solve import Solution, solve
-from autotp.strategies import NodeKind, build_strategy_space
+from autotp.ir.plan import Plan
+from autotp.solve.build import build_plan
+from autotp.solve.ilp import Solution, solve
+from autotp.solve.layouts import megatron_pins
+from autotp.strategies.engine import NodeKind, build_strategy_space
 from autotp.testing import run_on_ranks
 
 LAYOUTS = ("autotp", "replicate", "megatron")
@@ -111,7 +112,7 @@ class StepResult:
     predicted_s: float
     measured_s: float
     collectives: int
-    wake_s: float  # of predicted_s: the collectives' wake-up after the compute before them (autotp.wake)
+    wake_s: float  # of predicted_s: the collectives' wake-up after the compute before them (autotp.cost.wake)
 
     @property
     def error(self) -> float:

@@ -29,7 +29,7 @@ from cost_models import HardwareProfile, load_profile
 from cost_models.calibrate import CalibrationReport, ComputeFit, fit_compute
 import autotp
 from autotp.api import plan_model
-from autotp.calibrate import default_config, measure_rank, merge
+from autotp.cost.calibrate import default_config, measure_rank, merge
 from autotp.examples import build_example
 from autotp.testing import run_on_ranks
 

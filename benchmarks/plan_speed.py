@@ -30,13 +30,12 @@ BATCH, SEQ, TP = 1, 4096, 8
 
 def measure(config: dict, dedup: bool) -> dict:
     """Plan one model in this process, timing each stage."""
-    from autotp.api import resolve_hardware
-    from autotp.capture import capture
-    from autotp.cost import CostModel
+    from autotp.capture.export import capture
+    from autotp.cost.model import CostModel, resolve_hardware
     from autotp.examples import build_example
-    from autotp.plan import build_plan
-    from autotp.solve import solve
-    from autotp.strategies import build_strategy_space
+    from autotp.solve.build import build_plan
+    from autotp.solve.ilp import solve
+    from autotp.strategies.engine import build_strategy_space
 
     started = time.perf_counter()
     model, inputs = build_example("llama", device="meta", batch=BATCH, seq=SEQ, max_seq_len=SEQ, **config)

@@ -56,17 +56,17 @@ from torch.distributed.tensor.parallel import (
 )
 
 import autotp
-from autotp.api import resolve_hardware
-from autotp.capture import capture
-from autotp.cost import CostModel
+from autotp.capture.export import capture
+from autotp.cost.model import CostModel, resolve_hardware
 from autotp.examples import build_example
 from autotp.examples.gpt import CausalSelfAttention
-from autotp.layouts import megatron_pins
-from autotp.placement import Replicate
-from autotp.plan import Plan, build_plan
-from autotp.rules import OpStrategy
-from autotp.solve import min_state_nbytes, solve
-from autotp.strategies import NodeKind, StrategySpace, build_strategy_space
+from autotp.ir.placement import Replicate
+from autotp.ir.plan import Plan
+from autotp.solve.build import build_plan
+from autotp.solve.ilp import min_state_nbytes, solve
+from autotp.solve.layouts import megatron_pins
+from autotp.strategies.engine import NodeKind, StrategySpace, build_strategy_space
+from autotp.strategies.rules import OpStrategy
 from autotp.testing import run_on_ranks
 
 # The acceptance bar: autotp (Megatron layout) / DTensor step time.

@@ -1,6 +1,6 @@
 """Fit a hardware profile to timings measured on the machine (``autotp calibrate``).
 
-This module only fits and reports; ``autotp.calibrate`` measures (it needs torch). The fits
+This module only fits and reports; ``autotp.cost.calibrate`` measures (it needs torch). The fits
 are weighted least squares on *relative* error, so a 4 KiB message counts as much as a
 256 MiB one and the latency terms are not drowned by the bandwidth terms:
 
@@ -12,7 +12,7 @@ are weighted least squares on *relative* error, so a 4 KiB message counts as muc
   ``t = launch_mm + F / P + N_w · s_w``; P, the achieved FLOP/s per dtype, and the launch and
   s_w, the seconds per weight byte, which all dtypes share (``matmul_launch_seconds``,
   ``matmul_weight_bytes_per_s`` = 1 / s_w), by non-negative least squares. Each weight was
-  last read a forward ago (``autotp.calibrate``); on a CPU its fetch does not hide behind a
+  last read a forward ago (``autotp.cost.calibrate``); on a CPU its fetch does not hide behind a
   small matmul's arithmetic. The profile prices a matmul as
   ``launch_mm + max(F / P, N / W) + N_w · s_w`` (``cost_models.matmul_seconds``).
   A measured profile states achieved rates, so both efficiencies are 1.0.

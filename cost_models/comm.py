@@ -269,7 +269,7 @@ def wake_seconds(link: LinkProfile, kind: Collective | str, *, gap_seconds: floa
     """What one ``kind`` over ``group_size`` ranks costs beyond :func:`collective_seconds` when it
     follows ``gap_seconds`` of compute since the last collective (``LinkProfile.wake_curve``; 0 without one).
 
-    A plan prices it per collective from its schedule (``autotp.wake``): the solver cannot,
+    A plan prices it per collective from its schedule (``autotp.cost.wake``): the solver cannot,
     since the gap depends on where the other collectives fall.
     """
     n = _group_size(group_size)

@@ -6,7 +6,7 @@ two fp32 moments: ``2·itemsize + 8`` bytes (Adam, Kingma & Ba 2015; PyTorch kee
 recipes keep fp32 masters; 8 bytes is the fp32 case).
 
 Activations are priced by :func:`peak_live_nbytes`, a liveness sweep over the intervals in
-which values are alive; the caller (``autotp.activations``) derives them from the graph.
+which values are alive; the caller (``autotp.cost.activations``) derives them from the graph.
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from autotp import collectives as C
+from autotp.comm import collectives as C
 
 # Global shape of every hand case: dims 0 and 2 divide by 2 and 3 ranks; dim 1 stays whole.
 SHAPE = (6, 2, 6)

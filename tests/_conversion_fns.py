@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from autotp import collectives
-from autotp.redistribute import GRAD_SYNC, Step, StepKind, backward_steps
+from autotp.comm import collectives
+from autotp.comm.redistribute import GRAD_SYNC, Step, StepKind, backward_steps
 
 # Every step kind of the transition table, each tensor dim it can name on a (4, 2, 4) input.
 STEPS = (

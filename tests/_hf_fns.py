@@ -17,8 +17,8 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 import autotp
-from autotp.rewrite import collective_nodes
-from autotp.strategies import UnsupportedOpWarning
+from autotp.rewrite.rewriter import collective_nodes
+from autotp.strategies.engine import UnsupportedOpWarning
 
 ATOL = 1e-4  # on logits of standard deviation about 1
 VOCAB, BATCH, SEQ = 256, 2, 16  # the vocabulary divides by 2 and 4 ranks

@@ -9,7 +9,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 import autotp
 from autotp.examples import build_example
-from autotp.rewrite import collective_nodes
+from autotp.rewrite.rewriter import collective_nodes
 
 ATOL, RTOL = 1e-5, 1e-4
 

@@ -12,8 +12,8 @@ from torch.distributed.tensor import DTensor
 import autotp
 from autotp.examples import build_example
 from autotp.examples.gpt import CausalSelfAttention
-from autotp.fingerprint import LAYOUT_ONLY_OPS
-from autotp.rewrite import collective_nodes
+from autotp.io.fingerprint import LAYOUT_ONLY_OPS
+from autotp.rewrite.rewriter import collective_nodes
 from tests._hf_fns import _logits, build_hf_model
 
 ATOL, RTOL = 1e-5, 1e-4
@@ -90,7 +90,7 @@ def apply_torch_tp(rank: int, world_size: int, cases: list[dict[str, Any]]) -> d
     """For each case: parallelize_module with the emitted plan; compare with the unsharded model."""
     from torch.distributed.tensor.parallel import parallelize_module
 
-    from autotp.torch_tp import to_parallelize_plan
+    from autotp.io.torch_tp import to_parallelize_plan
 
     mesh = init_device_mesh("cpu", (world_size,))
     report = {}

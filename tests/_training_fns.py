@@ -12,8 +12,8 @@ from torch.distributed.device_mesh import init_device_mesh
 
 import autotp
 from autotp.examples import build_example
-from autotp.placement import Shard
-from autotp.rewrite import collective_nodes
+from autotp.ir.placement import Shard
+from autotp.rewrite.rewriter import collective_nodes
 
 STATE_FACTOR = 4  # fp32 weights + gradients + two AdamW moments, per parameter byte
 

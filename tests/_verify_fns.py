@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from autotp import collectives
+from autotp.comm import collectives
 
 
 def _calls(gm: fx.GraphModule, target: object) -> list[fx.Node]:

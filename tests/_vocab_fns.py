@@ -6,13 +6,13 @@ from typing import Any
 from torch.distributed.device_mesh import init_device_mesh
 
 import autotp
-from autotp.api import plan_model, resolve_hardware
-from autotp.cost import CostModel
+from autotp.api import plan_model
+from autotp.cost.model import CostModel, resolve_hardware
 from autotp.examples import build_example
-from autotp.placement import P, R, Shard
-from autotp.plan import build_plan
-from autotp.rules import OpStrategy
-from autotp.solve import solve
+from autotp.ir.placement import P, R, Shard
+from autotp.solve.build import build_plan
+from autotp.solve.ilp import solve
+from autotp.strategies.rules import OpStrategy
 
 
 def vocab_parallel_pins(space: Any) -> dict[str, OpStrategy]:

@@ -307,7 +307,7 @@ def test_built_profile_carries_the_knees_and_the_report_shows_them(tmp_path: Pat
 
 
 def test_step_lines_price_knees_exactly_as_the_planner() -> None:
-    from autotp.symbolic import StepLine
+    from autotp.cost.symbolic import StepLine
 
     link = dataclasses.replace(LINK, algorithms={"all_reduce": "auto"}, bandwidth_knees=(BandwidthKnee(1e6, 5e8), BandwidthKnee(4e6, 2e8)))
     size = sympy.Symbol("N", positive=True)
@@ -323,8 +323,8 @@ def test_step_lines_price_knees_exactly_as_the_planner() -> None:
 @pytest.mark.timeout(120)
 def test_cost_expression_with_knees_equals_the_plans_total() -> None:
     import autotp
+    from autotp.cost.symbolic import B, StepTerm, T, terms_seconds
     from autotp.examples import build_example
-    from autotp.symbolic import B, StepTerm, T, terms_seconds
 
     profile = load_profile("a100-pcie")
     knees = (BandwidthKnee(64 * KIB, 2e10), BandwidthKnee(MIB, 1.5e10))  # below the plan's all-reduces

@@ -140,7 +140,7 @@ def test_all_reduce_is_required() -> None:
 @pytest.mark.parametrize("device_type", ["cpu", "cuda"])
 def test_message_grid_steps_x4_to_1_mib_then_x2_and_x4_when_quick(device_type: str) -> None:
     """Knees can only sit at measured sizes: the full grid doubles from 1 MiB to 256 MiB."""
-    from autotp.calibrate import KIB, MIB, default_config
+    from autotp.cost.calibrate import KIB, MIB, default_config
 
     full = default_config(device_type=device_type, quick=False).message_nbytes
     quick = default_config(device_type=device_type, quick=True).message_nbytes
@@ -156,7 +156,7 @@ def test_message_grid_steps_x4_to_1_mib_then_x2_and_x4_when_quick(device_type: s
 def test_measured_profile_on_two_ranks_plans_a_model() -> None:
     """A reduced grid measured on 2 gloo ranks fits into a profile the planner accepts."""
     import autotp
-    from autotp.calibrate import CalibrationConfig, measure_rank, merge
+    from autotp.cost.calibrate import CalibrationConfig, measure_rank, merge
     from autotp.examples import build_example
     from autotp.testing import run_on_ranks
 

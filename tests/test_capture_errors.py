@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import autotp
-from autotp.capture import capture
+from autotp.capture.export import capture
 
 
 class DataDependent(nn.Module):

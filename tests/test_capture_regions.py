@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from autotp.capture import InputRole, capture
+from autotp.capture.export import InputRole, capture
 from autotp.errors import CaptureError
 
 

@@ -1,6 +1,6 @@
 """Each autograd collective and its conjugate, on 2 and 3 gloo ranks, against values derived by hand.
 
-Convention under test (`autotp/collectives.py`): the loss is computed redundantly on every rank, so
+Convention under test (`autotp/comm/collectives.py`): the loss is computed redundantly on every rank, so
 the gradient of an R tensor is R, of an S(d) tensor S(d), and of a P tensor R. Every case uses
 `loss = (out * w).sum()` with the same `w` on every rank (through `all_gather` for an S output,
 `all_reduce` for a P output), so d loss / d (replicated out) = w, and the input gradient is what

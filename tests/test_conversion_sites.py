@@ -1,4 +1,4 @@
-"""The plan lists exactly the collectives the rewritten graph runs (``autotp.conversions``).
+"""The plan lists exactly the collectives the rewritten graph runs (``autotp.comm.conversions``).
 
 Offline: each model is planned on a meta device under a memory budget that forces splits, the
 rank-0 graph is rewritten (no process group is needed to build it) and its conversion nodes are
@@ -16,18 +16,18 @@ import pytest
 import torch
 from torch import fx, nn
 
-from autotp import collectives
-from autotp.api import resolve_hardware
-from autotp.capture import capture
-from autotp.conversions import conversion_sites, needs_grad_sync
-from autotp.cost import CostModel
+from autotp.capture.export import capture
+from autotp.comm import collectives
+from autotp.comm.conversions import conversion_sites, needs_grad_sync
+from autotp.comm.redistribute import GRAD_SYNC, Step, StepKind, backward_steps
+from autotp.cost.model import CostModel, resolve_hardware
 from autotp.examples import build_example
-from autotp.placement import R, Shard
-from autotp.plan import Plan, build_plan
-from autotp.redistribute import GRAD_SYNC, Step, StepKind, backward_steps
-from autotp.rewrite import rewrite
-from autotp.solve import min_state_nbytes, solve, state_nbytes
-from autotp.strategies import NodeKind, StrategySpace, ValueRef, build_strategy_space
+from autotp.ir.placement import R, Shard
+from autotp.ir.plan import Plan
+from autotp.rewrite.rewriter import rewrite
+from autotp.solve.build import build_plan
+from autotp.solve.ilp import min_state_nbytes, solve, state_nbytes
+from autotp.strategies.engine import NodeKind, StrategySpace, ValueRef, build_strategy_space
 from autotp.testing import run_on_ranks
 
 TP = 2

@@ -8,12 +8,12 @@ import torch
 from torch import nn
 
 import autotp
-from autotp.crossover import crossovers
+from autotp.cost.symbolic import fit_work
 from autotp.errors import ConfigError
 from autotp.examples import build_example
-from autotp.strategies import NodeKind
-from autotp.symbolic import fit_work
-from autotp.units import fmt_seconds
+from autotp.ir.units import fmt_seconds
+from autotp.report.crossover import crossovers
+from autotp.strategies.engine import NodeKind
 
 BLOCK_SIZE, TP, HARDWARE = 32, 4, "a100-pcie"
 

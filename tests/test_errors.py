@@ -69,7 +69,7 @@ def test_bad_memory_budget(budget: object) -> None:
 
 
 def test_memory_budget_strings() -> None:
-    from autotp.units import parse_nbytes
+    from autotp.ir.units import parse_nbytes
 
     assert parse_nbytes("40GiB") == 40 * 2**30
     assert parse_nbytes("512 MiB") == 512 * 2**20

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from autotp.calibrate import _WEIGHT_RING_NBYTES, _as_in_a_layer, _weight_ring
-from autotp.capture import capture
-from autotp.cost import CostModel, node_weight_nbytes
+from autotp.capture.export import capture
+from autotp.cost.calibrate import _WEIGHT_RING_NBYTES, _as_in_a_layer, _weight_ring
+from autotp.cost.model import CostModel, node_weight_nbytes
 from autotp.examples import build_example
-from autotp.placement import Replicate, Shard
-from autotp.strategies import build_strategy_space
+from autotp.ir.placement import Replicate, Shard
+from autotp.strategies.engine import build_strategy_space
 from tests.test_op_classes import ROUND
 
 # The op-class tests' round profile (5e11 FLOP/s, 5e10 B/s, launch 1e-5 s) without its floors,
@@ -66,7 +66,7 @@ def test_calibration_reads_a_new_weight_each_call_from_a_ring_larger_than_a_cach
 
 def test_merging_the_ranks_keeps_each_matmuls_weight_size() -> None:
     from cost_models.calibrate import KernelSample
-    from autotp.calibrate import RankMeasurements, merge
+    from autotp.cost.calibrate import RankMeasurements, merge
 
     sample = KernelSample("matmul", "float32", 2.0 * 8 * 64 * 32, 4.0 * (8 * 64 + 64 * 32 + 8 * 32), 0.0, weight_nbytes=4.0 * 64 * 32)
     ranks = [RankMeasurements(kernels=[(sample, [3e-6, 1e-6, 2e-6])], collectives=[]), RankMeasurements(kernels=[(sample, [4e-6, 4e-6, 4e-6])], collectives=[])]

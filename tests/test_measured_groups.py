@@ -161,7 +161,7 @@ def test_malformed_measured_groups_name_file_and_field(tmp_path: Path, old: str,
 
 
 def test_median_relative_error_by_hand() -> None:
-    from autotp.calibrate import median_relative_error
+    from autotp.cost.calibrate import median_relative_error
 
     # n = 9: ranks 4 and 6 (sqrt(9)/2 = 1.5 either side of the 5th, rounded), (6 - 4) / 2 / 5
     assert median_relative_error([float(x) for x in (9, 1, 8, 2, 7, 3, 6, 4, 5)]) == pytest.approx(0.2)
@@ -174,7 +174,7 @@ def test_median_relative_error_by_hand() -> None:
 def test_noisy_samples_get_more_batches_up_to_the_limit(precision: float, expected: int) -> None:
     """No sample can be that precise: every one gets ``max_repeats``; every one already is: ``repeats``
     (3: fewer batches than that never count as precise)."""
-    from autotp.calibrate import CalibrationConfig, measure_rank
+    from autotp.cost.calibrate import CalibrationConfig, measure_rank
     from autotp.testing import run_on_ranks
 
     config = CalibrationConfig(

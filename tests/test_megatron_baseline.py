@@ -14,18 +14,17 @@ import pytest
 import torch
 from torch import nn
 
-from autotp.api import resolve_hardware
-from autotp.blocks import block_of
-from autotp.capture import capture
-from autotp.cost import CostModel
+from autotp.capture.export import capture
+from autotp.cost.model import CostModel, resolve_hardware
 from autotp.examples import build_example
-from autotp.layouts import MegatronLayout, megatron_layout_of
-from autotp.placement import P, R, Shard
-from autotp.plan import build_plan
-from autotp.report import price_baselines
-from autotp.rules import OpStrategy
-from autotp.solve import solve
-from autotp.strategies import StrategySpace, UnsupportedOpWarning, build_strategy_space
+from autotp.ir.placement import P, R, Shard
+from autotp.report.table import price_baselines
+from autotp.solve.build import build_plan
+from autotp.solve.ilp import solve
+from autotp.solve.layouts import MegatronLayout, megatron_layout_of
+from autotp.strategies.blocks import block_of
+from autotp.strategies.engine import StrategySpace, UnsupportedOpWarning, build_strategy_space
+from autotp.strategies.rules import OpStrategy
 from tests._hf_fns import BATCH, SEQ, VOCAB, build_hf_model
 
 TP = 2

@@ -10,11 +10,11 @@ import torch
 
 from cost_models import OP_CLASSES, HardwareProfile, LinkProfile, OpClassRate, ProfileError, load_profile, op_seconds, profile_to_toml, roofline_seconds, write_profile
 from cost_models.calibrate import KernelSample, fit_compute
-from autotp.capture import capture
-from autotp.cost import CostModel, op_class
+from autotp.capture.export import capture
+from autotp.cost.model import CostModel, op_class
 from autotp.examples import build_example
-from autotp.random import draws_random
-from autotp.strategies import NodeKind, build_strategy_space
+from autotp.rewrite.random import draws_random
+from autotp.strategies.engine import NodeKind, build_strategy_space
 from tests._profile_fns import assert_rejected
 
 ROUND = HardwareProfile(

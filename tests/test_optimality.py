@@ -9,13 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from autotp.api import resolve_hardware
-from autotp.capture import capture
-from autotp.cost import CostModel
+from autotp.capture.export import capture
+from autotp.cost.model import CostModel, resolve_hardware
 from autotp.examples import build_example
-from autotp.placement import R
-from autotp.solve import solve
-from autotp.strategies import NodeKind, StrategySpace, build_strategy_space
+from autotp.ir.placement import R
+from autotp.solve.ilp import solve
+from autotp.strategies.engine import NodeKind, StrategySpace, build_strategy_space
 
 
 class OneBlockMLP(nn.Module):

@@ -13,17 +13,19 @@ import pytest
 import torch
 from torch import nn
 
-from autotp.api import plan_model, resolve_hardware
-from autotp.cost import CostModel
+from autotp.api import plan_model
+from autotp.cost.model import CostModel, resolve_hardware
 from autotp.errors import PlanFormatError, TorchTPExportError
-from autotp.layouts import megatron_pins
-from autotp.placement import Shard
-from autotp.plan import Plan, build_plan
-from autotp.solve import solve
-from autotp.strategies import NodeKind
+from autotp.io.torch_tp import to_parallelize_plan
+from autotp.io.torch_tp_check import check_torch_tp
+from autotp.io.torch_tp_export import dumps_torch_tp, export_torch_tp
+from autotp.ir.placement import Shard
+from autotp.ir.plan import Plan
+from autotp.solve.build import build_plan
+from autotp.solve.ilp import solve
+from autotp.solve.layouts import megatron_pins
+from autotp.strategies.engine import NodeKind
 from autotp.testing import run_on_ranks
-from autotp.torch_tp import dumps_torch_tp, export_torch_tp, to_parallelize_plan
-from autotp.torch_tp_check import check_torch_tp
 from tests._hf_fns import budget_for, build_hf_model
 from tests._plan_fns import apply_saved_plan, apply_torch_tp, build_case
 

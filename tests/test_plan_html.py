@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from autotp.api import plan_model, resolve_hardware
-from autotp.cost import CostModel
+from autotp.api import plan_model
+from autotp.cost.model import CostModel, resolve_hardware
 from autotp.examples import build_example
-from autotp.render import _SHARD_COLOURS, to_html
-from autotp.report import price_baselines
-from autotp.target import builtin_memory_budget
+from autotp.io.target import builtin_memory_budget
+from autotp.report.render import _SHARD_COLOURS, to_html
+from autotp.report.table import price_baselines
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (apt-get install -y chromium)")

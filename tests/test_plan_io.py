@@ -9,9 +9,9 @@ import pytest
 import autotp
 from autotp.api import _apply_plan, plan_model
 from autotp.examples import build_example
-from autotp.fingerprint import canonical_entries, node_entry
-from autotp.plan_align import align_plan
-from autotp.plan_io import SCHEMA_VERSION, plan_from_dict, plan_to_dict
+from autotp.io.fingerprint import canonical_entries, node_entry
+from autotp.io.plan_align import align_plan
+from autotp.io.plan_io import SCHEMA_VERSION, plan_from_dict, plan_to_dict
 
 
 @pytest.fixture(scope="module")

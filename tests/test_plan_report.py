@@ -8,20 +8,21 @@ import pytest
 import torch
 
 import autotp
-from autotp.api import plan_model, resolve_hardware
-from autotp.commands.plan import parse_mesh
-from autotp.cost import CostModel
+from autotp.api import plan_model
+from autotp.cli.commands.plan import parse_mesh
+from autotp.cost.model import CostModel, resolve_hardware
 from autotp.examples import build_example
-from autotp.explain import explain_node, find_nodes, format_explanation
-from autotp.layouts import megatron_pins
-from autotp.placement import R, Shard
-from autotp.plan import build_plan
-from autotp.render import to_dot, to_html
-from autotp.report import format_table, layout_sections, price_baselines, replicate_all
-from autotp.solve import Solution, solve
-from autotp.strategies import NodeKind
-from autotp.target import builtin_memory_budget, load_target, parse_config, parse_input
-from autotp.torch_tp import dumps_torch_tp, torch_tp_plan
+from autotp.io.target import builtin_memory_budget, load_target, parse_config, parse_input
+from autotp.io.torch_tp import torch_tp_plan
+from autotp.io.torch_tp_export import dumps_torch_tp
+from autotp.ir.placement import R, Shard
+from autotp.report.explain import explain_node, find_nodes, format_explanation
+from autotp.report.render import to_dot, to_html
+from autotp.report.table import format_table, layout_sections, price_baselines, replicate_all
+from autotp.solve.build import build_plan
+from autotp.solve.ilp import Solution, solve
+from autotp.solve.layouts import megatron_pins
+from autotp.strategies.engine import NodeKind
 
 
 def _cost(tp: int, training: bool = True) -> CostModel:

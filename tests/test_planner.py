@@ -8,15 +8,16 @@ import pytest
 import torch
 
 import autotp
-from autotp.api import plan_model, resolve_hardware
-from autotp.cost import CostModel
+from autotp.api import plan_model
+from autotp.cost.model import CostModel, resolve_hardware
 from autotp.examples import build_example
-from autotp.layouts import megatron_pins
-from autotp.placement import P, R, Shard
-from autotp.plan import Plan, build_plan
-from autotp.rewrite import collective_nodes, rewrite
-from autotp.solve import min_state_nbytes, solve
-from autotp.strategies import NodeKind
+from autotp.ir.placement import P, R, Shard
+from autotp.ir.plan import Plan
+from autotp.rewrite.rewriter import collective_nodes, rewrite
+from autotp.solve.build import build_plan
+from autotp.solve.ilp import min_state_nbytes, solve
+from autotp.solve.layouts import megatron_pins
+from autotp.strategies.engine import NodeKind
 
 N_LAYER = 2
 

@@ -9,8 +9,8 @@ import pytest
 from autotp.api import plan_model
 from autotp.cli import main
 from autotp.examples import build_example
-from autotp.progress import ProgressEvent
-from autotp.units import fmt_seconds
+from autotp.ir.units import fmt_seconds
+from autotp.report.progress import ProgressEvent
 
 STAGES = ("capture", "strategies", "solve", "build")
 SMALL_MLP = ["plan", "mlp", "--mesh", "2", "--config", "d_model=256", "--config", "d_hidden=1024"]

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from autotp.arguments import PlannedCall
 from autotp.errors import ConfigError, InputMismatchError
+from autotp.runtime.arguments import PlannedCall
 from autotp.testing import run_on_ranks
 from tests._call_fns import TwoInputs, gpt_other_sizes, sharded_calls
 

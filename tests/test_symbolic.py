@@ -12,17 +12,18 @@ from torch import nn
 
 from cost_models import HardwareProfile, write_profile
 import autotp
-from autotp.api import plan_model, resolve_hardware
-from autotp.capture import capture
-from autotp.cost import CostModel
-from autotp.crossover import crossovers
+from autotp.api import plan_model
+from autotp.capture.export import capture
+from autotp.cost.model import CostModel, resolve_hardware
+from autotp.cost.symbolic import B, T, _fit, attach_cost_terms, fit_work, resize_inputs
 from autotp.errors import ConfigError
 from autotp.examples import build_example
-from autotp.layouts import megatron_pins
-from autotp.plan import Plan, build_plan
-from autotp.solve import solve
-from autotp.strategies import NodeKind, StrategySpace, build_strategy_space
-from autotp.symbolic import B, T, _fit, attach_cost_terms, fit_work, resize_inputs
+from autotp.ir.plan import Plan
+from autotp.report.crossover import crossovers
+from autotp.solve.build import build_plan
+from autotp.solve.ilp import solve
+from autotp.solve.layouts import megatron_pins
+from autotp.strategies.engine import NodeKind, StrategySpace, build_strategy_space
 
 # ---------------------------------------------------------------------------------------------
 # Polynomial fits

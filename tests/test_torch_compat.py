@@ -1,4 +1,4 @@
-"""torch at one door: private torch names only in ``autotp.torch_compat``, every ATen op autotp
+"""torch at one door: private torch names only in ``autotp.capture.torch_compat``, every ATen op autotp
 names exists in the installed torch, and the torch requirement matches what CI tests.
 
 The scans read autotp's source (AST), so a private name or a renamed op added anywhere fails here
@@ -24,11 +24,11 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-from autotp import torch_compat
-from autotp.torch_compat import TESTED_TORCH, TorchCompatError, UntestedTorchWarning, aten_op, check_torch_version
+from autotp.capture import torch_compat
+from autotp.capture.torch_compat import TESTED_TORCH, TorchCompatError, UntestedTorchWarning, aten_op, check_torch_version
 
 ROOT = Path(__file__).resolve().parent.parent
-COMPAT = ROOT / "autotp" / "torch_compat.py"
+COMPAT = ROOT / "autotp" / "capture" / "torch_compat.py"
 # Public-looking, but torch marks them unstable: they move between releases like private names.
 UNSTABLE_TORCH_MODULES = ("torch.fx.experimental",)
 # An op name as a plan writes it: ``aten.mm`` (packet) or ``aten.mm.default`` (overload).
@@ -148,7 +148,7 @@ def test_no_private_torch_name_outside_the_compat_module() -> None:
         for use in private_torch_uses(path.read_text(), filename=str(path.relative_to(ROOT)), autotp_names=autotp_names)
     ]
     assert not found, (
-        "private or unstable torch names outside autotp/torch_compat.py; add them there (lazily if only "
+        "private or unstable torch names outside autotp/capture/torch_compat.py; add them there (lazily if only "
         "one feature needs them) and import them from it:\n" + "\n".join(found)
     )
 
@@ -303,8 +303,8 @@ def test_import_autotp_survives_missing_lazy_names() -> None:
         "import torch._higher_order_ops.wrap as wrap\n"
         "import torch.fx.experimental.symbolic_shapes as shapes\n"
         "del c10d._resolve_process_group, wrap.wrap_with_set_grad_enabled, shapes.GuardOnDataDependentSymNode\n"
-        "import autotp, autotp.collectives\n"
-        "from autotp.torch_compat import TorchCompatError, resolve_process_group\n"
+        "import autotp, autotp.comm.collectives\n"
+        "from autotp.capture.torch_compat import TorchCompatError, resolve_process_group\n"
         "try:\n"
         "    resolve_process_group('tp')\n"
         "except TorchCompatError as exc:\n"

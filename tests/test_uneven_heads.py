@@ -17,11 +17,11 @@ import warnings
 
 import pytest
 
-from autotp.capture import capture
+from autotp.capture.export import capture
 from autotp.examples import build_example
-from autotp.placement import P, R, Shard
-from autotp.rules.registry import OpStrategy
-from autotp.strategies import NodeKind, NodeSpace, StrategySpace, build_strategy_space
+from autotp.ir.placement import P, R, Shard
+from autotp.strategies.engine import NodeKind, NodeSpace, StrategySpace, build_strategy_space
+from autotp.strategies.rules.registry import OpStrategy
 from autotp.testing import run_on_ranks
 from tests import _uneven_heads_fns
 

@@ -17,8 +17,8 @@ from torch import nn
 import autotp
 from autotp.cli import main
 from autotp.examples import build_example
-from autotp.target import builtin_memory_budget
-from autotp.verify import TOLERANCES, Comparison, GraphHook, VerifyReport, verify
+from autotp.io.target import builtin_memory_budget
+from autotp.runtime.verify import TOLERANCES, Comparison, GraphHook, VerifyReport, verify
 from tests import _verify_fns
 
 TIMEOUT_S = 240

@@ -5,7 +5,7 @@ import pytest
 
 from autotp.api import plan_model
 from autotp.examples import build_example
-from autotp.placement import P, R, Shard
+from autotp.ir.placement import P, R, Shard
 from autotp.testing import run_on_ranks
 from tests import _vocab_fns
 

@@ -3,7 +3,7 @@
 On gloo a collective costs more the longer its ranks computed since the one before it, up to a
 plateau. Calibration times each collective after 1, 2, 4 and 8 times its usual gap
 (``cost_models.WakeCurve``), and a plan adds to each collective the curve at the compute run
-since the previous collective (``autotp.wake``).
+since the previous collective (``autotp.cost.wake``).
 """
 from __future__ import annotations
 
@@ -14,15 +14,16 @@ import pytest
 
 from cost_models import CollectiveLink, HardwareProfile, LinkProfile, ProfileError, WakeCurve, load_profile, wake_seconds, write_profile
 from cost_models.calibrate import CalibrationError, CollectiveSample, KernelSample, WakeSample, build_profile, fit_all, fit_wake
-from autotp.api import plan_model, resolve_hardware
-from autotp.cost import BACKWARD_COMPUTE_FACTOR, CostModel
+from autotp.api import plan_model
+from autotp.comm.redistribute import StepKind
+from autotp.cost.model import BACKWARD_COMPUTE_FACTOR, CostModel, resolve_hardware
+from autotp.cost.symbolic import B, T, attach_cost_terms
+from autotp.cost.wake import collective_gaps
 from autotp.examples import build_example
-from autotp.layouts import megatron_pins
-from autotp.plan import Plan, build_plan
-from autotp.redistribute import StepKind
-from autotp.solve import solve
-from autotp.symbolic import B, T, attach_cost_terms
-from autotp.wake import collective_gaps
+from autotp.ir.plan import Plan
+from autotp.solve.build import build_plan
+from autotp.solve.ilp import solve
+from autotp.solve.layouts import megatron_pins
 from tests._profile_fns import assert_rejected, cpu_link_toml
 
 KIB = 2**10
@@ -165,7 +166,7 @@ def test_calibration_writes_each_collectives_curve(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(240)
 def test_calibration_times_each_collective_after_longer_gaps() -> None:
-    from autotp.calibrate import CalibrationConfig, measure_rank, merge
+    from autotp.cost.calibrate import CalibrationConfig, measure_rank, merge
     from autotp.testing import run_on_ranks
 
     config = CalibrationConfig(

@@ -1,0 +1,308 @@
+"""Stage 1: capture a model as an ATen graph with a fake-tensor shape on every node.
+
+``torch.export.export(strict=False)`` traces through Python control flow that plain
+``fx.symbolic_trace`` cannot (every Hugging Face model we tried), and works on a model on the
+``meta`` device, so a 70B model can be planned without allocating it.
+"""
+from __future__ import annotations
+
+import logging
+import operator
+import re
+import sysconfig
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind
+
+from autotp.capture.torch_compat import data_dependent_guard_error, set_grad_enabled_hop
+from autotp.errors import CaptureError
+
+log = logging.getLogger(__name__)
+
+
+class InputRole(str, Enum):
+    PARAMETER = "parameter"
+    BUFFER = "buffer"
+    CONSTANT = "constant"
+    USER_INPUT = "user_input"
+
+
+@dataclass(frozen=True, slots=True)
+class TensorMeta:
+    """Global shape and dtype of one tensor value."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for size in self.shape:
+            n *= size
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+@dataclass(frozen=True, slots=True)
+class GraphInput:
+    """One placeholder of the lifted graph and what it stands for in the user's model."""
+
+    node_name: str
+    role: InputRole
+    fqns: tuple[str, ...]  # all names of this tensor in the model (tied weights have several)
+    persistent: bool = True  # False for buffers registered with persistent=False
+
+
+@dataclass(frozen=True, slots=True)
+class CapturedGraph:
+    """The lifted ATen graph: parameters, buffers and user inputs are all placeholders."""
+
+    graph_module: fx.GraphModule
+    inputs: tuple[GraphInput, ...]
+    unused_fqns: tuple[str, ...]  # parameters/buffers the graph never reads (kept replicated)
+    constants: Mapping[str, torch.Tensor]  # lifted tensor constants by placeholder name
+    in_spec: object
+    out_spec: object
+    model_name: str
+    training: bool  # the module's mode at capture: export bakes dropout on/off into the graph
+
+    def input_by_node(self) -> Mapping[str, GraphInput]:
+        return MappingProxyType({i.node_name: i for i in self.inputs})
+
+    def nodes(self) -> list[fx.Node]:
+        return list(self.graph_module.graph.nodes)
+
+
+def tensor_meta(value: object) -> TensorMeta | None:
+    if isinstance(value, torch.Tensor):
+        return TensorMeta(tuple(int(s) for s in value.shape), value.dtype)
+    return None
+
+
+def module_path(node: fx.Node) -> str:
+    """The dotted path of the innermost module that produced ``node`` ('' for the root)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    return next(reversed(stack.values()))[0]
+
+
+def capture(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> CapturedGraph:
+    """Export ``model`` on ``example_inputs`` (real, meta or fake tensors, global shapes)."""
+    if not isinstance(model, nn.Module):
+        raise CaptureError(f"expected an nn.Module, got {type(model).__name__}")
+    if not isinstance(example_inputs, tuple):
+        raise CaptureError(
+            f"example_inputs must be a tuple of tensors, got {type(example_inputs).__name__}; "
+            "wrap a single tensor as (x,)"
+        )
+    exported = _export(model, example_inputs)
+    return _lift(model, exported)
+
+
+def _export(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> ExportedProgram:
+    name = type(model).__name__
+    try:
+        return torch.export.export(model, example_inputs, strict=False)
+    except Exception as exc:  # torch.export raises many unrelated types; all mean "cannot capture"
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = reason.split(" If this type holds tensors")[0].rstrip(".!")  # pytree advice: not ours
+        raise CaptureError(
+            f"could not capture model '{name}' with torch.export: {type(exc).__name__}: {reason}"
+            f"{_innermost_user_frame(exc)}. {_export_hint(exc, reason)}"
+        ) from exc
+
+
+_NON_TENSOR_OUTPUT = re.compile(r"Found (?:<class '([\w.]+)'>|(\S+)) in output")
+_TWO_DEVICES = re.compile(r"found at least two devices, ([\w:]+) and ([\w:]+)")
+
+
+def _export_hint(exc: BaseException, reason: str) -> str:
+    """What to do about one torch.export failure: each known cause gets its own advice.
+
+    Only a guard on a tensor's *values* is data-dependent control flow; blaming it for a
+    non-tensor output (a Hugging Face ``DynamicCache``) or for inputs the model rejects sends
+    the user to the wrong line.
+    """
+    non_tensor = _NON_TENSOR_OUTPUT.search(reason)
+    if non_tensor:
+        found = (non_tensor.group(1) or non_tensor.group(2)).rsplit(".", 1)[-1]
+        return (
+            f"forward() returns an object of type {found}, which is not a tensor; autotp captures "
+            "outputs that are tensors or tuples, lists, dicts and ModelOutputs of tensors. For a "
+            "Hugging Face model this is the key/value cache: build it with use_cache=False in its "
+            "config (config.use_cache = False); otherwise return only tensors from forward()"
+        )
+    if isinstance(exc, data_dependent_guard_error()):
+        return (
+            "forward() branches on or reads a tensor's values (if x.sum() > 0, .item(), int(x)), "
+            "which torch.export cannot trace; move that data-dependent Python control flow out of "
+            "forward() or express it with torch.cond"
+        )
+    devices = _TWO_DEVICES.search(reason)
+    if devices:
+        return (
+            f"the model and the example inputs are on different devices ({devices.group(1)} and "
+            f"{devices.group(2)}); make the inputs on the model's device, device=\"meta\" for a "
+            "model built on the meta device"
+        )
+    if "numpy" in reason:
+        return "forward() leaves torch for numpy, which torch.export cannot trace; use torch ops instead"
+    return (
+        "check that model(*example_inputs) runs as a plain call (forward()'s arguments in order, "
+        "with the shapes and dtypes it expects); if it does, forward() uses Python that "
+        "torch.export.export(model, inputs, strict=False) cannot trace (see the torch.export documentation)"
+    )
+
+
+_PYTHON_PATHS = sysconfig.get_paths()
+
+
+def _innermost_user_frame(exc: BaseException) -> str:
+    """The deepest frame of the user's code (not torch, autotp, the standard library or code
+    torch compiles at run time such as ``<string>``), as `` (in file:line, function)``."""
+    tb = exc.__traceback__
+    frame_line = ""
+    while tb is not None:
+        filename = tb.tb_frame.f_code.co_filename
+        installed = filename.startswith((_PYTHON_PATHS["purelib"], _PYTHON_PATHS["platlib"]))
+        stdlib = filename.startswith(_PYTHON_PATHS["stdlib"]) and not installed  # site-packages may sit inside
+        if "/torch/" not in filename and "/autotp/" not in filename and not stdlib and not filename.startswith("<"):
+            frame_line = f" (in {filename}:{tb.tb_lineno}, {tb.tb_frame.f_code.co_name})"
+        tb = tb.tb_next
+    return frame_line
+
+
+def _lift(model: nn.Module, exported: ExportedProgram) -> CapturedGraph:
+    gm = exported.graph_module
+    signature = exported.graph_signature
+    aliases = _tied_names(model)
+    non_persistent = set(signature.non_persistent_buffers)
+    roles: dict[str, tuple[InputRole, str | None]] = {}
+    for spec in signature.input_specs:
+        role = {
+            InputKind.PARAMETER: InputRole.PARAMETER,
+            InputKind.BUFFER: InputRole.BUFFER,
+            InputKind.CONSTANT_TENSOR: InputRole.CONSTANT,
+            InputKind.USER_INPUT: InputRole.USER_INPUT,
+        }.get(spec.kind)
+        if role is None:
+            raise CaptureError(f"unsupported graph input kind {spec.kind} for '{spec.arg.name}'")
+        roles[spec.arg.name] = (role, spec.target)
+
+    _inline_grad_mode_regions(gm)
+    gm.graph.eliminate_dead_code()
+    inputs: list[GraphInput] = []
+    constants: dict[str, torch.Tensor] = {}
+    seen_fqns: set[str] = set()
+    for node in list(gm.graph.nodes):
+        if node.op != "placeholder":
+            continue
+        role, target = roles[node.name]
+        if role is not InputRole.USER_INPUT and not node.users:
+            gm.graph.erase_node(node)  # an unused or tied duplicate: dropped from the graph
+            continue
+        fqns: tuple[str, ...] = ()
+        if role is InputRole.CONSTANT:
+            constants[node.name] = exported.constants[target]
+        elif target is not None:
+            fqns = aliases.get(target, (target,))
+            seen_fqns.update(fqns)
+        inputs.append(GraphInput(node.name, role, fqns, persistent=target not in non_persistent))
+    gm.recompile()
+
+    all_fqns = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    all_fqns += [n for n, _ in model.named_buffers(remove_duplicate=False)]
+    unused = tuple(n for n in all_fqns if n not in seen_fqns)
+    return CapturedGraph(
+        graph_module=gm,
+        inputs=tuple(inputs),
+        unused_fqns=unused,
+        constants=MappingProxyType(constants),
+        in_spec=exported.call_spec.in_spec,
+        out_spec=exported.call_spec.out_spec,
+        model_name=type(model).__name__,
+        training=model.training,
+    )
+
+
+def _inline_grad_mode_regions(gm: fx.GraphModule) -> None:
+    """Inline ``wrap_with_set_grad_enabled`` regions, so every op is a plain graph node.
+
+    Export wraps code that changes the grad mode (``@torch.no_grad()`` on Hugging Face rotary
+    embeddings) in a higher-order op that calls a submodule. Its body is copied into the graph in
+    its place; the outputs of a ``no_grad`` region are ``detach``ed, so gradients stop there just
+    as they did in the original. Any other higher-order op is refused by name.
+    """
+    set_grad_enabled = set_grad_enabled_hop()
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not set_grad_enabled:
+            continue
+        enabled, body_attr, *operands = node.args
+        body: fx.GraphModule = getattr(gm, body_attr.target)
+        _inline_grad_mode_regions(body)
+        env: dict[fx.Node, fx.Node] = {}
+        placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
+        env.update(zip(placeholders, operands))
+        outputs: tuple[Any, ...] = ()
+        with gm.graph.inserting_before(node):
+            for inner in body.graph.nodes:
+                if inner.op == "placeholder":
+                    continue
+                if inner.op == "output":
+                    results = fx.node.map_arg(inner.args[0], env.__getitem__)
+                    outputs = tuple(results) if isinstance(results, (list, tuple)) else (results,)
+                    break
+                env[inner] = gm.graph.node_copy(inner, env.__getitem__)
+            if not enabled:
+                outputs = tuple(_detached(gm.graph, out) for out in outputs)
+        for user in list(node.users):
+            if user.op == "call_function" and user.target is operator.getitem:
+                user.replace_all_uses_with(outputs[user.args[1]])
+                gm.graph.erase_node(user)
+        if node.users:  # a single output read directly
+            node.replace_all_uses_with(outputs[0])
+        gm.graph.erase_node(node)
+        if not body_attr.users:
+            gm.graph.erase_node(body_attr)
+            delattr(gm, body_attr.target)
+    leftover = [n for n in gm.graph.nodes if n.op == "get_attr"]
+    if leftover:
+        ops = sorted({str(u.target) for n in leftover for u in n.users})
+        raise CaptureError(
+            f"the captured graph calls higher-order ops autotp cannot split yet ({', '.join(ops)}); "
+            "remove the torch.cond / autocast / checkpoint region from forward() or file an issue"
+        )
+    gm.recompile()
+
+
+def _detached(graph: fx.Graph, value: fx.Node) -> fx.Node:
+    if not isinstance(value.meta.get("val"), torch.Tensor):
+        return value
+    out = graph.call_function(torch.ops.aten.detach.default, (value,))
+    out.meta.update({k: value.meta[k] for k in ("val", "tensor_meta", "nn_module_stack", "stack_trace") if k in value.meta})
+    return out
+
+
+def _tied_names(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """Map every parameter/buffer name to all names sharing the same tensor (tied weights)."""
+    by_id: dict[int, list[str]] = {}
+    for name, tensor in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(tensor), []).append(name)
+    for name, buffer in model.named_buffers(remove_duplicate=False):
+        by_id.setdefault(id(buffer), []).append(name)
+    return {name: tuple(names) for names in by_id.values() for name in names}

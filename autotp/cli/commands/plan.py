@@ -1,0 +1,259 @@
+"""``autotp plan TARGET``: plan a model offline and show, save or hand over the plan.
+
+The planning options (``--mesh``, ``--hardware``, ``--input``, ``--memory-budget``, ...) are
+shared with ``autotp explain`` through ``add_planning_arguments`` and ``plan_target``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TextIO
+
+if TYPE_CHECKING:
+    from cost_models import HardwareProfile
+    from autotp.api import PlanningResult
+    from autotp.cost.model import CostModel
+    from autotp.io.target import Target
+    from autotp.ir.plan import Plan
+    from autotp.report.progress import ProgressEvent
+
+_START = time.perf_counter()  # the CLI imports every command at start-up: about when the process began
+
+FORMATS = ("table", "json", "dot", "html", "torch-tp")
+
+_EPILOG = """\
+targets:
+  gpt, llama, mlp              built-in examples at useful sizes (GPT-2 small at 8 x 1024 tokens, ...)
+  package.module:function      a function returning a model, or (model, example_inputs)
+  path/to/file.py:function     the same, from a file
+  A function that takes a `device` argument is called with device="meta" (no memory used).
+
+examples:
+  autotp plan gpt
+  autotp plan gpt --mesh 4 --memory-budget 1GiB --format html --out plan.html
+  autotp plan llama --inference --format json --out llama.plan.json
+  autotp plan mymodels.py:build --input input_ids:int64[8,2048] --hardware a100-pcie
+  autotp plan mlp --mesh 2 --format torch-tp --out tp_plan.py
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "plan",
+        help="plan a model offline and print, save or export the plan",
+        description="Capture TARGET on the meta device, plan it for a 1-D tensor-parallel mesh and write the plan: "
+        "a table grouped by module (default), the JSON plan file autotp.Plan.load reads, Graphviz dot, a self-contained "
+        "HTML page, or a PyTorch parallelize_module plan (torch-tp).",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_planning_arguments(parser)
+    parser.add_argument("--format", choices=FORMATS, default="table", help="output format (default: table)")
+    parser.add_argument("--out", metavar="FILE", help="write the output to FILE instead of stdout (torch-tp: .py for Python, else JSON)")
+    parser.add_argument("--no-baselines", action="store_true", help="do not price replicate-all and Megatron-LM for comparison")
+    parser.set_defaults(func=run)
+
+
+def add_planning_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("target", metavar="TARGET", help="gpt | llama | mlp | package.module:function | path/to/file.py:function")
+    parser.add_argument("--mesh", default=None, help="tensor-parallel ranks, e.g. 8 (1-D meshes only for now; default: 8, or the --plan file's)")
+    parser.add_argument("--hardware", default="h100-sxm", metavar="NAME|PATH", help="hardware profile name or TOML file (default: h100-sxm)")
+    parser.add_argument(
+        "--input", action="append", default=[], metavar="NAME:DTYPE[SHAPE]",
+        help="an example input, e.g. input_ids:int64[8,2048]; repeat for each forward() argument "
+        "(built-in examples have defaults)",
+    )
+    parser.add_argument("--config", action="append", default=[], metavar="KEY=VALUE", help="override a built-in example's config field (or pass a keyword to the target function); repeatable")
+    parser.add_argument(
+        "--memory-budget", metavar="BYTES",
+        help="memory per device, e.g. 40GiB (default: no limit; built-in examples: 1.3/N of the replicated model, which forces splitting)",
+    )
+    parser.add_argument("--no-budget", action="store_true", help="plan built-in examples without their default memory budget")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--training", dest="training", action="store_true", default=True, help="plan for training: forward + backward, gradients and optimizer state (default)")
+    mode.add_argument("--inference", dest="training", action="store_false", help="plan for inference: forward only, parameters only")
+    parser.add_argument("--optimizer", default="adamw", help="optimizer whose state the memory budget counts when training (default: adamw; 'none' for none)")
+    parser.add_argument(
+        "--plan", metavar="FILE",
+        help="use a plan saved with --format json instead of solving; it is checked against TARGET (graph fingerprint)",
+    )
+    parser.add_argument("--time-limit", type=float, default=60.0, metavar="SECONDS", help="solver time limit (default: 60)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the planner does")
+    shown = parser.add_mutually_exclusive_group()
+    shown.add_argument(
+        "--progress", dest="progress", action="store_true", default=None,
+        help="show each stage (capture, strategies, solve with its incumbents, build, baselines) and its time on stderr "
+        "(default: only when stderr is a terminal)",
+    )
+    shown.add_argument("-q", "--quiet", dest="progress", action="store_false", help="show no progress, even on a terminal")
+
+
+@dataclass(frozen=True, slots=True)
+class Planned:
+    target: Target
+    result: PlanningResult
+    cost: CostModel
+    memory_budget: int | None
+    seconds: float
+
+
+def parse_mesh(text: str) -> tuple[int, ...]:
+    from autotp.errors import ConfigError
+
+    if not re.fullmatch(r"\s*\d+(\s*[xX×]\s*\d+)*\s*", text):
+        raise ConfigError(f"cannot read --mesh {text!r}: expected a number of ranks such as 8")
+    shape = tuple(int(d) for d in re.split(r"[xX×]", text))
+    if len(shape) > 1:
+        raise ConfigError(f"--mesh {text}: 2-D meshes are not supported yet (autotp plans one tensor-parallel axis); use a 1-D mesh such as --mesh {shape[-1]}")
+    if shape[0] < 1:
+        raise ConfigError(f"--mesh must be at least 1, got {shape[0]}")
+    return shape
+
+
+def plan_target(args: argparse.Namespace) -> Planned:
+    """Load the target and plan it as the shared options say."""
+    from autotp.api import plan_model
+    from autotp.cost.model import CostModel, resolve_hardware
+    from autotp.io.target import (
+        builtin_memory_budget,
+        load_target,
+        parse_config,
+        parse_input,
+    )
+    from autotp.ir.plan import Plan
+    from autotp.ir.units import parse_nbytes
+
+    if args.verbose:
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    started = time.perf_counter()
+    saved = Plan.load(args.plan) if args.plan else None
+    mesh = parse_mesh(args.mesh) if args.mesh is not None else saved.mesh_shape if saved is not None else (8,)
+    profile = resolve_hardware(args.hardware)
+    budget = parse_nbytes(args.memory_budget)
+    inputs = [parse_input(text) for text in args.input]
+    optimizer = None if str(args.optimizer).lower() == "none" else args.optimizer
+    target = load_target(args.target, inputs=inputs, config=parse_config(args.config))
+    if saved is not None:
+        return _saved(saved, target, mesh, profile, started)
+    if budget is None and target.builtin is not None and not args.no_budget:
+        budget = builtin_memory_budget(target.model, mesh[0], training=args.training, optimizer=optimizer)
+    result = plan_model(
+        target.model, target.example_inputs, mesh_shape=mesh, hardware=profile, memory_budget=budget,
+        training=args.training, optimizer=optimizer, time_limit_s=args.time_limit, progress=progress_printer(args),
+    )
+    cost = CostModel(profile, mesh[0], training=args.training, optimizer=optimizer if args.training else None)
+    return Planned(target, result, cost, budget, time.perf_counter() - started)
+
+
+class StageLines:
+    """Prints planning progress on ``stream``: one line per stage with its time when it ends.
+
+    On a terminal the running stage's line is redrawn in place every ``tick_seconds`` with its
+    elapsed time and latest news (the solver's incumbent and bound). Elsewhere (``--progress``
+    into a log) every start, update and end is its own line, and nothing ticks.
+    """
+
+    def __init__(self, stream: TextIO, *, tick_seconds: float = 1.0) -> None:
+        self.stream, self.tick_seconds = stream, tick_seconds
+        self.live = stream.isatty()
+        self.lock = threading.Lock()  # news comes from the solver's log-reading thread and the ticker
+        self.running: ProgressEvent | None = None  # the stage now running, with its latest news
+        self.started = 0.0
+        self.stage_ended = threading.Event()  # stops the ticker
+
+    def __call__(self, event: ProgressEvent) -> None:
+        with self.lock:
+            if event.state == "end":
+                self.running = None
+                self.stage_ended.set()
+                self._write(f"autotp: {event.stage} {event.seconds:.2f}s" + (f" ({event.detail})" if event.detail else ""), end=True)
+                return
+            self.running, self.started = event, time.perf_counter() - event.seconds
+            self._write(self._running_text(event.seconds), end=not self.live)
+            if event.state == "start" and self.live:
+                self.stage_ended.clear()
+                threading.Thread(target=self._tick, args=(event.stage,), daemon=True).start()
+
+    def _running_text(self, seconds: float) -> str:
+        event = self.running
+        assert event is not None
+        news = f" {event.detail}" if event.detail else ""
+        return f"autotp: {event.stage} ...{news} ({seconds:.1f}s)" if event.state == "update" or self.live else f"autotp: {event.stage} ..."
+
+    def _tick(self, stage_name: str) -> None:
+        while not self.stage_ended.wait(self.tick_seconds):
+            with self.lock:
+                if self.running is None or self.running.stage != stage_name:
+                    return
+                self._write(self._running_text(time.perf_counter() - self.started), end=False)
+
+    def _write(self, text: str, *, end: bool) -> None:
+        self.stream.write(("\r\033[K" if self.live else "") + text + ("\n" if end else ""))
+        self.stream.flush()
+
+
+def progress_printer(args: argparse.Namespace) -> StageLines | None:
+    """Stage lines on stderr with ``--progress``, or by default when stderr is a terminal; none with ``--quiet``."""
+    wanted = args.progress if args.progress is not None else sys.stderr.isatty()
+    return StageLines(sys.stderr) if wanted else None
+
+
+def _saved(plan: Plan, target: Target, mesh: tuple[int, ...], profile: HardwareProfile, started: float) -> Planned:
+    """A saved plan checked against the target; priced for baselines with the plan's own settings."""
+    from autotp.api import _apply_plan
+    from autotp.cost.model import CostModel, resolve_hardware
+    from autotp.errors import AutoTPError
+
+    result = _apply_plan(target.model, target.example_inputs, plan, mesh[0])
+    try:
+        profile = resolve_hardware(plan.hardware)
+    except AutoTPError:  # a profile file the plan names but this machine lacks: use --hardware
+        pass
+    cost = CostModel(profile, plan.tp_size, training=plan.training, optimizer=plan.optimizer if plan.training else None)
+    return Planned(target, result, cost, plan.memory_budget, time.perf_counter() - started)
+
+
+def run(args: argparse.Namespace) -> int:
+    from autotp.io.plan_io import dumps_plan
+    from autotp.io.torch_tp_export import dumps_torch_tp
+    from autotp.report import render
+    from autotp.report.progress import stage
+    from autotp.report.table import format_table, price_baselines
+
+    planned = plan_target(args)
+    plan = planned.result.plan
+    baselines = []
+    if not args.no_baselines and args.format in ("table", "html"):
+        with stage(progress_printer(args), "baselines"):
+            baselines = price_baselines(planned.result.space, planned.cost, hardware=plan.hardware, memory_budget=planned.memory_budget)
+    title = f"autotp plan: {planned.target.model_name} ({planned.target.about})"
+    source = {"target": planned.target.spec, "model": planned.target.model_name}
+    if args.format == "table":
+        text = format_table(plan, baselines, title=title) + "\n"
+    elif args.format == "json":
+        text = dumps_plan(plan, source=source)
+    elif args.format == "dot":
+        text = render.to_dot(plan, title=title)
+    elif args.format == "html":
+        text = render.to_html(plan, baselines, title=title)
+    else:
+        text = dumps_torch_tp(
+            plan, model=planned.target.model, example_inputs=planned.target.example_inputs,
+            python=bool(args.out and args.out.endswith(".py")), title=title,
+        )
+    if args.out:
+        try:
+            with open(args.out, "w", encoding="utf-8") as f:
+                f.write(text)
+        except OSError as exc:
+            print(f"autotp: error: cannot write {args.out!r}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
+        print(f"autotp plan: wrote {args.format} to {args.out} ({time.perf_counter() - _START:.1f}s)", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0

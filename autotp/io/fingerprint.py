@@ -1,0 +1,116 @@
+"""The fingerprint of the graph a plan was made for, and what differs when it does not match.
+
+A plan is only meaningful for the graph it was solved on: the same nodes, ops, wiring and
+tensor shapes, on the same number of ranks. The fingerprint is a SHA-256 over one line per node
+
+    <name> <op> (<input values>) -> <dtype>[<shape>]
+
+plus the mesh axis size, so that a saved plan applied to another model (or the same model at
+another batch size or width) is refused with a message naming the first node that differs.
+
+Layout-only ops (``contiguous``) are left out, their readers pointed at their input: whether
+``torch.export`` records one depends on the strides the capture device's kernels return (the
+meta device's attention returns a contiguous tensor, CPU's a transposed one, so
+``y.transpose(1, 2).contiguous()`` keeps a node on meta and none on CPU). A plan made on the
+meta device must still fit the real model; ``autotp.io.plan_align`` fills those nodes in.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from autotp.capture.export import TensorMeta
+from autotp.strategies.engine import NodeSpace, StrategySpace
+
+if TYPE_CHECKING:
+    from autotp.ir.plan import Plan
+
+FINGERPRINT_PREFIX = "sha256:"
+
+# Ops that change strides only: the value, shape and dtype pass through unchanged.
+LAYOUT_ONLY_OPS = frozenset({"aten.contiguous.default"})
+
+
+@dataclass(frozen=True, slots=True)
+class NodeEntry:
+    """What the fingerprint sees of one node."""
+
+    name: str
+    op: str
+    inputs: tuple[str, ...]
+    value: str
+
+    def line(self) -> str:
+        return f"{self.name} {self.op} ({', '.join(self.inputs)}) -> {self.value}"
+
+
+def format_value(meta: TensorMeta | tuple[TensorMeta, ...] | None) -> str:
+    """``float32[8,1024,768]``; a multi-output op gives ``(float32[..], int64[..])``; none: ``""``."""
+    if meta is None:
+        return ""
+    if isinstance(meta, tuple):
+        return "(" + ", ".join(format_value(m) for m in meta) + ")"
+    return f"{str(meta.dtype).removeprefix('torch.')}[{','.join(str(s) for s in meta.shape)}]"
+
+
+def node_entry(node: NodeSpace) -> NodeEntry:
+    return NodeEntry(node.name, node.op, tuple(str(ref) for ref in node.slots), format_value(node.output_meta))
+
+
+def canonical_entries(entries: Sequence[NodeEntry]) -> list[NodeEntry]:
+    """``entries`` without layout-only ops, each reader pointed at the op's own input."""
+    alias: dict[str, str] = {}
+    out = []
+    for entry in entries:
+        inputs = tuple(alias.get(ref, ref) for ref in entry.inputs)
+        if entry.op in LAYOUT_ONLY_OPS and len(inputs) == 1:
+            alias[entry.name] = inputs[0]
+            continue
+        out.append(NodeEntry(entry.name, entry.op, inputs, entry.value))
+    return out
+
+
+def graph_fingerprint(entries: Sequence[NodeEntry], tp_size: int) -> str:
+    digest = hashlib.sha256(f"tp_size {tp_size}\n".encode())
+    for entry in canonical_entries(entries):
+        digest.update(entry.line().encode())
+        digest.update(b"\n")
+    return FINGERPRINT_PREFIX + digest.hexdigest()
+
+
+def space_fingerprint(space: StrategySpace) -> str:
+    return graph_fingerprint([node_entry(n) for n in space.nodes], space.tp_size)
+
+
+def plan_entries(plan: Plan) -> list[NodeEntry]:
+    return [NodeEntry(n.name, n.op, n.inputs, n.value) for n in plan.nodes]
+
+
+def describe_mismatch(plan: Plan, space: StrategySpace) -> str | None:
+    """``None`` when ``plan`` was made for ``space``'s graph; else one line saying what differs."""
+    if not plan.fingerprint or plan.fingerprint == space_fingerprint(space):
+        return None
+    if plan.tp_size != space.tp_size:
+        return f"the plan was made for {plan.tp_size} ranks but the mesh has {space.tp_size}"
+    theirs = canonical_entries([node_entry(n) for n in space.nodes])
+    ours = canonical_entries(plan_entries(plan))
+    for k, (mine, other) in enumerate(zip(ours, theirs)):
+        if mine != other:
+            return (
+                f"the plan does not fit this model (graph fingerprint differs): op {k} is "
+                f"'{mine.line()}' in the plan but '{other.line()}' in this model; "
+                "re-plan for this model, or check that the model config and example input shapes match the ones planned for"
+            )
+    if len(ours) != len(theirs):
+        extra = theirs[len(ours)] if len(theirs) > len(ours) else ours[len(theirs)]
+        where = "this model" if len(theirs) > len(ours) else "the plan"
+        return (
+            f"the plan does not fit this model (graph fingerprint differs): the plan has {len(ours)} nodes but "
+            f"this model's graph has {len(theirs)}; the first extra node, in {where}, is '{extra.line()}'"
+        )
+    return (
+        "the plan does not fit this model: its graph fingerprint differs although every node matches "
+        "(the plan file was edited, or written by another autotp version); re-plan for this model"
+    )

@@ -1,0 +1,332 @@
+"""Plans as JSON: ``plan_to_dict`` / ``plan_from_dict`` and the file functions behind ``Plan.save``/``Plan.load``.
+
+The schema is documented field by field in ``docs/plan-format.md``. Reading is strict: an
+unknown field, a missing one, a wrong type or another schema version is a ``PlanFormatError``
+naming the field, because a plan that is silently misread would shard a model wrongly.
+Placements are written as ``"R"``, ``"P"`` and ``"S(d)"``; a loaded plan equals the saved one.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+from autotp.comm.redistribute import Step, StepKind
+from autotp.errors import PlanFormatError
+from autotp.ir.placement import Placement, parse_placement
+from autotp.ir.plan import Conversion, NodePlan, Plan
+from autotp.strategies.engine import NodeKind
+from autotp.strategies.rules import OpStrategy
+
+FORMAT = "autotp.plan"
+SCHEMA_VERSION = 1
+
+
+def plan_to_dict(plan: Plan, *, source: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The JSON-ready form of ``plan``; ``source`` (model name, target, ...) is informational."""
+    out: dict[str, Any] = {
+        "format": FORMAT,
+        "version": SCHEMA_VERSION,
+        "fingerprint": plan.fingerprint,
+        "mesh_shape": list(plan.mesh_shape),
+        "hardware": plan.hardware,
+        "training": plan.training,
+        "optimizer": plan.optimizer,
+        "memory_budget_nbytes": plan.memory_budget,
+        "solver": {"status": plan.solver_status, "seconds": plan.solve_seconds},
+        "memory": {
+            "param_nbytes_per_device": plan.param_nbytes_per_device,
+            "replicated_param_nbytes": plan.replicated_param_nbytes,
+            "memory_nbytes_per_device": plan.memory_nbytes_per_device,
+        },
+        "totals": {
+            "compute_seconds": plan.compute_seconds,
+            "comm_seconds": plan.comm_seconds,
+            "total_seconds": plan.total_seconds,
+            "comm_bytes_per_rank": plan.comm_bytes_per_rank,
+        },
+    }
+    if source:
+        out["source"] = {str(k): str(v) for k, v in source.items()}
+    out["nodes"] = [_node_to_dict(n) for n in plan.nodes]
+    return out
+
+
+def plan_from_dict(data: Any) -> Plan:
+    """Inverse of ``plan_to_dict``; raises ``PlanFormatError`` naming the first bad field."""
+    top = _Obj(data, "plan")
+    fmt = top.get("format", str)
+    if fmt != FORMAT:
+        raise PlanFormatError(f"not an autotp plan: field 'format' is {fmt!r}, expected {FORMAT!r}")
+    version = top.get("version", int)
+    if version != SCHEMA_VERSION:
+        newer = version > SCHEMA_VERSION
+        raise PlanFormatError(
+            f"plan schema version {version} is not supported: this autotp reads version {SCHEMA_VERSION}"
+            + ("; the file was written by a newer autotp (upgrade autotp, or re-plan with this one)" if newer else "; re-plan with this autotp")
+        )
+    mesh_shape = tuple(_int_list(top.get("mesh_shape", list), "mesh_shape"))
+    if len(mesh_shape) != 1 or mesh_shape[0] < 1:
+        raise PlanFormatError(f"field 'mesh_shape' must be a 1-D shape such as [4], got {list(mesh_shape)}")
+    solver = _Obj(top.get("solver", dict), "solver")
+    memory = _Obj(top.get("memory", dict), "memory")
+    totals = _Obj(top.get("totals", dict), "totals")
+    for key in ("compute_seconds", "comm_seconds", "total_seconds", "comm_bytes_per_rank"):
+        totals.get(key, float)  # informational: recomputed from the nodes
+    totals.done()
+    if "source" in top.data:
+        source = _Obj(top.get("source", dict), "source")
+        for key in list(source.data):
+            source.get(key, str)
+        source.done()
+    nodes_data = top.get("nodes", list)
+    nodes = tuple(_node_from_dict(item, f"nodes[{k}]") for k, item in enumerate(nodes_data))
+    budget = top.get("memory_budget_nbytes", int, nullable=True)
+    plan = Plan(
+        mesh_shape=mesh_shape,
+        hardware=top.get("hardware", str),
+        memory_budget=budget,
+        nodes=nodes,
+        param_nbytes_per_device=memory.get("param_nbytes_per_device", float),
+        replicated_param_nbytes=memory.get("replicated_param_nbytes", float),
+        memory_nbytes_per_device=memory.get("memory_nbytes_per_device", float),
+        solver_status=solver.get("status", str),
+        solve_seconds=solver.get("seconds", float),
+        training=top.get("training", bool),
+        optimizer=top.get("optimizer", str, nullable=True),
+        fingerprint=top.get("fingerprint", str),
+    )
+    solver.done()
+    memory.done()
+    top.done()
+    return plan
+
+
+def save_plan(plan: Plan, path: str | os.PathLike[str], *, source: Mapping[str, str] | None = None) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(dumps_plan(plan, source=source))
+
+
+def dumps_plan(plan: Plan, *, source: Mapping[str, str] | None = None) -> str:
+    return json.dumps(plan_to_dict(plan, source=source), indent=1) + "\n"
+
+
+def load_plan(path: str | os.PathLike[str]) -> Plan:
+    """Read a plan file; every problem is a one-line ``PlanFormatError`` naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise PlanFormatError(f"cannot read plan file {os.fspath(path)!r}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise PlanFormatError(
+            f"plan file {os.fspath(path)!r} is not a text file (byte {exc.start} is not UTF-8): "
+            "a plan is the JSON written by `autotp plan --out plan.json` or Plan.save"
+        ) from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PlanFormatError(f"plan file {os.fspath(path)!r} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
+    try:
+        return plan_from_dict(data)
+    except PlanFormatError as exc:
+        raise PlanFormatError(f"plan file {os.fspath(path)!r}: {exc}") from exc
+
+
+# ----------------------------------------------------------------------------------------------
+# nodes, strategies, conversions
+
+
+def _node_to_dict(node: NodePlan) -> dict[str, Any]:
+    return {
+        "name": node.name,
+        "op": node.op,
+        "module": node.module_path,
+        "kind": node.kind.value,
+        "inputs": list(node.inputs),
+        "value": node.value,
+        "strategy": {
+            "inputs": [str(p) for p in node.strategy.inputs],
+            "output": [str(p) for p in node.strategy.output] if isinstance(node.strategy.output, tuple) else str(node.strategy.output),
+        },
+        "compute_seconds": node.compute_seconds,
+        "conversions": [_conversion_to_dict(c) for c in node.conversions],
+    }
+
+
+_Kind = TypeVar("_Kind", NodeKind, StepKind)
+
+
+def _kind(obj: _Obj, enum: type[_Kind], what: str, where: str) -> _Kind:
+    """``obj``'s ``kind`` field as a member of ``enum``; an unknown value names the known ones."""
+    text = obj.get("kind", str)
+    try:
+        return enum(text)
+    except ValueError:
+        raise PlanFormatError(f"{where}.kind: unknown {what} {text!r} (known: {', '.join(k.value for k in enum)})") from None
+
+
+def _node_from_dict(data: Any, where: str) -> NodePlan:
+    obj = _Obj(data, where)
+    kind = _kind(obj, NodeKind, "node kind", where)
+    strategy = _Obj(obj.get("strategy", dict), f"{where}.strategy")
+    inputs = tuple(_placement(p, f"{where}.strategy.inputs") for p in _str_list(strategy.get("inputs", list), f"{where}.strategy.inputs"))
+    raw_out = strategy.get("output", (str, list))
+    output: Placement | tuple[Placement, ...]
+    if isinstance(raw_out, list):
+        output = tuple(_placement(p, f"{where}.strategy.output") for p in _str_list(raw_out, f"{where}.strategy.output"))
+    else:
+        output = _placement(raw_out, f"{where}.strategy.output")
+    strategy.done()
+    conversions = tuple(_conversion_from_dict(c, f"{where}.conversions[{k}]") for k, c in enumerate(obj.get("conversions", list)))
+    node = NodePlan(
+        name=obj.get("name", str),
+        op=obj.get("op", str),
+        module_path=obj.get("module", str),
+        kind=kind,
+        strategy=OpStrategy(inputs, output),
+        conversions=conversions,
+        compute_seconds=obj.get("compute_seconds", float),
+        inputs=tuple(_str_list(obj.get("inputs", list), f"{where}.inputs")),
+        value=obj.get("value", str),
+    )
+    obj.done()
+    return node
+
+
+def _conversion_to_dict(c: Conversion) -> dict[str, Any]:
+    return {
+        "value": c.value,
+        "src": str(c.src),
+        "dst": str(c.dst),
+        "steps": [_step_to_dict(s) for s in c.steps],
+        "nbytes": c.nbytes,
+        "bytes_per_rank": c.bytes_per_rank,
+        "seconds": c.seconds,
+        "backward_only": c.backward_only,
+        **({"wake_seconds": c.wake_seconds} if c.wake_seconds else {}),
+    }
+
+
+def _conversion_from_dict(data: Any, where: str) -> Conversion:
+    obj = _Obj(data, where)
+    conversion = Conversion(
+        value=obj.get("value", str),
+        src=_placement(obj.get("src", str), f"{where}.src"),
+        dst=_placement(obj.get("dst", str), f"{where}.dst"),
+        steps=tuple(_step_from_dict(s, f"{where}.steps[{k}]") for k, s in enumerate(obj.get("steps", list))),
+        nbytes=obj.get("nbytes", int),
+        bytes_per_rank=obj.get("bytes_per_rank", float),
+        seconds=obj.get("seconds", float),
+        backward_only=obj.get("backward_only", bool),
+        wake_seconds=obj.get("wake_seconds", float) if "wake_seconds" in data else 0.0,
+    )
+    obj.done()
+    return conversion
+
+
+def _step_to_dict(step: Step) -> dict[str, Any]:
+    out: dict[str, Any] = {"kind": step.kind.value}
+    if step.src_dim is not None:
+        out["src_dim"] = step.src_dim
+    if step.dst_dim is not None:
+        out["dst_dim"] = step.dst_dim
+    return out
+
+
+def _step_from_dict(data: Any, where: str) -> Step:
+    obj = _Obj(data, where)
+    kind = _kind(obj, StepKind, "step", where)
+    src_dim = obj.get("src_dim", int) if "src_dim" in obj.data else None
+    dst_dim = obj.get("dst_dim", int) if "dst_dim" in obj.data else None
+    obj.done()
+    return Step(kind, src_dim, dst_dim)
+
+
+# ----------------------------------------------------------------------------------------------
+# strict field access
+
+
+_TYPE_NAMES: dict[type, str] = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list", dict: "an object"}
+
+
+class _Obj:
+    """A JSON object read field by field; ``done()`` rejects the fields nobody asked for."""
+
+    def __init__(self, data: Any, where: str) -> None:
+        if not isinstance(data, dict):
+            raise PlanFormatError(f"{where} must be an object, got {_json_type(data)}")
+        self.data = data
+        self.where = where
+        self.seen: set[str] = set()
+
+    def get(self, key: str, kind: type | tuple[type, ...], *, nullable: bool = False) -> Any:
+        where = f"{key}" if self.where == "plan" else f"{self.where}.{key}"
+        if key not in self.data:
+            raise PlanFormatError(f"missing field '{where}'")
+        self.seen.add(key)
+        value = self.data[key]
+        if value is None and nullable:
+            return None
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        for k in kinds:
+            if _is(value, k):
+                return float(value) if k is float else value
+        expected = " or ".join(_TYPE_NAMES[k] for k in kinds) + (" or null" if nullable else "")
+        raise PlanFormatError(f"field '{where}' must be {expected}, got {_json_type(value)} {_short(value)}")
+
+    def done(self) -> None:
+        unknown = [k for k in self.data if k not in self.seen]
+        if unknown:
+            prefix = "" if self.where == "plan" else f"{self.where}."
+            raise PlanFormatError(
+                f"unknown field '{prefix}{unknown[0]}' (known here: {', '.join(sorted(self.seen))}); "
+                "the file was edited or written by another autotp version"
+            )
+
+
+def _is(value: Any, kind: type) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, kind)
+
+
+def _json_type(value: Any) -> str:
+    names: list[tuple[type, str]] = [(bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"), (list, "a list"), (dict, "an object")]
+    if value is None:
+        return "null"
+    return next((name for t, name in names if isinstance(value, t)), type(value).__name__)
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _typed_list(check: Callable[[Any], bool], what: str) -> Callable[[Any, str], list]:
+    def read(values: list, where: str) -> list:
+        for k, v in enumerate(values):
+            if not check(v):
+                raise PlanFormatError(f"{where}[{k}] must be {what}, got {_json_type(v)} {_short(v)}")
+        return values
+
+    return read
+
+
+_str_list = _typed_list(lambda v: isinstance(v, str), "a string")
+_int_list = _typed_list(lambda v: _is(v, int), "an integer")
+
+
+def _placement(text: str, where: str) -> Placement:
+    if not isinstance(text, str):
+        raise PlanFormatError(f"{where} must be a placement string (R, P or S(d)), got {_json_type(text)}")
+    try:
+        return parse_placement(text)
+    except ValueError as exc:
+        raise PlanFormatError(f"{where}: {exc}") from None

@@ -1,0 +1,183 @@
+"""Stage 5: the rank-local graph: collectives where placements change, local shape arguments.
+
+Walks the captured graph once and emits exactly the sites of ``autotp.comm.conversions.conversion_sites``
+(the ones the plan lists and prices): a conversion with the steps of ``redistribute.transition``,
+emitted at its first consumer and shared by the later ones, and ``grad_all_reduce`` (identity
+forward) on an ``R`` input of an op that splits its work, whose gradient is a partial sum
+(Megatron-LM's ``f``). Ops with shape arguments get them localised by their rule.
+"""
+from __future__ import annotations
+
+import operator
+from collections import defaultdict
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import fx
+
+from autotp.capture.export import CapturedGraph
+from autotp.comm import collectives
+from autotp.comm.conversions import GradSyncSite, Site, SlotKey, conversion_sites
+from autotp.ir.placement import Shard
+from autotp.ir.plan import Plan
+from autotp.rewrite import random
+from autotp.rewrite.random import draws_random
+from autotp.strategies.engine import ASSERT_OPS, NodeSpace, StrategySpace, ValueRef, is_tensor_value
+from autotp.strategies.rules import LocalContext, OpStrategy, lookup
+from autotp.strategies.rules.registry import Rule
+
+_COPIED_META = ("nn_module_stack", "stack_trace")
+
+# A local chunk need not have the strides its global tensor had, so a view that was valid
+# globally may not be locally; the graph never mutates, so reshape computes the same values.
+_VIEW_AS_RESHAPE = {torch.ops.aten.view.default: torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default: torch.ops.aten.reshape.default}
+
+
+def rewrite(
+    captured: CapturedGraph,
+    space: StrategySpace,
+    plan: Plan,
+    *,
+    rank: int,
+    group_name: str,
+    device: torch.device | None = None,
+) -> fx.GraphModule:
+    """The graph rank ``rank`` runs; placeholders take the rank-local state and the full inputs."""
+    emitter = _Emitter(space, plan, rank=rank, group_name=group_name, device=device)
+    for node in captured.graph_module.graph.nodes:
+        emitter.emit(node)
+    graph = emitter.graph
+    graph.lint()
+    return fx.GraphModule(torch.nn.Module(), graph, class_name="RankLocalGraph")
+
+
+class _Emitter:
+    def __init__(self, space: StrategySpace, plan: Plan, *, rank: int, group_name: str, device: torch.device | None) -> None:
+        self.graph = fx.Graph()
+        self.spaces = space.by_name()
+        self.strategies = {n.name: n.strategy for n in plan.nodes}
+        self.tp_size = space.tp_size
+        self.rank = rank
+        self.group_name = group_name
+        self.device = device
+        self.env: dict[str, fx.Node] = {}
+        self.items: dict[ValueRef, fx.Node] = {}
+        self.sites_at: dict[SlotKey, list[Site]] = defaultdict(list)
+        for site in conversion_sites(space, self.strategies, training=plan.training):
+            for reader in site.readers:
+                self.sites_at[reader].append(site)
+        self.emitted: dict[Site, fx.Node] = {}
+
+    # --- values -------------------------------------------------------------------------------
+    def raw(self, ref: ValueRef) -> fx.Node:
+        if ref.index is None:
+            return self.env[ref.node]
+        if ref not in self.items:
+            self.items[ref] = self.graph.call_function(operator.getitem, (self.env[ref.node], ref.index))
+        return self.items[ref]
+
+    def read(self, node: str, slot: int, ref: ValueRef) -> fx.Node:
+        """Value ``ref`` as slot ``slot`` of ``node`` reads it: its sites there applied in order,
+        each emitted once (at its first reader) and shared by the later ones."""
+        value = self.raw(ref)
+        for site in self.sites_at[(node, slot)]:
+            if site not in self.emitted:
+                if isinstance(site, GradSyncSite):
+                    value = self.graph.call_function(collectives.grad_all_reduce, (value, self.group_name))
+                else:
+                    for step in site.forward:
+                        value = self.graph.call_function(*collectives.step_call(step, value, self.group_name))
+                self.emitted[site] = value
+            value = self.emitted[site]
+        return value
+
+    # --- nodes --------------------------------------------------------------------------------
+    def emit(self, node: fx.Node) -> None:
+        if node.op == "placeholder":
+            self.env[node.name] = self.graph.placeholder(node.name)
+            return
+        if node.op == "output":
+            space = self.spaces[node.name]
+            locals_ = iter([self.read(node.name, k, ref) for k, ref in enumerate(space.slots)])
+            self.graph.output(_map_tensor_args(node.args[0], locals_, self.env))
+            return
+        if node.target in ASSERT_OPS:
+            return
+        space = self.spaces[node.name]
+        strategy = self.strategies[node.name]
+        inputs = [self.read(node.name, k, ref) for k, ref in enumerate(space.slots)]
+        if node.target is operator.getitem:
+            self.env[node.name] = inputs[0]
+            return
+        rule = lookup(node.target)
+        target, args, kwargs = local_call(node, rule, space, strategy, inputs, self.env, rank=self.rank, tp_size=self.tp_size)
+        if self.device is not None and "device" in kwargs:
+            kwargs = {**kwargs, "device": self.device}
+        local_impl = rule.local_impl(strategy) if rule is not None and rule.local_impl is not None else None
+        if local_impl is not None:
+            target, kwargs = local_impl, {**kwargs, "group_name": self.group_name}
+        if draws_random(node.target, node.args, node.kwargs) and _splits_output(strategy):  # independent draws per chunk
+            args, target = (target, self.group_name, *args), random.run_in_sharded_stream
+        new = self.graph.create_node("call_function", target, args, kwargs, name=node.name)
+        new.meta.update({k: node.meta[k] for k in _COPIED_META if k in node.meta})
+        self.env[node.name] = new
+
+
+def _splits_output(strategy: OpStrategy) -> bool:
+    return any(isinstance(p, Shard) for p in strategy.outputs())
+
+
+def _map_tensor_args(args: Any, replacements: Iterator[Any], env: Mapping[str, Any]) -> Any:
+    """Replace tensor fx.Nodes in ``args`` by ``replacements`` in ``iter_node_args`` order."""
+    if isinstance(args, fx.Node):
+        if is_tensor_value(args):
+            return next(replacements)
+        return env[args.name]
+    if isinstance(args, (list, tuple)):
+        return type(args)(_map_tensor_args(a, replacements, env) for a in args)
+    if isinstance(args, dict):
+        return {k: _map_tensor_args(v, replacements, env) for k, v in args.items()}
+    return args
+
+
+def local_call(
+    node: fx.Node,
+    rule: Rule | None,
+    space: NodeSpace,
+    strategy: OpStrategy,
+    inputs: Sequence[Any],
+    env: Mapping[str, Any],
+    *,
+    rank: int,
+    tp_size: int,
+) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+    """How rank ``rank`` calls ``node`` under ``strategy``: input slots replaced by ``inputs``,
+    other nodes looked up in ``env``, shape arguments localised, views run as reshapes.
+    The rewriter emits this call and the rule checker (``autotp.strategies.rules.check``) runs it."""
+    args, kwargs = _replace_slots(node, rule, iter(inputs), env)
+    target = _VIEW_AS_RESHAPE.get(node.target, node.target)  # type: ignore[call-overload]  # any target may be looked up
+    if rule is not None and rule.localize is not None and _splits_output(strategy):
+        lc = LocalContext(rank, tp_size, strategy, space.slot_metas, space.output_meta)  # type: ignore[arg-type]
+        args, kwargs = rule.localize(args, kwargs, lc)
+        target = getattr(target, "overloadpacket", target)  # localised args may pick another overload
+    return target, args, kwargs
+
+
+def _replace_slots(node: fx.Node, rule: Rule | None, replacements: Iterator[Any], env: Mapping[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Args and kwargs of ``node`` with each input slot replaced, in ``slot_nodes`` order."""
+    metadata = set(rule.metadata_args) if rule is not None else set()
+    args = []
+    for i, arg in enumerate(node.args):
+        if i in metadata:
+            args.append(fx.node.map_arg(arg, lambda n: env[n.name]))
+        else:
+            args.append(_map_tensor_args(arg, replacements, env))
+    kwargs = _map_tensor_args(dict(node.kwargs), replacements, env)
+    assert next(replacements, None) is None, f"slot count mismatch rewriting {node.name}"
+    return tuple(args), kwargs
+
+
+def collective_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    """Nodes of a rewritten graph that communicate in the forward pass."""
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in collectives.COLLECTIVE_FUNCTIONS]

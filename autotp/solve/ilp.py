@@ -1,0 +1,354 @@
+"""Stage 4: pick one strategy per node with an integer linear program (PuLP).
+
+Variables: ``x[n,s] ∈ {0,1}`` (node n uses strategy s), one-hot per node. For a tensor value
+v (producer u, output i) the producer's placement is ``y[v,p] = Σ_{s: out_i(s)=p} x[u,s]``. For
+each placement q some consumer slot may require of v, ``w[v,q] ∈ [0,1]`` is at least every
+consumer's demand ``Σ_{t: slot reads v as q} x[c,t]``: a conversion is paid once per value and
+target however many consumers want it (the rewriter shares it too). The demand is met by a flow
+``e[v,p,q] ≥ 0`` from the produced placement (Alpa-style, and tight in the LP relaxation, unlike
+``e ≥ y + w − 1``); transitions the table does not offer get no flow variable.
+
+    minimise   Σ c_compute(n,s)·x[n,s] + Σ c_transition(v,p,q)·e[v,p,q]
+    subject to Σ_s x[n,s] = 1                                   (one_strategy_<n>)
+               w[v,q] ≥ demand of each consumer slot            (w_<v>_<q>_<c>)
+               Σ_p e[v,p,q] = w[v,q]                            (convert_<v>_<q>)
+               e[v,p,q] ≤ y[v,p]                                (supply_<v>_<q>_<p>)
+               Σ_{state n} nbytes_local(n,s)·x[n,s] ≤ budget     (memory_budget)
+
+Costs enter in microseconds so solver tolerances do not swallow them.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import tempfile
+import threading
+import time
+import warnings
+from collections import Counter, defaultdict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import pulp
+
+from autotp.capture.export import TensorMeta
+from autotp.comm.conversions import needs_grad_sync
+from autotp.cost.model import CostModel
+from autotp.errors import InfeasiblePlanError, SolverError
+from autotp.ir.placement import Placement
+from autotp.ir.units import fmt_nbytes
+from autotp.strategies.blocks import canonical_nodes
+from autotp.strategies.engine import NodeKind, NodeSpace, StrategySpace, ValueRef
+from autotp.strategies.rules import OpStrategy
+
+log = logging.getLogger(__name__)
+
+_MICRO = 1e6
+
+
+@dataclass(frozen=True, slots=True)
+class Solution:
+    """The chosen strategy index of every node and how the solve went."""
+
+    choice: dict[str, int]
+    objective_seconds: float
+    status: str
+    seconds: float
+    n_variables: int
+    n_constraints: int
+
+
+def state_nbytes(node: NodeSpace, placement: Placement, cost: CostModel) -> float:
+    """Bytes one rank holds for a parameter/buffer placed as ``placement`` (with its gradient and
+    optimizer state when training)."""
+    meta = node.output_meta
+    assert isinstance(meta, TensorMeta)
+    return cost.state_nbytes(meta, placement, is_parameter=node.is_parameter)
+
+
+def min_state_nbytes(space: StrategySpace, cost: CostModel) -> float:
+    """The smallest state memory per device any plan can reach (each state at its best split)."""
+    return sum(
+        min(state_nbytes(n, s.output, cost) for s in n.strategies)  # type: ignore[arg-type, misc]
+        for n in space.nodes
+        if n.kind is NodeKind.STATE
+    )
+
+
+def solve(
+    space: StrategySpace,
+    cost: CostModel,
+    *,
+    memory_budget: float | None = None,
+    time_limit_s: float = 60.0,
+    solver: str = "cbc",
+    pinned: Mapping[str, OpStrategy] | None = None,
+    dedup: bool = True,
+    on_incumbent: Callable[[float, float | None], None] | None = None,
+) -> Solution:
+    """Solve the ILP; raise ``InfeasiblePlanError`` when no plan fits ``memory_budget``.
+
+    ``pinned`` fixes the strategy of some nodes (a hand layout to price, or a user override).
+    ``dedup`` solves repeated identical blocks once (``autotp.strategies.blocks``): they share variables,
+    so the ILP does not grow with depth, at the price of giving every repeat the same layout.
+    ``on_incumbent(seconds, bound_seconds)`` is called, from another thread, with the objective
+    of each better integer solution CBC finds while it runs and its lower bound so far (None
+    before it has one), read from its log; other solvers do not call it.
+    """
+    if memory_budget is not None:
+        floor = min_state_nbytes(space, cost)
+        if floor > memory_budget:
+            what = f"parameters, gradients and {cost.optimizer or 'no'} optimizer state" if cost.training else "the parameters and buffers"
+            raise InfeasiblePlanError(
+                f"no plan fits a memory budget of {fmt_nbytes(memory_budget)} per device on "
+                f"{space.tp_size} ranks: {what} alone need at least "
+                f"{fmt_nbytes(floor)} ({floor:.0f} bytes) per device with every one split. "
+                "Raise memory_budget to at least that, or use more ranks"
+                + (", or plan with training=False for inference" if cost.training else "")
+            )
+    started = time.perf_counter()
+    canonical = canonical_nodes(space) if dedup else {n.name: n.name for n in space.nodes}
+    problem = pulp.LpProblem("autotp", pulp.LpMinimize)
+    x = _strategy_variables(problem, space, canonical)
+    repeats = Counter(canonical[n.name] for n in space.nodes)
+    nodes = space.by_name()
+    objective = [
+        repeats[name] * cost.compute_seconds(nodes[name], s) * _MICRO * x[name][i]
+        for name in repeats
+        for i, s in enumerate(nodes[name].strategies)
+    ]
+    objective += _transition_terms(problem, space, cost, x, canonical)
+    if memory_budget is not None:
+        _memory_constraint(problem, space, cost, x, canonical, memory_budget)
+    _pin(problem, space, x, canonical, pinned or {})
+    problem += pulp.lpSum(objective)
+    status = _run(problem, solver, time_limit_s, on_incumbent)
+    choice = {n.name: _chosen(x[canonical[n.name]]) for n in space.nodes}
+    elapsed = time.perf_counter() - started
+    log.info("ILP: %d variables, %d constraints, %s in %.2fs", problem.numVariables(), problem.numConstraints(), status, elapsed)
+    return Solution(
+        choice=choice,
+        objective_seconds=float(pulp.value(problem.objective) or 0.0) / _MICRO,
+        status=status,
+        seconds=elapsed,
+        n_variables=problem.numVariables(),
+        n_constraints=problem.numConstraints(),
+    )
+
+
+def _strategy_variables(problem: pulp.LpProblem, space: StrategySpace, canonical: Mapping[str, str]) -> dict[str, list]:
+    """One binary per (representative node, strategy); a single strategy gets the constant 1."""
+    x: dict[str, list] = {}
+    for k, node in enumerate(space.nodes):
+        if canonical[node.name] != node.name:
+            continue  # a repeat: it reads its representative's variables
+        if len(node.strategies) == 1:
+            x[node.name] = [1]
+            continue
+        vars_ = [problem.add_variable(f"x_{k}_{i}", cat=pulp.LpBinary) for i in range(len(node.strategies))]
+        problem += pulp.lpSum(vars_) == 1, f"one_strategy_{k}"
+        x[node.name] = vars_
+    return x
+
+
+def _transition_terms(problem: pulp.LpProblem, space: StrategySpace, cost: CostModel, x: dict[str, list], canonical: Mapping[str, str]) -> list:
+    """Conversion and gradient-sync costs, built once per distinct (value, readers) and counted."""
+    nodes = space.by_name()
+    readers: dict[ValueRef, list[tuple[str, int]]] = defaultdict(list)
+    for node in space.nodes:
+        for slot, ref in enumerate(node.slots):
+            readers[ref].append((canonical[node.name], slot))
+    distinct: dict[tuple, int] = defaultdict(int)
+    for ref, slots in readers.items():
+        distinct[(canonical[ref.node], ref.index, tuple(sorted(set(slots))))] += 1
+    terms = []
+    for v_id, ((producer_name, index, slots), count) in enumerate(distinct.items()):
+        producer = nodes[producer_name]
+        meta = producer.output_value_meta(index)
+        produced: dict[Placement, list[int]] = defaultdict(list)
+        for i, s in enumerate(producer.strategies):
+            produced[producer.output_placement(s, index)].append(i)
+        y = {p: pulp.lpSum(x[producer_name][i] for i in idxs) for p, idxs in produced.items()}
+        wanted: dict[Placement, list] = defaultdict(list)
+        for consumer, slot in slots:
+            by_placement: dict[Placement, list[int]] = defaultdict(list)
+            for i, s in enumerate(nodes[consumer].strategies):
+                by_placement[s.inputs[slot]].append(i)
+            for q, idxs in by_placement.items():
+                wanted[q].append(pulp.lpSum(x[consumer][i] for i in idxs))
+        value_terms = []
+        for q_id, (q, demands) in enumerate(wanted.items()):
+            if set(produced) != {q}:  # else the producer can only make q: nothing to convert
+                value_terms += _conversion_flow(problem, cost, meta, producer.requires_grad, y, q, demands, f"{v_id}_{q_id}")
+        value_terms += _grad_sync(problem, cost, x, [(nodes[c], slot) for c, slot in slots], meta, producer.requires_grad, f"{v_id}")
+        terms += [count * t for t in value_terms]
+    return terms
+
+
+def _demand(problem: pulp.LpProblem, demands: list, name: str) -> pulp.LpAffineExpression:
+    """At least every consumer's demand: shared work is paid once however many consumers need it."""
+    if len(demands) == 1:
+        return demands[0]
+    w = problem.add_variable(name, lowBound=0, upBound=1)
+    for c_id, demand in enumerate(demands):
+        problem += w >= demand, f"{name}_{c_id}"
+    return w
+
+
+def _grad_sync(problem: pulp.LpProblem, cost: CostModel, x: dict[str, list], readers: list[tuple[NodeSpace, int]], meta: TensorMeta, requires_grad: bool, tag: str) -> list:
+    """Backward all-reduce of a value's gradient when any reader needs it (``conversions.needs_grad_sync``),
+    priced only when a gradient is expected (as ``conversions.conversion_sites`` prices it)."""
+    seconds = cost.grad_sync_seconds(meta, requires_grad=requires_grad)
+    if seconds <= 0:
+        return []
+    demands = []
+    for node, slot in readers:
+        idxs = [i for i, s in enumerate(node.strategies) if needs_grad_sync(s, slot, meta)]
+        if idxs:
+            demands.append(pulp.lpSum(x[node.name][i] for i in idxs))
+    if not demands:
+        return []
+    return [seconds * _MICRO * _demand(problem, demands, f"grad_sync_{tag}")]
+
+
+def _conversion_flow(problem: pulp.LpProblem, cost: CostModel, meta: TensorMeta, requires_grad: bool, y: dict[Placement, object], q: Placement, demands: list, tag: str) -> list:
+    """Value wanted as ``q`` (``w``) must be supplied from the placement it is produced in."""
+    w = _demand(problem, demands, f"w_{tag}")
+    flows, terms = [], []
+    for p_id, (p, y_p) in enumerate(y.items()):
+        seconds = 0.0 if p == q else cost.transition_seconds(p, q, meta, requires_grad=requires_grad)
+        if seconds is None:
+            continue  # the table offers no p -> q: no flow variable, so y_p and w exclude each other
+        e = problem.add_variable(f"e_{tag}_{p_id}", lowBound=0)
+        problem += e <= y_p, f"supply_{tag}_{p_id}"
+        flows.append(e)
+        if seconds > 0:
+            terms.append(seconds * _MICRO * e)
+    problem += pulp.lpSum(flows) == w, f"convert_{tag}"
+    return terms
+
+
+def _pin(problem: pulp.LpProblem, space: StrategySpace, x: dict[str, list], canonical: Mapping[str, str], pinned: Mapping[str, OpStrategy]) -> None:
+    nodes = space.by_name()
+    for name, strategy in pinned.items():
+        node = nodes.get(name)
+        if node is None:
+            raise SolverError(f"cannot pin node '{name}': no such node in the graph")
+        if strategy not in node.strategies:
+            offered = ", ".join(str(s) for s in node.strategies)
+            raise SolverError(f"cannot pin node '{name}' ({node.op}) to {strategy}: it offers {offered}")
+        if len(node.strategies) > 1:
+            problem += x[canonical[name]][node.strategies.index(strategy)] == 1, f"pinned_{name}"
+
+
+def _memory_constraint(problem: pulp.LpProblem, space: StrategySpace, cost: CostModel, x: dict[str, list], canonical: Mapping[str, str], budget: float) -> None:
+    terms = [
+        state_nbytes(n, s.output, cost) * x[canonical[n.name]][i]  # type: ignore[arg-type]
+        for n in space.nodes
+        if n.kind is NodeKind.STATE
+        for i, s in enumerate(n.strategies)
+    ]
+    problem += pulp.lpSum(terms) <= budget, "memory_budget"
+
+
+def _run(problem: pulp.LpProblem, solver: str, time_limit_s: float, on_incumbent: Callable[[float, float | None], None] | None = None) -> str:
+    if solver not in ("cbc", "highs"):
+        raise SolverError(f"unknown solver {solver!r}; use 'cbc' or 'highs'")
+    if solver == "cbc" and on_incumbent is not None:
+        with tempfile.TemporaryDirectory(prefix="autotp-cbc-") as tmp:
+            log_path = os.path.join(tmp, "cbc.log")
+            with _IncumbentTail(log_path, on_incumbent):
+                return _solve_with(problem, _cbc(time_limit_s, log_path), solver, time_limit_s)
+    backend = _cbc(time_limit_s, None) if solver == "cbc" else pulp.HiGHS(msg=False, timeLimit=time_limit_s, threads=1)
+    return _solve_with(problem, backend, solver, time_limit_s)
+
+
+def _cbc(time_limit_s: float, log_path: str | None) -> pulp.LpSolver:
+    with warnings.catch_warnings():  # PuLP 3.3 deprecates its bundled CBC; it still ships and works
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, threads=1, logPath=log_path)
+
+
+# CBC's log lines with a new incumbent's objective ("Cbc0012I Integer solution of 6.2021878 found by
+# feasibility pump ...", "Cbc0004I Integer solution of 6.2 found after 120 iterations ...") and with
+# the search's progress ("Cbc0010I After 0 nodes, 1 on tree, 6.2021878 best solution, best possible
+# 5.842724 (0.14 seconds)"); CBC writes 1e+50 as the best solution before it has one.
+_INCUMBENT = re.compile(r"^Cbc00(?:04|12)I Integer solution of (\S+) found")
+_SEARCH = re.compile(r"^Cbc0010I After \d+ nodes, \d+ on tree, (\S+) best solution, best possible (\S+)")
+_NO_SOLUTION = 1e49
+
+
+class _IncumbentTail:
+    """While CBC runs, a thread reads its log as it grows and reports each better incumbent and
+    lower bound, in seconds. CBC's output to a file is block-buffered, so news comes in bursts."""
+
+    def __init__(self, log_path: str, on_incumbent: Callable[[float, float | None], None], *, poll_seconds: float = 0.2) -> None:
+        self.log_path, self.on_incumbent, self.poll_seconds = log_path, on_incumbent, poll_seconds
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._follow, name="autotp-cbc-log", daemon=True)
+        self.best, self.bound = math.inf, -math.inf
+
+    def __enter__(self) -> _IncumbentTail:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def _follow(self) -> None:
+        offset, partial = 0, ""
+        while True:
+            stopping = self.stop.is_set()  # read once more after CBC ends: the log is complete then
+            try:
+                with open(self.log_path, encoding="utf-8", errors="replace") as f:
+                    f.seek(offset)
+                    chunk = f.read()
+                    offset = f.tell()
+            except FileNotFoundError:
+                chunk = ""
+            *lines, partial = (partial + chunk).split("\n")
+            for line in lines:
+                self._read(line.strip())
+            if stopping:
+                return
+            self.stop.wait(self.poll_seconds)
+
+    def _read(self, line: str) -> None:
+        best, bound = self.best, self.bound
+        if match := _INCUMBENT.match(line):
+            best = min(best, float(match.group(1)))
+        elif match := _SEARCH.match(line):
+            if float(match.group(1)) < _NO_SOLUTION:
+                best = min(best, float(match.group(1)))
+            bound = max(bound, float(match.group(2)))
+        news = best < self.best * (1 - 1e-9) or bound > self.bound
+        self.best, self.bound = best, bound
+        if news and best < math.inf:
+            self.on_incumbent(best / _MICRO, bound / _MICRO if bound > -math.inf else None)
+
+
+def _solve_with(problem: pulp.LpProblem, backend: pulp.LpSolver, solver: str, time_limit_s: float) -> str:
+    try:
+        problem.solve(backend)
+    except pulp.PulpSolverError as exc:
+        raise SolverError(f"the {solver} solver failed: {exc}") from exc
+    status = pulp.LpStatus[problem.status]
+    if problem.status == pulp.LpStatusInfeasible:
+        raise InfeasiblePlanError(f"the ILP is infeasible ({status}); constraints: {', '.join(c for c in problem.constraints if 'memory' in c) or 'see the model'}")
+    if problem.sol_status == pulp.LpSolutionIntegerFeasible:
+        log.warning("the %s solver hit its %.0fs time limit; the plan is feasible but may not be optimal", solver, time_limit_s)
+        return "feasible (time limit)"
+    if problem.sol_status != pulp.LpSolutionOptimal:
+        raise SolverError(f"the {solver} solver returned no solution (status {status}, sol_status {problem.sol_status}) within {time_limit_s:.0f}s")
+    return "optimal"
+
+
+def _chosen(variables: list) -> int:
+    if len(variables) == 1:
+        return 0
+    values = [v.varValue or 0.0 for v in variables]
+    return max(range(len(values)), key=values.__getitem__)

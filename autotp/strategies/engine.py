@@ -1,0 +1,243 @@
+"""Stage 2: the candidate strategies of every node on one mesh axis, from the rule registry.
+
+Every tensor a node reads is an input *slot*, named by a ``ValueRef`` (producer node, and the
+output index for multi-output ops read through ``getitem``). The engine adds all-replicate to
+every op, drops strategies that split a dim ``tp_size`` does not divide, and gives ops without a
+rule a replicate-only strategy (correct, slower) with one warning naming them.
+"""
+from __future__ import annotations
+
+import logging
+import operator
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
+from types import MappingProxyType
+from typing import Any, cast
+
+import torch
+from torch import fx
+
+from autotp.capture.export import CapturedGraph, GraphInput, InputRole, TensorMeta, module_path, tensor_meta
+from autotp.capture.torch_compat import op_schema
+from autotp.errors import describe_node
+from autotp.ir.placement import Partial, Placement, R, Shard
+from autotp.ir.strategy import NodeKind, OutputPlacement
+from autotp.strategies.rules import OpContext, OpStrategy, lookup
+from autotp.strategies.rules.registry import OutputMeta, Rule
+
+log = logging.getLogger(__name__)
+
+aten = torch.ops.aten
+
+# Ops that only check metadata and return nothing: dropped from the rank-local graph.
+ASSERT_OPS = frozenset({aten._assert_tensor_metadata.default, aten._assert_scalar.default})
+
+
+class UnsupportedOpWarning(UserWarning):
+    """An op has no sharding rule and will run replicated."""
+
+
+@dataclass(frozen=True, slots=True)
+class ValueRef:
+    """A tensor value: output ``index`` of ``node`` (``None`` for single-output nodes)."""
+
+    node: str
+    index: int | None = None
+
+    def __str__(self) -> str:
+        return self.node if self.index is None else f"{self.node}[{self.index}]"
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSpace:
+    """One graph node with its input slots and candidate strategies."""
+
+    name: str
+    op: str
+    module_path: str
+    kind: NodeKind
+    slots: tuple[ValueRef, ...]
+    slot_metas: tuple[TensorMeta, ...]
+    output_meta: OutputMeta | None
+    strategies: tuple[OpStrategy, ...]
+    is_view: bool = False
+    fallback: bool = False  # replicate-only because no rule covers the op
+    requires_grad: bool = False  # a floating output that depends on a parameter
+    is_parameter: bool = False  # a trainable parameter placeholder (gradients, optimizer state)
+    # per strategy (same order), collectives its local implementation runs: (kind, full nbytes)
+    internal_comm: tuple[tuple[tuple[str, int], ...], ...] = ()
+
+    def output_placement(self, strategy: OpStrategy, index: int | None) -> Placement:
+        out = strategy.output
+        return out[index] if index is not None else out  # type: ignore[index,return-value]
+
+    def output_value_meta(self, index: int | None) -> TensorMeta:
+        meta = self.output_meta
+        return meta[index] if index is not None else meta  # type: ignore[index,return-value]
+
+
+@dataclass(frozen=True, slots=True)
+class StrategySpace:
+    tp_size: int
+    nodes: tuple[NodeSpace, ...]  # topological order
+    unsupported_ops: tuple[str, ...]
+
+    def by_name(self) -> Mapping[str, NodeSpace]:
+        return MappingProxyType({n.name: n for n in self.nodes})
+
+
+def iter_node_args(args: Any) -> Iterator[fx.Node]:
+    """fx.Nodes inside (nested) args in a fixed order; the rewriter walks them the same way."""
+    if isinstance(args, fx.Node):
+        yield args
+    elif isinstance(args, (list, tuple)):
+        for a in args:
+            yield from iter_node_args(a)
+    elif isinstance(args, dict):
+        for a in args.values():
+            yield from iter_node_args(a)
+
+
+def slot_nodes(node: fx.Node, rule: Rule | None) -> list[fx.Node]:
+    """The tensor-valued fx.Node arguments of ``node`` that are input slots, in order."""
+    metadata = set(rule.metadata_args) if rule is not None else set()
+    nodes: list[fx.Node] = []
+    for i, arg in enumerate(node.args):
+        if i not in metadata:
+            nodes.extend(iter_node_args(arg))
+    nodes.extend(iter_node_args(node.kwargs))
+    return [n for n in nodes if is_tensor_value(n)]
+
+
+def is_tensor_value(node: fx.Node) -> bool:
+    return isinstance(node.meta.get("val"), torch.Tensor) or _is_multi_output(node)
+
+
+def _is_multi_output(node: fx.Node) -> bool:
+    val = node.meta.get("val")
+    return isinstance(val, (list, tuple)) and len(val) > 0 and all(isinstance(v, torch.Tensor) for v in val)
+
+
+def output_meta(node: fx.Node) -> OutputMeta | None:
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return tensor_meta(val)
+    if _is_multi_output(node):
+        return tuple(tensor_meta(v) for v in val)  # type: ignore[union-attr, misc]  # _is_multi_output checked val
+    return None
+
+
+def _replicated_output(meta: OutputMeta | None) -> OutputPlacement:
+    return tuple(R for _ in meta) if isinstance(meta, tuple) else R
+
+
+def _fits(placement: Placement, meta: TensorMeta, tp_size: int) -> bool:
+    """Shards must divide evenly; partial sums exist only for floating-point values."""
+    if isinstance(placement, Shard):
+        return placement.dim < meta.ndim and meta.shape[placement.dim] % tp_size == 0 and meta.shape[placement.dim] >= tp_size
+    if isinstance(placement, Partial):
+        return meta.dtype.is_floating_point or meta.dtype.is_complex
+    return True
+
+
+def _strategy_fits(strategy: OpStrategy, slot_metas: tuple[TensorMeta, ...], out: OutputMeta | None, tp_size: int) -> bool:
+    if len(strategy.inputs) != len(slot_metas):
+        return False
+    if not all(_fits(p, m, tp_size) for p, m in zip(strategy.inputs, slot_metas)):
+        return False
+    if isinstance(out, tuple):
+        outs = strategy.output if isinstance(strategy.output, tuple) else ()
+        return len(outs) == len(out) and all(_fits(p, m, tp_size) for p, m in zip(outs, out))
+    return out is not None and not isinstance(strategy.output, tuple) and _fits(strategy.output, out, tp_size)
+
+
+def build_strategy_space(captured: CapturedGraph, tp_size: int) -> StrategySpace:
+    """Candidate strategies of every node of ``captured`` on a mesh axis of ``tp_size`` ranks."""
+    roles = captured.input_by_node()
+    metas: dict[str, OutputMeta | None] = {}
+    grads: dict[str, bool] = {}
+    spaces: list[NodeSpace] = []
+    unsupported: dict[str, None] = {}
+    for node in captured.graph_module.graph.nodes:
+        meta = output_meta(node)
+        metas[node.name] = meta
+        if node.op == "placeholder":
+            space = _placeholder_space(node, meta, roles[node.name], tp_size)
+        elif node.op == "output":
+            space = _output_space(node, metas)
+        elif node.op == "call_function":
+            if node.target in ASSERT_OPS:
+                continue
+            space = _op_space(node, meta, metas, tp_size)
+            floating = all(m.dtype.is_floating_point for m in (meta if isinstance(meta, tuple) else (meta,)) if m is not None) and meta is not None
+            space = replace(space, requires_grad=floating and any(grads[ref.node] for ref in space.slots))
+            if space.fallback:
+                unsupported[space.op] = None
+        else:
+            raise NotImplementedError(f"unexpected fx node kind {node.op!r} in an exported graph: {describe_node(node)}")
+        grads[space.name] = space.requires_grad
+        spaces.append(space)
+    if unsupported:
+        names = ", ".join(unsupported)
+        warnings.warn(
+            f"autotp has no sharding rule for {names}; these ops run replicated (correct but "
+            "slower). Register a rule with autotp.strategies.rules.register to shard them.",
+            UnsupportedOpWarning,
+            stacklevel=3,
+        )
+    return StrategySpace(tp_size, tuple(spaces), tuple(unsupported))
+
+
+def _placeholder_space(node: fx.Node, meta: OutputMeta | None, graph_input: GraphInput, tp_size: int) -> NodeSpace:
+    role = graph_input.role
+    placements: list[Placement] = [R]
+    if role is not InputRole.USER_INPUT and isinstance(meta, TensorMeta) and tp_size > 1:
+        placements += [Shard(d) for d in range(meta.ndim) if _fits(Shard(d), meta, tp_size)]
+    kind = NodeKind.USER_INPUT if role is InputRole.USER_INPUT else NodeKind.STATE
+    trainable = role is InputRole.PARAMETER and isinstance(meta, TensorMeta) and meta.dtype.is_floating_point
+    owner = graph_input.fqns[0].rpartition(".")[0] if graph_input.fqns else ""
+    return NodeSpace(
+        name=node.name, op="placeholder", module_path=owner, kind=kind, slots=(), slot_metas=(),
+        output_meta=meta, strategies=tuple(OpStrategy((), p) for p in placements),
+        requires_grad=trainable, is_parameter=role is InputRole.PARAMETER,
+    )
+
+
+def _output_space(node: fx.Node, metas: Mapping[str, OutputMeta | None]) -> NodeSpace:
+    slots = [n for n in iter_node_args(node.args) if is_tensor_value(n)]
+    slot_metas = tuple(metas[n.name] for n in slots)
+    return NodeSpace(
+        name=node.name, op="output", module_path="", kind=NodeKind.OUTPUT,
+        slots=tuple(ValueRef(n.name) for n in slots), slot_metas=slot_metas,  # type: ignore[arg-type]
+        output_meta=None, strategies=(OpStrategy((R,) * len(slots), R),),
+    )
+
+
+def _op_space(node: fx.Node, meta: OutputMeta | None, metas: Mapping[str, OutputMeta | None], tp_size: int) -> NodeSpace:
+    rule = lookup(node.target)
+    if node.target is operator.getitem:
+        producer, index = cast("tuple[fx.Node, int]", node.args)
+        slots: tuple[ValueRef, ...] = (ValueRef(producer.name, index),)
+        slot_metas: tuple[TensorMeta, ...] = (metas[producer.name][index],)  # type: ignore[index]
+    else:
+        nodes = slot_nodes(node, rule)
+        slots = tuple(ValueRef(n.name) for n in nodes)
+        slot_metas = tuple(metas[n.name] for n in nodes)  # type: ignore[misc]  # a tuple or None sends the op to the fallback
+    replicate = OpStrategy((R,) * len(slots), _replicated_output(meta))
+    fallback = rule is None or meta is None or any(isinstance(m, tuple) for m in slot_metas)
+    strategies = [replicate]
+    if not fallback and tp_size > 1:
+        ctx = OpContext(node, tp_size, slot_metas, meta)  # type: ignore[arg-type]
+        for s in rule.strategies(ctx):  # type: ignore[union-attr]
+            if s not in strategies and _strategy_fits(s, slot_metas, meta, tp_size):
+                strategies.append(s)
+    op_name = str(node.target) if not callable(node.target) or op_schema(node.target) is not None else getattr(node.target, "__name__", str(node.target))
+    internal_comm: tuple[tuple[tuple[str, int], ...], ...] = ()
+    if rule is not None and rule.internal_collectives is not None:
+        internal_comm = tuple(rule.internal_collectives(s, slot_metas, meta) for s in strategies)  # type: ignore[arg-type]
+    return NodeSpace(
+        name=node.name, op=op_name, module_path=module_path(node), kind=NodeKind.OP,
+        slots=slots, slot_metas=slot_metas, output_meta=meta, strategies=tuple(strategies),
+        is_view=rule.view if rule is not None else False, fallback=rule is None, internal_comm=internal_comm,
+    )

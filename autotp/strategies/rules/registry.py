@@ -1,0 +1,140 @@
+"""The one registry of per-op sharding rules.
+
+A rule looks at one op on one mesh axis and lists candidate strategies: the placement each tensor
+input must have and the placement of the output that results. Rules do not list all-replicate
+(the engine adds it) and need not check divisibility (the engine drops any strategy that shards a
+dim ``tp_size`` does not divide). Ops with shape arguments also register ``localize``, which
+rewrites those arguments to rank-local sizes.
+"""
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx
+
+from autotp.capture.export import TensorMeta
+from autotp.capture.torch_compat import OpOverload, op_schema
+from autotp.ir.strategy import OpStrategy
+
+OutputMeta = TensorMeta | tuple[TensorMeta, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class OpContext:
+    """What a rule may look at: the node, its arguments, and global metas of its tensors."""
+
+    node: fx.Node
+    tp_size: int
+    inputs: tuple[TensorMeta, ...]
+    output: OutputMeta
+
+    @property
+    def args(self) -> tuple[Any, ...]:
+        return tuple(self.node.args)
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.node.kwargs)
+
+    def arg(self, index: int, name: str, default: Any = None) -> Any:
+        """Positional-or-keyword argument ``index``/``name`` of the node."""
+        if len(self.node.args) > index:
+            return self.node.args[index]
+        return self.node.kwargs.get(name, default)
+
+    def named_arg(self, name: str, default: Any = None) -> Any:
+        """Argument ``name`` located through the op's schema (overloads order args differently)."""
+        schema = op_schema(self.node.target)
+        if schema is not None:
+            for index, argument in enumerate(schema.arguments):
+                if argument.name == name:
+                    return self.arg(index, name, default) if not argument.kwarg_only else self.node.kwargs.get(name, default)
+        return self.node.kwargs.get(name, default)
+
+
+@dataclass(frozen=True, slots=True)
+class LocalContext:
+    """What ``localize`` needs to turn global shape arguments into this rank's."""
+
+    rank: int
+    tp_size: int
+    strategy: OpStrategy
+    inputs: tuple[TensorMeta, ...]
+    output: OutputMeta
+
+
+StrategyFn = Callable[[OpContext], Iterable[OpStrategy]]
+LocalizeFn = Callable[[tuple[Any, ...], dict[str, Any], LocalContext], tuple[tuple[Any, ...], dict[str, Any]]]
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    strategies: StrategyFn
+    localize: LocalizeFn | None = None
+    # Positional args that are tensors only for their dtype/device (e.g. ``new_ones``' self):
+    # they are not input slots, so any placement passes through unchanged.
+    metadata_args: tuple[int, ...] = ()
+    view: bool = False  # launches no kernel (a view or pure metadata op): zero compute cost
+    # A strategy the op cannot run as itself names the function that runs it locally (called with
+    # the localised args and ``group_name=``), e.g. a vocab-parallel embedding's masked lookup.
+    local_impl: Callable[[OpStrategy], Callable[..., Any] | None] | None = None
+    # Collectives such a local implementation runs inside, as (kind, bytes of the full tensor),
+    # so the cost model prices them.
+    internal_collectives: Callable[[OpStrategy, tuple[TensorMeta, ...], OutputMeta], tuple[tuple[str, int], ...]] | None = None
+
+
+RULES: dict[Any, Rule] = {}
+
+
+def register(
+    *targets: Any,
+    localize: LocalizeFn | None = None,
+    metadata_args: Sequence[int] = (),
+    view: bool = False,
+    local_impl: Callable[[OpStrategy], Callable[..., Any] | None] | None = None,
+    internal_collectives: Callable[[OpStrategy, tuple[TensorMeta, ...], OutputMeta], tuple[tuple[str, int], ...]] | None = None,
+) -> Callable[[StrategyFn], StrategyFn]:
+    """Decorator: ``fn`` gives the strategies of every op in ``targets``."""
+
+    def wrap(fn: StrategyFn) -> StrategyFn:
+        rule = Rule(fn, localize, tuple(metadata_args), view, local_impl, internal_collectives)
+        for target in targets:
+            if target in RULES:
+                raise ValueError(f"two rules registered for {target}")
+            RULES[target] = rule
+        return fn
+
+    return wrap
+
+
+_POINTWISE_FALLBACK: list[Rule] = []
+
+
+def set_pointwise_fallback(rule: Rule) -> None:
+    """The rule used for any op tagged ``torch.Tag.pointwise`` with no explicit rule."""
+    _POINTWISE_FALLBACK[:] = [rule]
+
+
+def lookup(target: Any) -> Rule | None:
+    rule = RULES.get(target)
+    if rule is not None:
+        return rule
+    if isinstance(target, OpOverload):
+        packet_rule = RULES.get(target.overloadpacket)
+        if packet_rule is not None:
+            return packet_rule
+        if torch.Tag.pointwise in target.tags and _POINTWISE_FALLBACK:
+            return _POINTWISE_FALLBACK[0]
+    return None
+
+
+def is_getitem(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is operator.getitem
+
+
+def norm_dim(dim: int, ndim: int) -> int:
+    return dim + ndim if dim < 0 else dim

@@ -1,0 +1,39 @@
+"""Scans along one dim: ``cumsum``, ``cumprod``, ``diff``.
+
+Each output element depends only on its own line along ``dim``, so any other dim may be split
+(``diff``'s ``prepend``/``append`` split with ``x``). ``cumsum`` and ``diff`` are linear, so a
+partial sum passes through: ``cumsum(P) -> P``, ``diff(P, prepend=P) -> P``.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from autotp.ir.placement import P, Shard
+from autotp.strategies.rules.registry import OpContext, OpStrategy, norm_dim, register
+
+aten = __import__("torch").ops.aten
+
+
+def _other_dims(ctx: OpContext, dim: int) -> Iterator[OpStrategy]:
+    x = ctx.inputs[0]
+    for d in range(x.ndim):
+        if d != dim and all(m.ndim == x.ndim and m.shape[d] == x.shape[d] for m in ctx.inputs):
+            yield OpStrategy((Shard(d),) * len(ctx.inputs), Shard(d))
+
+
+@register(aten.cumsum)
+def cumsum(ctx: OpContext) -> Iterator[OpStrategy]:
+    yield from _other_dims(ctx, norm_dim(ctx.arg(1, "dim"), ctx.inputs[0].ndim))
+    yield OpStrategy((P,), P)
+
+
+@register(aten.cumprod)
+def cumprod(ctx: OpContext) -> Iterator[OpStrategy]:
+    yield from _other_dims(ctx, norm_dim(ctx.arg(1, "dim"), ctx.inputs[0].ndim))
+
+
+@register(aten.diff)
+def diff(ctx: OpContext) -> Iterator[OpStrategy]:
+    """diff(x, n, dim, prepend, append) = x[1:] - x[:-1] along dim of cat(prepend, x, append)."""
+    yield from _other_dims(ctx, norm_dim(ctx.arg(2, "dim", -1), ctx.inputs[0].ndim))
+    yield OpStrategy((P,) * len(ctx.inputs), P)
