@@ -21,6 +21,7 @@ import torch
 from autotp.capture.export import TensorMeta, tensor_meta
 from autotp.capture.torch_compat import pytree
 from autotp.errors import ConfigError, InputMismatchError
+from autotp.io.fingerprint import format_value
 
 Shapes = tuple[tuple[int, ...], ...]  # the shape of every tensor leaf, in leaf order
 
@@ -55,10 +56,7 @@ class PlannedCall:
         model_name: str,
         dynamic_dims: Mapping[str, Sequence[int]] | None = None,
     ) -> PlannedCall:
-        try:
-            signature: inspect.Signature | None = inspect.signature(forward)
-        except (TypeError, ValueError):
-            signature = None
+        signature = _signature(forward)
         names = _argument_names(signature, len(example_inputs))
         with_paths, spec = pytree.tree_flatten_with_path(tuple(example_inputs))
         declared = {name: _dims(name, dims) for name, dims in (dynamic_dims or {}).items()}
@@ -141,11 +139,11 @@ class PlannedCall:
                 )
             return False
         if not isinstance(value, torch.Tensor):
-            raise InputMismatchError(f"input '{leaf.name}' of {self.model_name} was planned as a tensor {_format(leaf.meta)}; given {_describe(value)}")
+            raise InputMismatchError(f"input '{leaf.name}' of {self.model_name} was planned as a tensor {format_value(leaf.meta)}; given {_describe(value)}")
         planned, given = leaf.meta.shape, tuple(value.shape)
         if value.dtype != leaf.meta.dtype:
             raise InputMismatchError(
-                f"input '{leaf.name}' of {self.model_name} was planned as {_format(leaf.meta)}, given {_describe(value)}; "
+                f"input '{leaf.name}' of {self.model_name} was planned as {format_value(leaf.meta)}, given {_describe(value)}; "
                 "pass the planned dtype (convert it), or plan with an example of this dtype"
             )
         if given == planned:
@@ -162,6 +160,18 @@ class PlannedCall:
                 f"input '{leaf.name}' of {self.model_name} was planned with shape {planned}, given {given}; {hint}"
             )
         return True
+
+
+def example_input_names(forward: Callable[..., Any], count: int) -> list[str]:
+    """The name of each of ``count`` example positions as ``forward`` calls it (``input k`` where it has none)."""
+    return _argument_names(_signature(forward), count)
+
+
+def _signature(forward: Callable[..., Any]) -> inspect.Signature | None:
+    try:
+        return inspect.signature(forward)
+    except (TypeError, ValueError):
+        return None
 
 
 def _argument_names(signature: inspect.Signature | None, count: int) -> list[str]:
@@ -198,11 +208,7 @@ def _is_default(value: Any, parameter: inspect.Parameter) -> bool:
         return False
 
 
-def _format(meta: TensorMeta) -> str:
-    return f"{str(meta.dtype).removeprefix('torch.')}{list(meta.shape)}"
-
-
 def _describe(value: Any) -> str:
     if isinstance(value, torch.Tensor):
-        return f"a tensor {_format(TensorMeta(tuple(value.shape), value.dtype))}"
+        return f"a tensor {format_value(TensorMeta(tuple(value.shape), value.dtype))}"
     return f"{value!r} ({type(value).__name__})"

@@ -36,6 +36,7 @@ from autotp.capture.torch_compat import pytree
 from autotp.errors import ConfigError, InfeasiblePlanError
 from autotp.ir.placement import Placement, Replicate, Shard
 from autotp.ir.plan import Plan
+from autotp.runtime.arguments import example_input_names
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +204,7 @@ def verify_source(
             type(model).__name__, tp_size, training, (), (), 0, len(list(model.parameters())), (), _elements(model),
             time.perf_counter() - started, error=str(exc), notes=tuple(notes),
         )
-    comparisons = _compare(reference, ranks, [name for name, _ in model.named_parameters()], _input_names(model, example_inputs), training=training)
+    comparisons = _compare(reference, ranks, [name for name, _ in model.named_parameters()], example_input_names(model.forward, len(example_inputs)), training=training)
     placements = ranks[0].placements
     return VerifyReport(
         model_name=type(model).__name__,
@@ -421,14 +422,6 @@ def _check_real(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
         raise ConfigError(f"verify runs the model, but {what} is on the meta device; build it with real weights and inputs on the CPU")
     if any(isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in [*model.parameters(), *inputs]):
         raise ConfigError("verify runs on local CPU gloo ranks; move the model and example inputs to the CPU first")
-
-
-def _input_names(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[str]:
-    """``forward``'s parameter names for the example inputs, ``input k`` where it has none."""
-    from autotp.io.target import _forward_params
-
-    params = _forward_params(model)
-    return [params[k] if k < len(params) else f"input {k}" for k in range(len(inputs))]
 
 
 def _elements(model: nn.Module) -> int:
