@@ -5,7 +5,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -16,7 +16,6 @@ from cost_models import OPTIMIZER_STATE_BYTES_PER_ELEMENT, HardwareProfile
 from autotp.capture.export import CapturedGraph, InputRole, capture
 from autotp.capture.torch_compat import non_persistent_buffer_names
 from autotp.cost.model import CostModel, resolve_hardware
-from autotp.cost.wake import plan_mean_gap_seconds
 from autotp.errors import ConfigError, PlanMismatchError
 from autotp.io.fingerprint import describe_mismatch
 from autotp.io.plan_align import align_plan
@@ -29,8 +28,7 @@ from autotp.rewrite.rewriter import rewrite
 from autotp.runtime.arguments import PlannedCall
 from autotp.runtime.module import ShardedModule, register_state
 from autotp.runtime.retrace import Retracer
-from autotp.solve.build import build_plan
-from autotp.solve.ilp import solve
+from autotp.solve.planner import solve_plan
 from autotp.strategies.engine import StrategySpace, build_strategy_space
 
 log = logging.getLogger(__name__)
@@ -112,45 +110,13 @@ def plan_model(
         def on_incumbent(seconds: float, bound_seconds: float | None) -> None:
             report.update(f"incumbent {fmt_seconds(seconds)}" + (f", bound {fmt_seconds(bound_seconds)}" if bound_seconds is not None else ""))
 
-        solution = solve(space, cost, memory_budget=budget, time_limit_s=time_limit_s, solver=solver, on_incumbent=on_incumbent if progress is not None else None)
-        report.outcome = f"{solution.status}, {fmt_seconds(solution.objective_seconds)}"
-    with stage(progress, "build"):
-        result = build_plan(space, solution, cost, hardware=profile.name, memory_budget=budget)
-    if cost.prices_wake:
-        with stage(progress, "wake re-solves"):
-            result = _wake_aware(result, space, cost, memory_budget=budget, time_limit_s=time_limit_s, solver=solver)
+        result = solve_plan(
+            space, cost, hardware=profile.name, memory_budget=budget, time_limit_s=time_limit_s, solver=solver,
+            on_incumbent=on_incumbent if progress is not None else None,
+        )
+        report.outcome = f"{result.solver_status}, {fmt_seconds(result.total_seconds)}"
     log.info("planned %s on %d ranks in %.2fs", captured.model_name, tp_size, time.perf_counter() - started)
     return PlanningResult(captured, space, result)
-
-
-WAKE_ROUNDS = 3  # re-solves at most, each with the last plan's mean gap before a collective
-
-
-def _wake_aware(plan: Plan, space: StrategySpace, cost: CostModel, *, memory_budget: int | None, time_limit_s: float, solver: str) -> Plan:
-    """The cheapest plan, priced from its schedule, of ``plan`` and a few re-solves that charge
-    every collective the wake-up at the last plan's mean gap (``autotp.cost.wake``).
-
-    The solver prices edges one by one and cannot see where the other collectives fall. Charging
-    them all the wake-up at one gap is the linear stand-in: a plan with one collective after a
-    whole step of compute pays a lot for it, one with a collective per block little. A plan
-    without collectives gives a new one its whole compute as the gap.
-    """
-    best, seen = plan, {_choice(plan)}
-    for _ in range(WAKE_ROUNDS):
-        gap = plan_mean_gap_seconds(plan, space, cost)
-        solution = solve(space, replace(cost, assumed_gap_seconds=gap), memory_budget=memory_budget, time_limit_s=time_limit_s, solver=solver)
-        plan = build_plan(space, solution, cost, hardware=best.hardware, memory_budget=memory_budget)
-        log.info("wake-aware re-solve at a %.3f ms gap: %.3f ms (best so far %.3f ms)", gap * 1e3, plan.total_seconds * 1e3, best.total_seconds * 1e3)
-        if plan.total_seconds < best.total_seconds:
-            best = plan
-        if _choice(plan) in seen:
-            break
-        seen.add(_choice(plan))
-    return best
-
-
-def _choice(plan: Plan) -> tuple[str, ...]:
-    return tuple(str(n.strategy) for n in plan.nodes)
 
 
 def parallelize(

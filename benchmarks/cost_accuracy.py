@@ -80,8 +80,8 @@ from autotp.cost.model import CostModel
 from autotp.examples import build_example
 from autotp.ir.plan import Plan
 from autotp.solve.build import build_plan
-from autotp.solve.ilp import Solution, solve
 from autotp.solve.layouts import megatron_pins
+from autotp.solve.planner import solve_plan
 from autotp.strategies.engine import NodeKind, build_strategy_space
 from autotp.testing import run_on_ranks
 
@@ -133,7 +133,7 @@ def layout_plans(example: str, config: dict, batch: int, seq: int, *, tp: int, p
     megatron = megatron_pins(result.space)
     plans = {"autotp": result.plan}
     for name, pins in (("replicate", replicate), ("megatron", megatron)):
-        plans[name] = build_plan(result.space, solve(result.space, cost, pinned=pins), cost, hardware=profile.name, memory_budget=None)
+        plans[name] = solve_plan(result.space, cost, hardware=profile.name, memory_budget=None, pinned=pins)
     return plans
 
 
@@ -141,9 +141,7 @@ def reprice(plan: Plan, example: str, config: dict, batch: int, seq: int, *, pro
     """``plan``'s strategies priced by another profile: the same layout, other numbers."""
     space, cost = _space_and_cost(example, config, batch, seq, tp=plan.tp_size, profile=profile)
     chosen = {n.name: n.strategy for n in plan.nodes}
-    choice = {n.name: n.strategies.index(chosen[n.name]) for n in space.nodes}
-    solution = Solution(choice=choice, objective_seconds=0.0, status="repriced", seconds=0.0, n_variables=0, n_constraints=0)
-    return build_plan(space, solution, cost, hardware=profile.name, memory_budget=None)
+    return build_plan(space, chosen, cost, hardware=profile.name, memory_budget=None, status="repriced")
 
 
 def _time_forwards(modules: dict[str, torch.nn.Module], inputs: tuple[torch.Tensor, ...], *, steps: int, warmup: int) -> dict[str, list[float]]:

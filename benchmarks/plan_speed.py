@@ -47,7 +47,7 @@ def measure(config: dict, dedup: bool) -> dict:
     cost = CostModel(resolve_hardware("h100-sxm"), TP, training=True, optimizer="adamw")
     solution = solve(space, cost, dedup=dedup, time_limit_s=600)
     t_solve = time.perf_counter()
-    plan = build_plan(space, solution, cost, hardware="h100-sxm", memory_budget=None)
+    plan = build_plan(space, solution.chosen(space), cost, hardware="h100-sxm", memory_budget=None, status=solution.status)
     done = time.perf_counter()
     return {
         "nodes": len(space.nodes), "variables": solution.n_variables, "status": solution.status,

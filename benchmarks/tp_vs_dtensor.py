@@ -62,9 +62,9 @@ from autotp.examples import build_example
 from autotp.examples.gpt import CausalSelfAttention
 from autotp.ir.placement import Replicate
 from autotp.ir.plan import Plan
-from autotp.solve.build import build_plan
-from autotp.solve.ilp import min_state_nbytes, solve
+from autotp.solve.ilp import min_state_nbytes
 from autotp.solve.layouts import megatron_pins
+from autotp.solve.planner import solve_plan
 from autotp.strategies.engine import NodeKind, StrategySpace, build_strategy_space
 from autotp.strategies.rules import OpStrategy
 from autotp.testing import run_on_ranks
@@ -191,8 +191,7 @@ def megatron_plan(space: StrategySpace, cost: CostModel) -> Plan:
     for node in space.nodes:
         if node.kind is NodeKind.OP and node.name not in pins and not _TP_MODULE.match(node.module_path):
             pins[node.name] = next(s for s in node.strategies if not _splits(s))
-    solution = solve(space, cost, memory_budget=None, pinned=pins)
-    return build_plan(space, solution, cost, hardware=cost.profile.name, memory_budget=None)
+    return solve_plan(space, cost, hardware=cost.profile.name, memory_budget=None, pinned=pins)
 
 
 # Module paths whose interior the hand plan shards: everything between a column and a row linear.

@@ -34,7 +34,7 @@ def vocab_parallel_equivalence(rank: int, world_size: int) -> dict[str, Any]:
     result = plan_model(model, inputs, mesh_shape=(world_size,), hardware="cpu-gloo", memory_budget=None)
     cost = CostModel(resolve_hardware("cpu-gloo"), world_size, training=True, optimizer="adamw")
     pins = vocab_parallel_pins(result.space)
-    plan = build_plan(result.space, solve(result.space, cost, pinned=pins), cost, hardware="cpu-gloo", memory_budget=None)
+    plan = build_plan(result.space, solve(result.space, cost, pinned=pins).chosen(result.space), cost, hardware="cpu-gloo", memory_budget=None)
     sharded = autotp.parallelize(model, init_device_mesh("cpu", (world_size,)), inputs, plan=plan)
     expected = model(*inputs)
     actual = sharded(*inputs)

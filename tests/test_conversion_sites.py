@@ -41,7 +41,7 @@ def _plan(model: nn.Module, inputs: tuple[torch.Tensor, ...], *, training: bool,
     floor = min_state_nbytes(space, cost)
     replicated = sum(state_nbytes(n, R, cost) for n in space.nodes if n.kind is NodeKind.STATE)  # type: ignore[arg-type]
     budget = int(floor + squeeze * (replicated - floor)) + 1
-    plan = build_plan(space, solve(space, cost, memory_budget=budget), cost, hardware="h100-sxm", memory_budget=budget)
+    plan = build_plan(space, solve(space, cost, memory_budget=budget).chosen(space), cost, hardware="h100-sxm", memory_budget=budget)
     return rewrite(captured, space, plan, rank=0, group_name="offline"), space, plan
 
 

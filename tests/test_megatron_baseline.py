@@ -157,7 +157,7 @@ def test_hf_llama_totals_are_those_of_all_seven_linears_split() -> None:
         elif node.op.startswith("aten.linear") and node.module_path.endswith(row_suffixes):
             expected[node.name] = OpStrategy((Shard(2), Shard(1)), P)
     assert len(expected) == 7 * N_BLOCKS
-    hand = build_plan(space, solve(space, cost, memory_budget=None, pinned=expected), cost, hardware="h100-sxm", memory_budget=None)
+    hand = build_plan(space, solve(space, cost, memory_budget=None, pinned=expected).chosen(space), cost, hardware="h100-sxm", memory_budget=None)
     megatron = price_baselines(space, cost, hardware="h100-sxm", memory_budget=None)[1]
     assert megatron.name == "Megatron-LM" and megatron.plan is not None
     assert megatron.note.startswith("14 linears pinned by graph structure (2 attentions, 2 MLPs): model.layers.0-1: column ")

@@ -21,9 +21,8 @@ from autotp.io.torch_tp_check import check_torch_tp
 from autotp.io.torch_tp_export import dumps_torch_tp, export_torch_tp
 from autotp.ir.placement import Shard
 from autotp.ir.plan import Plan
-from autotp.solve.build import build_plan
-from autotp.solve.ilp import solve
 from autotp.solve.layouts import megatron_pins
+from autotp.solve.planner import solve_plan
 from autotp.strategies.engine import NodeKind
 from autotp.testing import run_on_ranks
 from tests._hf_fns import budget_for, build_hf_model
@@ -67,7 +66,7 @@ def _pinned_plan(model: nn.Module, inputs: tuple[torch.Tensor, ...], *, within: 
     nodes = result.space.by_name()
     pins = {name: s for name, s in megatron_pins(result.space).items() if within in nodes[name].module_path}
     assert pins, f"no Megatron linear in a module path containing {within!r}"
-    return build_plan(result.space, solve(result.space, cost, pinned=pins), cost, hardware="cpu-gloo", memory_budget=None)
+    return solve_plan(result.space, cost, hardware="cpu-gloo", memory_budget=None, pinned=pins)
 
 
 def _export(case: dict, within: str, tmp_path: Path, *, python: bool = False) -> dict:

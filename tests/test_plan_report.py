@@ -18,10 +18,11 @@ from autotp.io.torch_tp_export import dumps_torch_tp
 from autotp.ir.placement import R, Shard
 from autotp.report.explain import explain_node, find_nodes, format_explanation
 from autotp.report.render import to_dot, to_html
-from autotp.report.table import format_table, layout_sections, price_baselines, replicate_all
+from autotp.report.table import format_table, layout_sections, price_baselines
 from autotp.solve.build import build_plan
-from autotp.solve.ilp import Solution, solve
+from autotp.solve.ilp import solve
 from autotp.solve.layouts import megatron_pins
+from autotp.solve.planner import replicate_all
 from autotp.strategies.engine import NodeKind
 
 
@@ -72,7 +73,7 @@ def test_replicate_all_pins_every_node(gpt4) -> None:
     plan = replicate_all(result.space, _cost(4), hardware="h100-sxm")
     assert all(p == R for n in plan.nodes for p in (*n.strategy.inputs, *n.strategy.outputs()))
     pinned = {n.name: n.strategy for n in plan.nodes}  # the same as the ILP with every node pinned
-    assert build_plan(result.space, solve(result.space, _cost(4), pinned=pinned), _cost(4), hardware="h100-sxm", memory_budget=None).total_seconds == pytest.approx(plan.total_seconds)
+    assert build_plan(result.space, solve(result.space, _cost(4), pinned=pinned).chosen(result.space), _cost(4), hardware="h100-sxm", memory_budget=None).total_seconds == pytest.approx(plan.total_seconds)
 
 
 def test_dot_and_html_render(gpt4) -> None:
@@ -99,7 +100,7 @@ def test_explain_prices_every_candidate_exactly(gpt4) -> None:
             if not cand.feasible:
                 continue
             choice = dict(base_choice, **{node.name: cand.index})
-            switched = build_plan(space, Solution(choice, 0.0, "pinned", 0.0, 0, 0), cost, hardware="h100-sxm", memory_budget=None)
+            switched = build_plan(space, {n.name: n.strategies[choice[n.name]] for n in space.nodes}, cost, hardware="h100-sxm", memory_budget=None)
             assert switched.total_seconds - plan.total_seconds == pytest.approx(cand.total_seconds - exp.chosen.total_seconds, rel=1e-6, abs=1e-12)
             checked += 1
     assert checked >= 6
@@ -117,7 +118,7 @@ def test_torch_tp_megatron_layout_is_fully_expressible() -> None:
     result = plan_model(model, inputs, mesh_shape=(2,), hardware="cpu-gloo", memory_budget=None, training=False)
     cost = CostModel(resolve_hardware("cpu-gloo"), 2)
     pins = megatron_pins(result.space)
-    plan = build_plan(result.space, solve(result.space, cost, pinned=pins), cost, hardware="cpu-gloo", memory_budget=None)
+    plan = build_plan(result.space, solve(result.space, cost, pinned=pins).chosen(result.space), cost, hardware="cpu-gloo", memory_budget=None)
     tp = torch_tp_plan(plan)
     assert tp.complete
     assert {k: v.style for k, v in tp.styles.items()} == {
@@ -140,7 +141,7 @@ def test_torch_tp_lists_what_it_cannot_express() -> None:
     for node in space.nodes:
         if node.op.startswith("aten.linear"):
             pins[node.name] = next(s for s in node.strategies if s.inputs[0] == Shard(0) and s.inputs[1] == R)
-    plan = build_plan(space, solve(space, cost, pinned=pins), cost, hardware="h100-sxm", memory_budget=None)
+    plan = build_plan(space, solve(space, cost, pinned=pins).chosen(space), cost, hardware="h100-sxm", memory_budget=None)
     tp = torch_tp_plan(plan)
     assert not tp.complete and not tp.styles
     assert any("neither column- nor row-parallel" in p["why"] for p in tp.not_expressible)
@@ -198,7 +199,7 @@ def test_torch_tp_sequence_parallel_norms() -> None:
         if node.op.startswith("aten.layer_norm") and node.module_path.startswith("blocks"):
             pins[node.name] = next(s for s in node.strategies if s.inputs[0] == Shard(1) and s.output == Shard(1))
     cost = CostModel(resolve_hardware("h100-sxm"), 2)
-    plan = build_plan(result.space, solve(result.space, cost, pinned=pins), cost, hardware="h100-sxm", memory_budget=None)
+    plan = build_plan(result.space, solve(result.space, cost, pinned=pins).chosen(result.space), cost, hardware="h100-sxm", memory_budget=None)
     styles = torch_tp_plan(plan).styles
     assert styles["blocks.*.ln_1"].style == "SequenceParallel" and styles["blocks.*.ln_2"].style == "SequenceParallel"
     assert styles["blocks.*.attn.q_proj"].input_layouts == Shard(1)

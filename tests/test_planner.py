@@ -98,7 +98,7 @@ def test_megatron_is_the_ilp_optimum_here(megatron_case) -> None:
     cost = CostModel(resolve_hardware("h100-sxm"), 4, training=result.plan.training, optimizer=result.plan.optimizer)
     pins = megatron_pins(result.space)
     assert len(pins) == 6 * N_LAYER
-    pinned = build_plan(result.space, solve(result.space, cost, memory_budget=budget, pinned=pins), cost, hardware="h100-sxm", memory_budget=budget)
+    pinned = build_plan(result.space, solve(result.space, cost, memory_budget=budget, pinned=pins).chosen(result.space), cost, hardware="h100-sxm", memory_budget=budget)
     assert pinned.total_seconds == pytest.approx(result.plan.total_seconds, rel=1e-6)
 
 
@@ -109,7 +109,7 @@ def test_megatron_pins_cost_at_least_the_optimum_at_large_batch() -> None:
     result = plan_model(model, inputs, mesh_shape=(4,), hardware="h100-sxm", memory_budget=budget, training=False)
     cost = CostModel(resolve_hardware("h100-sxm"), 4)
     pins = megatron_pins(result.space)
-    pinned = build_plan(result.space, solve(result.space, cost, memory_budget=budget, pinned=pins), cost, hardware="h100-sxm", memory_budget=budget)
+    pinned = build_plan(result.space, solve(result.space, cost, memory_budget=budget, pinned=pins).chosen(result.space), cost, hardware="h100-sxm", memory_budget=budget)
     assert result.plan.total_seconds <= pinned.total_seconds * (1 + 1e-9)
     # and every linear of every block is split one way or another: nothing runs replicated
     for node in result.plan.nodes:

@@ -60,7 +60,7 @@ def _pin_all(plan: Plan, batch: int, seq: int, example: str = "gpt", **config) -
     result = plan_model(model, inputs, mesh_shape=plan.mesh_shape, hardware=plan.hardware, memory_budget=None, training=plan.training, optimizer=plan.optimizer)
     cost = CostModel(resolve_hardware(plan.hardware), plan.tp_size, training=plan.training, optimizer=plan.optimizer)
     pins = {n.name: n.strategy for n in plan.nodes}
-    return build_plan(result.space, solve(result.space, cost, pinned=pins), cost, hardware=plan.hardware, memory_budget=None)
+    return build_plan(result.space, solve(result.space, cost, pinned=pins).chosen(result.space), cost, hardware=plan.hardware, memory_budget=None)
 
 
 def plan_on_a_user_profile(profile: HardwareProfile, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, training: bool) -> Plan:
@@ -152,7 +152,7 @@ def _pinned_total(batch: int, layout: str) -> float:
         pins |= {n.name: n.strategies[0] for n in space.nodes if n.op.startswith("aten.linear") and ".attn." in n.module_path + "."}
     else:
         pins = megatron_pins(space)
-    return build_plan(space, solve(space, cost, pinned=pins), cost, hardware=HARDWARE, memory_budget=None).total_seconds
+    return build_plan(space, solve(space, cost, pinned=pins).chosen(space), cost, hardware=HARDWARE, memory_budget=None).total_seconds
 
 
 def _first_cheaper(new: str, old: str, lo: int, hi: int) -> int:
@@ -218,7 +218,7 @@ def test_activation_memory_by_hand() -> None:
     result = plan_model(model, inputs, mesh_shape=(2,), hardware="cpu-gloo", memory_budget=None, training=False)
     cost = CostModel(resolve_hardware("cpu-gloo"), 2)
     pins = megatron_pins(result.space)
-    megatron = build_plan(result.space, solve(result.space, cost, pinned=pins), cost, hardware="cpu-gloo", memory_budget=None)
+    megatron = build_plan(result.space, solve(result.space, cost, pinned=pins).chosen(result.space), cost, hardware="cpu-gloo", memory_budget=None)
     assert megatron.activation_nbytes_per_device == 4096 + 8192 + 8192
     # Training keeps every op output for the backward: 2 blocks x (16 + 16 + 4 + 4) KiB.
     training = autotp.plan(model, inputs, mesh_shape=(1,), hardware="cpu-gloo", training=True)

@@ -195,7 +195,7 @@ def _megatron(profile: HardwareProfile, *, training: bool, batch: int = 4, seq: 
     result = plan_model(model, inputs, mesh_shape=(2,), hardware=profile, memory_budget=None, training=training)
     cost = CostModel(profile, 2, training=training, optimizer=result.plan.optimizer)
     pins = megatron_pins(result.space)
-    return build_plan(result.space, solve(result.space, cost, pinned=pins), cost, hardware=profile.name, memory_budget=None)
+    return build_plan(result.space, solve(result.space, cost, pinned=pins).chosen(result.space), cost, hardware=profile.name, memory_budget=None)
 
 
 @pytest.mark.parametrize("training", [False, True])
@@ -275,6 +275,6 @@ def test_the_planner_weighs_the_wake_up_when_it_chooses() -> None:
     assert plain.plan.collectives()  # the premise: without a wake-up, splitting pays
     chosen = plan_model(model, inputs, mesh_shape=(2,), hardware=costly, memory_budget=None, training=False).plan
     cost = CostModel(costly, 2)
-    unaware = build_plan(plain.space, solve(plain.space, cost), cost, hardware=costly.name, memory_budget=None)
+    unaware = build_plan(plain.space, solve(plain.space, cost).chosen(plain.space), cost, hardware=costly.name, memory_budget=None)
     assert unaware.collectives() and unaware.wake_seconds == pytest.approx(0.01 * len(unaware.collectives()))  # each pays the plateau
     assert chosen.collectives() == [] and chosen.total_seconds < unaware.total_seconds

@@ -15,7 +15,6 @@ from autotp.io.fingerprint import LAYOUT_ONLY_OPS
 from autotp.ir.placement import R
 from autotp.ir.plan import Plan
 from autotp.solve.build import build_plan
-from autotp.solve.ilp import Solution
 from autotp.strategies.engine import StrategySpace
 from autotp.strategies.rules import OpStrategy
 
@@ -43,7 +42,6 @@ def carry_plan(plan: Plan, space: StrategySpace, *, fallback_hardware: str = "cp
 
     planned = {n.name: n for n in plan.nodes}
     chosen: dict[str, OpStrategy] = {}
-    choice: dict[str, int] = {}
     for node in space.nodes:
         if node.op in LAYOUT_ONLY_OPS and len(node.slots) == 1:
             ref = node.slots[0]
@@ -59,11 +57,9 @@ def carry_plan(plan: Plan, space: StrategySpace, *, fallback_hardware: str = "cp
         if strategy not in node.strategies:
             raise PlanMismatchError(f"the plan does not fit this model: node '{node.name}' ({node.op}) cannot take strategy {strategy}")
         chosen[node.name] = strategy
-        choice[node.name] = node.strategies.index(strategy)
     try:
         profile = resolve_hardware(plan.hardware)
     except AutoTPError:  # a profile file this machine does not have: the costs are only informative
         profile = resolve_hardware(fallback_hardware)
     cost = CostModel(profile, plan.tp_size, training=plan.training, optimizer=plan.optimizer if plan.training else None)
-    solution = Solution(choice=choice, objective_seconds=0.0, status=plan.solver_status, seconds=plan.solve_seconds, n_variables=0, n_constraints=0)
-    return build_plan(space, solution, cost, hardware=plan.hardware, memory_budget=plan.memory_budget)
+    return build_plan(space, chosen, cost, hardware=plan.hardware, memory_budget=plan.memory_budget, status=plan.solver_status, solve_seconds=plan.solve_seconds)

@@ -14,12 +14,9 @@ from dataclasses import dataclass
 
 from autotp.cost.model import CostModel
 from autotp.errors import AutoTPError
-from autotp.ir.placement import R
 from autotp.ir.plan import Conversion, NodePlan, Plan
 from autotp.ir.units import fmt_nbytes, fmt_seconds
-from autotp.solve.build import build_plan
-from autotp.solve.ilp import Solution, solve
-from autotp.solve.layouts import megatron_layout_of
+from autotp.solve.planner import megatron_plan, replicate_all
 from autotp.strategies.blocks import split_block_path
 from autotp.strategies.engine import NodeKind, StrategySpace
 
@@ -162,36 +159,11 @@ def _block_label(container: str, first: int, count: int) -> str:
 # baselines
 
 
-def replicate_all(space: StrategySpace, cost: CostModel, *, hardware: str) -> Plan:
-    """Every node at its all-``R`` strategy: the unsplit model on every rank."""
-    choice = {}
-    for node in space.nodes:
-        index = next((i for i, s in enumerate(node.strategies) if all(p == R for p in (*s.inputs, *s.outputs()))), None)
-        if index is None:  # every op offers all-R; this guards against a rule that does not
-            raise AutoTPError(f"node '{node.name}' ({node.op}) has no all-replicate strategy")
-        choice[node.name] = index
-    solution = Solution(choice=choice, objective_seconds=0.0, status="pinned", seconds=0.0, n_variables=0, n_constraints=0)
-    return build_plan(space, solution, cost, hardware=hardware, memory_budget=None)
-
-
-def megatron_baseline(space: StrategySpace, cost: CostModel, *, hardware: str) -> Baseline:
-    """Megatron-LM's layout of the attentions and MLPs in the graph; "not applicable" where there are none.
-
-    The found linears are pinned column/row parallel; the solver places everything else around
-    them, without the memory budget (a hand layout need not fit it).
-    """
-    layout = megatron_layout_of(space)
-    if not layout.found:
-        return Baseline(MEGATRON, None, "not applicable: the graph has no attention core or MLP (linears joined by pointwise ops) to split")
-    solution = solve(space, cost, memory_budget=None, pinned=layout.pins)
-    return Baseline(MEGATRON, build_plan(space, solution, cost, hardware=hardware, memory_budget=None), layout.describe(space))
-
-
 def price_baselines(space: StrategySpace, cost: CostModel, *, hardware: str, memory_budget: int | None) -> list[Baseline]:
     """Replicate-all and Megatron-LM, each priced without the budget (the note says when it is over)."""
     baselines = [_with_budget_note(Baseline("replicate-all", replicate_all(space, cost, hardware=hardware)), memory_budget)]
     try:
-        baselines.append(_with_budget_note(megatron_baseline(space, cost, hardware=hardware), memory_budget))
+        baselines.append(_with_budget_note(Baseline(MEGATRON, *megatron_plan(space, cost, hardware=hardware)), memory_budget))
     except AutoTPError as exc:  # a pinned split the model's shapes do not allow
         baselines.append(Baseline(MEGATRON, None, f"not priced: {exc}"))
     return baselines

@@ -3,6 +3,7 @@ prices, the wake-up of each collective after the compute before it, and the stat
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import replace
 
 from autotp.capture.export import TensorMeta
@@ -12,19 +13,23 @@ from autotp.cost.wake import collective_gaps
 from autotp.io.fingerprint import format_value, space_fingerprint
 from autotp.ir.placement import Placement, R, Shard
 from autotp.ir.plan import Conversion, NodePlan, Plan
-from autotp.solve.ilp import Solution, state_nbytes
+from autotp.ir.strategy import OpStrategy
+from autotp.solve.ilp import state_nbytes
 from autotp.strategies.engine import NodeKind, StrategySpace
 
 
 def build_plan(
     space: StrategySpace,
-    solution: Solution,
+    chosen: Mapping[str, OpStrategy],
     cost: CostModel,
     *,
     hardware: str,
     memory_budget: int | None,
+    status: str = "pinned",
+    solve_seconds: float = 0.0,
 ) -> Plan:
-    chosen = {n.name: n.strategies[solution.choice[n.name]] for n in space.nodes}
+    """The plan of one strategy per node (``chosen``, by node name: a solve's, a pinned layout's
+    or a saved plan's), priced by ``cost``; ``status`` says where the choice came from."""
     spaces = space.by_name()
     by_consumer = sites_by_consumer(conversion_sites(space, chosen, training=cost.training))
     plans = [
@@ -45,8 +50,8 @@ def build_plan(
         param_nbytes_per_device=sum(_local_nbytes(n.output_meta, chosen[n.name].output, space.tp_size) for n in state),  # type: ignore[arg-type, misc]
         replicated_param_nbytes=float(sum(n.output_meta.nbytes for n in state)),  # type: ignore[union-attr, misc]
         memory_nbytes_per_device=sum(state_nbytes(n, chosen[n.name].output, cost) for n in state),  # type: ignore[arg-type, misc]
-        solver_status=solution.status,
-        solve_seconds=solution.seconds,
+        solver_status=status,
+        solve_seconds=solve_seconds,
         training=cost.training,
         optimizer=cost.optimizer,
         fingerprint=space_fingerprint(space),

@@ -59,6 +59,10 @@ class Solution:
     n_variables: int
     n_constraints: int
 
+    def chosen(self, space: StrategySpace) -> dict[str, OpStrategy]:
+        """The chosen strategy of every node of ``space``, by node name."""
+        return {n.name: n.strategies[self.choice[n.name]] for n in space.nodes}
+
 
 def state_nbytes(node: NodeSpace, placement: Placement, cost: CostModel) -> float:
     """Bytes one rank holds for a parameter/buffer placed as ``placement`` (with its gradient and
