@@ -24,10 +24,11 @@ from autotp.cost.model import CostModel, resolve_hardware
 from autotp.examples import build_example
 from autotp.ir.placement import R, Shard
 from autotp.ir.plan import Plan
+from autotp.ir.values import ValueRef
 from autotp.rewrite.rewriter import rewrite
 from autotp.solve.build import build_plan
 from autotp.solve.ilp import min_state_nbytes, solve, state_nbytes
-from autotp.strategies.engine import NodeKind, StrategySpace, ValueRef, build_strategy_space
+from autotp.strategies.engine import NodeKind, StrategySpace, build_strategy_space
 from autotp.testing import run_on_ranks
 
 TP = 2

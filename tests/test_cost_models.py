@@ -569,9 +569,9 @@ def test_inter_node_link_needs_devices_per_node() -> None:
 def test_cost_model_prices_a_group_that_spans_nodes_on_the_inter_node_link() -> None:
     import torch
 
-    from autotp.capture.export import TensorMeta
     from autotp.cost.model import CostModel
     from autotp.ir.placement import P, R
+    from autotp.ir.values import TensorMeta
 
     meta = TensorMeta((1000, 1000), torch.float32)  # 4e6 bytes
     for tp, link in ((8, TWO_NODES.intra_node), (16, TWO_NODES.inter_node)):

@@ -23,6 +23,7 @@ from torch.export.graph_signature import InputKind
 
 from autotp.capture.torch_compat import data_dependent_guard_error, set_grad_enabled_hop
 from autotp.errors import CaptureError
+from autotp.ir.values import TensorMeta
 
 log = logging.getLogger(__name__)
 
@@ -32,29 +33,6 @@ class InputRole(str, Enum):
     BUFFER = "buffer"
     CONSTANT = "constant"
     USER_INPUT = "user_input"
-
-
-@dataclass(frozen=True, slots=True)
-class TensorMeta:
-    """Global shape and dtype of one tensor value."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for size in self.shape:
-            n *= size
-        return n
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
 
 
 @dataclass(frozen=True, slots=True)

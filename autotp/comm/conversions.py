@@ -23,10 +23,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
-from autotp.capture.export import TensorMeta
 from autotp.comm.redistribute import GRAD_SYNC, Step, backward_steps, transition
 from autotp.ir.placement import Placement, Replicate
-from autotp.strategies.engine import StrategySpace, ValueRef
+from autotp.ir.values import TensorMeta, ValueRef
+from autotp.strategies.engine import StrategySpace
 from autotp.strategies.rules import OpStrategy
 
 SlotKey = tuple[str, int]  # (consumer node name, input slot)

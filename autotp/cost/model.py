@@ -32,11 +32,11 @@ from cost_models import (
     state_nbytes,
     wake_seconds,
 )
-from autotp.capture.export import TensorMeta
 from autotp.comm.conversions import backward_conjugates
 from autotp.comm.redistribute import GRAD_SYNC, Step, StepKind, transition
 from autotp.errors import ConfigError
 from autotp.ir.placement import Placement, Shard
+from autotp.ir.values import TensorMeta
 from autotp.strategies.engine import NodeKind, NodeSpace
 from autotp.strategies.rules import OpStrategy
 

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from autotp.capture.export import TensorMeta
+from autotp.ir.values import format_value
 from autotp.strategies.engine import NodeSpace, StrategySpace
 
 if TYPE_CHECKING:
@@ -44,15 +44,6 @@ class NodeEntry:
 
     def line(self) -> str:
         return f"{self.name} {self.op} ({', '.join(self.inputs)}) -> {self.value}"
-
-
-def format_value(meta: TensorMeta | tuple[TensorMeta, ...] | None) -> str:
-    """``float32[8,1024,768]``; a multi-output op gives ``(float32[..], int64[..])``; none: ``""``."""
-    if meta is None:
-        return ""
-    if isinstance(meta, tuple):
-        return "(" + ", ".join(format_value(m) for m in meta) + ")"
-    return f"{str(meta.dtype).removeprefix('torch.')}[{','.join(str(s) for s in meta.shape)}]"
 
 
 def node_entry(node: NodeSpace) -> NodeEntry:

@@ -19,16 +19,15 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 
-from autotp.capture.export import TensorMeta
 from autotp.comm.conversions import needs_grad_sync
 from autotp.comm.redistribute import transition
 from autotp.cost.model import CostModel
 from autotp.errors import ConfigError
-from autotp.io.fingerprint import format_value
 from autotp.ir.placement import Placement
 from autotp.ir.plan import Plan
 from autotp.ir.units import fmt_nbytes, fmt_seconds
-from autotp.strategies.engine import NodeKind, NodeSpace, StrategySpace, ValueRef
+from autotp.ir.values import TensorMeta, ValueRef, format_value
+from autotp.strategies.engine import NodeKind, NodeSpace, StrategySpace
 from autotp.strategies.rules import OpStrategy
 
 _REL_TOL = 1e-9

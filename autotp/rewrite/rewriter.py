@@ -21,9 +21,10 @@ from autotp.comm import collectives
 from autotp.comm.conversions import GradSyncSite, Site, SlotKey, conversion_sites
 from autotp.ir.placement import Shard
 from autotp.ir.plan import Plan
+from autotp.ir.values import ValueRef
 from autotp.rewrite import random
 from autotp.rewrite.random import draws_random
-from autotp.strategies.engine import ASSERT_OPS, NodeSpace, StrategySpace, ValueRef, is_tensor_value
+from autotp.strategies.engine import ASSERT_OPS, NodeSpace, StrategySpace, is_tensor_value
 from autotp.strategies.rules import LocalContext, OpStrategy, lookup
 from autotp.strategies.rules.registry import Rule
 

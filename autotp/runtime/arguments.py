@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
-from autotp.capture.export import TensorMeta, tensor_meta
+from autotp.capture.export import tensor_meta
 from autotp.capture.torch_compat import pytree
 from autotp.errors import ConfigError, InputMismatchError
-from autotp.io.fingerprint import format_value
+from autotp.ir.values import TensorMeta, format_value
 
 Shapes = tuple[tuple[int, ...], ...]  # the shape of every tensor leaf, in leaf order
 

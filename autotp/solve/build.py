@@ -6,14 +6,14 @@ from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import replace
 
-from autotp.capture.export import TensorMeta
 from autotp.comm.conversions import GradSyncSite, Site, conversion_sites, sites_by_consumer
 from autotp.cost.model import CostModel
 from autotp.cost.wake import collective_gaps
-from autotp.io.fingerprint import format_value, space_fingerprint
+from autotp.io.fingerprint import space_fingerprint
 from autotp.ir.placement import Placement, R, Shard
 from autotp.ir.plan import Conversion, NodePlan, Plan
 from autotp.ir.strategy import OpStrategy
+from autotp.ir.values import TensorMeta, format_value
 from autotp.solve.ilp import state_nbytes
 from autotp.strategies.engine import NodeKind, StrategySpace
 

@@ -33,14 +33,14 @@ from dataclasses import dataclass
 
 import pulp
 
-from autotp.capture.export import TensorMeta
 from autotp.comm.conversions import needs_grad_sync
 from autotp.cost.model import CostModel
 from autotp.errors import InfeasiblePlanError, SolverError
 from autotp.ir.placement import Placement
 from autotp.ir.units import fmt_nbytes
+from autotp.ir.values import TensorMeta, ValueRef
 from autotp.strategies.blocks import canonical_nodes
-from autotp.strategies.engine import NodeKind, NodeSpace, StrategySpace, ValueRef
+from autotp.strategies.engine import NodeKind, NodeSpace, StrategySpace
 from autotp.strategies.rules import OpStrategy
 
 log = logging.getLogger(__name__)

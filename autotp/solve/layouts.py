@@ -26,8 +26,9 @@ from autotp.capture.torch_compat import OpOverload
 from autotp.cost.model import _packet_name
 from autotp.errors import AutoTPError
 from autotp.ir.placement import P, R, Shard
+from autotp.ir.values import ValueRef
 from autotp.strategies.blocks import block_of, block_pattern, split_block_path
-from autotp.strategies.engine import NodeKind, NodeSpace, StrategySpace, ValueRef
+from autotp.strategies.engine import NodeKind, NodeSpace, StrategySpace
 from autotp.strategies.rules import OpStrategy
 
 

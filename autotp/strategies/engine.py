@@ -18,11 +18,12 @@ from typing import Any, cast
 import torch
 from torch import fx
 
-from autotp.capture.export import CapturedGraph, GraphInput, InputRole, TensorMeta, module_path, tensor_meta
+from autotp.capture.export import CapturedGraph, GraphInput, InputRole, module_path, tensor_meta
 from autotp.capture.torch_compat import op_schema
 from autotp.errors import describe_node
 from autotp.ir.placement import Partial, Placement, R, Shard
 from autotp.ir.strategy import NodeKind, OutputPlacement
+from autotp.ir.values import TensorMeta, ValueRef
 from autotp.strategies.rules import OpContext, OpStrategy, lookup
 from autotp.strategies.rules.registry import OutputMeta, Rule
 
@@ -36,17 +37,6 @@ ASSERT_OPS = frozenset({aten._assert_tensor_metadata.default, aten._assert_scala
 
 class UnsupportedOpWarning(UserWarning):
     """An op has no sharding rule and will run replicated."""
-
-
-@dataclass(frozen=True, slots=True)
-class ValueRef:
-    """A tensor value: output ``index`` of ``node`` (``None`` for single-output nodes)."""
-
-    node: str
-    index: int | None = None
-
-    def __str__(self) -> str:
-        return self.node if self.index is None else f"{self.node}[{self.index}]"
 
 
 @dataclass(frozen=True, slots=True)

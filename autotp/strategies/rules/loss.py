@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from autotp.capture.export import TensorMeta
 from autotp.comm.ops import vocab_parallel_cross_entropy
 from autotp.ir.placement import P, R, Shard
+from autotp.ir.values import TensorMeta
 from autotp.strategies.rules.registry import OpContext, OpStrategy, OutputMeta, register
 
 aten = __import__("torch").ops.aten

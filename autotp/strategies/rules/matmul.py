@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-from autotp.capture.export import TensorMeta
 from autotp.ir.placement import P, Placement, R, Shard
+from autotp.ir.values import TensorMeta
 from autotp.strategies.rules.registry import OpContext, OpStrategy, register
 
 aten = __import__("torch").ops.aten

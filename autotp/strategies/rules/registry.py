@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import fx
 
-from autotp.capture.export import TensorMeta
 from autotp.capture.torch_compat import OpOverload, op_schema
 from autotp.ir.strategy import OpStrategy
+from autotp.ir.values import TensorMeta
 
 OutputMeta = TensorMeta | tuple[TensorMeta, ...]
 
