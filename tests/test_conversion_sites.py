@@ -85,11 +85,6 @@ def _canonical(ref: ValueRef, space: StrategySpace) -> ValueRef:
     return ref
 
 
-def _value(text: str) -> ValueRef:
-    name, bracket, rest = text.partition("[")
-    return ValueRef(name, int(rest.rstrip("]")) if bracket else None)
-
-
 def assert_plan_lists_the_graphs_collectives(gm: fx.GraphModule, space: StrategySpace, plan: Plan) -> Counter:
     forward, syncs, conjugates = Counter(), Counter(), Counter()
     rewritten = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
@@ -106,8 +101,8 @@ def assert_plan_lists_the_graphs_collectives(gm: fx.GraphModule, space: Strategy
     spaces = space.by_name()
     planned, planned_syncs, priced = Counter(), Counter(), Counter()
     for _, c in plan.conversions():
-        ref = _canonical(_value(c.value), space)
-        requires_grad = spaces[_value(c.value).node].requires_grad
+        ref = _canonical(c.value, space)
+        requires_grad = spaces[c.value.node].requires_grad
         if c.backward_only:
             planned_syncs[ref] += 1
             assert c.steps == (GRAD_SYNC,) and c.src == c.dst == R
@@ -154,7 +149,7 @@ def test_training_prices_the_syncs_of_values_that_need_a_gradient() -> None:
     syncs = [c for _, c in plan.conversions() if c.backward_only]
     assert any(c.priced for c in syncs) and any(not c.priced for c in syncs)
     for c in syncs:
-        assert c.priced == spaces[_value(c.value).node].requires_grad
+        assert c.priced == spaces[c.value.node].requires_grad
         assert (c.seconds > 0) == c.priced
 
 

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import autotp
 from autotp.api import _apply_plan, plan_model
@@ -12,6 +13,7 @@ from autotp.examples import build_example
 from autotp.io.fingerprint import canonical_entries, node_entry
 from autotp.io.plan_align import align_plan
 from autotp.io.plan_io import SCHEMA_VERSION, plan_from_dict, plan_to_dict
+from autotp.ir.values import TensorMeta, ValueRef, format_value
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +31,38 @@ def test_json_round_trip_is_exact(gpt_plan: autotp.Plan, tmp_path: Path) -> None
     loaded = autotp.Plan.load(str(path))
     assert loaded == gpt_plan and loaded.fingerprint.startswith("sha256:")
     assert loaded.summary() == gpt_plan.summary()
+
+
+def test_the_plan_holds_typed_values_and_json_holds_their_text(gpt_plan: autotp.Plan) -> None:
+    """Working data names values by ``ValueRef`` and shapes by ``TensorMeta``; the JSON layer writes
+    the text forms the fingerprint hashes and reads them back."""
+    data = gpt_plan.to_dict()
+    for node, written in zip(gpt_plan.nodes, data["nodes"]):
+        assert all(isinstance(ref, ValueRef) for ref in node.inputs)
+        assert written["inputs"] == [str(ref) for ref in node.inputs] and written["value"] == format_value(node.output_meta)
+        for conversion, written_conversion in zip(node.conversions, written["conversions"]):
+            assert isinstance(conversion.value, ValueRef) and written_conversion["value"] == str(conversion.value)
+
+
+class _Gated(torch.nn.Module):
+    """A multi-output op (``split``) read by ``getitem``: values named ``split[0]``, ``split[1]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return value * torch.sigmoid(gate)
+
+
+def test_multi_output_values_round_trip_as_typed_refs() -> None:
+    plan = autotp.plan(_Gated(), (torch.randn(4, 16),), mesh_shape=(2,), hardware="cpu-gloo")
+    (multi,) = [n for n in plan.nodes if isinstance(n.output_meta, tuple)]
+    assert multi.output_meta == (TensorMeta((4, 16), torch.float32), TensorMeta((4, 16), torch.float32))
+    indexed = {ref for n in plan.nodes for ref in n.inputs if ref.index is not None}
+    assert indexed == {ValueRef(multi.name, 0), ValueRef(multi.name, 1)}
+    assert plan_from_dict(json.loads(json.dumps(plan_to_dict(plan)))) == plan
 
 
 def test_placements_are_written_as_strings(gpt_plan: autotp.Plan) -> None:
@@ -61,8 +95,10 @@ def _edited(plan: autotp.Plan, edit) -> dict:
         (lambda d: d["nodes"][0]["strategy"].update(output="S(x)"), r"nodes\[0\]\.strategy\.output: not a placement: 'S\(x\)'"),
         (lambda d: d.update(mesh_shape=[2, 2]), r"1-D shape"),
         (lambda d: d["nodes"][5].update(compute_seconds="fast"), r"field 'nodes\[5\]\.compute_seconds' must be a number, got a string"),
+        (lambda d: d["nodes"][5].update(value="float99[2,3]"), r"nodes\[5\]\.value: 'float99\[2,3\]' is not a tensor value"),
+        (lambda d: d["nodes"][5].update(value="float32[2,x]"), r"nodes\[5\]\.value: 'float32\[2,x\]' has a shape that is not a list of integers"),
     ],
-    ids=["unknown-top", "unknown-nested", "version", "format", "missing", "placement", "mesh", "type"],
+    ids=["unknown-top", "unknown-nested", "version", "format", "missing", "placement", "mesh", "type", "dtype", "shape"],
 )
 def test_bad_plan_files_name_the_field(gpt_plan: autotp.Plan, tmp_path: Path, edit, message: str) -> None:
     path = _write(tmp_path, _edited(gpt_plan, edit))

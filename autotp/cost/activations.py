@@ -19,35 +19,18 @@ Collectives' internal buffers and the allocator's fragmentation are not counted.
 from __future__ import annotations
 
 import functools
-import re
 from typing import TYPE_CHECKING
 
 import torch
 
 from cost_models import peak_live_nbytes
 from autotp.ir.placement import Placement, Shard
-from autotp.strategies.engine import NodeKind
+from autotp.ir.strategy import NodeKind
+from autotp.ir.values import ValueRef, output_metas
 from autotp.strategies.rules import lookup
 
 if TYPE_CHECKING:
     from autotp.ir.plan import NodePlan, Plan
-
-_VALUE = re.compile(r"(\w+)\[([0-9,]*)\]")
-
-
-def _sizes(value: str) -> list[tuple[int, bool]]:
-    """``"float32[8,16]"`` -> ``[(512, True)]``: bytes and is-floating of each output."""
-    out = []
-    for dtype_name, dims in _VALUE.findall(value):
-        dtype = getattr(torch, dtype_name, None)
-        if not isinstance(dtype, torch.dtype):
-            continue
-        numel = 1
-        for d in filter(None, dims.split(",")):
-            numel *= int(d)
-        out.append((numel * dtype.itemsize, dtype.is_floating_point))
-    return out
-
 
 @functools.cache
 def is_alias(op: str) -> bool:
@@ -72,52 +55,52 @@ def _outputs(node: NodePlan) -> tuple[Placement, ...]:
     return out if isinstance(out, tuple) else (out,)
 
 
+# A value the walk tracks: a node's output, or that output converted to a placement for its readers.
+_Key = ValueRef | tuple[ValueRef, Placement]
+
+
 def activation_nbytes(plan: Plan) -> float:
     """Peak bytes of simultaneously live activations on one rank under ``plan``."""
     tp = plan.tp_size
     index = {n.name: k for k, n in enumerate(plan.nodes)}
     end = len(plan.nodes)
-    root: dict[str, str] = {}  # value key -> the key of the value whose bytes it is
-    born: dict[str, int] = {}
-    nbytes: dict[str, float] = {}
-    last: dict[str, int] = {}
-    kept: set[str] = set()
+    root: dict[_Key, _Key] = {}  # value -> the value whose bytes it is
+    born: dict[_Key, int] = {}
+    nbytes: dict[_Key, float] = {}
+    last: dict[_Key, int] = {}
+    kept: set[_Key] = set()
 
-    def read(key: str, step: int) -> None:
+    def read(key: _Key, step: int) -> None:
         owner = root.get(key, key)
         last[owner] = max(last.get(owner, step), step)
 
     for step, node in enumerate(plan.nodes):
         if node.kind is NodeKind.STATE:
             continue
-        placements = list(zip(node.inputs, node.strategy.inputs))
         for conversion in node.conversions:
             if conversion.backward_only:
                 continue
-            key = f"{conversion.value}->{conversion.dst}"
+            key: _Key = (conversion.value, conversion.dst)
             born[key], nbytes[key] = step, _local(conversion.nbytes, conversion.dst, tp)
-        for ref, wanted in placements:
-            producer = plan.nodes[index[ref.partition("[")[0]]]
-            if producer.kind is NodeKind.STATE:
+        for ref, wanted in zip(node.inputs, node.strategy.inputs):
+            if plan.nodes[index[ref.node]].kind is NodeKind.STATE:
                 continue
-            converted = f"{ref}->{wanted}"
-            read(converted if converted in born else ref, step)
-            if node.kind is NodeKind.OUTPUT:
-                read(converted if converted in born else ref, end)
+            read_key: _Key = (ref, wanted) if (ref, wanted) in born else ref
+            read(read_key, end if node.kind is NodeKind.OUTPUT else step)
         if node.kind is NodeKind.OUTPUT:
             continue
-        sizes = _sizes(node.value)
+        metas = output_metas(node.output_meta)
+        refs = [ValueRef(node.name, k) if isinstance(node.output_meta, tuple) else ValueRef(node.name) for k in range(len(metas))]
         if node.kind is NodeKind.OP and is_alias(node.op) and node.inputs:
             base = node.inputs[0]
-            root[node.name] = root.get(base, base)
-            for k in range(len(sizes)):
-                root[f"{node.name}[{k}]"] = root[node.name]
+            root[ValueRef(node.name)] = root.get(base, base)
+            for ref in refs:
+                root[ref] = root[ValueRef(node.name)]
             continue
-        for k, ((size, floating), placement) in enumerate(zip(sizes, _outputs(node))):
-            key = f"{node.name}[{k}]" if node.value.startswith("(") else node.name
-            born[key], nbytes[key] = step, _local(size, placement, tp)
-            if plan.training and floating and node.kind is NodeKind.OP:
-                kept.add(key)
+        for ref, meta, placement in zip(refs, metas, _outputs(node)):
+            born[ref], nbytes[ref] = step, _local(meta.nbytes, placement, tp)
+            if plan.training and meta.dtype.is_floating_point and node.kind is NodeKind.OP:
+                kept.add(ref)
     intervals = []
     for key, first in born.items():
         final = end if key in kept else last.get(key, first)

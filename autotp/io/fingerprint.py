@@ -76,7 +76,7 @@ def space_fingerprint(space: StrategySpace) -> str:
 
 
 def plan_entries(plan: Plan) -> list[NodeEntry]:
-    return [NodeEntry(n.name, n.op, n.inputs, n.value) for n in plan.nodes]
+    return [NodeEntry(n.name, n.op, tuple(str(ref) for ref in n.inputs), format_value(n.output_meta)) for n in plan.nodes]
 
 
 def describe_mismatch(plan: Plan, space: StrategySpace) -> str | None:

@@ -13,12 +13,12 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-from autotp.comm.redistribute import Step, StepKind
 from autotp.errors import PlanFormatError
 from autotp.ir.placement import Placement, parse_placement
 from autotp.ir.plan import Conversion, NodePlan, Plan
-from autotp.strategies.engine import NodeKind
-from autotp.strategies.rules import OpStrategy
+from autotp.ir.steps import Step, StepKind
+from autotp.ir.strategy import NodeKind, OpStrategy
+from autotp.ir.values import TensorMeta, format_value, parse_value, parse_value_ref
 
 FORMAT = "autotp.plan"
 SCHEMA_VERSION = 1
@@ -145,8 +145,8 @@ def _node_to_dict(node: NodePlan) -> dict[str, Any]:
         "op": node.op,
         "module": node.module_path,
         "kind": node.kind.value,
-        "inputs": list(node.inputs),
-        "value": node.value,
+        "inputs": [str(ref) for ref in node.inputs],
+        "value": format_value(node.output_meta),
         "strategy": {
             "inputs": [str(p) for p in node.strategy.inputs],
             "output": [str(p) for p in node.strategy.output] if isinstance(node.strategy.output, tuple) else str(node.strategy.output),
@@ -189,16 +189,23 @@ def _node_from_dict(data: Any, where: str) -> NodePlan:
         strategy=OpStrategy(inputs, output),
         conversions=conversions,
         compute_seconds=obj.get("compute_seconds", float),
-        inputs=tuple(_str_list(obj.get("inputs", list), f"{where}.inputs")),
-        value=obj.get("value", str),
+        inputs=tuple(parse_value_ref(ref) for ref in _str_list(obj.get("inputs", list), f"{where}.inputs")),
+        output_meta=_output_meta(obj.get("value", str), f"{where}.value"),
     )
     obj.done()
     return node
 
 
+def _output_meta(text: str, where: str) -> TensorMeta | tuple[TensorMeta, ...] | None:
+    try:
+        return parse_value(text)
+    except ValueError as exc:
+        raise PlanFormatError(f"{where}: {exc}") from None
+
+
 def _conversion_to_dict(c: Conversion) -> dict[str, Any]:
     return {
-        "value": c.value,
+        "value": str(c.value),
         "src": str(c.src),
         "dst": str(c.dst),
         "steps": [_step_to_dict(s) for s in c.steps],
@@ -213,7 +220,7 @@ def _conversion_to_dict(c: Conversion) -> dict[str, Any]:
 def _conversion_from_dict(data: Any, where: str) -> Conversion:
     obj = _Obj(data, where)
     conversion = Conversion(
-        value=obj.get("value", str),
+        value=parse_value_ref(obj.get("value", str)),
         src=_placement(obj.get("src", str), f"{where}.src"),
         dst=_placement(obj.get("dst", str), f"{where}.dst"),
         steps=tuple(_step_from_dict(s, f"{where}.steps[{k}]") for k, s in enumerate(obj.get("steps", list))),

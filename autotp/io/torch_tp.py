@@ -23,13 +23,13 @@ nothing is written that would run differently from the plan.
 """
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
 from autotp.ir.placement import Partial, Placement, R, Replicate, Shard, parse_placement
 from autotp.ir.plan import NodePlan, Plan
+from autotp.ir.values import ValueRef, output_metas
 from autotp.strategies.blocks import split_block_path
 from autotp.strategies.engine import NodeKind
 
@@ -82,34 +82,22 @@ class TorchTPPlan:
         }
 
 
-def _ndim(value: str) -> int:
-    """``float32[2,16,64]`` -> 3."""
-    match = re.search(r"\[([^\]]*)\]", value)
-    return 0 if match is None or not match.group(1) else match.group(1).count(",") + 1
-
-
-def split_ref(ref: str) -> tuple[str, int | None]:
-    match = re.fullmatch(r"(.*)\[(\d+)\]", ref)
-    return (match.group(1), int(match.group(2))) if match else (ref, None)
-
-
 class _Graph:
     """The plan as a graph: producers, consumers and the placement each consumer reads."""
 
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
         self.nodes = {n.name: n for n in plan.nodes}
-        self.readers: dict[str, list[tuple[NodePlan, int]]] = defaultdict(list)
+        self.readers: dict[ValueRef, list[tuple[NodePlan, int]]] = defaultdict(list)
         for node in plan.nodes:
             for slot, ref in enumerate(node.inputs):
                 self.readers[ref].append((node, slot))
 
-    def produced(self, ref: str) -> Placement:
-        name, index = split_ref(ref)
-        node = self.nodes[name]
-        return node.strategy.outputs()[index] if index is not None else node.strategy.output  # type: ignore[return-value]
+    def produced(self, ref: ValueRef) -> Placement:
+        node = self.nodes[ref.node]
+        return node.strategy.outputs()[ref.index] if ref.index is not None else node.strategy.output  # type: ignore[return-value]
 
-    def reads(self, ref: str) -> set[Placement]:
+    def reads(self, ref: ValueRef) -> set[Placement]:
         return {node.strategy.inputs[slot] for node, slot in self.readers[ref]}
 
 
@@ -119,7 +107,7 @@ def torch_tp_plan(plan: Plan) -> TorchTPPlan:
     styles: dict[str, Style] = {}
     styled_nodes: dict[str, str] = {}  # op node -> module path
     problems: list[dict[str, str]] = []
-    effective: dict[str, Placement] = {}  # value -> placement the code after its module sees
+    effective: dict[ValueRef, Placement] = {}  # value -> placement the code after its module sees
 
     ops_by_module: dict[str, list[NodePlan]] = defaultdict(list)
     for node in plan.nodes:
@@ -133,7 +121,7 @@ def torch_tp_plan(plan: Plan) -> TorchTPPlan:
             if style is not None:
                 styles[module] = style
                 styled_nodes[main[0].name] = module
-                effective[main[0].name] = style.output_layouts  # type: ignore[assignment]
+                effective[ValueRef(main[0].name)] = style.output_layouts  # type: ignore[assignment]
             elif why:
                 problems.append({"module": module, "node": main[0].name, "why": why})
         elif not main and _is_leaf(module, ops_by_module) and _sequence_parallel(ops, graph):
@@ -153,8 +141,8 @@ def _linear_style(node: NodePlan, graph: _Graph) -> tuple[Style | None, str]:
     out = s.output
     if all(p == R for p in (*s.inputs, *node.strategy.outputs())):
         return None, ""
-    last = _ndim(node.value) - 1
-    reads = graph.reads(node.name)
+    last = output_metas(node.output_meta)[0].ndim - 1
+    reads = graph.reads(ValueRef(node.name))
     is_embedding = node.op.startswith(_EMBEDDING)
     weight = s.inputs[0] if is_embedding else s.inputs[1]
     data = s.inputs[1] if is_embedding else s.inputs[0]
@@ -186,7 +174,7 @@ def _sequence_parallel(ops: list[NodePlan], graph: _Graph) -> bool:
         return False
     for node in ops:
         for slot, ref in enumerate(node.inputs):
-            producer = graph.nodes[split_ref(ref)[0]]
+            producer = graph.nodes[ref.node]
             want = R if producer.kind is NodeKind.STATE else Shard(1)
             if node.strategy.inputs[slot] != want:
                 return False
@@ -195,7 +183,7 @@ def _sequence_parallel(ops: list[NodePlan], graph: _Graph) -> bool:
     return True
 
 
-def _fill_inputs(styles: dict[str, Style], styled_nodes: dict[str, str], graph: _Graph, effective: dict[str, Placement]) -> None:
+def _fill_inputs(styles: dict[str, Style], styled_nodes: dict[str, str], graph: _Graph, effective: dict[ValueRef, Placement]) -> None:
     """``input_layouts`` of each linear style: how its input arrives from the code before it."""
     for name, module in styled_nodes.items():
         style = styles[module]
@@ -207,7 +195,7 @@ def _fill_inputs(styles: dict[str, Style], styled_nodes: dict[str, str], graph: 
         styles[module] = Style(style.style, arriving, style.output_layouts)
 
 
-def _check_unstyled(plan: Plan, graph: _Graph, styled_nodes: dict[str, str], effective: dict[str, Placement]) -> list[dict[str, str]]:
+def _check_unstyled(plan: Plan, graph: _Graph, styled_nodes: dict[str, str], effective: dict[ValueRef, Placement]) -> list[dict[str, str]]:
     """Conversions outside linear styles have no style to run them; a SequenceParallel module
     must receive its activations already split on the sequence dim."""
     problems = []
@@ -217,9 +205,9 @@ def _check_unstyled(plan: Plan, graph: _Graph, styled_nodes: dict[str, str], eff
         if node.name in styled_nodes and node.op.startswith(_LINEAR + _EMBEDDING):
             continue  # the style converts its input (input_layouts -> what it computes on)
         for slot, ref in enumerate(node.inputs):
-            producer_name = split_ref(ref)[0]
+            producer_name = ref.node
             if styled_nodes.get(producer_name) is not None and graph.nodes[producer_name].op.startswith(_LINEAR + _EMBEDDING):
-                arriving = effective[producer_name]
+                arriving = effective[ref]
             else:
                 arriving = graph.produced(ref)
                 if producer_name in styled_nodes:  # SequenceParallel keeps the shards
@@ -240,9 +228,9 @@ def _check_state(plan: Plan, graph: _Graph, styled_nodes: dict[str, str]) -> lis
     for node in plan.nodes:
         if node.kind is not NodeKind.STATE or not isinstance(node.strategy.output, Shard):
             continue
-        owners = {styled_nodes.get(c.name) for c, _ in graph.readers[node.name]}
+        owners = {styled_nodes.get(c.name) for c, _ in graph.readers[ValueRef(node.name)]}
         if None in owners:
-            ops = ", ".join(sorted({c.op for c, _ in graph.readers[node.name] if c.name not in styled_nodes}))
+            ops = ", ".join(sorted({c.op for c, _ in graph.readers[ValueRef(node.name)] if c.name not in styled_nodes}))
             problems.append({
                 "module": node.module_path, "node": node.name,
                 "why": f"parameter {node.name} is split {node.strategy.output} but read by {ops} outside a styled module "

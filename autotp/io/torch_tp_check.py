@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import fnmatch
 import linecache
-import re
 from collections import defaultdict
 from typing import Any
 
@@ -21,9 +20,10 @@ from autotp.capture.export import capture, module_path
 from autotp.capture.torch_compat import op_schema
 from autotp.errors import AutoTPError, TorchTPExportError, describe_node
 from autotp.io.fingerprint import LAYOUT_ONLY_OPS
-from autotp.io.torch_tp import WHAT_TO_DO, TorchTPPlan, split_ref
+from autotp.io.torch_tp import WHAT_TO_DO, TorchTPPlan
 from autotp.ir.placement import Partial, Placement, R, Shard
 from autotp.ir.plan import Plan
+from autotp.ir.values import ValueRef, output_metas
 from autotp.strategies.engine import NodeKind
 
 
@@ -110,11 +110,9 @@ def _compare_outputs(graph: torch.fx.Graph, plan: Plan) -> None:
         )
 
 
-def _global_shapes(plan: Plan, ref: str) -> tuple[int, ...]:
-    name, index = split_ref(ref)
-    node = next(n for n in plan.nodes if n.name == name)
-    shapes = _parse_shapes(node.value)
-    return shapes[index or 0]
+def _global_shapes(plan: Plan, ref: ValueRef) -> tuple[int, ...]:
+    node = next(n for n in plan.nodes if n.name == ref.node)
+    return output_metas(node.output_meta)[ref.index or 0].shape
 
 
 def _op_name(node: torch.fx.Node) -> str:
@@ -228,11 +226,6 @@ def _value_shapes(value: Any) -> tuple[tuple[int, ...], ...]:
     return tuple(tuple(int(d) for d in v.shape) for v in values)
 
 
-def _parse_shapes(value: str) -> list[tuple[int, ...]]:
-    """``float32[2,16,64]`` -> [(2, 16, 64)]; ``(float32[2,8], float32[2,8])`` -> two shapes."""
-    return [tuple(int(d) for d in dims.split(",") if d) for dims in re.findall(r"\[([^\]]*)\]", value)]
-
-
 def _planned_local_shapes(plan: Plan) -> dict[tuple[str, str, int], tuple[str, tuple[tuple[int, ...], ...]]]:
     """(module path, op, occurrence in that module) -> (node, rank 0's output shape(s) under the plan)."""
     out: dict[tuple[str, str, int], tuple[str, tuple[tuple[int, ...], ...]]] = {}
@@ -240,7 +233,7 @@ def _planned_local_shapes(plan: Plan) -> dict[tuple[str, str, int], tuple[str, t
     for node in plan.nodes:
         if node.kind is not NodeKind.OP or node.op in LAYOUT_ONLY_OPS:
             continue
-        shapes = _parse_shapes(node.value)
+        shapes = [meta.shape for meta in output_metas(node.output_meta)]
         if not shapes:
             continue
         local = []

@@ -13,13 +13,14 @@ from autotp.ir.placement import Placement, R, Shard
 from autotp.ir.steps import Step
 from autotp.ir.strategy import NodeKind, OpStrategy
 from autotp.ir.units import fmt_nbytes, fmt_seconds
+from autotp.ir.values import TensorMeta, ValueRef
 
 
 @dataclass(frozen=True, slots=True)
 class Conversion:
     """One placement change of one tensor value before a consumer reads it."""
 
-    value: str
+    value: ValueRef
     src: Placement
     dst: Placement
     steps: tuple[Step, ...]
@@ -59,8 +60,8 @@ class NodePlan:
     strategy: OpStrategy
     conversions: tuple[Conversion, ...]
     compute_seconds: float
-    inputs: tuple[str, ...] = ()  # the values it reads (producer names), as in the graph
-    value: str = ""  # its output's dtype and global shape, e.g. "float32[8,1024,768]"
+    inputs: tuple[ValueRef, ...] = ()  # the values it reads, as in the graph
+    output_meta: TensorMeta | tuple[TensorMeta, ...] | None = None  # its output's global shape and dtype (one per output)
 
     @property
     def comm_seconds(self) -> float:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from autotp.ir.placement import Partial, Placement, Shard
 from autotp.ir.plan import NodePlan, Plan
 from autotp.ir.units import fmt_nbytes, fmt_seconds
+from autotp.ir.values import format_value
 from autotp.report.table import (
     Baseline,
     Row,
@@ -68,14 +69,14 @@ def to_dot(plan: Plan, *, title: str = "") -> str:
             indent = "    "
         for node in nodes:
             label = f"{node.name}\\n{node.op.removeprefix('aten.')}\\n{node.strategy}"
-            tooltip = f"{node.module_path or '(model)'}: {node.value}; {fmt_seconds(node.compute_seconds + node.comm_seconds)}"
+            tooltip = f"{node.module_path or '(model)'}: {format_value(node.output_meta)}; {fmt_seconds(node.compute_seconds + node.comm_seconds)}"
             lines.append(f"{indent}{_dot_id(node.name)} [label={_dot_str(label)}, fillcolor=\"{placement_colour(_out(node))}\", tooltip={_dot_str(tooltip)}];")
         if key:
             lines.append("  }")
     for node in shown.values():
         converted = {c.value: c for c in node.conversions if c.in_forward}
         for ref in node.inputs:
-            producer = ref.split("[")[0]
+            producer = ref.node
             if producer not in shown:
                 continue
             c = converted.get(ref)
@@ -208,7 +209,7 @@ def _op_svg(row: Row, x: int, y: int) -> str:
     node = row.node
     fill = placement_colour(_out(node))
     tip = (
-        f"{node.name} ({node.op}) in {node.module_path or '(model)'}\n{node.strategy}\nvalue {node.value}\n"
+        f"{node.name} ({node.op}) in {node.module_path or '(model)'}\n{node.strategy}\nvalue {format_value(node.output_meta)}\n"
         f"compute {fmt_seconds(node.compute_seconds)}, communication {fmt_seconds(node.comm_seconds)}"
         + "".join(f"\n{format_conversion(c)} ({fmt_seconds(c.seconds)})" for c in node.conversions)
     )

@@ -13,7 +13,7 @@ from autotp.io.fingerprint import space_fingerprint
 from autotp.ir.placement import Placement, R, Shard
 from autotp.ir.plan import Conversion, NodePlan, Plan
 from autotp.ir.strategy import OpStrategy
-from autotp.ir.values import TensorMeta, format_value
+from autotp.ir.values import TensorMeta
 from autotp.solve.ilp import state_nbytes
 from autotp.strategies.engine import NodeKind, StrategySpace
 
@@ -37,7 +37,7 @@ def build_plan(
             node.name, node.op, node.module_path, node.kind, chosen[node.name],
             tuple(_conversion(site, spaces[site.value.node].output_value_meta(site.value.index), cost) for site in by_consumer.get(node.name, ())),
             cost.compute_seconds(node, chosen[node.name]),
-            inputs=tuple(str(ref) for ref in node.slots), value=format_value(node.output_meta),
+            inputs=node.slots, output_meta=node.output_meta,
         )
         for node in space.nodes
     ]
@@ -90,7 +90,7 @@ def _conversion(site: Site, meta: TensorMeta, cost: CostModel) -> Conversion:
     else:
         src, dst, steps = site.src, site.dst, site.forward
     return Conversion(
-        value=str(site.value), src=src, dst=dst, steps=steps, nbytes=meta.nbytes,
+        value=site.value, src=src, dst=dst, steps=steps, nbytes=meta.nbytes,
         bytes_per_rank=sum(cost.step_bytes_per_rank(s, meta) for s in priced),
         seconds=sum(cost.step_seconds(s, meta) for s in priced),
         backward_only=isinstance(site, GradSyncSite),
