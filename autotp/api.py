@@ -195,8 +195,8 @@ def _apply_plan(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], plan
         candidate = names.get(node.name)
         if candidate is None or node.strategy not in candidate.strategies:
             raise PlanMismatchError(
-                f"the plan does not fit this model: node '{node.name}' ({node.op}) "
-                + ("does not exist in its graph" if candidate is None else f"cannot take strategy {node.strategy}")
+                "the plan does not fit this model: "
+                + (f"node '{node.name}' ({node.op}) does not exist in its graph" if candidate is None else f"{candidate.describe()} cannot take strategy {node.strategy}")
             )
     if len(plan.nodes) != len(space.nodes):
         raise PlanMismatchError(f"the plan has {len(plan.nodes)} nodes but this model's graph has {len(space.nodes)}")

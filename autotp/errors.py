@@ -1,7 +1,10 @@
 """Public error types: one base class, one subclass per way a user's input can be wrong."""
 from __future__ import annotations
 
-from torch import fx
+import os
+import re
+
+import torch
 
 
 class AutoTPError(Exception):
@@ -37,19 +40,30 @@ class PlanFormatError(AutoTPError, ValueError):
     """A saved plan file is malformed, has unknown fields or a schema version this autotp cannot read."""
 
 
-def describe_node(node: fx.Node) -> str:
-    """One line naming a graph node, its op, its output shape and the user's source line."""
-    val = node.meta.get("val")
-    shape = tuple(val.shape) if val is not None and hasattr(val, "shape") else None
-    stack = node.meta.get("nn_module_stack") or {}
-    module = next(reversed(stack.values()))[0] if stack else ""
-    where = ""
-    trace = node.meta.get("stack_trace")
-    if trace:
-        lines = [line.strip() for line in trace.strip().splitlines() if line.strip()]
-        where = f" at {lines[-2]}: {lines[-1]}" if len(lines) >= 2 else f" at {lines[-1]}"
-    module_part = f" in module '{module}'" if module else ""
-    return f"node '{node.name}' ({node.target}, shape {shape}){module_part}{where}"
+def source_line(stack_trace: str | None) -> str:
+    """The user's line a graph node came from, as ``model.py:42: y = self.fc(x)`` (JAX-style errors
+    point there): the innermost frame outside torch, ``""`` when the capture recorded none."""
+    lines = (stack_trace or "").splitlines()
+    frames = []
+    for k, line in enumerate(lines):
+        match = _FRAME.match(line.strip())
+        if match is not None:
+            code = lines[k + 1].strip() if k + 1 < len(lines) and not _FRAME.match(lines[k + 1].strip()) else ""
+            frames.append((match.group("path"), match.group("line"), code))
+    user = [f for f in frames if not f[0].startswith(_TORCH_DIR)]
+    if not user:
+        return ""
+    path, line, code = user[-1]
+    return f"{path}:{line}: {code}" if code else f"{path}:{line}"
+
+
+_FRAME = re.compile(r'File "(?P<path>[^"]+)", line (?P<line>\d+)')
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+
+
+def describe_node(name: str, op: str, module_path: str = "", source: str = "") -> str:
+    """One line naming a graph node for an error message: its name, op, module and the user's source line."""
+    return f"node '{name}' ({op})" + (f" in module '{module_path}'" if module_path else "") + (f" at {source}" if source else "")
 
 
 class TorchTPExportError(AutoTPError):

@@ -8,7 +8,12 @@ import torch
 from torch import nn
 
 import autotp
+from autotp.api import plan_model
+from autotp.cost.model import CostModel, resolve_hardware
 from autotp.examples import build_example
+from autotp.ir.placement import Shard
+from autotp.ir.strategy import OpStrategy
+from autotp.solve.ilp import solve
 
 
 class DataDependent(nn.Module):
@@ -32,6 +37,22 @@ class UsesMatrixExp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.linalg.matrix_exp(self.proj(x).view(-1, 4, 4))
+
+
+def _line_of(code: str) -> int:
+    """The line number of this file's first line containing ``code``."""
+    return next(k for k, line in enumerate(open(__file__).read().splitlines(), 1) if code in line and "_line_of" not in line)
+
+
+def test_a_pin_the_node_cannot_take_names_the_users_source_line() -> None:
+    model, inputs = build_example("mlp", device="meta")
+    result = plan_model(model, inputs, mesh_shape=(2,), hardware="cpu-gloo", memory_budget=None)
+    linear = next(n for n in result.space.nodes if n.op == "aten.linear.default")
+    with pytest.raises(autotp.SolverError) as info:
+        solve(result.space, CostModel(resolve_hardware("cpu-gloo"), 2), pinned={linear.name: OpStrategy((Shard(5),), Shard(5))})
+    message = str(info.value)
+    assert f"node '{linear.name}' (aten.linear.default) in module 'layers.0.fc1' at " in message
+    assert "autotp/examples/mlp.py:" in message and "self.fc1(x)" in message, message
 
 
 def test_public_errors_share_one_base() -> None:
@@ -96,6 +117,7 @@ def test_unsupported_op_falls_back_to_replication_with_one_warning() -> None:
         plan = autotp.plan(UsesMatrixExp(), (torch.randn(4, 16),), mesh_shape=(2,), memory_budget=700, training=False)
     ours = [w for w in caught if issubclass(w.category, autotp.UnsupportedOpWarning)]
     assert len(ours) == 1 and "aten.linalg_matrix_exp" in str(ours[0].message)
+    assert f"{__file__}:{_line_of('torch.linalg.matrix_exp(')}: return torch.linalg.matrix_exp(" in str(ours[0].message)  # the user's line
     unsupported = next(n for n in plan.nodes if "matrix_exp" in n.op)
     assert all(str(p) == "R" for p in unsupported.strategy.inputs) and str(unsupported.strategy.output) == "R"
     assert plan.sharded_state()  # the linear before it is still split to meet the budget

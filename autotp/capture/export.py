@@ -22,7 +22,7 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 
 from autotp.capture.torch_compat import data_dependent_guard_error, set_grad_enabled_hop
-from autotp.errors import CaptureError
+from autotp.errors import CaptureError, describe_node, source_line
 from autotp.ir.values import TensorMeta
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,11 @@ def module_path(node: fx.Node) -> str:
     if not stack:
         return ""
     return next(reversed(stack.values()))[0]
+
+
+def describe_graph_node(node: fx.Node) -> str:
+    """``describe_node`` of a captured fx node: name, op, module and the user's source line."""
+    return describe_node(node.name, str(node.target), module_path(node), source_line(node.meta.get("stack_trace")))
 
 
 def capture(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> CapturedGraph:

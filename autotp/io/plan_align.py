@@ -53,9 +53,9 @@ def carry_plan(plan: Plan, space: StrategySpace, *, fallback_hardware: str = "cp
         elif node.name in planned and planned[node.name].op == node.op:
             strategy = planned[node.name].strategy
         else:
-            raise PlanMismatchError(f"the plan does not fit this model: it has no entry for node '{node.name}' ({node.op})")
+            raise PlanMismatchError(f"the plan does not fit this model: it has no entry for {node.describe()}")
         if strategy not in node.strategies:
-            raise PlanMismatchError(f"the plan does not fit this model: node '{node.name}' ({node.op}) cannot take strategy {strategy}")
+            raise PlanMismatchError(f"the plan does not fit this model: {node.describe()} cannot take strategy {strategy}")
         chosen[node.name] = strategy
     try:
         profile = resolve_hardware(plan.hardware)

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from autotp.capture.export import capture, module_path
+from autotp.capture.export import capture, describe_graph_node, module_path
 from autotp.capture.torch_compat import op_schema
-from autotp.errors import AutoTPError, TorchTPExportError, describe_node
+from autotp.errors import AutoTPError, TorchTPExportError
 from autotp.io.fingerprint import LAYOUT_ONLY_OPS
 from autotp.io.torch_tp import WHAT_TO_DO, TorchTPPlan
 from autotp.ir.placement import Partial, Placement, R, Shard
@@ -78,7 +78,7 @@ def _compare_ops(graph: torch.fx.Graph, styled: list[str], planned: dict[tuple[s
             expected = f"the plan's node {name} has rank-local shape(s) {want}" if name else "the plan has no such op there"
             raise TorchTPExportError(
                 f"cannot export this plan for parallelize_module: under the styles, "
-                f"{describe_node(node)} computes rank-local shape(s) {found}, but {expected}; the model's "
+                f"{describe_graph_node(node)} computes rank-local shape(s) {found}, but {expected}; the model's "
                 f"code in module '{path or '(model)'}' computes a size from global values (a head count, "
                 f"a width), so it would run differently from the plan. What to do: reshape with -1 on the "
                 f"split dim (view(B, T, -1, head_dim)), or {WHAT_TO_DO}."

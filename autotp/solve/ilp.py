@@ -242,7 +242,7 @@ def _pin(problem: pulp.LpProblem, space: StrategySpace, x: dict[str, list], cano
             raise SolverError(f"cannot pin node '{name}': no such node in the graph")
         if strategy not in node.strategies:
             offered = ", ".join(str(s) for s in node.strategies)
-            raise SolverError(f"cannot pin node '{name}' ({node.op}) to {strategy}: it offers {offered}")
+            raise SolverError(f"cannot pin {node.describe()} to {strategy}: it offers {offered}")
         if len(node.strategies) > 1:
             problem += x[canonical[name]][node.strategies.index(strategy)] == 1, f"pinned_{name}"
 

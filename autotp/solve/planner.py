@@ -82,7 +82,7 @@ def replicate_all(space: StrategySpace, cost: CostModel, *, hardware: str) -> Pl
     for node in space.nodes:
         strategy = next((s for s in node.strategies if all(p == R for p in (*s.inputs, *s.outputs()))), None)
         if strategy is None:  # every op offers all-R; this guards against a rule that does not
-            raise AutoTPError(f"node '{node.name}' ({node.op}) has no all-replicate strategy")
+            raise AutoTPError(f"{node.describe()} has no all-replicate strategy")
         chosen[node.name] = strategy
     return build_plan(space, chosen, cost, hardware=hardware, memory_budget=None)
 

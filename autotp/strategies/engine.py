@@ -18,9 +18,9 @@ from typing import Any, cast
 import torch
 from torch import fx
 
-from autotp.capture.export import CapturedGraph, GraphInput, InputRole, module_path, tensor_meta
+from autotp.capture.export import CapturedGraph, GraphInput, InputRole, describe_graph_node, module_path, tensor_meta
 from autotp.capture.torch_compat import op_schema
-from autotp.errors import describe_node
+from autotp.errors import describe_node, source_line
 from autotp.ir.placement import Partial, Placement, R, Shard
 from autotp.ir.strategy import NodeKind, OutputPlacement
 from autotp.ir.values import TensorMeta, ValueRef
@@ -57,6 +57,11 @@ class NodeSpace:
     is_parameter: bool = False  # a trainable parameter placeholder (gradients, optimizer state)
     # per strategy (same order), collectives its local implementation runs: (kind, full nbytes)
     internal_comm: tuple[tuple[tuple[str, int], ...], ...] = ()
+    source: str = ""  # the user's line it came from (``errors.source_line``), for error messages
+
+    def describe(self) -> str:
+        """This node for an error message: name, op, module and the user's source line."""
+        return describe_node(self.name, self.op, self.module_path, self.source)
 
     def output_placement(self, strategy: OpStrategy, index: int | None) -> Placement:
         out = strategy.output
@@ -148,7 +153,7 @@ def build_strategy_space(captured: CapturedGraph, tp_size: int) -> StrategySpace
     metas: dict[str, OutputMeta | None] = {}
     grads: dict[str, bool] = {}
     spaces: list[NodeSpace] = []
-    unsupported: dict[str, None] = {}
+    unsupported: dict[str, NodeSpace] = {}  # op -> its first node
     for node in captured.graph_module.graph.nodes:
         meta = output_meta(node)
         metas[node.name] = meta
@@ -163,13 +168,13 @@ def build_strategy_space(captured: CapturedGraph, tp_size: int) -> StrategySpace
             floating = all(m.dtype.is_floating_point for m in (meta if isinstance(meta, tuple) else (meta,)) if m is not None) and meta is not None
             space = replace(space, requires_grad=floating and any(grads[ref.node] for ref in space.slots))
             if space.fallback:
-                unsupported[space.op] = None
+                unsupported.setdefault(space.op, space)
         else:
-            raise NotImplementedError(f"unexpected fx node kind {node.op!r} in an exported graph: {describe_node(node)}")
+            raise NotImplementedError(f"unexpected fx node kind {node.op!r} in an exported graph: {describe_graph_node(node)}")
         grads[space.name] = space.requires_grad
         spaces.append(space)
     if unsupported:
-        names = ", ".join(unsupported)
+        names = ", ".join(f"{op} (first: {node.describe()})" for op, node in unsupported.items())
         warnings.warn(
             f"autotp has no sharding rule for {names}; these ops run replicated (correct but "
             "slower). Register a rule with autotp.strategies.rules.register to shard them.",
@@ -230,4 +235,5 @@ def _op_space(node: fx.Node, meta: OutputMeta | None, metas: Mapping[str, Output
         name=node.name, op=op_name, module_path=module_path(node), kind=NodeKind.OP,
         slots=slots, slot_metas=slot_metas, output_meta=meta, strategies=tuple(strategies),
         is_view=rule.view if rule is not None else False, fallback=rule is None, internal_comm=internal_comm,
+        source=source_line(node.meta.get("stack_trace")),
     )
