@@ -79,27 +79,45 @@ def plan_entries(plan: Plan) -> list[NodeEntry]:
     return [NodeEntry(n.name, n.op, tuple(str(ref) for ref in n.inputs), format_value(n.output_meta)) for n in plan.nodes]
 
 
+def first_difference(
+    ours: Sequence[NodeEntry], theirs: Sequence[NodeEntry], *, shapes: bool = True,
+) -> tuple[int, NodeEntry | None, NodeEntry | None, int, int] | None:
+    """Where two graphs' canonical node lists first differ (name, op, inputs and, with ``shapes``,
+    output values): (position, our entry, their entry, our count, their count), an entry ``None``
+    past the end of its list; ``None`` when they match."""
+    ours, theirs = canonical_entries(ours), canonical_entries(theirs)
+
+    def key(entry: NodeEntry) -> tuple:
+        return (entry.name, entry.op, entry.inputs) + ((entry.value,) if shapes else ())
+
+    for k, (mine, other) in enumerate(zip(ours, theirs)):
+        if key(mine) != key(other):
+            return k, mine, other, len(ours), len(theirs)
+    if len(ours) != len(theirs):
+        k = min(len(ours), len(theirs))
+        return k, ours[k] if k < len(ours) else None, theirs[k] if k < len(theirs) else None, len(ours), len(theirs)
+    return None
+
+
 def describe_mismatch(plan: Plan, space: StrategySpace) -> str | None:
     """``None`` when ``plan`` was made for ``space``'s graph; else one line saying what differs."""
     if not plan.fingerprint or plan.fingerprint == space_fingerprint(space):
         return None
     if plan.tp_size != space.tp_size:
         return f"the plan was made for {plan.tp_size} ranks but the mesh has {space.tp_size}"
-    theirs = canonical_entries([node_entry(n) for n in space.nodes])
-    ours = canonical_entries(plan_entries(plan))
-    for k, (mine, other) in enumerate(zip(ours, theirs)):
-        if mine != other:
+    difference = first_difference(plan_entries(plan), [node_entry(n) for n in space.nodes])
+    if difference is not None:
+        k, mine, other, n_ours, n_theirs = difference
+        if mine is not None and other is not None:
             return (
                 f"the plan does not fit this model (graph fingerprint differs): op {k} is "
                 f"'{mine.line()}' in the plan but '{other.line()}' in this model; "
                 "re-plan for this model, or check that the model config and example input shapes match the ones planned for"
             )
-    if len(ours) != len(theirs):
-        extra = theirs[len(ours)] if len(theirs) > len(ours) else ours[len(theirs)]
-        where = "this model" if len(theirs) > len(ours) else "the plan"
+        extra, where = (other, "this model") if other is not None else (mine, "the plan")
         return (
-            f"the plan does not fit this model (graph fingerprint differs): the plan has {len(ours)} nodes but "
-            f"this model's graph has {len(theirs)}; the first extra node, in {where}, is '{extra.line()}'"
+            f"the plan does not fit this model (graph fingerprint differs): the plan has {n_ours} nodes but "
+            f"this model's graph has {n_theirs}; the first extra node, in {where}, is '{extra.line()}'"  # type: ignore[union-attr]
         )
     return (
         "the plan does not fit this model: its graph fingerprint differs although every node matches "

@@ -19,7 +19,7 @@ from torch import fx, nn
 from autotp.capture.export import CapturedGraph, capture
 from autotp.capture.torch_compat import pytree
 from autotp.errors import InputMismatchError, PlanMismatchError
-from autotp.io.fingerprint import canonical_entries, node_entry, plan_entries
+from autotp.io.fingerprint import first_difference, node_entry, plan_entries
 from autotp.io.plan_align import carry_plan
 from autotp.ir.plan import Plan
 from autotp.rewrite.rewriter import rewrite
@@ -106,13 +106,12 @@ class Retracer:
         for name, tensor in captured.constants.items():
             if tuple(tensor.shape) != self._constant_shapes.get(name):
                 return f"captures the constant '{name}' with shape {tuple(tensor.shape)}, planned {self._constant_shapes.get(name)}"
-        ours = [(e.name, e.op, e.inputs) for e in canonical_entries(plan_entries(self._plan))]
-        theirs = [(e.name, e.op, e.inputs) for e in canonical_entries([node_entry(n) for n in space.nodes])]
-        for mine, other in zip(ours, theirs):
-            if mine != other:
-                return f"captures another graph than the planned one (op '{other[0]}' ({other[1]}) where the plan has '{mine[0]}' ({mine[1]})): its control flow depends on the sizes"
-        if len(ours) != len(theirs):
-            return f"captures {len(theirs)} ops where the planned graph has {len(ours)}: its control flow depends on the sizes"
+        difference = first_difference(plan_entries(self._plan), [node_entry(n) for n in space.nodes], shapes=False)
+        if difference is not None:
+            _, mine, other, n_ours, n_theirs = difference
+            if mine is not None and other is not None:
+                return f"captures another graph than the planned one (op '{other.name}' ({other.op}) where the plan has '{mine.name}' ({mine.op})): its control flow depends on the sizes"
+            return f"captures {n_theirs} ops where the planned graph has {n_ours}: its control flow depends on the sizes"
         return None
 
     def _describe(self, shapes: Shapes) -> str:
