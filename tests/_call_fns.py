@@ -37,6 +37,20 @@ class TwoInputs(nn.Module):
         return out if mask is None else out * mask
 
 
+class LongSequencesDoubled(nn.Module):
+    """Python control flow on a size: longer sequences take an extra op, so the graph changes with it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(16, 64), nn.Linear(64, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.up(x))
+        if x.shape[1] > 4:
+            h = h * 2
+        return self.down(h)
+
+
 def _budget(model: nn.Module, world_size: int) -> int:
     """Parameter bytes that only a split of the weights fits."""
     return int(sum(p.numel() * p.element_size() for p in model.parameters()) / world_size * 1.25)
@@ -80,6 +94,15 @@ def sharded_calls(rank: int, world_size: int) -> dict[str, Any]:
         report["dtype_other"] = _outcome(lambda: sharded(a.double(), b.double()))
         report["batch_other"] = _outcome(lambda: sharded(a[:3], b[:3]))
     report["two_split_params"] = sum(isinstance(p, Shard) for p in sharded.placements().values())
+
+    torch.manual_seed(0)
+    branching = LongSequencesDoubled().eval()
+    x = torch.randn(2, 3, 16, generator=generator)
+    sharded = autotp.parallelize(branching, mesh, (x,), memory_budget=_budget(branching, world_size), training=False, dynamic_dims={"x": (1,)})
+    with torch.no_grad():
+        short = torch.randn(2, 2, 16, generator=generator)
+        report["branch_same_side_error"] = (sharded(short) - branching(short)).abs().max().item()
+        report["branch_other_side"] = _outcome(lambda: sharded(torch.randn(2, 6, 16)))
     return report
 
 

@@ -48,6 +48,13 @@ def test_arguments_the_plan_cannot_take_are_refused_by_name(calls: dict) -> None
     assert "(4, 16)" in calls["batch_other"] and "(3, 16)" in calls["batch_other"] and "dynamic_dims" in calls["batch_other"]
 
 
+def test_a_size_that_changes_the_graph_is_refused_naming_the_control_flow(calls: dict) -> None:
+    assert calls["branch_same_side_error"] < 1e-5  # a new size on the planned side of the branch re-captures and runs
+    outcome = calls["branch_other_side"]
+    assert outcome.startswith("InputMismatchError") and "control flow depends on the sizes" in outcome, outcome
+    assert "'mul'" in outcome or "ops where the planned graph has" in outcome, outcome
+
+
 def test_attention_at_another_batch_size_is_refused_without_dynamic_dims(gpt: dict) -> None:
     assert gpt["fixed_other_batch"].startswith("InputMismatchError")
     assert "'idx'" in gpt["fixed_other_batch"] and "(2, 8)" in gpt["fixed_other_batch"] and "(4, 8)" in gpt["fixed_other_batch"]
