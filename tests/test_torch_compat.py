@@ -220,7 +220,7 @@ def _autotp_aten_names() -> list[tuple[str, str]]:
 
 def test_every_aten_op_autotp_names_exists() -> None:
     names = _autotp_aten_names()
-    # the tables this test exists for are seen: cost's op classes, fingerprint's layout-only ops, rules
+    # the tables this test exists for are seen: op_facts' op classes, fingerprint's layout-only ops, rules
     seen = {name for _, name in names}
     assert {"aten.gelu", "aten._softmax", "aten.scaled_dot_product_attention", "aten.contiguous.default", "aten.mm.default"} <= seen
     missing = sorted({f"{where} {name}" for where, name in names if aten_op(name) is None})

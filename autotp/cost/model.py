@@ -38,41 +38,20 @@ from autotp.errors import ConfigError
 from autotp.ir.placement import Placement, Shard
 from autotp.ir.values import TensorMeta
 from autotp.strategies.engine import NodeKind, NodeSpace
+from autotp.strategies.op_facts import CONTRACTION_OPS, SECOND_MATRIX_SLOT, op_class_of, packet_name
 from autotp.strategies.rules import OpStrategy
 
 aten = torch.ops.aten
-
-_CONTRACTION_OPS = {"aten.linear", "aten.mm", "aten.bmm", "aten.addmm", "aten.matmul", "aten.baddbmm"}
-_ATTENTION_OPS = {
-    "aten.scaled_dot_product_attention", "aten._scaled_dot_product_flash_attention_for_cpu",
-    "aten._scaled_dot_product_flash_attention", "aten._scaled_dot_product_efficient_attention",
-    "aten._scaled_dot_product_cudnn_attention",
-}
-_ACTIVATION_OPS = {f"aten.{name}" for name in (
-    "gelu", "silu", "sigmoid", "tanh", "exp", "exp2", "expm1", "log", "log1p", "log2", "erf", "pow",
-    "rsqrt", "sqrt", "reciprocal", "softplus", "mish", "elu", "selu", "celu", "log_sigmoid", "sin", "cos",
-)}
-_NORMALIZATION_OPS = {f"aten.{name}" for name in (
-    "layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm", "group_norm", "native_group_norm",
-    "softmax", "_softmax", "log_softmax", "_log_softmax", "mean", "sum", "var", "var_mean", "std",
-    "amax", "amin", "max", "min", "argmax", "argmin", "norm", "linalg_vector_norm", "cumsum",
-    "cross_entropy_loss", "nll_loss", "nll_loss_forward", "logsumexp",
-)}
-
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _packet_name(op: str) -> str:
-    return op.rsplit(".", 1)[0] if op.count(".") >= 2 else op
-
-
 def node_flops(node: NodeSpace) -> float:
     """Global FLOPs of one op: 2·M·N·K for contractions, 4·B·H·Tq·Tk·D for attention, else numel."""
-    packet = _packet_name(node.op)
+    packet = packet_name(node.op)
     out = node.output_meta
-    if packet in _CONTRACTION_OPS and isinstance(out, TensorMeta):
+    if packet in CONTRACTION_OPS and isinstance(out, TensorMeta):
         first_matrix = 1 if packet in ("aten.addmm", "aten.baddbmm") else 0  # after the bias
         contracted = node.slot_metas[first_matrix].shape[-1]
         return 2.0 * out.numel * contracted
@@ -86,26 +65,11 @@ def node_flops(node: NodeSpace) -> float:
 
 def op_class(node: NodeSpace) -> str | None:
     """The ``cost_models.OP_CLASSES`` entry whose measured floor prices ``node``; None for contractions."""
-    packet = _packet_name(node.op)
-    if node.is_view:
-        return "view"
-    if packet in _CONTRACTION_OPS:
-        return None
-    if packet in _ATTENTION_OPS:
-        return "attention"
-    if packet in _ACTIVATION_OPS:
-        return "activation"
-    if packet in _NORMALIZATION_OPS:
-        return "normalization"
-    return "elementwise"
-
-
-# The slot of a contraction's second matrix: ``nn.Linear``'s weight, or the keys of attention scores.
-_WEIGHT_SLOT = {"aten.linear": 1, "aten.mm": 1, "aten.matmul": 1, "aten.bmm": 1, "aten.addmm": 2, "aten.baddbmm": 2}
+    return "view" if node.is_view else op_class_of(node.op)
 
 
 def _weight_slot(node: NodeSpace) -> int | None:
-    slot = _WEIGHT_SLOT.get(_packet_name(node.op))
+    slot = SECOND_MATRIX_SLOT.get(packet_name(node.op))
     return slot if slot is not None and slot < len(node.slot_metas) else None
 
 

@@ -23,12 +23,12 @@ from dataclasses import dataclass
 import torch
 
 from autotp.capture.torch_compat import OpOverload
-from autotp.cost.model import _packet_name
 from autotp.errors import AutoTPError
 from autotp.ir.placement import P, R, Shard
 from autotp.ir.values import ValueRef
 from autotp.strategies.blocks import block_of, block_pattern, split_block_path
 from autotp.strategies.engine import NodeKind, NodeSpace, StrategySpace
+from autotp.strategies.op_facts import packet_name
 from autotp.strategies.rules import OpStrategy
 
 
@@ -163,7 +163,7 @@ class _Graph:
 
     def weighted(self, node: NodeSpace) -> _Weighted | None:
         """The slots of a contraction against a trainable parameter; None for any other op."""
-        facts = _WEIGHTED.get(_packet_name(node.op))
+        facts = _WEIGHTED.get(packet_name(node.op))
         if facts is None or facts.weight_slot >= len(node.slots):
             return None
         weight = self.nodes.get(node.slots[facts.weight_slot].node)
@@ -175,7 +175,7 @@ class _Graph:
     def attention_cores(self) -> Iterator[tuple[tuple[ValueRef, ...], str]]:
         """``((q, k, v), output node)`` for each attention: sdpa, or softmax(Q @ K^T) @ V."""
         for node in self.nodes.values():
-            packet = _packet_name(node.op)
+            packet = packet_name(node.op)
             if packet.startswith(("aten.scaled_dot_product", "aten._scaled_dot_product")) and len(node.slots) >= 3:
                 yield node.slots[:3], node.name
             elif packet in ("aten.softmax", "aten._softmax"):
@@ -270,7 +270,7 @@ class _Graph:
 
     @staticmethod
     def _no_split(node: NodeSpace, what: str) -> AutoTPError:
-        shape = node.slot_metas[_WEIGHTED[_packet_name(node.op)].weight_slot].shape
+        shape = node.slot_metas[_WEIGHTED[packet_name(node.op)].weight_slot].shape
         return AutoTPError(
             f"Megatron-LM baseline: linear '{node.name}' ({node.module_path}, weight {tuple(shape)}) offers no {what} "
             "strategy on this mesh; its feature count must divide by the tensor-parallel size"
@@ -279,18 +279,18 @@ class _Graph:
 
 def _is_unweighted_matmul(node: NodeSpace, graph: _Graph) -> bool:
     """``Q @ K^T`` or ``A @ V``: a matmul of two activations."""
-    return _packet_name(node.op) in ("aten.matmul", "aten.bmm") and graph.weighted(node) is None
+    return packet_name(node.op) in ("aten.matmul", "aten.bmm") and graph.weighted(node) is None
 
 
 def _is_elementwise_or_view(node: NodeSpace) -> bool:
-    if node.is_view or _packet_name(node.op) in _ELEMENTWISE:
+    if node.is_view or packet_name(node.op) in _ELEMENTWISE:
         return True
     overload = _overload(node.op)
     return overload is not None and torch.Tag.pointwise in overload.tags
 
 
 def _is_regrouping(node: NodeSpace) -> bool:
-    return _is_elementwise_or_view(node) or _packet_name(node.op) in _REGROUPING
+    return _is_elementwise_or_view(node) or packet_name(node.op) in _REGROUPING
 
 
 def _overload(op: str) -> OpOverload | None:

@@ -1,0 +1,46 @@
+"""What the cost model and the layout finder need to know about an op beyond its sharding rule:
+which measured op class prices it and which slot of a contraction holds its second matrix.
+
+Ops are named by their packet (``aten.linear``, overload dropped), as ``NodeSpace.op`` names them
+without the overload; ``tests/test_torch_compat.py`` fails when a name here is no longer an ATen op.
+"""
+from __future__ import annotations
+
+CONTRACTION_OPS = {"aten.linear", "aten.mm", "aten.bmm", "aten.addmm", "aten.matmul", "aten.baddbmm"}
+ATTENTION_OPS = {
+    "aten.scaled_dot_product_attention", "aten._scaled_dot_product_flash_attention_for_cpu",
+    "aten._scaled_dot_product_flash_attention", "aten._scaled_dot_product_efficient_attention",
+    "aten._scaled_dot_product_cudnn_attention",
+}
+ACTIVATION_OPS = {f"aten.{name}" for name in (
+    "gelu", "silu", "sigmoid", "tanh", "exp", "exp2", "expm1", "log", "log1p", "log2", "erf", "pow",
+    "rsqrt", "sqrt", "reciprocal", "softplus", "mish", "elu", "selu", "celu", "log_sigmoid", "sin", "cos",
+)}
+NORMALIZATION_OPS = {f"aten.{name}" for name in (
+    "layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm", "group_norm", "native_group_norm",
+    "softmax", "_softmax", "log_softmax", "_log_softmax", "mean", "sum", "var", "var_mean", "std",
+    "amax", "amin", "max", "min", "argmax", "argmin", "norm", "linalg_vector_norm", "cumsum",
+    "cross_entropy_loss", "nll_loss", "nll_loss_forward", "logsumexp",
+)}
+
+# The slot of a contraction's second matrix: ``nn.Linear``'s weight, or the keys of attention scores.
+SECOND_MATRIX_SLOT = {"aten.linear": 1, "aten.mm": 1, "aten.matmul": 1, "aten.bmm": 1, "aten.addmm": 2, "aten.baddbmm": 2}
+
+
+def packet_name(op: str) -> str:
+    """``aten.linear.default`` -> ``aten.linear``; other names unchanged."""
+    return op.rsplit(".", 1)[0] if op.count(".") >= 2 else op
+
+
+def op_class_of(op: str) -> str | None:
+    """The ``cost_models.OP_CLASSES`` entry of a non-view op; None for contractions (priced by their roofline)."""
+    packet = packet_name(op)
+    if packet in CONTRACTION_OPS:
+        return None
+    if packet in ATTENTION_OPS:
+        return "attention"
+    if packet in ACTIVATION_OPS:
+        return "activation"
+    if packet in NORMALIZATION_OPS:
+        return "normalization"
+    return "elementwise"
