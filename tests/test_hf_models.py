@@ -6,7 +6,7 @@ small wrapper that also passes a padding ``attention_mask`` (``parallelize`` tak
 tensors only). Each model is checked twice:
 
 - every strategy of every node of its captured graph, by brute force in one process
-  (``autotp.strategies.rules.check``), on 2, 3 and 4 ranks;
+  (``autotp.rewrite.rule_check``), on 2, 3 and 4 ranks;
 - end to end: ``autotp.parallelize`` on 2 and 4 ranks gives the original logits (atol 1e-4), with
   weights really split and collectives in the graph. On 2 ranks the budget is just above the
   smallest that fits, which forces every weight matrix to split, the attention projections
@@ -26,8 +26,8 @@ import torch
 pytest.importorskip("transformers", reason="the Hugging Face tests need transformers (pip install -e '.[test]')")
 
 from autotp.capture.export import CapturedGraph, capture
+from autotp.rewrite.rule_check import check_graph, node_values
 from autotp.strategies.engine import NodeKind, build_strategy_space
-from autotp.strategies.rules.check import check_graph, node_values
 from autotp.testing import run_on_ranks
 from tests import _hf_fns
 

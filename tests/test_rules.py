@@ -1,4 +1,4 @@
-"""Every sharding rule checked by brute force in one process (see ``autotp.strategies.rules.check``).
+"""Every sharding rule checked by brute force in one process (see ``autotp.rewrite.rule_check``).
 
 For each op node of a small captured model and every strategy the engine offers on 2, 3 and 4
 ranks (3 catches uneven cases), the inputs are split per placement, the op runs per rank and the
@@ -26,13 +26,13 @@ from torch import nn
 from autotp.capture.export import CapturedGraph, capture
 from autotp.examples import build_example
 from autotp.ir.placement import P, Partial, R, Replicate, Shard
-from autotp.strategies.engine import NodeKind, NodeSpace, StrategySpace, build_strategy_space
-from autotp.strategies.rules.check import (
+from autotp.rewrite.rule_check import (
     check_graph,
     check_strategy,
     node_values,
     values_comparable,
 )
+from autotp.strategies.engine import NodeKind, NodeSpace, StrategySpace, build_strategy_space
 from autotp.strategies.rules.registry import OpStrategy
 
 TP_SIZES = (2, 3, 4)

@@ -155,7 +155,7 @@ def local_call(
 ) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
     """How rank ``rank`` calls ``node`` under ``strategy``: input slots replaced by ``inputs``,
     other nodes looked up in ``env``, shape arguments localised, views run as reshapes.
-    The rewriter emits this call and the rule checker (``autotp.strategies.rules.check``) runs it."""
+    The rewriter emits this call and the rule checker (``autotp.rewrite.rule_check``) runs it."""
     args, kwargs = _replace_slots(node, rule, iter(inputs), env)
     target = _VIEW_AS_RESHAPE.get(node.target, node.target)  # type: ignore[call-overload]  # any target may be looked up
     if rule is not None and rule.localize is not None and _splits_output(strategy):
