@@ -12,7 +12,7 @@ from autotp.examples import build_example
 from autotp.ir.units import fmt_seconds
 from autotp.report.progress import ProgressEvent
 
-STAGES = ("capture", "strategies", "solve", "build")
+STAGES = ("capture", "strategies", "solve")
 SMALL_MLP = ["plan", "mlp", "--mesh", "2", "--config", "d_model=256", "--config", "d_hidden=1024"]
 
 

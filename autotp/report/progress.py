@@ -26,7 +26,7 @@ State = Literal["start", "update", "end"]
 class ProgressEvent:
     """One stage starting, reporting news while it runs, or ending."""
 
-    stage: str  # capture | strategies | solve | wake re-solves | build | baselines
+    stage: str  # capture | strategies | solve (with building the plan and wake-aware re-solves) | baselines
     state: State
     seconds: float  # since the stage started
     detail: str = ""  # update: the news (e.g. "incumbent 39.67 ms"); end: the stage's outcome, or ""
