@@ -186,7 +186,7 @@ def parallelize(
     hardware = hardware or DEFAULT_HARDWARE.get(mesh.device_type, "h100-sxm")
     group = mesh.get_group()
 
-    def solve(captured: CapturedGraph, space: StrategySpace) -> Plan:  # rank 0 only
+    def solve(space: StrategySpace) -> Plan:  # rank 0 only
         profile, budget = _planning_settings(hardware, memory_budget, optimizer)
         return _solve_space(space, profile=profile, memory_budget=budget, training=training, optimizer=optimizer)
 

@@ -172,7 +172,7 @@ def agree_on_plan(
     setup: SetupGroup,
     *,
     build_graph: Callable[[], tuple[CapturedGraph, StrategySpace]],
-    solve: Callable[[CapturedGraph, StrategySpace], Plan],
+    solve: Callable[[StrategySpace], Plan],
     fit: Callable[[StrategySpace, Plan], Plan],
     given_plan: Plan | None,
 ) -> tuple[CapturedGraph, StrategySpace, Plan]:
@@ -187,13 +187,17 @@ def agree_on_plan(
     space: StrategySpace | None = None
     graph: GraphSummary | None = None
     plan: Plan | None = None
+    plan_json: str | None = None
     local_error: Exception | None = None
     mismatches: list[str] = []
     try:
         captured, space = build_graph()
         graph = GraphSummary.of(captured, space)
-        if rank == 0:
-            plan = solve(captured, space) if given_plan is None else fit(space, given_plan)
+        if rank == 0 and given_plan is not None:
+            plan = fit(space, given_plan)
+        elif rank == 0:
+            plan_json = json.dumps(solve(space).to_dict())
+            plan = Plan.from_dict(json.loads(plan_json))  # rank 0 runs the plan as the others decode it
     except PlanMismatchError as exc:
         mismatches.append(f"rank {rank}: {exc}")
     except Exception as exc:  # noqa: BLE001 - carried to the other ranks, re-raised below
@@ -201,11 +205,7 @@ def agree_on_plan(
 
     root: Proposal | None = None
     if rank == 0:
-        root = Proposal(
-            library_versions(), graph,
-            json.dumps(plan.to_dict()) if plan is not None and given_plan is None else None,
-            RankFailure.of(0, local_error) if local_error is not None else None,
-        )
+        root = Proposal(library_versions(), graph, plan_json, RankFailure.of(0, local_error) if local_error is not None else None)
     proposal = setup.broadcast_from_first(root, step="receiving rank 0's plan")
 
     if rank != 0:
