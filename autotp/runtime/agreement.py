@@ -193,11 +193,8 @@ def agree_on_plan(
     try:
         captured, space = build_graph()
         graph = GraphSummary.of(captured, space)
-        if rank == 0 and given_plan is not None:
-            plan = fit(space, given_plan)
-        elif rank == 0:
-            plan_json = json.dumps(solve(space).to_dict())
-            plan = Plan.from_dict(json.loads(plan_json))  # rank 0 runs the plan as the others decode it
+        if rank == 0:
+            plan, plan_json = _root_plan(space, given_plan, solve=solve, fit=fit)
     except PlanMismatchError as exc:
         mismatches.append(f"rank {rank}: {exc}")
     except Exception as exc:  # noqa: BLE001 - carried to the other ranks, re-raised below
@@ -209,22 +206,15 @@ def agree_on_plan(
     proposal = setup.broadcast_from_first(root, step="receiving rank 0's plan")
 
     if rank != 0:
-        verb = "planned" if given_plan is None else "has"
         mismatches.extend(_version_differences(rank, library_versions(), proposal.versions))
-        if graph is not None and proposal.graph is not None and captured is not None and space is not None:
-            differs = _graph_difference(rank, graph, proposal.graph, verb)
-            offered = given_plan if given_plan is not None else (
-                Plan.from_dict(json.loads(proposal.plan_json)) if proposal.plan_json is not None else None
-            )
-            if differs is not None:
-                mismatches.append(differs if offered is None else _with_first_op(differs, offered, space))
-            elif offered is not None:
-                try:
-                    plan = fit(space, offered)
-                except PlanMismatchError as exc:
-                    mismatches.append(f"rank {rank}: {exc}")
-                except Exception as exc:  # noqa: BLE001 - carried to the other ranks, re-raised below
-                    local_error = exc
+        if space is not None and graph is not None and proposal.graph is not None:
+            try:
+                plan, differs = _follow_root(rank, space, graph, proposal, proposal.graph, given_plan, fit=fit)
+                mismatches.extend(differs)
+            except PlanMismatchError as exc:
+                mismatches.append(f"rank {rank}: {exc}")
+            except Exception as exc:  # noqa: BLE001 - carried to the other ranks, re-raised below
+                local_error = exc
 
     report = RankReport(
         rank, tuple(mismatches), plan_digest(plan) if plan is not None else None,
@@ -234,6 +224,30 @@ def agree_on_plan(
     settle(reports, local_error)
     assert captured is not None and space is not None and plan is not None  # settle raised otherwise
     return captured, space, plan
+
+
+def _root_plan(
+    space: StrategySpace, given_plan: Plan | None, *, solve: Callable[[StrategySpace], Plan], fit: Callable[[StrategySpace, Plan], Plan],
+) -> tuple[Plan, str | None]:
+    """Rank 0's plan, and its JSON form for the others when rank 0 solved it."""
+    if given_plan is not None:
+        return fit(space, given_plan), None
+    plan_json = json.dumps(solve(space).to_dict())
+    return Plan.from_dict(json.loads(plan_json)), plan_json  # rank 0 runs the plan as the others decode it
+
+
+def _follow_root(
+    rank: int, space: StrategySpace, graph: GraphSummary, root: Proposal, root_graph: GraphSummary, given_plan: Plan | None, *,
+    fit: Callable[[StrategySpace, Plan], Plan],
+) -> tuple[Plan | None, list[str]]:
+    """On a rank other than 0: the plan it runs (None if rank 0 has none) and how its graph differs from rank 0's."""
+    offered = given_plan
+    if offered is None and root.plan_json is not None:
+        offered = Plan.from_dict(json.loads(root.plan_json))
+    differs = _graph_difference(rank, graph, root_graph, "planned" if given_plan is None else "has")
+    if differs is not None:
+        return None, [differs if offered is None else _with_first_op(differs, offered, space)]
+    return (fit(space, offered) if offered is not None else None), []
 
 
 def settle(reports: list[RankReport], local_error: Exception | None) -> None:
