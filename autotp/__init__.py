@@ -10,8 +10,10 @@ from autotp.errors import (
     ConfigError,
     InfeasiblePlanError,
     InputMismatchError,
+    PeerRankError,
     PlanFormatError,
     PlanMismatchError,
+    SetupTimeoutError,
     SolverError,
     TorchTPExportError,
 )
@@ -25,7 +27,7 @@ from autotp.strategies.engine import UnsupportedOpWarning
 
 __all__ = [
     "AutoTPError", "CaptureError", "ConfigError", "Crossover", "CrossoverReport", "InfeasiblePlanError", "InputMismatchError", "Partial", "Plan",
-    "PlanFormatError", "PlanMismatchError", "Replicate", "Shard", "SolverError", "TorchTPExportError", "UnsupportedOpWarning",
+    "PeerRankError", "PlanFormatError", "PlanMismatchError", "Replicate", "SetupTimeoutError", "Shard", "SolverError", "TorchTPExportError", "UnsupportedOpWarning",
     "crossovers", "full_state_dict", "load_sharded_state_dict", "manual_seed", "parallelize", "plan", "sharded_state_dict",
     "verify", "VerifyReport",
 ]

@@ -1,14 +1,12 @@
 """The public entry points: ``plan`` (offline, any device) and ``parallelize`` (inside each rank)."""
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
@@ -25,6 +23,7 @@ from autotp.ir.units import fmt_seconds, parse_nbytes
 from autotp.report.progress import Progress, stage
 from autotp.rewrite.random import seed_sharded_stream
 from autotp.rewrite.rewriter import rewrite
+from autotp.runtime.agreement import DEFAULT_SETUP_TIMEOUT_S, agree_on_plan, setup_group
 from autotp.runtime.arguments import PlannedCall
 from autotp.runtime.module import ShardedModule, register_state
 from autotp.runtime.retrace import Retracer
@@ -93,10 +92,21 @@ def plan_model(
     """Capture, build the strategy space, solve and build the plan; ``progress`` hears each stage
     start and end, and the solver's incumbents (``autotp.report.progress``)."""
     tp_size = _tp_size(mesh_shape)
-    profile = resolve_hardware(hardware)
-    budget = parse_nbytes(memory_budget)
-    if optimizer is not None and optimizer.lower() not in OPTIMIZER_STATE_BYTES_PER_ELEMENT:
-        raise ConfigError(f"unknown optimizer {optimizer!r}; known: {', '.join(sorted(OPTIMIZER_STATE_BYTES_PER_ELEMENT))}")
+    profile, budget = _planning_settings(hardware, memory_budget, optimizer)
+    started = time.perf_counter()
+    captured, space = _capture_space(model, example_inputs, tp_size, progress=progress)
+    result = _solve_space(
+        space, profile=profile, memory_budget=budget, training=training, optimizer=optimizer,
+        solver=solver, time_limit_s=time_limit_s, progress=progress,
+    )
+    log.info("planned %s on %d ranks in %.2fs", captured.model_name, tp_size, time.perf_counter() - started)
+    return PlanningResult(captured, space, result)
+
+
+def _capture_space(
+    model: nn.Module, example_inputs: tuple[torch.Tensor, ...], tp_size: int, *, progress: Progress | None = None,
+) -> tuple[CapturedGraph, StrategySpace]:
+    """The graph and its candidate strategies: what every rank builds, planning or not."""
     started = time.perf_counter()
     with stage(progress, "capture") as report:
         captured = capture(model, example_inputs)
@@ -105,18 +115,40 @@ def plan_model(
     with stage(progress, "strategies") as report:
         space = build_strategy_space(captured, tp_size)
         report.outcome = f"{sum(len(n.strategies) for n in space.nodes)} candidates"
-    cost = CostModel(profile, tp_size, training=training, optimizer=optimizer if training else None)
+    return captured, space
+
+
+def _planning_settings(
+    hardware: str | HardwareProfile, memory_budget: int | str | None, optimizer: str | None,
+) -> tuple[HardwareProfile, int | None]:
+    """The hardware profile and budget in bytes; checked before the (slow) capture."""
+    if optimizer is not None and optimizer.lower() not in OPTIMIZER_STATE_BYTES_PER_ELEMENT:
+        raise ConfigError(f"unknown optimizer {optimizer!r}; known: {', '.join(sorted(OPTIMIZER_STATE_BYTES_PER_ELEMENT))}")
+    return resolve_hardware(hardware), parse_nbytes(memory_budget)
+
+
+def _solve_space(
+    space: StrategySpace,
+    *,
+    profile: HardwareProfile,
+    memory_budget: int | None,
+    training: bool,
+    optimizer: str | None,
+    solver: str = "cbc",
+    time_limit_s: float = 60.0,
+    progress: Progress | None = None,
+) -> Plan:
+    cost = CostModel(profile, space.tp_size, training=training, optimizer=optimizer if training else None)
     with stage(progress, "solve") as report:
         def on_incumbent(seconds: float, bound_seconds: float | None) -> None:
             report.update(f"incumbent {fmt_seconds(seconds)}" + (f", bound {fmt_seconds(bound_seconds)}" if bound_seconds is not None else ""))
 
         result = solve_plan(
-            space, cost, hardware=profile.name, memory_budget=budget, time_limit_s=time_limit_s, solver=solver,
+            space, cost, hardware=profile.name, memory_budget=memory_budget, time_limit_s=time_limit_s, solver=solver,
             on_incumbent=on_incumbent if progress is not None else None,
         )
         report.outcome = f"{result.solver_status}, {fmt_seconds(result.total_seconds)}"
-    log.info("planned %s on %d ranks in %.2fs", captured.model_name, tp_size, time.perf_counter() - started)
-    return PlanningResult(captured, space, result)
+    return result
 
 
 def parallelize(
@@ -130,10 +162,15 @@ def parallelize(
     training: bool = True,
     optimizer: str | None = "adamw",
     dynamic_dims: Mapping[str, Sequence[int]] | None = None,
+    setup_timeout_s: float = DEFAULT_SETUP_TIMEOUT_S,
 ) -> ShardedModule:
     """Return this rank's sharded copy of ``model``; call it on every rank of ``mesh``.
 
-    With ``plan=None`` every rank plans (deterministically) and the ranks check that they agree.
+    With ``plan=None`` the mesh's rank 0 plans and sends the plan to the others; every rank
+    captures its own graph, and the ranks check that they run the same graph, plan and autotp and
+    torch versions (``autotp.runtime.agreement``): if not, every rank raises ``PlanMismatchError``
+    naming the rank and what differs. ``setup_timeout_s`` bounds each set-up collective, rank 0's
+    planning included: a rank that does not arrive in time is a ``SetupTimeoutError`` on the others.
     The sharded module takes inputs of ``example_inputs``' shapes and values; ``dynamic_dims``
     names the dims of tensor inputs that may take other sizes (``{"input_ids": (0, 1)}``, by
     ``forward``'s parameter names): each new size is captured again on every rank, with the same plan.
@@ -142,18 +179,22 @@ def parallelize(
         raise ConfigError(f"mesh must be a torch.distributed.device_mesh.DeviceMesh, got {type(mesh).__name__}")
     if mesh.ndim != 1:
         raise ConfigError(f"autotp supports 1-D meshes for now; got a mesh of shape {tuple(mesh.shape)}")
+    if not setup_timeout_s > 0:
+        raise ConfigError(f"setup_timeout_s must be a positive number of seconds, got {setup_timeout_s!r}")
     tp_size = mesh.size()
     planned_call = PlannedCall.from_example(model.forward, example_inputs, model_name=type(model).__name__, dynamic_dims=dynamic_dims)
     hardware = hardware or DEFAULT_HARDWARE.get(mesh.device_type, "h100-sxm")
-    if plan is None:
-        result = plan_model(
-            model, example_inputs, mesh_shape=(tp_size,), hardware=hardware,
-            memory_budget=memory_budget, training=training, optimizer=optimizer,
-        )
-    else:
-        result = _apply_plan(model, example_inputs, plan, tp_size)
     group = mesh.get_group()
-    _check_ranks_agree(result.plan, group)
+
+    def solve(space: StrategySpace) -> Plan:  # rank 0 only
+        profile, budget = _planning_settings(hardware, memory_budget, optimizer)
+        return _solve_space(space, profile=profile, memory_budget=budget, training=training, optimizer=optimizer)
+
+    captured, space, agreed = agree_on_plan(
+        setup_group(group, timeout_s=setup_timeout_s), build_graph=lambda: _capture_space(model, example_inputs, tp_size),
+        solve=solve, fit=_fit_plan, given_plan=plan,
+    )
+    result = PlanningResult(captured, space, agreed)
     rank = mesh.get_local_rank()
     device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else None
     gm = rewrite(result.captured, result.space, result.plan, rank=rank, group_name=group.group_name, device=device)
@@ -182,10 +223,16 @@ def _tp_size(mesh_shape: Sequence[int]) -> int:
 
 
 def _apply_plan(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], plan: Plan, tp_size: int) -> PlanningResult:
-    if plan.tp_size != tp_size:
+    if plan.tp_size != tp_size:  # before the capture: it is the cheap check
         raise PlanMismatchError(f"the plan was made for {plan.tp_size} ranks but the mesh has {tp_size}")
-    captured = capture(model, example_inputs)
-    space = build_strategy_space(captured, tp_size)
+    captured, space = _capture_space(model, example_inputs, tp_size)
+    return PlanningResult(captured, space, _fit_plan(space, plan))
+
+
+def _fit_plan(space: StrategySpace, plan: Plan) -> Plan:
+    """``plan`` aligned to this rank's graph; ``PlanMismatchError`` naming what differs if it does not fit."""
+    if plan.tp_size != space.tp_size:
+        raise PlanMismatchError(f"the plan was made for {plan.tp_size} ranks but the mesh has {space.tp_size}")
     mismatch = describe_mismatch(plan, space)  # the graph fingerprint first: it names what differs
     if mismatch is not None:
         raise PlanMismatchError(mismatch)
@@ -200,15 +247,7 @@ def _apply_plan(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], plan
             )
     if len(plan.nodes) != len(space.nodes):
         raise PlanMismatchError(f"the plan has {len(plan.nodes)} nodes but this model's graph has {len(space.nodes)}")
-    return PlanningResult(captured, space, plan)
-
-
-def _check_ranks_agree(plan: Plan, group: dist.ProcessGroup) -> None:
-    digest = hashlib.sha256("\n".join(f"{n.name}:{n.strategy}" for n in plan.nodes).encode()).hexdigest()
-    digests: list[str | None] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(digests, digest, group=group)
-    if len(set(digests)) != 1:
-        raise PlanMismatchError("ranks planned differently (different models, inputs or library versions per rank?); pass the same plan= to every rank")
+    return plan
 
 
 def _get_state(model: nn.Module, fqn: str) -> torch.Tensor:

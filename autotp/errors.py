@@ -23,6 +23,16 @@ class PlanMismatchError(AutoTPError):
     """A plan was applied to a graph it was not made for."""
 
 
+class PeerRankError(AutoTPError):
+    """Another rank of the mesh failed during ``parallelize``'s set-up (it raised the original
+    error); this rank stops too instead of waiting for it in a collective."""
+
+
+class SetupTimeoutError(AutoTPError, TimeoutError):
+    """A set-up collective of ``parallelize`` did not complete within ``setup_timeout_s``, or lost a
+    rank: one rank crashed, hangs, or does not call ``parallelize``."""
+
+
 class SolverError(AutoTPError):
     """The ILP solver failed or returned no usable solution."""
 
