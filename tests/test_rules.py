@@ -480,3 +480,17 @@ def test_checker_rejects_wrong_strategy(case: str, op: str, strategy: OpStrategy
     node = next(n for n in captured.graph_module.graph.nodes if n.name == space.name)
     reason = check_strategy(node, space, strategy, values, tp_size=2, generator=torch.Generator().manual_seed(0))
     assert reason is not None
+
+
+class _TwoTransposes(nn.Module):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x.transpose(0, 1), x.transpose(1, 2)
+
+
+def test_calls_that_differ_only_in_arguments_get_their_own_strategies() -> None:
+    """The engine asks the rules once per distinct call and reuses the answer (repeated layers);
+    two transposes of the same tensor differ only in their dim arguments, so each keeps its own."""
+    space = build_strategy_space(capture(_TwoTransposes(), (torch.randn(4, 4, 4),)), 2)
+    first, second = (n for n in space.nodes if n.op == "aten.transpose.int")
+    assert OpStrategy((Shard(0),), Shard(1)) in first.strategies and OpStrategy((Shard(0),), Shard(0)) not in first.strategies
+    assert OpStrategy((Shard(0),), Shard(0)) in second.strategies and OpStrategy((Shard(1),), Shard(2)) in second.strategies

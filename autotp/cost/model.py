@@ -12,7 +12,7 @@ sum of its steps from ``redistribute.transition``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -124,6 +124,9 @@ class CostModel:
     training: bool = False
     optimizer: str | None = None
     assumed_gap_seconds: float | None = None  # solver only: charge every collective the wake-up after this much compute
+    # step_seconds by (step kind, bytes): a 70B graph prices a few sizes thousands of times. Not
+    # an argument: ``dataclasses.replace`` (another gap) starts an empty one.
+    _step_seconds: dict[tuple[StepKind, int], float] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def compute_seconds(self, node: NodeSpace, strategy: OpStrategy) -> float:
         return self.kernel_seconds(node, strategy) + self.internal_comm_seconds(node, strategy)
@@ -153,11 +156,19 @@ class CostModel:
         return sum(collective_seconds(self.link, kind, nbytes=nbytes, group_size=self.tp_size) for kind, nbytes in comm)
 
     def step_seconds(self, step: Step, meta: TensorMeta) -> float:
+        """Seconds of one step on a tensor of ``meta``: only its kind and the tensor's bytes matter."""
+        key = (step.kind, meta.nbytes)
+        seconds = self._step_seconds.get(key)
+        if seconds is None:
+            seconds = self._step_seconds[key] = self._price_step(step, meta.nbytes)
+        return seconds
+
+    def _price_step(self, step: Step, nbytes: int) -> float:
         if step.kind is StepKind.LOCAL_CHUNK:  # copy out this rank's chunk
-            return roofline_seconds(self.profile, flops=0, nbytes=2 * meta.nbytes / self.tp_size)
+            return roofline_seconds(self.profile, flops=0, nbytes=2 * nbytes / self.tp_size)
         if step.kind is StepKind.TO_PARTIAL:  # zeros on all ranks but one
-            return roofline_seconds(self.profile, flops=0, nbytes=meta.nbytes)
-        seconds = collective_seconds(self.link, _STEP_COLLECTIVE[step.kind], nbytes=meta.nbytes, group_size=self.tp_size)
+            return roofline_seconds(self.profile, flops=0, nbytes=nbytes)
+        seconds = collective_seconds(self.link, _STEP_COLLECTIVE[step.kind], nbytes=nbytes, group_size=self.tp_size)
         if self.assumed_gap_seconds is not None and seconds > 0:
             seconds += self.wake_seconds(step, self.assumed_gap_seconds)
         return seconds
