@@ -37,7 +37,7 @@ _REL_TOL = 1e-9
 class Transfer:
     """One conversion a candidate implies, with its price."""
 
-    value: str
+    value: ValueRef
     src: Placement
     dst: Placement
     seconds: float | None  # None: the transition table does not offer src -> dst
@@ -147,7 +147,7 @@ def _readers(space: StrategySpace) -> dict[ValueRef, list[tuple[NodeSpace, int]]
 def _transfer(ref: ValueRef, src: Placement, dst: Placement, meta: TensorMeta, cost: CostModel, *, requires_grad: bool, shared: bool = False) -> Transfer:
     steps = transition(src, dst)
     kind = "+".join(s.kind.value for s in steps) if steps else "-"
-    return Transfer(str(ref), src, dst, cost.transition_seconds(src, dst, meta, requires_grad=requires_grad), meta.nbytes, kind, shared)
+    return Transfer(ref, src, dst, cost.transition_seconds(src, dst, meta, requires_grad=requires_grad), meta.nbytes, kind, shared)
 
 
 def _input_transfers(node, strategy, nodes, chosen, readers, cost) -> list[Transfer]:
@@ -165,7 +165,7 @@ def _input_transfers(node, strategy, nodes, chosen, readers, cost) -> list[Trans
             sync = cost.grad_sync_seconds(meta, requires_grad=producer.requires_grad)
             shared = any(needs_grad_sync(chosen[c.name], k, meta) for c, k in others)
             kind = "grad_all_reduce (backward)" if sync > 0 else "grad_all_reduce (only if a gradient flows)"
-            out.append(Transfer(str(ref), dst, dst, sync, meta.nbytes, kind, shared))
+            out.append(Transfer(ref, dst, dst, sync, meta.nbytes, kind, shared))
     return out
 
 
