@@ -24,6 +24,10 @@ class SolverError(AutoTPError):
     """The ILP solver failed or returned no usable solution."""
 
 
+class SolverTimeLimitWarning(UserWarning):
+    """The solver stopped at its time limit: the plan is the deterministic fallback, not its incumbent."""
+
+
 class ConfigError(AutoTPError, ValueError):
     """An argument is malformed: a memory budget string, a mesh shape, a hardware name."""
 

@@ -16,6 +16,14 @@ target however many consumers want it (the rewriter shares it too). The demand i
                Σ_{state n} nbytes_local(n,s)·x[n,s] ≤ budget     (memory_budget)
 
 Costs enter in microseconds so solver tolerances do not swallow them.
+
+Stopping, and the same plan for the same inputs: the solver runs single-threaded and stops at
+``node_limit`` branch-and-bound nodes, a deterministic amount of work, so its answer does not
+depend on the machine's speed: "optimal", or "feasible (gap g%, node limit)" with the incumbent
+and its gap to the best bound. ``time_limit_s`` is only a safety net: where the search stopped
+there does depend on timing, so the solver's incumbent is discarded and the deterministic
+``fallback_choice`` (all-``R``, state split to fit the budget; also the warm start under a budget)
+is returned with a warning and status "fallback (time limit)".
 """
 from __future__ import annotations
 
@@ -35,10 +43,10 @@ import pulp
 
 from autotp.comm.conversions import needs_grad_sync
 from autotp.cost.model import CostModel
-from autotp.errors import InfeasiblePlanError, SolverError
+from autotp.errors import InfeasiblePlanError, SolverError, SolverTimeLimitWarning
 from autotp.ir.placement import Placement
-from autotp.ir.units import fmt_nbytes
 from autotp.ir.values import TensorMeta, ValueRef
+from autotp.solve.memory import check_budget, fallback_choice, min_state_nbytes, state_nbytes
 from autotp.strategies.blocks import canonical_nodes
 from autotp.strategies.engine import NodeKind, NodeSpace, StrategySpace
 from autotp.strategies.rules import OpStrategy
@@ -46,11 +54,17 @@ from autotp.strategies.rules import OpStrategy
 log = logging.getLogger(__name__)
 
 _MICRO = 1e6
+# Branch-and-bound nodes before the solver stops with its incumbent. Toy Hugging Face decoders
+# under a tight budget on cpu-gloo prices take CBC 20-40 ms a node on a 2-core machine, so the
+# limit lands well inside the default 60 s; the LLaMA-3-8B and -2-70B shapes solve at the root.
+NODE_LIMIT = 1000
+__all__ = ["NODE_LIMIT", "Solution", "min_state_nbytes", "solve", "state_nbytes"]
 
 
 @dataclass(frozen=True, slots=True)
 class Solution:
-    """The chosen strategy index of every node and how the solve went."""
+    """The chosen strategy index of every node and how the solve went (``objective_seconds`` is NaN
+    for the time-limit fallback, which the solver did not price; its ``Plan`` does)."""
 
     choice: dict[str, int]
     objective_seconds: float
@@ -64,54 +78,32 @@ class Solution:
         return {n.name: n.strategies[self.choice[n.name]] for n in space.nodes}
 
 
-def state_nbytes(node: NodeSpace, placement: Placement, cost: CostModel) -> float:
-    """Bytes one rank holds for a parameter/buffer placed as ``placement`` (with its gradient and
-    optimizer state when training)."""
-    meta = node.output_meta
-    assert isinstance(meta, TensorMeta)
-    return cost.state_nbytes(meta, placement, is_parameter=node.is_parameter)
-
-
-def min_state_nbytes(space: StrategySpace, cost: CostModel) -> float:
-    """The smallest state memory per device any plan can reach (each state at its best split)."""
-    return sum(
-        min(state_nbytes(n, s.output, cost) for s in n.strategies)  # type: ignore[arg-type, misc]
-        for n in space.nodes
-        if n.kind is NodeKind.STATE
-    )
-
-
 def solve(
     space: StrategySpace,
     cost: CostModel,
     *,
     memory_budget: float | None = None,
     time_limit_s: float = 60.0,
+    node_limit: int = NODE_LIMIT,
     solver: str = "cbc",
     pinned: Mapping[str, OpStrategy] | None = None,
     dedup: bool = True,
     on_incumbent: Callable[[float, float | None], None] | None = None,
 ) -> Solution:
-    """Solve the ILP; raise ``InfeasiblePlanError`` when no plan fits ``memory_budget``.
+    """Solve the ILP; raise ``InfeasiblePlanError`` naming what binds when no plan fits ``memory_budget``.
 
     ``pinned`` fixes the strategy of some nodes (a hand layout to price, or a user override).
     ``dedup`` solves repeated identical blocks once (``autotp.strategies.blocks``): they share variables,
     so the ILP does not grow with depth, at the price of giving every repeat the same layout.
+    ``node_limit`` and ``time_limit_s`` stop the search (see the module docstring: the first is
+    deterministic, the second returns the fallback plan).
     ``on_incumbent(seconds, bound_seconds)`` is called, from another thread, with the objective
     of each better integer solution CBC finds while it runs and its lower bound so far (None
     before it has one), read from its log; other solvers do not call it.
     """
+    pinned = pinned or {}
     if memory_budget is not None:
-        floor = min_state_nbytes(space, cost)
-        if floor > memory_budget:
-            what = f"parameters, gradients and {cost.optimizer or 'no'} optimizer state" if cost.training else "the parameters and buffers"
-            raise InfeasiblePlanError(
-                f"no plan fits a memory budget of {fmt_nbytes(memory_budget)} per device on "
-                f"{space.tp_size} ranks: {what} alone need at least "
-                f"{fmt_nbytes(floor)} ({floor:.0f} bytes) per device with every one split. "
-                "Raise memory_budget to at least that, or use more ranks"
-                + (", or plan with training=False for inference" if cost.training else "")
-            )
+        check_budget(space, cost, memory_budget, pinned)
     started = time.perf_counter()
     canonical = canonical_nodes(space) if dedup else {n.name: n.name for n in space.nodes}
     problem = pulp.LpProblem("autotp", pulp.LpMinimize)
@@ -124,17 +116,32 @@ def solve(
         for i, s in enumerate(nodes[name].strategies)
     ]
     objective += _transition_terms(problem, space, cost, x, canonical)
+    _pin(problem, space, x, canonical, pinned)
     if memory_budget is not None:
         _memory_constraint(problem, space, cost, x, canonical, memory_budget)
-    _pin(problem, space, x, canonical, pinned or {})
+        _warm_start(space, cost, x, canonical, fallback_choice(space, cost, memory_budget=memory_budget, pinned=pinned))
     problem += pulp.lpSum(objective)
-    status = _run(problem, solver, time_limit_s, on_incumbent)
-    choice = {n.name: _chosen(x[canonical[n.name]]) for n in space.nodes}
+    stop = _run(problem, solver, time_limit_s, node_limit, on_incumbent, warm_start=memory_budget is not None)
+    if stop.reason == "time limit":
+        chosen = fallback_choice(space, cost, memory_budget=memory_budget, pinned=pinned)
+        choice = {n.name: n.strategies.index(chosen[n.name]) for n in space.nodes}
+        message = (
+            f"the {solver} solver hit its {time_limit_s:g}s time limit before its {node_limit}-node limit; where it "
+            "stopped depends on timing, so its incumbent is set aside for the deterministic fallback plan (every op "
+            "replicated, parameters split to fit the budget and all-gathered before use). Raise time_limit_s, or "
+            "lower node_limit to stop at a reproducible incumbent sooner"
+        )
+        log.warning(message)
+        warnings.warn(message, SolverTimeLimitWarning, stacklevel=2)
+        status = "fallback (time limit)"
+    else:
+        choice = {n.name: _chosen(x[canonical[n.name]]) for n in space.nodes}
+        status = "optimal" if stop.reason == "optimal" else f"feasible (gap {stop.gap:.1%}, {node_limit}-node limit)"
     elapsed = time.perf_counter() - started
     log.info("ILP: %d variables, %d constraints, %s in %.2fs", problem.numVariables(), problem.numConstraints(), status, elapsed)
     return Solution(
         choice=choice,
-        objective_seconds=float(pulp.value(problem.objective) or 0.0) / _MICRO,
+        objective_seconds=math.nan if stop.reason == "time limit" else float(pulp.value(problem.objective) or 0.0) / _MICRO,
         status=status,
         seconds=elapsed,
         n_variables=problem.numVariables(),
@@ -257,23 +264,74 @@ def _memory_constraint(problem: pulp.LpProblem, space: StrategySpace, cost: Cost
     problem += pulp.lpSum(terms) <= budget, "memory_budget"
 
 
-def _run(problem: pulp.LpProblem, solver: str, time_limit_s: float, on_incumbent: Callable[[float, float | None], None] | None = None) -> str:
+@dataclass(frozen=True, slots=True)
+class _Stop:
+    """Why the search ended: "optimal", "node limit" (deterministic) or "time limit" (not), and the
+    relative gap between the incumbent and the best bound when it had not closed."""
+
+    reason: str
+    gap: float = 0.0
+
+
+def _run(
+    problem: pulp.LpProblem, solver: str, time_limit_s: float, node_limit: int,
+    on_incumbent: Callable[[float, float | None], None] | None = None, *, warm_start: bool = False,
+) -> _Stop:
     if solver not in ("cbc", "highs"):
         raise SolverError(f"unknown solver {solver!r}; use 'cbc' or 'highs'")
-    if solver == "cbc" and on_incumbent is not None:
-        with tempfile.TemporaryDirectory(prefix="autotp-cbc-") as tmp:
-            log_path = os.path.join(tmp, "cbc.log")
+    if solver == "highs":
+        backend = pulp.HiGHS(msg=False, timeLimit=time_limit_s, threads=1, mip_max_nodes=node_limit, mip_rel_gap=0.0)
+        _solve_with(problem, backend, solver, time_limit_s)
+        return _highs_stop(problem)
+    with tempfile.TemporaryDirectory(prefix="autotp-cbc-") as tmp:
+        log_path = os.path.join(tmp, "cbc.log")
+        with warnings.catch_warnings():  # PuLP 3.3 deprecates its bundled CBC; it still ships and works
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            backend = pulp.PULP_CBC_CMD(
+                msg=False, timeLimit=time_limit_s, threads=1, maxNodes=node_limit, logPath=log_path, warmStart=warm_start,
+            )
+        if on_incumbent is None:
+            _solve_with(problem, backend, solver, time_limit_s)
+        else:
             with _IncumbentTail(log_path, on_incumbent):
-                return _solve_with(problem, _cbc(time_limit_s, log_path), solver, time_limit_s)
-    backend = _cbc(time_limit_s, None) if solver == "cbc" else pulp.HiGHS(msg=False, timeLimit=time_limit_s, threads=1)
-    return _solve_with(problem, backend, solver, time_limit_s)
+                _solve_with(problem, backend, solver, time_limit_s)
+        with open(log_path, encoding="utf-8", errors="replace") as f:
+            return _cbc_stop(f.read())
 
 
-def _cbc(time_limit_s: float, log_path: str | None) -> pulp.LpSolver:
-    with warnings.catch_warnings():  # PuLP 3.3 deprecates its bundled CBC; it still ships and works
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.simplefilter("ignore", FutureWarning)
-        return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, threads=1, logPath=log_path)
+# CBC's closing lines: "Result - Optimal solution found" / "Result - Stopped on node limit" /
+# "Result - Stopped on time limit", then "Objective value: 2221.958", "Lower bound: 1936.326".
+_RESULT = re.compile(r"^Result - (.*)$", re.MULTILINE)
+_OBJECTIVE = re.compile(r"^Objective value:\s+(\S+)", re.MULTILINE)
+_LOWER_BOUND = re.compile(r"^Lower bound:\s+(\S+)", re.MULTILINE)
+
+
+def _cbc_stop(log_text: str) -> _Stop:
+    result = _RESULT.search(log_text)
+    if result is None or result.group(1).startswith("Optimal"):
+        return _Stop("optimal")
+    reason = "time limit" if "time" in result.group(1) else "node limit"
+    objective, bound = _OBJECTIVE.search(log_text), _LOWER_BOUND.search(log_text)
+    if objective is None or bound is None:
+        return _Stop(reason, math.inf)
+    return _Stop(reason, _relative_gap(float(objective.group(1)), float(bound.group(1))))
+
+
+def _highs_stop(problem: pulp.LpProblem) -> _Stop:
+    import highspy
+
+    model = problem.solverModel
+    status = model.getModelStatus()
+    if status == highspy.HighsModelStatus.kOptimal:
+        return _Stop("optimal")
+    info = model.getInfo()
+    reason = "time limit" if status == highspy.HighsModelStatus.kTimeLimit else "node limit"
+    return _Stop(reason, _relative_gap(info.objective_function_value, info.mip_dual_bound))
+
+
+def _relative_gap(objective: float, bound: float) -> float:
+    return max(0.0, objective - bound) / max(abs(objective), 1e-9)
 
 
 # CBC's log lines with a new incumbent's objective ("Cbc0012I Integer solution of 6.2021878 found by
@@ -335,20 +393,37 @@ class _IncumbentTail:
             self.on_incumbent(best / _MICRO, bound / _MICRO if bound > -math.inf else None)
 
 
-def _solve_with(problem: pulp.LpProblem, backend: pulp.LpSolver, solver: str, time_limit_s: float) -> str:
+def _solve_with(problem: pulp.LpProblem, backend: pulp.LpSolver, solver: str, time_limit_s: float) -> None:
     try:
         problem.solve(backend)
     except pulp.PulpSolverError as exc:
         raise SolverError(f"the {solver} solver failed: {exc}") from exc
     status = pulp.LpStatus[problem.status]
     if problem.status == pulp.LpStatusInfeasible:
-        raise InfeasiblePlanError(f"the ILP is infeasible ({status}); constraints: {', '.join(c for c in problem.constraints if 'memory' in c) or 'see the model'}")
-    if problem.sol_status == pulp.LpSolutionIntegerFeasible:
-        log.warning("the %s solver hit its %.0fs time limit; the plan is feasible but may not be optimal", solver, time_limit_s)
-        return "feasible (time limit)"
-    if problem.sol_status != pulp.LpSolutionOptimal:
+        binding = [name for name in problem.constraints if name == "memory_budget" or name.startswith("pinned_")]
+        raise InfeasiblePlanError(
+            f"the ILP is infeasible ({status}) although the budget is above the state's floor; the constraints "
+            f"that can bind: {', '.join(binding) or 'none of the budget or pins (a rule offers no consistent strategy)'}"
+        )
+    if problem.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
         raise SolverError(f"the {solver} solver returned no solution (status {status}, sol_status {problem.sol_status}) within {time_limit_s:.0f}s")
-    return "optimal"
+
+
+def _warm_start(space: StrategySpace, cost: CostModel, x: dict[str, list], canonical: Mapping[str, str], chosen: Mapping[str, OpStrategy]) -> None:
+    """Give the solver ``chosen`` as its first incumbent. Repeats share their representative's
+    variables: where they differ (a state split in one repeat only), the smaller state wins."""
+    by_variable: dict[str, OpStrategy] = {}
+    for node in space.nodes:
+        rep, strategy = canonical[node.name], chosen[node.name]
+        held = by_variable.get(rep)
+        if held is None or (node.kind is NodeKind.STATE and state_nbytes(node, strategy.output, cost) < state_nbytes(node, held.output, cost)):  # type: ignore[arg-type]
+            by_variable[rep] = strategy
+    nodes = space.by_name()
+    for rep, strategy in by_variable.items():
+        if len(x[rep]) > 1:
+            index = nodes[rep].strategies.index(strategy)
+            for i, variable in enumerate(x[rep]):
+                variable.setInitialValue(1 if i == index else 0)
 
 
 def _chosen(variables: list) -> int:
