@@ -1,5 +1,5 @@
 """State memory per device: what a placement costs, the floor any plan reaches, why a budget cannot
-be met, and the plan that always fits one (the solver's warm start and its time-limit fallback).
+be met, and the plan that always fits one (the solver's time-limit fallback).
 
 Only parameters and buffers (``NodeKind.STATE``) count against a budget, each at the bytes its
 placement leaves on one rank (with gradient and optimizer state when training). Every state can
@@ -68,8 +68,8 @@ def fallback_choice(space: StrategySpace, cost: CostModel, *, memory_budget: flo
     largest saving first (ties in graph order), until the state fits ``memory_budget``.
 
     The weights that move are all-gathered before use (FSDP-style): slow but always feasible once
-    ``check_budget`` passes, and deterministic, so it is a warm start for the solver and the plan
-    returned when the solver stops at its time limit.
+    ``check_budget`` passes, and deterministic: the plan returned when the solver stops at its
+    time limit.
     """
     chosen = {n.name: pinned.get(n.name) or replicated_strategy(n) for n in space.nodes}
     if memory_budget is None:
