@@ -282,8 +282,8 @@ def _run(
         raise SolverError(f"unknown solver {solver!r}; use 'cbc' or 'highs'")
     if solver == "highs":
         backend = pulp.HiGHS(msg=False, timeLimit=time_limit_s, threads=1, mip_max_nodes=node_limit, mip_rel_gap=0.0)
-        _solve_with(problem, backend, solver, time_limit_s)
-        return _highs_stop(problem)
+        _solve_with(problem, backend, solver)
+        return _checked(problem, _highs_stop(problem), solver)
     with tempfile.TemporaryDirectory(prefix="autotp-cbc-") as tmp:
         log_path = os.path.join(tmp, "cbc.log")
         with warnings.catch_warnings():  # PuLP 3.3 deprecates its bundled CBC; it still ships and works
@@ -293,12 +293,19 @@ def _run(
                 msg=False, timeLimit=time_limit_s, threads=1, maxNodes=node_limit, logPath=log_path,
             )
         if on_incumbent is None:
-            _solve_with(problem, backend, solver, time_limit_s)
+            _solve_with(problem, backend, solver)
         else:
             with _IncumbentTail(log_path, on_incumbent):
-                _solve_with(problem, backend, solver, time_limit_s)
+                _solve_with(problem, backend, solver)
         with open(log_path, encoding="utf-8", errors="replace") as f:
-            return _cbc_stop(f.read())
+            return _checked(problem, _cbc_stop(f.read()), solver)
+
+
+def _checked(problem: pulp.LpProblem, stop: _Stop, solver: str) -> _Stop:
+    """``stop``, unless the solver ended without a plan for another reason than its time limit."""
+    if stop.reason != "time limit" and problem.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
+        raise SolverError(f"the {solver} solver returned no solution (status {pulp.LpStatus[problem.status]}, sol_status {problem.sol_status})")
+    return stop
 
 
 # CBC's closing lines: "Result - Optimal solution found" / "Result - Stopped on node limit" /
@@ -310,7 +317,9 @@ _LOWER_BOUND = re.compile(r"^Lower bound:\s+(\S+)", re.MULTILINE)
 
 def _cbc_stop(log_text: str) -> _Stop:
     result = _RESULT.search(log_text)
-    if result is None or result.group(1).startswith("Optimal"):
+    if result is None:  # CBC was stopped before it could print one
+        return _Stop("time limit", math.inf)
+    if result.group(1).startswith("Optimal"):
         return _Stop("optimal")
     reason = "time limit" if "time" in result.group(1) else "node limit"
     objective, bound = _OBJECTIVE.search(log_text), _LOWER_BOUND.search(log_text)
@@ -394,7 +403,7 @@ class _IncumbentTail:
             self.on_incumbent(best / _MICRO, bound / _MICRO if bound > -math.inf else None)
 
 
-def _solve_with(problem: pulp.LpProblem, backend: pulp.LpSolver, solver: str, time_limit_s: float) -> None:
+def _solve_with(problem: pulp.LpProblem, backend: pulp.LpSolver, solver: str) -> None:
     try:
         problem.solve(backend)
     except pulp.PulpSolverError as exc:
@@ -406,8 +415,6 @@ def _solve_with(problem: pulp.LpProblem, backend: pulp.LpSolver, solver: str, ti
             f"the ILP is infeasible ({status}) although the budget is above the state's floor; the constraints "
             f"that can bind: {', '.join(binding) or 'none of the budget or pins (a rule offers no consistent strategy)'}"
         )
-    if problem.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
-        raise SolverError(f"the {solver} solver returned no solution (status {status}, sol_status {problem.sol_status}) within {time_limit_s:.0f}s")
 
 
 def _chosen(variables: list) -> int:
