@@ -3,7 +3,8 @@ stopped search gives the same plan every time, and an infeasible budget names wh
 
 One process, no ranks. The toys are ``build_hf_model``'s LLaMA and a Mistral of the same size
 (2 layers, hidden 64, 4 heads, 2 key/value heads), planned for inference on 2 ranks at the default
-hardware (h100-sxm) under 0.6 x their parameter bytes.
+hardware (h100-sxm) under 0.6 x their parameter bytes; the stopping tests use a Qwen2 of the same
+size on cpu-gloo prices, whose search takes about a hundred branch-and-bound nodes.
 """
 from __future__ import annotations
 
@@ -26,22 +27,27 @@ TP = 2
 BUDGET_FACTOR = 0.6  # of the parameter bytes: more than the 0.5 floor, so most weights must split
 
 
-def _mistral() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+def _toy(family: str) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """Mistral or Qwen2 (q/k/v with biases) at the size of ``build_hf_model``'s LLaMA."""
     import transformers
 
-    config = transformers.MistralConfig(
+    config_class, model_class = {
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }[family]
+    config = config_class(
         hidden_size=64, intermediate_size=176, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
         vocab_size=VOCAB, max_position_embeddings=64, use_cache=False, bos_token_id=0, eos_token_id=0, pad_token_id=0,
     )
     torch.manual_seed(0)
-    model = transformers.MistralForCausalLM(config).eval()
+    model = model_class(config).eval()
     return model, (torch.randint(1, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(1)),)
 
 
 @functools.cache
 def _space(name: str) -> tuple[StrategySpace, int]:
     """The toy's strategy space and its parameter bytes."""
-    model, inputs = build_hf_model("llama") if name == "llama" else _mistral()
+    model, inputs = build_hf_model("llama") if name == "llama" else _toy(name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UnsupportedOpWarning)
         space = build_strategy_space(capture(model, inputs), TP)
@@ -75,8 +81,8 @@ def test_toy_decoder_under_budget_is_optimal_within_10_s(name: str) -> None:
 
 @pytest.mark.timeout(300)
 def test_node_limit_gives_the_same_incumbent_and_reports_its_gap() -> None:
-    space, param_nbytes = _space("mistral")
-    cost = _cost("cpu-gloo")  # collectives dear: the budgeted search does not close at the root
+    space, param_nbytes = _space("qwen2")
+    cost = _cost("cpu-gloo")  # collectives dear: this search takes about a hundred nodes to close
     budget = BUDGET_FACTOR * param_nbytes
     first = solve(space, cost, memory_budget=budget, node_limit=5)
     second = solve(space, cost, memory_budget=budget, node_limit=5)
@@ -87,7 +93,7 @@ def test_node_limit_gives_the_same_incumbent_and_reports_its_gap() -> None:
 
 @pytest.mark.timeout(300)
 def test_time_limit_returns_the_deterministic_fallback_with_a_warning() -> None:
-    space, param_nbytes = _space("llama")
+    space, param_nbytes = _space("qwen2")
     cost = _cost("cpu-gloo")
     budget = BUDGET_FACTOR * param_nbytes
     plans = []
