@@ -80,12 +80,15 @@ def test_toy_decoder_under_budget_is_optimal_within_10_s(name: str) -> None:
 
 
 @pytest.mark.timeout(300)
-def test_node_limit_gives_the_same_incumbent_and_reports_its_gap() -> None:
+@pytest.mark.parametrize("solver", ["cbc", "highs"])
+def test_node_limit_gives_the_same_incumbent_and_reports_its_gap(solver: str) -> None:
+    if solver == "highs":
+        pytest.importorskip("highspy")
     space, param_nbytes = _space("qwen2")
     cost = _cost("cpu-gloo")  # collectives dear: this search takes about a hundred nodes to close
     budget = BUDGET_FACTOR * param_nbytes
-    first = solve(space, cost, memory_budget=budget, node_limit=5)
-    second = solve(space, cost, memory_budget=budget, node_limit=5)
+    first = solve(space, cost, memory_budget=budget, node_limit=5, solver=solver)
+    second = solve(space, cost, memory_budget=budget, node_limit=5, solver=solver)
     assert first.status.startswith("feasible (gap ") and first.status.endswith(", 5-node limit)"), first.status
     assert first.choice == second.choice
     assert _held(space, cost, first.choice) <= budget

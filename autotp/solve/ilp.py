@@ -305,7 +305,10 @@ def _run(
         raise SolverError(f"unknown solver {solver!r}; use 'cbc' or 'highs'")
     if solver == "highs":
         backend = pulp.HiGHS(msg=False, timeLimit=time_limit_s, threads=1, mip_max_nodes=node_limit, mip_rel_gap=0.0)
-        _solve_with(problem, backend, solver)
+        try:
+            _solve_with(problem, backend, solver)
+        except KeyError:  # PuLP 3.3 has no status for HiGHS's node limit (kSolutionLimit): read the incumbent here
+            _read_highs_incumbent(problem)
         return _checked(problem, _highs_stop(problem), solver)
     with tempfile.TemporaryDirectory(prefix="autotp-cbc-") as tmp:
         log_path = os.path.join(tmp, "cbc.log")
@@ -359,8 +362,20 @@ def _highs_stop(problem: pulp.LpProblem) -> _Stop:
     if status == highspy.HighsModelStatus.kOptimal:
         return _Stop("optimal")
     info = model.getInfo()
-    reason = "time limit" if status == highspy.HighsModelStatus.kTimeLimit else "node limit"
+    reason = "time limit" if status == highspy.HighsModelStatus.kTimeLimit else "node limit"  # kSolutionLimit: mip_max_nodes
     return _Stop(reason, _relative_gap(info.objective_function_value, info.mip_dual_bound))
+
+
+def _read_highs_incumbent(problem: pulp.LpProblem) -> None:
+    import highspy
+
+    model = problem.solverModel
+    if model.getModelStatus() != highspy.HighsModelStatus.kSolutionLimit:
+        raise SolverError(f"the highs solver stopped with status {model.getModelStatus()}, which PuLP cannot read")
+    values = model.getSolution().col_value
+    for variable in problem.variables():
+        variable.varValue = values[variable.index]
+    problem.assignStatus(pulp.LpStatusOptimal, pulp.LpSolutionIntegerFeasible)
 
 
 def _relative_gap(objective: float, bound: float) -> float:
