@@ -25,7 +25,8 @@ class SolverError(AutoTPError):
 
 
 class SolverTimeLimitWarning(UserWarning):
-    """The solver stopped at its time limit: the plan is the deterministic fallback, not its incumbent."""
+    """The solver stopped at its time limit (or its node limit before any plan): the plan is the
+    deterministic fallback, not the solver's incumbent."""
 
 
 class ConfigError(AutoTPError, ValueError):

@@ -25,7 +25,8 @@ depend on the machine's speed: "optimal", or "feasible (gap g%, node limit)" wit
 and its gap to the best bound. ``time_limit_s`` is only a safety net: where the search stopped
 there does depend on timing, so the solver's incumbent is discarded and the deterministic
 ``fallback_choice`` (all-``R``, state split to fit the budget) is returned with a warning and
-status "fallback (time limit)". (Given to CBC as a warm start, that plan made it skip the root
+status "fallback (time limit)"; likewise, "fallback (no incumbent)", when the node limit comes
+before any plan. (Given to CBC as a warm start, that plan made it skip the root
 heuristics that find near-optimal incumbents: 32% gap instead of 13% after 20 nodes on a toy
 Qwen2, so it is not one.)
 """
@@ -62,6 +63,7 @@ _MICRO = 1e6
 # under a tight budget on cpu-gloo prices take CBC 20-40 ms a node on a 2-core machine, so the
 # limit lands well inside the default 60 s; the LLaMA-3-8B and -2-70B shapes solve at the root.
 NODE_LIMIT = 1000
+_FALLBACK_REASONS = ("time limit", "no incumbent")  # the search gave no reproducible plan
 __all__ = ["NODE_LIMIT", "Solution", "min_state_nbytes", "solve", "state_nbytes"]
 
 
@@ -125,18 +127,8 @@ def solve(
         _memory_constraint(problem, space, cost, x, canonical, memory_budget)
     problem += pulp.lpSum(objective)
     stop = _run(problem, solver, time_limit_s, node_limit, on_incumbent)
-    if stop.reason == "time limit":
-        chosen = fallback_choice(space, cost, memory_budget=memory_budget, pinned=pinned)
-        choice = {n.name: n.strategies.index(chosen[n.name]) for n in space.nodes}
-        message = (
-            f"the {solver} solver hit its {time_limit_s:g}s time limit before its {node_limit}-node limit; where it "
-            "stopped depends on timing, so its incumbent is set aside for the deterministic fallback plan (every op "
-            "replicated, parameters split to fit the budget and all-gathered before use). Raise time_limit_s, or "
-            "lower node_limit to stop at a reproducible incumbent sooner"
-        )
-        log.warning(message)
-        warnings.warn(message, SolverTimeLimitWarning, stacklevel=2)
-        status = "fallback (time limit)"
+    if stop.reason in _FALLBACK_REASONS:
+        choice, status = _fallback(space, cost, memory_budget, pinned, stop.reason, solver=solver, time_limit_s=time_limit_s, node_limit=node_limit)
     else:
         choice = {n.name: _chosen(x[canonical[n.name]]) for n in space.nodes}
         status = "optimal" if stop.reason == "optimal" else f"feasible (gap {stop.gap:.1%}, {node_limit}-node limit)"
@@ -144,12 +136,32 @@ def solve(
     log.info("ILP: %d variables, %d constraints, %s in %.2fs", problem.numVariables(), problem.numConstraints(), status, elapsed)
     return Solution(
         choice=choice,
-        objective_seconds=math.nan if stop.reason == "time limit" else float(pulp.value(problem.objective) or 0.0) / _MICRO,
+        objective_seconds=math.nan if stop.reason in _FALLBACK_REASONS else float(pulp.value(problem.objective) or 0.0) / _MICRO,
         status=status,
         seconds=elapsed,
         n_variables=problem.numVariables(),
         n_constraints=problem.numConstraints(),
     )
+
+
+def _fallback(
+    space: StrategySpace, cost: CostModel, memory_budget: float | None, pinned: Mapping[str, OpStrategy], reason: str, *,
+    solver: str, time_limit_s: float, node_limit: int,
+) -> tuple[dict[str, int], str]:
+    """``fallback_choice`` as strategy indices and its status, with a warning that says why."""
+    chosen = fallback_choice(space, cost, memory_budget=memory_budget, pinned=pinned)
+    why = (
+        f"the {solver} solver hit its {time_limit_s:g}s time limit before its {node_limit}-node limit; where it stopped "
+        "depends on timing, so any incumbent is set aside for"
+        if reason == "time limit" else f"the {solver} solver found no plan within its {node_limit}-node limit, so this is"
+    )
+    message = (
+        f"{why} the deterministic fallback plan (every op replicated, parameters split to fit the budget and "
+        "all-gathered before use). Raise time_limit_s or node_limit for the solver's plan"
+    )
+    log.warning(message)
+    warnings.warn(message, SolverTimeLimitWarning, stacklevel=3)
+    return {n.name: n.strategies.index(chosen[n.name]) for n in space.nodes}, f"fallback ({reason})"
 
 
 def _strategy_variables(problem: pulp.LpProblem, space: StrategySpace, canonical: Mapping[str, str]) -> dict[str, list]:
@@ -290,8 +302,9 @@ def _memory_constraint(problem: pulp.LpProblem, space: StrategySpace, cost: Cost
 
 @dataclass(frozen=True, slots=True)
 class _Stop:
-    """Why the search ended: "optimal", "node limit" (deterministic) or "time limit" (not), and the
-    relative gap between the incumbent and the best bound when it had not closed."""
+    """Why the search ended: "optimal", "node limit" (deterministic), "no incumbent" (the node limit
+    came before any plan) or "time limit" (not deterministic), and the relative gap between the
+    incumbent and the best bound when it had not closed."""
 
     reason: str
     gap: float = 0.0
@@ -328,10 +341,13 @@ def _run(
 
 
 def _checked(problem: pulp.LpProblem, stop: _Stop, solver: str) -> _Stop:
-    """``stop``, unless the solver ended without a plan for another reason than its time limit."""
-    if stop.reason != "time limit" and problem.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
-        raise SolverError(f"the {solver} solver returned no solution (status {pulp.LpStatus[problem.status]}, sol_status {problem.sol_status})")
-    return stop
+    """``stop``, or "no incumbent" when a node limit came first; an error when the solver claims
+    to have finished without a plan."""
+    if problem.sol_status in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible) or stop.reason == "time limit":
+        return stop
+    if stop.reason == "node limit":
+        return _Stop("no incumbent")
+    raise SolverError(f"the {solver} solver returned no solution (status {pulp.LpStatus[problem.status]}, sol_status {problem.sol_status})")
 
 
 # CBC's closing lines: "Result - Optimal solution found" / "Result - Stopped on node limit" /
