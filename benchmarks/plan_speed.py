@@ -124,7 +124,7 @@ def measure_budget(row: dict) -> dict:
 
 def budget_main() -> None:
     print("planning (capture + strategies + solve) without and with a memory budget, CBC, each row in a fresh process")
-    header = f"{'model':<22}{'hardware':<10}{'no budget s':>12}{'budget s':>10}{'ratio':>7}{'budget solve s':>16}  status"
+    header = f"{'model':<28}{'hardware':<10}{'no budget s':>12}{'budget s':>10}{'ratio':>7}{'budget solve s':>16}  status"
     print(header)
     print("-" * len(header))
     for row in BUDGET_ROWS:
@@ -133,7 +133,7 @@ def budget_main() -> None:
         r = json.loads(done.stdout.strip().splitlines()[-1])
         name = f"{row['toy']} (toy) 0.6x params" if "toy" in row else f"{row['shape']} 1.3x min"
         none, budget = r["none"], r["budget"]
-        print(f"{name:<22}{row['hardware']:<10}{none['plan']:>12.2f}{budget['plan']:>10.2f}{budget['plan'] / none['plan']:>6.2f}x"
+        print(f"{name:<28}{row['hardware']:<10}{none['plan']:>12.2f}{budget['plan']:>10.2f}{budget['plan'] / none['plan']:>6.2f}x"
               f"{budget['solve']:>16.2f}  {budget['status']}", flush=True)
 
 
