@@ -37,6 +37,11 @@ class SolverError(AutoTPError):
     """The ILP solver failed or returned no usable solution."""
 
 
+class SolverTimeLimitWarning(UserWarning):
+    """The solver stopped at its time limit (or its node limit before any plan): the plan is the
+    deterministic fallback, not the solver's incumbent."""
+
+
 class ConfigError(AutoTPError, ValueError):
     """An argument is malformed: a memory budget string, a mesh shape, a hardware name."""
 

@@ -3,6 +3,7 @@
     python -m benchmarks.plan_speed              # the table below, each run in a fresh process
     python -m benchmarks.plan_speed --repeat 1   # one run per row instead of the median of 3
     python -m benchmarks.plan_speed --no-dedup   # the same without solving repeated blocks once
+    python -m benchmarks.plan_speed --budget     # planning under a memory budget beside without one
 
 Planning as the product does it (``autotp.api.plan_model``'s stages: capture, strategy space,
 ``autotp.solve.planner.solve_plan`` with its wake-aware re-solves), for training with AdamW on
@@ -102,14 +103,100 @@ def _median_row(runs: list[dict]) -> dict:
     return row
 
 
+# Budget rows: each model planned without a budget and with one, in the same fresh process, so the
+# two times share the machine's load. Toy Hugging Face decoders (2 layers, hidden 64, 4 heads, 2
+# key/value heads) on 2 ranks for inference under 0.6x their parameter bytes, on the default
+# hardware and on cpu-gloo (dear collectives: the harder ILP); the LLaMA-3-8B and -2-70B shapes on
+# a mesh of 8, training with AdamW, batch 8 x 2048, under 1.3x their smallest state per device.
+TOY_FAMILIES = ("llama", "qwen2", "mistral", "phi3")
+BUDGET_ROWS = [
+    *({"toy": family, "hardware": hardware} for family in TOY_FAMILIES for hardware in ("h100-sxm", "cpu-gloo")),
+    {"shape": "llama-3-8b", "hardware": "h100-sxm"},
+    {"shape": "llama-2-70b", "hardware": "h100-sxm"},
+]
+
+
+def _toy_decoder(family: str) -> tuple:
+    import torch
+    import transformers
+
+    config_class, model_class = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
+    }[family]
+    config = config_class(
+        hidden_size=64, intermediate_size=176, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+        vocab_size=256, max_position_embeddings=64, use_cache=False, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    model = model_class(config).eval()
+    return model, (torch.randint(1, 256, (2, 16), generator=torch.Generator().manual_seed(1)),)
+
+
+def measure_budget(row: dict) -> dict:
+    """Plan one row without a budget and with one, timing capture + strategies + solve each time."""
+    import warnings
+
+    from autotp.capture.export import capture
+    from autotp.cost.model import CostModel, resolve_hardware
+    from autotp.examples import build_example
+    from autotp.solve.ilp import min_state_nbytes, solve
+    from autotp.strategies.engine import build_strategy_space
+
+    warnings.simplefilter("ignore")
+    if "toy" in row:
+        model, inputs = _toy_decoder(row["toy"])
+        tp, cost = 2, CostModel(resolve_hardware(row["hardware"]), 2, training=False, optimizer=None)
+        budget_of = lambda space: 0.6 * sum(p.numel() * p.element_size() for p in model.parameters())  # noqa: E731
+    else:
+        config = LLAMA_3_8B if row["shape"] == "llama-3-8b" else LLAMA_2_70B
+        model, inputs = build_example("llama", device="meta", batch=8, seq=2048, max_seq_len=2048, **config)
+        tp, cost = TP, CostModel(resolve_hardware(row["hardware"]), TP, training=True, optimizer="adamw")
+        budget_of = lambda space: 1.3 * min_state_nbytes(space, cost)  # noqa: E731
+    result = {}
+    for label in ("none", "budget"):
+        started = time.perf_counter()
+        space = build_strategy_space(capture(model, inputs), tp)
+        t_space = time.perf_counter()
+        solution = solve(space, cost, memory_budget=budget_of(space) if label == "budget" else None)
+        done = time.perf_counter()
+        result[label] = {"plan": done - started, "solve": done - t_space, "status": solution.status}
+    return result
+
+
+def budget_main() -> None:
+    print("planning (capture + strategies + solve) without and with a memory budget, CBC, each row in a fresh process")
+    header = f"{'model':<28}{'hardware':<10}{'no budget s':>12}{'budget s':>10}{'ratio':>7}{'budget solve s':>16}  status"
+    print(header)
+    print("-" * len(header))
+    for row in BUDGET_ROWS:
+        command = [sys.executable, "-m", "benchmarks.plan_speed", "--one-budget", json.dumps(row)]
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        r = json.loads(done.stdout.strip().splitlines()[-1])
+        name = f"{row['toy']} (toy) 0.6x params" if "toy" in row else f"{row['shape']} 1.3x min"
+        none, budget = r["none"], r["budget"]
+        print(f"{name:<28}{row['hardware']:<10}{none['plan']:>12.2f}{budget['plan']:>10.2f}{budget['plan'] / none['plan']:>6.2f}x"
+              f"{budget['solve']:>16.2f}  {budget['status']}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--no-dedup", action="store_true", help="do not solve repeated blocks once")
     parser.add_argument("--repeat", type=int, default=3, help="fresh-process runs per row; the table shows the median")
+    parser.add_argument("--budget", action="store_true", help="the budget rows: each model without and with a memory budget")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one config (JSON) and print JSON
+    parser.add_argument("--one-budget", help=argparse.SUPPRESS)  # internal: measure one budget row (JSON)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(measure(json.loads(args.one), dedup=not args.no_dedup)))
+        return
+    if args.one_budget:
+        print(json.dumps(measure_budget(json.loads(args.one_budget))))
+        return
+    if args.budget:
+        budget_main()
         return
     header = (f"{'model':<16}{'nodes':>7}{'ILP vars':>10}  {'status':<9}{'build':>7}{'capture':>9}{'strategies':>12}"
               f"{'ILP':>7}{'solver':>12}{'plan':>7}{'total s':>9}{'cpu s':>7}{'peak RSS':>10}")

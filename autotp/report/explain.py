@@ -12,7 +12,7 @@ Conversions are counted as the ILP counts them: once per value and target placem
 conversion another consumer already pays costs this node nothing. ``compute + inputs + outputs``
 is then exactly the change in the ILP objective if n alone switched to s. The solver's choice
 is therefore the cheapest candidate, unless a cheaper one breaks the memory budget (parameters)
-or the solver stopped at its time limit; the explanation says which.
+or the solver stopped before proving optimality; the explanation says which.
 """
 from __future__ import annotations
 
@@ -208,7 +208,7 @@ def _verdict(candidates: list[Candidate], plan: Plan, node: NodeSpace) -> str:
                 f"{fmt_nbytes(after)}, over the {fmt_nbytes(plan.memory_budget)} budget"
             )
     if plan.solver_status != "optimal":
-        return f"{best.strategy} would be {fmt_seconds(saving)} faster: the solver stopped at its time limit ({plan.solver_status})"
+        return f"{best.strategy} would be {fmt_seconds(saving)} faster: the solver stopped before proving its plan optimal ({plan.solver_status})"
     return (
         f"{best.strategy} would be {fmt_seconds(saving)} faster with every other node held fixed; the solver's "
         "optimum differs within its tolerance, or the memory budget binds through another parameter"

@@ -14,7 +14,7 @@ from autotp.ir.placement import Placement, R, Shard
 from autotp.ir.plan import Conversion, NodePlan, Plan
 from autotp.ir.strategy import OpStrategy
 from autotp.ir.values import TensorMeta
-from autotp.solve.ilp import state_nbytes
+from autotp.solve.memory import state_nbytes
 from autotp.strategies.engine import NodeKind, StrategySpace
 
 

@@ -5,17 +5,30 @@ v (producer u, output i) the producer's placement is ``y[v,p] = Σ_{s: out_i(s)=
 each placement q some consumer slot may require of v, ``w[v,q] ∈ [0,1]`` is at least every
 consumer's demand ``Σ_{t: slot reads v as q} x[c,t]``: a conversion is paid once per value and
 target however many consumers want it (the rewriter shares it too). The demand is met by a flow
-``e[v,p,q] ≥ 0`` from the produced placement (Alpa-style, and tight in the LP relaxation, unlike
-``e ≥ y + w − 1``); transitions the table does not offer get no flow variable.
+``e[v,p,q] ≥ 0`` from the produced placement (Alpa-style; tighter in the LP relaxation than
+``e ≥ y + w − 1``, and tighter still with the ``produced`` rows, see ``_produced_goes_somewhere``);
+transitions the table does not offer get no flow variable.
 
     minimise   Σ c_compute(n,s)·x[n,s] + Σ c_transition(v,p,q)·e[v,p,q]
     subject to Σ_s x[n,s] = 1                                   (one_strategy_<n>)
                w[v,q] ≥ demand of each consumer slot            (w_<v>_<q>_<c>)
                Σ_p e[v,p,q] = w[v,q]                            (convert_<v>_<q>)
                e[v,p,q] ≤ y[v,p]                                (supply_<v>_<q>_<p>)
+               Σ_q e[v,p,q] ≥ y[v,p]                            (produced_<v>_<p>)
                Σ_{state n} nbytes_local(n,s)·x[n,s] ≤ budget     (memory_budget)
 
 Costs enter in microseconds so solver tolerances do not swallow them.
+
+Stopping, and the same plan for the same inputs: the solver runs single-threaded and stops at
+``node_limit`` branch-and-bound nodes, a deterministic amount of work, so its answer does not
+depend on the machine's speed: "optimal", or "feasible (gap g%, node limit)" with the incumbent
+and its gap to the best bound. ``time_limit_s`` is only a safety net: where the search stopped
+there does depend on timing, so the solver's incumbent is discarded and the deterministic
+``fallback_choice`` (all-``R``, state split to fit the budget) is returned with a warning and
+status "fallback (time limit)"; likewise, "fallback (no incumbent)", when the node limit comes
+before any plan. (Given to CBC as a warm start, that plan made it skip the root
+heuristics that find near-optimal incumbents: 32% gap instead of 13% after 20 nodes on a toy
+Qwen2, so it is not one.)
 """
 from __future__ import annotations
 
@@ -35,10 +48,10 @@ import pulp
 
 from autotp.comm.conversions import needs_grad_sync
 from autotp.cost.model import CostModel
-from autotp.errors import InfeasiblePlanError, SolverError
+from autotp.errors import InfeasiblePlanError, SolverError, SolverTimeLimitWarning
 from autotp.ir.placement import Placement
-from autotp.ir.units import fmt_nbytes
 from autotp.ir.values import TensorMeta, ValueRef
+from autotp.solve.memory import check_budget, fallback_choice, min_state_nbytes, state_nbytes
 from autotp.strategies.blocks import canonical_nodes
 from autotp.strategies.engine import NodeKind, NodeSpace, StrategySpace
 from autotp.strategies.rules import OpStrategy
@@ -46,11 +59,18 @@ from autotp.strategies.rules import OpStrategy
 log = logging.getLogger(__name__)
 
 _MICRO = 1e6
+# Branch-and-bound nodes before the solver stops with its incumbent. The hardest toy measured
+# (Hugging Face Qwen2 under 0.6x its parameter bytes, cpu-gloo prices) closes in about 120 nodes
+# at 20-60 ms each on a 2-core machine, so 1000 nodes lands inside the default 60 s.
+NODE_LIMIT = 1000
+_FALLBACK_REASONS = ("time limit", "no incumbent")  # the search gave no reproducible plan
+__all__ = ["NODE_LIMIT", "Solution", "min_state_nbytes", "solve", "state_nbytes"]
 
 
 @dataclass(frozen=True, slots=True)
 class Solution:
-    """The chosen strategy index of every node and how the solve went."""
+    """The chosen strategy index of every node and how the solve went (``objective_seconds`` is NaN
+    for the fallback plan, which the solver did not price; its ``Plan`` does)."""
 
     choice: dict[str, int]
     objective_seconds: float
@@ -64,54 +84,32 @@ class Solution:
         return {n.name: n.strategies[self.choice[n.name]] for n in space.nodes}
 
 
-def state_nbytes(node: NodeSpace, placement: Placement, cost: CostModel) -> float:
-    """Bytes one rank holds for a parameter/buffer placed as ``placement`` (with its gradient and
-    optimizer state when training)."""
-    meta = node.output_meta
-    assert isinstance(meta, TensorMeta)
-    return cost.state_nbytes(meta, placement, is_parameter=node.is_parameter)
-
-
-def min_state_nbytes(space: StrategySpace, cost: CostModel) -> float:
-    """The smallest state memory per device any plan can reach (each state at its best split)."""
-    return sum(
-        min(state_nbytes(n, s.output, cost) for s in n.strategies)  # type: ignore[arg-type, misc]
-        for n in space.nodes
-        if n.kind is NodeKind.STATE
-    )
-
-
 def solve(
     space: StrategySpace,
     cost: CostModel,
     *,
     memory_budget: float | None = None,
     time_limit_s: float = 60.0,
+    node_limit: int = NODE_LIMIT,
     solver: str = "cbc",
     pinned: Mapping[str, OpStrategy] | None = None,
     dedup: bool = True,
     on_incumbent: Callable[[float, float | None], None] | None = None,
 ) -> Solution:
-    """Solve the ILP; raise ``InfeasiblePlanError`` when no plan fits ``memory_budget``.
+    """Solve the ILP; raise ``InfeasiblePlanError`` naming what binds when no plan fits ``memory_budget``.
 
     ``pinned`` fixes the strategy of some nodes (a hand layout to price, or a user override).
     ``dedup`` solves repeated identical blocks once (``autotp.strategies.blocks``): they share variables,
     so the ILP does not grow with depth, at the price of giving every repeat the same layout.
+    ``node_limit`` and ``time_limit_s`` stop the search (see the module docstring: the first is
+    deterministic, the second returns the fallback plan).
     ``on_incumbent(seconds, bound_seconds)`` is called, from another thread, with the objective
     of each better integer solution CBC finds while it runs and its lower bound so far (None
     before it has one), read from its log; other solvers do not call it.
     """
+    pinned = pinned or {}
     if memory_budget is not None:
-        floor = min_state_nbytes(space, cost)
-        if floor > memory_budget:
-            what = f"parameters, gradients and {cost.optimizer or 'no'} optimizer state" if cost.training else "the parameters and buffers"
-            raise InfeasiblePlanError(
-                f"no plan fits a memory budget of {fmt_nbytes(memory_budget)} per device on "
-                f"{space.tp_size} ranks: {what} alone need at least "
-                f"{fmt_nbytes(floor)} ({floor:.0f} bytes) per device with every one split. "
-                "Raise memory_budget to at least that, or use more ranks"
-                + (", or plan with training=False for inference" if cost.training else "")
-            )
+        check_budget(space, cost, memory_budget, pinned)
     started = time.perf_counter()
     canonical = canonical_nodes(space) if dedup else {n.name: n.name for n in space.nodes}
     problem = pulp.LpProblem("autotp", pulp.LpMinimize)
@@ -126,20 +124,44 @@ def solve(
     objective += _transition_terms(problem, space, cost, x, canonical)
     if memory_budget is not None:
         _memory_constraint(problem, space, cost, x, canonical, memory_budget)
-    _pin(problem, space, x, canonical, pinned or {})
+    _pin(problem, space, x, canonical, pinned)
     problem += pulp.lpSum(objective)
-    status = _run(problem, solver, time_limit_s, on_incumbent)
-    choice = {n.name: _chosen(x[canonical[n.name]]) for n in space.nodes}
+    stop = _run(problem, solver, time_limit_s, node_limit, on_incumbent)
+    if stop.reason in _FALLBACK_REASONS:
+        choice, status = _fallback(space, cost, memory_budget, pinned, stop.reason, solver=solver, time_limit_s=time_limit_s, node_limit=node_limit)
+    else:
+        choice = {n.name: _chosen(x[canonical[n.name]]) for n in space.nodes}
+        status = "optimal" if stop.reason == "optimal" else f"feasible (gap {stop.gap:.1%}, {node_limit}-node limit)"
     elapsed = time.perf_counter() - started
     log.info("ILP: %d variables, %d constraints, %s in %.2fs", problem.numVariables(), problem.numConstraints(), status, elapsed)
     return Solution(
         choice=choice,
-        objective_seconds=float(pulp.value(problem.objective) or 0.0) / _MICRO,
+        objective_seconds=math.nan if stop.reason in _FALLBACK_REASONS else float(pulp.value(problem.objective) or 0.0) / _MICRO,
         status=status,
         seconds=elapsed,
         n_variables=problem.numVariables(),
         n_constraints=problem.numConstraints(),
     )
+
+
+def _fallback(
+    space: StrategySpace, cost: CostModel, memory_budget: float | None, pinned: Mapping[str, OpStrategy], reason: str, *,
+    solver: str, time_limit_s: float, node_limit: int,
+) -> tuple[dict[str, int], str]:
+    """``fallback_choice`` as strategy indices and its status, with a warning that says why."""
+    chosen = fallback_choice(space, cost, memory_budget=memory_budget, pinned=pinned)
+    why = (
+        f"the {solver} solver hit its {time_limit_s:g}s time limit before its {node_limit}-node limit; where it stopped "
+        "depends on timing, so any incumbent is set aside for"
+        if reason == "time limit" else f"the {solver} solver found no plan within its {node_limit}-node limit, so this is"
+    )
+    message = (
+        f"{why} the deterministic fallback plan (every op replicated, parameters split to fit the budget and "
+        "all-gathered before use). Raise time_limit_s or node_limit for the solver's plan"
+    )
+    log.warning(message)
+    warnings.warn(message, SolverTimeLimitWarning, stacklevel=3)
+    return {n.name: n.strategies.index(chosen[n.name]) for n in space.nodes}, f"fallback ({reason})"
 
 
 def _strategy_variables(problem: pulp.LpProblem, space: StrategySpace, canonical: Mapping[str, str]) -> dict[str, list]:
@@ -182,10 +204,13 @@ def _transition_terms(problem: pulp.LpProblem, space: StrategySpace, cost: CostM
                 by_placement[s.inputs[slot]].append(i)
             for q, idxs in by_placement.items():
                 wanted[q].append(pulp.lpSum(x[consumer][i] for i in idxs))
-        value_terms = []
+        value_terms: list = []
+        outflow: dict[Placement, list] = defaultdict(list)
         for q_id, (q, demands) in enumerate(wanted.items()):
             if set(produced) != {q}:  # else the producer can only make q: nothing to convert
-                value_terms += _conversion_flow(problem, cost, meta, producer.requires_grad, y, q, demands, f"{v_id}_{q_id}")
+                value_terms += _conversion_flow(problem, cost, meta, producer.requires_grad, y, q, demands, f"{v_id}_{q_id}", outflow)
+        if len(produced) > 1:
+            _produced_goes_somewhere(problem, y, outflow, f"{v_id}")
         value_terms += _grad_sync(problem, cost, x, [(nodes[c], slot) for c, slot in slots], meta, producer.requires_grad, f"{v_id}")
         terms += [count * t for t in value_terms]
     return terms
@@ -217,8 +242,12 @@ def _grad_sync(problem: pulp.LpProblem, cost: CostModel, x: dict[str, list], rea
     return [seconds * _MICRO * _demand(problem, demands, f"grad_sync_{tag}")]
 
 
-def _conversion_flow(problem: pulp.LpProblem, cost: CostModel, meta: TensorMeta, requires_grad: bool, y: dict[Placement, object], q: Placement, demands: list, tag: str) -> list:
-    """Value wanted as ``q`` (``w``) must be supplied from the placement it is produced in."""
+def _conversion_flow(
+    problem: pulp.LpProblem, cost: CostModel, meta: TensorMeta, requires_grad: bool, y: dict[Placement, object], q: Placement, demands: list, tag: str,
+    outflow: dict[Placement, list],
+) -> list:
+    """Value wanted as ``q`` (``w``) must be supplied from the placement it is produced in; each
+    flow is also recorded in ``outflow`` by its source placement."""
     w = _demand(problem, demands, f"w_{tag}")
     flows, terms = [], []
     for p_id, (p, y_p) in enumerate(y.items()):
@@ -228,10 +257,24 @@ def _conversion_flow(problem: pulp.LpProblem, cost: CostModel, meta: TensorMeta,
         e = problem.add_variable(f"e_{tag}_{p_id}", lowBound=0)
         problem += e <= y_p, f"supply_{tag}_{p_id}"
         flows.append(e)
+        outflow[p].append(e)
         if seconds > 0:
             terms.append(seconds * _MICRO * e)
     problem += pulp.lpSum(flows) == w, f"convert_{tag}"
     return terms
+
+
+def _produced_goes_somewhere(problem: pulp.LpProblem, y: dict[Placement, object], outflow: Mapping[Placement, list], tag: str) -> None:
+    """``Σ_q e[v,p,q] ≥ y[v,p]``: what is produced as ``p`` feeds at least one wanted placement.
+
+    Valid for every integer plan (the one produced placement supplies every wanted one, and each
+    reader wants one). Without it the LP let a fractional producer serve all demand from its
+    cheap part: ``y = ½ P + ½ R`` with readers wanting ``½ R + ½ S(0)`` was met free from ``R``
+    alone, never paying to reduce the partial sum. On a toy Qwen2 under 0.6x its parameter bytes
+    (cpu-gloo prices) the root bound rose from 1810 to 2031 us against a 2199 us optimum.
+    """
+    for p_id, (p, y_p) in enumerate(y.items()):
+        problem += pulp.lpSum(outflow[p]) >= y_p, f"produced_{tag}_{p_id}"
 
 
 def _pin(problem: pulp.LpProblem, space: StrategySpace, x: dict[str, list], canonical: Mapping[str, str], pinned: Mapping[str, OpStrategy]) -> None:
@@ -257,23 +300,102 @@ def _memory_constraint(problem: pulp.LpProblem, space: StrategySpace, cost: Cost
     problem += pulp.lpSum(terms) <= budget, "memory_budget"
 
 
-def _run(problem: pulp.LpProblem, solver: str, time_limit_s: float, on_incumbent: Callable[[float, float | None], None] | None = None) -> str:
+@dataclass(frozen=True, slots=True)
+class _Stop:
+    """Why the search ended: "optimal", "node limit" (deterministic), "no incumbent" (the node limit
+    came before any plan) or "time limit" (not deterministic), and the relative gap between the
+    incumbent and the best bound when it had not closed."""
+
+    reason: str
+    gap: float = 0.0
+
+
+def _run(
+    problem: pulp.LpProblem, solver: str, time_limit_s: float, node_limit: int,
+    on_incumbent: Callable[[float, float | None], None] | None = None,
+) -> _Stop:
     if solver not in ("cbc", "highs"):
         raise SolverError(f"unknown solver {solver!r}; use 'cbc' or 'highs'")
-    if solver == "cbc" and on_incumbent is not None:
-        with tempfile.TemporaryDirectory(prefix="autotp-cbc-") as tmp:
-            log_path = os.path.join(tmp, "cbc.log")
+    if solver == "highs":
+        backend = pulp.HiGHS(msg=False, timeLimit=time_limit_s, threads=1, mip_max_nodes=node_limit, mip_rel_gap=0.0)
+        try:
+            _solve_with(problem, backend, solver)
+        except KeyError:  # PuLP 3.3 has no status for HiGHS's node limit (kSolutionLimit): read the incumbent here
+            _read_highs_incumbent(problem)
+        return _checked(problem, _highs_stop(problem), solver)
+    with tempfile.TemporaryDirectory(prefix="autotp-cbc-") as tmp:
+        log_path = os.path.join(tmp, "cbc.log")
+        with warnings.catch_warnings():  # PuLP 3.3 deprecates its bundled CBC; it still ships and works
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            backend = pulp.PULP_CBC_CMD(
+                msg=False, timeLimit=time_limit_s, threads=1, maxNodes=node_limit, logPath=log_path,
+            )
+        if on_incumbent is None:
+            _solve_with(problem, backend, solver)
+        else:
             with _IncumbentTail(log_path, on_incumbent):
-                return _solve_with(problem, _cbc(time_limit_s, log_path), solver, time_limit_s)
-    backend = _cbc(time_limit_s, None) if solver == "cbc" else pulp.HiGHS(msg=False, timeLimit=time_limit_s, threads=1)
-    return _solve_with(problem, backend, solver, time_limit_s)
+                _solve_with(problem, backend, solver)
+        with open(log_path, encoding="utf-8", errors="replace") as f:
+            return _checked(problem, _cbc_stop(f.read()), solver)
 
 
-def _cbc(time_limit_s: float, log_path: str | None) -> pulp.LpSolver:
-    with warnings.catch_warnings():  # PuLP 3.3 deprecates its bundled CBC; it still ships and works
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.simplefilter("ignore", FutureWarning)
-        return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, threads=1, logPath=log_path)
+def _checked(problem: pulp.LpProblem, stop: _Stop, solver: str) -> _Stop:
+    """``stop``, or "no incumbent" when a node limit came first; an error when the solver claims
+    to have finished without a plan."""
+    if problem.sol_status in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible) or stop.reason == "time limit":
+        return stop
+    if stop.reason == "node limit":
+        return _Stop("no incumbent")
+    raise SolverError(f"the {solver} solver returned no solution (status {pulp.LpStatus[problem.status]}, sol_status {problem.sol_status})")
+
+
+# CBC's closing lines: "Result - Optimal solution found" / "Result - Stopped on node limit" /
+# "Result - Stopped on time limit", then "Objective value: 2221.958", "Lower bound: 1936.326".
+_RESULT = re.compile(r"^Result - (.*)$", re.MULTILINE)
+_OBJECTIVE = re.compile(r"^Objective value:\s+(\S+)", re.MULTILINE)
+_LOWER_BOUND = re.compile(r"^Lower bound:\s+(\S+)", re.MULTILINE)
+
+
+def _cbc_stop(log_text: str) -> _Stop:
+    result = _RESULT.search(log_text)
+    if result is None:  # CBC was stopped before it could print one
+        return _Stop("time limit", math.inf)
+    if result.group(1).startswith("Optimal"):
+        return _Stop("optimal")
+    reason = "time limit" if "time" in result.group(1) else "node limit"
+    objective, bound = _OBJECTIVE.search(log_text), _LOWER_BOUND.search(log_text)
+    if objective is None or bound is None:
+        return _Stop(reason, math.inf)
+    return _Stop(reason, _relative_gap(float(objective.group(1)), float(bound.group(1))))
+
+
+def _highs_stop(problem: pulp.LpProblem) -> _Stop:
+    import highspy
+
+    model = problem.solverModel
+    status = model.getModelStatus()
+    if status == highspy.HighsModelStatus.kOptimal:
+        return _Stop("optimal")
+    info = model.getInfo()
+    reason = "time limit" if status == highspy.HighsModelStatus.kTimeLimit else "node limit"  # kSolutionLimit: mip_max_nodes
+    return _Stop(reason, _relative_gap(info.objective_function_value, info.mip_dual_bound))
+
+
+def _read_highs_incumbent(problem: pulp.LpProblem) -> None:
+    import highspy
+
+    model = problem.solverModel
+    if model.getModelStatus() != highspy.HighsModelStatus.kSolutionLimit:
+        raise SolverError(f"the highs solver stopped with status {model.getModelStatus()}, which PuLP cannot read")
+    values = model.getSolution().col_value
+    for variable in problem.variables():
+        variable.varValue = values[variable.index]
+    problem.assignStatus(pulp.LpStatusOptimal, pulp.LpSolutionIntegerFeasible)
+
+
+def _relative_gap(objective: float, bound: float) -> float:
+    return max(0.0, objective - bound) / max(abs(objective), 1e-9)
 
 
 # CBC's log lines with a new incumbent's objective ("Cbc0012I Integer solution of 6.2021878 found by
@@ -335,20 +457,18 @@ class _IncumbentTail:
             self.on_incumbent(best / _MICRO, bound / _MICRO if bound > -math.inf else None)
 
 
-def _solve_with(problem: pulp.LpProblem, backend: pulp.LpSolver, solver: str, time_limit_s: float) -> str:
+def _solve_with(problem: pulp.LpProblem, backend: pulp.LpSolver, solver: str) -> None:
     try:
         problem.solve(backend)
     except pulp.PulpSolverError as exc:
         raise SolverError(f"the {solver} solver failed: {exc}") from exc
     status = pulp.LpStatus[problem.status]
     if problem.status == pulp.LpStatusInfeasible:
-        raise InfeasiblePlanError(f"the ILP is infeasible ({status}); constraints: {', '.join(c for c in problem.constraints if 'memory' in c) or 'see the model'}")
-    if problem.sol_status == pulp.LpSolutionIntegerFeasible:
-        log.warning("the %s solver hit its %.0fs time limit; the plan is feasible but may not be optimal", solver, time_limit_s)
-        return "feasible (time limit)"
-    if problem.sol_status != pulp.LpSolutionOptimal:
-        raise SolverError(f"the {solver} solver returned no solution (status {status}, sol_status {problem.sol_status}) within {time_limit_s:.0f}s")
-    return "optimal"
+        binding = [name for name in problem.constraints if name == "memory_budget" or name.startswith("pinned_")]
+        raise InfeasiblePlanError(
+            f"the ILP is infeasible ({status}) although the budget is above the state's floor; the constraints "
+            f"that can bind: {', '.join(binding) or 'none of the budget or pins (a rule offers no consistent strategy)'}"
+        )
 
 
 def _chosen(variables: list) -> int:

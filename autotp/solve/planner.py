@@ -13,13 +13,12 @@ from dataclasses import replace
 
 from autotp.cost.model import CostModel
 from autotp.cost.wake import plan_mean_gap_seconds
-from autotp.errors import AutoTPError
-from autotp.ir.placement import R
 from autotp.ir.plan import Plan
 from autotp.ir.strategy import OpStrategy
 from autotp.solve.build import build_plan
 from autotp.solve.ilp import solve
 from autotp.solve.layouts import megatron_layout_of
+from autotp.solve.memory import replicated_strategy
 from autotp.strategies.engine import StrategySpace
 
 log = logging.getLogger(__name__)
@@ -78,12 +77,7 @@ def _choice(plan: Plan) -> tuple[str, ...]:
 
 def replicate_all(space: StrategySpace, cost: CostModel, *, hardware: str) -> Plan:
     """Every node at its all-``R`` strategy: the unsplit model on every rank."""
-    chosen = {}
-    for node in space.nodes:
-        strategy = next((s for s in node.strategies if all(p == R for p in (*s.inputs, *s.outputs()))), None)
-        if strategy is None:  # every op offers all-R; this guards against a rule that does not
-            raise AutoTPError(f"{node.describe()} has no all-replicate strategy")
-        chosen[node.name] = strategy
+    chosen = {node.name: replicated_strategy(node) for node in space.nodes}
     return build_plan(space, chosen, cost, hardware=hardware, memory_budget=None)
 
 
