@@ -1,7 +1,7 @@
 """Planning under a memory budget: toy Hugging Face decoders solve to optimality within 10 s, a
 stopped search gives the same plan every time, and an infeasible budget names what binds.
 
-One process, no ranks. The toys are ``build_hf_model``'s LLaMA and a Mistral of the same size
+One process, no ranks. The toys are ``build_hf_model``'s LLaMA and a Mistral, Qwen2 and Phi-3 of the same size
 (2 layers, hidden 64, 4 heads, 2 key/value heads), planned for inference on 2 ranks at the default
 hardware (h100-sxm) under 0.6 x their parameter bytes; the stopping tests use a Qwen2 of the same
 size on cpu-gloo prices, whose search takes about a hundred branch-and-bound nodes.
@@ -28,12 +28,13 @@ BUDGET_FACTOR = 0.6  # of the parameter bytes: more than the 0.5 floor, so most 
 
 
 def _toy(family: str) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
-    """Mistral or Qwen2 (q/k/v with biases) at the size of ``build_hf_model``'s LLaMA."""
+    """Mistral, Qwen2 (q/k/v with biases) or Phi-3 (fused qkv) at the size of ``build_hf_model``'s LLaMA."""
     import transformers
 
     config_class, model_class = {
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
     }[family]
     config = config_class(
         hidden_size=64, intermediate_size=176, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
@@ -66,7 +67,7 @@ def _held(space: StrategySpace, cost: CostModel, choice: dict[str, int]) -> floa
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("name", ["llama", "mistral"])
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "phi3"])
 def test_toy_decoder_under_budget_is_optimal_within_10_s(name: str) -> None:
     space, param_nbytes = _space(name)
     cost = _cost()
