@@ -27,6 +27,7 @@ from autotp.runtime.agreement import DEFAULT_SETUP_TIMEOUT_S, agree_on_plan, set
 from autotp.runtime.arguments import PlannedCall
 from autotp.runtime.module import ShardedModule, register_state
 from autotp.runtime.retrace import Retracer
+from autotp.solve.ilp import NODE_LIMIT
 from autotp.solve.planner import solve_plan
 from autotp.strategies.engine import StrategySpace, build_strategy_space
 
@@ -55,6 +56,7 @@ def plan(
     optimizer: str | None = "adamw",
     solver: str = "cbc",
     time_limit_s: float = 60.0,
+    node_limit: int = NODE_LIMIT,
     symbolic: bool = False,
 ) -> Plan:
     """Plan ``model`` for a mesh of ``mesh_shape`` without any process group (meta models work).
@@ -64,10 +66,15 @@ def plan(
     ``symbolic`` also captures the model at a few more sizes so that ``plan.cost_expression()``
     gives the time as a sympy expression in batch ``B`` and sequence length ``T`` (dims 0 and 1
     of the inputs; see ``autotp.cost.symbolic``).
+
+    The solver stops at ``node_limit`` branch-and-bound nodes (the same plan on every machine; its
+    status gives the gap when it is not proven optimal); ``time_limit_s`` is a safety net that
+    returns a deterministic fallback plan with a ``SolverTimeLimitWarning`` (docs/scale.md).
     """
     result = plan_model(
         model, example_inputs, mesh_shape=mesh_shape, hardware=hardware or "h100-sxm",
         memory_budget=memory_budget, training=training, optimizer=optimizer, solver=solver, time_limit_s=time_limit_s,
+        node_limit=node_limit,
     ).plan
     if symbolic:
         from autotp.cost.symbolic import attach_cost_terms
@@ -87,6 +94,7 @@ def plan_model(
     optimizer: str | None = "adamw",
     solver: str = "cbc",
     time_limit_s: float = 60.0,
+    node_limit: int = NODE_LIMIT,
     progress: Progress | None = None,
 ) -> PlanningResult:
     """Capture, build the strategy space, solve and build the plan; ``progress`` hears each stage
@@ -97,7 +105,7 @@ def plan_model(
     captured, space = _capture_space(model, example_inputs, tp_size, progress=progress)
     result = _solve_space(
         space, profile=profile, memory_budget=budget, training=training, optimizer=optimizer,
-        solver=solver, time_limit_s=time_limit_s, progress=progress,
+        solver=solver, time_limit_s=time_limit_s, node_limit=node_limit, progress=progress,
     )
     log.info("planned %s on %d ranks in %.2fs", captured.model_name, tp_size, time.perf_counter() - started)
     return PlanningResult(captured, space, result)
@@ -136,6 +144,7 @@ def _solve_space(
     optimizer: str | None,
     solver: str = "cbc",
     time_limit_s: float = 60.0,
+    node_limit: int = NODE_LIMIT,
     progress: Progress | None = None,
 ) -> Plan:
     cost = CostModel(profile, space.tp_size, training=training, optimizer=optimizer if training else None)
@@ -144,7 +153,7 @@ def _solve_space(
             report.update(f"incumbent {fmt_seconds(seconds)}" + (f", bound {fmt_seconds(bound_seconds)}" if bound_seconds is not None else ""))
 
         result = solve_plan(
-            space, cost, hardware=profile.name, memory_budget=memory_budget, time_limit_s=time_limit_s, solver=solver,
+            space, cost, hardware=profile.name, memory_budget=memory_budget, time_limit_s=time_limit_s, node_limit=node_limit, solver=solver,
             on_incumbent=on_incumbent if progress is not None else None,
         )
         report.outcome = f"{result.solver_status}, {fmt_seconds(result.total_seconds)}"

@@ -137,3 +137,15 @@ def test_every_budget_at_the_floor_is_feasible_without_pins() -> None:
     assert _held(space, cost, solution.choice) == pytest.approx(floor)
     with pytest.raises(InfeasiblePlanError, match="alone need at least"):
         solve(space, cost, memory_budget=floor - 1)
+
+
+@pytest.mark.timeout(300)
+def test_the_node_limit_reaches_the_solver_from_autotp_plan() -> None:
+    import autotp
+
+    model, inputs = _toy("qwen2")
+    budget = int(BUDGET_FACTOR * sum(p.numel() * p.element_size() for p in model.parameters()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnsupportedOpWarning)
+        plan = autotp.plan(model, inputs, mesh_shape=(TP,), hardware="cpu-gloo", memory_budget=budget, training=False, node_limit=5)
+    assert plan.solver_status.startswith("feasible (gap ") and plan.solver_status.endswith(", 5-node limit)"), plan.solver_status

@@ -16,7 +16,7 @@ from autotp.cost.wake import plan_mean_gap_seconds
 from autotp.ir.plan import Plan
 from autotp.ir.strategy import OpStrategy
 from autotp.solve.build import build_plan
-from autotp.solve.ilp import solve
+from autotp.solve.ilp import NODE_LIMIT, solve
 from autotp.solve.layouts import megatron_layout_of
 from autotp.solve.memory import replicated_strategy
 from autotp.strategies.engine import StrategySpace
@@ -33,21 +33,23 @@ def solve_plan(
     hardware: str,
     memory_budget: int | None,
     time_limit_s: float = 60.0,
+    node_limit: int = NODE_LIMIT,
     solver: str = "cbc",
     pinned: Mapping[str, OpStrategy] | None = None,
     on_incumbent: Callable[[float, float | None], None] | None = None,
 ) -> Plan:
     """The solver's plan for ``space`` under ``cost`` (``pinned`` nodes fixed), wake-aware when
     ``cost`` prices wake-up; raises ``InfeasiblePlanError`` when nothing fits ``memory_budget``."""
-    solution = solve(space, cost, memory_budget=memory_budget, time_limit_s=time_limit_s, solver=solver, pinned=pinned, on_incumbent=on_incumbent)
+    solution = solve(space, cost, memory_budget=memory_budget, time_limit_s=time_limit_s, node_limit=node_limit, solver=solver, pinned=pinned, on_incumbent=on_incumbent)
     plan = build_plan(space, solution.chosen(space), cost, hardware=hardware, memory_budget=memory_budget, status=solution.status, solve_seconds=solution.seconds)
     if not cost.prices_wake:
         return plan
-    return _wake_aware(plan, space, cost, memory_budget=memory_budget, time_limit_s=time_limit_s, solver=solver, pinned=pinned)
+    return _wake_aware(plan, space, cost, memory_budget=memory_budget, time_limit_s=time_limit_s, node_limit=node_limit, solver=solver, pinned=pinned)
 
 
 def _wake_aware(
-    plan: Plan, space: StrategySpace, cost: CostModel, *, memory_budget: int | None, time_limit_s: float, solver: str, pinned: Mapping[str, OpStrategy] | None,
+    plan: Plan, space: StrategySpace, cost: CostModel, *, memory_budget: int | None, time_limit_s: float, node_limit: int, solver: str,
+    pinned: Mapping[str, OpStrategy] | None,
 ) -> Plan:
     """The cheapest plan, priced from its schedule, of ``plan`` and a few re-solves that charge
     every collective the wake-up at the last plan's mean gap (``autotp.cost.wake``).
@@ -60,7 +62,7 @@ def _wake_aware(
     best, seen = plan, {_choice(plan)}
     for _ in range(WAKE_ROUNDS):
         gap = plan_mean_gap_seconds(plan, space, cost)
-        solution = solve(space, replace(cost, assumed_gap_seconds=gap), memory_budget=memory_budget, time_limit_s=time_limit_s, solver=solver, pinned=pinned)
+        solution = solve(space, replace(cost, assumed_gap_seconds=gap), memory_budget=memory_budget, time_limit_s=time_limit_s, node_limit=node_limit, solver=solver, pinned=pinned)
         plan = build_plan(space, solution.chosen(space), cost, hardware=best.hardware, memory_budget=memory_budget, status=solution.status, solve_seconds=solution.seconds)
         log.info("wake-aware re-solve at a %.3f ms gap: %.3f ms (best so far %.3f ms)", gap * 1e3, plan.total_seconds * 1e3, best.total_seconds * 1e3)
         if plan.total_seconds < best.total_seconds:

@@ -82,7 +82,15 @@ def add_planning_arguments(parser: argparse.ArgumentParser) -> None:
         "--plan", metavar="FILE",
         help="use a plan saved with --format json instead of solving; it is checked against TARGET (graph fingerprint)",
     )
-    parser.add_argument("--time-limit", type=float, default=60.0, metavar="SECONDS", help="solver time limit (default: 60)")
+    parser.add_argument(
+        "--time-limit", type=float, default=60.0, metavar="SECONDS",
+        help="solver safety net: past it a deterministic fallback plan is returned with a warning (default: 60)",
+    )
+    parser.add_argument(
+        "--node-limit", type=int, default=None, metavar="N",
+        help="branch-and-bound nodes the solver may explore: the same plan on every machine, with its gap if not proven optimal "
+        "(default: autotp.solve.ilp.NODE_LIMIT)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the planner does")
     shown = parser.add_mutually_exclusive_group()
     shown.add_argument(
@@ -145,6 +153,7 @@ def plan_target(args: argparse.Namespace) -> Planned:
     result = plan_model(
         target.model, target.example_inputs, mesh_shape=mesh, hardware=profile, memory_budget=budget,
         training=args.training, optimizer=optimizer, time_limit_s=args.time_limit, progress=progress_printer(args),
+        **({"node_limit": args.node_limit} if args.node_limit is not None else {}),
     )
     cost = CostModel(profile, mesh[0], training=args.training, optimizer=optimizer if args.training else None)
     return Planned(target, result, cost, budget, time.perf_counter() - started)
