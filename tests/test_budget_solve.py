@@ -149,3 +149,16 @@ def test_the_node_limit_reaches_the_solver_from_autotp_plan() -> None:
         warnings.simplefilter("ignore", UnsupportedOpWarning)
         plan = autotp.plan(model, inputs, mesh_shape=(TP,), hardware="cpu-gloo", memory_budget=budget, training=False, node_limit=5)
     assert plan.solver_status.startswith("feasible (gap ") and plan.solver_status.endswith(", 5-node limit)"), plan.solver_status
+
+
+def test_a_problem_without_choices_is_optimal_not_a_time_limit() -> None:
+    """On one rank every node has one strategy: CBC ends an empty problem with its simplex line
+    and no "Result" line, which once read as a time-limit stop and returned the fallback."""
+    import autotp
+    from autotp.examples import build_example
+
+    model, inputs = build_example("mlp", device="meta", d_model=64, d_hidden=256, n_layers=2, batch=2, seq=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SolverTimeLimitWarning)
+        plan = autotp.plan(model, inputs, mesh_shape=(1,), hardware="cpu-gloo", training=False)
+    assert plan.solver_status == "optimal"

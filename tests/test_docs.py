@@ -353,10 +353,15 @@ def _autotp(argv: list[str]) -> tuple[int, str]:
     return status, out.getvalue()
 
 
+# A rank that exits with its process group alive can abort in gloo's destructor ("terminate called
+# without an active exception"), failing a block that ran correctly: end the group first.
+_TEARDOWN = "import torch.distributed\nif torch.distributed.is_initialized():\n    torch.distributed.destroy_process_group()\n"
+
+
 def _run_on_ranks(block: Block, code: str, workdir: Path) -> None:
     """Run setup + block + check as one script under `torchrun --nproc-per-node N`."""
     script = workdir / f"doc_block_{block.line}.py"
-    script.write_text(f"# {block.where}\n{block.markers.setup}\n{code}\n{block.markers.check}", encoding="utf-8")
+    script.write_text(f"# {block.where}\n{block.markers.setup}\n{code}\n{block.markers.check}\n{_TEARDOWN}", encoding="utf-8")
     command = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={block.markers.ranks}",
         f"--master-port={find_free_port()}", script.name,

@@ -355,12 +355,13 @@ def _checked(problem: pulp.LpProblem, stop: _Stop, solver: str) -> _Stop:
 _RESULT = re.compile(r"^Result - (.*)$", re.MULTILINE)
 _OBJECTIVE = re.compile(r"^Objective value:\s+(\S+)", re.MULTILINE)
 _LOWER_BOUND = re.compile(r"^Lower bound:\s+(\S+)", re.MULTILINE)
+_LP_OPTIMAL = re.compile(r"^Optimal - objective value", re.MULTILINE)
 
 
 def _cbc_stop(log_text: str) -> _Stop:
     result = _RESULT.search(log_text)
-    if result is None:  # CBC was stopped before it could print one
-        return _Stop("time limit", math.inf)
+    if result is None:  # an LP or an empty problem (one rank) ends with its simplex line; else CBC was stopped first
+        return _Stop("optimal") if _LP_OPTIMAL.search(log_text) else _Stop("time limit", math.inf)
     if result.group(1).startswith("Optimal"):
         return _Stop("optimal")
     reason = "time limit" if "time" in result.group(1) else "node limit"
