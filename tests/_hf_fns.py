@@ -36,6 +36,15 @@ class WithAttentionMask(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
+# Decoders configured as LLaMA is (the same argument names): Qwen2 adds q/k/v biases, Phi-3 fuses qkv.
+LLAMA_LIKE = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM"),
+}
+
+
 def build_hf_model(name: str, *, attn_implementation: str = "sdpa") -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     """A tiny randomly initialised ``transformers`` model in eval mode, and its ``(input_ids,)``.
 
@@ -58,13 +67,14 @@ def build_hf_model(name: str, *, attn_implementation: str = "sdpa") -> tuple[nn.
             bos_token_id=0, eos_token_id=0,
         )
         model = transformers.GPT2LMHeadModel(config)
-    elif family == "llama":
-        config = transformers.LlamaConfig(
+    elif family in LLAMA_LIKE:
+        config_class, model_class = (getattr(transformers, name) for name in LLAMA_LIKE[family])
+        config = config_class(
             hidden_size=64, intermediate_size=176, num_attention_heads=4, num_key_value_heads=2,
             num_hidden_layers=2, vocab_size=VOCAB, max_position_embeddings=64, use_cache=False,
             bos_token_id=0, eos_token_id=0, pad_token_id=0,
         )
-        model = transformers.LlamaForCausalLM(config)
+        model = model_class(config)
     elif family == "bert":
         config = transformers.BertConfig(
             hidden_size=64, num_attention_heads=4, intermediate_size=128, num_hidden_layers=2,

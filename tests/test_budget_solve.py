@@ -1,7 +1,7 @@
 """Planning under a memory budget: toy Hugging Face decoders solve to optimality within 10 s, a
 stopped search gives the same plan every time, and an infeasible budget names what binds.
 
-One process, no ranks. The toys are ``build_hf_model``'s LLaMA and a Mistral, Qwen2 and Phi-3 of the same size
+One process, no ranks. The toys are ``build_hf_model``'s LLaMA, Mistral, Qwen2 and Phi-3
 (2 layers, hidden 64, 4 heads, 2 key/value heads), planned for inference on 2 ranks at the default
 hardware (h100-sxm) under 0.6 x their parameter bytes; the stopping tests use a Qwen2 of the same
 size on cpu-gloo prices, whose search takes about a hundred branch-and-bound nodes.
@@ -12,8 +12,6 @@ import functools
 import warnings
 
 import pytest
-import torch
-from torch import nn
 
 from autotp.capture.export import capture
 from autotp.cost.model import CostModel, resolve_hardware
@@ -21,34 +19,16 @@ from autotp.errors import InfeasiblePlanError, SolverTimeLimitWarning
 from autotp.ir.placement import R
 from autotp.solve.ilp import min_state_nbytes, solve, state_nbytes
 from autotp.strategies.engine import NodeKind, StrategySpace, UnsupportedOpWarning, build_strategy_space
-from tests._hf_fns import BATCH, SEQ, VOCAB, build_hf_model
+from tests._hf_fns import build_hf_model
 
 TP = 2
 BUDGET_FACTOR = 0.6  # of the parameter bytes: more than the 0.5 floor, so most weights must split
 
 
-def _toy(family: str) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
-    """Mistral, Qwen2 (q/k/v with biases) or Phi-3 (fused qkv) at the size of ``build_hf_model``'s LLaMA."""
-    import transformers
-
-    config_class, model_class = {
-        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-        "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
-    }[family]
-    config = config_class(
-        hidden_size=64, intermediate_size=176, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
-        vocab_size=VOCAB, max_position_embeddings=64, use_cache=False, bos_token_id=0, eos_token_id=0, pad_token_id=0,
-    )
-    torch.manual_seed(0)
-    model = model_class(config).eval()
-    return model, (torch.randint(1, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(1)),)
-
-
 @functools.cache
 def _space(name: str) -> tuple[StrategySpace, int]:
     """The toy's strategy space and its parameter bytes."""
-    model, inputs = build_hf_model("llama") if name == "llama" else _toy(name)
+    model, inputs = build_hf_model(name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UnsupportedOpWarning)
         space = build_strategy_space(capture(model, inputs), TP)
@@ -143,7 +123,7 @@ def test_every_budget_at_the_floor_is_feasible_without_pins() -> None:
 def test_the_node_limit_reaches_the_solver_from_autotp_plan() -> None:
     import autotp
 
-    model, inputs = _toy("qwen2")
+    model, inputs = build_hf_model("qwen2")
     budget = int(BUDGET_FACTOR * sum(p.numel() * p.element_size() for p in model.parameters()))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UnsupportedOpWarning)
