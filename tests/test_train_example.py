@@ -13,9 +13,18 @@ from autotp.testing import find_free_port
 SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "train_gpt.py"
 
 
+# torch's C++ teardown sometimes aborts a rank at interpreter exit after the script has run to its
+# end (about one run in six inside the suite, never in a dozen standalone runs; see the issue-18
+# note): such a run is repeated once. Any other failure, or the abort twice, fails the test.
+EXIT_ABORT = "terminate called without an active exception"
+
+
 def _torchrun(nproc: int, *args: str) -> str:
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={find_free_port()}", str(SCRIPT), *args]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    for attempt in (1, 2):
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={find_free_port()}", str(SCRIPT), *args]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=240)
+        if done.returncode == 0 or EXIT_ABORT not in done.stderr or attempt == 2:
+            break
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
 
