@@ -142,7 +142,8 @@ def measure_budget(row: dict) -> dict:
     from autotp.capture.export import capture
     from autotp.cost.model import CostModel, resolve_hardware
     from autotp.examples import build_example
-    from autotp.solve.ilp import min_state_nbytes, solve
+    from autotp.solve.ilp import solve
+    from autotp.solve.memory import min_state_nbytes
     from autotp.strategies.engine import build_strategy_space
 
     warnings.simplefilter("ignore")

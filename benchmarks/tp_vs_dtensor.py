@@ -62,8 +62,8 @@ from autotp.examples import build_example
 from autotp.examples.gpt import CausalSelfAttention
 from autotp.ir.placement import Replicate
 from autotp.ir.plan import Plan
-from autotp.solve.ilp import min_state_nbytes
 from autotp.solve.layouts import megatron_pins
+from autotp.solve.memory import min_state_nbytes
 from autotp.solve.planner import solve_plan
 from autotp.strategies.engine import NodeKind, StrategySpace, build_strategy_space
 from autotp.strategies.rules import OpStrategy

@@ -17,7 +17,8 @@ from autotp.capture.export import capture
 from autotp.cost.model import CostModel, resolve_hardware
 from autotp.errors import InfeasiblePlanError, SolverTimeLimitWarning
 from autotp.ir.placement import R
-from autotp.solve.ilp import min_state_nbytes, solve, state_nbytes
+from autotp.solve.ilp import solve
+from autotp.solve.memory import min_state_nbytes, state_nbytes
 from autotp.strategies.engine import NodeKind, StrategySpace, UnsupportedOpWarning, build_strategy_space
 from tests._hf_fns import build_hf_model
 

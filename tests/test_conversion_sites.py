@@ -27,7 +27,8 @@ from autotp.ir.plan import Plan
 from autotp.ir.values import ValueRef
 from autotp.rewrite.rewriter import rewrite
 from autotp.solve.build import build_plan
-from autotp.solve.ilp import min_state_nbytes, solve, state_nbytes
+from autotp.solve.ilp import solve
+from autotp.solve.memory import min_state_nbytes, state_nbytes
 from autotp.strategies.engine import NodeKind, StrategySpace, build_strategy_space
 from autotp.testing import run_on_ranks
 

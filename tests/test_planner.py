@@ -15,8 +15,9 @@ from autotp.ir.placement import P, R, Shard
 from autotp.ir.plan import Plan
 from autotp.rewrite.rewriter import collective_nodes, rewrite
 from autotp.solve.build import build_plan
-from autotp.solve.ilp import min_state_nbytes, solve
+from autotp.solve.ilp import solve
 from autotp.solve.layouts import megatron_pins
+from autotp.solve.memory import min_state_nbytes
 from autotp.strategies.engine import NodeKind
 
 N_LAYER = 2

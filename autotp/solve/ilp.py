@@ -51,7 +51,7 @@ from autotp.cost.model import CostModel
 from autotp.errors import InfeasiblePlanError, SolverError, SolverTimeLimitWarning
 from autotp.ir.placement import Placement
 from autotp.ir.values import TensorMeta, ValueRef
-from autotp.solve.memory import check_budget, fallback_choice, min_state_nbytes, state_nbytes
+from autotp.solve.memory import check_budget, fallback_choice, state_nbytes
 from autotp.strategies.blocks import canonical_nodes
 from autotp.strategies.engine import NodeKind, NodeSpace, StrategySpace
 from autotp.strategies.rules import OpStrategy
@@ -64,8 +64,6 @@ _MICRO = 1e6
 # at 20-60 ms each on a 2-core machine, so 1000 nodes lands inside the default 60 s.
 NODE_LIMIT = 1000
 _FALLBACK_REASONS = ("time limit", "no incumbent")  # the search gave no reproducible plan
-__all__ = ["NODE_LIMIT", "Solution", "min_state_nbytes", "solve", "state_nbytes"]
-
 
 @dataclass(frozen=True, slots=True)
 class Solution:
