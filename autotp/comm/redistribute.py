@@ -1,53 +1,111 @@
 """The one table of placement transitions: (src, dst) -> the steps that convert one into the other.
 
-Both the cost model and the rewriter read it, so what is priced is exactly what runs.
+Both the cost model and the rewriter read it, so what is priced is exactly what runs. On one
+mesh axis:
 
     src \\ dst | R            | S(j)             | P
     ----------+--------------+------------------+------------
     R         | -            | local chunk      | to_partial (rank 0 keeps it, others zeros)
     S(i)      | all-gather i | all-to-all i->j  | not offered
     P         | all-reduce   | reduce-scatter j | -
+
+On an N-D mesh each axis whose placement changes runs its row of the table over that axis's
+groups. A tensor dim is split by at most one axis, in ``src`` and in ``dst``; the steps are
+ordered so that no intermediate splits one dim twice either: first every axis that stops
+splitting (gathers, then all-to-alls whose target dim is free), then every axis that starts
+(local chunks, reduce-scatters, partial sums). Each step then acts on the tensor as the other
+axes leave it (``step_placements``), independently of them.
 """
 from __future__ import annotations
 
-from autotp.ir.placement import Partial, Placement, Replicate, Shard
+from autotp.ir.placement import Partial, Placement, Placements, Replicate, Shard
 from autotp.ir.steps import Step, StepKind
 
 
-def transition(src: Placement, dst: Placement) -> tuple[Step, ...] | None:
-    """Steps from ``src`` to ``dst`` (empty when equal), or ``None`` when not offered."""
+def axis_transition(src: Placement, dst: Placement, axis: int = 0) -> tuple[Step, ...] | None:
+    """Steps from ``src`` to ``dst`` on one mesh axis (empty when equal), or ``None`` when not offered."""
     if src == dst:
         return ()
     if isinstance(src, Replicate):
         if isinstance(dst, Shard):
-            return (Step(StepKind.LOCAL_CHUNK, dst_dim=dst.dim),)
-        return (Step(StepKind.TO_PARTIAL),)
+            return (Step(StepKind.LOCAL_CHUNK, dst_dim=dst.dim, axis=axis),)
+        return (Step(StepKind.TO_PARTIAL, axis=axis),)
     if isinstance(src, Shard):
         if isinstance(dst, Replicate):
-            return (Step(StepKind.ALL_GATHER, src_dim=src.dim),)
+            return (Step(StepKind.ALL_GATHER, src_dim=src.dim, axis=axis),)
         if isinstance(dst, Shard):
-            return (Step(StepKind.ALL_TO_ALL, src_dim=src.dim, dst_dim=dst.dim),)
+            return (Step(StepKind.ALL_TO_ALL, src_dim=src.dim, dst_dim=dst.dim, axis=axis),)
         return None
     assert isinstance(src, Partial)
     if isinstance(dst, Replicate):
-        return (Step(StepKind.ALL_REDUCE),)
+        return (Step(StepKind.ALL_REDUCE, axis=axis),)
     assert isinstance(dst, Shard)  # Partial -> Partial returned () above
-    return (Step(StepKind.REDUCE_SCATTER, dst_dim=dst.dim),)
+    return (Step(StepKind.REDUCE_SCATTER, dst_dim=dst.dim, axis=axis),)
+
+
+def transition(src: Placements, dst: Placements) -> tuple[Step, ...] | None:
+    """Steps from ``src`` to ``dst`` over all mesh axes, or ``None`` when some axis's change is not offered."""
+    if any(axis_transition(s, d) is None for s, d in zip(src, dst)):
+        return None
+    state = list(src)
+    steps: list[Step] = []
+
+    def run(axis: int, to: Placement) -> None:
+        steps.extend(axis_transition(state[axis], to, axis))  # type: ignore[arg-type]  # offered: checked above
+        state[axis] = to
+
+    def held_elsewhere(dim: int, axis: int) -> bool:
+        return any(isinstance(p, Shard) and p.dim == dim for a, p in enumerate(state) if a != axis)
+
+    for axis in reversed(range(len(src))):  # stop splitting: gather, unless an all-to-all lands on a free dim
+        s, d = state[axis], dst[axis]
+        if isinstance(s, Shard) and s != d and not (isinstance(d, Shard) and not held_elsewhere(d.dim, axis)):
+            run(axis, Replicate())
+    for axis in range(len(src)):
+        s, d = state[axis], dst[axis]
+        if isinstance(s, Shard) and s != d:
+            run(axis, d)  # all-to-all onto a dim no other axis holds
+    for axis in range(len(src)):  # start splitting, reduce, or make partial
+        if state[axis] != dst[axis]:
+            run(axis, dst[axis])
+    return tuple(steps)
+
+
+def step_placements(src: Placements, steps: tuple[Step, ...]) -> list[Placements]:
+    """The tensor's placements before each step of ``transition(src, ...)``: a step moves the
+    tensor as the *other* axes leave it, which is what it costs."""
+    state = list(src)
+    before = []
+    for step in steps:
+        before.append(tuple(state))
+        state[step.axis] = _after(step)
+    return before
+
+
+def _after(step: Step) -> Placement:
+    if step.kind in (StepKind.ALL_GATHER, StepKind.ALL_REDUCE):
+        return Replicate()
+    if step.kind is StepKind.TO_PARTIAL:
+        return Partial()
+    return Shard(step.dst_dim)  # type: ignore[arg-type]  # the splitting steps name their dim
 
 
 def backward_steps(step: Step) -> tuple[Step, ...]:
     """What the backward pass runs for ``step`` (see ``autotp.comm.collectives`` for why)."""
+    axis = step.axis
     if step.kind in (StepKind.ALL_REDUCE, StepKind.TO_PARTIAL):
         return ()  # identity
     if step.kind is StepKind.ALL_GATHER:
-        return (Step(StepKind.LOCAL_CHUNK, dst_dim=step.src_dim),)
+        return (Step(StepKind.LOCAL_CHUNK, dst_dim=step.src_dim, axis=axis),)
     if step.kind is StepKind.REDUCE_SCATTER:
-        return (Step(StepKind.ALL_GATHER, src_dim=step.dst_dim),)
+        return (Step(StepKind.ALL_GATHER, src_dim=step.dst_dim, axis=axis),)
     if step.kind is StepKind.ALL_TO_ALL:
-        return (Step(StepKind.ALL_TO_ALL, src_dim=step.dst_dim, dst_dim=step.src_dim),)
-    return (Step(StepKind.ALL_GATHER, src_dim=step.dst_dim),)  # local chunk
+        return (Step(StepKind.ALL_TO_ALL, src_dim=step.dst_dim, dst_dim=step.src_dim, axis=axis),)
+    return (Step(StepKind.ALL_GATHER, src_dim=step.dst_dim, axis=axis),)  # local chunk
 
 
-# An R input of an op whose output is split or partial gets a partial-sum gradient, summed by an
-# all-reduce in backward (Megatron-LM's ``f``); the forward is the identity.
-GRAD_SYNC = Step(StepKind.ALL_REDUCE)
+def grad_sync_step(axis: int) -> Step:
+    """An R input of an op whose output is split or partial on ``axis`` gets a partial-sum
+    gradient there, summed by an all-reduce over that axis in backward (Megatron-LM's ``f``);
+    the forward is the identity."""
+    return Step(StepKind.ALL_REDUCE, axis=axis)

@@ -32,14 +32,15 @@ from cost_models import (
     state_nbytes,
     wake_seconds,
 )
-from autotp.comm.conversions import backward_conjugates
-from autotp.comm.redistribute import GRAD_SYNC, Step, StepKind, transition
+from autotp.comm.conversions import PricedStep
+from autotp.comm.redistribute import Step, StepKind, backward_steps, grad_sync_step, step_placements, transition
 from autotp.errors import ConfigError
-from autotp.ir.placement import Placement, Shard
+from autotp.ir.mesh import MeshSpec
+from autotp.ir.placement import Placements, Shard
+from autotp.ir.strategy import MeshStrategy
 from autotp.ir.values import TensorMeta
 from autotp.strategies.engine import NodeKind, NodeSpace
 from autotp.strategies.op_facts import CONTRACTION_OPS, SECOND_MATRIX_SLOT, op_class_of, packet_name
-from autotp.strategies.rules import OpStrategy
 
 aten = torch.ops.aten
 
@@ -79,10 +80,15 @@ def node_weight_nbytes(node: NodeSpace) -> float:
     return 0.0 if slot is None else float(node.slot_metas[slot].nbytes)
 
 
-def weight_share(node: NodeSpace, strategy: OpStrategy, tp_size: int) -> int:
+def weight_share(node: NodeSpace, strategy: MeshStrategy, mesh_shape: tuple[int, ...]) -> int:
     """How many ranks split a contraction's weight under ``strategy`` (1: each holds all of it)."""
     slot = _weight_slot(node)
-    return tp_size if slot is not None and isinstance(strategy.inputs[slot], Shard) else 1
+    return 1 if slot is None else split_count(strategy.inputs[slot], mesh_shape)
+
+
+def split_count(placements: Placements, mesh_shape: tuple[int, ...]) -> int:
+    """Into how many pieces ``placements`` split a tensor: the product of the sizes of the axes that shard it."""
+    return math.prod(size for p, size in zip(placements, mesh_shape) if isinstance(p, Shard))
 
 
 def node_nbytes(node: NodeSpace) -> float:
@@ -91,8 +97,11 @@ def node_nbytes(node: NodeSpace) -> float:
     return float(sum(m.nbytes for m in node.slot_metas) + sum(m.nbytes for m in outs))
 
 
-def splits_work(strategy: OpStrategy) -> bool:
-    return any(isinstance(p, Shard) for p in (*strategy.inputs, *strategy.outputs()))
+def work_share(strategy: MeshStrategy, mesh_shape: tuple[int, ...]) -> int:
+    """Into how many parts ``strategy`` splits an op's work: the product of the sizes of the axes
+    on which some input or output is split."""
+    placements = (*strategy.inputs, *strategy.outputs)
+    return math.prod(size for a, size in enumerate(mesh_shape) if any(isinstance(p[a], Shard) for p in placements))
 
 
 _STEP_COLLECTIVE = {
@@ -109,115 +118,165 @@ BACKWARD_COMPUTE_FACTOR = 2.0
 
 @dataclass(frozen=True, slots=True)
 class CostModel:
-    """Seconds of each (node, strategy) and each placement transition on one mesh axis.
+    """Seconds of each (node, strategy) and each placement transition on ``mesh``.
 
     With ``training`` the prices cover forward and backward: compute ×(1 + 2), each conversion
     plus its conjugate (``redistribute.backward_steps``) when the value needs a gradient, and
     the gradient all-reduce of ``R`` inputs to split compute. Memory counts gradients and
-    ``optimizer`` state per parameter element. ``assumed_gap_seconds`` lets the solver see the
+    ``optimizer`` state per parameter element.
+    ``assumed_gap_seconds`` lets the solver see the
     wake-up (``autotp.cost.wake``) at one gap for all collectives; a plan is priced without it, from
-    its own schedule.
+    its own schedule. A step on mesh axis ``a`` runs over that axis's groups (``mesh.shape[a]``
+    ranks) on its link (``axis_link``), moving the tensor as the other axes leave it (``axis_meta``).
     """
 
     profile: HardwareProfile
-    tp_size: int
+    mesh: MeshSpec
     training: bool = False
     optimizer: str | None = None
     assumed_gap_seconds: float | None = None  # solver only: charge every collective the wake-up after this much compute
     # step_seconds by (step kind, bytes): a 70B graph prices a few sizes thousands of times. Not
     # an argument: ``dataclasses.replace`` (another gap) starts an empty one.
-    _step_seconds: dict[tuple[StepKind, int], float] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _step_seconds: dict[tuple[StepKind, int, int], float] = field(default_factory=dict, init=False, repr=False, compare=False)
 
-    def compute_seconds(self, node: NodeSpace, strategy: OpStrategy) -> float:
+    def __post_init__(self) -> None:
+        if isinstance(self.mesh, int):  # a 1-D mesh by its size
+            object.__setattr__(self, "mesh", MeshSpec.of(self.mesh))
+
+    @property
+    def tp_size(self) -> int:
+        """Ranks of a 1-D mesh (the 1-D-only reports read it)."""
+        if self.mesh.ndim != 1:
+            raise ConfigError(f"this needs a 1-D mesh; the cost model is for the mesh {self.mesh}")
+        return self.mesh.shape[0]
+
+    def compute_seconds(self, node: NodeSpace, strategy: MeshStrategy) -> float:
         return self.kernel_seconds(node, strategy) + self.internal_comm_seconds(node, strategy)
 
-    def kernel_seconds(self, node: NodeSpace, strategy: OpStrategy) -> float:
+    def kernel_seconds(self, node: NodeSpace, strategy: MeshStrategy) -> float:
         """The op's own compute (forward, and backward when training), without the collectives it runs inside."""
         if node.kind is not NodeKind.OP:
             return 0.0
         if node.is_view:  # no kernel; a calibrated profile charges the dispatch
             forward = op_seconds(self.profile, flops=0.0, nbytes=0.0, op_class="view")
         else:
-            share = self.tp_size if splits_work(strategy) else 1
+            share = work_share(strategy, self.mesh.shape)
             dtype = _dtype_name(node.slot_metas[0].dtype if node.slot_metas else torch.float32)
             flops, nbytes, kind = node_flops(node) / share, node_nbytes(node) / share, op_class(node)
             if kind is None:  # a contraction, which also fetches its weight
-                weight = node_weight_nbytes(node) / weight_share(node, strategy, self.tp_size)
+                weight = node_weight_nbytes(node) / weight_share(node, strategy, self.mesh.shape)
                 forward = matmul_seconds(self.profile, flops=flops, nbytes=nbytes, weight_nbytes=weight, dtype=dtype)
             else:
                 forward = op_seconds(self.profile, flops=flops, nbytes=nbytes, dtype=dtype, op_class=kind)
         return forward * (1 + BACKWARD_COMPUTE_FACTOR) if self.training and node.requires_grad else forward
 
-    def internal_comm_seconds(self, node: NodeSpace, strategy: OpStrategy) -> float:
+    def internal_comm_seconds(self, node: NodeSpace, strategy: MeshStrategy) -> float:
         """Collectives an op's local implementation runs inside (e.g. vocab-parallel softmax)."""
         if not node.internal_comm:
             return 0.0
         comm = node.internal_comm[node.strategies.index(strategy)]
-        return sum(collective_seconds(self.link, kind, nbytes=nbytes, group_size=self.tp_size) for kind, nbytes in comm)
+        return sum(
+            collective_seconds(self.axis_link(axis), kind, nbytes=nbytes, group_size=self.mesh.shape[axis]) for kind, nbytes, axis in comm
+        )
+
+    def axis_meta(self, meta: TensorMeta, placements: Placements, axis: int) -> TensorMeta:
+        """``meta`` as a step on ``axis`` sees it: split by every *other* axis that shards it."""
+        shape = list(meta.shape)
+        for a, p in enumerate(placements):
+            if a != axis and isinstance(p, Shard):
+                shape[p.dim] //= self.mesh.shape[a]
+        return TensorMeta(tuple(shape), meta.dtype)
 
     def step_seconds(self, step: Step, meta: TensorMeta) -> float:
-        """Seconds of one step on a tensor of ``meta``: only its kind and the tensor's bytes matter."""
-        key = (step.kind, meta.nbytes)
+        """Seconds of one step on a tensor of ``meta`` (as its axis sees it, ``axis_meta``): only its
+        kind, axis and the tensor's bytes matter."""
+        key = (step.kind, meta.nbytes, step.axis)
         seconds = self._step_seconds.get(key)
         if seconds is None:
             seconds = self._step_seconds[key] = self._price_step(step, meta.nbytes)
         return seconds
 
+    def priced_seconds(self, steps: tuple[PricedStep, ...], meta: TensorMeta) -> float:
+        """Seconds of ``steps`` (each with the placements it sees) on a value of global ``meta``."""
+        return sum(self.step_seconds(step, self.axis_meta(meta, placements, step.axis)) for step, placements in steps)
+
+    def priced_bytes_per_rank(self, steps: tuple[PricedStep, ...], meta: TensorMeta) -> float:
+        return sum(self.step_bytes_per_rank(step, self.axis_meta(meta, placements, step.axis)) for step, placements in steps)
+
     def _price_step(self, step: Step, nbytes: int) -> float:
+        group_size = self.mesh.shape[step.axis]
         if step.kind is StepKind.LOCAL_CHUNK:  # copy out this rank's chunk
-            return roofline_seconds(self.profile, flops=0, nbytes=2 * nbytes / self.tp_size)
+            return roofline_seconds(self.profile, flops=0, nbytes=2 * nbytes / group_size)
         if step.kind is StepKind.TO_PARTIAL:  # zeros on all ranks but one
             return roofline_seconds(self.profile, flops=0, nbytes=nbytes)
-        seconds = collective_seconds(self.link, _STEP_COLLECTIVE[step.kind], nbytes=nbytes, group_size=self.tp_size)
+        seconds = collective_seconds(self.axis_link(step.axis), _STEP_COLLECTIVE[step.kind], nbytes=nbytes, group_size=group_size)
         if self.assumed_gap_seconds is not None and seconds > 0:
             seconds += self.wake_seconds(step, self.assumed_gap_seconds)
         return seconds
 
+    def axis_link(self, axis: int) -> LinkProfile:
+        """The link the groups of mesh axis ``axis`` talk over (``autotp.ir.mesh`` says how it is decided)."""
+        if self.mesh.inter_node_axes is not None:
+            spans = axis in self.mesh.inter_node_axes
+            return self.profile.inter_node if spans and self.profile.inter_node is not None else self.profile.intra_node
+        return self.profile.link_for_axis(self.mesh.shape, axis)
+
     @property
     def link(self) -> LinkProfile:
-        """The link the mesh axis's groups talk over (intra-node unless tp spans nodes)."""
-        return self.profile.link_for_group(self.tp_size)
+        """The link of a 1-D mesh's groups (intra-node unless they span nodes)."""
+        return self.axis_link(0)
 
     @property
     def prices_wake(self) -> bool:
-        """Whether the link charges collectives a wake-up after long compute (``autotp.cost.wake``)."""
-        link = self.link.for_group(self.tp_size)
-        return self.tp_size > 1 and any(link.wake_curve(kind) is not None for kind in Collective)
+        """Whether some axis's link charges collectives a wake-up after long compute (``autotp.cost.wake``)."""
+        return any(
+            size > 1 and any(self.axis_link(a).for_group(size).wake_curve(kind) is not None for kind in Collective)
+            for a, size in enumerate(self.mesh.shape)
+        )
 
     def wake_seconds(self, step: Step, gap_seconds: float) -> float:
         """A collective step's wake-up after ``gap_seconds`` of compute (0 up to calibration's gap)."""
-        return wake_seconds(self.link, _STEP_COLLECTIVE[step.kind], gap_seconds=gap_seconds, group_size=self.tp_size)
+        size = self.mesh.shape[step.axis]
+        return wake_seconds(self.axis_link(step.axis), _STEP_COLLECTIVE[step.kind], gap_seconds=gap_seconds, group_size=size)
 
     def wake_curve(self, step: Step) -> WakeCurve | None:
-        """The wake curve of a collective step's collective on this link (None: it pays none)."""
-        return self.link.for_group(self.tp_size).wake_curve(_STEP_COLLECTIVE[step.kind])
+        """The wake curve of a collective step's collective on its axis's link (None: it pays none)."""
+        return self.axis_link(step.axis).for_group(self.mesh.shape[step.axis]).wake_curve(_STEP_COLLECTIVE[step.kind])
 
     def step_bytes_per_rank(self, step: Step, meta: TensorMeta) -> float:
         if not step.kind.is_collective:
             return 0.0
         kind = _STEP_COLLECTIVE[step.kind]
-        algorithm = select_algorithm(self.link, kind, nbytes=meta.nbytes, group_size=self.tp_size)
-        return bytes_moved_per_rank(kind, nbytes=meta.nbytes, group_size=self.tp_size, algorithm=algorithm)
+        size = self.mesh.shape[step.axis]
+        algorithm = select_algorithm(self.axis_link(step.axis), kind, nbytes=meta.nbytes, group_size=size)
+        return bytes_moved_per_rank(kind, nbytes=meta.nbytes, group_size=size, algorithm=algorithm)
 
-    def steps_with_backward(self, steps: tuple[Step, ...], requires_grad: bool) -> tuple[Step, ...]:
-        if not (self.training and requires_grad):
-            return steps
-        return steps + backward_conjugates(steps)
-
-    def transition_seconds(self, src: Placement, dst: Placement, meta: TensorMeta, *, requires_grad: bool = False) -> float | None:
-        """Seconds to convert ``src`` to ``dst``, or ``None`` when the table does not offer it."""
+    def transition_steps(self, src: Placements, dst: Placements, *, requires_grad: bool = False) -> tuple[PricedStep, ...] | None:
+        """The priced steps converting ``src`` to ``dst``: forward, and the conjugates when training
+        a value that needs a gradient; ``None`` when the table does not offer the change."""
         steps = transition(src, dst)
         if steps is None:
             return None
-        return sum(self.step_seconds(s, meta) for s in self.steps_with_backward(steps, requires_grad))
+        before = step_placements(src, steps)
+        priced = list(zip(steps, before))
+        if self.training and requires_grad:
+            priced += [(b, p) for s, p in zip(steps, before) for b in backward_steps(s)]
+        return tuple(priced)
 
-    def grad_sync_seconds(self, meta: TensorMeta, *, requires_grad: bool) -> float:
-        """Backward all-reduce of the partial gradient of an ``R`` input to split compute."""
-        return self.step_seconds(GRAD_SYNC, meta) if self.training and requires_grad else 0.0
+    def transition_seconds(self, src: Placements, dst: Placements, meta: TensorMeta, *, requires_grad: bool = False) -> float | None:
+        """Seconds to convert ``src`` to ``dst``, or ``None`` when the table does not offer it."""
+        steps = self.transition_steps(src, dst, requires_grad=requires_grad)
+        return None if steps is None else self.priced_seconds(steps, meta)
 
-    def state_nbytes(self, meta: TensorMeta, placement: Placement, *, is_parameter: bool) -> float:
-        """Bytes one rank holds for a parameter/buffer placed as ``placement``."""
-        share = self.tp_size if isinstance(placement, Shard) else 1
+    def grad_sync_seconds(self, meta: TensorMeta, placements: Placements, axes: tuple[int, ...], *, requires_grad: bool) -> float:
+        """Backward all-reduce over ``axes`` of the partial gradient of a value read as ``placements``."""
+        if not (self.training and requires_grad):
+            return 0.0
+        return self.priced_seconds(tuple((grad_sync_step(a), placements) for a in axes), meta)
+
+    def state_nbytes(self, meta: TensorMeta, placements: Placements, *, is_parameter: bool) -> float:
+        """Bytes one rank holds for a parameter/buffer placed as ``placements``."""
+        share = split_count(placements, self.mesh.shape)
         return state_nbytes(
             param_nbytes=meta.nbytes / share, numel=meta.numel / share,
             training=self.training and is_parameter, optimizer=self.optimizer,

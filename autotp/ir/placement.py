@@ -58,3 +58,38 @@ def parse_placement(text: str) -> Placement:
 
 def is_sharded(placement: Placement) -> bool:
     return isinstance(placement, Shard)
+
+
+Placements = tuple[Placement, ...]
+"""How one tensor lies across the whole mesh: one placement per mesh axis, in the mesh's axis
+order (DTensor's ``placements``). ``(S(0), R)`` on a ``("dp", "tp")`` mesh splits dim 0 over
+``dp`` and replicates over ``tp``. A tensor dim is split by at most one axis."""
+
+
+def format_placements(placements: Placements) -> str:
+    """``"S(0)"`` on a 1-D mesh (one axis), ``"(S(0), R)"`` on an N-D one; ``parse_placements`` reads both."""
+    if len(placements) == 1:
+        return str(placements[0])
+    return "(" + ", ".join(str(p) for p in placements) + ")"
+
+
+def parse_placements(text: str) -> Placements:
+    """Inverse of ``format_placements``."""
+    text = text.strip()
+    if text.startswith("(") and text.endswith(")"):
+        return tuple(parse_placement(part) for part in text[1:-1].split(","))  # "S(1)" holds no comma
+    return (parse_placement(text),)
+
+
+def sharded_dims(placements: Placements) -> dict[int, int]:
+    """Tensor dim -> the mesh axis that splits it."""
+    return {p.dim: axis for axis, p in enumerate(placements) if isinstance(p, Shard)}
+
+
+def local_shape(shape: tuple[int, ...], placements: Placements, mesh_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape one rank holds of a tensor of global ``shape`` placed as ``placements``."""
+    out = list(shape)
+    for axis, p in enumerate(placements):
+        if isinstance(p, Shard):
+            out[p.dim] //= mesh_shape[axis]
+    return tuple(out)

@@ -20,12 +20,15 @@ class StepKind(str, Enum):
 
 @dataclass(frozen=True, slots=True)
 class Step:
-    """One conversion step; ``src_dim``/``dst_dim`` are the tensor dims it splits or gathers."""
+    """One conversion step over one mesh axis's groups; ``src_dim``/``dst_dim`` are the tensor dims
+    it splits or gathers."""
 
     kind: StepKind
     src_dim: int | None = None
     dst_dim: int | None = None
+    axis: int = 0
 
     def __str__(self) -> str:
         dims = [str(d) for d in (self.src_dim, self.dst_dim) if d is not None]
-        return f"{self.kind.value}({', '.join(dims)})" if dims else self.kind.value
+        text = f"{self.kind.value}({', '.join(dims)})" if dims else self.kind.value
+        return f"{text}@{self.axis}" if self.axis else text

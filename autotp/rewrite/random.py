@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.fx.operator_schemas import normalize_function
 
-from autotp.capture.torch_compat import OpOverload
+from autotp.strategies.op_facts import is_random
 
 SHARDED_SEED_OFFSET = 2718  # as in Megatron-LM's model_parallel_cuda_manual_seed
 
@@ -48,10 +48,6 @@ def manual_seed(seed: int) -> None:
     torch.manual_seed(seed)
     for group_name, stream in list(_STREAMS.items()):
         seed_sharded_stream(group_name, rank=stream.rank, seed=seed)
-
-
-def is_random(target: Any) -> bool:
-    return isinstance(target, OpOverload) and torch.Tag.nondeterministic_seeded in target.tags
 
 
 def draws_random(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:

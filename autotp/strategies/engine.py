@@ -7,10 +7,12 @@ rule a replicate-only strategy (correct, slower) with one warning naming them.
 """
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 import operator
 import warnings
-from collections.abc import Hashable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any, cast
@@ -20,10 +22,12 @@ from torch import fx
 
 from autotp.capture.export import CapturedGraph, GraphInput, InputRole, describe_graph_node, module_path, tensor_meta
 from autotp.capture.torch_compat import op_schema
-from autotp.errors import describe_node, source_line
-from autotp.ir.placement import Partial, Placement, R, Shard
-from autotp.ir.strategy import NodeKind, OutputPlacement
+from autotp.errors import ConfigError, describe_node, source_line
+from autotp.ir.placement import Partial, Placement, Placements, R, Shard
+from autotp.ir.mesh import MeshSpec
+from autotp.ir.strategy import MeshStrategy, NodeKind, OutputPlacement
 from autotp.ir.values import TensorMeta, ValueRef
+from autotp.strategies.op_facts import is_random
 from autotp.strategies.rules import OpContext, OpStrategy, lookup
 from autotp.strategies.rules.registry import OutputMeta, Rule
 
@@ -50,22 +54,22 @@ class NodeSpace:
     slots: tuple[ValueRef, ...]
     slot_metas: tuple[TensorMeta, ...]
     output_meta: OutputMeta | None
-    strategies: tuple[OpStrategy, ...]
+    strategies: tuple[MeshStrategy, ...]
     is_view: bool = False
     fallback: bool = False  # replicate-only because no rule covers the op
     requires_grad: bool = False  # a floating output that depends on a parameter
     is_parameter: bool = False  # a trainable parameter placeholder (gradients, optimizer state)
-    # per strategy (same order), collectives its local implementation runs: (kind, full nbytes)
-    internal_comm: tuple[tuple[tuple[str, int], ...], ...] = ()
+    # per strategy (same order), collectives its local implementation runs: (kind, nbytes, mesh axis),
+    # nbytes of the tensor as the other axes leave it on one rank
+    internal_comm: tuple[tuple[tuple[str, int, int], ...], ...] = ()
     source: str = ""  # the user's line it came from (``errors.source_line``), for error messages
 
     def describe(self) -> str:
         """This node for an error message: name, op, module and the user's source line."""
         return describe_node(self.name, self.op, self.module_path, self.source)
 
-    def output_placement(self, strategy: OpStrategy, index: int | None) -> Placement:
-        out = strategy.output
-        return out[index] if index is not None else out  # type: ignore[index,return-value]
+    def output_placement(self, strategy: MeshStrategy, index: int | None) -> Placements:
+        return strategy.output_at(index)
 
     def output_value_meta(self, index: int | None) -> TensorMeta:
         meta = self.output_meta
@@ -74,12 +78,23 @@ class NodeSpace:
 
 @dataclass(frozen=True, slots=True)
 class StrategySpace:
-    tp_size: int
+    mesh: MeshSpec
     nodes: tuple[NodeSpace, ...]  # topological order
     unsupported_ops: tuple[str, ...]
 
     def by_name(self) -> Mapping[str, NodeSpace]:
         return MappingProxyType({n.name: n for n in self.nodes})
+
+    @property
+    def mesh_shape(self) -> tuple[int, ...]:
+        return self.mesh.shape
+
+    @property
+    def tp_size(self) -> int:
+        """The ranks of a 1-D mesh (what the 1-D-only paths, such as the torch-TP export, read)."""
+        if self.mesh.ndim != 1:
+            raise ConfigError(f"this needs a 1-D mesh; the plan is for the mesh {self.mesh}")
+        return self.mesh.shape[0]
 
 
 def iter_node_args(args: Any) -> Iterator[fx.Node]:
@@ -147,8 +162,31 @@ def _strategy_fits(strategy: OpStrategy, slot_metas: tuple[TensorMeta, ...], out
     return out is not None and not isinstance(strategy.output, tuple) and _fits(strategy.output, out, tp_size)
 
 
-def build_strategy_space(captured: CapturedGraph, tp_size: int) -> StrategySpace:
-    """Candidate strategies of every node of ``captured`` on a mesh axis of ``tp_size`` ranks."""
+def _unstacked(strategy: MeshStrategy) -> bool:
+    """Each tensor dim is split by at most one mesh axis (stacked splits are not offered: every
+    axis's conversion then runs on its own, in any order)."""
+    for placements in (*strategy.inputs, *strategy.outputs):
+        dims = [p.dim for p in placements if isinstance(p, Shard)]
+        if len(dims) != len(set(dims)):
+            return False
+    return True
+
+
+def combine_axes(per_axis: Sequence[Sequence[OpStrategy]], keep: Callable[[tuple[OpStrategy, ...]], bool] = lambda axes: True) -> tuple[MeshStrategy, ...]:
+    """Every combination of one single-axis strategy per mesh axis that splits no tensor dim twice
+    and passes ``keep``, in a fixed order (all-``R`` first when every axis lists it first)."""
+    combined = []
+    for axes in itertools.product(*per_axis):
+        strategy = MeshStrategy.from_axes(axes)
+        if _unstacked(strategy) and keep(axes):
+            combined.append(strategy)
+    return tuple(combined)
+
+
+def build_strategy_space(captured: CapturedGraph, mesh: MeshSpec | int) -> StrategySpace:
+    """Candidate strategies of every node of ``captured`` on ``mesh`` (an int: a 1-D mesh of that many ranks)."""
+    if isinstance(mesh, int):
+        mesh = MeshSpec.of(mesh)
     roles = captured.input_by_node()
     metas: dict[str, OutputMeta | None] = {}
     grads: dict[str, bool] = {}
@@ -159,13 +197,13 @@ def build_strategy_space(captured: CapturedGraph, tp_size: int) -> StrategySpace
         meta = output_meta(node)
         metas[node.name] = meta
         if node.op == "placeholder":
-            space = _placeholder_space(node, meta, roles[node.name], tp_size)
+            space = _placeholder_space(node, meta, roles[node.name], mesh)
         elif node.op == "output":
-            space = _output_space(node, metas)
+            space = _output_space(node, metas, mesh)
         elif node.op == "call_function":
             if node.target in ASSERT_OPS:
                 continue
-            space = _op_space(node, meta, metas, tp_size, known_calls)
+            space = _op_space(node, meta, metas, mesh, known_calls)
             floating = all(m.dtype.is_floating_point for m in (meta if isinstance(meta, tuple) else (meta,)) if m is not None) and meta is not None
             space = replace(space, requires_grad=floating and any(grads[ref.node] for ref in space.slots))
             if space.fallback:
@@ -182,35 +220,39 @@ def build_strategy_space(captured: CapturedGraph, tp_size: int) -> StrategySpace
             UnsupportedOpWarning,
             stacklevel=3,
         )
-    return StrategySpace(tp_size, tuple(spaces), tuple(unsupported))
+    return StrategySpace(mesh, tuple(spaces), tuple(unsupported))
 
 
-def _placeholder_space(node: fx.Node, meta: OutputMeta | None, graph_input: GraphInput, tp_size: int) -> NodeSpace:
+def _placeholder_space(node: fx.Node, meta: OutputMeta | None, graph_input: GraphInput, mesh: MeshSpec) -> NodeSpace:
+    """User inputs arrive whole (``R``); state may be split along any dim each axis divides."""
     role = graph_input.role
-    placements: list[Placement] = [R]
-    if role is not InputRole.USER_INPUT and isinstance(meta, TensorMeta) and tp_size > 1:
-        placements += [Shard(d) for d in range(meta.ndim) if _fits(Shard(d), meta, tp_size)]
+    per_axis = []
+    for size in mesh.shape:
+        placements: list[Placement] = [R]
+        if role is not InputRole.USER_INPUT and isinstance(meta, TensorMeta) and size > 1:
+            placements += [Shard(d) for d in range(meta.ndim) if _fits(Shard(d), meta, size)]
+        per_axis.append([OpStrategy((), p) for p in placements])
     kind = NodeKind.USER_INPUT if role is InputRole.USER_INPUT else NodeKind.STATE
     trainable = role is InputRole.PARAMETER and isinstance(meta, TensorMeta) and meta.dtype.is_floating_point
     owner = graph_input.fqns[0].rpartition(".")[0] if graph_input.fqns else ""
     return NodeSpace(
         name=node.name, op="placeholder", module_path=owner, kind=kind, slots=(), slot_metas=(),
-        output_meta=meta, strategies=tuple(OpStrategy((), p) for p in placements),
+        output_meta=meta, strategies=combine_axes(per_axis),
         requires_grad=trainable, is_parameter=role is InputRole.PARAMETER,
     )
 
 
-def _output_space(node: fx.Node, metas: Mapping[str, OutputMeta | None]) -> NodeSpace:
+def _output_space(node: fx.Node, metas: Mapping[str, OutputMeta | None], mesh: MeshSpec) -> NodeSpace:
     slots = [n for n in iter_node_args(node.args) if is_tensor_value(n)]
     slot_metas = tuple(metas[n.name] for n in slots)
     return NodeSpace(
         name=node.name, op="output", module_path="", kind=NodeKind.OUTPUT,
         slots=tuple(ValueRef(n.name) for n in slots), slot_metas=slot_metas,  # type: ignore[arg-type]
-        output_meta=None, strategies=(OpStrategy((R,) * len(slots), R),),
+        output_meta=None, strategies=combine_axes([[OpStrategy((R,) * len(slots), R)]] * mesh.ndim),
     )
 
 
-def _op_space(node: fx.Node, meta: OutputMeta | None, metas: Mapping[str, OutputMeta | None], tp_size: int, known_calls: dict[Hashable, NodeSpace]) -> NodeSpace:
+def _op_space(node: fx.Node, meta: OutputMeta | None, metas: Mapping[str, OutputMeta | None], mesh: MeshSpec, known_calls: dict[Hashable, NodeSpace]) -> NodeSpace:
     """``node``'s space; a call seen before (``known_calls``, by ``_call_key``) reuses its strategies.
 
     The 32 layers of a LLaMA make the same few hundred calls 32 times over: asking the rules once
@@ -228,7 +270,7 @@ def _op_space(node: fx.Node, meta: OutputMeta | None, metas: Mapping[str, Output
     key = _call_key(node, meta)
     call = known_calls.get(key) if key is not None else None
     if call is None:
-        call = _call_space(node, rule, slot_metas, meta, tp_size)
+        call = _call_space(node, rule, slot_metas, meta, mesh)
         if key is not None:
             known_calls[key] = call
     return replace(call, name=node.name, module_path=module_path(node), slots=slots, source=source_line(node.meta.get("stack_trace")))
@@ -255,22 +297,51 @@ def _call_key(node: fx.Node, meta: OutputMeta | None) -> Hashable | None:
     return key
 
 
-def _call_space(node: fx.Node, rule: Rule | None, slot_metas: tuple[TensorMeta, ...], meta: OutputMeta | None, tp_size: int) -> NodeSpace:
-    """The strategies of one call (name, module path and slots are the caller's to fill in)."""
+def _call_space(node: fx.Node, rule: Rule | None, slot_metas: tuple[TensorMeta, ...], meta: OutputMeta | None, mesh: MeshSpec) -> NodeSpace:
+    """The strategies of one call (name, module path and slots are the caller's to fill in): the
+    rule's answers for each axis size, combined across the mesh's axes (``combine_axes``)."""
     replicate = OpStrategy((R,) * len(slot_metas), _replicated_output(meta))
     fallback = rule is None or meta is None or any(isinstance(m, tuple) for m in slot_metas)
-    strategies = [replicate]
-    if not fallback and tp_size > 1:
-        ctx = OpContext(node, tp_size, slot_metas, meta)  # type: ignore[arg-type]
-        for s in rule.strategies(ctx):  # type: ignore[union-attr]
-            if s not in strategies and _strategy_fits(s, slot_metas, meta, tp_size):
-                strategies.append(s)
+    answers: dict[int, list[OpStrategy]] = {}  # by axis size: the rule sees global metas and one axis
+    for size in mesh.shape:
+        if size in answers:
+            continue
+        answers[size] = [replicate]
+        if not fallback and size > 1:
+            ctx = OpContext(node, size, slot_metas, meta)  # type: ignore[arg-type]
+            for s in rule.strategies(ctx):  # type: ignore[union-attr]
+                if s not in answers[size] and _strategy_fits(s, slot_metas, meta, size):
+                    answers[size].append(s)
+    strategies = combine_axes([answers[size] for size in mesh.shape], _combinable(node, rule))
     op_name = str(node.target) if not callable(node.target) or op_schema(node.target) is not None else getattr(node.target, "__name__", str(node.target))
-    internal_comm: tuple[tuple[tuple[str, int], ...], ...] = ()
+    internal_comm: tuple[tuple[tuple[str, int, int], ...], ...] = ()
     if rule is not None and rule.internal_collectives is not None:
-        internal_comm = tuple(rule.internal_collectives(s, slot_metas, meta) for s in strategies)  # type: ignore[arg-type]
+        internal_comm = tuple(_internal_comm(rule, s, slot_metas, meta, mesh) for s in strategies)  # type: ignore[arg-type]
     return NodeSpace(
         name="", op=op_name, module_path="", kind=NodeKind.OP,
-        slots=(), slot_metas=slot_metas, output_meta=meta, strategies=tuple(strategies),
+        slots=(), slot_metas=slot_metas, output_meta=meta, strategies=strategies,
         is_view=rule.view if rule is not None else False, fallback=rule is None, internal_comm=internal_comm,
     )
+
+
+def _combinable(node: fx.Node, rule: Rule | None) -> Callable[[tuple[OpStrategy, ...]], bool]:
+    """Which per-axis combinations the rewriter can run: a local implementation (e.g. a
+    vocab-parallel lookup) talks over one axis's group, and a random op splits its output over
+    at most one axis (its draws come from that axis's per-rank stream, ``autotp.rewrite.random``)."""
+    random_op = is_random(node.target)
+
+    def keep(axes: tuple[OpStrategy, ...]) -> bool:
+        if rule is not None and rule.local_impl is not None and sum(rule.local_impl(a) is not None for a in axes) > 1:
+            return False
+        return not (random_op and sum(any(isinstance(p, Shard) for p in a.outputs()) for a in axes) > 1)
+
+    return keep
+
+
+def _internal_comm(rule: Rule, strategy: MeshStrategy, slot_metas: tuple[TensorMeta, ...], meta: OutputMeta, mesh: MeshSpec) -> tuple[tuple[str, int, int], ...]:
+    """Collectives the local implementation runs, per axis, on the share the other axes leave a rank."""
+    comm = []
+    for axis, single in enumerate(strategy.axes):
+        others = math.prod(size for a, size in enumerate(mesh.shape) if a != axis and strategy.divides_output(a))
+        comm += [(kind, nbytes // others, axis) for kind, nbytes in rule.internal_collectives(single, slot_metas, meta)]  # type: ignore[misc]
+    return tuple(comm)

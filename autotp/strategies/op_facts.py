@@ -6,6 +6,12 @@ without the overload; ``tests/test_torch_compat.py`` fails when a name here is n
 """
 from __future__ import annotations
 
+from typing import Any
+
+import torch
+
+from autotp.capture.torch_compat import OpOverload
+
 CONTRACTION_OPS = {"aten.linear", "aten.mm", "aten.bmm", "aten.addmm", "aten.matmul", "aten.baddbmm"}
 ATTENTION_OPS = {
     "aten.scaled_dot_product_attention", "aten._scaled_dot_product_flash_attention_for_cpu",
@@ -44,3 +50,8 @@ def op_class_of(op: str) -> str | None:
     if packet in NORMALIZATION_OPS:
         return "normalization"
     return "elementwise"
+
+
+def is_random(target: Any) -> bool:
+    """An op that draws from the random generator (``torch.Tag.nondeterministic_seeded``)."""
+    return isinstance(target, OpOverload) and torch.Tag.nondeterministic_seeded in target.tags
