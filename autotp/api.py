@@ -17,7 +17,8 @@ from autotp.cost.model import CostModel, resolve_hardware
 from autotp.errors import ConfigError, PlanMismatchError
 from autotp.io.fingerprint import describe_mismatch
 from autotp.io.plan_align import align_plan
-from autotp.ir.placement import Shard
+from autotp.ir.mesh import MeshSpec
+from autotp.ir.placement import local_chunk
 from autotp.ir.plan import Plan
 from autotp.ir.units import fmt_seconds, parse_nbytes
 from autotp.report.progress import Progress, stage
@@ -29,7 +30,7 @@ from autotp.runtime.module import ShardedModule, register_state
 from autotp.runtime.retrace import Retracer
 from autotp.solve.ilp import NODE_LIMIT
 from autotp.solve.planner import solve_plan
-from autotp.strategies.engine import StrategySpace, build_strategy_space
+from autotp.strategies.engine import AxisRole, StrategySpace, axis_role_map, build_strategy_space
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,10 @@ def plan(
     model: nn.Module,
     example_inputs: tuple[torch.Tensor, ...],
     *,
-    mesh_shape: Sequence[int],
+    mesh_shape: int | Sequence[int],
+    mesh_axis_names: Sequence[str] | None = None,
+    inter_node_axes: Sequence[int | str] | None = None,
+    axis_roles: Mapping[int | str, str] | None = None,
     hardware: str | HardwareProfile | None = "h100-sxm",
     memory_budget: int | str | None = None,
     training: bool = True,
@@ -60,6 +64,13 @@ def plan(
     symbolic: bool = False,
 ) -> Plan:
     """Plan ``model`` for a mesh of ``mesh_shape`` without any process group (meta models work).
+
+    A mesh may have any number of axes (``(2, 4)``: 2 groups of 4), named by ``mesh_axis_names``
+    (default ``("tp",)`` on 1-D, ``("axis0", "axis1", ...)`` otherwise). Every axis is planned
+    alike: data parallelism, FSDP and tensor parallelism are strategies the solver picks per axis;
+    ``axis_roles`` pins an axis's role (``{"dp": "data"}``: parameters replicated over it;
+    ``"fsdp"``: parameters split over it; ``"any"``: the solver's choice). ``inter_node_axes`` names
+    the axes whose groups span nodes when the ranks are not numbered node by node (``autotp.ir.mesh``).
 
     ``training`` prices forward and backward and counts gradients and ``optimizer`` state in
     ``memory_budget``; ``training=False`` plans for inference (forward only, parameters only).
@@ -72,7 +83,8 @@ def plan(
     returns a deterministic fallback plan with a ``SolverTimeLimitWarning`` (docs/scale.md).
     """
     result = plan_model(
-        model, example_inputs, mesh_shape=mesh_shape, hardware=hardware or "h100-sxm",
+        model, example_inputs, mesh_shape=mesh_shape, mesh_axis_names=mesh_axis_names, inter_node_axes=inter_node_axes,
+        axis_roles=axis_roles, hardware=hardware or "h100-sxm",
         memory_budget=memory_budget, training=training, optimizer=optimizer, solver=solver, time_limit_s=time_limit_s,
         node_limit=node_limit,
     ).plan
@@ -87,9 +99,12 @@ def plan_model(
     model: nn.Module,
     example_inputs: tuple[torch.Tensor, ...],
     *,
-    mesh_shape: Sequence[int],
+    mesh_shape: int | Sequence[int],
     hardware: str | HardwareProfile,
     memory_budget: int | str | None,
+    mesh_axis_names: Sequence[str] | None = None,
+    inter_node_axes: Sequence[int | str] | None = None,
+    axis_roles: Mapping[int | str, str] | None = None,
     training: bool = True,
     optimizer: str | None = "adamw",
     solver: str = "cbc",
@@ -99,20 +114,22 @@ def plan_model(
 ) -> PlanningResult:
     """Capture, build the strategy space, solve and build the plan; ``progress`` hears each stage
     start and end, and the solver's incumbents (``autotp.report.progress``)."""
-    tp_size = _tp_size(mesh_shape)
+    mesh = MeshSpec.of(mesh_shape, mesh_axis_names, inter_node_axes=inter_node_axes)
+    roles = axis_role_map(mesh, axis_roles)
     profile, budget = _planning_settings(hardware, memory_budget, optimizer)
     started = time.perf_counter()
-    captured, space = _capture_space(model, example_inputs, tp_size, progress=progress)
+    captured, space = _capture_space(model, example_inputs, mesh, roles=roles, progress=progress)
     result = _solve_space(
         space, profile=profile, memory_budget=budget, training=training, optimizer=optimizer,
         solver=solver, time_limit_s=time_limit_s, node_limit=node_limit, progress=progress,
     )
-    log.info("planned %s on %d ranks in %.2fs", captured.model_name, tp_size, time.perf_counter() - started)
+    log.info("planned %s on the mesh %s in %.2fs", captured.model_name, mesh, time.perf_counter() - started)
     return PlanningResult(captured, space, result)
 
 
 def _capture_space(
-    model: nn.Module, example_inputs: tuple[torch.Tensor, ...], tp_size: int, *, progress: Progress | None = None,
+    model: nn.Module, example_inputs: tuple[torch.Tensor, ...], mesh: MeshSpec, *,
+    roles: Mapping[int, AxisRole] | None = None, progress: Progress | None = None,
 ) -> tuple[CapturedGraph, StrategySpace]:
     """The graph and its candidate strategies: what every rank builds, planning or not."""
     started = time.perf_counter()
@@ -121,7 +138,7 @@ def _capture_space(
         report.outcome = f"{len(captured.graph_module.graph.nodes)} nodes"
     log.info("captured %s: %d nodes in %.2fs", captured.model_name, len(captured.graph_module.graph.nodes), time.perf_counter() - started)
     with stage(progress, "strategies") as report:
-        space = build_strategy_space(captured, tp_size)
+        space = build_strategy_space(captured, mesh, axis_roles=roles)
         report.outcome = f"{sum(len(n.strategies) for n in space.nodes)} candidates"
     return captured, space
 
@@ -147,7 +164,7 @@ def _solve_space(
     node_limit: int = NODE_LIMIT,
     progress: Progress | None = None,
 ) -> Plan:
-    cost = CostModel(profile, space.tp_size, training=training, optimizer=optimizer if training else None)
+    cost = CostModel(profile, space.mesh, training=training, optimizer=optimizer if training else None)
     with stage(progress, "solve") as report:
         def on_incumbent(seconds: float, bound_seconds: float | None) -> None:
             report.update(f"incumbent {fmt_seconds(seconds)}" + (f", bound {fmt_seconds(bound_seconds)}" if bound_seconds is not None else ""))
@@ -172,6 +189,8 @@ def parallelize(
     optimizer: str | None = "adamw",
     dynamic_dims: Mapping[str, Sequence[int]] | None = None,
     setup_timeout_s: float = DEFAULT_SETUP_TIMEOUT_S,
+    inter_node_axes: Sequence[int | str] | None = None,
+    axis_roles: Mapping[int | str, str] | None = None,
 ) -> ShardedModule:
     """Return this rank's sharded copy of ``model``; call it on every rank of ``mesh``.
 
@@ -183,39 +202,43 @@ def parallelize(
     The sharded module takes inputs of ``example_inputs``' shapes and values; ``dynamic_dims``
     names the dims of tensor inputs that may take other sizes (``{"input_ids": (0, 1)}``, by
     ``forward``'s parameter names): each new size is captured again on every rank, with the same plan.
+
+    ``mesh`` may have any number of axes (``init_device_mesh("cuda", (2, 8), mesh_dim_names=("dp", "tp"))``);
+    its axis names name the plan's axes, and ``axis_roles``/``inter_node_axes`` are as in ``autotp.plan``.
     """
     if not isinstance(mesh, DeviceMesh):
         raise ConfigError(f"mesh must be a torch.distributed.device_mesh.DeviceMesh, got {type(mesh).__name__}")
-    if mesh.ndim != 1:
-        raise ConfigError(f"autotp supports 1-D meshes for now; got a mesh of shape {tuple(mesh.shape)}")
     if not setup_timeout_s > 0:
         raise ConfigError(f"setup_timeout_s must be a positive number of seconds, got {setup_timeout_s!r}")
-    tp_size = mesh.size()
+    spec = MeshSpec.of(tuple(mesh.shape), mesh.mesh_dim_names, inter_node_axes=inter_node_axes)
+    roles = axis_role_map(spec, axis_roles)
     planned_call = PlannedCall.from_example(model.forward, example_inputs, model_name=type(model).__name__, dynamic_dims=dynamic_dims)
     hardware = hardware or DEFAULT_HARDWARE.get(mesh.device_type, "h100-sxm")
-    group = mesh.get_group()
+    group_names = tuple(mesh.get_group(axis).group_name for axis in range(mesh.ndim))
+    coordinate = tuple(mesh.get_local_rank(axis) for axis in range(mesh.ndim))
 
     def solve(space: StrategySpace) -> Plan:  # rank 0 only
         profile, budget = _planning_settings(hardware, memory_budget, optimizer)
         return _solve_space(space, profile=profile, memory_budget=budget, training=training, optimizer=optimizer)
 
     captured, space, agreed = agree_on_plan(
-        setup_group(group, timeout_s=setup_timeout_s), build_graph=lambda: _capture_space(model, example_inputs, tp_size),
+        setup_group(mesh.mesh.flatten().tolist(), timeout_s=setup_timeout_s),
+        build_graph=lambda: _capture_space(model, example_inputs, spec, roles=roles if plan is None else None),
         solve=solve, fit=_fit_plan, given_plan=plan,
     )
     result = PlanningResult(captured, space, agreed)
-    rank = mesh.get_local_rank()
     device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else None
-    gm = rewrite(result.captured, result.space, result.plan, rank=rank, group_name=group.group_name, device=device)
-    local = _local_state(model, result, rank=rank, device=device)
+    gm = rewrite(result.captured, result.space, result.plan, coordinate=coordinate, group_names=group_names, device=device)
+    local = _local_state(model, result, coordinate=coordinate, device=device)
     retracer = (
-        Retracer(model, result.captured, result.plan, planned_call, rank=rank, group_name=group.group_name, device=device)
+        Retracer(model, result.captured, result.plan, planned_call, coordinate=coordinate, group_names=group_names, device=device)
         if planned_call.has_dynamic_dims else None
     )
     sharded = ShardedModule(
-        result.captured, gm, local, result.plan, planned_call=planned_call, rank=rank, group_name=group.group_name, mesh=mesh, retracer=retracer,
+        result.captured, gm, local, result.plan, planned_call=planned_call, coordinate=coordinate, group_names=group_names, mesh=mesh, retracer=retracer,
     )
-    seed_sharded_stream(group.group_name, rank=rank, seed=torch.initial_seed())
+    for group_name, position in zip(group_names, coordinate):  # a split random op draws from its axis's per-rank stream
+        seed_sharded_stream(group_name, rank=position, seed=torch.initial_seed())
     parameter_names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     non_persistent = {f"{path}.{name}".lstrip(".") for path, module in model.named_modules() for name in non_persistent_buffer_names(module)}
     for fqn in result.captured.unused_fqns:  # kept whole, so the state dict matches the original's
@@ -224,24 +247,20 @@ def parallelize(
     return sharded
 
 
-def _tp_size(mesh_shape: Sequence[int]) -> int:
-    shape = tuple(mesh_shape) if not isinstance(mesh_shape, int) else (mesh_shape,)
-    if len(shape) != 1 or not isinstance(shape[0], int) or shape[0] < 1:
-        raise ConfigError(f"mesh_shape must be a 1-D shape such as (4,), got {mesh_shape!r}")
-    return shape[0]
-
-
-def _apply_plan(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], plan: Plan, tp_size: int) -> PlanningResult:
-    if plan.tp_size != tp_size:  # before the capture: it is the cheap check
-        raise PlanMismatchError(f"the plan was made for {plan.tp_size} ranks but the mesh has {tp_size}")
-    captured, space = _capture_space(model, example_inputs, tp_size)
+def _apply_plan(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], plan: Plan, mesh: MeshSpec) -> PlanningResult:
+    _check_plan_mesh(plan, mesh)  # before the capture: it is the cheap check
+    captured, space = _capture_space(model, example_inputs, mesh)
     return PlanningResult(captured, space, _fit_plan(space, plan))
+
+
+def _check_plan_mesh(plan: Plan, mesh: MeshSpec) -> None:
+    if tuple(plan.mesh_shape) != mesh.shape:
+        raise PlanMismatchError(f"the plan was made for a mesh of shape {tuple(plan.mesh_shape)} but the mesh has shape {mesh.shape}")
 
 
 def _fit_plan(space: StrategySpace, plan: Plan) -> Plan:
     """``plan`` aligned to this rank's graph; ``PlanMismatchError`` naming what differs if it does not fit."""
-    if plan.tp_size != space.tp_size:
-        raise PlanMismatchError(f"the plan was made for {plan.tp_size} ranks but the mesh has {space.tp_size}")
+    _check_plan_mesh(plan, space.mesh)
     mismatch = describe_mismatch(plan, space)  # the graph fingerprint first: it names what differs
     if mismatch is not None:
         raise PlanMismatchError(mismatch)
@@ -271,20 +290,18 @@ def _owned(tensor: torch.Tensor, device: torch.device | None) -> torch.Tensor:
     return nn.Parameter(out, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else out
 
 
-def _local_state(model: nn.Module, result: PlanningResult, *, rank: int, device: torch.device | None) -> dict[str, torch.Tensor]:
+def _local_state(model: nn.Module, result: PlanningResult, *, coordinate: tuple[int, ...], device: torch.device | None) -> dict[str, torch.Tensor]:
     """This rank's chunk of every parameter/buffer/constant placeholder, sliced once."""
     placements = {n.name: n.strategy.output for n in result.plan.nodes}
     local: dict[str, torch.Tensor] = {}
-    tp_size = result.plan.tp_size
+    mesh_shape = tuple(result.plan.mesh_shape)
     for gi in result.captured.inputs:
         if gi.role is InputRole.USER_INPUT:
             continue
         full = result.captured.constants[gi.node_name] if gi.role is InputRole.CONSTANT else _get_state(model, gi.fqns[0])
         if full.is_meta:
             raise ConfigError(f"parallelize needs real weights but '{gi.fqns[0] if gi.fqns else gi.node_name}' is on the meta device; use autotp.plan() to plan meta models, or materialise the model first")
-        placement = placements[gi.node_name]
-        chunk = full.detach().chunk(tp_size, dim=placement.dim)[rank] if isinstance(placement, Shard) else full.detach()
-        owned = _owned(chunk, device)
+        owned = _owned(local_chunk(full.detach(), placements[gi.node_name], mesh_shape, coordinate), device)
         if isinstance(full, nn.Parameter):
             owned = nn.Parameter(owned, requires_grad=full.requires_grad)
         local[gi.node_name] = owned

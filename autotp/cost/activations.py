@@ -4,7 +4,8 @@ A liveness walk over the plan's nodes in graph (topological) order, which is the
 rank-local graph runs them in:
 
 * every op, user input and inserted conversion makes a value of its rank-local size (the
-  global size over tp for ``S(d)``, the whole size for ``R`` and ``P``);
+  global size over the product of the sizes of the mesh axes that split it, ``S(d)``; the whole
+  size on the axes where it is ``R`` or ``P``);
 * a view (``view``, ``transpose``, ``getitem`` ...) makes no new bytes; it keeps the value it
   views alive as long as the view is read;
 * a value dies after its last reader; the graph output's values live to the end;
@@ -19,12 +20,13 @@ Collectives' internal buffers and the allocator's fragmentation are not counted.
 from __future__ import annotations
 
 import functools
+import math
 from typing import TYPE_CHECKING
 
 import torch
 
 from cost_models import peak_live_nbytes
-from autotp.ir.placement import Placement, Shard
+from autotp.ir.placement import Placements, Shard
 from autotp.ir.strategy import NodeKind
 from autotp.ir.values import ValueRef, output_metas
 from autotp.strategies.rules import lookup
@@ -46,22 +48,23 @@ def is_alias(op: str) -> bool:
     return bool(rule is not None and rule.view)
 
 
-def _local(nbytes: int, placement: Placement, tp_size: int) -> float:
-    return nbytes / tp_size if isinstance(placement, Shard) else float(nbytes)
+def _local(nbytes: int, placements: Placements, mesh_shape: tuple[int, ...]) -> float:
+    """Bytes one rank holds of a value of ``nbytes`` placed as ``placements``."""
+    share = math.prod(size for p, size in zip(placements, mesh_shape) if isinstance(p, Shard))
+    return nbytes / share if share > 1 else float(nbytes)
 
 
-def _outputs(node: NodePlan) -> tuple[Placement, ...]:
-    out = node.strategy.output
-    return out if isinstance(out, tuple) else (out,)
+def _outputs(node: NodePlan) -> tuple[Placements, ...]:
+    return node.strategy.outputs
 
 
-# A value the walk tracks: a node's output, or that output converted to a placement for its readers.
-_Key = ValueRef | tuple[ValueRef, Placement]
+# A value the walk tracks: a node's output, or that output converted to placements for its readers.
+_Key = ValueRef | tuple[ValueRef, Placements]
 
 
 def activation_nbytes(plan: Plan) -> float:
     """Peak bytes of simultaneously live activations on one rank under ``plan``."""
-    tp = plan.tp_size
+    mesh_shape = tuple(plan.mesh_shape)
     index = {n.name: k for k, n in enumerate(plan.nodes)}
     end = len(plan.nodes)
     root: dict[_Key, _Key] = {}  # value -> the value whose bytes it is
@@ -81,7 +84,7 @@ def activation_nbytes(plan: Plan) -> float:
             if conversion.backward_only:
                 continue
             key: _Key = (conversion.value, conversion.dst)
-            born[key], nbytes[key] = step, _local(conversion.nbytes, conversion.dst, tp)
+            born[key], nbytes[key] = step, _local(conversion.nbytes, conversion.dst, mesh_shape)
         for ref, wanted in zip(node.inputs, node.strategy.inputs):
             if plan.nodes[index[ref.node]].kind is NodeKind.STATE:
                 continue
@@ -98,7 +101,7 @@ def activation_nbytes(plan: Plan) -> float:
                 root[ref] = root[ValueRef(node.name)]
             continue
         for ref, meta, placement in zip(refs, metas, _outputs(node)):
-            born[ref], nbytes[ref] = step, _local(meta.nbytes, placement, tp)
+            born[ref], nbytes[ref] = step, _local(meta.nbytes, placement, mesh_shape)
             if plan.training and meta.dtype.is_floating_point and node.kind is NodeKind.OP:
                 kept.add(ref)
     intervals = []

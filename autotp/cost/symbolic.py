@@ -20,7 +20,10 @@ where ``m`` is 3 for a node priced forward and backward (training) and 1 otherwi
 second argument of the outer Max is the profile's measured floor for the node's op class (absent
 when the profile has none; a view has only that floor), the knees are the link's bandwidth
 knees (``cost_models.PiecewiseLinearCost``; none on a straight-line link), and a
-conversion's steps are priced as ``autotp.cost.model.CostModel`` prices them. A profile whose link
+conversion's steps are priced as ``autotp.cost.model.CostModel`` prices them: a step over mesh
+axis ``a`` on its axis's link and group size, on the value as the other axes leave it
+(``N_value`` over the sizes of the other axes that split it), and a node's work divided by the
+product of the sizes of the axes that split it (``cost.model.work_share``). A profile whose link
 has wake curves adds, per collective, its curve at the compute since the previous collective
 (``autotp.cost.wake``, :class:`WakeTerm`). ``total(B0, T0)`` is
 the plan's ``total_seconds``. The expression prices *this plan's strategies* at any size; it does
@@ -45,9 +48,20 @@ from cost_models.comm import piecewise_linear_seconds
 from autotp.capture.export import capture
 from autotp.comm.conversions import conversion_sites, sites_by_consumer
 from autotp.comm.redistribute import Step, StepKind
-from autotp.cost.model import _STEP_COLLECTIVE, BACKWARD_COMPUTE_FACTOR, CostModel, node_flops, node_nbytes, node_weight_nbytes, op_class, splits_work, weight_share
+from autotp.cost.model import (
+    _STEP_COLLECTIVE,
+    BACKWARD_COMPUTE_FACTOR,
+    CostModel,
+    node_flops,
+    node_nbytes,
+    node_weight_nbytes,
+    op_class,
+    weight_share,
+    work_share,
+)
 from autotp.cost.wake import collective_gaps
 from autotp.errors import AutoTPError, ConfigError
+from autotp.ir.placement import Placements, Shard
 from autotp.ir.plan import Plan
 from autotp.strategies.engine import NodeKind, NodeSpace, StrategySpace, build_strategy_space
 
@@ -123,7 +137,7 @@ class WorkModel:
     """Fitted work of every node of a model's graph, and the graph at the planned size."""
 
     nodes: dict[str, NodeWork]
-    space: StrategySpace  # tp_size 1: the node kinds, metas and requires_grad at (batch0, seq0)
+    space: StrategySpace  # a 1-D mesh of 1 rank: the node kinds, metas and requires_grad at (batch0, seq0)
     batch0: int
     seq0: int
     has_seq: bool
@@ -353,13 +367,21 @@ CostTerm = ComputeTerm | StepTerm | WakeTerm
 
 
 def _step_lines(step: Step, cost: CostModel) -> tuple[StepLine, ...]:
+    """The ways to run ``step`` over its mesh axis's groups (``mesh.shape[step.axis]`` ranks, on that axis's link)."""
     rates = roofline(cost.profile)
-    if step.kind is StepKind.LOCAL_CHUNK:  # copies this rank's chunk: 2·B/tp bytes
-        return (StepLine(rates.launch_seconds, 2 * rates.seconds_per_byte / cost.tp_size),)
+    group_size = cost.mesh.shape[step.axis]
+    if step.kind is StepKind.LOCAL_CHUNK:  # copies this rank's chunk: 2·B/group bytes
+        return (StepLine(rates.launch_seconds, 2 * rates.seconds_per_byte / group_size),)
     if step.kind is StepKind.TO_PARTIAL:
         return (StepLine(rates.launch_seconds, rates.seconds_per_byte),)
-    curves = collective_terms(cost.link, _STEP_COLLECTIVE[step.kind], group_size=cost.tp_size)
+    curves = collective_terms(cost.axis_link(step.axis), _STEP_COLLECTIVE[step.kind], group_size=group_size)
     return tuple(StepLine(c.fixed_seconds, c.seconds_per_byte, c.knees) for c in curves)
+
+
+def _other_axes_share(placements: Placements, axis: int, mesh_shape: tuple[int, ...]) -> int:
+    """Into how many pieces the axes other than ``axis`` split a value placed as ``placements``:
+    a step on ``axis`` moves one of them (``CostModel.axis_meta``)."""
+    return math.prod(size for a, (p, size) in enumerate(zip(placements, mesh_shape)) if a != axis and isinstance(p, Shard))
 
 
 def cost_terms(plan: Plan, work: WorkModel, cost: CostModel) -> tuple[CostTerm, ...]:
@@ -372,7 +394,7 @@ def cost_terms(plan: Plan, work: WorkModel, cost: CostModel) -> tuple[CostTerm, 
         kind = op_class(space) if node.kind is NodeKind.OP else None
         floor = cost.profile.op_classes.get(kind) if kind is not None else None
         if node.kind is NodeKind.OP and (not space.is_view or floor is not None):
-            share = cost.tp_size if splits_work(node.strategy) else 1
+            share = work_share(node.strategy, cost.mesh.shape)
             dtype = str(space.slot_metas[0].dtype if space.slot_metas else torch.float32).removeprefix("torch.")
             rates = matmul_roofline(cost.profile, dtype) if kind is None else roofline(cost.profile, dtype)
             node_work = work.nodes[node.name]
@@ -382,11 +404,14 @@ def cost_terms(plan: Plan, work: WorkModel, cost: CostModel) -> tuple[CostTerm, 
             terms.append(ComputeTerm(
                 node.name, float(multiplier), rates.launch_seconds, rates.seconds_per_flop, rates.seconds_per_byte,
                 flops, nbytes, floor,
-                node_work.weight_nbytes * Fraction(1, weight_share(space, node.strategy, cost.tp_size)), 0.0 if weight_rate is None else 1.0 / weight_rate,
+                node_work.weight_nbytes * Fraction(1, weight_share(space, node.strategy, cost.mesh.shape)), 0.0 if weight_rate is None else 1.0 / weight_rate,
             ))
         for site in sites.get(node.name, ()):
             size = work.nodes[site.value.node].outputs[site.value.index]
-            terms += [StepTerm(node.name, str(step), _step_lines(step, cost), size) for step in site.priced_steps]
+            terms += [
+                StepTerm(node.name, str(step), _step_lines(step, cost), size * Fraction(1, _other_axes_share(placements, step.axis, cost.mesh.shape)))
+                for step, placements in site.priced_steps
+            ]
     if cost.prices_wake:
         compute = {t.node: t for t in terms if isinstance(t, ComputeTerm)}
         for gap in collective_gaps(plan.nodes, work.space, training=cost.training):
@@ -431,6 +456,6 @@ def attach_cost_terms(
     from autotp.cost.model import resolve_hardware
 
     profile = resolve_hardware(hardware if hardware is not None else plan.hardware)
-    cost = CostModel(profile, plan.tp_size, training=plan.training, optimizer=plan.optimizer)
+    cost = CostModel(profile, plan.mesh, training=plan.training, optimizer=plan.optimizer)
     work = work or fit_work(model, example_inputs, batch_dim=batch_dim, seq_dim=seq_dim)
     return replace(plan, cost_terms=cost_terms(plan, work, cost))

@@ -1,11 +1,12 @@
 """The fingerprint of the graph a plan was made for, and what differs when it does not match.
 
 A plan is only meaningful for the graph it was solved on: the same nodes, ops, wiring and
-tensor shapes, on the same number of ranks. The fingerprint is a SHA-256 over one line per node
+tensor shapes, on the same mesh. The fingerprint is a SHA-256 over one line per node
 
     <name> <op> (<input values>) -> <dtype>[<shape>]
 
-plus the mesh axis size, so that a saved plan applied to another model (or the same model at
+after a first line naming the mesh (``tp_size 4`` for a 1-D mesh, ``mesh_shape 2,4`` for an N-D
+one; axis names do not count: they label the axes, the plan's placements follow the shape), so that a saved plan applied to another model (or the same model at
 another batch size or width) is refused with a message naming the first node that differs.
 
 Layout-only ops (``contiguous``) are left out, their readers pointed at their input: whether
@@ -63,8 +64,11 @@ def canonical_entries(entries: Sequence[NodeEntry]) -> list[NodeEntry]:
     return out
 
 
-def graph_fingerprint(entries: Sequence[NodeEntry], tp_size: int) -> str:
-    digest = hashlib.sha256(f"tp_size {tp_size}\n".encode())
+def graph_fingerprint(entries: Sequence[NodeEntry], mesh_shape: int | Sequence[int]) -> str:
+    """The fingerprint of a graph's ``entries`` on a mesh of ``mesh_shape`` (an int: 1-D)."""
+    shape = (mesh_shape,) if isinstance(mesh_shape, int) else tuple(mesh_shape)
+    head = f"tp_size {shape[0]}" if len(shape) == 1 else "mesh_shape " + ",".join(str(s) for s in shape)
+    digest = hashlib.sha256(f"{head}\n".encode())
     for entry in canonical_entries(entries):
         digest.update(entry.line().encode())
         digest.update(b"\n")
@@ -72,7 +76,7 @@ def graph_fingerprint(entries: Sequence[NodeEntry], tp_size: int) -> str:
 
 
 def space_fingerprint(space: StrategySpace) -> str:
-    return graph_fingerprint([node_entry(n) for n in space.nodes], space.tp_size)
+    return graph_fingerprint([node_entry(n) for n in space.nodes], space.mesh.shape)
 
 
 def plan_entries(plan: Plan) -> list[NodeEntry]:
@@ -103,8 +107,10 @@ def describe_mismatch(plan: Plan, space: StrategySpace) -> str | None:
     """``None`` when ``plan`` was made for ``space``'s graph; else one line saying what differs."""
     if not plan.fingerprint or plan.fingerprint == space_fingerprint(space):
         return None
-    if plan.tp_size != space.tp_size:
-        return f"the plan was made for {plan.tp_size} ranks but the mesh has {space.tp_size}"
+    if tuple(plan.mesh_shape) != space.mesh.shape:
+        if len(plan.mesh_shape) == 1 and space.mesh.ndim == 1:
+            return f"the plan was made for {plan.mesh_shape[0]} ranks but the mesh has {space.mesh.shape[0]}"
+        return f"the plan was made for the mesh {plan.mesh} but the mesh is {space.mesh}"
     difference = first_difference(plan_entries(plan), [node_entry(n) for n in space.nodes])
     if difference is not None:
         k, mine, other, n_ours, n_theirs = difference

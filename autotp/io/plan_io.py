@@ -3,7 +3,9 @@
 The schema is documented field by field in ``docs/plan-format.md``. Reading is strict: an
 unknown field, a missing one, a wrong type or another schema version is a ``PlanFormatError``
 naming the field, because a plan that is silently misread would shard a model wrongly.
-Placements are written as ``"R"``, ``"P"`` and ``"S(d)"``; a loaded plan equals the saved one.
+Placements are written as ``format_placements`` writes them: ``"R"``, ``"P"`` and ``"S(d)"`` on a
+1-D mesh, ``"(S(0), R)"`` (one per mesh axis) on an N-D one; a loaded plan equals the saved one.
+Version 1 files (1-D meshes, before axis names) are still read, as a mesh of one axis ``tp``.
 """
 from __future__ import annotations
 
@@ -14,14 +16,15 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from autotp.errors import PlanFormatError
-from autotp.ir.placement import Placement, parse_placement
+from autotp.ir.placement import Placements, format_placements, parse_placements
 from autotp.ir.plan import Conversion, NodePlan, Plan
 from autotp.ir.steps import Step, StepKind
-from autotp.ir.strategy import NodeKind, OpStrategy
+from autotp.ir.strategy import MeshStrategy, NodeKind
 from autotp.ir.values import TensorMeta, format_value, parse_value, parse_value_ref
 
 FORMAT = "autotp.plan"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: a 1-D mesh, no axis names (read as ("tp",)), no step axes
 
 
 def plan_to_dict(plan: Plan, *, source: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -31,6 +34,8 @@ def plan_to_dict(plan: Plan, *, source: Mapping[str, str] | None = None) -> dict
         "version": SCHEMA_VERSION,
         "fingerprint": plan.fingerprint,
         "mesh_shape": list(plan.mesh_shape),
+        "mesh_axis_names": list(plan.mesh_axis_names),
+        **({"inter_node_axes": list(plan.inter_node_axes)} if plan.inter_node_axes is not None else {}),
         "hardware": plan.hardware,
         "training": plan.training,
         "optimizer": plan.optimizer,
@@ -61,15 +66,14 @@ def plan_from_dict(data: Any) -> Plan:
     if fmt != FORMAT:
         raise PlanFormatError(f"not an autotp plan: field 'format' is {fmt!r}, expected {FORMAT!r}")
     version = top.get("version", int)
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_VERSIONS:
         newer = version > SCHEMA_VERSION
         raise PlanFormatError(
-            f"plan schema version {version} is not supported: this autotp reads version {SCHEMA_VERSION}"
+            f"plan schema version {version} is not supported: this autotp reads versions {', '.join(map(str, READABLE_VERSIONS))}"
             + ("; the file was written by a newer autotp (upgrade autotp, or re-plan with this one)" if newer else "; re-plan with this autotp")
         )
-    mesh_shape = tuple(_int_list(top.get("mesh_shape", list), "mesh_shape"))
-    if len(mesh_shape) != 1 or mesh_shape[0] < 1:
-        raise PlanFormatError(f"field 'mesh_shape' must be a 1-D shape such as [4], got {list(mesh_shape)}")
+    mesh_shape, names, inter_node_axes = _mesh(top, version)
+    ndim = len(mesh_shape)
     solver = _Obj(top.get("solver", dict), "solver")
     memory = _Obj(top.get("memory", dict), "memory")
     totals = _Obj(top.get("totals", dict), "totals")
@@ -82,7 +86,7 @@ def plan_from_dict(data: Any) -> Plan:
             source.get(key, str)
         source.done()
     nodes_data = top.get("nodes", list)
-    nodes = tuple(_node_from_dict(item, f"nodes[{k}]") for k, item in enumerate(nodes_data))
+    nodes = tuple(_node_from_dict(item, f"nodes[{k}]", ndim) for k, item in enumerate(nodes_data))
     budget = top.get("memory_budget_nbytes", int, nullable=True)
     plan = Plan(
         mesh_shape=mesh_shape,
@@ -97,11 +101,38 @@ def plan_from_dict(data: Any) -> Plan:
         training=top.get("training", bool),
         optimizer=top.get("optimizer", str, nullable=True),
         fingerprint=top.get("fingerprint", str),
+        mesh_axis_names=names,
+        inter_node_axes=inter_node_axes,
     )
     solver.done()
     memory.done()
     top.done()
     return plan
+
+
+def _mesh(top: _Obj, version: int) -> tuple[tuple[int, ...], tuple[str, ...], tuple[int, ...] | None]:
+    """The mesh fields: shape, axis names (``("tp",)`` in a version-1 file) and inter-node axes."""
+    mesh_shape = tuple(_int_list(top.get("mesh_shape", list), "mesh_shape"))
+    if version == 1:
+        if len(mesh_shape) != 1 or mesh_shape[0] < 1:
+            raise PlanFormatError(f"field 'mesh_shape' of a version 1 plan must be a 1-D shape such as [4], got {list(mesh_shape)}")
+        return mesh_shape, ("tp",), None
+    if not mesh_shape or any(size < 1 for size in mesh_shape):
+        raise PlanFormatError(f"field 'mesh_shape' must be a non-empty list of positive integers such as [4] or [2, 4], got {list(mesh_shape)}")
+    names = tuple(_str_list(top.get("mesh_axis_names", list), "mesh_axis_names"))
+    if len(names) != len(mesh_shape) or len(set(names)) != len(names):
+        raise PlanFormatError(
+            f"field 'mesh_axis_names' must hold {len(mesh_shape)} distinct names, one per axis of mesh_shape {list(mesh_shape)}, got {list(names)}"
+        )
+    inter_node_axes = None
+    if "inter_node_axes" in top.data:
+        axes = _int_list(top.get("inter_node_axes", list), "inter_node_axes")
+        if any(not 0 <= a < len(mesh_shape) for a in axes) or list(axes) != sorted(set(axes)):
+            raise PlanFormatError(
+                f"field 'inter_node_axes' must list distinct mesh axis indices in 0..{len(mesh_shape) - 1} in increasing order, got {list(axes)}"
+            )
+        inter_node_axes = tuple(axes)
+    return mesh_shape, names, inter_node_axes
 
 
 def save_plan(plan: Plan, path: str | os.PathLike[str], *, source: Mapping[str, str] | None = None) -> None:
@@ -148,8 +179,11 @@ def _node_to_dict(node: NodePlan) -> dict[str, Any]:
         "inputs": [str(ref) for ref in node.inputs],
         "value": format_value(node.output_meta),
         "strategy": {
-            "inputs": [str(p) for p in node.strategy.inputs],
-            "output": [str(p) for p in node.strategy.output] if isinstance(node.strategy.output, tuple) else str(node.strategy.output),
+            "inputs": [format_placements(p) for p in node.strategy.inputs],
+            "output": (
+                [format_placements(p) for p in node.strategy.outputs] if node.strategy.multi_output
+                else format_placements(node.strategy.output)
+            ),
         },
         "compute_seconds": node.compute_seconds,
         "conversions": [_conversion_to_dict(c) for c in node.conversions],
@@ -168,25 +202,27 @@ def _kind(obj: _Obj, enum: type[_Kind], what: str, where: str) -> _Kind:
         raise PlanFormatError(f"{where}.kind: unknown {what} {text!r} (known: {', '.join(k.value for k in enum)})") from None
 
 
-def _node_from_dict(data: Any, where: str) -> NodePlan:
+def _node_from_dict(data: Any, where: str, ndim: int) -> NodePlan:
     obj = _Obj(data, where)
     kind = _kind(obj, NodeKind, "node kind", where)
     strategy = _Obj(obj.get("strategy", dict), f"{where}.strategy")
-    inputs = tuple(_placement(p, f"{where}.strategy.inputs") for p in _str_list(strategy.get("inputs", list), f"{where}.strategy.inputs"))
+    inputs = tuple(
+        _placements(p, f"{where}.strategy.inputs[{k}]", ndim)
+        for k, p in enumerate(_str_list(strategy.get("inputs", list), f"{where}.strategy.inputs"))
+    )
     raw_out = strategy.get("output", (str, list))
-    output: Placement | tuple[Placement, ...]
     if isinstance(raw_out, list):
-        output = tuple(_placement(p, f"{where}.strategy.output") for p in _str_list(raw_out, f"{where}.strategy.output"))
+        outputs = tuple(_placements(p, f"{where}.strategy.output[{k}]", ndim) for k, p in enumerate(_str_list(raw_out, f"{where}.strategy.output")))
     else:
-        output = _placement(raw_out, f"{where}.strategy.output")
+        outputs = (_placements(raw_out, f"{where}.strategy.output", ndim),)
     strategy.done()
-    conversions = tuple(_conversion_from_dict(c, f"{where}.conversions[{k}]") for k, c in enumerate(obj.get("conversions", list)))
+    conversions = tuple(_conversion_from_dict(c, f"{where}.conversions[{k}]", ndim) for k, c in enumerate(obj.get("conversions", list)))
     node = NodePlan(
         name=obj.get("name", str),
         op=obj.get("op", str),
         module_path=obj.get("module", str),
         kind=kind,
-        strategy=OpStrategy(inputs, output),
+        strategy=MeshStrategy(inputs, outputs, multi_output=isinstance(raw_out, list)),
         conversions=conversions,
         compute_seconds=obj.get("compute_seconds", float),
         inputs=tuple(parse_value_ref(ref) for ref in _str_list(obj.get("inputs", list), f"{where}.inputs")),
@@ -206,8 +242,8 @@ def _output_meta(text: str, where: str) -> TensorMeta | tuple[TensorMeta, ...] |
 def _conversion_to_dict(c: Conversion) -> dict[str, Any]:
     return {
         "value": str(c.value),
-        "src": str(c.src),
-        "dst": str(c.dst),
+        "src": format_placements(c.src),
+        "dst": format_placements(c.dst),
         "steps": [_step_to_dict(s) for s in c.steps],
         "nbytes": c.nbytes,
         "bytes_per_rank": c.bytes_per_rank,
@@ -217,13 +253,13 @@ def _conversion_to_dict(c: Conversion) -> dict[str, Any]:
     }
 
 
-def _conversion_from_dict(data: Any, where: str) -> Conversion:
+def _conversion_from_dict(data: Any, where: str, ndim: int) -> Conversion:
     obj = _Obj(data, where)
     conversion = Conversion(
         value=parse_value_ref(obj.get("value", str)),
-        src=_placement(obj.get("src", str), f"{where}.src"),
-        dst=_placement(obj.get("dst", str), f"{where}.dst"),
-        steps=tuple(_step_from_dict(s, f"{where}.steps[{k}]") for k, s in enumerate(obj.get("steps", list))),
+        src=_placements(obj.get("src", str), f"{where}.src", ndim),
+        dst=_placements(obj.get("dst", str), f"{where}.dst", ndim),
+        steps=tuple(_step_from_dict(s, f"{where}.steps[{k}]", ndim) for k, s in enumerate(obj.get("steps", list))),
         nbytes=obj.get("nbytes", int),
         bytes_per_rank=obj.get("bytes_per_rank", float),
         seconds=obj.get("seconds", float),
@@ -240,16 +276,21 @@ def _step_to_dict(step: Step) -> dict[str, Any]:
         out["src_dim"] = step.src_dim
     if step.dst_dim is not None:
         out["dst_dim"] = step.dst_dim
+    if step.axis:
+        out["axis"] = step.axis
     return out
 
 
-def _step_from_dict(data: Any, where: str) -> Step:
+def _step_from_dict(data: Any, where: str, ndim: int) -> Step:
     obj = _Obj(data, where)
     kind = _kind(obj, StepKind, "step", where)
     src_dim = obj.get("src_dim", int) if "src_dim" in obj.data else None
     dst_dim = obj.get("dst_dim", int) if "dst_dim" in obj.data else None
+    axis = obj.get("axis", int) if "axis" in obj.data else 0
+    if not 0 <= axis < ndim:
+        raise PlanFormatError(f"field '{where}.axis' must be a mesh axis index in 0..{ndim - 1}, got {axis}")
     obj.done()
-    return Step(kind, src_dim, dst_dim)
+    return Step(kind, src_dim, dst_dim, axis)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -330,10 +371,15 @@ _str_list = _typed_list(lambda v: isinstance(v, str), "a string")
 _int_list = _typed_list(lambda v: _is(v, int), "an integer")
 
 
-def _placement(text: str, where: str) -> Placement:
+def _placements(text: str, where: str, ndim: int) -> Placements:
+    """One tensor's placements, one per mesh axis: ``"S(0)"`` on a 1-D mesh, ``"(S(0), R)"`` on an N-D one."""
     if not isinstance(text, str):
         raise PlanFormatError(f"{where} must be a placement string (R, P or S(d)), got {_json_type(text)}")
     try:
-        return parse_placement(text)
+        placements = parse_placements(text)
     except ValueError as exc:
         raise PlanFormatError(f"{where}: {exc}") from None
+    if len(placements) != ndim:
+        example = "S(0)" if ndim == 1 else "(" + ", ".join(["R"] * ndim) + ")"
+        raise PlanFormatError(f"{where}: {text!r} has {len(placements)} placements but the mesh has {ndim} axes (one each, e.g. {example!r})")
+    return placements

@@ -5,7 +5,12 @@ non-negative tensor dim.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,3 +98,12 @@ def local_shape(shape: tuple[int, ...], placements: Placements, mesh_shape: tupl
         if isinstance(p, Shard):
             out[p.dim] //= mesh_shape[axis]
     return tuple(out)
+
+
+def local_chunk(full: torch.Tensor, placements: Placements, mesh_shape: Sequence[int], coordinate: Sequence[int]) -> torch.Tensor:
+    """The part of ``full`` the rank at ``coordinate`` holds (``S(d)`` on axis ``a``: chunk
+    ``coordinate[a]`` of ``mesh_shape[a]`` along ``d``; ``R`` and ``P``: all of it)."""
+    for axis, p in enumerate(placements):
+        if isinstance(p, Shard):
+            full = full.chunk(mesh_shape[axis], dim=p.dim)[coordinate[axis]]
+    return full

@@ -1,17 +1,21 @@
 """The plan: a frozen record of what the solver chose and what it will cost.
 
-Per node: op, module path, chosen strategy, the conversions inserted on its inputs (kind,
-bytes, seconds) and its compute estimate: the sites of ``autotp.comm.conversions.conversion_sites``,
-each listed on its first consumer, as the rewriter emits it once.
+Per node: op, module path, chosen strategy (one placement per mesh axis for every input and
+output, ``MeshStrategy``), the conversions inserted on its inputs (kind, bytes, seconds) and its
+compute estimate: the sites of ``autotp.comm.conversions.conversion_sites``, each listed on its
+first consumer, as the rewriter emits it once. The plan records the mesh it was made for
+(``Plan.mesh``: shape, axis names, inter-node axes).
 """
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from autotp.ir.placement import Placement, R, Shard
+from autotp.errors import ConfigError
+from autotp.ir.mesh import MeshSpec
+from autotp.ir.placement import Placements, R, Shard, format_placements
 from autotp.ir.steps import Step
-from autotp.ir.strategy import NodeKind, OpStrategy
+from autotp.ir.strategy import MeshStrategy, NodeKind
 from autotp.ir.units import fmt_nbytes, fmt_seconds
 from autotp.ir.values import TensorMeta, ValueRef
 
@@ -21,8 +25,8 @@ class Conversion:
     """One placement change of one tensor value before a consumer reads it."""
 
     value: ValueRef
-    src: Placement
-    dst: Placement
+    src: Placements  # one placement per mesh axis
+    dst: Placements
     steps: tuple[Step, ...]
     nbytes: int  # size of the full (global) tensor
     bytes_per_rank: float  # what each rank sends, per the collective's algorithm (fwd + bwd)
@@ -39,8 +43,13 @@ class Conversion:
     @property
     def kind(self) -> str:
         if self.backward_only:
-            return "grad_all_reduce" if self.priced else "grad_all_reduce (only if a gradient flows)"
-        return "+".join(s.kind.value for s in self.steps)
+            return self.sync_kind if self.priced else f"{self.sync_kind} (only if a gradient flows)"
+        return "+".join(step_label(s) for s in self.steps)
+
+    @property
+    def sync_kind(self) -> str:
+        """A gradient sync's name: ``grad_all_reduce``, with ``@a,b`` for the mesh axes when not axis 0 alone."""
+        return "grad_all_reduce" + axes_suffix(self.steps)
 
     @property
     def is_collective(self) -> bool:
@@ -51,13 +60,25 @@ class Conversion:
         return not self.backward_only
 
 
+def step_label(step: Step) -> str:
+    """A step's kind, with ``@a`` when it runs over mesh axis ``a != 0`` (as ``Step.__str__``):
+    ``all_gather`` on a 1-D mesh, ``all_gather@1`` over axis 1 of an N-D one."""
+    return f"{step.kind.value}@{step.axis}" if step.axis else step.kind.value
+
+
+def axes_suffix(steps: tuple[Step, ...]) -> str:
+    """``@a,b`` naming the mesh axes ``steps`` run over, ``""`` when that is axis 0 alone."""
+    axes = sorted({s.axis for s in steps})
+    return "" if axes in ([], [0]) else "@" + ",".join(str(a) for a in axes)
+
+
 @dataclass(frozen=True, slots=True)
 class NodePlan:
     name: str
     op: str
     module_path: str
     kind: NodeKind
-    strategy: OpStrategy
+    strategy: MeshStrategy
     conversions: tuple[Conversion, ...]
     compute_seconds: float
     inputs: tuple[ValueRef, ...] = ()  # the values it reads, as in the graph
@@ -89,10 +110,30 @@ class Plan:
     optimizer: str | None = None
     fingerprint: str = ""  # of the graph it was made for (autotp.io.fingerprint); "" skips the check
     cost_terms: tuple | None = None  # autotp.cost.symbolic terms behind cost_expression(); None unless asked for
+    mesh_axis_names: tuple[str, ...] = ("tp",)
+    inter_node_axes: tuple[int, ...] | None = None  # None: decided by the hardware profile (autotp.ir.mesh)
+
+    def __post_init__(self) -> None:
+        if self.mesh_axis_names == ("tp",) and len(self.mesh_shape) != 1:
+            object.__setattr__(self, "mesh_axis_names", MeshSpec.of(self.mesh_shape).names)
+        if len(self.mesh_axis_names) != len(self.mesh_shape):
+            raise ConfigError(f"a plan for the mesh shape {self.mesh_shape} needs one axis name per axis, got {self.mesh_axis_names}")
+
+    @property
+    def mesh(self) -> MeshSpec:
+        """The mesh the plan was made for: axis sizes, names and inter-node axes."""
+        return MeshSpec(tuple(self.mesh_shape), tuple(self.mesh_axis_names), self.inter_node_axes)
 
     @property
     def tp_size(self) -> int:
+        """Ranks of a 1-D plan's mesh; ``ConfigError`` on an N-D plan (what reads it is 1-D-only)."""
+        if len(self.mesh_shape) != 1:
+            raise ConfigError(f"this needs a plan for a 1-D mesh; the plan is for the mesh {self.mesh}")
         return self.mesh_shape[0]
+
+    def mesh_text(self) -> str:
+        """The mesh as reports show it: ``(4,)`` for a 1-D plan, ``(dp=2, tp=4)`` for an N-D one."""
+        return str(self.mesh_shape) if len(self.mesh_shape) == 1 else str(self.mesh)
 
     def to_dict(self) -> dict:
         """The JSON-ready form documented in docs/plan-format.md."""
@@ -174,15 +215,18 @@ class Plan:
         with ``backward`` also the gradient all-reduces that only run in backward."""
         return [(n, c) for n, c in self.conversions() if c.is_collective and (backward or c.in_forward)]
 
-    def sharded_state(self) -> dict[str, Placement]:
-        """Placement of every parameter/buffer placeholder that is split."""
-        return {n.name: n.strategy.output for n in self.nodes if n.kind is NodeKind.STATE and isinstance(n.strategy.output, Shard)}
+    def sharded_state(self) -> dict[str, Placements]:
+        """Placements of every parameter/buffer placeholder that is split on some mesh axis."""
+        return {
+            n.name: n.strategy.output for n in self.nodes
+            if n.kind is NodeKind.STATE and any(isinstance(p, Shard) for p in n.strategy.output)
+        }
 
     def __repr__(self) -> str:
         mode = "training" if self.training else "inference"
         split = sum(1 for n in self.nodes if n.kind is NodeKind.OP and n.strategy.divides_output())
         return (
-            f"Plan(mesh {self.mesh_shape} on {self.hardware}, {mode}, {len(self.nodes)} nodes, {split} ops split, "
+            f"Plan(mesh {self.mesh_text()} on {self.hardware}, {mode}, {len(self.nodes)} nodes, {split} ops split, "
             f"{len(self.collectives(backward=True))} collectives, est. {fmt_seconds(self.total_seconds)}, {self.solver_status})"
         )
 
@@ -197,9 +241,11 @@ class Plan:
         for n in self.nodes:
             if n.kind is NodeKind.OUTPUT and not n.conversions:
                 continue
-            if not n.conversions and all(p == R for p in (*n.strategy.inputs, *n.strategy.outputs())):
+            if not n.conversions and all(p == R for ps in (*n.strategy.inputs, *n.strategy.outputs) for p in ps):
                 continue
-            conv = "; ".join(f"{c.value}:{c.src}->{c.dst} {c.kind} {fmt_nbytes(c.nbytes)}" for c in n.conversions)
+            conv = "; ".join(
+                f"{c.value}:{format_placements(c.src)}->{format_placements(c.dst)} {c.kind} {fmt_nbytes(c.nbytes)}" for c in n.conversions
+            )
             rows.append((n.name, n.module_path or "-", n.op.removeprefix("aten."), str(n.strategy), conv or "-", fmt_seconds(n.compute_seconds + n.comm_seconds)))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
@@ -209,7 +255,7 @@ class Plan:
         mode = f"training ({self.optimizer or 'no optimizer'}): forward + backward" if self.training else "inference: forward only"
         lines += [
             "",
-            f"mesh {self.mesh_shape} on {self.hardware}, {mode}; solver {self.solver_status} in {self.solve_seconds:.2f}s",
+            f"mesh {self.mesh_text()} on {self.hardware}, {mode}; solver {self.solver_status} in {self.solve_seconds:.2f}s",
             f"estimated time: {fmt_seconds(self.total_seconds)} (compute {fmt_seconds(self.compute_seconds)}, "
             f"communication {fmt_seconds(self.comm_seconds)} in {n_coll} collectives{wake}, "
             f"{fmt_nbytes(self.comm_bytes_per_rank)} sent per rank)",

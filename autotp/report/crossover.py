@@ -36,10 +36,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from autotp.api import _tp_size, plan_model
+from autotp.api import plan_model
 from autotp.cost.model import CostModel, resolve_hardware
 from autotp.cost.symbolic import CostTerm, WorkModel, cost_terms, fit_work, resize_inputs, terms_seconds
 from autotp.errors import ConfigError
+from autotp.ir.mesh import MeshSpec
 from autotp.ir.plan import Plan
 from autotp.ir.units import fmt_seconds
 from autotp.report.table import n_collectives
@@ -127,7 +128,7 @@ class CrossoverReport:
             return "\n".join(lines)
         rows = [("batch", "costs cross at", "plan below", "plan above")]
         for c in self.crossovers:
-            exact = f"{c.batch_exact:.2f}" if c.batch_exact is not None else "- (tp now divides)"
+            exact = f"{c.batch_exact:.2f}" if c.batch_exact is not None else f"- ({_divider(c.above)} now divides)"
             rows.append((str(c.batch_above), exact, _plan_cell(c.below, c.batch_below), _plan_cell(c.above, c.batch_above)))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines.append("")
@@ -145,6 +146,11 @@ class CrossoverReport:
     def __repr__(self) -> str:
         batches = ", ".join(str(c.batch_above) for c in self.crossovers) or "none"
         return f"CrossoverReport(batch {self.grid[0][0]}..{self.grid[-1][0]}, seq {self.seq}: crossovers at {batches})"
+
+
+def _divider(plan: Plan) -> str:
+    """What must divide a split dim: ``tp`` on a 1-D mesh, ``the mesh (dp=2, tp=4)`` on an N-D one."""
+    return "tp" if len(plan.mesh_shape) == 1 else f"the mesh {plan.mesh}"
 
 
 def _plan_cell(plan: Plan, batch: int) -> str:
@@ -245,8 +251,7 @@ def crossovers(
         raise ConfigError(f"batch_multiple must be >= 1, got {batch_multiple}")
     profile = resolve_hardware(hardware)
     plan_kwargs = dict(mesh_shape=mesh_shape, hardware=profile, memory_budget=memory_budget, training=training, optimizer=optimizer)
-    tp_size = _tp_size(mesh_shape)
-    cost = CostModel(profile, tp_size, training=training, optimizer=optimizer if training else None)
+    cost = CostModel(profile, MeshSpec.of(mesh_shape), training=training, optimizer=optimizer if training else None)
     work = fit_work(model, example_inputs, seq_dim=None)  # T is held, so B alone; varying T could change the graph
     search = _Search(model, example_inputs, work=work, cost=cost, plan_kwargs=plan_kwargs, rel_tol=rel_tol)
     grid = _grid(lo, hi, grid_factor, batch_multiple)

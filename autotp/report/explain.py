@@ -3,8 +3,9 @@
 For node n and each candidate strategy s, with every other node at the plan's choice:
 
     compute(s)                 the roofline estimate of n under s (forward + backward if training)
-    inputs(s)  = Σ_slots       transition(producer's chosen placement -> s.inputs[slot])
-                               + the backward all-reduce of an R input to split work
+    inputs(s)  = Σ_slots       transition(producer's chosen placements -> s.inputs[slot])
+                               + the backward all-reduce, over each mesh axis where it is R,
+                                 of an input read whole by work split over that axis
     outputs(s) = Σ_q           transition(s's output placement -> q) for each distinct placement
                                q n's consumers read it as
 
@@ -19,16 +20,16 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 
-from autotp.comm.conversions import needs_grad_sync
-from autotp.comm.redistribute import transition
+from autotp.comm.conversions import grad_sync_axes
+from autotp.comm.redistribute import grad_sync_step, transition
 from autotp.cost.model import CostModel
 from autotp.errors import ConfigError
-from autotp.ir.placement import Placement
-from autotp.ir.plan import Plan
+from autotp.ir.placement import Placements, format_placements
+from autotp.ir.plan import Plan, axes_suffix, step_label
+from autotp.ir.strategy import MeshStrategy
 from autotp.ir.units import fmt_nbytes, fmt_seconds
 from autotp.ir.values import TensorMeta, ValueRef, format_value
 from autotp.strategies.engine import NodeKind, NodeSpace, StrategySpace
-from autotp.strategies.rules import OpStrategy
 
 _REL_TOL = 1e-9
 
@@ -38,24 +39,25 @@ class Transfer:
     """One conversion a candidate implies, with its price."""
 
     value: ValueRef
-    src: Placement
-    dst: Placement
+    src: Placements
+    dst: Placements
     seconds: float | None  # None: the transition table does not offer src -> dst
     nbytes: int
     kind: str
     shared: bool = False  # another consumer already pays for it
 
     def describe(self) -> str:
+        src, dst = format_placements(self.src), format_placements(self.dst)
         if self.seconds is None:
-            return f"{self.value}: {self.src}->{self.dst} is not offered"
+            return f"{self.value}: {src}->{dst} is not offered"
         price = "already paid by another consumer" if self.shared else fmt_seconds(self.seconds)
-        return f"{self.value}: {self.kind} {self.src}->{self.dst} {fmt_nbytes(self.nbytes)}, {price}"
+        return f"{self.value}: {self.kind} {src}->{dst} {fmt_nbytes(self.nbytes)}, {price}"
 
 
 @dataclass(frozen=True, slots=True)
 class Candidate:
     index: int
-    strategy: OpStrategy
+    strategy: MeshStrategy
     compute_seconds: float
     inputs: tuple[Transfer, ...]
     outputs: tuple[Transfer, ...]
@@ -122,7 +124,7 @@ def explain_node(space: StrategySpace, plan: Plan, cost: CostModel, name: str) -
     for i, s in enumerate(node.strategies):
         memory = None
         if node.kind is NodeKind.STATE and isinstance(node.output_meta, TensorMeta):
-            memory = cost.state_nbytes(node.output_meta, s.output, is_parameter=node.is_parameter)  # type: ignore[arg-type]
+            memory = cost.state_nbytes(node.output_meta, s.output, is_parameter=node.is_parameter)
         candidates.append(Candidate(
             index=i, strategy=s, compute_seconds=cost.compute_seconds(node, s),
             inputs=tuple(_input_transfers(node, s, nodes, chosen, readers, cost)),
@@ -144,9 +146,9 @@ def _readers(space: StrategySpace) -> dict[ValueRef, list[tuple[NodeSpace, int]]
     return readers
 
 
-def _transfer(ref: ValueRef, src: Placement, dst: Placement, meta: TensorMeta, cost: CostModel, *, requires_grad: bool, shared: bool = False) -> Transfer:
+def _transfer(ref: ValueRef, src: Placements, dst: Placements, meta: TensorMeta, cost: CostModel, *, requires_grad: bool, shared: bool = False) -> Transfer:
     steps = transition(src, dst)
-    kind = "+".join(s.kind.value for s in steps) if steps else "-"
+    kind = "+".join(step_label(s) for s in steps) if steps else "-"
     return Transfer(ref, src, dst, cost.transition_seconds(src, dst, meta, requires_grad=requires_grad), meta.nbytes, kind, shared)
 
 
@@ -161,10 +163,12 @@ def _input_transfers(node, strategy, nodes, chosen, readers, cost) -> list[Trans
         if src != dst:
             shared = any(chosen[c.name].inputs[k] == dst for c, k in others)
             out.append(_transfer(ref, src, dst, meta, cost, requires_grad=producer.requires_grad, shared=shared))
-        if needs_grad_sync(strategy, slot, meta):
-            sync = cost.grad_sync_seconds(meta, requires_grad=producer.requires_grad)
-            shared = any(needs_grad_sync(chosen[c.name], k, meta) for c, k in others)
-            kind = "grad_all_reduce (backward)" if sync > 0 else "grad_all_reduce (only if a gradient flows)"
+        axes = grad_sync_axes(strategy, slot, meta)
+        if axes:  # one sync per (value, placements read, axes), as conversions.conversion_sites makes them
+            sync = cost.grad_sync_seconds(meta, dst, axes, requires_grad=producer.requires_grad)
+            shared = any(chosen[c.name].inputs[k] == dst and grad_sync_axes(chosen[c.name], k, meta) == axes for c, k in others)
+            name = "grad_all_reduce" + axes_suffix(tuple(grad_sync_step(a) for a in axes))
+            kind = f"{name} (backward)" if sync > 0 else f"{name} (only if a gradient flows)"
             out.append(Transfer(ref, dst, dst, sync, meta.nbytes, kind, shared))
     return out
 
@@ -177,7 +181,7 @@ def _output_transfers(node, strategy, nodes, chosen, readers, cost) -> list[Tran
         src = node.output_placement(strategy, ref.index)
         meta = node.output_value_meta(ref.index)
         wanted = {chosen[c.name].inputs[k] for c, k in consumers}
-        for dst in sorted(wanted, key=str):
+        for dst in sorted(wanted, key=format_placements):
             if dst != src:
                 out.append(_transfer(ref, src, dst, meta, cost, requires_grad=node.requires_grad))
     return out

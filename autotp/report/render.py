@@ -1,7 +1,7 @@
 """Pictures of a plan: Graphviz source (``to_dot``) and one self-contained HTML page (``to_html``).
 
-Both colour a value by its placement (R grey, S(d) one hue per dim, P orange) and mark every
-collective in red. The HTML page draws the per-layer layout of ``report.layout_sections`` as
+Both colour a value by its placement (R grey, S(d) one hue per dim, P orange; on an N-D mesh,
+by the first axis that splits it, else partial, else grey) and mark every collective in red. The HTML page draws the per-layer layout of ``report.layout_sections`` as
 inline SVG, with the totals against the baselines; it loads nothing from the network.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import html
 from collections.abc import Sequence
 
-from autotp.ir.placement import Partial, Placement, Shard
+from autotp.ir.placement import Partial, Placement, Placements, Shard, format_placements
 from autotp.ir.plan import NodePlan, Plan
 from autotp.ir.units import fmt_nbytes, fmt_seconds
 from autotp.ir.values import format_value
@@ -31,7 +31,11 @@ _PARTIAL_COLOUR = "#f58518"
 _COLLECTIVE_COLOUR = "#d62728"
 
 
-def placement_colour(p: Placement) -> str:
+def placement_colour(p: Placement | Placements) -> str:
+    """One placement's colour; placements over several mesh axes take the first split's, else
+    partial's, else replicated's."""
+    if isinstance(p, tuple):
+        p = next((x for x in p if isinstance(x, Shard)), next((x for x in p if isinstance(x, Partial)), p[0]))
     if isinstance(p, Shard):
         return _SHARD_COLOURS[p.dim % len(_SHARD_COLOURS)]
     if isinstance(p, Partial):
@@ -39,9 +43,9 @@ def placement_colour(p: Placement) -> str:
     return _REPLICATE_COLOUR
 
 
-def _out(node: NodePlan) -> Placement:
-    out = node.strategy.output
-    return out[0] if isinstance(out, tuple) else out
+def _out(node: NodePlan) -> Placements:
+    """The placements of the node's (first) output."""
+    return node.strategy.outputs[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,7 +143,7 @@ def to_html(plan: Plan, baselines: Sequence[Baseline] = (), *, title: str = "") 
         f"<style>{_CSS}</style></head><body>",
         f'<h1 id="title">{html.escape(title or "autotp plan")}</h1>',
         (
-            f'<p class="sub">mesh {plan.mesh_shape} on <b>{html.escape(plan.hardware)}</b>, {html.escape(mode_text(plan))}; '
+            f'<p class="sub">mesh {html.escape(plan.mesh_text())} on <b>{html.escape(plan.hardware)}</b>, {html.escape(mode_text(plan))}; '
             f"solver {html.escape(plan.solver_status)} in {plan.solve_seconds:.2f}s{html.escape(budget)}</p>"
         ),
         _totals_html(plan, baselines),
@@ -170,7 +174,7 @@ def _totals_html(plan: Plan, baselines: Sequence[Baseline]) -> str:
 
 
 def _legend_html(plan: Plan) -> str:
-    dims = sorted({p.dim for n in plan.nodes for p in (*n.strategy.inputs, _out(n)) if isinstance(p, Shard)})
+    dims = sorted({p.dim for n in plan.nodes for ps in (*n.strategy.inputs, _out(n)) for p in ps if isinstance(p, Shard)})
     items = [(_REPLICATE_COLOUR, "R: replicated")] + [(placement_colour(Shard(d)), f"S({d}): split on dim {d}") for d in dims]
     items += [(_PARTIAL_COLOUR, "P: partial sum"), (_COLLECTIVE_COLOUR, "collective")]
     chips = "".join(f'<span><span class="chip" style="background:{c}"></span>{html.escape(t)}</span>' for c, t in items)
@@ -213,16 +217,16 @@ def _op_svg(row: Row, x: int, y: int) -> str:
         f"compute {fmt_seconds(node.compute_seconds)}, communication {fmt_seconds(node.comm_seconds)}"
         + "".join(f"\n{format_conversion(c)} ({fmt_seconds(c.seconds)})" for c in node.conversions)
     )
-    parts = [f'<g class="op" data-node="{html.escape(node.name)}" data-placement="{html.escape(str(_out(node)))}">']
+    parts = [f'<g class="op" data-node="{html.escape(node.name)}" data-placement="{html.escape(format_placements(_out(node)))}">']
     parts.append(f"<title>{html.escape(tip)}</title>")
     parts.append(f'<rect x="{x}" y="{y}" width="{_BOX_W}" height="{_BOX_H}" rx="6" fill="#ffffff" stroke="{fill}" stroke-width="2"/>')
     parts.append(f'<rect x="{x}" y="{y}" width="{_BOX_W}" height="20" rx="6" fill="{fill}"/>')
-    parts.append(f'<text x="{x + 6}" y="{y + 14}" font-size="11" fill="#fff" font-weight="bold">{html.escape(_clip(row.op, 17))} → {html.escape(str(_out(node)))}</text>')
+    parts.append(f'<text x="{x + 6}" y="{y + 14}" font-size="11" fill="#fff" font-weight="bold">{html.escape(_clip(row.op, 17))} → {html.escape(format_placements(_out(node)))}</text>')
     parts.append(f'<text x="{x + 6}" y="{y + 34}" font-size="10" fill="#333">{html.escape(_clip(row.module, 24))}</text>')
     parts.append(f'<text x="{x + 6}" y="{y + 54}" font-size="9" fill="#666">{html.escape(fmt_seconds(row.seconds))}</text>')
     cx = x + _BOX_W - 6
     for p in reversed(node.strategy.inputs):
-        label = str(p)
+        label = format_placements(p)
         w = 8 + 6 * len(label)
         cx -= w + 3
         parts.append(f'<rect x="{cx}" y="{y + 43}" width="{w}" height="14" rx="3" fill="{placement_colour(p)}"/>')
@@ -231,7 +235,7 @@ def _op_svg(row: Row, x: int, y: int) -> str:
     if collectives:
         c = collectives[0]
         more = f" +{len(collectives) - 1}" if len(collectives) > 1 else ""
-        text = f"{c.kind if not c.backward_only else 'grad_all_reduce'} {fmt_nbytes(c.nbytes)}{more}"
+        text = f"{c.kind if not c.backward_only else c.sync_kind} {fmt_nbytes(c.nbytes)}{more}"
         bw = 6 + 5.6 * len(text)
         parts.append(f'<g class="collective" data-kind="{html.escape(c.kind)}">')
         parts.append(f'<rect x="{x - 4}" y="{y - 15}" width="{bw:.0f}" height="14" rx="7" fill="{_COLLECTIVE_COLOUR}"/>')

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from autotp.cost.model import CostModel
 from autotp.errors import AutoTPError
+from autotp.ir.placement import format_placements
 from autotp.ir.plan import Conversion, NodePlan, Plan
 from autotp.ir.units import fmt_nbytes, fmt_seconds
 from autotp.solve.planner import megatron_plan, replicate_all
@@ -85,7 +86,7 @@ def summarize_conversions(conversions: Iterable[Conversion]) -> str:
     """One entry per kind and direction, bytes summed: ``all_reduce P->R 24.00 MiB, grad_all_reduce ×2 2.25 MiB (backward)``."""
     groups: dict[tuple[str, str], list[Conversion]] = {}
     for c in conversions:
-        key = ("grad_all_reduce", _grad_sync_note(c)) if c.backward_only else (c.kind, f" {c.src}->{c.dst}")
+        key = (c.sync_kind, _grad_sync_note(c)) if c.backward_only else (c.kind, f" {_direction(c)}")
         groups.setdefault(key, []).append(c)
     parts = []
     for (kind, how), cs in groups.items():
@@ -97,8 +98,13 @@ def summarize_conversions(conversions: Iterable[Conversion]) -> str:
 
 def format_conversion(c: Conversion) -> str:
     if c.backward_only:
-        return f"grad_all_reduce {fmt_nbytes(c.nbytes)}{_grad_sync_note(c)}"
-    return f"{c.kind} {c.src}->{c.dst} {fmt_nbytes(c.nbytes)}"
+        return f"{c.sync_kind} {fmt_nbytes(c.nbytes)}{_grad_sync_note(c)}"
+    return f"{c.kind} {_direction(c)} {fmt_nbytes(c.nbytes)}"
+
+
+def _direction(c: Conversion) -> str:
+    """``S(0)->R`` on a 1-D mesh, ``(S(0), S(1))->(S(0), R)`` on an N-D one."""
+    return f"{format_placements(c.src)}->{format_placements(c.dst)}"
 
 
 def _grad_sync_note(c: Conversion) -> str:
@@ -239,7 +245,7 @@ def format_table(plan: Plan, baselines: Sequence[Baseline] = (), *, title: str =
 
     lines = [title] if title else []
     lines += [
-        f"mesh {plan.mesh_shape} on {plan.hardware}, {mode_text(plan)}; solver {plan.solver_status} in {plan.solve_seconds:.2f}s"
+        f"mesh {plan.mesh_text()} on {plan.hardware}, {mode_text(plan)}; solver {plan.solver_status} in {plan.solve_seconds:.2f}s"
         + (f"; memory budget {fmt_nbytes(plan.memory_budget)} per device" if plan.memory_budget is not None else ""),
         "",
         line(header),

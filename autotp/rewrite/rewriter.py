@@ -19,14 +19,15 @@ from torch import fx
 from autotp.capture.export import CapturedGraph
 from autotp.comm import collectives
 from autotp.comm.conversions import GradSyncSite, Site, SlotKey, conversion_sites
-from autotp.ir.placement import Shard
+from autotp.ir.placement import Placements, Shard
 from autotp.ir.plan import Plan
-from autotp.ir.values import ValueRef
+from autotp.ir.strategy import MeshStrategy
+from autotp.ir.values import TensorMeta, ValueRef
 from autotp.rewrite import random
 from autotp.rewrite.random import draws_random
 from autotp.strategies.engine import ASSERT_OPS, NodeSpace, StrategySpace, is_tensor_value
 from autotp.strategies.rules import LocalContext, OpStrategy, lookup
-from autotp.strategies.rules.registry import Rule
+from autotp.strategies.rules.registry import OutputMeta, Rule
 
 _COPIED_META = ("nn_module_stack", "stack_trace")
 
@@ -40,12 +41,14 @@ def rewrite(
     space: StrategySpace,
     plan: Plan,
     *,
-    rank: int,
-    group_name: str,
+    coordinate: Sequence[int],
+    group_names: Sequence[str],
     device: torch.device | None = None,
 ) -> fx.GraphModule:
-    """The graph rank ``rank`` runs; placeholders take the rank-local state and the full inputs."""
-    emitter = _Emitter(space, plan, rank=rank, group_name=group_name, device=device)
+    """The graph the rank at ``coordinate`` on the mesh runs (one index per axis; ``group_names``
+    names each axis's process group it belongs to); placeholders take the rank-local state and the
+    full inputs."""
+    emitter = _Emitter(space, plan, coordinate=tuple(coordinate), group_names=tuple(group_names), device=device)
     for node in captured.graph_module.graph.nodes:
         emitter.emit(node)
     graph = emitter.graph
@@ -54,13 +57,15 @@ def rewrite(
 
 
 class _Emitter:
-    def __init__(self, space: StrategySpace, plan: Plan, *, rank: int, group_name: str, device: torch.device | None) -> None:
+    def __init__(self, space: StrategySpace, plan: Plan, *, coordinate: tuple[int, ...], group_names: tuple[str, ...], device: torch.device | None) -> None:
+        if len(coordinate) != space.mesh.ndim or len(group_names) != space.mesh.ndim:
+            raise ValueError(f"a rank of the mesh {space.mesh} needs one coordinate and one group per axis, got {coordinate} and {group_names}")
         self.graph = fx.Graph()
         self.spaces = space.by_name()
         self.strategies = {n.name: n.strategy for n in plan.nodes}
-        self.tp_size = space.tp_size
-        self.rank = rank
-        self.group_name = group_name
+        self.mesh_shape = space.mesh.shape
+        self.coordinate = coordinate
+        self.group_names = group_names
         self.device = device
         self.env: dict[str, fx.Node] = {}
         self.items: dict[ValueRef, fx.Node] = {}
@@ -85,10 +90,11 @@ class _Emitter:
         for site in self.sites_at[(node, slot)]:
             if site not in self.emitted:
                 if isinstance(site, GradSyncSite):
-                    value = self.graph.call_function(collectives.grad_all_reduce, (value, self.group_name))
+                    for step in site.conjugate:
+                        value = self.graph.call_function(collectives.grad_all_reduce, (value, self.group_names[step.axis]))
                 else:
                     for step in site.forward:
-                        value = self.graph.call_function(*collectives.step_call(step, value, self.group_name))
+                        value = self.graph.call_function(*collectives.step_call(step, value, self.group_names[step.axis]))
                 self.emitted[site] = value
             value = self.emitted[site]
         return value
@@ -112,14 +118,16 @@ class _Emitter:
             self.env[node.name] = inputs[0]
             return
         rule = lookup(node.target)
-        target, args, kwargs = local_call(node, rule, space, strategy, inputs, self.env, rank=self.rank, tp_size=self.tp_size)
+        target, args, kwargs = local_call(node, rule, space, strategy, inputs, self.env, coordinate=self.coordinate, mesh_shape=self.mesh_shape)
         if self.device is not None and "device" in kwargs:
             kwargs = {**kwargs, "device": self.device}
-        local_impl = rule.local_impl(strategy) if rule is not None and rule.local_impl is not None else None
-        if local_impl is not None:
-            target, kwargs = local_impl, {**kwargs, "group_name": self.group_name}
-        if draws_random(node.target, node.args, node.kwargs) and _splits_output(strategy):  # independent draws per chunk
-            args, target = (target, self.group_name, *args), random.run_in_sharded_stream
+        for axis, single in enumerate(strategy.axes):  # the engine lets at most one axis use a local implementation
+            local_impl = rule.local_impl(single) if rule is not None and rule.local_impl is not None else None
+            if local_impl is not None:
+                target, kwargs = local_impl, {**kwargs, "group_name": self.group_names[axis]}
+        split_axes = [a for a, single in enumerate(strategy.axes) if _splits_output(single)]
+        if draws_random(node.target, node.args, node.kwargs) and split_axes:  # independent draws per chunk (one axis: the engine's rule)
+            args, target = (target, self.group_names[split_axes[0]], *args), random.run_in_sharded_stream
         new = self.graph.create_node("call_function", target, args, kwargs, name=node.name)
         new.meta.update({k: node.meta[k] for k in _COPIED_META if k in node.meta})
         self.env[node.name] = new
@@ -146,23 +154,52 @@ def local_call(
     node: fx.Node,
     rule: Rule | None,
     space: NodeSpace,
-    strategy: OpStrategy,
+    strategy: MeshStrategy,
     inputs: Sequence[Any],
     env: Mapping[str, Any],
     *,
-    rank: int,
-    tp_size: int,
+    coordinate: tuple[int, ...],
+    mesh_shape: tuple[int, ...],
 ) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
-    """How rank ``rank`` calls ``node`` under ``strategy``: input slots replaced by ``inputs``,
-    other nodes looked up in ``env``, shape arguments localised, views run as reshapes.
-    The rewriter emits this call and the rule checker (``autotp.rewrite.rule_check``) runs it."""
+    """How the rank at ``coordinate`` calls ``node`` under ``strategy``: input slots replaced by
+    ``inputs``, other nodes looked up in ``env``, shape arguments localised, views run as reshapes.
+    The rewriter emits this call and the rule checker (``autotp.rewrite.rule_check``) runs it.
+
+    Shape arguments are localised one axis at a time, in axis order: axis ``a``'s rule sees the
+    tensors as the axes before it left them, as if the op ran on those shards (each tensor dim is
+    split by one axis at most, so the order does not change the result)."""
     args, kwargs = _replace_slots(node, rule, iter(inputs), env)
     target = _VIEW_AS_RESHAPE.get(node.target, node.target)  # type: ignore[call-overload]  # any target may be looked up
-    if rule is not None and rule.localize is not None and _splits_output(strategy):
-        lc = LocalContext(rank, tp_size, strategy, space.slot_metas, space.output_meta)  # type: ignore[arg-type]
-        args, kwargs = rule.localize(args, kwargs, lc)
-        target = getattr(target, "overloadpacket", target)  # localised args may pick another overload
+    if rule is None or rule.localize is None:
+        return target, args, kwargs
+    done: list[int] = []  # axes already applied to the metas
+    for axis, single in enumerate(strategy.axes):
+        if _splits_output(single):
+            lc = LocalContext(
+                coordinate[axis], mesh_shape[axis], single,
+                tuple(_local_meta(m, p, done, mesh_shape) for m, p in zip(space.slot_metas, strategy.inputs)),
+                _local_output_meta(space.output_meta, strategy, done, mesh_shape),  # type: ignore[arg-type]
+            )
+            args, kwargs = rule.localize(args, kwargs, lc)
+            target = getattr(target, "overloadpacket", target)  # localised args may pick another overload
+        done.append(axis)
     return target, args, kwargs
+
+
+def _local_meta(meta: TensorMeta, placements: Placements, axes: Sequence[int], mesh_shape: tuple[int, ...]) -> TensorMeta:
+    """``meta`` split by the given ``axes`` of ``placements``."""
+    shape = list(meta.shape)
+    for axis in axes:
+        p = placements[axis]
+        if isinstance(p, Shard):
+            shape[p.dim] //= mesh_shape[axis]
+    return TensorMeta(tuple(shape), meta.dtype)
+
+
+def _local_output_meta(meta: OutputMeta | None, strategy: MeshStrategy, axes: Sequence[int], mesh_shape: tuple[int, ...]) -> OutputMeta | None:
+    if isinstance(meta, tuple):
+        return tuple(_local_meta(m, p, axes, mesh_shape) for m, p in zip(meta, strategy.outputs))
+    return None if meta is None else _local_meta(meta, strategy.outputs[0], axes, mesh_shape)
 
 
 def _replace_slots(node: fx.Node, rule: Rule | None, replacements: Iterator[Any], env: Mapping[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:

@@ -35,6 +35,7 @@ from torch import fx, nn
 from autotp.capture.export import CapturedGraph, InputRole
 from autotp.capture.torch_compat import OpOverload, op_schema, pytree
 from autotp.ir.placement import Partial, Placement, Shard
+from autotp.ir.strategy import one_axis
 from autotp.rewrite.rewriter import local_call
 from autotp.strategies.engine import (
     NodeKind,
@@ -110,7 +111,7 @@ def check_graph(
         if ns.kind is not NodeKind.OP:
             continue
         rule = lookup(nodes[ns.name].target)
-        for strategy in ns.strategies:
+        for strategy in (s.axis(0) for s in ns.strategies):
             if rule is not None and rule.local_impl is not None and rule.local_impl(strategy) is not None:
                 continue  # runs collectives inside: checked on real ranks (tests/test_vocab_parallel.py)
             checked += 1
@@ -193,7 +194,7 @@ def _run_local(
     """
     if node.target is operator.getitem:
         return inputs[0]  # the rewriter forwards the chosen output of the producer
-    target, args, kwargs = local_call(node, rule, space, strategy, inputs, values, rank=rank, tp_size=tp_size)
+    target, args, kwargs = local_call(node, rule, space, one_axis(strategy), inputs, values, coordinate=(rank,), mesh_shape=(tp_size,))
     with torch.no_grad():
         return target(*args, **kwargs)
 

@@ -24,7 +24,7 @@ import hashlib
 import importlib.metadata
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -143,14 +143,15 @@ class SetupGroup:
 _SETUP_GROUPS: dict[tuple[tuple[int, ...], float], tuple[dist.ProcessGroup | None, dist.ProcessGroup]] = {}
 
 
-def setup_group(mesh_group: dist.ProcessGroup, *, timeout_s: float) -> SetupGroup:
-    """The set-up group of ``mesh_group``'s ranks, created once per default group and timeout.
+def setup_group(mesh_ranks: Sequence[int], *, timeout_s: float) -> SetupGroup:
+    """The set-up group of a mesh's ranks (global ranks, in mesh order), created once per default
+    group and timeout.
 
-    Only the mesh's ranks take part (``use_local_synchronization``), so a 1-D slice of a larger
-    mesh works; its creation also gives up after ``timeout_s``.
+    Only the mesh's ranks take part (``use_local_synchronization``), so a slice of a larger mesh
+    works; its creation also gives up after ``timeout_s``.
     """
-    ranks = tuple(dist.get_process_group_ranks(mesh_group))
-    rank = dist.get_rank(mesh_group)
+    ranks = tuple(int(r) for r in mesh_ranks)
+    rank = ranks.index(dist.get_rank())
     world = dist.group.WORLD
     cached = _SETUP_GROUPS.get((ranks, timeout_s))
     if cached is not None and cached[0] is world:

@@ -14,7 +14,7 @@ from torch.distributed.tensor import Replicate as DReplicate
 from torch.distributed.tensor import Shard as DShard
 
 from autotp.comm.collectives import _all_gather
-from autotp.ir.placement import Shard
+from autotp.ir.placement import R, Shard
 from autotp.runtime.module import ShardedModule
 
 
@@ -24,11 +24,11 @@ def full_state_dict(sharded: ShardedModule) -> dict[str, torch.Tensor]:
     full = {}
     with torch.no_grad():
         for name, tensor in sharded.state_dict().items():
-            placement = placements.get(name)
-            if isinstance(placement, Shard):
-                full[name] = _all_gather(tensor.detach(), placement.dim, sharded.group_name).contiguous()
-            else:
-                full[name] = tensor.detach().clone()
+            value = tensor.detach()
+            for axis, placement in reversed(list(enumerate(placements.get(name, ())))):
+                if isinstance(placement, Shard):
+                    value = _all_gather(value, placement.dim, sharded.group_names[axis])
+            full[name] = value.contiguous() if value is not tensor.detach() else value.clone()
     return full
 
 
@@ -39,8 +39,7 @@ def sharded_state_dict(sharded: ShardedModule) -> dict[str, DTensor]:
     placements = sharded.placements()
     out = {}
     for name, tensor in sharded.state_dict(keep_vars=True).items():
-        placement = placements.get(name)
-        spec = [DShard(placement.dim)] if isinstance(placement, Shard) else [DReplicate()]
+        spec = [DShard(p.dim) if isinstance(p, Shard) else DReplicate() for p in placements.get(name, (R,) * sharded.mesh.ndim)]
         out[name] = DTensor.from_local(tensor.detach(), sharded.mesh, spec, run_check=False)
     return out
 
@@ -57,4 +56,5 @@ def load_sharded_state_dict(sharded: ShardedModule, state: dict[str, DTensor]) -
             if local.data_ptr() != target.data_ptr():
                 target.copy_(local)
     if dist.is_initialized():
-        dist.barrier(group=sharded.mesh.get_group() if sharded.mesh is not None else None)
+        for axis in range(sharded.mesh.ndim if sharded.mesh is not None else 0):  # every axis's group in turn: all of the mesh
+            dist.barrier(group=sharded.mesh.get_group(axis))  # type: ignore[union-attr]

@@ -10,7 +10,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from autotp.capture.export import CapturedGraph, InputRole
 from autotp.capture.torch_compat import child_modules, pytree
-from autotp.ir.placement import Placement
+from autotp.ir.placement import Placements
 from autotp.ir.plan import Plan
 from autotp.runtime.arguments import PlannedCall
 
@@ -37,8 +37,8 @@ class ShardedModule(nn.Module):
         plan: Plan,
         *,
         planned_call: PlannedCall,
-        rank: int,
-        group_name: str,
+        coordinate: tuple[int, ...],
+        group_names: tuple[str, ...],
         mesh: DeviceMesh | None = None,
         retracer: Retracer | None = None,
     ) -> None:
@@ -48,8 +48,8 @@ class ShardedModule(nn.Module):
         self.plan = plan
         self.planned_call = planned_call
         self._retracer = retracer
-        self.rank = rank
-        self.group_name = group_name
+        self.coordinate = coordinate  # this rank's index on each mesh axis
+        self.group_names = group_names  # the process group of each mesh axis it belongs to
         self.mesh = mesh
         self._captured_training = captured.training
         self._out_spec = captured.out_spec
@@ -71,8 +71,8 @@ class ShardedModule(nn.Module):
                 path = gi.fqns[0]
             self._feeds.append(self._owner_and_name(path))
 
-    def placements(self) -> dict[str, Placement]:
-        """Placement of every parameter/buffer by its name(s) in the original model."""
+    def placements(self) -> dict[str, Placements]:
+        """Placements (one per mesh axis) of every parameter/buffer by its name(s) in the original model."""
         by_node = {n.name: n.strategy.output for n in self.plan.nodes}
         return {fqn: by_node[gi.node_name] for gi in self._captured_inputs for fqn in gi.fqns}  # type: ignore[misc]  # state nodes have one output
 

@@ -54,8 +54,8 @@ class Retracer:
         plan: Plan,
         planned_call: PlannedCall,
         *,
-        rank: int,
-        group_name: str,
+        coordinate: tuple[int, ...],
+        group_names: tuple[str, ...],
         device: torch.device | None,
     ) -> None:
         self._skeleton = meta_skeleton(model)
@@ -63,8 +63,8 @@ class Retracer:
         self._constant_shapes = {name: tuple(t.shape) for name, t in captured.constants.items()}
         self._plan = plan
         self._planned_call = planned_call
-        self._rank = rank
-        self._group_name = group_name
+        self._coordinate = coordinate
+        self._group_names = group_names
         self._device = device or torch.device("cpu")  # the skeleton's factory ops say "meta": run them here
         self._graphs: OrderedDict[Shapes, fx.GraphModule] = OrderedDict()
 
@@ -87,7 +87,7 @@ class Retracer:
             for leaf in self._planned_call.leaves
         ]
         captured = capture(self._skeleton, pytree.tree_unflatten(leaves, self._planned_call.spec))
-        space = build_strategy_space(captured, self._plan.tp_size)
+        space = build_strategy_space(captured, self._plan.mesh)
         differs = self._differs(captured, space)
         if differs:
             raise InputMismatchError(f"{self._planned_call.model_name} at {sizes} {differs}; call it with the planned sizes, or parallelize it for these")
@@ -95,7 +95,7 @@ class Retracer:
             plan = carry_plan(self._plan, space)
         except PlanMismatchError as exc:
             raise InputMismatchError(f"the plan does not fit {self._planned_call.model_name} at {sizes}: {exc}; call it with sizes the plan divides, or parallelize it for these") from None
-        graph = rewrite(captured, space, plan, rank=self._rank, group_name=self._group_name, device=self._device)
+        graph = rewrite(captured, space, plan, coordinate=self._coordinate, group_names=self._group_names, device=self._device)
         log.info("built the rank-local graph of %s at %s in %.2fs", self._planned_call.model_name, sizes, time.perf_counter() - started)
         return graph
 

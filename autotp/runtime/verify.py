@@ -34,6 +34,7 @@ from torch import fx, nn
 
 from autotp.capture.torch_compat import pytree
 from autotp.errors import ConfigError, InfeasiblePlanError
+from autotp.ir.mesh import MeshSpec
 from autotp.ir.placement import Placement, Replicate, Shard
 from autotp.ir.plan import Plan
 from autotp.runtime.arguments import example_input_names
@@ -180,10 +181,13 @@ def verify_source(
     graph_hook: GraphHook | None,
 ) -> VerifyReport:
     """``verify`` with the ranks' copy of the model given by ``source`` (see ``RebuiltModel``)."""
-    from autotp.api import _apply_plan, _tp_size
+    from autotp.api import _apply_plan
     from autotp.testing import RankError, run_on_ranks
 
-    tp_size = _tp_size(mesh_shape)
+    mesh = MeshSpec.of(mesh_shape)
+    if mesh.ndim != 1:
+        raise ConfigError(f"verify runs 1-D meshes for now; got mesh_shape {tuple(mesh.shape)}")
+    tp_size = mesh.size
     _check_real(model, example_inputs)
     started = time.perf_counter()
     notes: list[str] = []
@@ -193,7 +197,7 @@ def verify_source(
     elif plan.tp_size != tp_size:
         raise ConfigError(f"the plan was made for {plan.tp_size} ranks but mesh_shape {tuple(mesh_shape)} has {tp_size}; pass mesh_shape=({plan.tp_size},)")
     else:
-        _apply_plan(model, example_inputs, plan, tp_size)  # a plan for another model fails here, typed, not in a rank
+        _apply_plan(model, example_inputs, plan, mesh)  # a plan for another model fails here, typed, not in a rank
     reference = _run(copy.deepcopy(model), example_inputs, training=training, adam_eps=None)
     try:
         ranks = run_on_ranks(

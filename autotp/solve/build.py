@@ -10,9 +10,10 @@ from autotp.comm.conversions import GradSyncSite, Site, conversion_sites, sites_
 from autotp.cost.model import CostModel
 from autotp.cost.wake import collective_gaps
 from autotp.io.fingerprint import space_fingerprint
-from autotp.ir.placement import Placement, R, Shard
+from autotp.cost.model import split_count
+from autotp.ir.placement import Placements
 from autotp.ir.plan import Conversion, NodePlan, Plan
-from autotp.ir.strategy import OpStrategy
+from autotp.ir.strategy import MeshStrategy
 from autotp.ir.values import TensorMeta
 from autotp.solve.memory import state_nbytes
 from autotp.strategies.engine import NodeKind, StrategySpace
@@ -20,7 +21,7 @@ from autotp.strategies.engine import NodeKind, StrategySpace
 
 def build_plan(
     space: StrategySpace,
-    chosen: Mapping[str, OpStrategy],
+    chosen: Mapping[str, MeshStrategy],
     cost: CostModel,
     *,
     hardware: str,
@@ -43,13 +44,15 @@ def build_plan(
     ]
     state = [n for n in space.nodes if n.kind is NodeKind.STATE]
     return Plan(
-        mesh_shape=(space.tp_size,),
+        mesh_shape=space.mesh.shape,
+        mesh_axis_names=space.mesh.names,
+        inter_node_axes=space.mesh.inter_node_axes,
         hardware=hardware,
         memory_budget=memory_budget,
         nodes=_with_wake(plans, space, cost),
-        param_nbytes_per_device=sum(_local_nbytes(n.output_meta, chosen[n.name].output, space.tp_size) for n in state),  # type: ignore[arg-type, misc]
+        param_nbytes_per_device=sum(n.output_meta.nbytes / split_count(chosen[n.name].output, space.mesh.shape) for n in state),  # type: ignore[union-attr, misc]
         replicated_param_nbytes=float(sum(n.output_meta.nbytes for n in state)),  # type: ignore[union-attr, misc]
-        memory_nbytes_per_device=sum(state_nbytes(n, chosen[n.name].output, cost) for n in state),  # type: ignore[arg-type, misc]
+        memory_nbytes_per_device=sum(state_nbytes(n, chosen[n.name].output, cost) for n in state),
         solver_status=status,
         solve_seconds=solve_seconds,
         training=cost.training,
@@ -76,22 +79,18 @@ def _with_wake(plans: list[NodePlan], space: StrategySpace, cost: CostModel) -> 
     )
 
 
-def _local_nbytes(meta: TensorMeta, placement: Placement, tp_size: int) -> float:
-    return meta.nbytes / tp_size if isinstance(placement, Shard) else float(meta.nbytes)
-
-
 def _conversion(site: Site, meta: TensorMeta, cost: CostModel) -> Conversion:
     """The plan's record of one site, priced by ``cost`` (a sync that is not priced costs 0)."""
     priced = site.priced_steps
     if isinstance(site, GradSyncSite):
-        src: Placement = R
-        dst: Placement = R
+        src: Placements = site.placements
+        dst: Placements = site.placements
         steps = site.conjugate
     else:
         src, dst, steps = site.src, site.dst, site.forward
     return Conversion(
         value=site.value, src=src, dst=dst, steps=steps, nbytes=meta.nbytes,
-        bytes_per_rank=sum(cost.step_bytes_per_rank(s, meta) for s in priced),
-        seconds=sum(cost.step_seconds(s, meta) for s in priced),
+        bytes_per_rank=cost.priced_bytes_per_rank(priced, meta),
+        seconds=cost.priced_seconds(priced, meta),
         backward_only=isinstance(site, GradSyncSite),
     )

@@ -46,15 +46,15 @@ from dataclasses import dataclass
 
 import pulp
 
-from autotp.comm.conversions import needs_grad_sync
+from autotp.comm.conversions import grad_sync_axes
 from autotp.cost.model import CostModel
 from autotp.errors import InfeasiblePlanError, SolverError, SolverTimeLimitWarning
-from autotp.ir.placement import Placement
+from autotp.ir.placement import Placements
 from autotp.ir.values import TensorMeta, ValueRef
 from autotp.solve.memory import check_budget, fallback_choice, state_nbytes
 from autotp.strategies.blocks import canonical_nodes
 from autotp.strategies.engine import NodeKind, NodeSpace, StrategySpace
-from autotp.strategies.rules import OpStrategy
+from autotp.ir.strategy import MeshStrategy
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class Solution:
     n_variables: int
     n_constraints: int
 
-    def chosen(self, space: StrategySpace) -> dict[str, OpStrategy]:
+    def chosen(self, space: StrategySpace) -> dict[str, MeshStrategy]:
         """The chosen strategy of every node of ``space``, by node name."""
         return {n.name: n.strategies[self.choice[n.name]] for n in space.nodes}
 
@@ -90,7 +90,7 @@ def solve(
     time_limit_s: float = 60.0,
     node_limit: int = NODE_LIMIT,
     solver: str = "cbc",
-    pinned: Mapping[str, OpStrategy] | None = None,
+    pinned: Mapping[str, MeshStrategy] | None = None,
     dedup: bool = True,
     on_incumbent: Callable[[float, float | None], None] | None = None,
 ) -> Solution:
@@ -143,7 +143,7 @@ def solve(
 
 
 def _fallback(
-    space: StrategySpace, cost: CostModel, memory_budget: float | None, pinned: Mapping[str, OpStrategy], reason: str, *,
+    space: StrategySpace, cost: CostModel, memory_budget: float | None, pinned: Mapping[str, MeshStrategy], reason: str, *,
     solver: str, time_limit_s: float, node_limit: int,
 ) -> tuple[dict[str, int], str]:
     """``fallback_choice`` as strategy indices and its status, with a warning that says why."""
@@ -191,19 +191,19 @@ def _transition_terms(problem: pulp.LpProblem, space: StrategySpace, cost: CostM
     for v_id, ((producer_name, index, slots), count) in enumerate(distinct.items()):
         producer = nodes[producer_name]
         meta = producer.output_value_meta(index)
-        produced: dict[Placement, list[int]] = defaultdict(list)
+        produced: dict[Placements, list[int]] = defaultdict(list)
         for i, s in enumerate(producer.strategies):
             produced[producer.output_placement(s, index)].append(i)
         y = {p: pulp.lpSum(x[producer_name][i] for i in idxs) for p, idxs in produced.items()}
-        wanted: dict[Placement, list] = defaultdict(list)
+        wanted: dict[Placements, list] = defaultdict(list)
         for consumer, slot in slots:
-            by_placement: dict[Placement, list[int]] = defaultdict(list)
+            by_placement: dict[Placements, list[int]] = defaultdict(list)
             for i, s in enumerate(nodes[consumer].strategies):
                 by_placement[s.inputs[slot]].append(i)
             for q, idxs in by_placement.items():
                 wanted[q].append(pulp.lpSum(x[consumer][i] for i in idxs))
         value_terms: list = []
-        outflow: dict[Placement, list] = defaultdict(list)
+        outflow: dict[Placements, list] = defaultdict(list)
         for q_id, (q, demands) in enumerate(wanted.items()):
             if set(produced) != {q}:  # else the producer can only make q: nothing to convert
                 value_terms += _conversion_flow(problem, cost, meta, producer.requires_grad, y, q, demands, f"{v_id}_{q_id}", outflow)
@@ -225,24 +225,31 @@ def _demand(problem: pulp.LpProblem, demands: list, name: str) -> pulp.LpAffineE
 
 
 def _grad_sync(problem: pulp.LpProblem, cost: CostModel, x: dict[str, list], readers: list[tuple[NodeSpace, int]], meta: TensorMeta, requires_grad: bool, tag: str) -> list:
-    """Backward all-reduce of a value's gradient when any reader needs it (``conversions.needs_grad_sync``),
-    priced only when a gradient is expected (as ``conversions.conversion_sites`` prices it)."""
-    seconds = cost.grad_sync_seconds(meta, requires_grad=requires_grad)
-    if seconds <= 0:
+    """Backward all-reduces of a value's gradient, one per (placements read, axes) some reader needs
+    (``conversions.grad_sync_axes``), priced only when a gradient is expected (as
+    ``conversions.conversion_sites`` prices them)."""
+    if not (cost.training and requires_grad):
         return []
-    demands = []
+    demands: dict[tuple[Placements, tuple[int, ...]], list] = defaultdict(list)
     for node, slot in readers:
-        idxs = [i for i, s in enumerate(node.strategies) if needs_grad_sync(s, slot, meta)]
-        if idxs:
-            demands.append(pulp.lpSum(x[node.name][i] for i in idxs))
-    if not demands:
-        return []
-    return [seconds * _MICRO * _demand(problem, demands, f"grad_sync_{tag}")]
+        by_key: dict[tuple[Placements, tuple[int, ...]], list[int]] = defaultdict(list)
+        for i, s in enumerate(node.strategies):
+            axes = grad_sync_axes(s, slot, meta)
+            if axes:
+                by_key[(s.inputs[slot], axes)].append(i)
+        for key, idxs in by_key.items():
+            demands[key].append(pulp.lpSum(x[node.name][i] for i in idxs))
+    terms = []
+    for k, ((placements, axes), key_demands) in enumerate(demands.items()):
+        seconds = cost.grad_sync_seconds(meta, placements, axes, requires_grad=requires_grad)
+        if seconds > 0:
+            terms.append(seconds * _MICRO * _demand(problem, key_demands, f"grad_sync_{tag}_{k}"))
+    return terms
 
 
 def _conversion_flow(
-    problem: pulp.LpProblem, cost: CostModel, meta: TensorMeta, requires_grad: bool, y: dict[Placement, object], q: Placement, demands: list, tag: str,
-    outflow: dict[Placement, list],
+    problem: pulp.LpProblem, cost: CostModel, meta: TensorMeta, requires_grad: bool, y: dict[Placements, object], q: Placements, demands: list, tag: str,
+    outflow: dict[Placements, list],
 ) -> list:
     """Value wanted as ``q`` (``w``) must be supplied from the placement it is produced in; each
     flow is also recorded in ``outflow`` by its source placement."""
@@ -262,7 +269,7 @@ def _conversion_flow(
     return terms
 
 
-def _produced_goes_somewhere(problem: pulp.LpProblem, y: dict[Placement, object], outflow: Mapping[Placement, list], tag: str) -> None:
+def _produced_goes_somewhere(problem: pulp.LpProblem, y: dict[Placements, object], outflow: Mapping[Placements, list], tag: str) -> None:
     """``Σ_q e[v,p,q] ≥ y[v,p]``: what is produced as ``p`` feeds at least one wanted placement.
 
     Valid for every integer plan (the one produced placement supplies every wanted one, and each
@@ -275,7 +282,7 @@ def _produced_goes_somewhere(problem: pulp.LpProblem, y: dict[Placement, object]
         problem += pulp.lpSum(outflow[p]) >= y_p, f"produced_{tag}_{p_id}"
 
 
-def _pin(problem: pulp.LpProblem, space: StrategySpace, x: dict[str, list], canonical: Mapping[str, str], pinned: Mapping[str, OpStrategy]) -> None:
+def _pin(problem: pulp.LpProblem, space: StrategySpace, x: dict[str, list], canonical: Mapping[str, str], pinned: Mapping[str, MeshStrategy]) -> None:
     nodes = space.by_name()
     for name, strategy in pinned.items():
         node = nodes.get(name)
@@ -290,7 +297,7 @@ def _pin(problem: pulp.LpProblem, space: StrategySpace, x: dict[str, list], cano
 
 def _memory_constraint(problem: pulp.LpProblem, space: StrategySpace, cost: CostModel, x: dict[str, list], canonical: Mapping[str, str], budget: float) -> None:
     terms = [
-        state_nbytes(n, s.output, cost) * x[canonical[n.name]][i]  # type: ignore[arg-type]
+        state_nbytes(n, s.output, cost) * x[canonical[n.name]][i]
         for n in space.nodes
         if n.kind is NodeKind.STATE
         for i, s in enumerate(n.strategies)

@@ -29,7 +29,7 @@ from autotp.ir.values import ValueRef
 from autotp.strategies.blocks import block_of, block_pattern, split_block_path
 from autotp.strategies.engine import NodeKind, NodeSpace, StrategySpace
 from autotp.strategies.op_facts import packet_name
-from autotp.strategies.rules import OpStrategy
+from autotp.ir.strategy import MeshStrategy
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +62,7 @@ _REGROUPING = {
 class MegatronLayout:
     """Megatron-LM's column/row pins found in a graph; ``notes`` say what could not be pinned and why."""
 
-    pins: Mapping[str, OpStrategy]
+    pins: Mapping[str, MeshStrategy]
     column: tuple[str, ...]  # node names, graph order
     row: tuple[str, ...]
     n_attention: int
@@ -145,7 +145,7 @@ def megatron_layout_of(space: StrategySpace) -> MegatronLayout:
     )
 
 
-def megatron_pins(space: StrategySpace) -> dict[str, OpStrategy]:
+def megatron_pins(space: StrategySpace) -> dict[str, MeshStrategy]:
     """The pins of ``megatron_layout_of(space)``: node name -> strategy, for ``solve(pinned=...)``."""
     return dict(megatron_layout_of(space).pins)
 
@@ -246,22 +246,30 @@ class _Graph:
             stack.extend([ref.node for ref in node.slots] if backward else [user.name for user, _ in self.users[node.name]])
         return expanded, frontier
 
-    def column_strategy(self, name: str) -> OpStrategy:
-        """Weight split on output features, activation replicated: output split on its last dim."""
+    def column_strategy(self, name: str) -> MeshStrategy:
+        """Weight split on output features, activation replicated: output split on its last dim
+        (on the mesh's last axis, Megatron-LM's tensor-parallel one; ``R`` on the others)."""
         node, facts = self.nodes[name], self._facts(name)
-        for s in node.strategies:
-            if s.inputs[facts.weight_slot] == Shard(facts.out_dim) and s.inputs[facts.activation_slot] == R and isinstance(s.output, Shard):
+        for s in self._tensor_parallel(node):
+            tp = s.axis(-1 % s.ndim)
+            if tp.inputs[facts.weight_slot] == Shard(facts.out_dim) and tp.inputs[facts.activation_slot] == R and isinstance(tp.output, Shard):
                 return s
         raise self._no_split(node, "column-parallel (weight split on its output features)")
 
-    def row_strategy(self, name: str) -> OpStrategy:
+    def row_strategy(self, name: str) -> MeshStrategy:
         """Weight split on input features, activation split on its last dim: output a partial sum."""
         node, facts = self.nodes[name], self._facts(name)
         last = Shard(node.slot_metas[facts.activation_slot].ndim - 1)
-        for s in node.strategies:
-            if s.inputs[facts.weight_slot] == Shard(facts.in_dim) and s.inputs[facts.activation_slot] == last and s.output == P:
+        for s in self._tensor_parallel(node):
+            tp = s.axis(-1 % s.ndim)
+            if tp.inputs[facts.weight_slot] == Shard(facts.in_dim) and tp.inputs[facts.activation_slot] == last and tp.output == P:
                 return s
         raise self._no_split(node, "row-parallel (weight split on its input features)")
+
+    @staticmethod
+    def _tensor_parallel(node: NodeSpace) -> Iterator[MeshStrategy]:
+        """The strategies that are all-``R`` on every axis but the last."""
+        return (s for s in node.strategies if all(p == R for ps in (*s.inputs, *s.outputs) for p in ps[:-1]))
 
     def _facts(self, name: str) -> _Weighted:
         facts = self.weighted(self.nodes[name])

@@ -13,19 +13,19 @@ from collections.abc import Mapping
 
 from autotp.cost.model import CostModel
 from autotp.errors import InfeasiblePlanError
-from autotp.ir.placement import Placement, R
-from autotp.ir.strategy import OpStrategy
+from autotp.ir.placement import Placements, R, format_placements
+from autotp.ir.strategy import MeshStrategy
 from autotp.ir.units import fmt_nbytes
 from autotp.ir.values import TensorMeta
 from autotp.strategies.engine import NodeKind, NodeSpace, StrategySpace
 
 
-def state_nbytes(node: NodeSpace, placement: Placement, cost: CostModel) -> float:
-    """Bytes one rank holds for a parameter/buffer placed as ``placement`` (with its gradient and
+def state_nbytes(node: NodeSpace, placements: Placements, cost: CostModel) -> float:
+    """Bytes one rank holds for a parameter/buffer placed as ``placements`` (with its gradient and
     optimizer state when training)."""
     meta = node.output_meta
     assert isinstance(meta, TensorMeta)
-    return cost.state_nbytes(meta, placement, is_parameter=node.is_parameter)
+    return cost.state_nbytes(meta, placements, is_parameter=node.is_parameter)
 
 
 def min_state_nbytes(space: StrategySpace, cost: CostModel) -> float:
@@ -33,7 +33,7 @@ def min_state_nbytes(space: StrategySpace, cost: CostModel) -> float:
     return sum(_smallest(n, cost) for n in space.nodes if n.kind is NodeKind.STATE)
 
 
-def check_budget(space: StrategySpace, cost: CostModel, budget: float, pinned: Mapping[str, OpStrategy]) -> None:
+def check_budget(space: StrategySpace, cost: CostModel, budget: float, pinned: Mapping[str, MeshStrategy]) -> None:
     """Raise ``InfeasiblePlanError`` naming what binds when no plan fits ``budget``: the state
     itself (below the floor), or the pinned nodes that hold state above its smallest split."""
     floor = min_state_nbytes(space, cost)
@@ -41,29 +41,29 @@ def check_budget(space: StrategySpace, cost: CostModel, budget: float, pinned: M
         what = f"parameters, gradients and {cost.optimizer or 'no'} optimizer state" if cost.training else "the parameters and buffers"
         raise InfeasiblePlanError(
             f"no plan fits a memory budget of {fmt_nbytes(budget)} per device on "
-            f"{space.tp_size} ranks: {what} alone need at least "
+            f"{space.mesh.size} ranks: {what} alone need at least "
             f"{fmt_nbytes(floor)} ({floor:.0f} bytes) per device with every one split. "
             "Raise memory_budget to at least that, or use more ranks"
             + (", or plan with training=False for inference" if cost.training else "")
         )
     nodes = space.by_name()
     excess = {
-        name: state_nbytes(nodes[name], strategy.output, cost) - _smallest(nodes[name], cost)  # type: ignore[arg-type]
+        name: state_nbytes(nodes[name], strategy.output, cost) - _smallest(nodes[name], cost)
         for name, strategy in pinned.items()
         if name in nodes and nodes[name].kind is NodeKind.STATE
     }
     binding = sorted((name for name, extra in excess.items() if extra > 0), key=lambda name: -excess[name])
     if floor + sum(excess.values()) > budget:
-        listed = ", ".join(f"'{name}' pinned to {pinned[name].output} (+{fmt_nbytes(excess[name])})" for name in binding)
+        listed = ", ".join(f"'{name}' pinned to {format_placements(pinned[name].output)} (+{fmt_nbytes(excess[name])})" for name in binding)
         raise InfeasiblePlanError(
-            f"no plan fits a memory budget of {fmt_nbytes(budget)} per device on {space.tp_size} ranks "
+            f"no plan fits a memory budget of {fmt_nbytes(budget)} per device on {space.mesh.size} ranks "
             f"with these pins: the state needs {fmt_nbytes(floor)} with every parameter split, and the "
             f"pins hold {fmt_nbytes(sum(excess.values()))} more: {listed}. Unpin or split those, or raise "
             f"memory_budget to at least {fmt_nbytes(floor + sum(excess.values()))}"
         )
 
 
-def fallback_choice(space: StrategySpace, cost: CostModel, *, memory_budget: float | None, pinned: Mapping[str, OpStrategy]) -> dict[str, OpStrategy]:
+def fallback_choice(space: StrategySpace, cost: CostModel, *, memory_budget: float | None, pinned: Mapping[str, MeshStrategy]) -> dict[str, MeshStrategy]:
     """Every node at its all-``R`` strategy (pins kept), then states moved to their smallest split,
     largest saving first (ties in graph order), until the state fits ``memory_budget``.
 
@@ -75,25 +75,25 @@ def fallback_choice(space: StrategySpace, cost: CostModel, *, memory_budget: flo
     if memory_budget is None:
         return chosen
     state = [n for n in space.nodes if n.kind is NodeKind.STATE]
-    held = sum((state_nbytes(n, chosen[n.name].output, cost) for n in state), 0.0)  # type: ignore[arg-type]
+    held = sum((state_nbytes(n, chosen[n.name].output, cost) for n in state), 0.0)
     movable = [n for n in state if n.name not in pinned]
-    saving = {n.name: state_nbytes(n, chosen[n.name].output, cost) - _smallest(n, cost) for n in movable}  # type: ignore[arg-type]
+    saving = {n.name: state_nbytes(n, chosen[n.name].output, cost) - _smallest(n, cost) for n in movable}
     for node in sorted(movable, key=lambda n: -saving[n.name]):  # sorted() is stable: ties stay in graph order
         if held <= memory_budget:
             break
-        smallest = min(node.strategies, key=lambda s: state_nbytes(node, s.output, cost))  # type: ignore[arg-type]
+        smallest = min(node.strategies, key=lambda s: state_nbytes(node, s.output, cost))
         chosen[node.name] = smallest
         held -= saving[node.name]
     return chosen
 
 
-def replicated_strategy(node: NodeSpace) -> OpStrategy:
+def replicated_strategy(node: NodeSpace) -> MeshStrategy:
     """The node's all-``R`` strategy (every op offers one; the engine adds it)."""
-    strategy = next((s for s in node.strategies if all(p == R for p in (*s.inputs, *s.outputs()))), None)
+    strategy = next((s for s in node.strategies if all(p == R for ps in (*s.inputs, *s.outputs) for p in ps)), None)
     if strategy is None:  # every op offers all-R; this guards against a rule that does not
         raise InfeasiblePlanError(f"node '{node.name}' ({node.op}) has no all-replicate strategy to fall back on")
     return strategy
 
 
 def _smallest(node: NodeSpace, cost: CostModel) -> float:
-    return min(state_nbytes(node, s.output, cost) for s in node.strategies)  # type: ignore[arg-type]
+    return min(state_nbytes(node, s.output, cost) for s in node.strategies)

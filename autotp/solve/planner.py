@@ -14,7 +14,7 @@ from dataclasses import replace
 from autotp.cost.model import CostModel
 from autotp.cost.wake import plan_mean_gap_seconds
 from autotp.ir.plan import Plan
-from autotp.ir.strategy import OpStrategy
+from autotp.ir.strategy import MeshStrategy
 from autotp.solve.build import build_plan
 from autotp.solve.ilp import NODE_LIMIT, solve
 from autotp.solve.layouts import megatron_layout_of
@@ -35,7 +35,7 @@ def solve_plan(
     time_limit_s: float = 60.0,
     node_limit: int = NODE_LIMIT,
     solver: str = "cbc",
-    pinned: Mapping[str, OpStrategy] | None = None,
+    pinned: Mapping[str, MeshStrategy] | None = None,
     on_incumbent: Callable[[float, float | None], None] | None = None,
 ) -> Plan:
     """The solver's plan for ``space`` under ``cost`` (``pinned`` nodes fixed), wake-aware when
@@ -49,7 +49,7 @@ def solve_plan(
 
 def _wake_aware(
     plan: Plan, space: StrategySpace, cost: CostModel, *, memory_budget: int | None, time_limit_s: float, node_limit: int, solver: str,
-    pinned: Mapping[str, OpStrategy] | None,
+    pinned: Mapping[str, MeshStrategy] | None,
 ) -> Plan:
     """The cheapest plan, priced from its schedule, of ``plan`` and a few re-solves that charge
     every collective the wake-up at the last plan's mean gap (``autotp.cost.wake``).

@@ -14,6 +14,7 @@ import operator
 import warnings
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
+from enum import Enum
 from types import MappingProxyType
 from typing import Any, cast
 
@@ -183,11 +184,32 @@ def combine_axes(per_axis: Sequence[Sequence[OpStrategy]], keep: Callable[[tuple
     return tuple(combined)
 
 
-def build_strategy_space(captured: CapturedGraph, mesh: MeshSpec | int) -> StrategySpace:
-    """Candidate strategies of every node of ``captured`` on ``mesh`` (an int: a 1-D mesh of that many ranks)."""
+class AxisRole(str, Enum):
+    """What parameters may do on one mesh axis (``axis_roles``): the solver picks the rest."""
+
+    ANY = "any"  # replicated or split: tensor parallelism, FSDP or data parallelism, as priced
+    DATA = "data"  # replicated on the axis: data parallelism (gradients all-reduced over it)
+    FSDP = "fsdp"  # split on the axis (where a dim divides), all-gathered before use
+
+
+def axis_role_map(mesh: MeshSpec, roles: Mapping[int | str, str] | None) -> dict[int, AxisRole]:
+    """``roles`` keyed by axis index; ``ConfigError`` naming the axis or role that is not known."""
+    out: dict[int, AxisRole] = {}
+    for axis, role in (roles or {}).items():
+        try:
+            out[mesh.axis_index(axis)] = AxisRole(role)
+        except ValueError:
+            raise ConfigError(f"axis_roles[{axis!r}] is {role!r}; an axis role is one of {', '.join(r.value for r in AxisRole)}") from None
+    return out
+
+
+def build_strategy_space(captured: CapturedGraph, mesh: MeshSpec | int, *, axis_roles: Mapping[int, AxisRole] | None = None) -> StrategySpace:
+    """Candidate strategies of every node of ``captured`` on ``mesh`` (an int: a 1-D mesh of that
+    many ranks); ``axis_roles`` restricts where parameters may be split (``AxisRole``)."""
     if isinstance(mesh, int):
         mesh = MeshSpec.of(mesh)
-    roles = captured.input_by_node()
+    roles = dict(axis_roles or {})
+    inputs = captured.input_by_node()
     metas: dict[str, OutputMeta | None] = {}
     grads: dict[str, bool] = {}
     spaces: list[NodeSpace] = []
@@ -197,7 +219,7 @@ def build_strategy_space(captured: CapturedGraph, mesh: MeshSpec | int) -> Strat
         meta = output_meta(node)
         metas[node.name] = meta
         if node.op == "placeholder":
-            space = _placeholder_space(node, meta, roles[node.name], mesh)
+            space = _placeholder_space(node, meta, inputs[node.name], mesh, roles)
         elif node.op == "output":
             space = _output_space(node, metas, mesh)
         elif node.op == "call_function":
@@ -223,14 +245,20 @@ def build_strategy_space(captured: CapturedGraph, mesh: MeshSpec | int) -> Strat
     return StrategySpace(mesh, tuple(spaces), tuple(unsupported))
 
 
-def _placeholder_space(node: fx.Node, meta: OutputMeta | None, graph_input: GraphInput, mesh: MeshSpec) -> NodeSpace:
-    """User inputs arrive whole (``R``); state may be split along any dim each axis divides."""
+def _placeholder_space(node: fx.Node, meta: OutputMeta | None, graph_input: GraphInput, mesh: MeshSpec, roles: Mapping[int, AxisRole]) -> NodeSpace:
+    """User inputs arrive whole (``R``); state may be split along any dim each axis divides, as
+    the axis's role allows (parameters only: buffers and constants are not what the roles are about)."""
     role = graph_input.role
     per_axis = []
-    for size in mesh.shape:
+    for axis, size in enumerate(mesh.shape):
         placements: list[Placement] = [R]
         if role is not InputRole.USER_INPUT and isinstance(meta, TensorMeta) and size > 1:
             placements += [Shard(d) for d in range(meta.ndim) if _fits(Shard(d), meta, size)]
+        axis_role = roles.get(axis, AxisRole.ANY) if role is InputRole.PARAMETER else AxisRole.ANY
+        if axis_role is AxisRole.DATA:
+            placements = [R]
+        elif axis_role is AxisRole.FSDP and len(placements) > 1:
+            placements = placements[1:]
         per_axis.append([OpStrategy((), p) for p in placements])
     kind = NodeKind.USER_INPUT if role is InputRole.USER_INPUT else NodeKind.STATE
     trainable = role is InputRole.PARAMETER and isinstance(meta, TensorMeta) and meta.dtype.is_floating_point
