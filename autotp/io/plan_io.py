@@ -381,5 +381,7 @@ def _placements(text: str, where: str, ndim: int) -> Placements:
         raise PlanFormatError(f"{where}: {exc}") from None
     if len(placements) != ndim:
         example = "S(0)" if ndim == 1 else "(" + ", ".join(["R"] * ndim) + ")"
-        raise PlanFormatError(f"{where}: {text!r} has {len(placements)} placements but the mesh has {ndim} axes (one each, e.g. {example!r})")
+        count = f"{len(placements)} placement" + ("s" if len(placements) != 1 else "")
+        axes = f"{ndim} axis" if ndim == 1 else f"{ndim} axes"
+        raise PlanFormatError(f"{where}: {text!r} has {count} but the mesh has {axes} (one placement per axis, e.g. {example!r})")
     return placements

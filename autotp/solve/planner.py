@@ -2,28 +2,33 @@
 
 ``solve_plan`` solves the ILP, builds the plan and, when the cost model prices collectives'
 wake-up, re-solves a few times with each plan's mean gap (``autotp.cost.wake``), keeping the
-cheapest. ``replicate_all`` and ``megatron_plan`` are the layouts a user would otherwise write,
+cheapest. On an N-D mesh the ILP over every combination of per-axis strategies grows as their
+product (a LLaMA-3-8B block on (2, 4): 59k variables, 83 s), so it is searched by neighbourhoods
+(``_axis_neighbourhood_search``). ``replicate_all`` and ``megatron_plan`` are the layouts a user would otherwise write,
 priced under the same cost model.
 """
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import replace
+from typing import Any
 
 from autotp.cost.model import CostModel
 from autotp.cost.wake import plan_mean_gap_seconds
 from autotp.ir.plan import Plan
 from autotp.ir.strategy import MeshStrategy
 from autotp.solve.build import build_plan
-from autotp.solve.ilp import NODE_LIMIT, solve
+from autotp.solve.ilp import NODE_LIMIT, Solution, solve
 from autotp.solve.layouts import megatron_layout_of
-from autotp.solve.memory import replicated_strategy
-from autotp.strategies.engine import StrategySpace
+from autotp.solve.memory import check_budget, fallback_choice, replicated_strategy
+from autotp.strategies.engine import NodeKind, StrategySpace
 
 log = logging.getLogger(__name__)
 
 WAKE_ROUNDS = 3  # re-solves at most, each with the last plan's mean gap before a collective
+NEIGHBOURHOOD_ROUNDS = 6  # N-D meshes: neighbourhood ILPs at most (two or three usually settle it)
 
 
 def solve_plan(
@@ -40,7 +45,7 @@ def solve_plan(
 ) -> Plan:
     """The solver's plan for ``space`` under ``cost`` (``pinned`` nodes fixed), wake-aware when
     ``cost`` prices wake-up; raises ``InfeasiblePlanError`` when nothing fits ``memory_budget``."""
-    solution = solve(space, cost, memory_budget=memory_budget, time_limit_s=time_limit_s, node_limit=node_limit, solver=solver, pinned=pinned, on_incumbent=on_incumbent)
+    solution = _solve(space, cost, memory_budget=memory_budget, time_limit_s=time_limit_s, node_limit=node_limit, solver=solver, pinned=pinned, on_incumbent=on_incumbent)
     plan = build_plan(space, solution.chosen(space), cost, hardware=hardware, memory_budget=memory_budget, status=solution.status, solve_seconds=solution.seconds)
     if not cost.prices_wake:
         return plan
@@ -62,7 +67,7 @@ def _wake_aware(
     best, seen = plan, {_choice(plan)}
     for _ in range(WAKE_ROUNDS):
         gap = plan_mean_gap_seconds(plan, space, cost)
-        solution = solve(space, replace(cost, assumed_gap_seconds=gap), memory_budget=memory_budget, time_limit_s=time_limit_s, node_limit=node_limit, solver=solver, pinned=pinned)
+        solution = _solve(space, replace(cost, assumed_gap_seconds=gap), memory_budget=memory_budget, time_limit_s=time_limit_s, node_limit=node_limit, solver=solver, pinned=pinned)
         plan = build_plan(space, solution.chosen(space), cost, hardware=best.hardware, memory_budget=memory_budget, status=solution.status, solve_seconds=solution.seconds)
         log.info("wake-aware re-solve at a %.3f ms gap: %.3f ms (best so far %.3f ms)", gap * 1e3, plan.total_seconds * 1e3, best.total_seconds * 1e3)
         if plan.total_seconds < best.total_seconds:
@@ -71,6 +76,72 @@ def _wake_aware(
             break
         seen.add(_choice(plan))
     return best
+
+
+def _solve(space: StrategySpace, cost: CostModel, **options: Any) -> Solution:
+    """The ILP on a 1-D mesh; the neighbourhood search on an N-D one."""
+    if space.mesh.ndim == 1:
+        return solve(space, cost, **options)
+    return _axis_neighbourhood_search(space, cost, **options)
+
+
+def _axis_neighbourhood_search(
+    space: StrategySpace, cost: CostModel, *, memory_budget: float | None, pinned: Mapping[str, MeshStrategy] | None = None,
+    on_incumbent: Callable[[float, float | None], None] | None = None, **options: Any,
+) -> Solution:
+    """Solve an N-D space by large neighbourhoods: from the deterministic fallback plan (which
+    fits any feasible budget), each round's ILP lets every op keep its strategy or change it on
+    ONE mesh axis (any axis, a different one per op if it likes), while parameters may take any
+    placement; repeat from the new plan until it stops improving.
+
+    Each round's ILP is about the sum of the per-axis spaces, not their product, so it is a few
+    1-D solves' worth. The result is optimal among plans one axis-move away from it (it reaches
+    DP x TP, FSDP x TP and pure DP in two or three rounds), not proven globally optimal; the
+    status says so ("neighbourhood optimal (N rounds)").
+    """
+    pinned = dict(pinned or {})
+    if memory_budget is not None:
+        check_budget(space, cost, memory_budget, pinned)
+    chosen = fallback_choice(space, cost, memory_budget=memory_budget, pinned=pinned)
+    total_seconds = 0.0
+    best = math.inf
+    statuses = []
+    for round_ in range(1, NEIGHBOURHOOD_ROUNDS + 1):
+        restricted = _neighbourhood(space, chosen, pinned)
+        solution = solve(restricted, cost, memory_budget=memory_budget, pinned=pinned, on_incumbent=on_incumbent, **options)
+        total_seconds += solution.seconds
+        statuses.append(solution.status)
+        chosen = solution.chosen(restricted)
+        log.info("neighbourhood round %d: %d variables, %s, %.3f ms in %.2fs", round_, solution.n_variables, solution.status, solution.objective_seconds * 1e3, solution.seconds)
+        if not solution.objective_seconds < best * (1 - 1e-9):
+            break
+        best = solution.objective_seconds
+    exact = all(status == "optimal" for status in statuses)
+    status = f"neighbourhood optimal ({round_} rounds)" if exact else f"neighbourhood {statuses[-1]} ({round_} rounds)"
+    return replace(
+        solution, choice={n.name: n.strategies.index(chosen[n.name]) for n in space.nodes}, status=status, seconds=total_seconds,
+    )
+
+
+def _neighbourhood(space: StrategySpace, chosen: Mapping[str, MeshStrategy], pinned: Mapping[str, MeshStrategy]) -> StrategySpace:
+    """``space`` with each op's strategies cut to ``chosen``'s and those differing from it on one
+    axis only; parameters, buffers and pinned nodes keep theirs."""
+    nodes = []
+    for node in space.nodes:
+        if node.kind is NodeKind.STATE or node.name in pinned or len(node.strategies) == 1:
+            nodes.append(node)
+            continue
+        current = chosen[node.name]
+        keep = [i for i, s in enumerate(node.strategies) if _axes_changed(s, current) <= 1]
+        nodes.append(replace(
+            node, strategies=tuple(node.strategies[i] for i in keep),
+            internal_comm=tuple(node.internal_comm[i] for i in keep) if node.internal_comm else (),
+        ))
+    return replace(space, nodes=tuple(nodes))
+
+
+def _axes_changed(strategy: MeshStrategy, current: MeshStrategy) -> int:
+    return sum(strategy.axis(a) != current.axis(a) for a in range(current.ndim))
 
 
 def _choice(plan: Plan) -> tuple[str, ...]:
