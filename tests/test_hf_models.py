@@ -6,7 +6,7 @@ small wrapper that also passes a padding ``attention_mask`` (``parallelize`` tak
 tensors only). Each model is checked twice:
 
 - every strategy of every node of its captured graph, by brute force in one process
-  (``autotp.rewrite.rule_check``), on 2, 3 and 4 ranks;
+  (``autotp.rewrite.rule_check``), on 2, 3 and 4 ranks and on (2, 2) and (2, 3) meshes;
 - end to end: ``autotp.parallelize`` on 2 and 4 ranks gives the original logits (atol 1e-4), with
   weights really split and collectives in the graph. On 2 ranks the budget is just above the
   smallest that fits, which forces every weight matrix to split, the attention projections
@@ -56,6 +56,21 @@ def test_every_strategy_of_every_hf_node(name: str, tp_size: int) -> None:
     space = build_strategy_space(captured, tp_size)
     split = sum(1 for n in space.nodes if n.kind is NodeKind.OP for s in n.strategies if s != n.strategies[0])
     assert split >= checked // (2 if tp_size != 3 else 4), f"only {split} of {checked} strategies split anything"
+
+
+@pytest.mark.parametrize("mesh_shape", [(2, 2), (2, 3)], ids=str)
+@pytest.mark.parametrize("name", MODELS)
+def test_every_combined_strategy_of_every_hf_node(name: str, mesh_shape: tuple[int, int]) -> None:
+    """Every strategy the engine combines from the rules' per-axis answers (tests/test_rules_nd.py)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        captured, values = _captured(name)
+        checked, failures = check_graph(captured, values, mesh_shape=mesh_shape)
+    finally:
+        torch.set_num_threads(threads)
+    assert not failures, "\n".join(str(f) for f in failures)
+    assert checked > 0
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -13,8 +13,8 @@ from cost_models.calibrate import KernelSample, fit_compute
 from autotp.capture.export import capture
 from autotp.cost.model import CostModel, op_class
 from autotp.examples import build_example
-from autotp.rewrite.random import draws_random
 from autotp.strategies.engine import NodeKind, build_strategy_space
+from autotp.strategies.op_facts import draws_random
 from tests._profile_fns import assert_rejected
 
 ROUND = HardwareProfile(

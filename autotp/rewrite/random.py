@@ -16,9 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.fx.operator_schemas import normalize_function
-
-from autotp.strategies.op_facts import is_random
 
 SHARDED_SEED_OFFSET = 2718  # as in Megatron-LM's model_parallel_cuda_manual_seed
 
@@ -48,23 +45,6 @@ def manual_seed(seed: int) -> None:
     torch.manual_seed(seed)
     for group_name, stream in list(_STREAMS.items()):
         seed_sharded_stream(group_name, rank=stream.rank, seed=seed)
-
-
-def draws_random(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    """Whether this call of ``target`` draws random numbers: a seeded op, unless its arguments
-    switch the draw off (dropout with ``train=False`` or probability 0, attention with
-    ``dropout_p=0``). Forking the generator costs two state copies per call, so an eval-mode
-    dropout or a dropout-free attention runs as it is."""
-    if not is_random(target):
-        return False
-    normalized = normalize_function(target, args, kwargs, normalize_to_only_use_kwargs=True)
-    if normalized is None:  # arguments torch cannot bind to the schema: assume the op draws
-        return True
-    bound = normalized.kwargs  # every argument by name, defaults filled in
-    if bound.get("train") is False:
-        return False
-    probability = next((bound[name] for name in ("p", "dropout_p") if name in bound), None)
-    return not (isinstance(probability, (int, float)) and probability == 0)
 
 
 @contextmanager

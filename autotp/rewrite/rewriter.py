@@ -24,8 +24,8 @@ from autotp.ir.plan import Plan
 from autotp.ir.strategy import MeshStrategy
 from autotp.ir.values import TensorMeta, ValueRef
 from autotp.rewrite import random
-from autotp.rewrite.random import draws_random
 from autotp.strategies.engine import ASSERT_OPS, NodeSpace, StrategySpace, is_tensor_value
+from autotp.strategies.op_facts import draws_random
 from autotp.strategies.rules import LocalContext, OpStrategy, lookup
 from autotp.strategies.rules.registry import OutputMeta, Rule
 

@@ -1,30 +1,37 @@
 """Brute-force check of sharding rules in one process: shard, run per rank, reassemble, compare.
 
-For one node of a captured graph and one of its strategies on ``tp_size`` ranks, every rank ``r``
-gets its local inputs per placement::
+For one node of a captured graph and one of its strategies on a mesh (``mesh_shape``; ``tp_size``
+ranks is the 1-D mesh ``(tp_size,)``), every rank, named by its mesh coordinate ``c``, gets its
+local inputs per placement, one mesh axis ``a`` at a time::
 
     R     the whole tensor
-    S(d)  chunk r of tensor.chunk(tp_size, d)
-    P     a random summand (ranks 1.. draw noise, rank 0 holds the rest: the summands add up)
+    S(d)  chunk c[a] of tensor.chunk(mesh_shape[a], d)   (``autotp.ir.placement.local_chunk``)
+    P     a random summand: along axis a, ranks 1.. draw noise, rank 0 holds the rest (they add up)
 
-runs the op as the rewriter does (shape arguments localised when the output is split, then
-called through the overload packet), and checks each rank's output against the unsharded one::
+runs the op as the rewriter does (``local_call``: shape arguments localised axis by axis where
+an axis splits the output, then called through the overload packet), and checks each rank's
+output against the unsharded one::
 
-    R     every rank holds the whole result
-    S(d)  rank r holds chunk r along d
-    P     the outputs add up to the result
+    R     every rank along the axis holds the same
+    S(d)  the rank at c[a] holds chunk c[a] along d
+    P     the outputs summed over the axis give the result
 
+On an N-D mesh every combined strategy the engine offers is checked (``MeshStrategy``: one rule
+answer per axis), which tests the engine's product of the rules' answers as much as the rules.
 A rule that only lists correct strategies passes for every input; a wrong one fails on almost any
 random input, so use non-degenerate values (a zero bias hides a bias added once per rank). Ops
 that draw random numbers or return uninitialised memory are checked for shape and dtype only.
 Tolerances are for float32.
 
     values = node_values(captured, model, inputs)
-    checked, failures = check_graph(captured, values, tp_size=3)   # failures == [] when all hold
+    checked, failures = check_graph(captured, values, tp_size=3)            # failures == [] when all hold
+    checked, failures = check_graph(captured, values, mesh_shape=(2, 3))    # every combined strategy
 """
 from __future__ import annotations
 
+import itertools
 import operator
+import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,8 +41,9 @@ from torch import fx, nn
 
 from autotp.capture.export import CapturedGraph, InputRole
 from autotp.capture.torch_compat import OpOverload, op_schema, pytree
-from autotp.ir.placement import Partial, Placement, Shard
-from autotp.ir.strategy import one_axis
+from autotp.ir.mesh import MeshSpec
+from autotp.ir.placement import Partial, Placements, Shard, format_placements, local_chunk
+from autotp.ir.strategy import MeshStrategy, one_axis
 from autotp.rewrite.rewriter import local_call
 from autotp.strategies.engine import (
     NodeKind,
@@ -59,12 +67,13 @@ class RuleFailure:
 
     node: str
     op: str
-    strategy: OpStrategy
-    tp_size: int
+    strategy: MeshStrategy
+    mesh_shape: tuple[int, ...]
     reason: str
 
     def __str__(self) -> str:
-        return f"{self.node} ({self.op}) {self.strategy} on {self.tp_size} ranks: {self.reason}"
+        where = f"{self.mesh_shape[0]} ranks" if len(self.mesh_shape) == 1 else f"mesh {self.mesh_shape}"
+        return f"{self.node} ({self.op}) {self.strategy} on {where}: {self.reason}"
 
 
 def node_values(captured: CapturedGraph, model: nn.Module, inputs: Sequence[Any]) -> dict[str, Any]:
@@ -95,69 +104,96 @@ def check_graph(
     captured: CapturedGraph,
     values: Mapping[str, Any],
     *,
-    tp_size: int,
+    mesh_shape: Sequence[int] | None = None,
+    tp_size: int | None = None,
     seed: int = 0,
+    max_per_node: int | None = None,
 ) -> tuple[int, list[RuleFailure]]:
-    """Check every strategy of every op node (but those run by a rule's ``local_impl``, which
-    communicate and so need real ranks).
+    """Check every strategy of every op node on a mesh of ``mesh_shape`` (``tp_size``: a 1-D
+    mesh of that many ranks), but those run by a rule's ``local_impl`` on any axis, which
+    communicate and so need real ranks.
+
+    ``max_per_node`` caps the strategies checked per node (N-D products grow fast): the
+    all-replicate one and a sample of the rest, the same for the same ``seed``.
 
     Returns the number of (node, strategy) cases checked and the failures among them.
     """
-    space = build_strategy_space(captured, tp_size)
+    shape = _mesh_shape(mesh_shape, tp_size)
+    space = build_strategy_space(captured, MeshSpec.of(shape))
     nodes = {n.name: n for n in captured.graph_module.graph.nodes}
     generator = torch.Generator().manual_seed(seed)
+    sampler = random.Random(seed)
     checked, failures = 0, []
     for ns in space.nodes:
         if ns.kind is not NodeKind.OP:
             continue
         rule = lookup(nodes[ns.name].target)
-        for strategy in (s.axis(0) for s in ns.strategies):
-            if rule is not None and rule.local_impl is not None and rule.local_impl(strategy) is not None:
-                continue  # runs collectives inside: checked on real ranks (tests/test_vocab_parallel.py)
+        strategies = [s for s in ns.strategies if not _runs_local_impl(rule, s)]  # checked on real ranks (tests/test_vocab_parallel.py)
+        if max_per_node is not None and len(strategies) > max_per_node:
+            strategies = strategies[:1] + sorted(sampler.sample(strategies[1:], max_per_node - 1), key=strategies.index)
+        for strategy in strategies:
             checked += 1
-            reason = check_strategy(nodes[ns.name], ns, strategy, values, tp_size=tp_size, generator=generator)
+            reason = check_strategy(nodes[ns.name], ns, strategy, values, mesh_shape=shape, generator=generator)
             if reason is not None:
-                failures.append(RuleFailure(ns.name, ns.op, strategy, tp_size, reason))
+                failures.append(RuleFailure(ns.name, ns.op, strategy, shape, reason))
     return checked, failures
+
+
+def _mesh_shape(mesh_shape: Sequence[int] | None, tp_size: int | None) -> tuple[int, ...]:
+    if (mesh_shape is None) == (tp_size is None):
+        raise TypeError("pass one of mesh_shape= and tp_size=")
+    return tuple(mesh_shape) if mesh_shape is not None else (tp_size,)  # type: ignore[return-value]
+
+
+def _runs_local_impl(rule: Rule | None, strategy: MeshStrategy) -> bool:
+    return rule is not None and rule.local_impl is not None and any(rule.local_impl(s) is not None for s in strategy.axes)
 
 
 def check_strategy(
     node: fx.Node,
     space: NodeSpace,
-    strategy: OpStrategy,
+    strategy: MeshStrategy | OpStrategy,
     values: Mapping[str, Any],
     *,
-    tp_size: int,
+    mesh_shape: Sequence[int] | None = None,
+    tp_size: int | None = None,
     generator: torch.Generator,
 ) -> str | None:
-    """``None`` when ``strategy`` of ``node`` reproduces ``values[node.name]``, else what differs."""
+    """``None`` when ``strategy`` of ``node`` reproduces ``values[node.name]`` on a mesh of
+    ``mesh_shape`` (``tp_size``: 1-D; an ``OpStrategy`` is a 1-D strategy), else what differs."""
+    shape = _mesh_shape(mesh_shape, tp_size)
+    if isinstance(strategy, OpStrategy):
+        strategy = one_axis(strategy)
+    if strategy.ndim not in (0, len(shape)):
+        raise ValueError(f"{strategy} has {strategy.ndim} mesh axes, the mesh {shape} has {len(shape)}")
     slot_values = [_value(values, ref) for ref in space.slots]
-    for k, (value, placement) in enumerate(zip(slot_values, strategy.inputs)):
-        if isinstance(placement, Partial) and not value.dtype.is_floating_point:
+    for k, (value, placements) in enumerate(zip(slot_values, strategy.inputs)):
+        if any(isinstance(p, Partial) for p in placements) and not value.dtype.is_floating_point:
             return f"input {k} is {value.dtype} but placed P (only R or S make sense for integers)"
     expected = values[node.name]
     expected_outs = tuple(expected) if isinstance(expected, (tuple, list)) else (expected,)
-    out_placements = strategy.outputs()
-    for k, (value, placement) in enumerate(zip(expected_outs, out_placements)):
-        if isinstance(placement, Partial) and not value.dtype.is_floating_point:
+    for k, (value, placements) in enumerate(zip(expected_outs, strategy.outputs)):
+        if any(isinstance(p, Partial) for p in placements) and not value.dtype.is_floating_point:
             return f"output {k} is {value.dtype} but placed P (only R or S make sense for integers)"
-    local_inputs = [_split(v, p, tp_size, generator) for v, p in zip(slot_values, strategy.inputs)]
+    coordinates = list(itertools.product(*(range(n) for n in shape)))
+    local_inputs = [_split(v, p, shape, generator) for v, p in zip(slot_values, strategy.inputs)]
     rule = lookup(node.target)
     per_rank: list[tuple[Any, ...]] = []
-    for rank in range(tp_size):
+    for coordinate in coordinates:
         try:
-            out = _run_local(node, rule, space, strategy, [s[rank] for s in local_inputs], values, rank=rank, tp_size=tp_size)
+            out = _run_local(node, rule, space, strategy, [s[coordinate] for s in local_inputs], values, coordinate=coordinate, mesh_shape=shape)
         except Exception as exc:  # noqa: BLE001 -- any error means the local op cannot run as the strategy says
-            return f"rank {rank} raised {type(exc).__name__}: {_first_line(exc)}"
+            return f"rank {_rank_name(coordinate)} raised {type(exc).__name__}: {_first_line(exc)}"
         outs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
         if len(outs) != len(expected_outs):
-            return f"rank {rank} returned {len(outs)} outputs, expected {len(expected_outs)}"
+            return f"rank {_rank_name(coordinate)} returned {len(outs)} outputs, expected {len(expected_outs)}"
         per_rank.append(outs)
     exact = values_comparable(node)
-    for k, (want, placement) in enumerate(zip(expected_outs, out_placements)):
-        reason = _compare(want, placement, [outs[k] for outs in per_rank], tp_size=tp_size, exact=exact)
+    for k, (want, placements) in enumerate(zip(expected_outs, strategy.outputs)):
+        got = dict(zip(coordinates, (outs[k] for outs in per_rank)))
+        reason = _compare(want, placements, got, mesh_shape=shape, exact=exact)
         if reason is not None:
-            return f"output {k} ({placement}): {reason}"
+            return f"output {k} ({format_placements(placements)}): {reason}"
     return None
 
 
@@ -166,35 +202,58 @@ def _value(values: Mapping[str, Any], ref: ValueRef) -> torch.Tensor:
     return value if ref.index is None else value[ref.index]
 
 
-def _split(value: torch.Tensor, placement: Placement, tp_size: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """Every rank's local tensor for ``placement`` (shards contiguous, as ``local_chunk`` makes them)."""
-    if isinstance(placement, Shard):
-        return [c.contiguous() for c in value.chunk(tp_size, placement.dim)]
-    if isinstance(placement, Partial):
-        scale = float(value.abs().mean()) or 1.0
-        noise = [torch.randn(value.shape, generator=generator, dtype=value.dtype) * scale for _ in range(tp_size - 1)]
-        return [value - sum(noise, torch.zeros_like(value))] + noise
-    return [value] * tp_size
+def _rank_name(coordinate: tuple[int, ...]) -> str:
+    return str(coordinate[0]) if len(coordinate) == 1 else str(coordinate)
+
+
+def _split(value: torch.Tensor, placements: Placements, mesh_shape: tuple[int, ...], generator: torch.Generator) -> dict[tuple[int, ...], torch.Tensor]:
+    """Every rank's local tensor for ``placements``, by mesh coordinate, applied one axis at a time::
+
+        S(d) on axis a   chunk coordinate[a] of mesh_shape[a] along d (contiguous, as ``local_chunk`` makes it)
+        P    on axis a   a random summand: along axis a, coordinate 1.. draw noise, 0 holds the rest
+        R                all of it
+
+    The ranks that differ only in axis ``a``'s coordinate hold the same tensor before axis ``a``
+    is applied, so a P on ``a`` splits that tensor into summands that add up over ``a``.
+    """
+    held: dict[tuple[int, ...], torch.Tensor] = {(): value}  # by the coordinates of the axes applied so far
+    for axis, p in enumerate(placements):
+        size = mesh_shape[axis]
+        nxt: dict[tuple[int, ...], torch.Tensor] = {}
+        for prefix, tensor in held.items():
+            if isinstance(p, Shard):
+                if tensor.shape[p.dim] % size:
+                    raise ValueError(f"{format_placements(placements)}: dim {p.dim} of {tuple(tensor.shape)} does not split into {size} on axis {axis}")
+                parts = [c.contiguous() for c in tensor.chunk(size, p.dim)]
+            elif isinstance(p, Partial):
+                scale = float(tensor.abs().mean()) or 1.0
+                noise = [torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype) * scale for _ in range(size - 1)]
+                parts = [tensor - sum(noise, torch.zeros_like(tensor))] + noise
+            else:
+                parts = [tensor] * size
+            nxt.update(((*prefix, c), part) for c, part in enumerate(parts))
+        held = nxt
+    return held
 
 
 def _run_local(
     node: fx.Node,
     rule: Rule | None,
     space: NodeSpace,
-    strategy: OpStrategy,
+    strategy: MeshStrategy,
     inputs: list[torch.Tensor],
     values: Mapping[str, Any],
     *,
-    rank: int,
-    tp_size: int,
+    coordinate: tuple[int, ...],
+    mesh_shape: tuple[int, ...],
 ) -> Any:
-    """The op on one rank, called the way ``autotp.rewrite.rewriter`` emits it.
+    """The op on the rank at ``coordinate``, called the way ``autotp.rewrite.rewriter`` emits it.
 
     Metadata-only arguments (``rule.metadata_args``) get the whole tensor: only its dtype counts.
     """
     if node.target is operator.getitem:
         return inputs[0]  # the rewriter forwards the chosen output of the producer
-    target, args, kwargs = local_call(node, rule, space, one_axis(strategy), inputs, values, coordinate=(rank,), mesh_shape=(tp_size,))
+    target, args, kwargs = local_call(node, rule, space, strategy, inputs, values, coordinate=coordinate, mesh_shape=mesh_shape)
     with torch.no_grad():
         return target(*args, **kwargs)
 
@@ -223,27 +282,36 @@ def _named_arg(node: fx.Node, name: str, default: Any = None) -> Any:
     return default
 
 
-def _compare(want: torch.Tensor, placement: Placement, locals_: list[torch.Tensor], *, tp_size: int, exact: bool) -> str | None:
-    """Why the ranks' ``locals_`` are not ``want`` laid out as ``placement`` (``None`` if they are)."""
-    if isinstance(placement, Shard):
-        if placement.dim >= want.ndim:
-            return f"the output has {want.ndim} dims"
-        expected = list(want.chunk(tp_size, placement.dim))
-    else:
-        expected = [want] * tp_size
-    for rank, (got, chunk) in enumerate(zip(locals_, expected)):
-        if not isinstance(got, torch.Tensor):
-            return f"rank {rank} returned {type(got).__name__}, not a tensor"
-        if got.shape != chunk.shape or got.dtype != chunk.dtype:
-            return f"rank {rank} has {tuple(got.shape)} {got.dtype}, expected {tuple(chunk.shape)} {chunk.dtype}"
+def _compare(
+    want: torch.Tensor, placements: Placements, got: Mapping[tuple[int, ...], Any], *, mesh_shape: tuple[int, ...], exact: bool
+) -> str | None:
+    """Why the ranks' outputs ``got`` (by mesh coordinate) are not ``want`` laid out as ``placements``
+    (``None`` if they are): each rank holds its chunk of the S axes, and the ranks that differ only
+    in the coordinates of the P axes add up to it (R axes: every rank holds it)."""
+    for axis, p in enumerate(placements):
+        if isinstance(p, Shard) and p.dim >= want.ndim:
+            return f"the output has {want.ndim} dims (S({p.dim}) on axis {axis})"
+    chunks = {c: local_chunk(want, placements, mesh_shape, c) for c in got}
+    for coordinate, local in got.items():
+        chunk = chunks[coordinate]
+        if not isinstance(local, torch.Tensor):
+            return f"rank {_rank_name(coordinate)} returned {type(local).__name__}, not a tensor"
+        if local.shape != chunk.shape or local.dtype != chunk.dtype:
+            return f"rank {_rank_name(coordinate)} has {tuple(local.shape)} {local.dtype}, expected {tuple(chunk.shape)} {chunk.dtype}"
     if not exact:
         return None
-    if isinstance(placement, Partial):
-        total = torch.stack(locals_).sum(0)
-        return None if _close(total, want) else f"the ranks add up to a different tensor ({_diff(total, want)})"
-    for rank, (got, chunk) in enumerate(zip(locals_, expected)):
-        if not _close(got, chunk):
-            return f"rank {rank} differs from the unsharded result ({_diff(got, chunk)})"
+    partial_axes = [a for a, p in enumerate(placements) if isinstance(p, Partial)]
+    groups: dict[tuple[int, ...], list[tuple[int, ...]]] = {}  # coordinate with the P axes' zeroed -> its group
+    for coordinate in got:
+        key = tuple(0 if a in partial_axes else c for a, c in enumerate(coordinate))
+        groups.setdefault(key, []).append(coordinate)
+    for key, members in groups.items():
+        total = torch.stack([got[c] for c in members]).sum(0) if partial_axes else got[key]
+        if not _close(total, chunks[key]):
+            if partial_axes:
+                over = " and ".join(str(a) for a in partial_axes)
+                return f"the ranks at {_rank_name(key)} summed over axis {over} add up to a different tensor ({_diff(total, chunks[key])})"
+            return f"rank {_rank_name(key)} differs from the unsharded result ({_diff(total, chunks[key])})"
     return None
 
 

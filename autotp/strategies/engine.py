@@ -24,11 +24,11 @@ from torch import fx
 from autotp.capture.export import CapturedGraph, GraphInput, InputRole, describe_graph_node, module_path, tensor_meta
 from autotp.capture.torch_compat import op_schema
 from autotp.errors import ConfigError, describe_node, source_line
-from autotp.ir.placement import Partial, Placement, Placements, R, Shard
 from autotp.ir.mesh import MeshSpec
+from autotp.ir.placement import Partial, Placement, Placements, R, Shard
 from autotp.ir.strategy import MeshStrategy, NodeKind, OutputPlacement
 from autotp.ir.values import TensorMeta, ValueRef
-from autotp.strategies.op_facts import is_random
+from autotp.strategies.op_facts import draws_random
 from autotp.strategies.rules import OpContext, OpStrategy, lookup
 from autotp.strategies.rules.registry import OutputMeta, Rule
 
@@ -354,9 +354,11 @@ def _call_space(node: fx.Node, rule: Rule | None, slot_metas: tuple[TensorMeta, 
 
 def _combinable(node: fx.Node, rule: Rule | None) -> Callable[[tuple[OpStrategy, ...]], bool]:
     """Which per-axis combinations the rewriter can run: a local implementation (e.g. a
-    vocab-parallel lookup) talks over one axis's group, and a random op splits its output over
-    at most one axis (its draws come from that axis's per-rank stream, ``autotp.rewrite.random``)."""
-    random_op = is_random(node.target)
+    vocab-parallel lookup) talks over one axis's group, and a call that draws random numbers
+    splits its output over at most one axis (its draws come from that axis's per-rank stream,
+    ``autotp.rewrite.random``). A seeded op whose arguments switch the draw off (attention with
+    ``dropout_p=0``, eval-mode dropout) is not random here: batch on one axis and heads on another."""
+    random_op = draws_random(node.target, node.args, node.kwargs)
 
     def keep(axes: tuple[OpStrategy, ...]) -> bool:
         if rule is not None and rule.local_impl is not None and sum(rule.local_impl(a) is not None for a in axes) > 1:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.fx.operator_schemas import normalize_function
 
 from autotp.capture.torch_compat import OpOverload
 
@@ -55,3 +56,20 @@ def op_class_of(op: str) -> str | None:
 def is_random(target: Any) -> bool:
     """An op that draws from the random generator (``torch.Tag.nondeterministic_seeded``)."""
     return isinstance(target, OpOverload) and torch.Tag.nondeterministic_seeded in target.tags
+
+
+def draws_random(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether this call of ``target`` draws random numbers: a seeded op, unless its arguments
+    switch the draw off (dropout with ``train=False`` or probability 0, attention with
+    ``dropout_p=0``). Forking the generator costs two state copies per call, so an eval-mode
+    dropout or a dropout-free attention runs as it is."""
+    if not is_random(target):
+        return False
+    normalized = normalize_function(target, args, kwargs, normalize_to_only_use_kwargs=True)
+    if normalized is None:  # arguments torch cannot bind to the schema: assume the op draws
+        return True
+    bound = normalized.kwargs  # every argument by name, defaults filled in
+    if bound.get("train") is False:
+        return False
+    probability = next((bound[name] for name in ("p", "dropout_p") if name in bound), None)
+    return not (isinstance(probability, (int, float)) and probability == 0)
