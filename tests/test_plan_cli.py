@@ -12,6 +12,7 @@ import pytest
 
 import autotp
 from autotp.cli import build_parser, main
+from autotp.ir.mesh import MeshSpec
 
 SMALL_GPT = ["--mesh", "4", "--input", "idx:int64[2,32]", "--config", "n_layer=3", "--config", "n_embd=128", "--config", "n_head=4", "--config", "vocab_size=512", "--config", "block_size=64"]
 
@@ -107,7 +108,13 @@ ERRORS = {
 
 # The same contract in-process, through autotp.cli.main (no interpreter start-up to pay for).
 IN_PROCESS_ERRORS = {
-    "2d-mesh": (["plan", "gpt", "--mesh", "2x4"], r"2-D meshes are not supported yet"),
+    "bad-mesh": (["plan", "gpt", "--mesh", "2x"], r"cannot read --mesh '2x': expected ranks per mesh axis such as 8 or 2x4"),
+    "bad-axis-names": (["verify", "mlp", "--mesh", "2x4", "--mesh-axis-names", "dp"], r"cannot read --mesh-axis-names 'dp': expected 2 distinct"),
+    "bad-axis-role": (["plan", "gpt", "--mesh", "2x4", "--axis-role", "axis0=tensor"], r"cannot read --axis-role 'axis0=tensor': expected AXIS=ROLE.*any, data, fsdp"),
+    "axis-role-without-role": (["explain", "gpt", "--mesh", "2x4", "--axis-role", "dp", "--node", "x"], r"cannot read --axis-role 'dp'"),
+    "axis-role-unknown-axis": (["plan", "gpt", "--mesh", "2x4", "--mesh-axis-names", "dp,tp", "--axis-role", "pp=data"],
+                               r"--axis-role pp=data: no mesh axis 'pp'; the mesh \(dp=2, tp=4\) has axes dp, tp"),
+    "inter-node-unknown-axis": (["verify", "mlp", "--mesh", "2x2", "--inter-node-axes", "dp"], r"--inter-node-axes dp: no mesh axis 'dp'.*--mesh-axis-names"),
     "unknown-target": (["plan", "gtp"], r"unknown target 'gtp'"),
     "unknown-node": (["explain", "mlp", "--config", "n_layers=1", "--config", "d_model=64", "--config", "d_hidden=128",
                       "--input", "x:float32[2,4,64]", "--mesh", "2", "--node", "linaer"], r"no node named 'linaer'.*did you mean"),
@@ -145,6 +152,26 @@ def test_errors_in_process(case: str, capsys: pytest.CaptureFixture[str]) -> Non
     assert len(err) == 1 and err[0].startswith("autotp: error: ") and re.search(message, err[0]), err
 
 
+SMALL_MLP = ["--config", "n_layers=2", "--config", "d_model=64", "--config", "d_hidden=128", "--input", "x:float32[2,4,64]"]
+
+
+def test_plan_on_a_2d_mesh_writes_and_reads_the_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--mesh 2x2 with axis names, a role and an inter-node axis: the JSON plan keeps the mesh, and --plan reads it back."""
+    path = tmp_path / "mlp.plan.json"
+    mesh_flags = ["--mesh", "2x2", "--mesh-axis-names", "dp,tp", "--axis-role", "tp=fsdp", "--inter-node-axes", "dp"]
+    assert main(["plan", "mlp", *SMALL_MLP, *mesh_flags, "--format", "json", "--out", str(path), "-q"]) == 0
+    plan = autotp.Plan.load(str(path))
+    assert plan.mesh == MeshSpec((2, 2), ("dp", "tp"), (0,)), plan.mesh
+    params = [n for n in plan.nodes if n.name.startswith("p_") and n.name.endswith("weight")]
+    assert params and all(isinstance(n.strategy.output[1], autotp.Shard) for n in params), [str(n.strategy) for n in params]  # fsdp on tp
+    capsys.readouterr()
+    assert main(["plan", "mlp", *SMALL_MLP, "--plan", str(path), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "mesh (dp=2, tp=2) on h100-sxm" in out and "(S(" in out, out[:2000]
+    assert main(["explain", "mlp", *SMALL_MLP, "--plan", str(path), "--module", "layers.0.fc1", "-q"]) == 0
+    assert "mesh (dp=2, tp=2)" in capsys.readouterr().out
+
+
 def test_plan_help_through_the_script() -> None:
     done = autotp_cli("plan", "--help", timeout=60)
     assert done.returncode == 0 and "usage: autotp plan" in done.stdout and "--format" in done.stdout
@@ -157,5 +184,5 @@ def test_every_command_has_help(command: str, capsys: pytest.CaptureFixture[str]
     out = capsys.readouterr().out
     assert info.value.code == 0 and "usage: autotp " + command in out
     if command != "demo":
-        for option in ("--mesh", "--hardware", "--input", "--memory-budget", "--inference", "--optimizer", "--plan"):
+        for option in ("--mesh", "--mesh-axis-names", "--axis-role", "--inter-node-axes", "--hardware", "--input", "--memory-budget", "--inference", "--optimizer", "--plan"):
             assert option in out, option

@@ -154,9 +154,10 @@ def test_parse_input_mesh_and_config() -> None:
     for bad, message in [("input_ids:int64", "expected NAME:DTYPE\\[SHAPE\\]"), ("x:complex9[2]", "unknown dtype"), ("x:int64[0,2]", "positive")]:
         with pytest.raises(autotp.ConfigError, match=message):
             parse_input(bad)
-    assert parse_mesh("8") == (8,)
-    with pytest.raises(autotp.ConfigError, match=r"2-D meshes are not supported yet"):
-        parse_mesh("2x4")
+    assert parse_mesh("8") == (8,) and parse_mesh("2x4") == (2, 4) and parse_mesh("2 x 2 x 2") == (2, 2, 2)
+    for bad, message in [("2x", r"cannot read --mesh '2x': expected ranks per mesh axis"), ("2x0", r"--mesh must be at least 1 on every axis")]:
+        with pytest.raises(autotp.ConfigError, match=message):
+            parse_mesh(bad)
     assert parse_config(["n_layer=4", "bias=false", "dropout=0.1", "name=x"]) == {"n_layer": 4, "bias": False, "dropout": 0.1, "name": "x"}
 
 

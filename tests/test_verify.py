@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 
 import pytest
 import torch
@@ -18,7 +19,8 @@ import autotp
 from autotp.cli import main
 from autotp.examples import build_example
 from autotp.io.target import builtin_memory_budget
-from autotp.runtime.verify import TOLERANCES, Comparison, GraphHook, VerifyReport, verify
+from autotp.ir.placement import R, Shard, local_chunk
+from autotp.runtime.verify import TOLERANCES, Comparison, GraphHook, RunResult, VerifyReport, _compare, verify
 from tests import _verify_fns
 
 TIMEOUT_S = 240
@@ -159,3 +161,51 @@ def test_cli_verify_exit_codes(tmp_path, capsys) -> None:
     _gpt_plan().save(str(plan_file))
     assert main(["verify", "gpt", "--plan", str(plan_file), "--mesh", "4"]) == 2
     assert "made for 2 ranks" in capsys.readouterr().err
+
+
+# --- N-D meshes --------------------------------------------------------------------------------
+@pytest.mark.timeout(2 * TIMEOUT_S)
+def test_cli_verify_on_a_2d_mesh_splits_over_both_axes(capsys: pytest.CaptureFixture[str]) -> None:
+    """The MLP example on 4 ranks as a (dp=2, tp=2) mesh, at the default budget (1.3/4 of the
+    replicated state): parameters split over both axes, collectives on both, and it matches."""
+    code = main(["verify", "mlp", "--mesh", "2x2", "--mesh-axis-names", "dp,tp", "--timeout", str(TIMEOUT_S)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "on 4 CPU ranks as the mesh (dp=2, tp=2)" in out and "PASS: the sharded model matches the original" in out, out
+    split = re.search(r"parameters split \(over dp: (\d+), over tp: (\d+)\)", out)
+    assert split and int(split[1]) > 0 and int(split[2]) > 0, out
+    assert "parameter placements over (dp, tp):" in out and re.search(r"^  \(S\(\d\), S\(\d\)\) x\d+: layers\.", out, re.MULTILINE), out
+    ranks = re.findall(r"^  rank \d: (.*)$", out, re.MULTILINE)
+    assert len(ranks) == 4 and all("@dp" in r and "@tp" in r for r in ranks), out
+
+
+def test_2d_comparison_checks_each_rank_against_its_chunk() -> None:
+    """On a (2, 2) mesh every rank's tensor is compared with ``local_chunk`` of the original at its
+    coordinate: right chunks pass, two ranks' chunks swapped fail, a replica on every rank passes."""
+    torch.manual_seed(0)
+    mesh_shape, coordinates = (2, 2), [(0, 0), (0, 1), (1, 0), (1, 1)]
+    full = {"w": torch.randn(4, 6), "b": torch.randn(6)}
+    placements = {"w": (Shard(0), Shard(1)), "b": (R, R)}
+
+    def rank(coordinate: tuple[int, ...], w: torch.Tensor) -> RunResult:
+        local = {"w": w, "b": full["b"]}
+        return RunResult({}, local, local, placements=placements, coordinate=coordinate)
+
+    reference = RunResult({}, full, full)
+    chunks = [local_chunk(full["w"], placements["w"], mesh_shape, c) for c in coordinates]
+    good = _compare(reference, [rank(c, w) for c, w in zip(coordinates, chunks)], ["w", "b"], [], mesh_shape=mesh_shape, training=True)
+    assert all(c.passed for c in good) and {c.placement for c in good} == {"(S(0), S(1))", "(R, R)"}, good
+    swapped = [chunks[0], chunks[2], chunks[1], chunks[3]]
+    bad = _compare(reference, [rank(c, w) for c, w in zip(coordinates, swapped)], ["w", "b"], [], mesh_shape=mesh_shape, training=True)
+    assert [(c.kind, c.name) for c in bad if not c.passed] == [("gradient", "w"), ("parameter", "w")], bad
+    whole = _compare(reference, [rank(c, full["w"]) for c in coordinates], ["w"], [], mesh_shape=mesh_shape, training=True)
+    assert "expected (2, 3) (its chunk of (4, 6)) on rank 0" in whole[0].problem, whole
+
+
+def test_verify_refuses_a_2d_plan_on_another_mesh() -> None:
+    model, inputs = build_example("mlp", n_layers=1, d_model=16, d_hidden=32)
+    plan = autotp.plan(model, inputs, mesh_shape=(2, 2), mesh_axis_names=("dp", "tp"), hardware="cpu-gloo", training=False)
+    with pytest.raises(autotp.ConfigError, match=r"made for the mesh \(dp=2, tp=2\) but mesh_shape is \(4,\); pass mesh_shape=\(2, 2\)"):
+        verify(model, inputs, mesh_shape=(4,), plan=plan)
+    with pytest.raises(autotp.ConfigError, match=r"names its mesh axes dp, tp but mesh_axis_names is a, b"):
+        verify(model, inputs, plan=plan, mesh_axis_names=("a", "b"))

@@ -6,9 +6,11 @@ The reference runs in this process on a copy of the model. Compared, tensor by t
 
     outputs      every output leaf of every rank against the original's
     input grads  (training) of every floating example input, on every rank
-    gradients    (training) of a fixed random projection of the outputs, sharded gradients
-                 reassembled per the plan's placements (``S(d)``: rank chunks concatenated
-                 along ``d``; ``R``: every rank's copy compared)
+    gradients    (training) of a fixed random projection of the outputs: every rank's local
+                 gradient against its chunk of the original's, ``local_chunk(full, placements,
+                 mesh_shape, coordinate)`` (the inverse of how ``parallelize`` split the
+                 parameter: ``S(d)`` on axis ``a`` takes chunk ``coordinate[a]`` along ``d``;
+                 ``R`` all of it, so every replica is compared)
     parameters   (training) after one AdamW step on both models
 
 A tensor passes when ``max |sharded - original| <= rtol * scale``, where ``scale`` is the
@@ -35,7 +37,7 @@ from torch import fx, nn
 from autotp.capture.torch_compat import pytree
 from autotp.errors import ConfigError, InfeasiblePlanError
 from autotp.ir.mesh import MeshSpec
-from autotp.ir.placement import Placement, Replicate, Shard
+from autotp.ir.placement import Placements, Replicate, Shard, format_placements, local_chunk
 from autotp.ir.plan import Plan
 from autotp.runtime.arguments import example_input_names
 
@@ -83,7 +85,7 @@ class VerifyReport:
     """What ``verify`` compared and found; ``str()`` is a short table, ``passed`` the verdict."""
 
     model_name: str
-    tp_size: int
+    tp_size: int  # all ranks of the mesh
     training: bool
     comparisons: tuple[Comparison, ...]
     collectives: tuple[Mapping[str, int], ...]  # per rank: collective kind -> count in its graph
@@ -94,6 +96,9 @@ class VerifyReport:
     seconds: float
     error: str | None = None  # a rank failed (raised, hung or died): the check fails
     notes: tuple[str, ...] = field(default=())
+    mesh: MeshSpec | None = None  # the mesh the ranks ran as; None: the 1-D mesh of tp_size ranks
+    placements: tuple[tuple[str, str], ...] = ()  # (parameter, its placements as format_placements writes them)
+    split_per_axis: tuple[int, ...] = ()  # parameters split over each mesh axis
 
     @property
     def trivial(self) -> bool:
@@ -115,7 +120,10 @@ def verify(
     model: nn.Module,
     example_inputs: tuple[torch.Tensor, ...],
     *,
-    mesh_shape: Sequence[int] = (2,),
+    mesh_shape: Sequence[int] | None = None,
+    mesh_axis_names: Sequence[str] | None = None,
+    axis_roles: Mapping[int | str, str] | None = None,
+    inter_node_axes: Sequence[int | str] | None = None,
     plan: Plan | None = None,
     training: bool = True,
     memory_budget: int | str | None = None,
@@ -126,18 +134,23 @@ def verify(
 ) -> VerifyReport:
     """Run ``model`` sharded on ``prod(mesh_shape)`` local gloo ranks and unsharded here; compare.
 
+    The ranks form ``init_device_mesh("cpu", mesh_shape, mesh_dim_names=...)``: ``mesh_shape``
+    may have any number of axes (``(2, 2)``: 4 ranks), named ``mesh_axis_names`` (as in
+    ``autotp.plan``); it defaults to the plan's mesh, or ``(2,)`` without a plan.
     ``plan=None`` plans once here (ranks then apply that plan) with ``memory_budget``, which
-    defaults to 1.3/N of the replicated model's state, as ``autotp plan`` does for the built-in
-    examples: without a budget the planner may keep everything whole, and a plan that splits
-    nothing is trivially equal (the report then says so). ``training`` also compares gradients
+    defaults to 1.3/N of the replicated model's state (N: all ranks), as ``autotp plan`` does for
+    the built-in examples: without a budget the planner may keep everything whole, and a plan that
+    splits nothing is trivially equal (the report then says so). ``axis_roles`` and
+    ``inter_node_axes`` are ``autotp.plan``'s. ``training`` also compares gradients
     and the parameters after one AdamW step. ``graph_hook(graph_module, rank)`` is called on every
     rank's rewritten graph before it runs (for instrumenting, or for testing ``verify`` itself by
     injecting a rewrite bug); it must be a module-level function, as it is pickled to the ranks.
     The model must be picklable and deterministic (call ``model.eval()`` to turn dropout off).
     """
     return verify_source(
-        PickledModel(_pickle_model(model)), model, example_inputs, mesh_shape=mesh_shape, plan=plan, training=training,
-        memory_budget=memory_budget, hardware=hardware, optimizer=optimizer, timeout_seconds=timeout_seconds, graph_hook=graph_hook,
+        PickledModel(_pickle_model(model)), model, example_inputs, mesh_shape=mesh_shape, mesh_axis_names=mesh_axis_names,
+        axis_roles=axis_roles, inter_node_axes=inter_node_axes, plan=plan, training=training, memory_budget=memory_budget,
+        hardware=hardware, optimizer=optimizer, timeout_seconds=timeout_seconds, graph_hook=graph_hook,
     )
 
 
@@ -171,7 +184,7 @@ def verify_source(
     model: nn.Module,
     example_inputs: tuple[torch.Tensor, ...],
     *,
-    mesh_shape: Sequence[int],
+    mesh_shape: Sequence[int] | None,
     plan: Plan | None,
     training: bool,
     memory_budget: int | str | None,
@@ -179,50 +192,74 @@ def verify_source(
     optimizer: str | None,
     timeout_seconds: float,
     graph_hook: GraphHook | None,
+    mesh_axis_names: Sequence[str] | None = None,
+    axis_roles: Mapping[int | str, str] | None = None,
+    inter_node_axes: Sequence[int | str] | None = None,
 ) -> VerifyReport:
     """``verify`` with the ranks' copy of the model given by ``source`` (see ``RebuiltModel``)."""
     from autotp.api import _apply_plan
     from autotp.testing import RankError, run_on_ranks
 
-    mesh = MeshSpec.of(mesh_shape)
-    if mesh.ndim != 1:
-        raise ConfigError(f"verify runs 1-D meshes for now; got mesh_shape {tuple(mesh.shape)}")
-    tp_size = mesh.size
+    mesh = _mesh(mesh_shape, plan, mesh_axis_names, inter_node_axes)
     _check_real(model, example_inputs)
     started = time.perf_counter()
     notes: list[str] = []
     if plan is None:
-        plan, note = _plan(model, example_inputs, tp_size, training=training, memory_budget=memory_budget, hardware=hardware, optimizer=optimizer)
+        plan, note = _plan(
+            model, example_inputs, mesh, axis_roles=axis_roles, training=training, memory_budget=memory_budget, hardware=hardware, optimizer=optimizer,
+        )
         notes += [note] if note else []
-    elif plan.tp_size != tp_size:
-        raise ConfigError(f"the plan was made for {plan.tp_size} ranks but mesh_shape {tuple(mesh_shape)} has {tp_size}; pass mesh_shape=({plan.tp_size},)")
     else:
         _apply_plan(model, example_inputs, plan, mesh)  # a plan for another model fails here, typed, not in a rank
     reference = _run(copy.deepcopy(model), example_inputs, training=training, adam_eps=None)
     try:
         ranks = run_on_ranks(
-            verify_rank, tp_size, source, example_inputs, plan, training, reference.adam_eps, graph_hook, timeout_seconds=timeout_seconds,
+            verify_rank, mesh.size, source, example_inputs, plan, training, reference.adam_eps, graph_hook, timeout_seconds=timeout_seconds,
         )
     except RankError as exc:
         return VerifyReport(
-            type(model).__name__, tp_size, training, (), (), 0, len(list(model.parameters())), (), _elements(model),
-            time.perf_counter() - started, error=str(exc), notes=tuple(notes),
+            type(model).__name__, mesh.size, training, (), (), 0, len(list(model.parameters())), (), _elements(model),
+            time.perf_counter() - started, error=str(exc), notes=tuple(notes), mesh=mesh,
         )
-    comparisons = _compare(reference, ranks, [name for name, _ in model.named_parameters()], example_input_names(model.forward, len(example_inputs)), training=training)
-    placements = ranks[0].placements
+    names = [name for name, _ in model.named_parameters()]
+    comparisons = _compare(reference, ranks, names, example_input_names(model.forward, len(example_inputs)), mesh_shape=mesh.shape, training=training)
+    placements = {n: ranks[0].placements.get(n, (Replicate(),) * mesh.ndim) for n in names}
     return VerifyReport(
         model_name=type(model).__name__,
-        tp_size=tp_size,
+        tp_size=mesh.size,
         training=training,
         comparisons=comparisons,
         collectives=tuple(r.collectives for r in ranks),
-        split_parameters=sum(isinstance(placements.get(n), Shard) for n, _ in model.named_parameters()),
+        split_parameters=sum(any(isinstance(p, Shard) for p in placements[n]) for n in names),
         parameters=len(list(model.parameters())),
         local_elements=tuple(r.local_elements for r in ranks),
         full_elements=_elements(model),
         seconds=time.perf_counter() - started,
         notes=tuple(notes),
+        mesh=mesh,
+        placements=tuple((n, format_placements(placements[n])) for n in names),
+        split_per_axis=tuple(sum(isinstance(placements[n][a], Shard) for n in names) for a in range(mesh.ndim)),
     )
+
+
+def _mesh(
+    mesh_shape: Sequence[int] | None, plan: Plan | None, names: Sequence[str] | None, inter_node_axes: Sequence[int | str] | None,
+) -> MeshSpec:
+    """The mesh the ranks form: ``mesh_shape`` (default: the plan's, else ``(2,)``); a given plan's
+    axis names unless ``names`` says otherwise, which must then agree with the plan."""
+    if plan is None:
+        return MeshSpec.of(tuple(mesh_shape) if mesh_shape is not None else (2,), names, inter_node_axes=inter_node_axes)
+    planned = plan.mesh
+    shape = tuple(mesh_shape) if mesh_shape is not None else planned.shape
+    if shape != planned.shape:
+        if len(planned.shape) == 1 and len(shape) == 1:
+            raise ConfigError(f"the plan was made for {planned.size} ranks but mesh_shape {shape} has {math.prod(shape)}; pass mesh_shape=({planned.size},)")
+        raise ConfigError(f"the plan was made for the mesh {plan.mesh_text()} but mesh_shape is {shape}; pass mesh_shape={planned.shape}")
+    if names is not None and tuple(names) != planned.names:
+        raise ConfigError(f"the plan names its mesh axes {', '.join(planned.names)} but mesh_axis_names is {', '.join(names)}; leave it out to use the plan's")
+    if inter_node_axes is None:
+        return planned
+    return MeshSpec.of(planned.shape, planned.names, inter_node_axes=inter_node_axes)
 
 
 # --- one run (the reference here, or one rank) ---------------------------------------------------
@@ -235,47 +272,60 @@ class RunResult:
     params: Mapping[str, torch.Tensor]  # after one AdamW step (training only)
     input_grads: tuple[torch.Tensor | None, ...] = ()  # of each floating example input, by position
     adam_eps: float = 0.0
-    placements: Mapping[str, Placement] = field(default_factory=dict)
+    placements: Mapping[str, Placements] = field(default_factory=dict)  # one placement per mesh axis
     collectives: Mapping[str, int] = field(default_factory=dict)
     local_elements: int = 0
+    coordinate: tuple[int, ...] = ()  # this rank's position on every mesh axis
 
 
 def verify_rank(
     rank: int, world_size: int, source: PickledModel | RebuiltModel, inputs: tuple[torch.Tensor, ...],
     plan: Plan, training: bool, adam_eps: float, graph_hook: GraphHook | None,
 ) -> RunResult:
-    """One rank of ``verify``: parallelize with ``plan``, apply ``graph_hook``, run as the reference does."""
+    """One rank of ``verify``: parallelize with ``plan`` on the plan's mesh, apply ``graph_hook``, run as the reference does."""
     from torch.distributed.device_mesh import init_device_mesh
 
     from autotp.api import parallelize
 
     model = source.build()
-    mesh = init_device_mesh("cpu", (world_size,))
-    sharded = parallelize(model, mesh, inputs, plan=plan, training=training)
+    mesh = init_device_mesh("cpu", tuple(plan.mesh_shape), mesh_dim_names=tuple(plan.mesh_axis_names))
+    sharded = parallelize(model, mesh, inputs, plan=plan, training=training, inter_node_axes=plan.inter_node_axes)
     del model
     if graph_hook is not None:
         graph_hook(sharded.graph_module, rank)
         sharded.graph_module.recompile()
     result = _run(sharded, inputs, training=training, adam_eps=adam_eps)
     placements = sharded.placements()
+    whole = (Replicate(),) * len(plan.mesh_shape)
+    axis_names = tuple(plan.mesh_axis_names) if len(plan.mesh_shape) > 1 else None
     return replace(
         result,
-        placements={name: placements.get(name, Replicate()) for name, _ in sharded.named_parameters(remove_duplicate=False)},
-        collectives=count_collectives(sharded.graph_module, training=training),
+        placements={name: placements.get(name, whole) for name, _ in sharded.named_parameters(remove_duplicate=False)},
+        collectives=count_collectives(sharded.graph_module, training=training, group_names=sharded.group_names, axis_names=axis_names),
         local_elements=sum(p.numel() for p in sharded.parameters()),
+        coordinate=tuple(sharded.coordinate),
     )
 
 
-def count_collectives(gm: fx.GraphModule, *, training: bool) -> dict[str, int]:
-    """Collectives in a rank-local graph by kind; with ``training`` also ``grad_all_reduce``, the
-    backward all-reduce (it communicates only when there is a backward)."""
+def count_collectives(
+    gm: fx.GraphModule, *, training: bool, group_names: Sequence[str] = (), axis_names: Sequence[str] | None = None,
+) -> dict[str, int]:
+    """Collectives in a rank-local graph by kind; with ``training`` also ``all_reduce (backward)``,
+    the backward all-reduce (it communicates only when there is a backward). With ``axis_names``
+    (an N-D mesh) each kind is counted per mesh axis, ``all_gather@tp``: a collective's last
+    argument is its group, ``group_names[a]`` for axis ``a``."""
     from autotp.comm import collectives
     from autotp.rewrite.rewriter import collective_nodes
 
-    kinds = Counter(n.target.__name__ for n in collective_nodes(gm))  # type: ignore[union-attr]  # collectives are functions
-    backward = sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is collectives.grad_all_reduce)
-    if backward and training:
-        kinds["all_reduce (backward)"] = backward
+    def where(node: fx.Node) -> str:
+        if axis_names is None:
+            return ""
+        group = node.args[-1]
+        return "@" + (axis_names[group_names.index(group)] if group in group_names else str(group))
+
+    kinds = Counter(n.target.__name__ + where(n) for n in collective_nodes(gm))  # type: ignore[union-attr]  # collectives are functions
+    if training:
+        kinds.update(f"all_reduce{where(n)} (backward)" for n in gm.graph.nodes if n.op == "call_function" and n.target is collectives.grad_all_reduce)
     return dict(sorted(kinds.items()))
 
 
@@ -325,17 +375,18 @@ def _loss(outputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
 
 # --- comparison ----------------------------------------------------------------------------------
 def _compare(
-    reference: RunResult, ranks: Sequence[RunResult], names: Sequence[str], input_names: Sequence[str], *, training: bool,
+    reference: RunResult, ranks: Sequence[RunResult], names: Sequence[str], input_names: Sequence[str], *,
+    mesh_shape: tuple[int, ...], training: bool,
 ) -> tuple[Comparison, ...]:
     """Every output, and (training) every parameter's gradient and stepped value, once per tied group."""
-    rows = [_compare_one("output", name, ref, [r.outputs.get(name) for r in ranks], "", _kind_scale(reference.outputs.values()))
+    rows = [_compare_one("output", name, ref, [(r.outputs.get(name), ref) for r in ranks], "", _kind_scale(reference.outputs.values()))
             for name, ref in reference.outputs.items()]
     if not training:
         return tuple(rows)
     input_grads = [(k, g) for k, g in enumerate(reference.input_grads) if g is not None]
     scale = _kind_scale(g for _, g in input_grads)
-    rows += [_compare_one("input gradient", input_names[k], g, [r.input_grads[k] for r in ranks], "", scale) for k, g in input_grads]
-    placements = ranks[0].placements
+    rows += [_compare_one("input gradient", input_names[k], g, [(r.input_grads[k], g) for r in ranks], "", scale) for k, g in input_grads]
+    whole = (Replicate(),) * len(mesh_shape)
     for kind, ref_values, rank_values in (
         ("gradient", reference.grads, [r.grads for r in ranks]),
         ("parameter", reference.params, [r.params for r in ranks]),
@@ -343,19 +394,13 @@ def _compare(
         scale = _kind_scale(ref_values[n] for n in names if ref_values[n] is not None)
         for name in names:
             ref = ref_values[name]
-            placement = placements.get(name, Replicate())
+            placements = ranks[0].placements.get(name, whole)
             locals_ = [values.get(name) for values in rank_values]
             if ref is None and all(t is None for t in locals_):
                 continue
-            rows.append(_compare_one(kind, name, ref, _assemble(locals_, placement), str(placement), scale))
+            pairs = [(t, None if ref is None else local_chunk(ref, placements, mesh_shape, r.coordinate or (k,))) for k, (t, r) in enumerate(zip(locals_, ranks))]
+            rows.append(_compare_one(kind, name, ref, pairs, format_placements(placements), scale))
     return tuple(rows)
-
-
-def _assemble(locals_: list[torch.Tensor | None], placement: Placement) -> list[torch.Tensor | None]:
-    """The full tensors the ranks' chunks stand for: one for ``S(d)``, one per rank for ``R``."""
-    if isinstance(placement, Shard) and all(t is not None for t in locals_):
-        return [torch.cat(locals_, dim=placement.dim)]  # type: ignore[arg-type]
-    return locals_
 
 
 def _kind_scale(tensors: Any) -> float:
@@ -366,8 +411,12 @@ def _magnitude(t: torch.Tensor) -> float:
     return t.detach().abs().max().item() if t.numel() and t.dtype.is_floating_point else 0.0
 
 
-def _compare_one(kind: str, name: str, ref: torch.Tensor | None, candidates: Sequence[torch.Tensor | None], placement: str, kind_scale: float) -> Comparison:
-    dtype = str(ref.dtype if ref is not None else next(t.dtype for t in candidates if t is not None)).removeprefix("torch.")
+def _compare_one(
+    kind: str, name: str, ref: torch.Tensor | None, pairs: Sequence[tuple[torch.Tensor | None, torch.Tensor | None]], placement: str, kind_scale: float,
+) -> Comparison:
+    """``ref`` (the original's full tensor) against every rank's ``(local, expected)`` pair, where
+    ``expected`` is the rank's chunk of ``ref`` (all of it for a replicated tensor); the scale is ``ref``'s."""
+    dtype = str(ref.dtype if ref is not None else next(t.dtype for t, _ in pairs if t is not None)).removeprefix("torch.")
     rtol = TOLERANCES.get(ref.dtype, 0.0) if ref is not None else 0.0
 
     def row(max_abs: float, max_rel: float, problem: str = "") -> Comparison:
@@ -375,13 +424,15 @@ def _compare_one(kind: str, name: str, ref: torch.Tensor | None, candidates: Seq
 
     if ref is None:
         return row(math.inf, math.inf, "the original has no gradient here but the sharded model has one")
-    if any(t is None for t in candidates):
+    if any(t is None for t, _ in pairs):
         return row(math.inf, math.inf, "missing on a rank" if kind != "gradient" else "the sharded model has no gradient here")
-    bad_shape = next((t for t in candidates if t.shape != ref.shape), None)  # type: ignore[union-attr]
+    bad_shape = next(((k, t, e) for k, (t, e) in enumerate(pairs) if t.shape != e.shape), None)  # type: ignore[union-attr]
     if bad_shape is not None:
-        return row(math.inf, math.inf, f"shape {tuple(bad_shape.shape)}, expected {tuple(ref.shape)}")
+        k, t, expected = bad_shape
+        of = "" if expected.shape == ref.shape else f" (its chunk of {tuple(ref.shape)})"  # type: ignore[union-attr]
+        return row(math.inf, math.inf, f"shape {tuple(t.shape)}, expected {tuple(expected.shape)}{of}" + (f" on rank {k}" if of else ""))  # type: ignore[union-attr]
     scale = max(_magnitude(ref), SCALE_FLOOR * kind_scale, 1e-30)
-    diffs = [(t.double() - ref.double()).abs() for t in candidates]  # type: ignore[union-attr]
+    diffs = [(t.double() - e.double()).abs() for t, e in pairs]  # type: ignore[union-attr]
     max_abs = max((d.max().item() if d.numel() else 0.0) for d in diffs)
     if math.isnan(max_abs) or any(bool(d.isnan().any()) for d in diffs):
         return row(math.nan, math.nan, "NaN")
@@ -390,21 +441,24 @@ def _compare_one(kind: str, name: str, ref: torch.Tensor | None, candidates: Seq
 
 # --- planning ------------------------------------------------------------------------------------
 def _plan(
-    model: nn.Module, inputs: tuple[torch.Tensor, ...], tp_size: int, *, training: bool,
+    model: nn.Module, inputs: tuple[torch.Tensor, ...], mesh: MeshSpec, *, axis_roles: Mapping[int | str, str] | None, training: bool,
     memory_budget: int | str | None, hardware: str | None, optimizer: str | None,
 ) -> tuple[Plan, str]:
     """The plan the ranks apply, made once here; a note when the default budget had to be dropped."""
     from autotp.api import plan as make_plan
     from autotp.io.target import builtin_memory_budget
 
-    settings: dict[str, Any] = {"mesh_shape": (tp_size,), "hardware": hardware or "cpu-gloo", "training": training, "optimizer": optimizer}
+    settings: dict[str, Any] = {
+        "mesh_shape": mesh.shape, "mesh_axis_names": mesh.names, "inter_node_axes": mesh.inter_node_axes, "axis_roles": axis_roles,
+        "hardware": hardware or "cpu-gloo", "training": training, "optimizer": optimizer,
+    }
     if memory_budget is not None:
         return make_plan(model, inputs, memory_budget=memory_budget, **settings), ""
-    budget = builtin_memory_budget(model, tp_size, training=training, optimizer=optimizer)
+    budget = builtin_memory_budget(model, mesh.size, training=training, optimizer=optimizer)
     try:
         return make_plan(model, inputs, memory_budget=budget, **settings), ""
     except InfeasiblePlanError:
-        note = f"no plan fits the default budget of 1.3/{tp_size} of the replicated state ({budget:,} bytes); planned without a budget"
+        note = f"no plan fits the default budget of 1.3/{mesh.size} of the replicated state ({budget:,} bytes); planned without a budget"
         log.warning(note)
         return make_plan(model, inputs, memory_budget=None, **settings), note
 
@@ -439,12 +493,19 @@ MAX_LISTED_FAILURES = 10
 
 def _format(report: VerifyReport) -> str:
     mode = "training: outputs, gradients, one AdamW step" if report.training else "inference: outputs"
-    lines = [f"autotp verify: {report.model_name} on {report.tp_size} CPU ranks ({mode}), {report.seconds:.1f}s"]
+    nd = report.mesh is not None and report.mesh.ndim > 1
+    where = f" as the mesh {report.mesh}" if nd else ""
+    lines = [f"autotp verify: {report.model_name} on {report.tp_size} CPU ranks{where} ({mode}), {report.seconds:.1f}s"]
     if report.error is not None:
         lines += ["FAIL: a rank did not finish:", *("  " + line for line in report.error.strip().splitlines()[-12:])]
         return "\n".join(lines)
     locals_ = ", ".join(f"{n:,}" for n in report.local_elements)
-    lines.append(f"plan: {report.split_parameters} of {report.parameters} parameters split; parameter elements per rank {locals_} of {report.full_elements:,}")
+    per_axis = ""
+    if nd and report.mesh is not None:
+        per_axis = " (" + ", ".join(f"over {name}: {n}" for name, n in zip(report.mesh.names, report.split_per_axis)) + ")"
+    lines.append(f"plan: {report.split_parameters} of {report.parameters} parameters split{per_axis}; parameter elements per rank {locals_} of {report.full_elements:,}")
+    if nd and report.mesh is not None:
+        lines += [f"parameter placements over ({', '.join(report.mesh.names)}):", *_placement_lines(report.placements)]
     lines.append("")
     header = ("check", "tensors", "worst", "max abs", "max rel", "tolerance", "result")
     rows = [header]
@@ -468,7 +529,7 @@ def _format(report: VerifyReport) -> str:
             lines.append(f"  {c.kind} {c.name}" + (f" [{c.placement}]" if c.placement else "") + f": {why}")
         if len(failures) > MAX_LISTED_FAILURES:
             lines.append(f"  ... and {len(failures) - MAX_LISTED_FAILURES} more")
-    lines += ["", "collectives per rank (rank-local graph):"]
+    lines += ["", "collectives per rank (rank-local graph" + (", @ the mesh axis they run over):" if nd else "):")]
     for rank, kinds in enumerate(report.collectives):
         lines.append(f"  rank {rank}: " + (", ".join(f"{k} x{v}" for k, v in kinds.items()) or "none"))
     lines += [f"note: {note}" for note in report.notes]
@@ -481,6 +542,18 @@ def _format(report: VerifyReport) -> str:
     else:
         lines.append("PASS: the sharded model matches the original within tolerance")
     return "\n".join(lines)
+
+
+def _placement_lines(placements: Sequence[tuple[str, str]], listed: int = 3) -> list[str]:
+    """One line per distinct placement: how many parameters take it, and the first few of them."""
+    by_placement: dict[str, list[str]] = {}
+    for name, placement in placements:
+        by_placement.setdefault(placement, []).append(name)
+    lines = []
+    for placement, names in by_placement.items():
+        more = f", ... ({len(names) - listed} more)" if len(names) > listed else ""
+        lines.append(f"  {placement} x{len(names)}: " + ", ".join(names[:listed]) + more)
+    return lines
 
 
 def _fmt(x: float) -> str:

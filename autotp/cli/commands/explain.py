@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     budget = f"; memory budget {fmt_nbytes(plan.memory_budget)} per device (plan uses {fmt_nbytes(plan.memory_nbytes_per_device)})" if plan.memory_budget is not None else ""
     out = [
         f"autotp explain: {planned.target.model_name} ({planned.target.about})",
-        f"mesh {plan.mesh_shape} on {plan.hardware}, {mode_text(plan)}; solver {plan.solver_status}{budget}",
+        f"mesh {plan.mesh_text()} on {plan.hardware}, {mode_text(plan)}; solver {plan.solver_status}{budget}",
         "costs per step and per device, every other node held at the plan's choice",
     ]
     for node in nodes:

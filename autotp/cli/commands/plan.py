@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from autotp.api import PlanningResult
     from autotp.cost.model import CostModel
     from autotp.io.target import Target
+    from autotp.ir.mesh import MeshSpec
     from autotp.ir.plan import Plan
     from autotp.report.progress import ProgressEvent
 
@@ -39,6 +40,7 @@ examples:
   autotp plan llama --inference --format json --out llama.plan.json
   autotp plan mymodels.py:build --input input_ids:int64[8,2048] --hardware a100-pcie
   autotp plan mlp --mesh 2 --format torch-tp --out tp_plan.py
+  autotp plan mlp --mesh 2x2 --mesh-axis-names dp,tp --axis-role dp=data --format json --out mlp.plan.json
 """
 
 
@@ -46,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "plan",
         help="plan a model offline and print, save or export the plan",
-        description="Capture TARGET on the meta device, plan it for a 1-D tensor-parallel mesh and write the plan: "
+        description="Capture TARGET on the meta device, plan it for a mesh of any number of axes (--mesh 8, --mesh 2x4) and write the plan: "
         "a table grouped by module (default), the JSON plan file autotp.Plan.load reads, Graphviz dot, a self-contained "
         "HTML page, or a PyTorch parallelize_module plan (torch-tp).",
         epilog=_EPILOG,
@@ -61,7 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def add_planning_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", metavar="TARGET", help="gpt | llama | mlp | package.module:function | path/to/file.py:function")
-    parser.add_argument("--mesh", default=None, help="tensor-parallel ranks, e.g. 8 (1-D meshes only for now; default: 8, or the --plan file's)")
+    add_mesh_arguments(parser, default="8")
     parser.add_argument("--hardware", default="h100-sxm", metavar="NAME|PATH", help="hardware profile name or TOML file (default: h100-sxm)")
     parser.add_argument(
         "--input", action="append", default=[], metavar="NAME:DTYPE[SHAPE]",
@@ -101,6 +103,86 @@ def add_planning_arguments(parser: argparse.ArgumentParser) -> None:
     shown.add_argument("-q", "--quiet", dest="progress", action="store_false", help="show no progress, even on a terminal")
 
 
+def add_mesh_arguments(parser: argparse.ArgumentParser, *, default: str) -> None:
+    """``--mesh``, ``--mesh-axis-names``, ``--axis-role`` and ``--inter-node-axes`` (``plan``, ``explain``, ``verify``)."""
+    parser.add_argument(
+        "--mesh", default=None, metavar="N|AxB",
+        help=f"ranks per mesh axis: 8 for one tensor-parallel axis, 2x4 for 2 groups of 4 (default: {default}, or the --plan file's)",
+    )
+    parser.add_argument(
+        "--mesh-axis-names", default=None, metavar="NAMES",
+        help="comma-separated mesh axis names, one per axis, e.g. dp,tp (default: tp on a 1-D mesh, axis0,axis1,... otherwise)",
+    )
+    parser.add_argument(
+        "--axis-role", action="append", default=[], metavar="AXIS=ROLE",
+        help="pin what parameters do on a mesh axis: any (the solver's choice), data (replicated: data parallelism) or fsdp (split); "
+        "e.g. dp=data; repeatable (default: any)",
+    )
+    parser.add_argument(
+        "--inter-node-axes", default=None, metavar="AXES",
+        help="comma-separated mesh axes whose groups span nodes, e.g. dp (default: decided by the hardware profile's devices per node)",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class MeshChoice:
+    """The mesh the command line asks for, and the axis roles to plan it with."""
+
+    mesh: MeshSpec
+    axis_roles: dict[int | str, str]
+
+
+def mesh_choice(args: argparse.Namespace, saved: Plan | None, default: tuple[int, ...]) -> MeshChoice:
+    """The mesh of ``--mesh`` and its companions; a saved plan's mesh where they are not given.
+    ``ConfigError`` naming the flag on a value that cannot be read or does not fit the mesh."""
+    from autotp.errors import ConfigError
+    from autotp.ir.mesh import MeshSpec
+    from autotp.strategies.engine import AxisRole
+
+    roles_known = tuple(r.value for r in AxisRole)
+    shape = parse_mesh(args.mesh) if args.mesh is not None else tuple(saved.mesh_shape) if saved is not None else default
+    names: tuple[str, ...] | None = None
+    if args.mesh_axis_names is not None:
+        names = tuple(n.strip() for n in args.mesh_axis_names.split(","))
+        if len(names) != len(shape) or len(set(names)) != len(names) or not all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", n) for n in names):
+            raise ConfigError(
+                f"cannot read --mesh-axis-names {args.mesh_axis_names!r}: expected {len(shape)} distinct comma-separated names "
+                f"(letters, digits, _), one per axis of the mesh {'x'.join(map(str, shape))}, such as {','.join(_example_names(len(shape)))}"
+            )
+    elif saved is not None and tuple(saved.mesh_shape) == shape:
+        names = tuple(saved.mesh_axis_names)
+    mesh = MeshSpec.of(shape, names)
+    if saved is not None and tuple(saved.mesh_shape) == shape and mesh.names != tuple(saved.mesh_axis_names):
+        raise ConfigError(f"--mesh-axis-names {','.join(mesh.names)}: the --plan file names its mesh axes {','.join(saved.mesh_axis_names)}; leave the flag out")
+    if args.inter_node_axes is not None:
+        axes = [_axis_of(text.strip(), mesh, f"--inter-node-axes {args.inter_node_axes}") for text in args.inter_node_axes.split(",") if text.strip()]
+        mesh = MeshSpec.of(mesh.shape, mesh.names, inter_node_axes=axes)
+    elif saved is not None and tuple(saved.mesh_shape) == shape:
+        mesh = saved.mesh
+    roles: dict[int | str, str] = {}
+    for text in args.axis_role:
+        axis, sep, role = (part.strip() for part in text.partition("="))
+        if not sep or not axis or role not in roles_known:
+            raise ConfigError(f"cannot read --axis-role {text!r}: expected AXIS=ROLE such as {mesh.names[0]}=data, with ROLE one of {', '.join(roles_known)}")
+        roles[mesh.names[_axis_of(axis, mesh, f"--axis-role {text}")]] = role
+    return MeshChoice(mesh, roles)
+
+
+def _axis_of(text: str, mesh: MeshSpec, flag: str) -> int:
+    """A mesh axis by name (or index), for ``flag``'s error message."""
+    from autotp.errors import ConfigError
+
+    if text in mesh.names:
+        return mesh.names.index(text)
+    if text.isdigit() and int(text) < mesh.ndim:
+        return int(text)
+    raise ConfigError(f"{flag}: no mesh axis {text!r}; the mesh {mesh} has axes {', '.join(mesh.names)} (name them with --mesh-axis-names)")
+
+
+def _example_names(ndim: int) -> tuple[str, ...]:
+    return ("tp",) if ndim == 1 else ("dp", "tp") if ndim == 2 else tuple(f"axis{a}" for a in range(ndim))
+
+
 @dataclass(frozen=True, slots=True)
 class Planned:
     target: Target
@@ -114,12 +196,10 @@ def parse_mesh(text: str) -> tuple[int, ...]:
     from autotp.errors import ConfigError
 
     if not re.fullmatch(r"\s*\d+(\s*[xX×]\s*\d+)*\s*", text):
-        raise ConfigError(f"cannot read --mesh {text!r}: expected a number of ranks such as 8")
+        raise ConfigError(f"cannot read --mesh {text!r}: expected ranks per mesh axis such as 8 or 2x4")
     shape = tuple(int(d) for d in re.split(r"[xX×]", text))
-    if len(shape) > 1:
-        raise ConfigError(f"--mesh {text}: 2-D meshes are not supported yet (autotp plans one tensor-parallel axis); use a 1-D mesh such as --mesh {shape[-1]}")
-    if shape[0] < 1:
-        raise ConfigError(f"--mesh must be at least 1, got {shape[0]}")
+    if min(shape) < 1:
+        raise ConfigError(f"--mesh must be at least 1 on every axis, got {text.strip()}")
     return shape
 
 
@@ -140,7 +220,8 @@ def plan_target(args: argparse.Namespace) -> Planned:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     started = time.perf_counter()
     saved = Plan.load(args.plan) if args.plan else None
-    mesh = parse_mesh(args.mesh) if args.mesh is not None else saved.mesh_shape if saved is not None else (8,)
+    choice = mesh_choice(args, saved, (8,))
+    mesh = choice.mesh
     profile = resolve_hardware(args.hardware)
     budget = parse_nbytes(args.memory_budget)
     inputs = [parse_input(text) for text in args.input]
@@ -149,13 +230,14 @@ def plan_target(args: argparse.Namespace) -> Planned:
     if saved is not None:
         return _saved(saved, target, mesh, profile, started)
     if budget is None and target.builtin is not None and not args.no_budget:
-        budget = builtin_memory_budget(target.model, mesh[0], training=args.training, optimizer=optimizer)
+        budget = builtin_memory_budget(target.model, mesh.size, training=args.training, optimizer=optimizer)
     result = plan_model(
-        target.model, target.example_inputs, mesh_shape=mesh, hardware=profile, memory_budget=budget,
+        target.model, target.example_inputs, mesh_shape=mesh.shape, mesh_axis_names=mesh.names, inter_node_axes=mesh.inter_node_axes,
+        axis_roles=choice.axis_roles, hardware=profile, memory_budget=budget,
         training=args.training, optimizer=optimizer, time_limit_s=args.time_limit, progress=progress_printer(args),
         **({"node_limit": args.node_limit} if args.node_limit is not None else {}),
     )
-    cost = CostModel(profile, mesh[0], training=args.training, optimizer=optimizer if args.training else None)
+    cost = CostModel(profile, result.plan.mesh, training=args.training, optimizer=optimizer if args.training else None)
     return Planned(target, result, cost, budget, time.perf_counter() - started)
 
 
@@ -212,18 +294,18 @@ def progress_printer(args: argparse.Namespace) -> StageLines | None:
     return StageLines(sys.stderr) if wanted else None
 
 
-def _saved(plan: Plan, target: Target, mesh: tuple[int, ...], profile: HardwareProfile, started: float) -> Planned:
+def _saved(plan: Plan, target: Target, mesh: MeshSpec, profile: HardwareProfile, started: float) -> Planned:
     """A saved plan checked against the target; priced for baselines with the plan's own settings."""
     from autotp.api import _apply_plan
     from autotp.cost.model import CostModel, resolve_hardware
     from autotp.errors import AutoTPError
 
-    result = _apply_plan(target.model, target.example_inputs, plan, mesh[0])
+    result = _apply_plan(target.model, target.example_inputs, plan, mesh)
     try:
         profile = resolve_hardware(plan.hardware)
     except AutoTPError:  # a profile file the plan names but this machine lacks: use --hardware
         pass
-    cost = CostModel(profile, plan.tp_size, training=plan.training, optimizer=plan.optimizer if plan.training else None)
+    cost = CostModel(profile, mesh, training=plan.training, optimizer=plan.optimizer if plan.training else None)
     return Planned(target, result, cost, plan.memory_budget, time.perf_counter() - started)
 
 

@@ -23,6 +23,7 @@ _EPILOG = """\
 examples:
   autotp verify mlp
   autotp verify gpt --mesh 4 --inference
+  autotp verify mlp --mesh 2x2 --mesh-axis-names dp,tp
   autotp verify llama --plan llama.plan.json
   autotp verify mymodels.py:build --input input_ids:int64[2,64]
 
@@ -32,17 +33,19 @@ which the table then says), 1 when it does not or a rank fails, 2 on a usage err
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from autotp.cli.commands.plan import add_mesh_arguments
+
     parser = subparsers.add_parser(
         "verify",
         help="run a model sharded on local CPU ranks and unsharded, and compare outputs, gradients and an optimizer step",
-        description="Plan TARGET (or apply --plan), run it sharded on N local CPU ranks over gloo and unsharded in this "
+        description="Plan TARGET (or apply --plan), run it sharded on N local CPU ranks over gloo (a mesh of any number of axes, --mesh 2x2) and unsharded in this "
         "process, and compare every output, and when training every gradient and every parameter after one AdamW step, "
         "within dtype-aware tolerances. Prints a table; see docs/verify.md.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("target", metavar="TARGET", help="gpt | llama | mlp | package.module:function | path/to/file.py:function")
-    parser.add_argument("--mesh", default=None, help="number of CPU ranks (default: 2, or the --plan file's)")
+    add_mesh_arguments(parser, default="2")
     parser.add_argument("--plan", metavar="FILE", help="verify a plan saved with `autotp plan --format json` instead of planning")
     parser.add_argument(
         "--memory-budget", "--budget", dest="memory_budget", metavar="BYTES",
@@ -61,7 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from autotp.cli.commands.plan import parse_mesh
+    from autotp.cli.commands.plan import mesh_choice
     from autotp.io.target import parse_config, parse_input
     from autotp.ir.plan import Plan
     from autotp.runtime.verify import RebuiltModel, verify_source
@@ -69,14 +72,17 @@ def run(args: argparse.Namespace) -> int:
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     plan = Plan.load(args.plan) if args.plan else None
-    mesh = parse_mesh(args.mesh) if args.mesh is not None else plan.mesh_shape if plan is not None else (2,)
+    choice = mesh_choice(args, plan, (2,))
+    mesh = choice.mesh
     inputs = tuple(parse_input(text) for text in args.input)
     config = parse_config(args.config)
     model, example_inputs = build_target(args.target, inputs, config)
     source = RebuiltModel(build_target_model, (args.target, inputs, config), model.state_dict())
-    print(f"autotp verify: running {type(model).__name__} on {mesh[0]} CPU ranks and unsharded ...", file=sys.stderr, flush=True)
+    where = f" as the mesh {mesh}" if mesh.ndim > 1 else ""
+    print(f"autotp verify: running {type(model).__name__} on {mesh.size} CPU ranks{where} and unsharded ...", file=sys.stderr, flush=True)
     report = verify_source(
-        source, model, example_inputs, mesh_shape=mesh, plan=plan, training=args.training, memory_budget=args.memory_budget,
+        source, model, example_inputs, mesh_shape=mesh.shape, mesh_axis_names=mesh.names, inter_node_axes=mesh.inter_node_axes,
+        axis_roles=choice.axis_roles, plan=plan, training=args.training, memory_budget=args.memory_budget,
         hardware=args.hardware, optimizer="adamw", timeout_seconds=args.timeout, graph_hook=None,
     )
     print(report)
