@@ -10,11 +10,12 @@ mesh axis:
     P         | all-reduce   | reduce-scatter j | -
 
 On an N-D mesh each axis whose placement changes runs its row of the table over that axis's
-groups. A tensor dim is split by at most one axis, in ``src`` and in ``dst``; the steps are
-ordered so that no intermediate splits one dim twice either: first every axis that stops
-splitting (gathers, then all-to-alls whose target dim is free), then every axis that starts
-(local chunks, reduce-scatters, partial sums). Each step then acts on the tensor as the other
-axes leave it (``step_placements``), independently of them.
+groups, on the tensor as the other axes leave it (``step_placements``). Several axes may split
+one dim, nested in axis order (axis 0 outermost: DTensor's order), so a step on one dim must run
+on its innermost splitting axis: first every axis that stops splitting gathers, innermost first
+(an all-to-all instead when no other axis touches either dim), then every axis that starts
+splitting does, outermost first; an unchanged split nested inside a changing one on the same dim
+is gathered and split again (``_axes_to_redo``).
 """
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ def transition(src: Placements, dst: Placements) -> tuple[Step, ...] | None:
     """Steps from ``src`` to ``dst`` over all mesh axes, or ``None`` when some axis's change is not offered."""
     if any(axis_transition(s, d) is None for s, d in zip(src, dst)):
         return None
+    redo = _axes_to_redo(src, dst)
     state = list(src)
     steps: list[Step] = []
 
@@ -54,21 +56,34 @@ def transition(src: Placements, dst: Placements) -> tuple[Step, ...] | None:
         steps.extend(axis_transition(state[axis], to, axis))  # type: ignore[arg-type]  # offered: checked above
         state[axis] = to
 
-    def held_elsewhere(dim: int, axis: int) -> bool:
-        return any(isinstance(p, Shard) and p.dim == dim for a, p in enumerate(state) if a != axis)
-
-    for axis in reversed(range(len(src))):  # stop splitting: gather, unless an all-to-all lands on a free dim
+    for axis in reversed(range(len(src))):  # stop splitting, innermost axis first
         s, d = state[axis], dst[axis]
-        if isinstance(s, Shard) and s != d and not (isinstance(d, Shard) and not held_elsewhere(d.dim, axis)):
-            run(axis, Replicate())
-    for axis in range(len(src)):
-        s, d = state[axis], dst[axis]
-        if isinstance(s, Shard) and s != d:
-            run(axis, d)  # all-to-all onto a dim no other axis holds
-    for axis in range(len(src)):  # start splitting, reduce, or make partial
+        if redo[axis] and isinstance(s, Shard):
+            run(axis, d if isinstance(d, Shard) and _alone(s.dim, d.dim, axis, src, dst) else Replicate())
+    for axis in range(len(src)):  # start splitting (outermost first), reduce, or make partial
         if state[axis] != dst[axis]:
             run(axis, dst[axis])
     return tuple(steps)
+
+
+def _dim(p: Placement) -> int | None:
+    return p.dim if isinstance(p, Shard) else None
+
+
+def _axes_to_redo(src: Placements, dst: Placements) -> list[bool]:
+    """The axes whose placement changes, and the unchanged splits nested inside one that does on
+    the same dim: they must be gathered first and split again after (e.g. ``(R, S(0)) -> (S(0), S(0))``)."""
+    redo = [s != d for s, d in zip(src, dst)]
+    for axis, p in enumerate(src):
+        if not redo[axis] and isinstance(p, Shard):
+            redo[axis] = any(redo[b] and p.dim in (_dim(src[b]), _dim(dst[b])) for b in range(axis))
+    return redo
+
+
+def _alone(src_dim: int, dst_dim: int, axis: int, src: Placements, dst: Placements) -> bool:
+    """No other axis splits ``src_dim`` or ``dst_dim`` before or after: an all-to-all on ``axis``
+    is then exact."""
+    return all(_dim(p) not in (src_dim, dst_dim) for a, p in (*enumerate(src), *enumerate(dst)) if a != axis)
 
 
 def step_placements(src: Placements, steps: tuple[Step, ...]) -> list[Placements]:

@@ -68,7 +68,8 @@ def is_sharded(placement: Placement) -> bool:
 Placements = tuple[Placement, ...]
 """How one tensor lies across the whole mesh: one placement per mesh axis, in the mesh's axis
 order (DTensor's ``placements``). ``(S(0), R)`` on a ``("dp", "tp")`` mesh splits dim 0 over
-``dp`` and replicates over ``tp``. A tensor dim is split by at most one axis."""
+``dp`` and replicates over ``tp``. Axes that split the same dim nest in axis order: ``(S(0), S(0))`` on a (2, 2) mesh gives
+the rank at (i, j) chunk ``2 * i + j`` of four (DTensor's order)."""
 
 
 def format_placements(placements: Placements) -> str:

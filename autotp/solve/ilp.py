@@ -93,6 +93,8 @@ def solve(
     pinned: Mapping[str, MeshStrategy] | None = None,
     dedup: bool = True,
     on_incumbent: Callable[[float, float | None], None] | None = None,
+    start: Mapping[str, MeshStrategy] | None = None,
+    gap: float = 0.0,
 ) -> Solution:
     """Solve the ILP; raise ``InfeasiblePlanError`` naming what binds when no plan fits ``memory_budget``.
 
@@ -124,7 +126,9 @@ def solve(
         _memory_constraint(problem, space, cost, x, canonical, memory_budget)
     _pin(problem, space, x, canonical, pinned)
     problem += pulp.lpSum(objective)
-    stop = _run(problem, solver, time_limit_s, node_limit, on_incumbent)
+    if start is not None:
+        _set_start(problem, space, x, canonical, start, solver=solver, time_limit_s=time_limit_s)
+    stop = _run(problem, solver, time_limit_s, node_limit, on_incumbent, warm_start=start is not None, gap=gap)
     if stop.reason in _FALLBACK_REASONS:
         choice, status = _fallback(space, cost, memory_budget, pinned, stop.reason, solver=solver, time_limit_s=time_limit_s, node_limit=node_limit)
     else:
@@ -282,6 +286,25 @@ def _produced_goes_somewhere(problem: pulp.LpProblem, y: dict[Placements, object
         problem += pulp.lpSum(outflow[p]) >= y_p, f"produced_{tag}_{p_id}"
 
 
+def _set_start(
+    problem: pulp.LpProblem, space: StrategySpace, x: dict[str, list], canonical: Mapping[str, str], start: Mapping[str, MeshStrategy],
+    *, solver: str, time_limit_s: float,
+) -> None:
+    """Give the solver ``start`` (a plan of this space) as its first incumbent: every variable's
+    value under it, from the problem solved with the strategies fixed (presolve settles it)."""
+    fixed = []
+    for node in space.nodes:
+        if canonical[node.name] != node.name or len(node.strategies) == 1:
+            continue
+        chosen = node.strategies.index(start[node.name])
+        name = f"start_{len(fixed)}"
+        problem += x[node.name][chosen] == 1, name
+        fixed.append(name)
+    _run(problem, solver, time_limit_s, NODE_LIMIT)
+    for name in fixed:
+        del problem.constraints[name]
+
+
 def _pin(problem: pulp.LpProblem, space: StrategySpace, x: dict[str, list], canonical: Mapping[str, str], pinned: Mapping[str, MeshStrategy]) -> None:
     nodes = space.by_name()
     for name, strategy in pinned.items():
@@ -317,12 +340,12 @@ class _Stop:
 
 def _run(
     problem: pulp.LpProblem, solver: str, time_limit_s: float, node_limit: int,
-    on_incumbent: Callable[[float, float | None], None] | None = None,
+    on_incumbent: Callable[[float, float | None], None] | None = None, *, warm_start: bool = False, gap: float = 0.0,
 ) -> _Stop:
     if solver not in ("cbc", "highs"):
         raise SolverError(f"unknown solver {solver!r}; use 'cbc' or 'highs'")
     if solver == "highs":
-        backend = pulp.HiGHS(msg=False, timeLimit=time_limit_s, threads=1, mip_max_nodes=node_limit, mip_rel_gap=0.0)
+        backend = pulp.HiGHS(msg=False, timeLimit=time_limit_s, threads=1, mip_max_nodes=node_limit, mip_rel_gap=gap)
         try:
             _solve_with(problem, backend, solver)
         except KeyError:  # PuLP 3.3 has no status for HiGHS's node limit (kSolutionLimit): read the incumbent here
@@ -334,7 +357,7 @@ def _run(
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", FutureWarning)
             backend = pulp.PULP_CBC_CMD(
-                msg=False, timeLimit=time_limit_s, threads=1, maxNodes=node_limit, logPath=log_path,
+                msg=False, timeLimit=time_limit_s, threads=1, maxNodes=node_limit, logPath=log_path, warmStart=warm_start, gapRel=gap or None,
             )
         if on_incumbent is None:
             _solve_with(problem, backend, solver)

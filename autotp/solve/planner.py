@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 WAKE_ROUNDS = 3  # re-solves at most, each with the last plan's mean gap before a collective
 NEIGHBOURHOOD_ROUNDS = 6  # N-D meshes: neighbourhood ILPs at most (two or three usually settle it)
+# N-D meshes: each neighbourhood ILP stops within this relative gap of its bound. Proving the last
+# 0.5% of a LLaMA-3-8B round on (8, 8) took 100+ branch-and-bound nodes (23 s of a 38 s plan).
+NEIGHBOURHOOD_GAP = 0.01
 
 
 def solve_plan(
@@ -108,16 +111,16 @@ def _axis_neighbourhood_search(
     statuses = []
     for round_ in range(1, NEIGHBOURHOOD_ROUNDS + 1):
         restricted = _neighbourhood(space, chosen, pinned)
-        solution = solve(restricted, cost, memory_budget=memory_budget, pinned=pinned, on_incumbent=on_incumbent, **options)
+        solution = solve(restricted, cost, memory_budget=memory_budget, pinned=pinned, on_incumbent=on_incumbent, start=chosen if round_ > 1 else None, gap=NEIGHBOURHOOD_GAP, **options)
         total_seconds += solution.seconds
         statuses.append(solution.status)
         chosen = solution.chosen(restricted)
         log.info("neighbourhood round %d: %d variables, %s, %.3f ms in %.2fs", round_, solution.n_variables, solution.status, solution.objective_seconds * 1e3, solution.seconds)
-        if not solution.objective_seconds < best * (1 - 1e-9):
+        if not solution.objective_seconds < best * (1 - NEIGHBOURHOOD_GAP / 10):  # under 0.1% better: settled
             break
         best = solution.objective_seconds
     exact = all(status == "optimal" for status in statuses)
-    status = f"neighbourhood optimal ({round_} rounds)" if exact else f"neighbourhood {statuses[-1]} ({round_} rounds)"
+    status = f"neighbourhood search ({round_} rounds, each within {NEIGHBOURHOOD_GAP:.0%})" if exact else f"neighbourhood search ({round_} rounds, last {statuses[-1]})"
     return replace(
         solution, choice={n.name: n.strategies.index(chosen[n.name]) for n in space.nodes}, status=status, seconds=total_seconds,
     )

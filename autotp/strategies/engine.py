@@ -163,23 +163,30 @@ def _strategy_fits(strategy: OpStrategy, slot_metas: tuple[TensorMeta, ...], out
     return out is not None and not isinstance(strategy.output, tuple) and _fits(strategy.output, out, tp_size)
 
 
-def _unstacked(strategy: MeshStrategy) -> bool:
-    """Each tensor dim is split by at most one mesh axis (stacked splits are not offered: every
-    axis's conversion then runs on its own, in any order)."""
-    for placements in (*strategy.inputs, *strategy.outputs):
-        dims = [p.dim for p in placements if isinstance(p, Shard)]
-        if len(dims) != len(set(dims)):
+def _splits_divide(strategy: MeshStrategy, metas: Sequence[TensorMeta], mesh_shape: tuple[int, ...]) -> bool:
+    """Where several axes split one tensor dim (nested, outer axis first: DTensor's order), the
+    product of their sizes divides it (each axis alone was checked against the rule's answer)."""
+    for placements, meta in zip((*strategy.inputs, *strategy.outputs), metas):
+        split: dict[int, int] = {}
+        for axis, p in enumerate(placements):
+            if isinstance(p, Shard):
+                split[p.dim] = split.get(p.dim, 1) * mesh_shape[axis]
+        if any(meta.shape[dim] % count for dim, count in split.items()):
             return False
     return True
 
 
-def combine_axes(per_axis: Sequence[Sequence[OpStrategy]], keep: Callable[[tuple[OpStrategy, ...]], bool] = lambda axes: True) -> tuple[MeshStrategy, ...]:
-    """Every combination of one single-axis strategy per mesh axis that splits no tensor dim twice
-    and passes ``keep``, in a fixed order (all-``R`` first when every axis lists it first)."""
+def combine_axes(
+    per_axis: Sequence[Sequence[OpStrategy]], metas: Sequence[TensorMeta], mesh_shape: tuple[int, ...],
+    keep: Callable[[tuple[OpStrategy, ...]], bool] = lambda axes: True,
+) -> tuple[MeshStrategy, ...]:
+    """Every combination of one single-axis strategy per mesh axis whose splits divide their dims
+    (``metas``: of the inputs, then the outputs) and that passes ``keep``, in a fixed order
+    (all-``R`` first when every axis lists it first)."""
     combined = []
     for axes in itertools.product(*per_axis):
         strategy = MeshStrategy.from_axes(axes)
-        if _unstacked(strategy) and keep(axes):
+        if _splits_divide(strategy, metas, mesh_shape) and keep(axes):
             combined.append(strategy)
     return tuple(combined)
 
@@ -265,7 +272,7 @@ def _placeholder_space(node: fx.Node, meta: OutputMeta | None, graph_input: Grap
     owner = graph_input.fqns[0].rpartition(".")[0] if graph_input.fqns else ""
     return NodeSpace(
         name=node.name, op="placeholder", module_path=owner, kind=kind, slots=(), slot_metas=(),
-        output_meta=meta, strategies=combine_axes(per_axis),
+        output_meta=meta, strategies=combine_axes(per_axis, (meta,) if isinstance(meta, TensorMeta) else (), mesh.shape),
         requires_grad=trainable, is_parameter=role is InputRole.PARAMETER,
     )
 
@@ -276,7 +283,7 @@ def _output_space(node: fx.Node, metas: Mapping[str, OutputMeta | None], mesh: M
     return NodeSpace(
         name=node.name, op="output", module_path="", kind=NodeKind.OUTPUT,
         slots=tuple(ValueRef(n.name) for n in slots), slot_metas=slot_metas,  # type: ignore[arg-type]
-        output_meta=None, strategies=combine_axes([[OpStrategy((R,) * len(slots), R)]] * mesh.ndim),
+        output_meta=None, strategies=combine_axes([[OpStrategy((R,) * len(slots), R)]] * mesh.ndim, (), mesh.shape),
     )
 
 
@@ -340,7 +347,8 @@ def _call_space(node: fx.Node, rule: Rule | None, slot_metas: tuple[TensorMeta, 
             for s in rule.strategies(ctx):  # type: ignore[union-attr]
                 if s not in answers[size] and _strategy_fits(s, slot_metas, meta, size):
                     answers[size].append(s)
-    strategies = combine_axes([answers[size] for size in mesh.shape], _combinable(node, rule))
+    outs = meta if isinstance(meta, tuple) else (meta,) if meta is not None else ()
+    strategies = combine_axes([answers[size] for size in mesh.shape], (*slot_metas, *outs), mesh.shape, _combinable(node, rule))
     op_name = str(node.target) if not callable(node.target) or op_schema(node.target) is not None else getattr(node.target, "__name__", str(node.target))
     internal_comm: tuple[tuple[tuple[str, int, int], ...], ...] = ()
     if rule is not None and rule.internal_collectives is not None:
