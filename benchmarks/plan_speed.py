@@ -4,6 +4,7 @@
     python -m benchmarks.plan_speed --repeat 1   # one run per row instead of the median of 3
     python -m benchmarks.plan_speed --no-dedup   # the same without solving repeated blocks once
     python -m benchmarks.plan_speed --budget     # planning under a memory budget beside without one
+    python -m benchmarks.plan_speed --mesh       # LLaMA-3-8B on (8,), (2, 4) and (8, 8) meshes
 
 Planning as the product does it (``autotp.api.plan_model``'s stages: capture, strategy space,
 ``autotp.solve.planner.solve_plan`` with its wake-aware re-solves), for training with AdamW on
@@ -48,10 +49,11 @@ STAGES = ("build", "capture", "strategies", "ilp", "solver", "plan", "total", "c
 
 
 def measure(config: dict, dedup: bool) -> dict:
-    """Plan one model in this process, timing each stage."""
+    """Plan one model in this process, timing each stage (``config["mesh"]``: the mesh shape, default ``(TP,)``)."""
     from autotp.capture.export import capture
     from autotp.cost.model import CostModel, resolve_hardware
     from autotp.examples import build_example
+    from autotp.ir.mesh import MeshSpec
     from autotp.solve import ilp, planner
     from autotp.strategies.engine import build_strategy_space
 
@@ -76,13 +78,15 @@ def measure(config: dict, dedup: bool) -> dict:
     planner.solve, ilp._run = timed_solve, timed_run  # type: ignore[assignment]
     cpu_started = time.process_time()
     started = time.perf_counter()
+    config = dict(config)
+    mesh = MeshSpec.of(tuple(config.pop("mesh", (TP,))))
     model, inputs = build_example("llama", device="meta", batch=BATCH, seq=SEQ, max_seq_len=SEQ, **config)
     t_build = time.perf_counter()
     captured = capture(model, inputs)
     t_capture = time.perf_counter()
-    space = build_strategy_space(captured, TP)
+    space = build_strategy_space(captured, mesh)
     t_strategies = time.perf_counter()
-    cost = CostModel(resolve_hardware(HARDWARE), TP, training=True, optimizer="adamw")
+    cost = CostModel(resolve_hardware(HARDWARE), mesh, training=True, optimizer="adamw")
     plan = planner.solve_plan(space, cost, hardware=HARDWARE, memory_budget=None, time_limit_s=600)
     done = time.perf_counter()
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -182,11 +186,32 @@ def budget_main() -> None:
               f"{budget['solve']:>16.2f}  {budget['status']}", flush=True)
 
 
+MESH_ROWS = [((8,), None), ((2, 4), 20.0), ((8, 8), 30.0)]  # issue 19's targets on this 2-core machine
+
+
+def mesh_main(repeat: int) -> None:
+    """LLaMA-3-8B planned on 1-D and 2-D meshes of H100s: seconds and peak RSS beside the 1-D row."""
+    print(f"LLaMA-3-8B on the meta device, batch {BATCH} x seq {SEQ}, training (AdamW), {HARDWARE}, median of {repeat} fresh processes")
+    header = f"{'mesh':<10}{'status':<48}{'solves':>7}{'total s':>9}{'cpu s':>7}{'peak RSS':>10}{'vs 1-D':>8}{'target':>9}"
+    print(header)
+    print("-" * len(header))
+    base = None
+    for shape, target in MESH_ROWS:
+        command = [sys.executable, "-m", "benchmarks.plan_speed", "--one", json.dumps({**LLAMA_3_8B, "mesh": list(shape)})]
+        r = _median_row([json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]) for _ in range(repeat)])
+        base = base or r["total"]
+        goal = f"<= {target:g} s" if target else "-"
+        print(f"{'x'.join(map(str, shape)):<10}{r['status']:<48}{r['solves']:>7}{r['total']:>9.2f}{r['cpu']:>7.2f}{r['peak_rss_gib']:>8.2f} G"
+              f"{r['total'] / base:>7.1f}x{goal:>9}", flush=True)
+    print("autoparallel (issue 19, same machine): 102.8 s on (2, 4), 139 s on (8, 8)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--no-dedup", action="store_true", help="do not solve repeated blocks once")
     parser.add_argument("--repeat", type=int, default=3, help="fresh-process runs per row; the table shows the median")
     parser.add_argument("--budget", action="store_true", help="the budget rows: each model without and with a memory budget")
+    parser.add_argument("--mesh", action="store_true", help="the mesh rows: LLaMA-3-8B on 1-D and 2-D meshes")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one config (JSON) and print JSON
     parser.add_argument("--one-budget", help=argparse.SUPPRESS)  # internal: measure one budget row (JSON)
     args = parser.parse_args()
@@ -198,6 +223,9 @@ def main() -> None:
         return
     if args.budget:
         budget_main()
+        return
+    if args.mesh:
+        mesh_main(args.repeat)
         return
     header = (f"{'model':<16}{'nodes':>7}{'ILP vars':>10}  {'status':<9}{'build':>7}{'capture':>9}{'strategies':>12}"
               f"{'ILP':>7}{'solver':>12}{'plan':>7}{'total s':>9}{'cpu s':>7}{'peak RSS':>10}")

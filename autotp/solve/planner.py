@@ -17,13 +17,14 @@ from typing import Any
 
 from autotp.cost.model import CostModel
 from autotp.cost.wake import plan_mean_gap_seconds
+from autotp.ir.placement import R
 from autotp.ir.plan import Plan
 from autotp.ir.strategy import MeshStrategy
 from autotp.solve.build import build_plan
 from autotp.solve.ilp import NODE_LIMIT, Solution, solve
 from autotp.solve.layouts import megatron_layout_of
 from autotp.solve.memory import check_budget, fallback_choice, replicated_strategy
-from autotp.strategies.engine import NodeKind, StrategySpace
+from autotp.strategies.engine import NodeKind, NodeSpace, StrategySpace
 
 log = logging.getLogger(__name__)
 
@@ -92,53 +93,84 @@ def _axis_neighbourhood_search(
     space: StrategySpace, cost: CostModel, *, memory_budget: float | None, pinned: Mapping[str, MeshStrategy] | None = None,
     on_incumbent: Callable[[float, float | None], None] | None = None, **options: Any,
 ) -> Solution:
-    """Solve an N-D space by large neighbourhoods: from the deterministic fallback plan (which
-    fits any feasible budget), each round's ILP lets every op keep its strategy or change it on
-    ONE mesh axis (any axis, a different one per op if it likes), while parameters may take any
-    placement; repeat from the new plan until it stops improving.
+    """Solve an N-D space by large neighbourhoods: each round's ILP lets every op keep its strategy
+    or change it on ONE mesh axis (any axis, a different one per op if it likes), while parameters
+    may take any placement; repeat from the new plan until it stops improving.
 
-    Each round's ILP is about the sum of the per-axis spaces, not their product, so it is a few
-    1-D solves' worth. The result is optimal among plans one axis-move away from it (it reaches
-    DP x TP, FSDP x TP and pure DP in two or three rounds), not proven globally optimal; the
-    status says so ("neighbourhood optimal (N rounds)").
+    Where it starts decides which local optimum it reaches: from all-``R``, an (inter-node,
+    intra-node) mesh first takes data parallelism on the cheap intra-node axis and then can only
+    add tensor parallelism across nodes. So it starts from several plans, runs one round from
+    each and goes on from the best: the deterministic fallback plan (which fits any feasible
+    budget) and, per axis, the best plan that splits work over that axis alone.
+
+    Each round's ILP is about the sum of the per-axis spaces, not their product: a few 1-D solves'
+    worth. The result is within ``NEIGHBOURHOOD_GAP`` of the best plan one axis-move away from it,
+    not proven globally optimal; the status says so.
     """
     pinned = dict(pinned or {})
     if memory_budget is not None:
         check_budget(space, cost, memory_budget, pinned)
-    chosen = fallback_choice(space, cost, memory_budget=memory_budget, pinned=pinned)
-    total_seconds = 0.0
-    best = math.inf
-    statuses = []
-    for round_ in range(1, NEIGHBOURHOOD_ROUNDS + 1):
+    options = {**options, "memory_budget": memory_budget, "pinned": pinned, "gap": NEIGHBOURHOOD_GAP}
+    seconds = 0.0
+    starts: list[tuple[str, Mapping[str, MeshStrategy], bool]] = [("the fallback plan", fallback_choice(space, cost, memory_budget=memory_budget, pinned=pinned), False)]
+    for axis, size in enumerate(space.mesh.shape):
+        if size > 1:
+            alone = _one_axis(space, axis, pinned)
+            solution = solve(alone, cost, **options)
+            seconds += solution.seconds
+            starts.append((f"axis {space.mesh.names[axis]} alone", solution.chosen(alone), True))
+    best: Solution | None = None
+    for name, start, warm in starts:  # one round from each start
+        restricted = _neighbourhood(space, start, pinned)
+        solution = solve(restricted, cost, start=start if warm else None, on_incumbent=on_incumbent, **options)
+        seconds += solution.seconds
+        log.info("neighbourhood round 1 from %s: %d variables, %s, %.3f ms in %.2fs", name, solution.n_variables, solution.status, solution.objective_seconds * 1e3, solution.seconds)
+        if best is None or solution.objective_seconds < best.objective_seconds:
+            best, chosen, statuses = solution, solution.chosen(restricted), [solution.status]
+    assert best is not None
+    for round_ in range(2, NEIGHBOURHOOD_ROUNDS + 1):
         restricted = _neighbourhood(space, chosen, pinned)
-        solution = solve(restricted, cost, memory_budget=memory_budget, pinned=pinned, on_incumbent=on_incumbent, start=chosen if round_ > 1 else None, gap=NEIGHBOURHOOD_GAP, **options)
-        total_seconds += solution.seconds
+        solution = solve(restricted, cost, start=chosen, on_incumbent=on_incumbent, **options)
+        seconds += solution.seconds
         statuses.append(solution.status)
-        chosen = solution.chosen(restricted)
         log.info("neighbourhood round %d: %d variables, %s, %.3f ms in %.2fs", round_, solution.n_variables, solution.status, solution.objective_seconds * 1e3, solution.seconds)
-        if not solution.objective_seconds < best * (1 - NEIGHBOURHOOD_GAP / 10):  # under 0.1% better: settled
+        improved = solution.objective_seconds < best.objective_seconds * (1 - NEIGHBOURHOOD_GAP / 10)  # under 0.1% better: settled
+        if solution.objective_seconds <= best.objective_seconds:
+            best, chosen = solution, solution.chosen(restricted)
+        if not improved:
             break
-        best = solution.objective_seconds
+    rounds = len(statuses)
     exact = all(status == "optimal" for status in statuses)
-    status = f"neighbourhood search ({round_} rounds, each within {NEIGHBOURHOOD_GAP:.0%})" if exact else f"neighbourhood search ({round_} rounds, last {statuses[-1]})"
-    return replace(
-        solution, choice={n.name: n.strategies.index(chosen[n.name]) for n in space.nodes}, status=status, seconds=total_seconds,
-    )
+    status = f"neighbourhood search ({rounds} rounds, each within {NEIGHBOURHOOD_GAP:.0%})" if exact else f"neighbourhood search ({rounds} rounds, last {statuses[-1]})"
+    return replace(best, choice={n.name: n.strategies.index(chosen[n.name]) for n in space.nodes}, status=status, seconds=seconds)
+
+
+def _one_axis(space: StrategySpace, axis: int, pinned: Mapping[str, MeshStrategy]) -> StrategySpace:
+    """``space`` with each op cut to the strategies that replicate on every axis but ``axis``
+    (parameters, buffers and pinned nodes keep theirs)."""
+    def alone(s: MeshStrategy, node: NodeSpace) -> bool:
+        return all(p == R for ps in (*s.inputs, *s.outputs) for a, p in enumerate(ps) if a != axis)
+
+    return _restricted(space, pinned, alone)
 
 
 def _neighbourhood(space: StrategySpace, chosen: Mapping[str, MeshStrategy], pinned: Mapping[str, MeshStrategy]) -> StrategySpace:
     """``space`` with each op's strategies cut to ``chosen``'s and those differing from it on one
     axis only; parameters, buffers and pinned nodes keep theirs."""
+    return _restricted(space, pinned, lambda s, node: _axes_changed(s, chosen[node.name]) <= 1)
+
+
+def _restricted(space: StrategySpace, pinned: Mapping[str, MeshStrategy], keep: Callable[[MeshStrategy, NodeSpace], bool]) -> StrategySpace:
+    """``space`` with each op's strategies cut to those ``keep(strategy, node)`` accepts."""
     nodes = []
     for node in space.nodes:
         if node.kind is NodeKind.STATE or node.name in pinned or len(node.strategies) == 1:
             nodes.append(node)
             continue
-        current = chosen[node.name]
-        keep = [i for i, s in enumerate(node.strategies) if _axes_changed(s, current) <= 1]
+        kept = [i for i, s in enumerate(node.strategies) if keep(s, node)]
         nodes.append(replace(
-            node, strategies=tuple(node.strategies[i] for i in keep),
-            internal_comm=tuple(node.internal_comm[i] for i in keep) if node.internal_comm else (),
+            node, strategies=tuple(node.strategies[i] for i in kept),
+            internal_comm=tuple(node.internal_comm[i] for i in kept) if node.internal_comm else (),
         ))
     return replace(space, nodes=tuple(nodes))
 
