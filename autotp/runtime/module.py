@@ -75,7 +75,7 @@ class ShardedModule(nn.Module):
     def placements(self) -> dict[str, Placements]:
         """Placements (one per mesh axis) of every parameter/buffer by its name(s) in the original model."""
         by_node = {n.name: n.strategy.output for n in self.plan.nodes if not n.strategy.multi_output}  # state nodes have one output
-        return {fqn: by_node[gi.node_name] for gi in self._captured_inputs for fqn in gi.fqns}  # type: ignore[misc]  # state nodes have one output
+        return {fqn: by_node[gi.node_name] for gi in self._captured_inputs for fqn in gi.fqns}
 
     def global_shapes(self) -> dict[str, tuple[int, ...]]:
         """The full (unsharded) shape of every parameter/buffer the graph reads, by its name(s) in the original model."""
