@@ -21,13 +21,13 @@ from autotp.ir.placement import Partial, Replicate, Shard
 from autotp.ir.plan import Plan
 from autotp.report.crossover import Crossover, CrossoverReport, crossovers
 from autotp.rewrite.random import manual_seed
-from autotp.runtime.checkpoint import full_state_dict, load_sharded_state_dict, sharded_state_dict
+from autotp.runtime.checkpoint import full_state_dict, load_full_checkpoint, load_sharded_state_dict, sharded_state_dict
 from autotp.runtime.verify import VerifyReport, verify
 from autotp.strategies.engine import UnsupportedOpWarning
 
 __all__ = [
     "AutoTPError", "CaptureError", "ConfigError", "Crossover", "CrossoverReport", "InfeasiblePlanError", "InputMismatchError", "Partial", "Plan",
     "PeerRankError", "PlanFormatError", "PlanMismatchError", "Replicate", "SetupTimeoutError", "Shard", "SolverError", "TorchTPExportError", "UnsupportedOpWarning",
-    "crossovers", "full_state_dict", "load_sharded_state_dict", "manual_seed", "parallelize", "plan", "sharded_state_dict",
+    "crossovers", "full_state_dict", "load_full_checkpoint", "load_sharded_state_dict", "manual_seed", "parallelize", "plan", "sharded_state_dict",
     "verify", "VerifyReport",
 ]

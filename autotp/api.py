@@ -292,7 +292,7 @@ def _owned(tensor: torch.Tensor, device: torch.device | None) -> torch.Tensor:
 
 def _local_state(model: nn.Module, result: PlanningResult, *, coordinate: tuple[int, ...], device: torch.device | None) -> dict[str, torch.Tensor]:
     """This rank's chunk of every parameter/buffer/constant placeholder, sliced once."""
-    placements = {n.name: n.strategy.output for n in result.plan.nodes}
+    placements = {n.name: n.strategy.output for n in result.plan.nodes if not n.strategy.multi_output}  # placeholders have one output
     local: dict[str, torch.Tensor] = {}
     mesh_shape = tuple(result.plan.mesh_shape)
     for gi in result.captured.inputs:

@@ -3,6 +3,7 @@
     torchrun --nproc-per-node 4 examples/train_gpt.py                  # gloo on CPU, NCCL on GPUs
     torchrun --nproc-per-node 4 examples/train_gpt.py --save ckpt      # save a sharded checkpoint
     torchrun --nproc-per-node 2 examples/train_gpt.py --load ckpt      # resume it on 2 ranks
+    torchrun --nproc-per-node 4 examples/train_gpt.py --mesh 2x2       # a ("dp", "tp") mesh of 2 x 2
 
 Character-level language modelling on a text file (default: this script's own source, so
 nothing is downloaded). Every rank sees the same batch; autotp splits the model across ranks.
@@ -10,6 +11,7 @@ nothing is downloaded). Every rank sees the same batch; autotp splits the model 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -23,6 +25,8 @@ from torch.distributed.device_mesh import init_device_mesh
 
 import autotp
 from autotp.examples import GPT, GPTConfig
+
+AXIS_NAMES = ("dp", "tp")  # a 2-D mesh's axes; the solver picks each axis's role (data, FSDP or tensor parallel)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,8 +43,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--memory-budget", default=None, help="bytes per device, e.g. 2MiB (default: a quarter of the full training state)")
     parser.add_argument("--save", type=Path, help="directory to save a sharded (DCP) checkpoint to at the end")
     parser.add_argument("--load", type=Path, help="directory of a DCP checkpoint to resume from (any world size)")
+    parser.add_argument("--mesh", type=parse_mesh, default=None, help="mesh shape: 4 (1-D) or 2x2 (axes dp, tp); default: all ranks in 1-D")
     parser.add_argument("--seed", type=int, default=1337)
     return parser.parse_args(argv)
+
+
+def parse_mesh(text: str) -> tuple[int, ...]:
+    """``"4"`` -> (4,); ``"2x2"`` -> (2, 2): one size per mesh axis."""
+    try:
+        shape = tuple(int(size) for size in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--mesh takes sizes joined by x (4, 2x2), got {text!r}") from None
+    if not 1 <= len(shape) <= len(AXIS_NAMES) or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"--mesh takes 1 or {len(AXIS_NAMES)} positive sizes (4, 2x2), got {text!r}")
+    return shape
 
 
 def batches(data: torch.Tensor, *, batch: int, seq: int, seed: int):
@@ -75,12 +91,18 @@ def main(argv: list[str] | None = None) -> None:
         example = (torch.zeros(args.batch, args.seq, dtype=torch.long, device=device),)
         state_nbytes = 4 * sum(p.numel() * p.element_size() for p in model.parameters())  # + grads + AdamW
         budget = args.memory_budget or int(state_nbytes / world_size * 1.25) if world_size > 1 else args.memory_budget
-        mesh = init_device_mesh(device.type, (world_size,))
+        shape = args.mesh or (world_size,)
+        if math.prod(shape) != world_size:
+            raise SystemExit(f"--mesh {'x'.join(map(str, shape))} has {math.prod(shape)} ranks but torchrun started {world_size}")
+        if len(shape) == 1:
+            mesh = init_device_mesh(device.type, shape)
+        else:
+            mesh = init_device_mesh(device.type, shape, mesh_dim_names=AXIS_NAMES[-len(shape):])
         sharded = autotp.parallelize(model, mesh, example, memory_budget=budget)
         del model  # the sharded module holds this rank's shards; the full weights can go
         log(sharded.plan.summary().splitlines()[-3])
         local = sum(p.numel() for p in sharded.parameters())
-        log(f"{world_size} ranks on {device.type}; rank 0 holds {local:,} parameters ({budget=} bytes)")
+        log(f"{world_size} ranks on {device.type}, mesh {sharded.plan.mesh_text()}; rank 0 holds {local:,} parameters ({budget=} bytes)")
         optimizer = torch.optim.AdamW(sharded.parameters(), lr=args.lr)
         if args.load:
             state = autotp.sharded_state_dict(sharded)

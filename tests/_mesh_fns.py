@@ -1,6 +1,9 @@
 """Rank functions for the N-D mesh tests: module-level, so spawned ranks can import them."""
 from __future__ import annotations
 
+import functools
+import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -93,3 +96,65 @@ def _collective_axes(gm: torch.fx.GraphModule, group_names: tuple[str, ...]) -> 
             if group in names:
                 counts[axis] += 1
     return counts
+
+
+# ---- (2, 2) ("dp", "tp") plans of the examples and of Hugging Face models, shared by the 2-D tests ----
+
+MESH_2D, AXES_2D = (2, 2), ("dp", "tp")
+# Budgeted 2-D planning of the transformers is slow today (about 2 minutes for LLaMA on this 2-core
+# machine even when the solver stops after 3 branch-and-bound nodes), so their plans are pinned:
+# made once by ``python -m tests._mesh_fns`` and stored in tests/plans_2d/. The node limit, not a
+# time limit, stops the solver, so the files do not depend on the machine that wrote them.
+PINNED_DIR = Path(__file__).resolve().parent / "plans_2d"
+PINNED = ("gpt", "llama", "hf-gpt2", "hf-llama")
+NODE_LIMIT_2D = 3
+STATE_FACTOR = 4  # fp32 weights + gradients + two AdamW moments, per parameter byte
+
+
+def build_model(name: str) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """A built-in example ("mlp", "gpt", "llama") or, as "hf-gpt2", a tiny Hugging Face model."""
+    if name.startswith("hf-"):
+        from tests._hf_fns import build_hf_model
+
+        return build_hf_model(name.removeprefix("hf-"))
+    return build_example(name)
+
+
+def solve_2d(name: str) -> Plan:
+    """``name`` planned on the (2, 2) mesh for cpu-gloo, its budget 1.3/4 of the replicated
+    training state (fp32 weights, gradients and two AdamW moments): no whole weight fits, so both
+    axes must split parameters."""
+    model, inputs = build_model(name)
+    state_nbytes = STATE_FACTOR * sum(p.numel() * p.element_size() for p in model.parameters())
+    budget = int(state_nbytes * 1.3 / math.prod(MESH_2D))
+    return autotp.plan(
+        model, inputs, mesh_shape=MESH_2D, mesh_axis_names=AXES_2D, hardware="cpu-gloo", memory_budget=budget,
+        node_limit=NODE_LIMIT_2D, time_limit_s=1800.0,
+    )
+
+
+@functools.cache
+def plan_2d(name: str) -> Plan:
+    """The pinned plan of ``name`` where there is one, else a fresh ``solve_2d``."""
+    return Plan.load(str(PINNED_DIR / f"{name}.json")) if name in PINNED else solve_2d(name)
+
+
+def equivalence_of_models(rank: int, world_size: int, plans: dict[str, dict], steps: int) -> dict[str, dict[str, Any]]:
+    """``equivalence_on_mesh`` for each model of ``plans`` (name -> plan dict) in one set of ranks."""
+    reports = {}
+    for name, data in plans.items():
+        model, inputs = build_model(name)
+        plan = Plan.from_dict(data)
+        reports[name] = equivalence_on_mesh(rank, world_size, name, model, inputs, plan, tuple(plan.mesh_shape), tuple(plan.mesh_axis_names), steps)
+    return reports
+
+
+if __name__ == "__main__":  # python -m tests._mesh_fns [names]: (re)write the pinned plans
+    import sys
+    import time
+
+    PINNED_DIR.mkdir(exist_ok=True)
+    for model_name in sys.argv[1:] or PINNED:
+        started = time.perf_counter()
+        solve_2d(model_name).save(str(PINNED_DIR / f"{model_name}.json"))
+        print(f"{model_name}: planned in {time.perf_counter() - started:.0f}s", flush=True)

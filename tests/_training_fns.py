@@ -12,7 +12,8 @@ from torch.distributed.device_mesh import init_device_mesh
 
 import autotp
 from autotp.examples import build_example
-from autotp.ir.placement import Shard
+from autotp.ir.placement import Placements, Shard, format_placements, local_chunk
+from autotp.ir.plan import Plan
 from autotp.rewrite.rewriter import collective_nodes
 
 STATE_FACTOR = 4  # fp32 weights + gradients + two AdamW moments, per parameter byte
@@ -25,8 +26,9 @@ def _loss(name: str, out: torch.Tensor, inputs: tuple[torch.Tensor, ...]) -> tor
     return out.pow(2).mean()
 
 
-def _shard_of(full: torch.Tensor, placement: Any, rank: int, world_size: int) -> torch.Tensor:
-    return full.chunk(world_size, placement.dim)[rank] if isinstance(placement, Shard) else full
+def _split_count(placements: dict[str, Placements]) -> int:
+    """Parameters/buffers split on some mesh axis (placements are per axis: one tuple per tensor)."""
+    return sum(any(isinstance(p, Shard) for p in per_axis) for per_axis in placements.values())
 
 
 def _parallelize(model: nn.Module, inputs: tuple[torch.Tensor, ...], world_size: int) -> autotp.ShardedModule:
@@ -47,7 +49,7 @@ def training_equivalence(rank: int, world_size: int, names: list[str], steps: in
         _loss(name, model(*inputs), inputs).backward()
         _loss(name, sharded(*inputs), inputs).backward()
         grad_error = max(
-            (p.grad - _shard_of(model.get_parameter(n).grad, placements[n], rank, world_size)).abs().max().item()
+            (p.grad - local_chunk(model.get_parameter(n).grad, placements[n], (world_size,), (rank,))).abs().max().item()
             for n, p in sharded.named_parameters()
         )
 
@@ -79,7 +81,7 @@ def training_equivalence(rank: int, world_size: int, names: list[str], steps: in
             "sharded_losses": losses[1::2],
             "param_error": param_error,
             "roundtrip_error": roundtrip_error,
-            "split_params": sum(isinstance(p, Shard) for p in placements.values()),
+            "split_params": _split_count(placements),
             "collectives": len(collective_nodes(sharded.graph_module)),
         }
     return report
@@ -107,7 +109,7 @@ def dcp_load(rank: int, world_size: int, path: str) -> dict[str, Any]:
     autotp.load_sharded_state_dict(sharded, state)
     with torch.no_grad():
         out = sharded(*inputs).flatten().tolist()
-    return {"out": out, "split_params": sum(isinstance(p, Shard) for p in sharded.placements().values())}
+    return {"out": out, "split_params": _split_count(sharded.placements())}
 
 
 class DropoutMLP(nn.Module):
@@ -150,9 +152,23 @@ def dropout_masks(rank: int, world_size: int) -> dict[str, Any]:
     masks = [torch.zeros_like(inner_mask) for _ in range(world_size)]
     dist.all_gather_object(masks, inner_mask)
     return {
-        "inner_placement": str(inner.strategy.output),
-        "outer_placement": str(outer.strategy.output),
+        "inner_placement": format_placements(inner.strategy.output),
+        "outer_placement": format_placements(outer.strategy.output),
         "outer_mask": outer_mask.tolist(),
         "inner_masks_differ": any(not torch.equal(masks[0], m) for m in masks[1:]),
         "inner_drop_fraction": inner_mask.float().mean().item(),
     }
+
+
+def dcp_save_on_mesh(rank: int, world_size: int, path: str, plan_data: dict) -> list[float]:
+    """Train the GPT example one step with ``plan`` (any mesh shape, e.g. (2, 2)), save with DCP, return its output."""
+    plan = Plan.from_dict(plan_data)
+    model, inputs = build_example("gpt")
+    mesh = init_device_mesh("cpu", tuple(plan.mesh_shape), mesh_dim_names=tuple(plan.mesh_axis_names))
+    sharded = autotp.parallelize(model, mesh, inputs, plan=plan)
+    opt = torch.optim.AdamW(sharded.parameters(), lr=1e-2)
+    _loss("gpt", sharded(*inputs), inputs).backward()
+    opt.step()
+    dcp.save(autotp.sharded_state_dict(sharded), checkpoint_id=path)
+    with torch.no_grad():
+        return sharded(*inputs).flatten().tolist()

@@ -1,4 +1,5 @@
-"""examples/train_gpt.py under real torchrun: trains, saves a checkpoint, resumes on more ranks."""
+"""examples/train_gpt.py under real torchrun: trains, saves a checkpoint, resumes on more ranks;
+trains on a (2, 2) ("dp", "tp") mesh."""
 from __future__ import annotations
 
 import re
@@ -43,3 +44,10 @@ def test_train_save_and_resume_on_more_ranks(tmp_path: Path) -> None:
     resumed = _torchrun(4, "--steps", "1", "--load", str(checkpoint), "--lr", "0")
     assert "resumed from" in resumed
     assert _final_loss(resumed) < 4.5  # a fresh model would start at ~5.5
+
+
+@pytest.mark.timeout(600)
+def test_train_on_a_2x2_mesh() -> None:
+    output = _torchrun(4, "--steps", "30", "--mesh", "2x2")
+    assert "mesh (dp=2, tp=2)" in output  # the plan is for the 2-D mesh
+    assert _final_loss(output) < 4.5  # from ln(256) = 5.55 at initialisation

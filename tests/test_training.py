@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
+import autotp
+from autotp.examples import build_example
+from autotp.ir.placement import Shard
 from autotp.testing import run_on_ranks
-from tests import _training_fns
+from tests import _mesh_fns, _training_fns
 
 MODELS = ["mlp", "gpt", "llama"]
 STEPS = 5
@@ -33,6 +37,22 @@ def test_dcp_checkpoint_saved_on_2_ranks_loads_on_4(tmp_path) -> None:
     for r in loaded:
         assert r["split_params"] > 0
         assert r["out"] == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.timeout(600)
+def test_dcp_checkpoint_saved_on_2x2_loads_on_4_ranks_1d_and_in_one_process(tmp_path) -> None:
+    path = str(tmp_path / "ckpt")
+    plan = _mesh_fns.plan_2d("gpt")
+    assert all(any(isinstance(p[axis], Shard) for p in plan.sharded_state().values()) for axis in (0, 1))  # both axes split weights
+    expected = run_on_ranks(_training_fns.dcp_save_on_mesh, 4, path, plan.to_dict(), timeout_seconds=300)[0]
+    for r in run_on_ranks(_training_fns.dcp_load, 4, path, timeout_seconds=300):  # a 1-D mesh of 4, its own plan
+        assert r["split_params"] > 0
+        assert r["out"] == pytest.approx(expected, abs=1e-5)
+    model, _ = build_example("gpt", seed=7)  # other weights, no process group in this process
+    _, inputs = build_example("gpt")  # the inputs the saving run used
+    autotp.load_full_checkpoint(model, path)
+    with torch.no_grad():
+        assert model(*inputs).flatten().tolist() == pytest.approx(expected, abs=1e-5)
 
 
 @pytest.mark.timeout(300)

@@ -3,12 +3,19 @@
 ``full_state_dict`` all-gathers every split tensor, so the original ``nn.Module`` loads the
 result with ``load_state_dict``. ``sharded_state_dict`` wraps each local tensor in a ``DTensor``
 that shares its memory, so ``torch.distributed.checkpoint`` saves only local shards and loads
-(resharding as needed, e.g. saved on 2 ranks, loaded on 4) straight into the parameters.
+(resharding as needed, e.g. saved on a (2, 2) mesh, loaded on 4 ranks of a 1-D one) straight into
+the parameters. ``load_full_checkpoint`` reads such a checkpoint into the original, unsharded
+model in one process, with no process group (DCP's ``no_dist`` load).
 """
 from __future__ import annotations
 
+import os
+import warnings
+
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor import Replicate as DReplicate
 from torch.distributed.tensor import Shard as DShard
@@ -37,11 +44,34 @@ def sharded_state_dict(sharded: ShardedModule) -> dict[str, DTensor]:
     if sharded.mesh is None:
         raise ValueError("this sharded module has no device mesh (it was not built by autotp.parallelize)")
     placements = sharded.placements()
+    shapes = sharded.global_shapes()
     out = {}
     for name, tensor in sharded.state_dict(keep_vars=True).items():
         spec = [DShard(p.dim) if isinstance(p, Shard) else DReplicate() for p in placements.get(name, (R,) * sharded.mesh.ndim)]
-        out[name] = DTensor.from_local(tensor.detach(), sharded.mesh, spec, run_check=False)
+        shape = shapes.get(name, tensor.shape)  # given, not inferred: an uneven split (5 rows on 2 ranks) infers the wrong one
+        out[name] = DTensor.from_local(tensor.detach(), sharded.mesh, spec, run_check=False, shape=shape, stride=_contiguous_strides(shape))
     return out
+
+
+def load_full_checkpoint(model: nn.Module, checkpoint_id: str | os.PathLike) -> None:
+    """Load a DCP checkpoint of a sharded model into the original ``model``, in one process.
+
+    No process group is needed (DCP's ``no_dist`` load): every tensor is read whole from the
+    shards of whatever mesh saved it, so a checkpoint of a (2, 2) mesh serves inference on one device.
+    """
+    state = model.state_dict()
+    with warnings.catch_warnings():  # DCP warns that it assumes one process: that is the point here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        dcp.load(state, checkpoint_id=checkpoint_id, no_dist=True)
+    model.load_state_dict(state)
+
+
+def _contiguous_strides(shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(tuple(shape)):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
 
 
 def load_sharded_state_dict(sharded: ShardedModule, state: dict[str, DTensor]) -> None:

@@ -12,6 +12,7 @@ from autotp.capture.export import CapturedGraph, InputRole
 from autotp.capture.torch_compat import child_modules, pytree
 from autotp.ir.placement import Placements
 from autotp.ir.plan import Plan
+from autotp.ir.values import TensorMeta
 from autotp.runtime.arguments import PlannedCall
 
 if TYPE_CHECKING:  # the retracer runs the pipeline; the module only holds one
@@ -73,8 +74,13 @@ class ShardedModule(nn.Module):
 
     def placements(self) -> dict[str, Placements]:
         """Placements (one per mesh axis) of every parameter/buffer by its name(s) in the original model."""
-        by_node = {n.name: n.strategy.output for n in self.plan.nodes}
-        return {fqn: by_node[gi.node_name] for gi in self._captured_inputs for fqn in gi.fqns}  # type: ignore[misc]  # state nodes have one output
+        by_node = {n.name: n.strategy.output for n in self.plan.nodes if not n.strategy.multi_output}  # state nodes have one output
+        return {fqn: by_node[gi.node_name] for gi in self._captured_inputs for fqn in gi.fqns}
+
+    def global_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The full (unsharded) shape of every parameter/buffer the graph reads, by its name(s) in the original model."""
+        by_node = {n.name: n.output_meta for n in self.plan.nodes}
+        return {fqn: meta.shape for gi in self._captured_inputs for fqn in gi.fqns if isinstance(meta := by_node.get(gi.node_name), TensorMeta)}
 
     def train(self, mode: bool = True) -> ShardedModule:
         """The graph was captured in one mode (dropout on or off); warn when asked for the other."""
