@@ -297,12 +297,12 @@ def _set_start(
         if canonical[node.name] != node.name or len(node.strategies) == 1:
             continue
         chosen = node.strategies.index(start[node.name])
-        name = f"start_{len(fixed)}"
-        problem += x[node.name][chosen] == 1, name
-        fixed.append(name)
+        for i, var in enumerate(x[node.name]):
+            var.lowBound = var.upBound = 1 if i == chosen else 0
+            fixed.append(var)
     _run(problem, solver, time_limit_s, NODE_LIMIT)
-    for name in fixed:
-        del problem.constraints[name]
+    for var in fixed:
+        var.lowBound, var.upBound = 0, 1
 
 
 def _pin(problem: pulp.LpProblem, space: StrategySpace, x: dict[str, list], canonical: Mapping[str, str], pinned: Mapping[str, MeshStrategy]) -> None:
