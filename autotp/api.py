@@ -254,8 +254,11 @@ def _apply_plan(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], plan
 
 
 def _check_plan_mesh(plan: Plan, mesh: MeshSpec) -> None:
-    if tuple(plan.mesh_shape) != mesh.shape:
-        raise PlanMismatchError(f"the plan was made for a mesh of shape {tuple(plan.mesh_shape)} but the mesh has shape {mesh.shape}")
+    if tuple(plan.mesh_shape) == mesh.shape:
+        return
+    if len(plan.mesh_shape) == 1 and mesh.ndim == 1:  # worded as before N-D meshes
+        raise PlanMismatchError(f"the plan was made for {plan.mesh_shape[0]} ranks but the mesh has {mesh.shape[0]}")
+    raise PlanMismatchError(f"the plan was made for a mesh of shape {tuple(plan.mesh_shape)} but the mesh has shape {mesh.shape}")
 
 
 def _fit_plan(space: StrategySpace, plan: Plan) -> Plan:

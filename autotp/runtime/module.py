@@ -73,8 +73,8 @@ class ShardedModule(nn.Module):
 
     def placements(self) -> dict[str, Placements]:
         """Placements (one per mesh axis) of every parameter/buffer by its name(s) in the original model."""
-        by_node = {n.name: n.strategy.output for n in self.plan.nodes}
-        return {fqn: by_node[gi.node_name] for gi in self._captured_inputs for fqn in gi.fqns}  # type: ignore[misc]  # state nodes have one output
+        by_node = {n.name: n for n in self.plan.nodes}  # .output only on state nodes: a multi-output op has none
+        return {fqn: by_node[gi.node_name].strategy.output for gi in self._captured_inputs for fqn in gi.fqns}
 
     def train(self, mode: bool = True) -> ShardedModule:
         """The graph was captured in one mode (dropout on or off); warn when asked for the other."""
