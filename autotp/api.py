@@ -295,7 +295,7 @@ def _owned(tensor: torch.Tensor, device: torch.device | None) -> torch.Tensor:
 
 def _local_state(model: nn.Module, result: PlanningResult, *, coordinate: tuple[int, ...], device: torch.device | None) -> dict[str, torch.Tensor]:
     """This rank's chunk of every parameter/buffer/constant placeholder, sliced once."""
-    placements = {n.name: n.strategy.output for n in result.plan.nodes}
+    strategies = {n.name: n.strategy for n in result.plan.nodes}  # .output of state only: a multi-output op has none
     local: dict[str, torch.Tensor] = {}
     mesh_shape = tuple(result.plan.mesh_shape)
     for gi in result.captured.inputs:
@@ -304,7 +304,7 @@ def _local_state(model: nn.Module, result: PlanningResult, *, coordinate: tuple[
         full = result.captured.constants[gi.node_name] if gi.role is InputRole.CONSTANT else _get_state(model, gi.fqns[0])
         if full.is_meta:
             raise ConfigError(f"parallelize needs real weights but '{gi.fqns[0] if gi.fqns else gi.node_name}' is on the meta device; use autotp.plan() to plan meta models, or materialise the model first")
-        owned = _owned(local_chunk(full.detach(), placements[gi.node_name], mesh_shape, coordinate), device)
+        owned = _owned(local_chunk(full.detach(), strategies[gi.node_name].output, mesh_shape, coordinate), device)
         if isinstance(full, nn.Parameter):
             owned = nn.Parameter(owned, requires_grad=full.requires_grad)
         local[gi.node_name] = owned
