@@ -12,7 +12,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 import autotp
 from autotp.examples import build_example
-from autotp.ir.placement import Shard
+from autotp.ir.placement import Shard, format_placements
 from autotp.rewrite.rewriter import collective_nodes
 
 STATE_FACTOR = 4  # fp32 weights + gradients + two AdamW moments, per parameter byte
@@ -150,8 +150,8 @@ def dropout_masks(rank: int, world_size: int) -> dict[str, Any]:
     masks = [torch.zeros_like(inner_mask) for _ in range(world_size)]
     dist.all_gather_object(masks, inner_mask)
     return {
-        "inner_placement": str(inner.strategy.output),
-        "outer_placement": str(outer.strategy.output),
+        "inner_placement": format_placements(inner.strategy.output),
+        "outer_placement": format_placements(outer.strategy.output),
         "outer_mask": outer_mask.tolist(),
         "inner_masks_differ": any(not torch.equal(masks[0], m) for m in masks[1:]),
         "inner_drop_fraction": inner_mask.float().mean().item(),

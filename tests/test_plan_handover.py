@@ -162,7 +162,7 @@ def test_torch_tp_export_refuses_a_plan_the_styles_cannot_express() -> None:
     shapes than the plan; now it refuses, naming the modules."""
     model, inputs = build_hf_model("gpt2")
     plan = plan_model(model, inputs, mesh_shape=(2,), hardware="cpu-gloo", memory_budget=budget_for(model, 2, 0.25), training=False).plan
-    assert any(isinstance(n.strategy.output, Shard) for n in plan.nodes if n.kind is NodeKind.STATE), "the budget forces splits"
+    assert any(isinstance(n.strategy.axis(0).output, Shard) for n in plan.nodes if n.kind is NodeKind.STATE), "the budget forces splits"
     with pytest.raises(
         TorchTPExportError,
         match=r"(?s)beyond ColwiseParallel.*module 'transformer\.h\.\d+\.(attn|mlp)\.c_\w+'.* read by aten\.addmm\.default outside a styled module.*"

@@ -206,3 +206,13 @@ def test_torch_tp_sequence_parallel_norms() -> None:
     assert styles["blocks.*.attn.q_proj"].input_layouts == Shard(1)
     assert styles["blocks.*.mlp.c_proj"].output_layouts == Shard(1)
     assert not any(re.fullmatch(r"blocks\.\d+", path) for path in styles)  # never a whole block
+
+
+def test_torch_tp_refuses_an_n_d_plan() -> None:
+    """parallelize_module's styles shard over a 1-D mesh: a (dp, tp) plan is refused, saying so."""
+    model, inputs = build_example("mlp", device="meta", batch=4, seq=4, d_model=32, d_hidden=64)
+    plan = autotp.plan(model, inputs, mesh_shape=(2, 2), mesh_axis_names=("dp", "tp"), hardware="h100-sxm", training=False)
+    with pytest.raises(autotp.ConfigError, match=r"cannot export a plan for the 2-D mesh \(dp=2, tp=2\) as a parallelize_module plan: .*1-D mesh only"):
+        torch_tp_plan(plan)
+    with pytest.raises(autotp.ConfigError, match=r"2-D mesh"):
+        dumps_torch_tp(plan, model=model, example_inputs=inputs)
