@@ -93,7 +93,7 @@ def sharded_calls(rank: int, world_size: int) -> dict[str, Any]:
         report["keyword_missing"] = _outcome(lambda: sharded(a))
         report["dtype_other"] = _outcome(lambda: sharded(a.double(), b.double()))
         report["batch_other"] = _outcome(lambda: sharded(a[:3], b[:3]))
-    report["two_split_params"] = sum(isinstance(p, Shard) for p in sharded.placements().values())
+    report["two_split_params"] = sum(isinstance(p, Shard) for placements in sharded.placements().values() for p in placements)
 
     torch.manual_seed(0)
     branching = LongSequencesDoubled().eval()

@@ -25,7 +25,8 @@ def _loss(name: str, out: torch.Tensor, inputs: tuple[torch.Tensor, ...]) -> tor
     return out.pow(2).mean()
 
 
-def _shard_of(full: torch.Tensor, placement: Any, rank: int, world_size: int) -> torch.Tensor:
+def _shard_of(full: torch.Tensor, placements: Any, rank: int, world_size: int) -> torch.Tensor:
+    (placement,) = placements  # a 1-D mesh: one placement
     return full.chunk(world_size, placement.dim)[rank] if isinstance(placement, Shard) else full
 
 
@@ -107,7 +108,7 @@ def dcp_load(rank: int, world_size: int, path: str) -> dict[str, Any]:
     autotp.load_sharded_state_dict(sharded, state)
     with torch.no_grad():
         out = sharded(*inputs).flatten().tolist()
-    return {"out": out, "split_params": sum(isinstance(p, Shard) for p in sharded.placements().values())}
+    return {"out": out, "split_params": sum(isinstance(p, Shard) for placements in sharded.placements().values() for p in placements)}
 
 
 class DropoutMLP(nn.Module):
