@@ -120,7 +120,7 @@ def gpt_other_sizes(rank: int, world_size: int) -> dict[str, Any]:
     model.train()  # dropout is 0: train mode only turns autograd bookkeeping on for the comparison
     sharded = autotp.parallelize(model, mesh, (idx,), memory_budget=int(budget * STATE_FACTOR), dynamic_dims={"idx": (0, 1)})
     placements = sharded.placements()
-    report["split_params"] = sum(isinstance(p, Shard) for p in placements.values())
+    report["split_params"] = sum(isinstance(p, Shard) for ps in placements.values() for p in ps)
     wide = torch.randint(0, 256, (3, 5), generator=torch.Generator().manual_seed(7))
     errors = {}
     for name, inputs in {"planned": idx, "batch 3 seq 5": wide, "batch 3 seq 5 again": wide}.items():

@@ -80,7 +80,7 @@ def training_equivalence(rank: int, world_size: int, names: list[str], steps: in
             "sharded_losses": losses[1::2],
             "param_error": param_error,
             "roundtrip_error": roundtrip_error,
-            "split_params": sum(isinstance(p, Shard) for p in placements.values()),
+            "split_params": sum(isinstance(p, Shard) for ps in placements.values() for p in ps),
             "collectives": len(collective_nodes(sharded.graph_module)),
         }
     return report
