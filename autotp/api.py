@@ -254,8 +254,11 @@ def _apply_plan(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], plan
 
 
 def _check_plan_mesh(plan: Plan, mesh: MeshSpec) -> None:
-    if tuple(plan.mesh_shape) != mesh.shape:
-        raise PlanMismatchError(f"the plan was made for a mesh of shape {tuple(plan.mesh_shape)} but the mesh has shape {mesh.shape}")
+    if tuple(plan.mesh_shape) == mesh.shape:
+        return
+    if len(plan.mesh_shape) == 1 and mesh.ndim == 1:  # worded as before N-D meshes
+        raise PlanMismatchError(f"the plan was made for {plan.mesh_shape[0]} ranks but the mesh has {mesh.shape[0]}")
+    raise PlanMismatchError(f"the plan was made for a mesh of shape {tuple(plan.mesh_shape)} but the mesh has shape {mesh.shape}")
 
 
 def _fit_plan(space: StrategySpace, plan: Plan) -> Plan:
@@ -292,7 +295,7 @@ def _owned(tensor: torch.Tensor, device: torch.device | None) -> torch.Tensor:
 
 def _local_state(model: nn.Module, result: PlanningResult, *, coordinate: tuple[int, ...], device: torch.device | None) -> dict[str, torch.Tensor]:
     """This rank's chunk of every parameter/buffer/constant placeholder, sliced once."""
-    placements = {n.name: n.strategy.output for n in result.plan.nodes if not n.strategy.multi_output}  # placeholders have one output
+    strategies = {n.name: n.strategy for n in result.plan.nodes}  # .output of state only: a multi-output op has none
     local: dict[str, torch.Tensor] = {}
     mesh_shape = tuple(result.plan.mesh_shape)
     for gi in result.captured.inputs:
@@ -301,7 +304,7 @@ def _local_state(model: nn.Module, result: PlanningResult, *, coordinate: tuple[
         full = result.captured.constants[gi.node_name] if gi.role is InputRole.CONSTANT else _get_state(model, gi.fqns[0])
         if full.is_meta:
             raise ConfigError(f"parallelize needs real weights but '{gi.fqns[0] if gi.fqns else gi.node_name}' is on the meta device; use autotp.plan() to plan meta models, or materialise the model first")
-        owned = _owned(local_chunk(full.detach(), placements[gi.node_name], mesh_shape, coordinate), device)
+        owned = _owned(local_chunk(full.detach(), strategies[gi.node_name].output, mesh_shape, coordinate), device)
         if isinstance(full, nn.Parameter):
             owned = nn.Parameter(owned, requires_grad=full.requires_grad)
         local[gi.node_name] = owned

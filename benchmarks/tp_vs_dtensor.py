@@ -62,11 +62,11 @@ from autotp.examples import build_example
 from autotp.examples.gpt import CausalSelfAttention
 from autotp.ir.placement import Replicate
 from autotp.ir.plan import Plan
+from autotp.ir.strategy import MeshStrategy
 from autotp.solve.layouts import megatron_pins
 from autotp.solve.memory import min_state_nbytes
 from autotp.solve.planner import solve_plan
 from autotp.strategies.engine import NodeKind, StrategySpace, build_strategy_space
-from autotp.strategies.rules import OpStrategy
 from autotp.testing import run_on_ranks
 
 # The acceptance bar: autotp (Megatron layout) / DTensor step time.
@@ -198,9 +198,8 @@ def megatron_plan(space: StrategySpace, cost: CostModel) -> Plan:
 _TP_MODULE = re.compile(r"blocks\.\d+\.(attn|mlp)(\.|$)")
 
 
-def _splits(strategy: OpStrategy) -> bool:
-    outputs = strategy.output if isinstance(strategy.output, tuple) else (strategy.output,)
-    return any(not isinstance(p, Replicate) for p in strategy.inputs + outputs)
+def _splits(strategy: MeshStrategy) -> bool:
+    return any(not isinstance(p, Replicate) for placements in (*strategy.inputs, *strategy.outputs) for p in placements)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -93,7 +93,7 @@ def sharded_calls(rank: int, world_size: int) -> dict[str, Any]:
         report["keyword_missing"] = _outcome(lambda: sharded(a))
         report["dtype_other"] = _outcome(lambda: sharded(a.double(), b.double()))
         report["batch_other"] = _outcome(lambda: sharded(a[:3], b[:3]))
-    report["two_split_params"] = sum(isinstance(p, Shard) for p in sharded.placements().values())
+    report["two_split_params"] = sum(isinstance(p, Shard) for placements in sharded.placements().values() for p in placements)
 
     torch.manual_seed(0)
     branching = LongSequencesDoubled().eval()
@@ -120,7 +120,7 @@ def gpt_other_sizes(rank: int, world_size: int) -> dict[str, Any]:
     model.train()  # dropout is 0: train mode only turns autograd bookkeeping on for the comparison
     sharded = autotp.parallelize(model, mesh, (idx,), memory_budget=int(budget * STATE_FACTOR), dynamic_dims={"idx": (0, 1)})
     placements = sharded.placements()
-    report["split_params"] = sum(isinstance(p, Shard) for p in placements.values())
+    report["split_params"] = sum(isinstance(p, Shard) for ps in placements.values() for p in ps)
     wide = torch.randint(0, 256, (3, 5), generator=torch.Generator().manual_seed(7))
     errors = {}
     for name, inputs in {"planned": idx, "batch 3 seq 5": wide, "batch 3 seq 5 again": wide}.items():

@@ -5,7 +5,9 @@ import torch
 import torch.distributed as dist
 
 from autotp.comm import collectives
-from autotp.comm.redistribute import GRAD_SYNC, Step, StepKind, backward_steps
+from autotp.comm.redistribute import Step, StepKind, backward_steps, grad_sync_step
+
+GRAD_SYNC = grad_sync_step(0)  # on the one axis of these 1-D groups
 
 # Every step kind of the transition table, each tensor dim it can name on a (4, 2, 4) input.
 STEPS = (

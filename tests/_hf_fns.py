@@ -17,6 +17,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 import autotp
+from autotp.ir.placement import format_placements
 from autotp.rewrite.rewriter import collective_nodes
 from autotp.strategies.engine import UnsupportedOpWarning
 
@@ -171,7 +172,7 @@ def sharding_report(model: nn.Module, sharded: autotp.ShardedModule) -> dict[str
         "local_params": sum(p.numel() for p in sharded.parameters()),
         "full_params": sum(p.numel() for p in model.parameters()),
         "state_key_difference": sorted(set(model.state_dict()) ^ set(sharded.state_dict())),
-        "placements": {n: str(p) for n, p in sharded.placements().items()},
+        "placements": {n: format_placements(p) for n, p in sharded.placements().items()},  # "S(0)" on a 1-D mesh
         "shapes": {n: tuple(p.shape) for n, p in model.named_parameters()},
         "attention": [str(n.strategy) for n in sharded.plan.nodes if n.op.startswith("aten.scaled_dot_product_attention")],
         "solver_status": sharded.plan.solver_status,

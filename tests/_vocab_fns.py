@@ -10,21 +10,21 @@ from autotp.api import plan_model
 from autotp.cost.model import CostModel, resolve_hardware
 from autotp.examples import build_example
 from autotp.ir.placement import P, R, Shard
+from autotp.ir.strategy import MeshStrategy, OpStrategy, one_axis
 from autotp.solve.build import build_plan
 from autotp.solve.ilp import solve
-from autotp.strategies.rules import OpStrategy
 
 
-def vocab_parallel_pins(space: Any) -> dict[str, OpStrategy]:
+def vocab_parallel_pins(space: Any) -> dict[str, MeshStrategy]:
     """Embedding, LM head and loss split on the vocabulary (Megatron-LM's vocab parallelism)."""
     pins = {}
     for node in space.nodes:
         if node.module_path == "wte" and node.op.startswith("aten.embedding"):
-            pins[node.name] = OpStrategy((Shard(0), R), P)
+            pins[node.name] = one_axis(OpStrategy((Shard(0), R), P))
         elif node.module_path == "lm_head":
-            pins[node.name] = OpStrategy((R, Shard(0)), Shard(2))
+            pins[node.name] = one_axis(OpStrategy((R, Shard(0)), Shard(2)))
         elif node.op.startswith("aten.cross_entropy_loss"):
-            pins[node.name] = OpStrategy((Shard(1), R), R)
+            pins[node.name] = one_axis(OpStrategy((Shard(1), R), R))
     return pins
 
 

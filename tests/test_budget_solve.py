@@ -90,7 +90,7 @@ def test_time_limit_returns_the_deterministic_fallback_with_a_warning() -> None:
     assert plans[0] == plans[1]
     assert _held(space, cost, plans[0]) <= budget
     ops = [n for n in space.nodes if n.kind is NodeKind.OP]
-    assert all(n.strategies[plans[0][n.name]].output == R for n in ops)  # every op replicated
+    assert all(n.strategies[plans[0][n.name]].axis(0).output == R for n in ops)  # every op replicated
 
 
 @pytest.mark.timeout(300)
@@ -100,7 +100,7 @@ def test_pins_that_break_a_budget_above_the_floor_are_named() -> None:
     floor = min_state_nbytes(space, cost)
     nodes = space.by_name()
     name = "p_lm_head_weight"
-    replicated = next(s for s in nodes[name].strategies if s.output == R)
+    replicated = next(s for s in nodes[name].strategies if s.axis(0).output == R)
     with pytest.raises(InfeasiblePlanError, match=rf"with these pins.*'{name}' pinned to R \(\+32\.00 KiB\).*Unpin or split"):
         solve(space, cost, memory_budget=floor + 1024, pinned={name: replicated})
     solution = solve(space, cost, memory_budget=floor + 1024)  # the same budget without the pin fits

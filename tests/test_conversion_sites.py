@@ -19,7 +19,7 @@ from torch import fx, nn
 from autotp.capture.export import capture
 from autotp.comm import collectives
 from autotp.comm.conversions import conversion_sites, needs_grad_sync
-from autotp.comm.redistribute import GRAD_SYNC, Step, StepKind, backward_steps
+from autotp.comm.redistribute import Step, StepKind, backward_steps, grad_sync_step
 from autotp.cost.model import CostModel, resolve_hardware
 from autotp.examples import build_example
 from autotp.ir.placement import R, Shard
@@ -33,6 +33,7 @@ from autotp.strategies.engine import NodeKind, StrategySpace, build_strategy_spa
 from autotp.testing import run_on_ranks
 
 TP = 2
+GRAD_SYNC = grad_sync_step(0)  # the plans here are for a 1-D mesh
 
 
 def _plan(model: nn.Module, inputs: tuple[torch.Tensor, ...], *, training: bool, squeeze: float = 0.3) -> tuple[fx.GraphModule, StrategySpace, Plan]:
@@ -41,10 +42,10 @@ def _plan(model: nn.Module, inputs: tuple[torch.Tensor, ...], *, training: bool,
     space = build_strategy_space(captured, TP)
     cost = CostModel(resolve_hardware("h100-sxm"), TP, training=training, optimizer="adamw" if training else None)
     floor = min_state_nbytes(space, cost)
-    replicated = sum(state_nbytes(n, R, cost) for n in space.nodes if n.kind is NodeKind.STATE)  # type: ignore[arg-type]
+    replicated = sum(state_nbytes(n, (R,), cost) for n in space.nodes if n.kind is NodeKind.STATE)
     budget = int(floor + squeeze * (replicated - floor)) + 1
     plan = build_plan(space, solve(space, cost, memory_budget=budget).chosen(space), cost, hardware="h100-sxm", memory_budget=budget)
-    return rewrite(captured, space, plan, rank=0, group_name="offline"), space, plan
+    return rewrite(captured, space, plan, coordinate=(0,), group_names=("offline",)), space, plan
 
 
 # --- reading the graph back ------------------------------------------------------------------
@@ -106,7 +107,7 @@ def assert_plan_lists_the_graphs_collectives(gm: fx.GraphModule, space: Strategy
         requires_grad = spaces[c.value.node].requires_grad
         if c.backward_only:
             planned_syncs[ref] += 1
-            assert c.steps == (GRAD_SYNC,) and c.src == c.dst == R
+            assert c.steps == (GRAD_SYNC,) and c.src == c.dst == (R,)
             assert c.priced == (plan.training and requires_grad), (c, plan.training, requires_grad)
         else:
             planned.update((ref, s) for s in c.steps)
@@ -233,7 +234,7 @@ def random_model(seed: int) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
 def test_random_models_plan_lists_every_collective_the_graph_runs(seed: int) -> None:
     model, inputs = random_model(seed)
     gm, space, plan = _plan(model, inputs, training=seed % 2 == 0, squeeze=0.1 + 0.05 * (seed % 5))
-    assert any(isinstance(p, Shard) for p in plan.sharded_state().values())
+    assert any(isinstance(p, Shard) for placements in plan.sharded_state().values() for p in placements)
     assert_plan_lists_the_graphs_collectives(gm, space, plan)
 
 

@@ -577,7 +577,7 @@ def test_cost_model_prices_a_group_that_spans_nodes_on_the_inter_node_link() -> 
     for tp, link in ((8, TWO_NODES.intra_node), (16, TWO_NODES.inter_node)):
         cost = CostModel(TWO_NODES, tp)
         expected = collective_seconds(link, "all_reduce", nbytes=4e6, group_size=tp)
-        assert cost.transition_seconds(P, R, meta) == pytest.approx(expected)
+        assert cost.transition_seconds((P,), (R,), meta) == pytest.approx(expected)
 
 
 # ------------------------------------------------------------------------------------------

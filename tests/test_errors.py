@@ -98,7 +98,7 @@ def test_memory_budget_strings() -> None:
     assert parse_nbytes(1234) == 1234
 
 
-@pytest.mark.parametrize("mesh_shape", [(2, 2), (0,), ()])
+@pytest.mark.parametrize("mesh_shape", [(2, 0), (0,), ()])
 def test_bad_mesh_shape(mesh_shape: tuple[int, ...]) -> None:
     model, inputs = build_example("mlp", device="meta")
     with pytest.raises(autotp.ConfigError, match="mesh_shape"):
@@ -119,5 +119,5 @@ def test_unsupported_op_falls_back_to_replication_with_one_warning() -> None:
     assert len(ours) == 1 and "aten.linalg_matrix_exp" in str(ours[0].message)
     assert f"{__file__}:{_line_of('torch.linalg.matrix_exp(')}: return torch.linalg.matrix_exp(" in str(ours[0].message)  # the user's line
     unsupported = next(n for n in plan.nodes if "matrix_exp" in n.op)
-    assert all(str(p) == "R" for p in unsupported.strategy.inputs) and str(unsupported.strategy.output) == "R"
+    assert str(unsupported.strategy) == "[R] -> R"
     assert plan.sharded_state()  # the linear before it is still split to meet the budget

@@ -30,12 +30,12 @@ def test_a_batch_split_fetches_the_whole_weight_and_a_weight_split_half() -> Non
     assert weight == fc.slot_metas[1].numel * 4
     flops = 2.0 * fc.output_meta.numel * fc.slot_metas[0].shape[-1]
     cost = CostModel(WEIGHTY, 2)
-    by_batch = next(s for s in fc.strategies if s.inputs[0] == Shard(0) and s.inputs[1] == Replicate())
-    by_column = next(s for s in fc.strategies if s.inputs[0] == Replicate() and s.inputs[1] == Shard(0))
+    by_batch = next(s for s in fc.strategies if s.axis(0).inputs[:2] == (Shard(0), Replicate()))
+    by_column = next(s for s in fc.strategies if s.axis(0).inputs[:2] == (Replicate(), Shard(0)))
     # compute-bound here (FLOPs / 5e11 beat bytes / 5e10), so each price is launch + FLOPs + weight
     assert cost.kernel_seconds(fc, by_batch) == pytest.approx(3e-6 + flops / 2 / 5e11 + weight / 1e9)
     assert cost.kernel_seconds(fc, by_column) == pytest.approx(3e-6 + flops / 2 / 5e11 + weight / 2 / 1e9)
-    replicate = next(s for s in fc.strategies if all(p == Replicate() for p in s.inputs))
+    replicate = next(s for s in fc.strategies if all(p == Replicate() for p in s.axis(0).inputs))
     assert cost.kernel_seconds(fc, replicate) == pytest.approx(3e-6 + flops / 5e11 + weight / 1e9)
     # a profile without the two numbers prices the three by FLOPs and bytes alone, the splits alike
     plain = CostModel(dataclasses.replace(WEIGHTY, matmul_launch_seconds=None, matmul_weight_bytes_per_s=None), 2)

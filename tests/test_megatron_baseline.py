@@ -18,13 +18,13 @@ from autotp.capture.export import capture
 from autotp.cost.model import CostModel, resolve_hardware
 from autotp.examples import build_example
 from autotp.ir.placement import P, R, Shard
+from autotp.ir.strategy import MeshStrategy, OpStrategy, one_axis
 from autotp.report.table import price_baselines
 from autotp.solve.build import build_plan
 from autotp.solve.ilp import solve
 from autotp.solve.layouts import MegatronLayout, megatron_layout_of
 from autotp.strategies.blocks import block_of
 from autotp.strategies.engine import StrategySpace, UnsupportedOpWarning, build_strategy_space
-from autotp.strategies.rules import OpStrategy
 from tests._hf_fns import BATCH, SEQ, VOCAB, build_hf_model
 
 TP = 2
@@ -121,7 +121,7 @@ def test_pins_each_blocks_attention_and_mlp(name: str) -> None:
     layout = megatron_layout_of(space)
     container, expected = EXPECTED[name]
     assert _per_block(space, layout) == {f"{container}.{i}": expected for i in range(N_BLOCKS)}
-    assert {n: _weight_split(space, n, s) for n, s in layout.pins.items()} == (
+    assert {n: _weight_split(space, n, s.axis(0)) for n, s in layout.pins.items()} == (
         dict.fromkeys(layout.column, "column") | dict.fromkeys(layout.row, "row")
     )
     assert (layout.n_attention, layout.n_mlp) == ((0 if name == "mlp" else N_BLOCKS), N_BLOCKS)
@@ -150,12 +150,12 @@ def test_hf_llama_totals_are_those_of_all_seven_linears_split() -> None:
     space = _space("hf-llama")
     cost = CostModel(resolve_hardware("h100-sxm"), TP, training=True, optimizer="adamw")
     column_suffixes, row_suffixes = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"), ("o_proj", "down_proj")
-    expected: dict[str, OpStrategy] = {}
+    expected: dict[str, MeshStrategy] = {}
     for node in space.nodes:
         if node.op.startswith("aten.linear") and node.module_path.endswith(column_suffixes):
-            expected[node.name] = OpStrategy((R, Shard(0)) + ((Shard(0),) if len(node.slots) == 3 else ()), Shard(2))
+            expected[node.name] = one_axis(OpStrategy((R, Shard(0)) + ((Shard(0),) if len(node.slots) == 3 else ()), Shard(2)))
         elif node.op.startswith("aten.linear") and node.module_path.endswith(row_suffixes):
-            expected[node.name] = OpStrategy((Shard(2), Shard(1)), P)
+            expected[node.name] = one_axis(OpStrategy((Shard(2), Shard(1)), P))
     assert len(expected) == 7 * N_BLOCKS
     hand = build_plan(space, solve(space, cost, memory_budget=None, pinned=expected).chosen(space), cost, hardware="h100-sxm", memory_budget=None)
     megatron = price_baselines(space, cost, hardware="h100-sxm", memory_budget=None)[1]

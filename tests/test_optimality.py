@@ -60,9 +60,10 @@ def objective(space: StrategySpace, cost: CostModel, choice: dict[str, int], bud
                 if seconds is None:
                     return math.inf
                 total += seconds
-            if dst == R and strategy.divides_output() and ref not in synced:
-                synced.add(ref)
-                total += cost.grad_sync_seconds(meta, requires_grad=producer.requires_grad)
+            axes = tuple(a for a, p in enumerate(dst) if p == R and strategy.divides_output(a))  # read whole by partial work
+            if axes and (ref, dst, axes) not in synced:
+                synced.add((ref, dst, axes))
+                total += cost.grad_sync_seconds(meta, dst, axes, requires_grad=producer.requires_grad)
     if budget is not None:
         memory = sum(cost.state_nbytes(n.output_meta, chosen[n.name].output, is_parameter=n.is_parameter) for n in space.nodes if n.kind is NodeKind.STATE)
         if memory > budget:
@@ -94,7 +95,7 @@ def test_ilp_matches_brute_force(case: str, hardware: str, training: bool, budge
     model_cls, inputs = CASES[case]
     space = build_strategy_space(capture(model_cls(), inputs), 2)
     cost = CostModel(resolve_hardware(hardware), 2, training=training, optimizer="adamw")
-    full = sum(cost.state_nbytes(n.output_meta, R, is_parameter=n.is_parameter) for n in space.nodes if n.kind is NodeKind.STATE)
+    full = sum(cost.state_nbytes(n.output_meta, (R,), is_parameter=n.is_parameter) for n in space.nodes if n.kind is NodeKind.STATE)
     budget = full * 0.6 if budgeted else None
     solution = solve(space, cost, memory_budget=budget)
     best = brute_force(space, cost, budget)
@@ -114,7 +115,7 @@ def test_block_dedup_costs_at_most_one_percent(name: str, training: bool, budget
     model, inputs = build_example(name, device="meta", **({"n_layer": 4} if name == "gpt" else {"n_layers": 4}))
     space = build_strategy_space(capture(model, inputs), 4)
     cost = CostModel(resolve_hardware("h100-sxm"), 4, training=training, optimizer="adamw")
-    full = sum(cost.state_nbytes(n.output_meta, R, is_parameter=n.is_parameter) for n in space.nodes if n.kind is NodeKind.STATE)
+    full = sum(cost.state_nbytes(n.output_meta, (R,), is_parameter=n.is_parameter) for n in space.nodes if n.kind is NodeKind.STATE)
     budget = full * budget_fraction if budget_fraction is not None else None
     every_block = solve(space, cost, memory_budget=budget, dedup=False)
     deduped = solve(space, cost, memory_budget=budget, dedup=True)

@@ -16,6 +16,7 @@ from torch import nn
 from autotp.api import plan_model
 from autotp.cost.model import CostModel, resolve_hardware
 from autotp.errors import PlanFormatError, TorchTPExportError
+from autotp.io.plan_io import SCHEMA_VERSION
 from autotp.io.torch_tp import to_parallelize_plan
 from autotp.io.torch_tp_check import check_torch_tp
 from autotp.io.torch_tp_export import dumps_torch_tp, export_torch_tp
@@ -50,7 +51,7 @@ def test_json_round_trip_applies_on_two_ranks(tmp_path: Path) -> None:
     path = tmp_path / "gpt.plan.json"
     _autotp("plan", "gpt", "--mesh", "2", "--hardware", "cpu-gloo", "--input", "idx:int64[2,16]", *_config_args(GPT), "--format", "json", "--out", str(path))
     data = json.loads(path.read_text())
-    assert data["format"] == "autotp.plan" and data["version"] == 1 and data["mesh_shape"] == [2]
+    assert data["format"] == "autotp.plan" and data["version"] == SCHEMA_VERSION and data["mesh_shape"] == [2] and data["mesh_axis_names"] == ["tp"]
     reports = run_on_ranks(apply_saved_plan, 2, str(path), "gpt", GPT, 2, 16, timeout_seconds=240)
     for report in reports:
         assert report["same_layout"] and report["max_abs_diff"] <= 1e-4, report
@@ -162,7 +163,7 @@ def test_torch_tp_export_refuses_a_plan_the_styles_cannot_express() -> None:
     shapes than the plan; now it refuses, naming the modules."""
     model, inputs = build_hf_model("gpt2")
     plan = plan_model(model, inputs, mesh_shape=(2,), hardware="cpu-gloo", memory_budget=budget_for(model, 2, 0.25), training=False).plan
-    assert any(isinstance(n.strategy.output, Shard) for n in plan.nodes if n.kind is NodeKind.STATE), "the budget forces splits"
+    assert any(isinstance(n.strategy.axis(0).output, Shard) for n in plan.nodes if n.kind is NodeKind.STATE), "the budget forces splits"
     with pytest.raises(
         TorchTPExportError,
         match=r"(?s)beyond ColwiseParallel.*module 'transformer\.h\.\d+\.(attn|mlp)\.c_\w+'.* read by aten\.addmm\.default outside a styled module.*"

@@ -13,6 +13,7 @@ from autotp.examples import build_example
 from autotp.io.fingerprint import canonical_entries, node_entry
 from autotp.io.plan_align import align_plan
 from autotp.io.plan_io import SCHEMA_VERSION, plan_from_dict, plan_to_dict
+from autotp.ir.mesh import MeshSpec
 from autotp.ir.values import TensorMeta, ValueRef, format_value
 
 
@@ -89,11 +90,11 @@ def _edited(plan: autotp.Plan, edit) -> dict:
     [
         (lambda d: d.update(extra=1), r"unknown field 'extra'"),
         (lambda d: d["nodes"][3].update(colour="red"), r"unknown field 'nodes\[3\]\.colour'"),
-        (lambda d: d.update(version=SCHEMA_VERSION + 1), r"schema version 2 is not supported.*newer autotp"),
+        (lambda d: d.update(version=SCHEMA_VERSION + 1), rf"schema version {SCHEMA_VERSION + 1} is not supported.*newer autotp"),
         (lambda d: d.update(format="something"), r"not an autotp plan"),
         (lambda d: d.pop("fingerprint"), r"missing field 'fingerprint'"),
         (lambda d: d["nodes"][0]["strategy"].update(output="S(x)"), r"nodes\[0\]\.strategy\.output: not a placement: 'S\(x\)'"),
-        (lambda d: d.update(mesh_shape=[2, 2]), r"1-D shape"),
+        (lambda d: d.update(mesh_shape=[2, 2]), r"field 'mesh_axis_names' must hold 2 distinct names, one per axis of mesh_shape \[2, 2\], got \['tp'\]"),
         (lambda d: d["nodes"][5].update(compute_seconds="fast"), r"field 'nodes\[5\]\.compute_seconds' must be a number, got a string"),
         (lambda d: d["nodes"][5].update(value="float99[2,3]"), r"nodes\[5\]\.value: 'float99\[2,3\]' is not a tensor value"),
         (lambda d: d["nodes"][5].update(value="float32[2,x]"), r"nodes\[5\]\.value: 'float32\[2,x\]' has a shape that is not a list of integers"),
@@ -131,12 +132,12 @@ def test_fingerprint_depends_on_shapes_and_ranks(gpt_plan: autotp.Plan) -> None:
 def test_applying_to_another_model_names_the_first_difference(gpt_plan: autotp.Plan) -> None:
     model, inputs = build_example("gpt", device="meta", n_embd=128)
     with pytest.raises(autotp.PlanMismatchError, match=r"graph fingerprint differs\): op 0 is 'p_wpe_weight placeholder \(\) -> float32\[64,64\]' in the plan but '.*float32\[64,128\]' in this model"):
-        _apply_plan(model, inputs, gpt_plan, 4)
+        _apply_plan(model, inputs, gpt_plan, MeshSpec.of(4))
     deeper = build_example("gpt", device="meta", n_layer=3)
     with pytest.raises(autotp.PlanMismatchError, match=r"p_blocks_2_ln_1_weight"):
-        _apply_plan(*deeper, gpt_plan, 4)
+        _apply_plan(*deeper, gpt_plan, MeshSpec.of(4))
     with pytest.raises(autotp.PlanMismatchError, match=r"made for 4 ranks but the mesh has 2"):
-        _apply_plan(*build_example("gpt", device="meta"), gpt_plan, 2)
+        _apply_plan(*build_example("gpt", device="meta"), gpt_plan, MeshSpec.of(2))
 
 
 def test_layout_only_nodes_do_not_change_the_fingerprint(gpt_plan: autotp.Plan) -> None:

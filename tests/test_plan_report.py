@@ -71,7 +71,7 @@ def test_table_has_rows_and_totals_against_baselines(gpt4) -> None:
 def test_replicate_all_pins_every_node(gpt4) -> None:
     result, _ = gpt4
     plan = replicate_all(result.space, _cost(4), hardware="h100-sxm")
-    assert all(p == R for n in plan.nodes for p in (*n.strategy.inputs, *n.strategy.outputs()))
+    assert all(p == (R,) for n in plan.nodes for p in (*n.strategy.inputs, *n.strategy.outputs))
     pinned = {n.name: n.strategy for n in plan.nodes}  # the same as the ILP with every node pinned
     assert build_plan(result.space, solve(result.space, _cost(4), pinned=pinned).chosen(result.space), _cost(4), hardware="h100-sxm", memory_budget=None).total_seconds == pytest.approx(plan.total_seconds)
 
@@ -140,7 +140,7 @@ def test_torch_tp_lists_what_it_cannot_express() -> None:
     pins = {}
     for node in space.nodes:
         if node.op.startswith("aten.linear"):
-            pins[node.name] = next(s for s in node.strategies if s.inputs[0] == Shard(0) and s.inputs[1] == R)
+            pins[node.name] = next(s for s in node.strategies if s.inputs[0] == (Shard(0),) and s.inputs[1] == (R,))
     plan = build_plan(space, solve(space, cost, pinned=pins).chosen(space), cost, hardware="h100-sxm", memory_budget=None)
     tp = torch_tp_plan(plan)
     assert not tp.complete and not tp.styles
@@ -198,7 +198,7 @@ def test_torch_tp_sequence_parallel_norms() -> None:
     pins = megatron_pins(result.space)
     for node in result.space.nodes:
         if node.op.startswith("aten.layer_norm") and node.module_path.startswith("blocks"):
-            pins[node.name] = next(s for s in node.strategies if s.inputs[0] == Shard(1) and s.output == Shard(1))
+            pins[node.name] = next(s for s in node.strategies if s.inputs[0] == (Shard(1),) and s.output == (Shard(1),))
     cost = CostModel(resolve_hardware("h100-sxm"), 2)
     plan = build_plan(result.space, solve(result.space, cost, pinned=pins).chosen(result.space), cost, hardware="h100-sxm", memory_budget=None)
     styles = torch_tp_plan(plan).styles
@@ -206,3 +206,13 @@ def test_torch_tp_sequence_parallel_norms() -> None:
     assert styles["blocks.*.attn.q_proj"].input_layouts == Shard(1)
     assert styles["blocks.*.mlp.c_proj"].output_layouts == Shard(1)
     assert not any(re.fullmatch(r"blocks\.\d+", path) for path in styles)  # never a whole block
+
+
+def test_torch_tp_refuses_an_n_d_plan() -> None:
+    """parallelize_module's styles shard over a 1-D mesh: a (dp, tp) plan is refused, saying so."""
+    model, inputs = build_example("mlp", device="meta", batch=4, seq=4, d_model=32, d_hidden=64)
+    plan = autotp.plan(model, inputs, mesh_shape=(2, 2), mesh_axis_names=("dp", "tp"), hardware="h100-sxm", training=False)
+    with pytest.raises(autotp.ConfigError, match=r"cannot export a plan for the 2-D mesh \(dp=2, tp=2\) as a parallelize_module plan: .*1-D mesh only"):
+        torch_tp_plan(plan)
+    with pytest.raises(autotp.ConfigError, match=r"2-D mesh"):
+        dumps_torch_tp(plan, model=model, example_inputs=inputs)

@@ -60,10 +60,10 @@ def test_megatron_layout_is_rediscovered(megatron_case) -> None:
     assert plan.memory_nbytes_per_device <= budget < plan.replicated_param_nbytes * STATE_FACTOR[plan.training]
     for block in range(N_LAYER):
         for suffix in ("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.c_fc"):
-            strategy = _linear(plan, suffix, block).strategy
+            strategy = _linear(plan, suffix, block).strategy.axis(0)
             assert strategy.inputs[:2] == (R, Shard(0)) and strategy.output == Shard(2), f"{suffix}: {strategy}"
         for suffix in ("attn.c_proj", "mlp.c_proj"):
-            strategy = _linear(plan, suffix, block).strategy
+            strategy = _linear(plan, suffix, block).strategy.axis(0)
             assert strategy.inputs[:2] == (Shard(2), Shard(1)) and strategy.output == P, f"{suffix}: {strategy}"
 
 
@@ -83,7 +83,7 @@ def test_megatron_plan_has_two_all_reduces_per_block(megatron_case) -> None:
 
 def test_megatron_all_reduces_in_rewritten_graph(megatron_case) -> None:
     result, _ = megatron_case
-    gm = rewrite(result.captured, result.space, result.plan, rank=0, group_name="offline")
+    gm = rewrite(result.captured, result.space, result.plan, coordinate=(0,), group_names=("offline",))
     reduced = Counter()
     for node in collective_nodes(gm):
         if node.target.__name__ == "all_reduce":
@@ -115,7 +115,8 @@ def test_megatron_pins_cost_at_least_the_optimum_at_large_batch() -> None:
     # and every linear of every block is split one way or another: nothing runs replicated
     for node in result.plan.nodes:
         if node.op.startswith("aten.linear") and _block_of(node.module_path) is not None:
-            assert any(isinstance(p, Shard) for p in node.strategy.inputs + (node.strategy.output,)), node
+            strategy = node.strategy.axis(0)
+            assert any(isinstance(p, Shard) for p in strategy.inputs + (strategy.output,)), node
 
 
 def test_tiny_hidden_on_slow_link_is_not_split() -> None:
@@ -126,14 +127,15 @@ def test_tiny_hidden_on_slow_link_is_not_split() -> None:
     assert len(block_collectives) < 2 * N_LAYER  # fewer than Megatron's two all-reduces per block
     for node in plan.nodes:
         if node.op.startswith("aten.linear") and _block_of(node.module_path) is not None:
-            assert all(p == R for p in node.strategy.inputs) and node.strategy.output == R, node
+            strategy = node.strategy.axis(0)
+            assert all(p == R for p in strategy.inputs) and strategy.output == R, node
 
 
 def test_large_hidden_on_fast_link_is_split_without_a_budget() -> None:
     """The contrast to the tiny case: at n_embd=4096 splitting pays even with memory to spare."""
     model, inputs = _big_gpt(8, 1024)
     plan = autotp.plan(model, inputs, mesh_shape=(4,), hardware="h100-sxm", training=False)
-    split = [n for n in plan.nodes if n.op.startswith("aten.linear") and _block_of(n.module_path) is not None and n.strategy.output != R]
+    split = [n for n in plan.nodes if n.op.startswith("aten.linear") and _block_of(n.module_path) is not None and n.strategy.axis(0).output != R]
     assert len(split) == 6 * N_LAYER
 
 
@@ -171,7 +173,7 @@ def test_indivisible_dims_are_not_split() -> None:
     result = plan_model(model, inputs, mesh_shape=(4,), hardware="h100-sxm", memory_budget=None)
     for node in result.space.nodes:
         metas = list(node.slot_metas) + ([node.output_meta] if hasattr(node.output_meta, "shape") else [])
-        for strategy in node.strategies:
+        for strategy in (s.axis(0) for s in node.strategies):
             placements = list(strategy.inputs) + ([strategy.output] if not isinstance(strategy.output, tuple) else [])
             for placement, meta in zip(placements, metas):
                 if isinstance(placement, Shard):
@@ -179,7 +181,7 @@ def test_indivisible_dims_are_not_split() -> None:
     mlp, mlp_inputs = build_example("mlp", device="meta", d_model=64, d_hidden=6)
     space = plan_model(mlp, mlp_inputs, mesh_shape=(4,), hardware="h100-sxm", memory_budget=None).space
     fc1_weight = next(n for n in space.nodes if n.kind is NodeKind.STATE and n.output_meta.shape == (6, 64))
-    assert [s.output for s in fc1_weight.strategies] == [R, Shard(1)]
+    assert [s.axis(0).output for s in fc1_weight.strategies] == [R, Shard(1)]
 
 
 def test_summary_lists_splits_and_totals(megatron_case) -> None:
@@ -196,10 +198,10 @@ def test_training_and_inference_plans_differ() -> None:
     training = autotp.plan(model, inputs, mesh_shape=(4,), hardware="h100-sxm", training=True)
     for block in range(N_LAYER):
         for suffix in ("attn.q_proj", "mlp.c_fc", "attn.c_proj", "mlp.c_proj"):
-            batch_split = _linear(inference, suffix, block).strategy
+            batch_split = _linear(inference, suffix, block).strategy.axis(0)
             assert batch_split.inputs[1] == R and batch_split.output == Shard(0), (suffix, batch_split)
-        assert _linear(training, "attn.q_proj", block).strategy.inputs[1] == Shard(0)
-        assert _linear(training, "mlp.c_proj", block).strategy.output == P
+        assert _linear(training, "attn.q_proj", block).strategy.axis(0).inputs[1] == Shard(0)
+        assert _linear(training, "mlp.c_proj", block).strategy.axis(0).output == P
     grad_syncs = [c for _, c in training.collectives(backward=True) if c.backward_only]
     assert grad_syncs and not inference.collectives()[:-1]  # inference: one final gather
     # the batch-split weights' gradient syncs are in its graph, listed but not priced: no gradient is expected

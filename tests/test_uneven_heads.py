@@ -20,8 +20,8 @@ import pytest
 from autotp.capture.export import capture
 from autotp.examples import build_example
 from autotp.ir.placement import P, R, Shard
+from autotp.ir.strategy import OpStrategy, one_axis
 from autotp.strategies.engine import NodeKind, NodeSpace, StrategySpace, build_strategy_space
-from autotp.strategies.rules.registry import OpStrategy
 from autotp.testing import run_on_ranks
 from tests import _uneven_heads_fns
 
@@ -58,24 +58,24 @@ def test_head_split_offered_only_where_it_divides(name: str) -> None:
     config, tp_size = CONFIGS[name]
     space = _space(config, tp_size)
     n_heads, n_kv_heads = config["n_heads"], config["n_kv_heads"]
-    head_split = OpStrategy((Shard(2),), Shard(2))  # (B, T, H*hd) S(2) -> (B, T, H, hd) S(2)
+    head_split = one_axis(OpStrategy((Shard(2),), Shard(2)))  # (B, T, H*hd) S(2) -> (B, T, H, hd) S(2)
     q, k, v = _head_views(space)
     assert (q.output_meta.shape[2], k.output_meta.shape[2], v.output_meta.shape[2]) == (n_heads, n_kv_heads, n_kv_heads)
     assert (head_split in q.strategies) == (n_heads % tp_size == 0), q.strategies
     assert (head_split in k.strategies) == (n_kv_heads % tp_size == 0), k.strategies
     assert (head_split in v.strategies) == (n_kv_heads % tp_size == 0), v.strategies
     (attention,) = _ops(space, "layers.0.attention", "aten.scaled_dot_product_attention")
-    assert (OpStrategy((Shard(1),) * 3, Shard(1)) in attention.strategies) == (n_heads % tp_size == 0)
-    assert (OpStrategy((Shard(0),) * 3, Shard(0)) in attention.strategies) == (2 % tp_size == 0)  # batch 2
+    assert (one_axis(OpStrategy((Shard(1),) * 3, Shard(1))) in attention.strategies) == (n_heads % tp_size == 0)
+    assert (one_axis(OpStrategy((Shard(0),) * 3, Shard(0))) in attention.strategies) == (2 % tp_size == 0)  # batch 2
     # the other splits are still offered: column- and row-parallel projections and MLP
     (wq,) = _ops(space, "layers.0.attention.wq", "aten.linear")
-    assert OpStrategy((R, Shard(0)), Shard(2)) in wq.strategies  # its output features divide
+    assert one_axis(OpStrategy((R, Shard(0)), Shard(2))) in wq.strategies  # its output features divide
     (wo,) = _ops(space, "layers.0.attention.wo", "aten.linear")
-    assert OpStrategy((Shard(2), Shard(1)), P) in wo.strategies
+    assert one_axis(OpStrategy((Shard(2), Shard(1)), P)) in wo.strategies
     (w1,) = _ops(space, "layers.0.feed_forward.w1", "aten.linear")
     (w2,) = _ops(space, "layers.0.feed_forward.w2", "aten.linear")
-    assert OpStrategy((R, Shard(0)), Shard(2)) in w1.strategies
-    assert OpStrategy((Shard(2), Shard(1)), P) in w2.strategies
+    assert one_axis(OpStrategy((R, Shard(0)), Shard(2))) in w1.strategies
+    assert one_axis(OpStrategy((Shard(2), Shard(1)), P)) in w2.strategies
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -83,7 +83,7 @@ def test_no_strategy_splits_an_indivisible_dim(name: str) -> None:
     config, tp_size = CONFIGS[name]
     for node in _space(config, tp_size).nodes:
         metas = (*node.slot_metas, *(node.output_meta if isinstance(node.output_meta, tuple) else (node.output_meta,)))
-        for strategy in node.strategies:
+        for strategy in (s.axis(0) for s in node.strategies):
             for placement, meta in zip((*strategy.inputs, *strategy.outputs()), metas):
                 if isinstance(placement, Shard):
                     assert meta.shape[placement.dim] % tp_size == 0, (node.name, str(strategy))

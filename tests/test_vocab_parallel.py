@@ -26,9 +26,10 @@ def test_large_vocab_picks_vocab_parallel_layers() -> None:
     embedding = _by(plan, lambda n: n.module_path == "wte" and n.op.startswith("aten.embedding"))
     head = _by(plan, lambda n: n.module_path == "lm_head")
     loss = _by(plan, lambda n: n.op.startswith("aten.cross_entropy_loss"))
-    assert embedding.strategy.inputs == (Shard(0), R) and embedding.strategy.output == P
-    assert head.strategy.inputs[1] == Shard(0) and head.strategy.output == Shard(2)
-    assert loss.strategy.inputs == (Shard(1), R) and loss.strategy.output == R
+    embedding_s, head_s, loss_s = (n.strategy.axis(0) for n in (embedding, head, loss))
+    assert embedding_s.inputs == (Shard(0), R) and embedding_s.output == P
+    assert head_s.inputs[1] == Shard(0) and head_s.output == Shard(2)
+    assert loss_s.inputs == (Shard(1), R) and loss_s.output == R
     # the (8 x 512 x 131072) logits are never gathered or reduced: no conversion of a tensor that big
     logits_nbytes = 8 * 512 * 131072 * 4
     assert all(c.nbytes < logits_nbytes for _, c in plan.conversions())
@@ -37,7 +38,7 @@ def test_large_vocab_picks_vocab_parallel_layers() -> None:
 def test_small_vocab_does_not_split_the_vocabulary() -> None:
     plan = _plan(1024)
     embedding = _by(plan, lambda n: n.module_path == "wte" and n.op.startswith("aten.embedding"))
-    assert embedding.strategy.output != P
+    assert embedding.strategy.axis(0).output != P
 
 
 @pytest.mark.timeout(300)

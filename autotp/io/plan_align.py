@@ -14,9 +14,9 @@ from autotp.errors import AutoTPError, PlanMismatchError
 from autotp.io.fingerprint import LAYOUT_ONLY_OPS
 from autotp.ir.placement import R
 from autotp.ir.plan import Plan
+from autotp.ir.strategy import MeshStrategy
 from autotp.solve.build import build_plan
 from autotp.strategies.engine import StrategySpace
-from autotp.strategies.rules import OpStrategy
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +41,16 @@ def carry_plan(plan: Plan, space: StrategySpace, *, fallback_hardware: str = "cp
     from autotp.cost.model import resolve_hardware
 
     planned = {n.name: n for n in plan.nodes}
-    chosen: dict[str, OpStrategy] = {}
+    chosen: dict[str, MeshStrategy] = {}
+    replicated = (R,) * space.mesh.ndim
     for node in space.nodes:
         if node.op in LAYOUT_ONLY_OPS and len(node.slots) == 1:
             ref = node.slots[0]
             producer = space.by_name()[ref.node]
             passed = producer.output_placement(chosen[ref.node], ref.index)
-            strategy = OpStrategy((passed,), passed)
+            strategy = MeshStrategy((passed,), (passed,))
             if strategy not in node.strategies:
-                strategy = OpStrategy((R,), R)
+                strategy = MeshStrategy((replicated,), (replicated,))
         elif node.name in planned and planned[node.name].op == node.op:
             strategy = planned[node.name].strategy
         else:
@@ -61,5 +62,5 @@ def carry_plan(plan: Plan, space: StrategySpace, *, fallback_hardware: str = "cp
         profile = resolve_hardware(plan.hardware)
     except AutoTPError:  # a profile file this machine does not have: the costs are only informative
         profile = resolve_hardware(fallback_hardware)
-    cost = CostModel(profile, plan.tp_size, training=plan.training, optimizer=plan.optimizer if plan.training else None)
+    cost = CostModel(profile, plan.mesh, training=plan.training, optimizer=plan.optimizer if plan.training else None)
     return build_plan(space, chosen, cost, hardware=plan.hardware, memory_budget=plan.memory_budget, status=plan.solver_status, solve_seconds=plan.solve_seconds)

@@ -27,8 +27,10 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
+from autotp.errors import ConfigError
 from autotp.ir.placement import Partial, Placement, R, Replicate, Shard, parse_placement
 from autotp.ir.plan import NodePlan, Plan
+from autotp.ir.strategy import OpStrategy
 from autotp.ir.values import ValueRef, output_metas
 from autotp.strategies.blocks import split_block_path
 from autotp.strategies.engine import NodeKind
@@ -94,15 +96,28 @@ class _Graph:
                 self.readers[ref].append((node, slot))
 
     def produced(self, ref: ValueRef) -> Placement:
-        node = self.nodes[ref.node]
-        return node.strategy.outputs()[ref.index] if ref.index is not None else node.strategy.output  # type: ignore[return-value]
+        return _strategy(self.nodes[ref.node]).outputs()[ref.index or 0]
 
     def reads(self, ref: ValueRef) -> set[Placement]:
-        return {node.strategy.inputs[slot] for node, slot in self.readers[ref]}
+        return {_strategy(node).inputs[slot] for node, slot in self.readers[ref]}
+
+
+def _strategy(node: NodePlan) -> OpStrategy:
+    """A node's strategy on the plan's one mesh axis (``torch_tp_plan`` refuses N-D plans)."""
+    return node.strategy.axis(0)
 
 
 def torch_tp_plan(plan: Plan) -> TorchTPPlan:
-    """The ``parallelize_module`` plan equivalent to ``plan``, as far as the styles reach."""
+    """The ``parallelize_module`` plan equivalent to ``plan``, as far as the styles reach.
+
+    ``ConfigError`` on a plan for an N-D mesh: the styles shard over one 1-D mesh.
+    """
+    if len(plan.mesh_shape) != 1:
+        raise ConfigError(
+            f"cannot export a plan for the {len(plan.mesh_shape)}-D mesh {plan.mesh_text()} as a parallelize_module plan: "
+            "ColwiseParallel/RowwiseParallel/SequenceParallel shard over a 1-D mesh only. What to do: run this plan with "
+            "autotp.parallelize (or save it with --format json), or plan for a 1-D mesh (--mesh N) to export it"
+        )
     graph = _Graph(plan)
     styles: dict[str, Style] = {}
     styled_nodes: dict[str, str] = {}  # op node -> module path
@@ -137,9 +152,9 @@ def torch_tp_plan(plan: Plan) -> TorchTPPlan:
 
 def _linear_style(node: NodePlan, graph: _Graph) -> tuple[Style | None, str]:
     """The style of one linear/embedding node, or (None, why) when it has none (None, "") if replicated."""
-    s = node.strategy
+    s = _strategy(node)
     out = s.output
-    if all(p == R for p in (*s.inputs, *node.strategy.outputs())):
+    if all(p == R for p in (*s.inputs, *s.outputs())):
         return None, ""
     last = output_metas(node.output_meta)[0].ndim - 1
     reads = graph.reads(ValueRef(node.name))
@@ -176,9 +191,9 @@ def _sequence_parallel(ops: list[NodePlan], graph: _Graph) -> bool:
         for slot, ref in enumerate(node.inputs):
             producer = graph.nodes[ref.node]
             want = R if producer.kind is NodeKind.STATE else Shard(1)
-            if node.strategy.inputs[slot] != want:
+            if _strategy(node).inputs[slot] != want:
                 return False
-        if any(p != Shard(1) for p in node.strategy.outputs()):
+        if any(p != Shard(1) for p in _strategy(node).outputs()):
             return False
     return True
 
@@ -198,7 +213,7 @@ def _fill_inputs(styles: dict[str, Style], styled_nodes: dict[str, str], graph: 
 def _check_unstyled(plan: Plan, graph: _Graph, styled_nodes: dict[str, str], effective: dict[ValueRef, Placement]) -> list[dict[str, str]]:
     """Conversions outside linear styles have no style to run them; a SequenceParallel module
     must receive its activations already split on the sequence dim."""
-    problems = []
+    problems: list[dict[str, str]] = []
     for node in plan.nodes:
         if node.kind not in (NodeKind.OP, NodeKind.OUTPUT):
             continue
@@ -212,7 +227,7 @@ def _check_unstyled(plan: Plan, graph: _Graph, styled_nodes: dict[str, str], eff
                 arriving = graph.produced(ref)
                 if producer_name in styled_nodes:  # SequenceParallel keeps the shards
                     arriving = Shard(1)
-            wanted = node.strategy.inputs[slot]
+            wanted = _strategy(node).inputs[slot]
             if arriving != wanted:
                 where = "the model output" if node.kind is NodeKind.OUTPUT else f"{node.op} in '{node.module_path or '(model)'}'"
                 problems.append({
@@ -226,14 +241,14 @@ def _check_state(plan: Plan, graph: _Graph, styled_nodes: dict[str, str]) -> lis
     """Every split parameter must be split by the one style of the one module that owns it."""
     problems = []
     for node in plan.nodes:
-        if node.kind is not NodeKind.STATE or not isinstance(node.strategy.output, Shard):
+        if node.kind is not NodeKind.STATE or not isinstance(_strategy(node).output, Shard):
             continue
         owners = {styled_nodes.get(c.name) for c, _ in graph.readers[ValueRef(node.name)]}
         if None in owners:
             ops = ", ".join(sorted({c.op for c, _ in graph.readers[ValueRef(node.name)] if c.name not in styled_nodes}))
             problems.append({
                 "module": node.module_path, "node": node.name,
-                "why": f"parameter {node.name} is split {node.strategy.output} but read by {ops} outside a styled module "
+                "why": f"parameter {node.name} is split {_strategy(node).output} but read by {ops} outside a styled module "
                 "(styles shard nn.Linear (aten.linear) and nn.Embedding (aten.embedding) modules only)",
             })
         elif len(owners) > 1:

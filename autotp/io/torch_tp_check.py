@@ -237,7 +237,7 @@ def _planned_local_shapes(plan: Plan) -> dict[tuple[str, str, int], tuple[str, t
         if not shapes:
             continue
         local = []
-        for shape, placement in zip(shapes, node.strategy.outputs()):
+        for shape, placement in zip(shapes, node.strategy.axis(0).outputs()):  # a 1-D plan: torch_tp_plan refuses N-D ones
             if isinstance(placement, Shard):
                 shape = shape[: placement.dim] + (_local_size(shape[placement.dim], plan.tp_size),) + shape[placement.dim + 1:]
             local.append(shape)

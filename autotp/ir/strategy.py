@@ -1,10 +1,9 @@
 """What a strategy is: placements of an op's inputs and output, and the kinds of graph node that carry one."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
-
-from collections.abc import Sequence
 
 from autotp.ir.placement import Placement, Placements, Replicate, format_placements
 

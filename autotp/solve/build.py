@@ -7,10 +7,9 @@ from collections.abc import Mapping
 from dataclasses import replace
 
 from autotp.comm.conversions import GradSyncSite, Site, conversion_sites, sites_by_consumer
-from autotp.cost.model import CostModel
+from autotp.cost.model import CostModel, split_count
 from autotp.cost.wake import collective_gaps
 from autotp.io.fingerprint import space_fingerprint
-from autotp.cost.model import split_count
 from autotp.ir.placement import Placements
 from autotp.ir.plan import Conversion, NodePlan, Plan
 from autotp.ir.strategy import MeshStrategy

@@ -50,11 +50,11 @@ from autotp.comm.conversions import grad_sync_axes
 from autotp.cost.model import CostModel
 from autotp.errors import InfeasiblePlanError, SolverError, SolverTimeLimitWarning
 from autotp.ir.placement import Placements
+from autotp.ir.strategy import MeshStrategy
 from autotp.ir.values import TensorMeta, ValueRef
 from autotp.solve.memory import check_budget, fallback_choice, state_nbytes
 from autotp.strategies.blocks import canonical_nodes
 from autotp.strategies.engine import NodeKind, NodeSpace, StrategySpace
-from autotp.ir.strategy import MeshStrategy
 
 log = logging.getLogger(__name__)
 

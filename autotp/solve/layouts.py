@@ -25,11 +25,11 @@ import torch
 from autotp.capture.torch_compat import OpOverload
 from autotp.errors import AutoTPError
 from autotp.ir.placement import P, R, Shard
+from autotp.ir.strategy import MeshStrategy
 from autotp.ir.values import ValueRef
 from autotp.strategies.blocks import block_of, block_pattern, split_block_path
 from autotp.strategies.engine import NodeKind, NodeSpace, StrategySpace
 from autotp.strategies.op_facts import packet_name
-from autotp.ir.strategy import MeshStrategy
 
 
 @dataclass(frozen=True, slots=True)

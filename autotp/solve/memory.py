@@ -64,14 +64,15 @@ def check_budget(space: StrategySpace, cost: CostModel, budget: float, pinned: M
 
 
 def fallback_choice(space: StrategySpace, cost: CostModel, *, memory_budget: float | None, pinned: Mapping[str, MeshStrategy]) -> dict[str, MeshStrategy]:
-    """Every node at its all-``R`` strategy (pins kept), then states moved to their smallest split,
-    largest saving first (ties in graph order), until the state fits ``memory_budget``.
+    """Every node at its all-``R`` strategy (pins kept; a state that an ``fsdp`` axis role keeps split
+    at its least split one), then states moved to their smallest split, largest saving first (ties
+    in graph order), until the state fits ``memory_budget``.
 
     The weights that move are all-gathered before use (FSDP-style): slow but always feasible once
     ``check_budget`` passes, and deterministic: the plan returned when the solver stops at its
     time limit.
     """
-    chosen = {n.name: pinned.get(n.name) or replicated_strategy(n) for n in space.nodes}
+    chosen = {n.name: pinned.get(n.name) or _start(n, cost) for n in space.nodes}
     if memory_budget is None:
         return chosen
     state = [n for n in space.nodes if n.kind is NodeKind.STATE]
@@ -93,6 +94,14 @@ def replicated_strategy(node: NodeSpace) -> MeshStrategy:
     if strategy is None:  # every op offers all-R; this guards against a rule that does not
         raise InfeasiblePlanError(f"node '{node.name}' ({node.op}) has no all-replicate strategy to fall back on")
     return strategy
+
+
+def _start(node: NodeSpace, cost: CostModel) -> MeshStrategy:
+    """Where the fallback starts a node: all-``R``; a state whose axis roles forbid that (``fsdp``
+    on some axis) at its least split strategy, the first of those in the space's order."""
+    if node.kind is NodeKind.STATE and not any(all(p == R for p in s.output) for s in node.strategies):
+        return max(node.strategies, key=lambda s: state_nbytes(node, s.output, cost))
+    return replicated_strategy(node)
 
 
 def _smallest(node: NodeSpace, cost: CostModel) -> float:

@@ -10,7 +10,6 @@ priced under the same cost model.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
