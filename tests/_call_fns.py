@@ -9,9 +9,9 @@ from torch.distributed.device_mesh import init_device_mesh
 
 import autotp
 from autotp.examples import build_example
-from autotp.ir.placement import Shard
+from autotp.ir.placement import Shard, local_chunk
 from autotp.rewrite.rewriter import collective_nodes
-from tests._training_fns import STATE_FACTOR, _shard_of
+from tests._training_fns import STATE_FACTOR
 
 
 class ScaledMLP(nn.Module):
@@ -130,7 +130,7 @@ def gpt_other_sizes(rank: int, world_size: int) -> dict[str, Any]:
         expected.square().mean().backward()
         actual.square().mean().backward()
         grad_error = max(
-            (p.grad - _shard_of(model.get_parameter(n).grad, placements[n], rank, world_size)).abs().max().item()
+            (p.grad - local_chunk(model.get_parameter(n).grad, placements[n], (world_size,), (rank,))).abs().max().item()
             for n, p in sharded.named_parameters()
         )
         errors[name] = {"shape": tuple(actual.shape), "output": (actual - expected).abs().max().item(), "grad": grad_error}
