@@ -90,7 +90,11 @@ def training_equivalence(rank: int, world_size: int, names: list[str], steps: in
 def dcp_save(rank: int, world_size: int, path: str) -> list[float]:
     """Train the GPT example one step on ``world_size`` ranks, save with DCP, return its output."""
     model, inputs = build_example("gpt")
-    sharded = _parallelize(model, inputs, world_size)
+    return _step_and_save(_parallelize(model, inputs, world_size), inputs, path)
+
+
+def _step_and_save(sharded: autotp.ShardedModule, inputs: tuple[torch.Tensor, ...], path: str) -> list[float]:
+    """One AdamW step of the GPT example, a DCP save to ``path``, and the output after it."""
     opt = torch.optim.AdamW(sharded.parameters(), lr=1e-2)
     _loss("gpt", sharded(*inputs), inputs).backward()
     opt.step()
@@ -165,10 +169,4 @@ def dcp_save_on_mesh(rank: int, world_size: int, path: str, plan_data: dict) -> 
     plan = Plan.from_dict(plan_data)
     model, inputs = build_example("gpt")
     mesh = init_device_mesh("cpu", tuple(plan.mesh_shape), mesh_dim_names=tuple(plan.mesh_axis_names))
-    sharded = autotp.parallelize(model, mesh, inputs, plan=plan)
-    opt = torch.optim.AdamW(sharded.parameters(), lr=1e-2)
-    _loss("gpt", sharded(*inputs), inputs).backward()
-    opt.step()
-    dcp.save(autotp.sharded_state_dict(sharded), checkpoint_id=path)
-    with torch.no_grad():
-        return sharded(*inputs).flatten().tolist()
+    return _step_and_save(autotp.parallelize(model, mesh, inputs, plan=plan), inputs, path)
