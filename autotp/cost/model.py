@@ -38,7 +38,7 @@ from autotp.errors import ConfigError
 from autotp.ir.mesh import MeshSpec
 from autotp.ir.placement import Placements, Shard
 from autotp.ir.strategy import MeshStrategy
-from autotp.ir.values import TensorMeta
+from autotp.ir.values import TensorMeta, split_meta
 from autotp.strategies.engine import NodeKind, NodeSpace
 from autotp.strategies.op_facts import CONTRACTION_OPS, SECOND_MATRIX_SLOT, op_class_of, packet_name
 
@@ -181,11 +181,7 @@ class CostModel:
 
     def axis_meta(self, meta: TensorMeta, placements: Placements, axis: int) -> TensorMeta:
         """``meta`` as a step on ``axis`` sees it: split by every *other* axis that shards it."""
-        shape = list(meta.shape)
-        for a, p in enumerate(placements):
-            if a != axis and isinstance(p, Shard):
-                shape[p.dim] //= self.mesh.shape[a]
-        return TensorMeta(tuple(shape), meta.dtype)
+        return split_meta(meta, placements, self.mesh.shape, (a for a in range(self.mesh.ndim) if a != axis))
 
     def step_seconds(self, step: Step, meta: TensorMeta) -> float:
         """Seconds of one step on a tensor of ``meta`` (as its axis sees it, ``axis_meta``): only its
@@ -220,11 +216,6 @@ class CostModel:
             spans = axis in self.mesh.inter_node_axes
             return self.profile.inter_node if spans and self.profile.inter_node is not None else self.profile.intra_node
         return self.profile.link_for_axis(self.mesh.shape, axis)
-
-    @property
-    def link(self) -> LinkProfile:
-        """The link of a 1-D mesh's groups (intra-node unless they span nodes)."""
-        return self.axis_link(0)
 
     @property
     def prices_wake(self) -> bool:

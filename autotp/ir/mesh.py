@@ -65,13 +65,5 @@ class MeshSpec:
             return axis % self.ndim
         raise ConfigError(f"no mesh axis {axis!r}: the mesh {self} has axes {', '.join(self.names)} (or indices 0..{self.ndim - 1})")
 
-    def coordinate(self, rank: int) -> tuple[int, ...]:
-        """Rank ``rank``'s position on every axis (row-major, as ``init_device_mesh``)."""
-        coords = []
-        for size in reversed(self.shape):
-            coords.append(rank % size)
-            rank //= size
-        return tuple(reversed(coords))
-
     def __str__(self) -> str:
         return "(" + ", ".join(f"{n}={s}" for n, s in zip(self.names, self.shape)) + ")"

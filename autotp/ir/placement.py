@@ -87,20 +87,6 @@ def parse_placements(text: str) -> Placements:
     return (parse_placement(text),)
 
 
-def sharded_dims(placements: Placements) -> dict[int, int]:
-    """Tensor dim -> the mesh axis that splits it."""
-    return {p.dim: axis for axis, p in enumerate(placements) if isinstance(p, Shard)}
-
-
-def local_shape(shape: tuple[int, ...], placements: Placements, mesh_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The shape one rank holds of a tensor of global ``shape`` placed as ``placements``."""
-    out = list(shape)
-    for axis, p in enumerate(placements):
-        if isinstance(p, Shard):
-            out[p.dim] //= mesh_shape[axis]
-    return tuple(out)
-
-
 def local_chunk(full: torch.Tensor, placements: Placements, mesh_shape: Sequence[int], coordinate: Sequence[int]) -> torch.Tensor:
     """The part of ``full`` the rank at ``coordinate`` holds (``S(d)`` on axis ``a``: chunk
     ``coordinate[a]`` of ``mesh_shape[a]`` along ``d``; ``R`` and ``P``: all of it)."""

@@ -2,9 +2,12 @@
 shape and dtype (``TensorMeta``), with the one text form plans and fingerprints write."""
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+
+from autotp.ir.placement import Placements, Shard
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +31,16 @@ class TensorMeta:
     @property
     def nbytes(self) -> int:
         return self.numel * self.dtype.itemsize
+
+
+def split_meta(meta: TensorMeta, placements: Placements, mesh_shape: tuple[int, ...], axes: Iterable[int]) -> TensorMeta:
+    """``meta`` as it is left by the splits of ``placements`` on the given mesh ``axes`` only."""
+    shape = list(meta.shape)
+    for axis in axes:
+        p = placements[axis]
+        if isinstance(p, Shard):
+            shape[p.dim] //= mesh_shape[axis]
+    return TensorMeta(tuple(shape), meta.dtype)
 
 
 @dataclass(frozen=True, slots=True)

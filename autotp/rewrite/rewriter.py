@@ -19,10 +19,10 @@ from torch import fx
 from autotp.capture.export import CapturedGraph
 from autotp.comm import collectives
 from autotp.comm.conversions import GradSyncSite, Site, SlotKey, conversion_sites
-from autotp.ir.placement import Placements, Shard
+from autotp.ir.placement import Shard
 from autotp.ir.plan import Plan
 from autotp.ir.strategy import MeshStrategy
-from autotp.ir.values import TensorMeta, ValueRef
+from autotp.ir.values import ValueRef, split_meta
 from autotp.rewrite import random
 from autotp.strategies.engine import ASSERT_OPS, NodeSpace, StrategySpace, is_tensor_value
 from autotp.strategies.op_facts import draws_random
@@ -177,7 +177,7 @@ def local_call(
         if _splits_output(single):
             lc = LocalContext(
                 coordinate[axis], mesh_shape[axis], single,
-                tuple(_local_meta(m, p, done, mesh_shape) for m, p in zip(space.slot_metas, strategy.inputs)),
+                tuple(split_meta(m, p, mesh_shape, done) for m, p in zip(space.slot_metas, strategy.inputs)),
                 _local_output_meta(space.output_meta, strategy, done, mesh_shape),  # type: ignore[arg-type]
             )
             args, kwargs = rule.localize(args, kwargs, lc)
@@ -186,20 +186,10 @@ def local_call(
     return target, args, kwargs
 
 
-def _local_meta(meta: TensorMeta, placements: Placements, axes: Sequence[int], mesh_shape: tuple[int, ...]) -> TensorMeta:
-    """``meta`` split by the given ``axes`` of ``placements``."""
-    shape = list(meta.shape)
-    for axis in axes:
-        p = placements[axis]
-        if isinstance(p, Shard):
-            shape[p.dim] //= mesh_shape[axis]
-    return TensorMeta(tuple(shape), meta.dtype)
-
-
 def _local_output_meta(meta: OutputMeta | None, strategy: MeshStrategy, axes: Sequence[int], mesh_shape: tuple[int, ...]) -> OutputMeta | None:
     if isinstance(meta, tuple):
-        return tuple(_local_meta(m, p, axes, mesh_shape) for m, p in zip(meta, strategy.outputs))
-    return None if meta is None else _local_meta(meta, strategy.outputs[0], axes, mesh_shape)
+        return tuple(split_meta(m, p, mesh_shape, axes) for m, p in zip(meta, strategy.outputs))
+    return None if meta is None else split_meta(meta, strategy.outputs[0], mesh_shape, axes)
 
 
 def _replace_slots(node: fx.Node, rule: Rule | None, replacements: Iterator[Any], env: Mapping[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:

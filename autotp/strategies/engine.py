@@ -87,10 +87,6 @@ class StrategySpace:
         return MappingProxyType({n.name: n for n in self.nodes})
 
     @property
-    def mesh_shape(self) -> tuple[int, ...]:
-        return self.mesh.shape
-
-    @property
     def tp_size(self) -> int:
         """The ranks of a 1-D mesh (what the 1-D-only paths, such as the torch-TP export, read)."""
         if self.mesh.ndim != 1:
