@@ -17,6 +17,7 @@ from autotp.examples import build_example
 from autotp.ir.placement import local_chunk
 from autotp.ir.plan import Plan
 from autotp.rewrite.rewriter import collective_nodes
+from tests._training_fns import adamw_losses
 
 
 def loss_of(name: str, out: Any, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -51,16 +52,7 @@ def equivalence_on_mesh(
     )
     model.zero_grad(set_to_none=True)
     sharded.zero_grad(set_to_none=True)
-    reference_opt = torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1e-6)
-    sharded_opt = torch.optim.AdamW(sharded.parameters(), lr=1e-2, eps=1e-6)
-    losses = []
-    for _ in range(steps):
-        for net, opt in ((model, reference_opt), (sharded, sharded_opt)):
-            opt.zero_grad(set_to_none=True)
-            loss = loss_of(name, net(*inputs), inputs)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
+    losses = adamw_losses(model, sharded, loss_of, name, inputs, steps)
     param_error = max(
         (p.detach() - local_chunk(model.get_parameter(n).detach(), placements[n], mesh_shape, coordinate)).abs().max().item()
         for n, p in sharded.named_parameters()

@@ -1,6 +1,7 @@
 """Rank functions for the training tests: module-level, so spawned ranks can import them."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,6 +32,25 @@ def _split_count(placements: dict[str, Placements]) -> int:
     return sum(any(isinstance(p, Shard) for p in per_axis) for per_axis in placements.values())
 
 
+def adamw_losses(
+    model: nn.Module, sharded: nn.Module, loss: Callable[[str, Any, tuple[torch.Tensor, ...]], torch.Tensor],
+    name: str, inputs: tuple[torch.Tensor, ...], steps: int,
+) -> list[float]:
+    """``steps`` AdamW steps (lr 1e-2, eps 1e-6) of ``model`` and of ``sharded`` on
+    ``loss(name, output, inputs)``, interleaved; the losses in that order (reference, sharded, ...)."""
+    reference_opt = torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1e-6)
+    sharded_opt = torch.optim.AdamW(sharded.parameters(), lr=1e-2, eps=1e-6)
+    losses = []
+    for _ in range(steps):
+        for net, opt in ((model, reference_opt), (sharded, sharded_opt)):
+            opt.zero_grad(set_to_none=True)
+            value = loss(name, net(*inputs), inputs)
+            value.backward()
+            opt.step()
+            losses.append(value.item())
+    return losses
+
+
 def _parallelize(model: nn.Module, inputs: tuple[torch.Tensor, ...], world_size: int) -> autotp.ShardedModule:
     mesh = init_device_mesh("cpu", (world_size,))
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -58,16 +78,7 @@ def training_equivalence(rank: int, world_size: int, names: list[str], steps: in
         # eps=1e-6, not 1e-8: GPT's key bias has an exactly-zero true gradient (softmax ignores a
         # constant added to every key score), so both models see only ~1e-10 rounding noise
         # there, which Adam with eps=1e-8 would normalise into full +-lr steps of random sign.
-        reference_opt = torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1e-6)
-        sharded_opt = torch.optim.AdamW(sharded.parameters(), lr=1e-2, eps=1e-6)
-        losses = []
-        for _ in range(steps):
-            for net, opt in ((model, reference_opt), (sharded, sharded_opt)):
-                opt.zero_grad(set_to_none=True)
-                loss = _loss(name, net(*inputs), inputs)
-                loss.backward()
-                opt.step()
-                losses.append(loss.item())
+        losses = adamw_losses(model, sharded, _loss, name, inputs, steps)
         full = autotp.full_state_dict(sharded)
         param_error = max((full[n] - t).abs().max().item() for n, t in model.state_dict().items())
 
