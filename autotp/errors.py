@@ -33,6 +33,11 @@ class SetupTimeoutError(AutoTPError, TimeoutError):
     rank: one rank crashed, hangs, or does not call ``parallelize``."""
 
 
+class CheckpointError(AutoTPError):
+    """A checkpoint to load weights from is missing, unreadable, or does not match the model: a
+    file or tensor is absent, truncated, or of another shape or dtype (the message names it)."""
+
+
 class SolverError(AutoTPError):
     """The ILP solver failed or returned no usable solution."""
 

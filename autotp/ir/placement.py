@@ -87,10 +87,26 @@ def parse_placements(text: str) -> Placements:
     return (parse_placement(text),)
 
 
-def local_chunk(full: torch.Tensor, placements: Placements, mesh_shape: Sequence[int], coordinate: Sequence[int]) -> torch.Tensor:
-    """The part of ``full`` the rank at ``coordinate`` holds (``S(d)`` on axis ``a``: chunk
-    ``coordinate[a]`` of ``mesh_shape[a]`` along ``d``; ``R`` and ``P``: all of it)."""
+def chunk_index(
+    shape: Sequence[int], placements: Placements, mesh_shape: Sequence[int], coordinate: Sequence[int],
+) -> tuple[slice, ...]:
+    """Where the part of a tensor of ``shape`` that the rank at ``coordinate`` holds lies in it, one
+    slice per dim: ``S(d)`` on axis ``a`` takes chunk ``coordinate[a]`` of ``mesh_shape[a]`` along
+    ``d`` (``torch.chunk``'s split, of what the outer axes left), ``R`` and ``P`` all of it.
+
+    Nested splits of one dim stay contiguous, so a slice per dim says it all: readers of a
+    checkpoint read exactly this part, and ``local_chunk`` cuts it from a full tensor.
+    """
+    bounds = [(0, size) for size in shape]
     for axis, p in enumerate(placements):
         if isinstance(p, Shard):
-            full = full.chunk(mesh_shape[axis], dim=p.dim)[coordinate[axis]]
-    return full
+            start, stop = bounds[p.dim]
+            step = -(-(stop - start) // mesh_shape[axis])  # torch.chunk: ceil-sized chunks, the last ones short or empty
+            first = min(start + coordinate[axis] * step, stop)
+            bounds[p.dim] = (first, min(first + step, stop))
+    return tuple(slice(start, stop) for start, stop in bounds)
+
+
+def local_chunk(full: torch.Tensor, placements: Placements, mesh_shape: Sequence[int], coordinate: Sequence[int]) -> torch.Tensor:
+    """The part of ``full`` the rank at ``coordinate`` holds (a view: see ``chunk_index``)."""
+    return full[chunk_index(full.shape, placements, mesh_shape, coordinate)]
