@@ -10,8 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
-from autotp.ir.placement import Placements, format_placements
+from autotp.capture.export import CapturedGraph, InputRole
+from autotp.ir.placement import Placements, Replicate, chunk_index, format_placements
+from autotp.ir.plan import Plan
+from autotp.ir.values import TensorMeta
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,3 +46,41 @@ class StateTarget:
     @property
     def name(self) -> str:
         return self.fqns[0]
+
+
+def state_targets(model: nn.Module, captured: CapturedGraph, plan: Plan, coordinate: tuple[int, ...]) -> dict[str, StateTarget]:
+    """Every parameter and buffer the sharded module holds, by its first name: the graph's state
+    inputs with their planned placements, then the tensors the graph never reads (kept whole)."""
+    mesh_shape = tuple(plan.mesh_shape)
+    by_node = {n.name: n for n in plan.nodes}
+    targets: dict[str, StateTarget] = {}
+    for gi in captured.inputs:
+        if gi.role not in (InputRole.PARAMETER, InputRole.BUFFER):
+            continue
+        node = by_node[gi.node_name]
+        meta = node.output_meta
+        assert isinstance(meta, TensorMeta)  # a placeholder has one output
+        placements = node.strategy.output
+        targets[gi.fqns[0]] = StateTarget(gi.fqns, meta.shape, meta.dtype, LocalShard(placements, chunk_index(meta.shape, placements, mesh_shape, coordinate)))
+    aliases = _aliases(model)
+    whole = (Replicate(),) * len(mesh_shape)
+    for fqn in captured.unused_fqns:
+        names = aliases[fqn]
+        if names[0] in targets:
+            continue
+        tensor = _get_state(model, fqn)
+        targets[names[0]] = StateTarget(names, tuple(tensor.shape), tensor.dtype, LocalShard(whole, tuple(slice(0, s) for s in tensor.shape)))
+    return targets
+
+
+def _aliases(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """Every name of every parameter and buffer -> all names of the same tensor, in the model's order."""
+    by_id: dict[int, list[str]] = {}
+    for name, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        by_id.setdefault(id(tensor), []).append(name)
+    return {name: tuple(names) for names in by_id.values() for name in names}
+
+
+def _get_state(model: nn.Module, fqn: str) -> torch.Tensor:
+    owner, _, name = fqn.rpartition(".")
+    return getattr(model.get_submodule(owner) if owner else model, name)
