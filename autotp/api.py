@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -24,10 +25,14 @@ from autotp.ir.units import fmt_seconds, parse_nbytes
 from autotp.report.progress import Progress, stage
 from autotp.rewrite.random import seed_sharded_stream
 from autotp.rewrite.rewriter import rewrite
-from autotp.runtime.agreement import DEFAULT_SETUP_TIMEOUT_S, agree_on_plan, setup_group
+from autotp.io.dcp_checkpoint import DcpCheckpoint
+from autotp.runtime.agreement import DEFAULT_SETUP_TIMEOUT_S, SetupGroup, agree_on_plan, setup_group, share_outcome
 from autotp.runtime.arguments import PlannedCall
+from autotp.runtime.materialize import Checkpoint, check_checkpoint, local_parts, open_checkpoint, read_dcp_parts
 from autotp.runtime.module import ShardedModule, register_state
 from autotp.runtime.retrace import Retracer
+from autotp.runtime.shard_init import InitFn
+from autotp.runtime.targets import get_state, state_aliases, state_targets
 from autotp.solve.ilp import NODE_LIMIT
 from autotp.solve.planner import solve_plan
 from autotp.strategies.engine import AxisRole, StrategySpace, axis_role_map, build_strategy_space
@@ -191,6 +196,10 @@ def parallelize(
     setup_timeout_s: float = DEFAULT_SETUP_TIMEOUT_S,
     inter_node_axes: Sequence[int | str] | None = None,
     axis_roles: Mapping[int | str, str] | None = None,
+    weights: str | os.PathLike | None = None,
+    dtype: torch.dtype | None = None,
+    init_fn: InitFn | None = None,
+    strict: bool = True,
 ) -> ShardedModule:
     """Return this rank's sharded copy of ``model``; call it on every rank of ``mesh``.
 
@@ -205,11 +214,24 @@ def parallelize(
 
     ``mesh`` may have any number of axes (``init_device_mesh("cuda", (2, 8), mesh_dim_names=("dp", "tp"))``);
     its axis names name the plan's axes, and ``axis_roles``/``inter_node_axes`` are as in ``autotp.plan``.
+
+    A model bigger than one rank is built on the meta device and never exists whole on any rank:
+    ``weights`` (a Hugging Face safetensors file or directory, or a DCP checkpoint directory) gives
+    each rank only its part of every tensor; it is checked against the model first (missing,
+    unexpected with ``strict``, mis-shaped or mis-typed tensors are one ``CheckpointError``).
+    Without ``weights`` a meta tensor is initialised part by part, by ``init_fn(name, local,
+    global_shape, shard)`` or by its module's own initialiser (``autotp.runtime.shard_init``).
+    ``dtype`` converts the model's floating-point tensors in place (``model.to(dtype)``) before
+    capture, and the checkpoint's on load.
     """
     if not isinstance(mesh, DeviceMesh):
         raise ConfigError(f"mesh must be a torch.distributed.device_mesh.DeviceMesh, got {type(mesh).__name__}")
     if not setup_timeout_s > 0:
         raise ConfigError(f"setup_timeout_s must be a positive number of seconds, got {setup_timeout_s!r}")
+    if dtype is not None:
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ConfigError(f"dtype must be a floating-point torch.dtype such as torch.bfloat16, got {dtype!r}")
+        model.to(dtype)
     spec = MeshSpec.of(tuple(mesh.shape), mesh.mesh_dim_names, inter_node_axes=inter_node_axes)
     roles = axis_role_map(spec, axis_roles)
     planned_call = PlannedCall.from_example(model.forward, example_inputs, model_name=type(model).__name__, dynamic_dims=dynamic_dims)
@@ -221,15 +243,22 @@ def parallelize(
         profile, budget = _planning_settings(hardware, memory_budget, optimizer)
         return _solve_space(space, profile=profile, memory_budget=budget, training=training, optimizer=optimizer)
 
-    captured, space, agreed = agree_on_plan(
-        setup_group(mesh.mesh.flatten().tolist(), timeout_s=setup_timeout_s),
-        build_graph=lambda: _capture_space(model, example_inputs, spec, roles=roles if plan is None else None),
-        solve=solve, fit=_fit_plan, given_plan=plan,
-    )
+    checkpoint: Checkpoint | None = None
+
+    def build_graph() -> tuple[CapturedGraph, StrategySpace]:  # every rank; a failure here reaches the others
+        nonlocal checkpoint
+        if weights is not None:  # before the capture: a wrong checkpoint is the cheap check
+            checkpoint = open_checkpoint(weights)
+            check_checkpoint(model, checkpoint, strict=strict, convert_dtypes=dtype is not None)
+        return _capture_space(model, example_inputs, spec, roles=roles if plan is None else None)
+
+    setup = setup_group(mesh.mesh.flatten().tolist(), timeout_s=setup_timeout_s)
+    captured, space, agreed = agree_on_plan(setup, build_graph=build_graph, solve=solve, fit=_fit_plan, given_plan=plan)
     result = PlanningResult(captured, space, agreed)
     device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else None
     gm = rewrite(result.captured, result.space, result.plan, coordinate=coordinate, group_names=group_names, device=device)
-    local = _local_state(model, result, coordinate=coordinate, device=device)
+    state = _load_state(model, result, setup, checkpoint=checkpoint, init_fn=init_fn, coordinate=coordinate, device=device, mesh=mesh)
+    local = _local_state(model, result, state, coordinate=coordinate, device=device)
     retracer = (
         Retracer(model, result.captured, result.plan, planned_call, coordinate=coordinate, group_names=group_names, device=device)
         if planned_call.has_dynamic_dims else None
@@ -239,11 +268,12 @@ def parallelize(
     )
     for group_name, position in zip(group_names, coordinate):  # a split random op draws from its axis's per-rank stream
         seed_sharded_stream(group_name, rank=position, seed=torch.initial_seed())
-    parameter_names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     non_persistent = {f"{path}.{name}".lstrip(".") for path, module in model.named_modules() for name in non_persistent_buffer_names(module)}
+    aliases = state_aliases(model)
     for fqn in result.captured.unused_fqns:  # kept whole, so the state dict matches the original's
-        role = InputRole.PARAMETER if fqn in parameter_names else InputRole.BUFFER
-        register_state(sharded, fqn, _owned(_get_state(model, fqn), device), role, persistent=fqn not in non_persistent)
+        original = get_state(model, fqn)
+        role = InputRole.PARAMETER if isinstance(original, nn.Parameter) else InputRole.BUFFER
+        register_state(sharded, fqn, _as_state(state[aliases[fqn][0]], original), role, persistent=fqn not in non_persistent)
     return sharded
 
 
@@ -281,31 +311,49 @@ def _fit_plan(space: StrategySpace, plan: Plan) -> Plan:
     return plan
 
 
-def _get_state(model: nn.Module, fqn: str) -> torch.Tensor:
-    owner, _, name = fqn.rpartition(".")
-    return getattr(model.get_submodule(owner) if owner else model, name)
+def _load_state(
+    model: nn.Module, result: PlanningResult, setup: SetupGroup, *, checkpoint: Checkpoint | None, init_fn: InitFn | None,
+    coordinate: tuple[int, ...], device: torch.device | None, mesh: DeviceMesh,
+) -> dict[str, torch.Tensor]:
+    """This rank's part of every parameter and buffer, by its first name (``autotp.runtime.materialize``).
+
+    A rank that fails to read or initialise its parts tells the others before any collective that
+    needs it (a DCP read, or the first call), so every rank raises rather than waits.
+    """
+    targets = state_targets(model, result.captured, result.plan, coordinate)
+    state: dict[str, torch.Tensor] = {}
+    dcp_parts: dict[str, torch.Tensor] = {}
+    error: Exception | None = None
+    try:
+        state, dcp_parts = local_parts(model, targets, checkpoint=checkpoint, init_fn=init_fn, device=device)
+    except Exception as exc:  # noqa: BLE001 - carried to the other ranks, re-raised below
+        error = exc
+    share_outcome(setup, error, step="loading this rank's weights")
+    if isinstance(checkpoint, DcpCheckpoint) and dcp_parts:
+        read_dcp_parts(checkpoint, targets, dcp_parts, mesh=mesh, process_group=setup.group)
+        state.update(dcp_parts)
+    return state
 
 
-def _owned(tensor: torch.Tensor, device: torch.device | None) -> torch.Tensor:
-    """A copy that owns its memory, so the full original can be freed."""
-    out = tensor.detach().to(device) if device is not None else tensor.detach()
-    out = out.clone()
-    return nn.Parameter(out, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else out
+def _as_state(local: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+    """``local`` as the model holds ``original``: a parameter (with its ``requires_grad``) or a buffer."""
+    return nn.Parameter(local, requires_grad=original.requires_grad) if isinstance(original, nn.Parameter) else local
 
 
-def _local_state(model: nn.Module, result: PlanningResult, *, coordinate: tuple[int, ...], device: torch.device | None) -> dict[str, torch.Tensor]:
-    """This rank's chunk of every parameter/buffer/constant placeholder, sliced once."""
-    strategies = {n.name: n.strategy for n in result.plan.nodes}  # .output of state only: a multi-output op has none
+def _local_state(
+    model: nn.Module, result: PlanningResult, state: Mapping[str, torch.Tensor], *, coordinate: tuple[int, ...], device: torch.device | None,
+) -> dict[str, torch.Tensor]:
+    """Every graph placeholder's tensor but the user inputs: this rank's state parts, and the lifted constants."""
     local: dict[str, torch.Tensor] = {}
-    mesh_shape = tuple(result.plan.mesh_shape)
+    strategies = {n.name: n.strategy for n in result.plan.nodes}
     for gi in result.captured.inputs:
         if gi.role is InputRole.USER_INPUT:
             continue
-        full = result.captured.constants[gi.node_name] if gi.role is InputRole.CONSTANT else _get_state(model, gi.fqns[0])
-        if full.is_meta:
-            raise ConfigError(f"parallelize needs real weights but '{gi.fqns[0] if gi.fqns else gi.node_name}' is on the meta device; use autotp.plan() to plan meta models, or materialise the model first")
-        owned = _owned(local_chunk(full.detach(), strategies[gi.node_name].output, mesh_shape, coordinate), device)
-        if isinstance(full, nn.Parameter):
-            owned = nn.Parameter(owned, requires_grad=full.requires_grad)
-        local[gi.node_name] = owned
+        if gi.role is InputRole.CONSTANT:
+            constant = result.captured.constants[gi.node_name]
+            if constant.is_meta:
+                raise ConfigError(f"the tensor constant '{gi.node_name}' of the model is on the meta device and no checkpoint holds constants; register it as a buffer (register_buffer) so it can be loaded or initialised")
+            local[gi.node_name] = local_chunk(constant.detach(), strategies[gi.node_name].output, result.plan.mesh_shape, coordinate).to(device, copy=True)
+        else:
+            local[gi.node_name] = _as_state(state[gi.fqns[0]], get_state(model, gi.fqns[0]))
     return local

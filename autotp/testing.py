@@ -14,6 +14,7 @@ the parent sees at once as end-of-file rather than after the deadline.
 
 from __future__ import annotations
 
+import gc
 import os
 import pickle
 import signal
@@ -44,6 +45,33 @@ class RankError(RuntimeError):
 
 class RankTimeoutError(RankError):
     """Some ranks did not report before the deadline: a hang, e.g. mismatched collectives."""
+
+
+def resident_nbytes() -> int:
+    """This process's resident memory now (Linux ``/proc``)."""
+    return _proc_status_kib("VmRSS") * 1024
+
+
+def peak_resident_growth(fn: Callable[[], T]) -> tuple[T, int]:
+    """``fn()`` and how far this process's resident memory rose above its level before the call, at its peak.
+
+    The kernel's high-water mark (``VmHWM``) is reset to the current level first (writing 5 to
+    ``/proc/self/clear_refs``), so the figure is the call's own, sampled by the kernel, not polled.
+    """
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = resident_nbytes()
+    result = fn()
+    return result, _proc_status_kib("VmHWM") * 1024 - before
+
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field} line (peak memory is measured on Linux only)")
 
 
 def find_free_port() -> int:

@@ -251,6 +251,13 @@ def _follow_root(
     return (fit(space, offered) if offered is not None else None), []
 
 
+def share_outcome(setup: SetupGroup, local_error: Exception | None, *, step: str) -> None:
+    """Every rank learns whether any rank failed ``step`` and raises alike (``settle``), rather
+    than one rank raising while the others go on to a collective it never reaches."""
+    failure = RankFailure.of(setup.rank, local_error) if local_error is not None else None
+    settle(setup.all_gather(RankReport(setup.rank, (), None, failure), step=step), local_error)
+
+
 def settle(reports: list[RankReport], local_error: Exception | None) -> None:
     """Raise what every rank raises for these outcomes; return when all ranks agree and succeeded."""
     if local_error is not None:
