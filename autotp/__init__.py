@@ -7,6 +7,7 @@ from autotp.api import parallelize, plan
 from autotp.errors import (
     AutoTPError,
     CaptureError,
+    CheckpointError,
     ConfigError,
     InfeasiblePlanError,
     InputMismatchError,
@@ -21,13 +22,13 @@ from autotp.ir.placement import Partial, Replicate, Shard
 from autotp.ir.plan import Plan
 from autotp.report.crossover import Crossover, CrossoverReport, crossovers
 from autotp.rewrite.random import manual_seed
-from autotp.runtime.checkpoint import full_state_dict, load_full_checkpoint, load_sharded_state_dict, sharded_state_dict
+from autotp.runtime.checkpoint import full_state_dict, load_full_checkpoint, load_sharded_state_dict, save_pretrained, sharded_state_dict
 from autotp.runtime.verify import VerifyReport, verify
 from autotp.strategies.engine import UnsupportedOpWarning
 
 __all__ = [
-    "AutoTPError", "CaptureError", "ConfigError", "Crossover", "CrossoverReport", "InfeasiblePlanError", "InputMismatchError", "Partial", "Plan",
+    "AutoTPError", "CaptureError", "CheckpointError", "ConfigError", "Crossover", "CrossoverReport", "InfeasiblePlanError", "InputMismatchError", "Partial", "Plan",
     "PeerRankError", "PlanFormatError", "PlanMismatchError", "Replicate", "SetupTimeoutError", "Shard", "SolverError", "TorchTPExportError", "UnsupportedOpWarning",
-    "crossovers", "full_state_dict", "load_full_checkpoint", "load_sharded_state_dict", "manual_seed", "parallelize", "plan", "sharded_state_dict",
+    "crossovers", "full_state_dict", "load_full_checkpoint", "load_sharded_state_dict", "manual_seed", "parallelize", "plan", "save_pretrained", "sharded_state_dict",
     "verify", "VerifyReport",
 ]

@@ -5,12 +5,16 @@ result with ``load_state_dict``. ``sharded_state_dict`` wraps each local tensor 
 that shares its memory, so ``torch.distributed.checkpoint`` saves only local shards and loads
 (resharding as needed, e.g. saved on a (2, 2) mesh, loaded on 4 ranks of a 1-D one) straight into
 the parameters. ``load_full_checkpoint`` reads such a checkpoint into the original, unsharded
-model in one process, with no process group (DCP's ``no_dist`` load).
+model in one process, with no process group (DCP's ``no_dist`` load). ``save_pretrained`` writes
+the full model as a Hugging Face safetensors checkpoint, one gathered tensor at a time.
 """
 from __future__ import annotations
 
+import logging
 import os
 import warnings
+from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -21,22 +25,138 @@ from torch.distributed.tensor import Replicate as DReplicate
 from torch.distributed.tensor import Shard as DShard
 
 from autotp.comm.collectives import _all_gather
-from autotp.ir.placement import R, Shard
+from autotp.errors import CheckpointError, ConfigError
+from autotp.io.hf_checkpoint import SafetensorsWriter, TensorSpec
+from autotp.ir.placement import Placements, R, Shard, chunk_index
+from autotp.ir.units import parse_nbytes
 from autotp.runtime.module import ShardedModule
+
+logger = logging.getLogger(__name__)
 
 
 def full_state_dict(sharded: ShardedModule) -> dict[str, torch.Tensor]:
     """The unsharded state dict, on every rank (a collective: call it on all ranks)."""
     placements = sharded.placements()
+    shapes = sharded.global_shapes()
     full = {}
     with torch.no_grad():
         for name, tensor in sharded.state_dict().items():
-            value = tensor.detach()
-            for axis, placement in reversed(list(enumerate(placements.get(name, ())))):
-                if isinstance(placement, Shard):
-                    value = _all_gather(value, placement.dim, sharded.group_names[axis])
-            full[name] = value.contiguous() if value is not tensor.detach() else value.clone()
+            split = placements.get(name, ())
+            value = _gather_full(sharded, tensor, split, shapes.get(name, tuple(tensor.shape)))
+            full[name] = value.contiguous() if any(isinstance(p, Shard) for p in split) else value.clone()  # never the module's own memory
     return full
+
+
+def _gather_full(sharded: ShardedModule, tensor: torch.Tensor, placements: Placements, shape: Sequence[int]) -> torch.Tensor:
+    """The whole of one tensor from this rank's part (a collective over the groups of the axes it is
+    split on). Axes are gathered innermost first; ``torch.chunk``'s last parts may be short or
+    empty, so each part is padded to the full chunk size, gathered, and the padding cut off."""
+    value = tensor.detach()
+    mesh_shape = tuple(sharded.plan.mesh_shape)
+    for axis in reversed(range(len(placements))):
+        placement = placements[axis]
+        if not isinstance(placement, Shard):
+            continue
+        outer = chunk_index(shape, placements[:axis], mesh_shape[:axis], sharded.coordinate[:axis])[placement.dim]  # what this axis split
+        length = outer.stop - outer.start
+        step = -(-length // mesh_shape[axis])
+        short = step - value.shape[placement.dim]
+        if short:
+            pad_shape = list(value.shape)
+            pad_shape[placement.dim] = short
+            value = torch.cat([value, value.new_zeros(pad_shape)], dim=placement.dim)
+        value = _all_gather(value, placement.dim, sharded.group_names[axis]).narrow(placement.dim, 0, length)
+    return value
+
+
+class SavesPretrained(Protocol):
+    """A Hugging Face config (or anything else) that writes itself into a directory."""
+
+    def save_pretrained(self, save_directory: str, /) -> object: ...
+
+
+def save_pretrained(
+    sharded: ShardedModule,
+    directory: str | os.PathLike,
+    *,
+    max_shard_size: int | str = "5GB",
+    dtype: torch.dtype | None = None,
+    config: SavesPretrained | None = None,
+) -> None:
+    """Write the full model as Hugging Face's ``save_pretrained`` does (safetensors files, an index
+    when there are several), so ``from_pretrained(directory)`` loads it unsharded.
+
+    A collective: every rank of the mesh calls it. Tensors are gathered one at a time, in
+    ``state_dict()`` order, and rank 0 of the mesh writes each as it arrives, so no rank holds more
+    than one full tensor. Tied weights are written once, under their first name. ``dtype``
+    converts floating tensors; ``config`` (e.g. ``model.config``) is saved beside the weights.
+    Raises ``CheckpointError`` on every rank when rank 0 could not write (disk full, permissions).
+    """
+    if sharded.mesh is None:
+        raise ConfigError("save_pretrained needs the sharded module's device mesh; this one was not built by autotp.parallelize")
+    try:
+        shard_nbytes = parse_nbytes(max_shard_size)
+    except ConfigError:
+        shard_nbytes = None
+    if shard_nbytes is None:
+        raise ConfigError(f"max_shard_size must be a positive number of bytes or a string such as '5GB' or '500MiB', got {max_shard_size!r}")
+    if dtype is not None and not dtype.is_floating_point:
+        raise ConfigError(f"dtype must be a floating dtype (it converts the floating tensors only), got {dtype}")
+    if config is not None and not callable(getattr(config, "save_pretrained", None)):
+        raise ConfigError(f"config must have a save_pretrained(directory) method (e.g. a transformers PretrainedConfig), got {type(config).__name__}")
+    placements = sharded.placements()
+    shapes = sharded.global_shapes()
+    state = sharded.state_dict()
+    first_names = {fqn: gi.fqns[0] for gi in sharded._captured_inputs for fqn in gi.fqns}
+    specs: list[TensorSpec] = [
+        (name, tuple(shapes.get(name, tensor.shape)), dtype if dtype is not None and tensor.dtype.is_floating_point else tensor.dtype)
+        for name, tensor in state.items() if first_names.get(name, name) == name  # a tied weight once, under its first name
+    ]
+    writes = all(c == 0 for c in sharded.coordinate)
+    writer: SafetensorsWriter | None = None
+    error: Exception | None = None  # rank 0's; it keeps gathering after one, so no rank hangs in a collective
+    if writes:
+        try:
+            writer = SafetensorsWriter(directory, specs, max_shard_size=shard_nbytes)
+        except Exception as e:  # any failure of rank 0 must reach the other ranks, not leave them in a gather
+            error = e
+    with torch.no_grad():
+        for name, shape, target in specs:
+            full = _gather_full(sharded, state[name], placements.get(name, ()), shape)
+            if writer is not None and error is None:
+                try:
+                    writer.write(name, full.to(target))
+                except Exception as e:
+                    error = e
+                    writer.abort()
+            del full
+    if writer is not None and error is None:
+        try:
+            writer.close()
+            if config is not None:
+                config.save_pretrained(str(directory))
+        except Exception as e:
+            error = e
+    failure = _rank0_outcome(sharded, f"{type(error).__name__}: {error}" if error is not None else "")
+    if failure:
+        raise CheckpointError(
+            f"save_pretrained to {directory} failed on rank 0 of the mesh, which writes the files: {failure}; "
+            "what is there is incomplete: fix the cause (disk space, permissions) and save again"
+        ) from error
+    if writes:
+        logger.info("saved %d tensors to %s", len(specs), directory)
+
+
+def _rank0_outcome(sharded: ShardedModule, message: str) -> str:
+    """Rank 0's error message (``""``: it wrote everything), on every rank of the mesh: gathered
+    along each axis in turn, so after the last one every rank has heard from rank 0."""
+    assert sharded.mesh is not None
+    for axis in range(sharded.mesh.ndim):
+        group = sharded.mesh.get_group(axis)
+        heard: list[str | None] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(heard, message, group=group)
+        message = next((m for m in heard if m), "")
+    return message
 
 
 def sharded_state_dict(sharded: ShardedModule) -> dict[str, DTensor]:
