@@ -189,3 +189,22 @@ def test_hugging_face_llama_replays_init_weights() -> None:
     for name in ("model.model.layers.0.self_attn.q_proj.weight", "model.model.embed_tokens.weight"):
         assert abs(full[name].std().item() - std) < 0.1 * std, name  # nn.Linear's own init has std 0.072 here
     _assert_still_meta(meta)
+
+
+def test_gpt_draws_gpt2s_init_per_module() -> None:
+    """Drawn by each module as it is built, GPT's init keeps GPT-2's distributions."""
+    from autotp.examples import GPT, GPTConfig
+
+    torch.manual_seed(SEED)
+    config = GPTConfig(n_embd=256, n_head=4, n_layer=4, vocab_size=512)
+    model = GPT(config)
+    residual = 0.02 / (2 * config.n_layer) ** 0.5
+    for name, param in model.named_parameters():
+        if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+            assert torch.equal(param, torch.ones_like(param)), name
+        elif name.endswith("bias"):
+            assert torch.equal(param, torch.zeros_like(param)), name
+        else:
+            std = residual if name.endswith("c_proj.weight") else 0.02
+            assert abs(param.std().item() - std) < 0.05 * std and abs(param.mean().item()) < 0.05 * std, name
+    assert model.lm_head.weight is model.wte.weight

@@ -48,7 +48,8 @@ def init_shards(
     model: nn.Module, targets: Sequence[StateTarget], *, init_fn: InitFn | None, device: torch.device | None,
 ) -> dict[str, torch.Tensor]:
     """This rank's part of each target (all on the meta device in ``model``), by ``target.name``:
-    plain tensors of ``target.dtype`` on ``device`` (None: CPU)."""
+    plain tensors of ``target.dtype`` on ``device`` (None: CPU). Without ``init_fn``, a ``ConfigError``
+    names the targets no initialiser sets, before any rank runs with uninitialised memory."""
     device = torch.device("cpu") if device is None else device
     with torch.no_grad():
         if init_fn is not None:
