@@ -4,6 +4,11 @@ Two deliberate departures from nanoGPT, both to give the planner plain ops to sh
 attention uses separate ``q_proj`` / ``k_proj`` / ``v_proj`` linears instead of one fused
 ``c_attn`` (a fused QKV weight split on dim 0 would mix q, k and v heads on one rank), and
 ``nn.LayerNorm`` with ``bias=`` replaces nanoGPT's hand-written LayerNorm.
+
+GPT-2's init (weights N(0, 0.02), biases 0, residual output projections N(0, 0.02 / sqrt(2 *
+n_layer))) is drawn by each linear and embedding as it is built, not by a pass over the whole
+model afterwards as nanoGPT does: a model built on the meta device and initialised module by
+module (``autotp.runtime.shard_init``) then gets the same values as one built directly.
 """
 
 from __future__ import annotations
@@ -50,6 +55,31 @@ class GPTConfig:
         return self.n_embd // self.n_head
 
 
+class NormalLinear(nn.Linear):
+    """``nn.Linear`` initialised as GPT-2's: weight N(0, ``std``), bias 0."""
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, std: float = 0.02) -> None:
+        self.std = std  # set first: nn.Linear.__init__ ends by calling reset_parameters
+        super().__init__(in_features, out_features, bias=bias)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, mean=0.0, std=self.std)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+class NormalEmbedding(nn.Embedding):
+    """``nn.Embedding`` initialised as GPT-2's: N(0, 0.02)."""
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, mean=0.0, std=0.02)
+
+
+def residual_std(config: GPTConfig) -> float:
+    """GPT-2 scales the init of residual-stream output projections by 1/sqrt(2 * n_layer)."""
+    return 0.02 / math.sqrt(2 * config.n_layer)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with separate q, k, v projections."""
 
@@ -58,10 +88,10 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.head_dim = config.head_dim
         self.dropout = config.dropout
-        self.q_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.k_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.v_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.q_proj = NormalLinear(config.n_embd, config.n_embd, bias=config.bias)
+        self.k_proj = NormalLinear(config.n_embd, config.n_embd, bias=config.bias)
+        self.v_proj = NormalLinear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj = NormalLinear(config.n_embd, config.n_embd, bias=config.bias, std=residual_std(config))
         self.resid_drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -82,9 +112,9 @@ class GPTMLP(nn.Module):
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_fc = NormalLinear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.gelu = nn.GELU()
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj = NormalLinear(4 * config.n_embd, config.n_embd, bias=config.bias, std=residual_std(config))
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -113,26 +143,14 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.wte = NormalEmbedding(config.vocab_size, config.n_embd)
+        self.wpe = NormalEmbedding(config.block_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # Weight tying (Press & Wolf 2017), as in GPT-2: one (vocab_size, n_embd) parameter.
+        self.lm_head = NormalLinear(config.n_embd, config.vocab_size, bias=False)
+        # Weight tying (Press & Wolf 2017), as in GPT-2: one (vocab_size, n_embd) parameter, wte's.
         self.lm_head.weight = self.wte.weight
-        self.apply(self._init_weights)
-        # GPT-2 scales the init of residual-stream output projections by 1/sqrt(2 * n_layer).
-        for name, param in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab_size), or with ``targets`` (B, T) the mean cross-entropy loss,

@@ -72,7 +72,11 @@ class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32 so bf16/fp16 activations do not lose the mean of squares.
@@ -175,11 +179,18 @@ class Llama(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
-        # theta^(-2i / head_dim) for i in [0, head_dim / 2) (Su et al. 2021, RoFormer eq. 15).
         # Derived from the config, so it is left out of the state dict.
-        exponents = torch.arange(0, config.head_dim, 2, dtype=torch.float32) / config.head_dim
-        inv_freq = 1.0 / (config.rope_theta**exponents)  # (head_dim / 2,)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", torch.empty(config.head_dim // 2, dtype=torch.float32), persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Recompute this module's own ``inv_freq``; each child resets its own tensors, as torch's
+        layers do (a per-module initialiser, so a model built on the meta device can replay it)."""
+        # theta^(-2i / head_dim) for i in [0, head_dim / 2) (Su et al. 2021, RoFormer eq. 15).
+        head_dim = self.config.head_dim
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=self.inv_freq.device) / head_dim
+        self.inv_freq.copy_(1.0 / (self.config.rope_theta**exponents))  # (head_dim / 2,)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         T = idx.size(1)  # idx: (B, T) int64 token ids
