@@ -13,7 +13,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from cost_models import OPTIMIZER_STATE_BYTES_PER_ELEMENT, HardwareProfile
 from autotp.capture.export import CapturedGraph, InputRole, capture
-from autotp.capture.torch_compat import non_persistent_buffer_names
+from autotp.capture.torch_compat import non_persistent_buffer_names, pytree
 from autotp.cost.model import CostModel, resolve_hardware
 from autotp.errors import ConfigError, PlanMismatchError
 from autotp.io.fingerprint import describe_mismatch
@@ -250,12 +250,12 @@ def parallelize(
         if weights is not None:  # before the capture: a wrong checkpoint is the cheap check
             checkpoint = open_checkpoint(weights)
             check_checkpoint(model, checkpoint, strict=strict, convert_dtypes=dtype is not None)
-        return _capture_space(model, example_inputs, spec, roles=roles if plan is None else None)
+        return _capture_space(model, _beside(model, example_inputs), spec, roles=roles if plan is None else None)
 
     setup = setup_group(mesh.mesh.flatten().tolist(), timeout_s=setup_timeout_s)
     captured, space, agreed = agree_on_plan(setup, build_graph=build_graph, solve=solve, fit=_fit_plan, given_plan=plan)
     result = PlanningResult(captured, space, agreed)
-    device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else None
+    device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device("cpu")
     gm = rewrite(result.captured, result.space, result.plan, coordinate=coordinate, group_names=group_names, device=device)
     state = _load_state(model, result, setup, checkpoint=checkpoint, init_fn=init_fn, coordinate=coordinate, device=device, mesh=mesh)
     local = _local_state(model, result, state, coordinate=coordinate, device=device)
@@ -309,6 +309,14 @@ def _fit_plan(space: StrategySpace, plan: Plan) -> Plan:
     if len(plan.nodes) != len(space.nodes):
         raise PlanMismatchError(f"the plan has {len(plan.nodes)} nodes but this model's graph has {len(space.nodes)}")
     return plan
+
+
+def _beside(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """The inputs on the meta device when the model has state there: a model too big for one rank
+    is captured as a skeleton (the graph is the same; the rewriter puts its factory ops on this rank's device)."""
+    if not any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        return example_inputs
+    return pytree.tree_map(lambda x: x.to("meta") if isinstance(x, torch.Tensor) else x, example_inputs)
 
 
 def _load_state(

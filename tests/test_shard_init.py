@@ -15,7 +15,7 @@ from autotp.api import plan_model
 from autotp.errors import ConfigError
 from autotp.examples import EXAMPLES, build_example
 from autotp.ir.placement import Placements, Replicate, Shard, chunk_index
-from autotp.runtime.materialize import LocalShard, StateTarget, state_targets
+from autotp.runtime.targets import LocalShard, StateTarget, state_targets
 from autotp.runtime.shard_init import init_shards
 
 SEED = 3

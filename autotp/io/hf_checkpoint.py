@@ -108,7 +108,9 @@ class SafetensorsCheckpoint:
             return torch.empty(shape, dtype=stored.dtype)
         try:
             with safe_open(stored.file, framework="pt") as f:
-                return f.get_slice(name)[index]
+                # A copy of the part alone: the slice views the whole tensor's memory map, which
+                # would keep the file mapped and, once touched, the whole tensor resident.
+                return f.get_slice(name)[index].clone(memory_format=torch.contiguous_format)
         except (SafetensorError, OSError, RuntimeError, ValueError) as e:
             raise CheckpointError(f"cannot read {_describe_index(index)} of tensor '{name}' from {stored.file}: {e}; the file may have changed since the checkpoint was opened, re-download or re-save it") from e
 

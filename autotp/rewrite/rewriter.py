@@ -119,8 +119,9 @@ class _Emitter:
             return
         rule = lookup(node.target)
         target, args, kwargs = local_call(node, rule, space, strategy, inputs, self.env, coordinate=self.coordinate, mesh_shape=self.mesh_shape)
-        if self.device is not None and "device" in kwargs:
-            kwargs = {**kwargs, "device": self.device}
+        if self.device is not None:  # factory ops and copies run where the rank runs (a meta model's graph says "meta")
+            args = tuple(self.device if isinstance(a, torch.device) else a for a in args)
+            kwargs = {**kwargs, "device": self.device} if "device" in kwargs else kwargs
         for axis, single in enumerate(strategy.axes):  # the engine lets at most one axis use a local implementation
             local_impl = rule.local_impl(single) if rule is not None and rule.local_impl is not None else None
             if local_impl is not None:

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from autotp.errors import ConfigError
-from autotp.runtime.materialize import LocalShard, StateTarget
+from autotp.runtime.targets import LocalShard, StateTarget
 
 InitFn = Callable[[str, torch.Tensor, torch.Size, LocalShard], None]
 """``(name, local tensor to fill in place, global shape, where the local part lies)``."""
@@ -77,12 +77,7 @@ def _replay(model: nn.Module, targets: Sequence[StateTarget], device: torch.devi
                 slots[name] = _full(tensor, device)
             for initialise in initialisers:
                 initialise()
-            for slots, name, tensor in owned:
-                target = by_tensor.get(id(tensor))
-                full = slots[name]
-                if target is None or target.name in shards or full is None or _untouched(full):
-                    continue
-                shards[target.name] = torch.empty(target.shard.shape, dtype=target.dtype, device=device).copy_(full[target.shard.index])
+            _keep_parts(owned, by_tensor, shards, device)
         finally:
             for slots, name, tensor in owned:
                 slots[name] = tensor
@@ -97,6 +92,21 @@ def _replay(model: nn.Module, targets: Sequence[StateTarget], device: torch.devi
             "to load them from a checkpoint."
         )
     return {t.name: shards[t.name] for t in targets}
+
+
+def _keep_parts(
+    owned: list[tuple[dict[str, Any], str, torch.Tensor]], by_tensor: dict[int, StateTarget], shards: dict[str, torch.Tensor], device: torch.device,
+) -> None:
+    """Copy this rank's part of each freshly initialised full tensor (a function of its own, so no
+    reference to a full tensor outlives it: the next module's are allocated while the model holds these only)."""
+    for slots, name, tensor in owned:
+        target = by_tensor.get(id(tensor))
+        full = slots[name]
+        if target is None or target.name in shards or full is None:
+            continue
+        part = torch.empty(target.shard.shape, dtype=target.dtype, device=device).copy_(full[target.shard.index])
+        if not _untouched(part):  # an initialiser that leaves a tensor alone leaves every part of it NaN
+            shards[target.name] = part
 
 
 def _meta_state(model: nn.Module, target: StateTarget) -> torch.Tensor:
