@@ -73,3 +73,44 @@ def bad_checkpoints(rank: int, world_size: int, cases: dict[str, str], only_rank
         except AutoTPError as exc:
             seen[key] = f"{type(exc).__name__}: {exc}"
     return seen
+
+
+def load_in_bf16(rank: int, world_size: int, path: str) -> dict[str, Any]:
+    """An fp32 checkpoint loaded into a meta model with ``dtype=torch.bfloat16``; compared with the original converted alike."""
+    mesh = init_device_mesh("cpu", (world_size,))
+    model, inputs = build_hf_model("llama")
+    meta = meta_copy(model)
+    model.to(torch.bfloat16)  # the reference, and the budget: bf16 halves the bytes
+    sharded = autotp.parallelize(
+        meta, mesh, inputs, hardware="cpu-gloo", training=False, memory_budget=budget_for(model, world_size, 0.5),
+        weights=path, dtype=torch.bfloat16,
+    )
+    report = _load_report("llama", sharded, model, inputs)
+    report["dtypes"] = sorted({str(t.dtype) for t in sharded.state_dict().values() if t.is_floating_point()})
+    return report
+
+
+def init_on_meta(rank: int, world_size: int) -> dict[str, Any]:
+    """The GPT example built on the meta device, initialised part by part (no weights): gathered, it equals the seeded original."""
+    from autotp.examples.gpt import GPT, GPTConfig
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    config = GPTConfig(vocab_size=128, block_size=32, n_layer=2, n_head=4, n_embd=64)
+    with torch.device("meta"):
+        meta = GPT(config)
+    inputs = (torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1)),)
+    torch.manual_seed(3)
+    sharded = autotp.parallelize(meta, mesh, inputs, hardware="cpu-gloo", training=False, memory_budget="240KB")
+    torch.manual_seed(3)
+    model = GPT(config).eval()
+    full = autotp.full_state_dict(sharded)
+    arange_init = autotp.parallelize(
+        meta, mesh, inputs, hardware="cpu-gloo", training=False, memory_budget="240KB",
+        init_fn=lambda name, local, shape, shard: local.copy_(torch.arange(shape.numel(), dtype=local.dtype).view(shape)[shard.index]),
+    )
+    return {
+        **_load_report("gpt", sharded, model, inputs),
+        "state_diff": max((full[k] - v).abs().max().item() for k, v in model.state_dict().items()),
+        "keys_equal": sorted(full) == sorted(model.state_dict()),
+        "arange_ok": all(torch.equal(v, torch.arange(v.numel(), dtype=v.dtype).view(v.shape)) for v in autotp.full_state_dict(arange_init).values()),
+    }

@@ -7,10 +7,12 @@ equals the original. Bad checkpoints are one typed error, on every rank, before 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 
 from autotp.errors import CheckpointError
@@ -128,10 +130,33 @@ def test_bad_checkpoints_are_one_typed_error_naming_the_file_and_tensor(tmp_path
 @pytest.mark.timeout(200)
 def test_bad_checkpoints_raise_on_every_rank_without_a_hang(tmp_path: Path) -> None:
     cases = {k: str(v) for k, v in _bad_checkpoints(tmp_path).items() if k in ("good", "missing", "truncated", "no_weights")}
+    model, _ = build_hf_model("llama")
+    with warnings.catch_warnings():  # DCP warns that it saves from one process
+        warnings.simplefilter("ignore")
+        dcp.save(model.state_dict(), checkpoint_id=tmp_path / "dcp", no_dist=True)
+    for data in (tmp_path / "dcp").glob("*.distcp"):  # the metadata is whole: the loss shows when the data is read
+        data.write_bytes(data.read_bytes()[: data.stat().st_size // 3])
+    cases["dcp_truncated"] = str(tmp_path / "dcp")
     seen = run_on_ranks(_weights_fns.bad_checkpoints, 2, cases, str(tmp_path / "nowhere"), timeout_seconds=180)
     for rank, outcomes in enumerate(seen):
         assert outcomes["good"] == "ok", (rank, outcomes["good"])
-        for case in ("missing", "truncated", "no_weights"):
+        for case in ("missing", "truncated", "no_weights", "dcp_truncated"):
             assert outcomes[case].startswith("CheckpointError"), (rank, case, outcomes[case])
+        assert "dcp" in outcomes["dcp_truncated"] and "distcp" in outcomes["dcp_truncated"], outcomes["dcp_truncated"]  # names the data file
     assert seen[1]["only_rank1"].startswith("CheckpointError") and "nowhere" in seen[1]["only_rank1"]
     assert seen[0]["only_rank1"].startswith("PeerRankError") and "rank 1" in seen[0]["only_rank1"], seen[0]["only_rank1"]
+
+
+@pytest.mark.timeout(200)
+def test_dtype_converts_on_load_and_a_meta_model_initialises_in_parts(tmp_path: Path) -> None:
+    model, _ = build_hf_model("llama")
+    model.save_pretrained(tmp_path / "llama")
+    bf16 = run_on_ranks(_weights_fns.load_in_bf16, 2, str(tmp_path / "llama"), timeout_seconds=180)
+    for rank, r in enumerate(bf16):
+        assert r["dtypes"] == ["torch.bfloat16"], (rank, r["dtypes"])
+        assert r["max_abs_diff"] <= 0.1 and r["split"], (rank, r)  # bf16 keeps about 3 digits of logits of size ~1
+    inits = run_on_ranks(_weights_fns.init_on_meta, 2, timeout_seconds=180)
+    for rank, r in enumerate(inits):
+        assert r["keys_equal"] and r["state_diff"] == 0.0, (rank, r["state_diff"])  # reset_parameters replayed part by part
+        assert r["max_abs_diff"] <= ATOL and r["split"] and r["collectives"], (rank, r)
+        assert r["arange_ok"], rank  # init_fn(name, local, global_shape, shard) fills the right part

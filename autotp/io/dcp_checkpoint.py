@@ -59,7 +59,25 @@ class DcpCheckpoint:
         try:
             dcp.load(state, checkpoint_id=self.path, process_group=process_group)
         except CheckpointException as exc:
-            raise CheckpointError(f"reading the DCP checkpoint {self.path} failed: {_first_failure(exc)}") from exc
+            damaged = self._damaged_files()
+            raise CheckpointError(
+                f"reading the DCP checkpoint {self.path} failed: "
+                + (f"{', '.join(damaged)}; " if damaged else "") + _first_failure(exc)
+            ) from exc
+
+    def _damaged_files(self) -> list[str]:
+        """The data files that are missing or shorter than the metadata says (what a failed read most often means)."""
+        ends: dict[str, int] = {}
+        for info in FileSystemReader(self.path).read_metadata().storage_data.values():
+            ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+        damaged = []
+        for name, end in sorted(ends.items()):
+            file = self.path / name
+            if not file.is_file():
+                damaged.append(f"{file} is missing")
+            elif file.stat().st_size < end:
+                damaged.append(f"{file} is truncated ({file.stat().st_size} bytes, the metadata needs {end})")
+        return damaged
 
 
 def _first_failure(exc: CheckpointException) -> str:
