@@ -16,6 +16,7 @@ from autotp.capture.export import CapturedGraph, InputRole, capture
 from autotp.capture.torch_compat import non_persistent_buffer_names, pytree
 from autotp.cost.model import CostModel, resolve_hardware
 from autotp.errors import ConfigError, PlanMismatchError
+from autotp.io.dcp_checkpoint import DcpCheckpoint
 from autotp.io.fingerprint import describe_mismatch
 from autotp.io.plan_align import align_plan
 from autotp.ir.mesh import MeshSpec
@@ -25,7 +26,6 @@ from autotp.ir.units import fmt_seconds, parse_nbytes
 from autotp.report.progress import Progress, stage
 from autotp.rewrite.random import seed_sharded_stream
 from autotp.rewrite.rewriter import rewrite
-from autotp.io.dcp_checkpoint import DcpCheckpoint
 from autotp.runtime.agreement import DEFAULT_SETUP_TIMEOUT_S, SetupGroup, agree_on_plan, setup_group, share_outcome
 from autotp.runtime.arguments import PlannedCall
 from autotp.runtime.materialize import Checkpoint, check_checkpoint, local_parts, open_checkpoint, read_dcp_parts
@@ -360,7 +360,10 @@ def _local_state(
         if gi.role is InputRole.CONSTANT:
             constant = result.captured.constants[gi.node_name]
             if constant.is_meta:
-                raise ConfigError(f"the tensor constant '{gi.node_name}' of the model is on the meta device and no checkpoint holds constants; register it as a buffer (register_buffer) so it can be loaded or initialised")
+                raise ConfigError(
+                    f"the tensor constant '{gi.node_name}' of the model is on the meta device and no checkpoint holds constants; "
+                    "register it as a buffer (register_buffer) so it can be loaded or initialised"
+                )
             local[gi.node_name] = local_chunk(constant.detach(), strategies[gi.node_name].output, result.plan.mesh_shape, coordinate).to(device, copy=True)
         else:
             local[gi.node_name] = _as_state(state[gi.fqns[0]], get_state(model, gi.fqns[0]))

@@ -1,6 +1,7 @@
 """Per-rank memory while parallelizing a model that does not fit one rank: module-level, for spawned ranks."""
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -31,9 +32,10 @@ def parallelize_growth(rank: int, world_size: int, checkpoints: dict[int, str], 
             model = MLP(config)
         full = state_nbytes(model)
         inputs = (torch.randn(2, 8, d_model),)
-        sharded, growth = peak_resident_growth(lambda: autotp.parallelize(
-            model, mesh, inputs, hardware="cpu-gloo", training=False, memory_budget=int(full / world_size * 1.2), weights=checkpoints[d_model],
-        ))
+        call = partial(
+            autotp.parallelize, model, mesh, inputs, hardware="cpu-gloo", training=False, memory_budget=int(full / world_size * 1.2), weights=checkpoints[d_model],
+        )
+        sharded, growth = peak_resident_growth(call)
         report[d_model] = {"growth": growth, "share": state_nbytes(sharded), "full": full}
         del sharded
     return report

@@ -15,8 +15,8 @@ from autotp.api import plan_model
 from autotp.errors import ConfigError
 from autotp.examples import EXAMPLES, build_example
 from autotp.ir.placement import Placements, Replicate, Shard, chunk_index
-from autotp.runtime.targets import LocalShard, StateTarget, state_targets
 from autotp.runtime.shard_init import init_shards
+from autotp.runtime.targets import LocalShard, StateTarget, state_targets
 
 SEED = 3
 Targets = Callable[[tuple[int, ...]], Sequence[StateTarget]]  # a coordinate -> that rank's targets

@@ -27,7 +27,6 @@ from autotp.ir.placement import Shard
 from autotp.runtime.shard_init import InitFn, init_shards
 from autotp.runtime.targets import StateTarget, get_state, state_aliases
 
-
 Checkpoint = SafetensorsCheckpoint | DcpCheckpoint
 
 
