@@ -201,18 +201,9 @@ def test_reader_errors_name_the_file_and_tensor(tmp_path: Path) -> None:
     message = _error(SafetensorsCheckpoint.open, odd)
     assert "'packed'" in message and str(odd) in message and "F4" in message and "BF16" in message
 
-    missing_file = tmp_path / "missing_file"
-    missing_file.mkdir()
-    save_file({"a": torch.ones(2)}, missing_file / "model-00001-of-00002.safetensors")
-    (missing_file / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
-    message = _error(SafetensorsCheckpoint.open, missing_file)
+    message = _indexed_dir_error(tmp_path / "missing_file", "model-00001-of-00002.safetensors", {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"})
     assert "model-00002-of-00002.safetensors" in message and "'b'" in message and "missing" in message
-
-    absent = tmp_path / "absent"
-    absent.mkdir()
-    save_file({"a": torch.ones(2)}, absent / "model-00001-of-00001.safetensors")
-    (absent / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-00001-of-00001.safetensors", "c": "model-00001-of-00001.safetensors"}}))
-    message = _error(SafetensorsCheckpoint.open, absent)
+    message = _indexed_dir_error(tmp_path / "absent", "model-00001-of-00001.safetensors", {"a": "model-00001-of-00001.safetensors", "c": "model-00001-of-00001.safetensors"})
     assert "'c'" in message and "model-00001-of-00001.safetensors" in message and "does not hold it" in message
 
     bad_index = tmp_path / "bad_index"
@@ -262,3 +253,11 @@ def test_writer_errors(tmp_path: Path) -> None:
 
     with pytest.raises(CheckpointError, match=r"incomplete: 1 tensors were never written \(b\)"), SafetensorsWriter(tmp_path / "out", specs, max_shard_size=100) as writer:
         writer.write("a", torch.zeros(2, 3))
+
+
+def _indexed_dir_error(directory: Path, file: str, weight_map: dict[str, str]) -> str:
+    """The error opening a directory whose index maps ``weight_map`` but whose one file ``file`` holds only ``a``."""
+    directory.mkdir()
+    save_file({"a": torch.ones(2)}, directory / file)
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return _error(SafetensorsCheckpoint.open, directory)
