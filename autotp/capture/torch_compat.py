@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "OpOverload", "OpOverloadPacket", "TESTED_TORCH", "TorchCompatError", "UntestedTorchWarning", "aten_op",
-    "check_torch_version", "child_modules", "data_dependent_guard_error", "non_persistent_buffer_names",
+    "check_torch_version", "child_modules", "data_dependent_guard_error", "hf_init_weights", "non_persistent_buffer_names", "own_state_slots",
     "op_schema", "pytree", "resolve_process_group", "set_grad_enabled_hop",
 ]
 
@@ -132,6 +132,18 @@ def child_modules(module: nn.Module) -> dict[str, nn.Module | None]:
 def non_persistent_buffer_names(module: nn.Module) -> set[str]:
     """Names of ``module``'s own buffers registered with ``persistent=False`` (not in its state dict)."""
     return module._non_persistent_buffers_set
+
+
+def own_state_slots(module: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``module``'s own parameter and buffer dicts (name -> tensor or None), which initialising in
+    parts swaps full-size tensors into for a moment."""
+    return module._parameters, module._buffers
+
+
+def hf_init_weights(module: nn.Module) -> Any:
+    """A Hugging Face model's per-module initialiser ``_init_weights(module)``, or None."""
+    hook = getattr(module, "_init_weights", None)
+    return hook if callable(hook) else None
 
 
 # --- ATen op names kept as strings ----------------------------------------------------------------

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from autotp.capture.torch_compat import hf_init_weights, own_state_slots
 from autotp.errors import ConfigError
 from autotp.runtime.targets import LocalShard, StateTarget
 
@@ -67,7 +68,7 @@ def _replay(model: nn.Module, targets: Sequence[StateTarget], device: torch.devi
     by_tensor = {id(_meta_state(model, t)): t for t in targets}
     shards: dict[str, torch.Tensor] = {}
     for module, init_weights in _post_order(model, None, set()):
-        slots_of: tuple[dict[str, Any], ...] = (module._parameters, module._buffers)  # name -> tensor or None
+        slots_of: tuple[dict[str, Any], ...] = own_state_slots(module)
         owned = [(slots, name, tensor) for slots in slots_of for name, tensor in slots.items() if tensor is not None and tensor.is_meta]
         initialisers = _initialisers(module, init_weights)
         if not initialisers or not any(id(tensor) in by_tensor for _, _, tensor in owned):
@@ -124,8 +125,7 @@ def _meta_state(model: nn.Module, target: StateTarget) -> torch.Tensor:
 def _post_order(module: nn.Module, init_weights: InitWeights | None, seen: set[int]) -> Iterator[tuple[nn.Module, InitWeights | None]]:
     """Children before parents, each module once (a shared module is built, and initialised, once),
     with the ``_init_weights`` of the innermost module around it (itself included) that has one."""
-    own = getattr(module, "_init_weights", None)
-    init_weights = own if callable(own) else init_weights
+    init_weights = hf_init_weights(module) or init_weights
     for child in module.children():
         if id(child) not in seen:
             seen.add(id(child))
