@@ -13,7 +13,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from cost_models import OPTIMIZER_STATE_BYTES_PER_ELEMENT, HardwareProfile
 from autotp.capture.export import CapturedGraph, InputRole, capture
-from autotp.capture.torch_compat import non_persistent_buffer_names, pytree
+from autotp.capture.torch_compat import pytree
 from autotp.cost.model import CostModel, resolve_hardware
 from autotp.errors import ConfigError, PlanMismatchError
 from autotp.io.dcp_checkpoint import DcpCheckpoint
@@ -32,7 +32,7 @@ from autotp.runtime.materialize import Checkpoint, check_checkpoint, local_parts
 from autotp.runtime.module import ShardedModule, register_state
 from autotp.runtime.retrace import Retracer
 from autotp.runtime.shard_init import InitFn
-from autotp.runtime.targets import get_state, state_aliases, state_targets
+from autotp.runtime.targets import get_state, non_persistent_names, state_aliases, state_targets
 from autotp.solve.ilp import NODE_LIMIT
 from autotp.solve.planner import solve_plan
 from autotp.strategies.engine import AxisRole, StrategySpace, axis_role_map, build_strategy_space
@@ -268,7 +268,7 @@ def parallelize(
     )
     for group_name, position in zip(group_names, coordinate):  # a split random op draws from its axis's per-rank stream
         seed_sharded_stream(group_name, rank=position, seed=torch.initial_seed())
-    non_persistent = {f"{path}.{name}".lstrip(".") for path, module in model.named_modules() for name in non_persistent_buffer_names(module)}
+    non_persistent = non_persistent_names(model)
     aliases = state_aliases(model)
     for fqn in result.captured.unused_fqns:  # kept whole, so the state dict matches the original's
         original = get_state(model, fqn)

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor import Replicate as DReplicate
 from torch.distributed.tensor import Shard as DShard
@@ -165,12 +166,17 @@ def sharded_state_dict(sharded: ShardedModule) -> dict[str, DTensor]:
         raise ValueError("this sharded module has no device mesh (it was not built by autotp.parallelize)")
     placements = sharded.placements()
     shapes = sharded.global_shapes()
-    out = {}
-    for name, tensor in sharded.state_dict(keep_vars=True).items():
-        spec = [DShard(p.dim) if isinstance(p, Shard) else DReplicate() for p in placements.get(name, (R,) * sharded.mesh.ndim)]
-        shape = shapes.get(name, tensor.shape)  # given, not inferred: an uneven split (5 rows on 2 ranks) infers the wrong one
-        out[name] = DTensor.from_local(tensor.detach(), sharded.mesh, spec, run_check=False, shape=shape, stride=_contiguous_strides(shape))
-    return out
+    return {
+        name: as_dtensor(tensor.detach(), placements.get(name, (R,) * sharded.mesh.ndim), shapes.get(name, tuple(tensor.shape)), sharded.mesh)
+        for name, tensor in sharded.state_dict(keep_vars=True).items()
+    }
+
+
+def as_dtensor(local: torch.Tensor, placements: Placements, shape: Sequence[int], mesh: DeviceMesh) -> DTensor:
+    """A DTensor over ``mesh`` sharing ``local``'s memory; the full ``shape`` is given, not inferred:
+    an uneven split (5 rows on 2 ranks) infers the wrong one."""
+    spec = [DShard(p.dim) if isinstance(p, Shard) else DReplicate() for p in placements]
+    return DTensor.from_local(local, mesh, spec, run_check=False, shape=torch.Size(shape), stride=_contiguous_strides(tuple(shape)))
 
 
 def load_full_checkpoint(model: nn.Module, checkpoint_id: str | os.PathLike) -> None:

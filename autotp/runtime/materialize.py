@@ -15,17 +15,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor
-from torch.distributed.tensor import Replicate as DReplicate
-from torch.distributed.tensor import Shard as DShard
 
-from autotp.capture.torch_compat import non_persistent_buffer_names
 from autotp.errors import CheckpointError
 from autotp.io.dcp_checkpoint import DcpCheckpoint, is_dcp_checkpoint
 from autotp.io.hf_checkpoint import SafetensorsCheckpoint, StoredTensor
-from autotp.ir.placement import Shard
+from autotp.runtime.checkpoint import as_dtensor
 from autotp.runtime.shard_init import InitFn, init_shards
-from autotp.runtime.targets import StateTarget, get_state, state_aliases
+from autotp.runtime.targets import StateTarget, get_state, non_persistent_names, state_aliases
 
 Checkpoint = SafetensorsCheckpoint | DcpCheckpoint
 
@@ -62,7 +58,7 @@ def check_checkpoint(model: nn.Module, checkpoint: Checkpoint, *, strict: bool, 
                 f"'{name}' in {_where(entry)} is {_dtype(entry.dtype)}, the model's is {_dtype(tensor.dtype)}"
                 + (" (pass dtype= to parallelize to convert floating-point tensors on load)" if entry.dtype.is_floating_point and tensor.dtype.is_floating_point else "")
             )
-    unexpected = sorted(set(stored) - known - _non_persistent_names(model)) if strict else []
+    unexpected = sorted(set(stored) - known - non_persistent_names(model)) if strict else []
     if strict and missing:
         problems.insert(0, f"missing {len(missing)}: {_listed(missing)}")
     if unexpected:
@@ -86,9 +82,9 @@ def local_parts(
     """
     stored = checkpoint.tensors if checkpoint is not None else {}
     from_checkpoint = {name: t for name, t in targets.items() if any(n in stored for n in t.fqns)}
-    rest = [t for name, t in targets.items() if name not in from_checkpoint]
-    meta = [t for t in rest if get_state(model, t.name).is_meta]
-    state = {t.name: _owned(get_state(model, t.name).detach()[t.shard.index], t.dtype, device) for t in rest if not get_state(model, t.name).is_meta}
+    rest = {name: get_state(model, name) for name in targets if name not in from_checkpoint}
+    meta = [targets[name] for name, tensor in rest.items() if tensor.is_meta]
+    state = {name: _owned(tensor.detach()[targets[name].shard.index], targets[name].dtype, device) for name, tensor in rest.items() if not tensor.is_meta}
     if meta:
         state.update(init_shards(model, meta, init_fn=init_fn, device=device))
     if isinstance(checkpoint, DcpCheckpoint):
@@ -104,7 +100,7 @@ def read_dcp_parts(
 ) -> None:
     """Fill ``parts`` from the DCP checkpoint: a collective of ``process_group`` (the mesh's ranks)."""
     checkpoint.read_into(
-        {_stored_name(targets[name], checkpoint.tensors): _as_dtensor(part, targets[name], mesh) for name, part in parts.items()},
+        {_stored_name(targets[name], checkpoint.tensors): as_dtensor(part, targets[name].shard.placements, targets[name].global_shape, mesh) for name, part in parts.items()},
         process_group=process_group,
     )
 
@@ -112,16 +108,6 @@ def read_dcp_parts(
 def _stored_name(target: StateTarget, stored: Mapping[str, StoredTensor]) -> str:
     """The name the checkpoint has the tensor under: a tied tensor may be stored under any of its names."""
     return next(n for n in target.fqns if n in stored)
-
-
-def _as_dtensor(local: torch.Tensor, target: StateTarget, mesh: DeviceMesh) -> DTensor:
-    """A DTensor sharing ``local``'s memory; the full shape is given, since an uneven split (5 rows on 2 ranks) infers the wrong one."""
-    spec = [DShard(p.dim) if isinstance(p, Shard) else DReplicate() for p in target.shard.placements]
-    shape = target.global_shape
-    strides = [1] * len(shape)
-    for d in range(len(shape) - 2, -1, -1):
-        strides[d] = strides[d + 1] * max(shape[d + 1], 1)
-    return DTensor.from_local(local, mesh, spec, run_check=False, shape=torch.Size(shape), stride=tuple(strides))
 
 
 def _owned(part: torch.Tensor, dtype: torch.dtype, device: torch.device | None) -> torch.Tensor:
@@ -132,7 +118,7 @@ def _owned(part: torch.Tensor, dtype: torch.dtype, device: torch.device | None) 
 def _persistent_state(model: nn.Module) -> list[tuple[tuple[str, ...], torch.Tensor]]:
     """(all names, tensor) of every parameter and persistent buffer, tied ones once: what a state dict holds."""
     aliases = state_aliases(model)
-    non_persistent = _non_persistent_names(model)
+    non_persistent = non_persistent_names(model)
     seen: set[str] = set()
     out = []
     for name, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
@@ -142,10 +128,6 @@ def _persistent_state(model: nn.Module) -> list[tuple[tuple[str, ...], torch.Ten
         seen.add(names[0])
         out.append((tuple(n for n in names if n not in non_persistent), tensor))
     return out
-
-
-def _non_persistent_names(model: nn.Module) -> set[str]:
-    return {f"{path}.{name}".lstrip(".") for path, module in model.named_modules(remove_duplicate=False) for name in non_persistent_buffer_names(module)}
 
 
 def _where(entry: StoredTensor) -> str:

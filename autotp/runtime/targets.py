@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from autotp.capture.export import CapturedGraph, InputRole
+from autotp.capture.torch_compat import non_persistent_buffer_names
 from autotp.ir.placement import Placements, Replicate, chunk_index, format_placements
 from autotp.ir.plan import Plan
 from autotp.ir.values import TensorMeta
@@ -83,3 +84,8 @@ def state_aliases(model: nn.Module) -> dict[str, tuple[str, ...]]:
 def get_state(model: nn.Module, fqn: str) -> torch.Tensor:
     owner, _, name = fqn.rpartition(".")
     return getattr(model.get_submodule(owner) if owner else model, name)
+
+
+def non_persistent_names(model: nn.Module) -> set[str]:
+    """Every name of the model's buffers registered with ``persistent=False`` (never in a state dict or checkpoint)."""
+    return {f"{path}.{name}".lstrip(".") for path, module in model.named_modules(remove_duplicate=False) for name in non_persistent_buffer_names(module)}
