@@ -26,13 +26,14 @@ from autotp.ir.units import fmt_seconds, parse_nbytes
 from autotp.report.progress import Progress, stage
 from autotp.rewrite.random import seed_sharded_stream
 from autotp.rewrite.rewriter import rewrite
+from autotp.runtime import replicas
 from autotp.runtime.agreement import DEFAULT_SETUP_TIMEOUT_S, SetupGroup, agree_on_plan, setup_group, share_outcome
 from autotp.runtime.arguments import PlannedCall
 from autotp.runtime.materialize import Checkpoint, check_checkpoint, local_parts, open_checkpoint, read_dcp_parts
 from autotp.runtime.module import ShardedModule, register_state
 from autotp.runtime.retrace import Retracer
 from autotp.runtime.shard_init import InitFn
-from autotp.runtime.targets import get_state, non_persistent_names, state_aliases, state_targets
+from autotp.runtime.targets import StateTarget, get_state, non_persistent_names, state_aliases, state_targets
 from autotp.solve.ilp import NODE_LIMIT
 from autotp.solve.planner import solve_plan
 from autotp.strategies.engine import AxisRole, StrategySpace, axis_role_map, build_strategy_space
@@ -200,6 +201,7 @@ def parallelize(
     dtype: torch.dtype | None = None,
     init_fn: InitFn | None = None,
     strict: bool = True,
+    check_replicas: bool = True,
 ) -> ShardedModule:
     """Return this rank's sharded copy of ``model``; call it on every rank of ``mesh``.
 
@@ -223,6 +225,11 @@ def parallelize(
     global_shape, shard)`` or by its module's own initialiser (``autotp.runtime.shard_init``).
     ``dtype`` converts the model's floating-point tensors in place (``model.to(dtype)``) before
     capture, and the checkpoint's on load.
+
+    Ranks that hold the same part of a tensor must hold the same values (every rank builds the
+    model with the same seed, or loads the same weights): with ``check_replicas`` the ranks
+    compare a checksum of each part (``autotp.runtime.replicas``) and raise ``PlanMismatchError``
+    naming the first tensor that differs; ``check_replicas=False`` skips the read of every tensor.
     """
     if not isinstance(mesh, DeviceMesh):
         raise ConfigError(f"mesh must be a torch.distributed.device_mesh.DeviceMesh, got {type(mesh).__name__}")
@@ -257,7 +264,10 @@ def parallelize(
     result = PlanningResult(captured, space, agreed)
     device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device("cpu")
     gm = rewrite(result.captured, result.space, result.plan, coordinate=coordinate, group_names=group_names, device=device)
-    state = _load_state(model, result, setup, checkpoint=checkpoint, init_fn=init_fn, coordinate=coordinate, device=device, mesh=mesh)
+    targets = state_targets(model, result.captured, result.plan, coordinate)
+    state = _load_state(targets, model, setup, checkpoint=checkpoint, init_fn=init_fn, device=device, mesh=mesh)
+    if check_replicas:
+        replicas.check_replicas(setup, targets, state)
     local = _local_state(model, result, state, coordinate=coordinate, device=device)
     retracer = (
         Retracer(model, result.captured, result.plan, planned_call, coordinate=coordinate, group_names=group_names, device=device)
@@ -320,15 +330,14 @@ def _beside(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> tuple
 
 
 def _load_state(
-    model: nn.Module, result: PlanningResult, setup: SetupGroup, *, checkpoint: Checkpoint | None, init_fn: InitFn | None,
-    coordinate: tuple[int, ...], device: torch.device | None, mesh: DeviceMesh,
+    targets: Mapping[str, StateTarget], model: nn.Module, setup: SetupGroup, *, checkpoint: Checkpoint | None, init_fn: InitFn | None,
+    device: torch.device | None, mesh: DeviceMesh,
 ) -> dict[str, torch.Tensor]:
     """This rank's part of every parameter and buffer, by its first name (``autotp.runtime.materialize``).
 
     A rank that fails to read or initialise its parts tells the others before any collective that
     needs it (a DCP read, or the first call), so every rank raises rather than waits.
     """
-    targets = state_targets(model, result.captured, result.plan, coordinate)
     state: dict[str, torch.Tensor] = {}
     dcp_parts: dict[str, torch.Tensor] = {}
     error: Exception | None = None

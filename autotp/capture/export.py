@@ -21,6 +21,7 @@ from torch import fx, nn
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 
+from autotp.capture.custom_functions import recording_functions, restore_function_calls
 from autotp.capture.torch_compat import data_dependent_guard_error, set_grad_enabled_hop
 from autotp.errors import CaptureError, describe_node, source_line
 from autotp.ir.values import TensorMeta
@@ -93,14 +94,17 @@ def capture(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Captu
             f"example_inputs must be a tuple of tensors, got {type(example_inputs).__name__}; "
             "wrap a single tensor as (x,)"
         )
-    exported = _export(model, example_inputs)
-    return _lift(model, exported)
+    with recording_functions():
+        exported = _export(model, example_inputs)
+        return _lift(model, exported)
 
 
 def _export(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> ExportedProgram:
     name = type(model).__name__
     try:
         return torch.export.export(model, example_inputs, strict=False)
+    except CaptureError:  # autotp's own refusal from inside the trace (a custom Function): already says what to do
+        raise
     except Exception as exc:  # torch.export raises many unrelated types; all mean "cannot capture"
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         reason = reason.split(" If this type holds tensors")[0].rstrip(".!")  # pytree advice: not ours
@@ -188,6 +192,7 @@ def _lift(model: nn.Module, exported: ExportedProgram) -> CapturedGraph:
         roles[spec.arg.name] = (role, spec.target)
 
     _inline_grad_mode_regions(gm)  # the graph only: recompiled once below
+    restore_function_calls(gm)
     gm.graph.eliminate_dead_code()
     inputs: list[GraphInput] = []
     constants: dict[str, torch.Tensor] = {}

@@ -28,6 +28,7 @@ from autotp.ir.mesh import MeshSpec
 from autotp.ir.placement import Partial, Placement, Placements, R, Shard
 from autotp.ir.strategy import MeshStrategy, NodeKind, OutputPlacement
 from autotp.ir.values import TensorMeta, ValueRef
+from autotp.strategies.mutation import replicated_by_mutation
 from autotp.strategies.op_facts import draws_random
 from autotp.strategies.rules import OpContext, OpStrategy, lookup
 from autotp.strategies.rules.registry import OutputMeta, Rule
@@ -218,6 +219,7 @@ def build_strategy_space(captured: CapturedGraph, mesh: MeshSpec | int, *, axis_
     spaces: list[NodeSpace] = []
     unsupported: dict[str, NodeSpace] = {}  # op -> its first node
     known_calls: dict[Hashable, NodeSpace] = {}
+    written = replicated_by_mutation(captured.graph_module.graph)
     for node in captured.graph_module.graph.nodes:
         meta = output_meta(node)
         metas[node.name] = meta
@@ -235,6 +237,8 @@ def build_strategy_space(captured: CapturedGraph, mesh: MeshSpec | int, *, axis_
                 unsupported.setdefault(space.op, space)
         else:
             raise NotImplementedError(f"unexpected fx node kind {node.op!r} in an exported graph: {describe_graph_node(node)}")
+        if node.name in written:
+            space = _replicated_only(space)
         grads[space.name] = space.requires_grad
         spaces.append(space)
     if unsupported:
@@ -246,6 +250,14 @@ def build_strategy_space(captured: CapturedGraph, mesh: MeshSpec | int, *, axis_
             stacklevel=3,
         )
     return StrategySpace(mesh, tuple(spaces), tuple(unsupported))
+
+
+def _replicated_only(space: NodeSpace) -> NodeSpace:
+    keep = [i for i, s in enumerate(space.strategies) if all(p == R for placements in (*s.inputs, *s.outputs) for p in placements)]
+    return replace(
+        space, strategies=tuple(space.strategies[i] for i in keep),
+        internal_comm=tuple(space.internal_comm[i] for i in keep) if space.internal_comm else (),
+    )
 
 
 def _placeholder_space(node: fx.Node, meta: OutputMeta | None, graph_input: GraphInput, mesh: MeshSpec, roles: Mapping[int, AxisRole]) -> NodeSpace:
