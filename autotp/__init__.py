@@ -16,6 +16,7 @@ from autotp.errors import (
     PlanMismatchError,
     SetupTimeoutError,
     SolverError,
+    TargetError,
     TorchTPExportError,
 )
 from autotp.ir.placement import Partial, Replicate, Shard
@@ -28,7 +29,7 @@ from autotp.strategies.engine import UnsupportedOpWarning
 
 __all__ = [
     "AutoTPError", "CaptureError", "CheckpointError", "ConfigError", "Crossover", "CrossoverReport", "InfeasiblePlanError", "InputMismatchError", "Partial", "Plan",
-    "PeerRankError", "PlanFormatError", "PlanMismatchError", "Replicate", "SetupTimeoutError", "Shard", "SolverError", "TorchTPExportError", "UnsupportedOpWarning",
+    "PeerRankError", "PlanFormatError", "PlanMismatchError", "Replicate", "SetupTimeoutError", "Shard", "SolverError", "TargetError", "TorchTPExportError", "UnsupportedOpWarning",
     "crossovers", "full_state_dict", "load_full_checkpoint", "load_sharded_state_dict", "manual_seed", "parallelize", "plan", "save_pretrained", "sharded_state_dict",
     "verify", "VerifyReport",
 ]

@@ -27,7 +27,7 @@ from autotp.report.progress import Progress, stage
 from autotp.rewrite.random import seed_sharded_stream
 from autotp.rewrite.rewriter import rewrite
 from autotp.runtime import replicas
-from autotp.runtime.agreement import DEFAULT_SETUP_TIMEOUT_S, SetupGroup, agree_on_plan, setup_group, share_outcome
+from autotp.runtime.agreement import DEFAULT_SETUP_TIMEOUT_S, SetupGroup, agree_on_plan, check_mesh_groups, setup_group, share_outcome
 from autotp.runtime.arguments import PlannedCall
 from autotp.runtime.materialize import Checkpoint, check_checkpoint, local_parts, open_checkpoint, read_dcp_parts
 from autotp.runtime.module import ShardedModule, register_state
@@ -233,6 +233,7 @@ def parallelize(
     """
     if not isinstance(mesh, DeviceMesh):
         raise ConfigError(f"mesh must be a torch.distributed.device_mesh.DeviceMesh, got {type(mesh).__name__}")
+    check_mesh_groups(mesh)
     if not setup_timeout_s > 0:
         raise ConfigError(f"setup_timeout_s must be a positive number of seconds, got {setup_timeout_s!r}")
     if dtype is not None:

@@ -51,6 +51,11 @@ class ConfigError(AutoTPError, ValueError):
     """An argument is malformed: a memory budget string, a mesh shape, a hardware name."""
 
 
+class TargetError(ConfigError):
+    """The CLI's ``TARGET`` (``path/to/file.py:function`` or ``package.module:function``) could not
+    be loaded or built: its file has a syntax error, an import in it fails, or the function raised."""
+
+
 class InputMismatchError(AutoTPError, TypeError):
     """The sharded module was called with arguments its planned graph cannot take (a scalar, shape
     or dtype other than planned, an argument that was not in ``example_inputs``)."""

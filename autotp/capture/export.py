@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import operator
 import re
@@ -110,15 +111,18 @@ def _export(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Expor
         reason = reason.split(" If this type holds tensors")[0].rstrip(".!")  # pytree advice: not ours
         raise CaptureError(
             f"could not capture model '{name}' with torch.export: {type(exc).__name__}: {reason}"
-            f"{_innermost_user_frame(exc)}. {_export_hint(exc, reason)}"
+            f"{_innermost_user_frame(exc)}. {_export_hint(exc, reason, model=model, example_inputs=example_inputs)}"
         ) from exc
 
 
 _NON_TENSOR_OUTPUT = re.compile(r"Found (?:<class '([\w.]+)'>|(\S+)) in output")
 _TWO_DEVICES = re.compile(r"found at least two devices, ([\w:]+) and ([\w:]+)")
+_BAD_CALL = re.compile(r"missing a required argument|too many positional arguments|got an unexpected keyword argument|takes \d+ positional argument")
+_BAD_DTYPE = re.compile(r"scalar type|dtype|Expected tensor for argument .* to have one of the following", re.IGNORECASE)
+_BAD_SHAPE = re.compile(r"reduction dim|shapes cannot be multiplied|size of tensor \w+ \(\d+\) must match|is invalid for input of size|size mismatch")
 
 
-def _export_hint(exc: BaseException, reason: str) -> str:
+def _export_hint(exc: BaseException, reason: str, *, model: nn.Module, example_inputs: tuple[Any, ...]) -> str:
     """What to do about one torch.export failure: each known cause gets its own advice.
 
     Only a guard on a tensor's *values* is data-dependent control flow; blaming it for a
@@ -149,11 +153,43 @@ def _export_hint(exc: BaseException, reason: str) -> str:
         )
     if "numpy" in reason:
         return "forward() leaves torch for numpy, which torch.export cannot trace; use torch ops instead"
+    given = _describe_inputs(example_inputs)
+    if isinstance(exc, TypeError) and _BAD_CALL.search(reason):
+        return (
+            f"forward() takes {_forward_params(model)}; example_inputs gave {given}: pass one "
+            "value per argument of forward(), in order, as a tuple"
+        )
+    if _BAD_DTYPE.search(reason):
+        return (
+            f"example_inputs are {given}, and forward() rejects one's dtype: give each input the "
+            "dtype the model expects (int64 token ids for nn.Embedding, the model's floating dtype otherwise)"
+        )
+    if _BAD_SHAPE.search(reason):
+        return (
+            f"example_inputs are {given}, and forward() rejects one's shape: give inputs of the "
+            "shapes the model expects (the last dim of an nn.Linear's input is its in_features)"
+        )
     return (
         "check that model(*example_inputs) runs as a plain call (forward()'s arguments in order, "
         "with the shapes and dtypes it expects); if it does, forward() uses Python that "
         "torch.export.export(model, inputs, strict=False) cannot trace (see the torch.export documentation)"
     )
+
+
+def _forward_params(model: nn.Module) -> str:
+    """``forward``'s parameter names, ``"x, mask=None"`` style, for a hint about a wrong call."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return "arguments that cannot be inspected"
+    return ", ".join(p.name if p.default is inspect.Parameter.empty else f"{p.name}={p.default!r}" for p in params) or "no arguments"
+
+
+def _describe_inputs(example_inputs: tuple[Any, ...]) -> str:
+    """``2 tensors (float32[2, 8], int64[2])``: what the user passed, for a hint beside what forward() takes."""
+    leaves = [f"{str(x.dtype).removeprefix('torch.')}{list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__ for x in example_inputs]
+    noun = "tensor" if all(isinstance(x, torch.Tensor) for x in example_inputs) else "value"
+    return f"{len(leaves)} {noun}{'' if len(leaves) == 1 else 's'} ({', '.join(leaves)})"
 
 
 _PYTHON_PATHS = sysconfig.get_paths()

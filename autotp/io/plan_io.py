@@ -62,6 +62,8 @@ def plan_to_dict(plan: Plan, *, source: Mapping[str, str] | None = None) -> dict
 def plan_from_dict(data: Any) -> Plan:
     """Inverse of ``plan_to_dict``; raises ``PlanFormatError`` naming the first bad field."""
     top = _Obj(data, "plan")
+    if "format" not in data:
+        raise PlanFormatError(f"not an autotp plan: it has no field 'format' (its fields: {', '.join(map(repr, list(data)[:6])) or 'none'}); a plan is the JSON written by Plan.save")
     fmt = top.get("format", str)
     if fmt != FORMAT:
         raise PlanFormatError(f"not an autotp plan: field 'format' is {fmt!r}, expected {FORMAT!r}")
@@ -156,6 +158,8 @@ def load_plan(path: str | os.PathLike[str]) -> Plan:
             f"plan file {os.fspath(path)!r} is not a text file (byte {exc.start} is not UTF-8): "
             "a plan is the JSON written by `autotp plan --out plan.json` or Plan.save"
         ) from None
+    if not text.strip():
+        raise PlanFormatError(f"plan file {os.fspath(path)!r} is empty: a plan is the JSON written by `autotp plan --out plan.json` or Plan.save")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:

@@ -16,6 +16,8 @@ import importlib.util
 import inspect
 import re
 import sys
+import sysconfig
+import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from autotp.errors import ConfigError
+from autotp.errors import ConfigError, TargetError
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,8 +154,8 @@ def load_target(spec: str, *, inputs: Sequence[InputSpec] = (), config: Mapping[
         kwargs["device"] = device
     try:
         returned = fn(**kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"calling {spec} failed: {exc}") from exc
+    except Exception as exc:  # the user's code: any failure is one line naming it, not a traceback
+        raise TargetError(f"calling {spec} raised {_raised(exc)}: fix the function, or the --config keywords it was given ({_listed_kwargs(kwargs)})") from exc
     model, given = _split_return(returned, spec)
     example_inputs = _make_inputs(model, inputs, spec) if inputs else given
     if example_inputs is None:
@@ -209,17 +211,37 @@ def _load_function(where: str, fn_name: str, spec: str) -> Any:
         try:
             sys.modules[module_name] = module
             module_spec.loader.exec_module(module)
+        except Exception as exc:  # the user's file: a syntax error, a failed import, code that raises
+            sys.modules.pop(module_name, None)
+            raise TargetError(f"cannot load target {spec!r}: running {where} raised {_raised(exc)}") from exc
         finally:
             sys.path.remove(str(path.resolve().parent))
     else:
         try:
             module = importlib.import_module(where)
-        except ImportError as exc:
-            raise ConfigError(f"cannot load target {spec!r}: cannot import module {where!r} ({exc})") from exc
+        except Exception as exc:
+            raise TargetError(f"cannot load target {spec!r}: importing module {where!r} raised {_raised(exc)}") from exc
     fn = getattr(module, fn_name, None)
     if fn is None or not callable(fn):
         raise ConfigError(f"cannot load target {spec!r}: {where!r} has no function {fn_name!r}")
     return fn
+
+
+_LIBRARY_DIRS = ("<", str(Path(torch.__file__).parent), str(Path(__file__).parents[1]), sysconfig.get_paths()["stdlib"])
+
+
+def _raised(exc: BaseException) -> str:
+    """``SyntaxError: invalid syntax (model.py, line 3)`` or ``ValueError: bad (at model.py:12)``: the
+    exception and the innermost line of the user's code, where a traceback would point."""
+    if isinstance(exc, SyntaxError):
+        return f"SyntaxError: {exc.msg} ({exc.filename}, line {exc.lineno})"
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(_LIBRARY_DIRS)]
+    where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    return f"{type(exc).__name__}: {exc}{where}"
+
+
+def _listed_kwargs(kwargs: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "none"
 
 
 def _split_return(returned: Any, spec: str) -> tuple[nn.Module, tuple[torch.Tensor, ...] | None]:

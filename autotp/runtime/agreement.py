@@ -31,9 +31,10 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 
 from autotp.capture.export import CapturedGraph, GraphInput, InputRole
-from autotp.errors import PeerRankError, PlanMismatchError, SetupTimeoutError
+from autotp.errors import ConfigError, PeerRankError, PlanMismatchError, SetupTimeoutError
 from autotp.io.fingerprint import describe_mismatch, space_fingerprint
 from autotp.ir.plan import Plan
 from autotp.ir.values import format_value
@@ -141,6 +142,25 @@ class SetupGroup:
 # destroyed: torch names a local-synchronised group by its ranks and the number of groups the
 # process has, so destroying one and creating the next reuses the name and reads stale store keys.
 _SETUP_GROUPS: dict[tuple[tuple[int, ...], float], tuple[dist.ProcessGroup | None, dist.ProcessGroup]] = {}
+
+
+def check_mesh_groups(mesh: DeviceMesh) -> None:
+    """A mesh outlives its process groups: after ``destroy_process_group`` it still holds their
+    names, and torch's first use of one fails deep inside with "Could not resolve the process group"."""
+    if not dist.is_initialized():
+        raise ConfigError(
+            "parallelize needs torch.distributed initialised, but it is not (never initialised, or "
+            "destroy_process_group was called): call dist.init_process_group (torchrun sets its "
+            "environment), then build the mesh with init_device_mesh"
+        )
+    for axis in range(mesh.ndim):
+        try:
+            mesh.get_group(axis)
+        except (RuntimeError, ValueError) as exc:
+            raise ConfigError(
+                f"the mesh's process group of axis {axis} no longer exists ({exc}): it was destroyed "
+                "after the mesh was built; build the mesh again with init_device_mesh after init_process_group"
+            ) from None
 
 
 def setup_group(mesh_ranks: Sequence[int], *, timeout_s: float) -> SetupGroup:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 import torch
@@ -27,6 +27,7 @@ from torch.distributed.tensor import Shard as DShard
 
 from autotp.comm.collectives import _all_gather
 from autotp.errors import CheckpointError, ConfigError
+from autotp.io.dcp_checkpoint import METADATA_FILE, DcpCheckpoint, is_dcp_checkpoint
 from autotp.io.hf_checkpoint import SafetensorsWriter, TensorSpec
 from autotp.ir.placement import Placements, R, Shard, chunk_index
 from autotp.ir.units import parse_nbytes
@@ -37,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 def full_state_dict(sharded: ShardedModule) -> dict[str, torch.Tensor]:
     """The unsharded state dict, on every rank (a collective: call it on all ranks)."""
+    _check_sharded(sharded, "full_state_dict")
     placements = sharded.placements()
     shapes = sharded.global_shapes()
     full = {}
@@ -93,6 +95,7 @@ def save_pretrained(
     converts floating tensors; ``config`` (e.g. ``model.config``) is saved beside the weights.
     Raises ``CheckpointError`` on every rank when rank 0 could not write (disk full, permissions).
     """
+    _check_sharded(sharded, "save_pretrained")
     if sharded.mesh is None:
         raise ConfigError("save_pretrained needs the sharded module's device mesh; this one was not built by autotp.parallelize")
     try:
@@ -148,6 +151,15 @@ def save_pretrained(
         logger.info("saved %d tensors to %s", len(specs), directory)
 
 
+def _check_sharded(module: object, function: str) -> None:
+    """A plain ``nn.Module`` has no plan or shards: say so, rather than fail on a missing attribute."""
+    if not isinstance(module, ShardedModule):
+        raise ConfigError(
+            f"autotp.{function} expected the module autotp.parallelize returned, got {type(module).__name__}; "
+            "pass the sharded module (for an unsharded model, its own state_dict() is already whole)"
+        )
+
+
 def _rank0_outcome(sharded: ShardedModule, message: str) -> str:
     """Rank 0's error message (``""``: it wrote everything), on every rank of the mesh: gathered
     along each axis in turn, so after the last one every rank has heard from rank 0."""
@@ -162,8 +174,9 @@ def _rank0_outcome(sharded: ShardedModule, message: str) -> str:
 
 def sharded_state_dict(sharded: ShardedModule) -> dict[str, DTensor]:
     """DTensors over the sharded model's mesh, sharing memory with its parameters and buffers."""
+    _check_sharded(sharded, "sharded_state_dict")
     if sharded.mesh is None:
-        raise ValueError("this sharded module has no device mesh (it was not built by autotp.parallelize)")
+        raise ConfigError("sharded_state_dict needs the sharded module's device mesh; this one was not built by autotp.parallelize")
     placements = sharded.placements()
     shapes = sharded.global_shapes()
     return {
@@ -200,17 +213,55 @@ def _contiguous_strides(shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-def load_sharded_state_dict(sharded: ShardedModule, state: dict[str, DTensor]) -> None:
-    """Copy loaded DTensors into the module (a no-op where they already share its memory)."""
+def load_sharded_state_dict(sharded: ShardedModule, state: Mapping[str, torch.Tensor] | str | os.PathLike) -> None:
+    """Copy loaded DTensors into the module (a no-op where they already share its memory), or read
+    the DCP checkpoint directory ``state`` straight into it (a collective: every rank calls it).
+
+    A directory is checked against the module first, on every rank alike, so a checkpoint that
+    lacks a tensor or holds it in another shape is one ``CheckpointError`` naming them, not DCP's
+    per-rank traceback.
+    """
+    _check_sharded(sharded, "load_sharded_state_dict")
+    if isinstance(state, (str, os.PathLike)):
+        state = _read_dcp_checkpoint(sharded, state)
     own = sharded.state_dict(keep_vars=True)
     missing = sorted(set(own) - set(state))
     if missing:
-        raise KeyError(f"the state dict lacks {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        raise CheckpointError(
+            f"the state dict given to load_sharded_state_dict lacks {len(missing)} of the module's tensors: {_listed(missing)}; "
+            "pass the dict autotp.sharded_state_dict(sharded) returned after dcp.load filled it, or the checkpoint directory itself"
+        )
     with torch.no_grad():
         for name, target in own.items():
-            local = state[name].to_local() if isinstance(state[name], DTensor) else state[name]
+            value = state[name]
+            local = value.to_local() if isinstance(value, DTensor) else value
             if local.data_ptr() != target.data_ptr():
                 target.copy_(local)
     if dist.is_initialized():
         for axis in range(sharded.mesh.ndim if sharded.mesh is not None else 0):  # every axis's group in turn: all of the mesh
             dist.barrier(group=sharded.mesh.get_group(axis))  # type: ignore[union-attr]
+
+
+def _read_dcp_checkpoint(sharded: ShardedModule, path: str | os.PathLike) -> dict[str, DTensor]:
+    """The module's DTensors filled by DCP from ``path``, once its metadata is checked against them."""
+    if not is_dcp_checkpoint(path):
+        raise CheckpointError(f"{os.fspath(path)!r} is not a DCP checkpoint directory (it has no {METADATA_FILE} file): pass the checkpoint_id dcp.save wrote")
+    checkpoint = DcpCheckpoint.open(path)
+    state = sharded_state_dict(sharded)
+    missing = sorted(set(state) - set(checkpoint.tensors))
+    if missing:
+        raise CheckpointError(
+            f"the DCP checkpoint {checkpoint.path} lacks {len(missing)} of the module's tensors: {_listed(missing)}; "
+            "load a checkpoint saved from this model (dcp.save(autotp.sharded_state_dict(sharded), checkpoint_id=...))"
+        )
+    reshaped = [f"'{n}' is {list(checkpoint.tensors[n].shape)} there, {list(t.shape)} here" for n, t in state.items() if tuple(checkpoint.tensors[n].shape) != tuple(t.shape)]
+    if reshaped:
+        raise CheckpointError(f"the DCP checkpoint {checkpoint.path} does not fit the module: {'; '.join(reshaped[:8])}; load a checkpoint saved from this model and config")
+    mesh = sharded.mesh
+    checkpoint.read_into(state, process_group=mesh.get_group(0) if mesh is not None and mesh.ndim == 1 else None)
+    return state
+
+
+def _listed(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(f"'{n}'" for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
