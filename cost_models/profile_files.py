@@ -710,6 +710,8 @@ def _read(path: Path) -> str:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ProfileError(f"{path}: no such profile file") from None
+    except UnicodeDecodeError:
+        raise ProfileError(f"{path}: not a text file; a hardware profile is TOML (see `autotp calibrate` to write one)") from None
     except OSError as exc:
         raise ProfileError(f"{path}: cannot read profile file: {exc}") from None
 

@@ -64,8 +64,7 @@ class TiedLM(nn.Module):
 
 
 class InPlace(nn.Module):
-    """In-place ops on activations (not on state). ``masked_fill_`` is left out: on an all-gathered
-    activation it raises autograd's view+inplace RuntimeError (reported to the lead)."""
+    """In-place ops on activations (not on state): the value written stays replicated."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -75,8 +74,53 @@ class InPlace(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.up(x)
         h.add_(1)
-        h.relu_()  # after add_: relu's backward reads its output, which a later in-place op would change
+        h.masked_fill_(h > 0.5, 0.0)
+        h.relu_()  # last: relu's backward reads its output, which a later in-place op would change
         return self.down(h)
+
+
+class EmbeddingOptions(nn.Module):
+    """An embedding whose options change its training: ``max_norm`` renormalises the looked-up rows
+    of the weight in place; ``scale_grad_by_freq`` divides each row's gradient by its id's count."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(48, WIDTH, **options)
+        self.up = nn.Linear(WIDTH, 4 * WIDTH)
+        self.down = nn.Linear(4 * WIDTH, 48)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.up(self.embed(ids))))
+
+
+class StraightThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return torch.round(x * 4) / 4
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad * 3
+
+
+class Quantised(MLP):
+    """A custom autograd Function between the layers: its own backward, not round's zero."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(StraightThrough.apply(torch.relu(self.up(x))))
+
+
+class Cached(MLP):
+    """Writes its hidden state into a slice of a registered buffer, as a key/value cache does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("cache", torch.zeros(4, 6 * WIDTH))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.up(x))
+        self.cache[:, WIDTH:5 * WIDTH] = h.detach()
+        return self.down(h) + self.cache[:, :2 * WIDTH].sum()
 
 
 class MixedInputs(nn.Module):
@@ -97,10 +141,10 @@ def _inputs(*shape: int, seed: int = 1) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
-def _budget(model: nn.Module, ranks: int) -> int:
+def _budget(model: nn.Module, ranks: int, factor: float = 1.25) -> int:
     """About a rank's share of the training state: too little to replicate, so weights are split."""
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    return int(nbytes * STATE_FACTOR / ranks * 1.25)
+    return int(nbytes * STATE_FACTOR / ranks * factor)
 
 
 def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -120,14 +164,16 @@ def _sgd_step(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.Tenso
     return out
 
 
-def _train_step_agrees(build: Callable[[], nn.Module], inputs: tuple[torch.Tensor, ...], mesh: DeviceMesh, *, budget: bool = True) -> dict[str, Any]:
+def _train_step_agrees(
+    build: Callable[[], nn.Module], inputs: tuple[torch.Tensor, ...], mesh: DeviceMesh, *, budget: bool = True, budget_factor: float = 1.25,
+) -> dict[str, Any]:
     """The largest output and state difference after one SGD step, sharded against unsharded;
     ``budget`` gives a rank about its share of the state, so weights must be split."""
     torch.manual_seed(0)
     reference = build()
     torch.manual_seed(0)
     model = build()
-    sharded = autotp.parallelize(model, mesh, inputs, memory_budget=_budget(model, mesh.size()) if budget else None)
+    sharded = autotp.parallelize(model, mesh, inputs, memory_budget=_budget(model, mesh.size(), budget_factor) if budget else None)
     out_diff = _diff(_sgd_step(sharded, inputs), _sgd_step(reference, inputs))
     full = autotp.full_state_dict(sharded)
     expected = reference.state_dict()
@@ -166,6 +212,27 @@ def tied_weights(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
 
 def inplace_activations(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
     return _train_step_agrees(InPlace, (_inputs(4, WIDTH),), init_device_mesh("cpu", (world_size,)))
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(0, 48, (4, 6), generator=torch.Generator().manual_seed(4))
+
+
+def embedding_max_norm(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
+    """The renormalised weight stays whole (it is written in place), so it needs more room."""
+    return _train_step_agrees(lambda: EmbeddingOptions(max_norm=1.0), (_ids(),), init_device_mesh("cpu", (world_size,)), budget_factor=2.0)
+
+
+def embedding_scale_grad_by_freq(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
+    return _train_step_agrees(lambda: EmbeddingOptions(scale_grad_by_freq=True), (_ids(),), init_device_mesh("cpu", (world_size,)))
+
+
+def custom_autograd_function(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
+    return _train_step_agrees(Quantised, (_inputs(4, WIDTH),), init_device_mesh("cpu", (world_size,)))
+
+
+def buffer_written_in_place(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
+    return _train_step_agrees(Cached, (_inputs(4, WIDTH),), init_device_mesh("cpu", (world_size,)))
 
 
 def mixed_inputs(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
@@ -290,6 +357,12 @@ def not_a_dcp_directory(rank: int, world_size: int, tmp: str) -> None:
     autotp.load_sharded_state_dict(sharded, tmp)
 
 
+def ranks_with_different_weights(rank: int, world_size: int, tmp: str) -> None:
+    """Each rank seeds its own model: the replicated copies differ."""
+    torch.manual_seed(rank)
+    autotp.parallelize(MLP(), init_device_mesh("cpu", (world_size,)), (_inputs(4, WIDTH),))
+
+
 def destroyed_group(rank: int, world_size: int, tmp: str) -> None:
     """A mesh whose process group was destroyed after it was built (last: it ends the group)."""
     mesh = init_device_mesh("cpu", (world_size,))
@@ -299,8 +372,9 @@ def destroyed_group(rank: int, world_size: int, tmp: str) -> None:
 
 CASES: dict[str, Callable[[int, int, str], Any]] = {
     f.__name__: f for f in (
-        mesh_of_one, uneven_widths, batchnorm_train, tied_weights, inplace_activations, mixed_inputs, meta_init_in_parts,
-        dcp_directory_round_trip, compiled, plan_for_another_world, plan_for_another_model, rank1_other_shape, rank1_bad_weights,
+        mesh_of_one, uneven_widths, batchnorm_train, tied_weights, inplace_activations, embedding_max_norm, embedding_scale_grad_by_freq,
+        custom_autograd_function, buffer_written_in_place, mixed_inputs, meta_init_in_parts, dcp_directory_round_trip, compiled,
+        plan_for_another_world, plan_for_another_model, rank1_other_shape, rank1_bad_weights, ranks_with_different_weights,
         dcp_directory_lacks_tensor, state_dict_lacks_tensor, not_a_dcp_directory, destroyed_group,
     )
 }

@@ -183,6 +183,7 @@ CASES: list[Case] = [
     ("profile-json", lambda t: _plan_with_hardware(t, '{"name": "x"}', "profile.json"), autotp.ConfigError, r"profile\.json: not valid TOML"),
     ("profile-empty", lambda t: _plan_with_hardware(t, ""), autotp.ConfigError, r"profile\.toml: missing required field 'version'"),
     ("profile-bad-toml", lambda t: _plan_with_hardware(t, "name = \n"), autotp.ConfigError, r"profile\.toml: not valid TOML: Invalid value \(at line 1"),
+    ("profile-binary", lambda t: _plan_with_hardware(t, bytes(range(256))), autotp.ConfigError, r"profile\.toml: not a text file; a hardware profile is TOML"),
     ("profile-missing", lambda t: plan_meta(hardware=str(t / "none.toml")), autotp.ConfigError, r"none\.toml: no such profile file"),
     ("profile-unknown-name", lambda t: plan_meta(hardware="tpu-v9"), autotp.ConfigError, r"unknown hardware profile 'tpu-v9'; available profiles: .*h100-sxm.*autotp calibrate"),
     # absurd budgets and limits
@@ -193,6 +194,11 @@ CASES: list[Case] = [
     ("budget-nan", lambda t: plan_meta(memory_budget=math.nan), autotp.ConfigError, r"cannot read memory budget nan"),
     ("budget-bool", lambda t: plan_meta(memory_budget=True), autotp.ConfigError, r"memory budget must be bytes \(int\).*got True"),
     ("budget-below-floor", lambda t: plan_meta(memory_budget=10), autotp.InfeasiblePlanError, r"no plan fits a memory budget of 10 B per device on 2 ranks.*Raise memory_budget to at least"),
+    ("time-limit-nan", lambda t: plan_meta(time_limit_s=math.nan), autotp.ConfigError, r"time_limit_s must be a finite number of seconds >= 0, got nan"),
+    ("time-limit-text", lambda t: plan_meta(time_limit_s="abc"), autotp.ConfigError, r"time_limit_s must be .* got 'abc'"),
+    ("node-limit-zero", lambda t: plan_meta(node_limit=0), autotp.ConfigError, r"node_limit must be a whole number of branch-and-bound nodes of at least 1, got 0"),
+    ("budget-nothing-divides", lambda t: plan_of(nn.Linear(7, 5), (x(2, 7),), mesh_shape=3, memory_budget=10), autotp.InfeasiblePlanError,
+     r"2 of 2 tensors, the largest 'p_weight' \(5, 7\), stay whole: no dim of theirs divides by the mesh \(3,\)"),
     ("unknown-solver", lambda t: plan_meta(solver="gurobi-x"), autotp.SolverError, r"unknown solver 'gurobi-x'; use 'cbc' or 'highs'"),
     ("unknown-optimizer", lambda t: plan_meta(optimizer="adamz"), autotp.ConfigError, r"unknown optimizer 'adamz'; known: .*adamw"),
     ("mesh-zero", lambda t: plan_meta(mesh_shape=0), autotp.ConfigError, r"mesh_shape must be a non-empty sequence of positive ints.*got 0"),
@@ -253,8 +259,14 @@ def test_a_zero_time_limit_warns_and_returns_the_fallback_plan() -> None:
 
 
 RANKS = 3
-CORRECT = ["mesh_of_one", "uneven_widths", "batchnorm_train", "tied_weights", "inplace_activations", "mixed_inputs", "meta_init_in_parts", "dcp_directory_round_trip", "compiled"]
-SPLITS = {"batchnorm_train", "tied_weights", "inplace_activations", "mixed_inputs", "meta_init_in_parts"}  # the budget forces splits there
+CORRECT = [
+    "mesh_of_one", "uneven_widths", "batchnorm_train", "tied_weights", "inplace_activations", "embedding_max_norm", "embedding_scale_grad_by_freq",
+    "custom_autograd_function", "buffer_written_in_place", "mixed_inputs", "meta_init_in_parts", "dcp_directory_round_trip", "compiled",
+]
+SPLITS = {  # the budget forces splits there
+    "batchnorm_train", "tied_weights", "inplace_activations", "embedding_max_norm", "embedding_scale_grad_by_freq", "custom_autograd_function",
+    "buffer_written_in_place", "mixed_inputs", "meta_init_in_parts",
+}
 
 # case -> per rank: (error type name, regex)
 ERRORS: dict[str, list[tuple[str, str]]] = {
@@ -266,6 +278,7 @@ ERRORS: dict[str, list[tuple[str, str]]] = {
         ("CheckpointError", r"weights=.*no-such-checkpoint' does not exist: pass a safetensors file"),
         ("PeerRankError", r"rank 1 failed: CheckpointError"),
     ],
+    "ranks_with_different_weights": [("PlanMismatchError", r"'[\w.]+' has different values on rank 0 and ranks 1, 2.*torch\.manual_seed.*check_replicas=False")] * RANKS,
     "dcp_directory_lacks_tensor": [("CheckpointError", r"the DCP checkpoint .*lacks_dir lacks 1 of the module's tensors: 'down\.bias'; load a checkpoint saved from this model")] * RANKS,
     "state_dict_lacks_tensor": [("CheckpointError", r"the state dict given to load_sharded_state_dict lacks 1 of the module's tensors: 'up\.weight'")] * RANKS,
     "not_a_dcp_directory": [("CheckpointError", r"is not a DCP checkpoint directory \(it has no \.metadata file\)")] * RANKS,

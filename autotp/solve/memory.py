@@ -33,6 +33,19 @@ def min_state_nbytes(space: StrategySpace, cost: CostModel) -> float:
     return sum(_smallest(n, cost) for n in space.nodes if n.kind is NodeKind.STATE)
 
 
+def _whole_state(space: StrategySpace) -> str:
+    """Which state tensors no plan can split, for the message that gives the floor."""
+    state = [n for n in space.nodes if n.kind is NodeKind.STATE]
+    whole = [n for n in state if all(p == R for s in n.strategies for p in s.outputs[0])]
+    if not whole:
+        return ""
+    largest = max(whole, key=lambda n: n.output_value_meta(None).nbytes)
+    return (
+        f" ({len(whole)} of {len(state)} tensors, the largest '{largest.name}' {largest.output_value_meta(None).shape}, stay whole: "
+        f"no dim of theirs divides by the mesh {space.mesh.shape}, or they are written in place)"
+    )
+
+
 def check_budget(space: StrategySpace, cost: CostModel, budget: float, pinned: Mapping[str, MeshStrategy]) -> None:
     """Raise ``InfeasiblePlanError`` naming what binds when no plan fits ``budget``: the state
     itself (below the floor), or the pinned nodes that hold state above its smallest split."""
@@ -42,7 +55,7 @@ def check_budget(space: StrategySpace, cost: CostModel, budget: float, pinned: M
         raise InfeasiblePlanError(
             f"no plan fits a memory budget of {fmt_nbytes(budget)} per device on "
             f"{space.mesh.size} ranks: {what} alone need at least "
-            f"{fmt_nbytes(floor)} ({floor:.0f} bytes) per device with every one split. "
+            f"{fmt_nbytes(floor)} ({floor:.0f} bytes) per device with every one split as far as it can be{_whole_state(space)}. "
             "Raise memory_budget to at least that, or use more ranks"
             + (", or plan with training=False for inference" if cost.training else "")
         )

@@ -10,12 +10,14 @@ priced under the same cost model.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
 from autotp.cost.model import CostModel
 from autotp.cost.wake import plan_mean_gap_seconds
+from autotp.errors import ConfigError
 from autotp.ir.placement import R
 from autotp.ir.plan import Plan
 from autotp.ir.strategy import MeshStrategy
@@ -48,11 +50,21 @@ def solve_plan(
 ) -> Plan:
     """The solver's plan for ``space`` under ``cost`` (``pinned`` nodes fixed), wake-aware when
     ``cost`` prices wake-up; raises ``InfeasiblePlanError`` when nothing fits ``memory_budget``."""
+    _check_limits(time_limit_s, node_limit)
     solution = _solve(space, cost, memory_budget=memory_budget, time_limit_s=time_limit_s, node_limit=node_limit, solver=solver, pinned=pinned, on_incumbent=on_incumbent)
     plan = build_plan(space, solution.chosen(space), cost, hardware=hardware, memory_budget=memory_budget, status=solution.status, solve_seconds=solution.seconds)
     if not cost.prices_wake:
         return plan
     return _wake_aware(plan, space, cost, memory_budget=memory_budget, time_limit_s=time_limit_s, node_limit=node_limit, solver=solver, pinned=pinned)
+
+
+def _check_limits(time_limit_s: float, node_limit: int) -> None:
+    """``ConfigError`` for limits the solver would misread (NaN seconds, a node limit below 1)
+    rather than a plan that looks infeasible; 0 seconds is allowed: the fallback plan, at once."""
+    if isinstance(time_limit_s, bool) or not isinstance(time_limit_s, (int, float)) or not 0 <= time_limit_s < math.inf:
+        raise ConfigError(f"time_limit_s must be a finite number of seconds >= 0, got {time_limit_s!r}")
+    if isinstance(node_limit, bool) or not isinstance(node_limit, int) or node_limit < 1:
+        raise ConfigError(f"node_limit must be a whole number of branch-and-bound nodes of at least 1, got {node_limit!r}")
 
 
 def _wake_aware(

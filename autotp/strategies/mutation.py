@@ -12,9 +12,12 @@ from __future__ import annotations
 import operator
 from collections.abc import Iterator
 
+import torch
 from torch import fx
 
 from autotp.capture.torch_compat import op_schema
+
+aten = torch.ops.aten
 
 
 def replicated_by_mutation(graph: fx.Graph) -> frozenset[str]:
@@ -28,10 +31,21 @@ def replicated_by_mutation(graph: fx.Graph) -> frozenset[str]:
     return frozenset(pinned)
 
 
+# Composite ops that update running statistics in place without saying so in their schema:
+# the positions of the statistics, and of the flag that switches the update on.
+_UNDECLARED_WRITES = {
+    aten.batch_norm.default: ((3, 4), 5),  # running_mean, running_var; training
+    aten.instance_norm.default: ((3, 4), 5),  # running_mean, running_var; use_input_stats
+}
+
+
 def _written_args(node: fx.Node) -> Iterator[fx.Node]:
     schema = op_schema(node.target) if node.op == "call_function" else None
     if schema is None:
         return
+    undeclared = _UNDECLARED_WRITES.get(node.target)  # type: ignore[call-overload]  # any target may be looked up
+    if undeclared is not None and len(node.args) > undeclared[1] and node.args[undeclared[1]]:
+        yield from (a for i in undeclared[0] if isinstance(a := node.args[i], fx.Node))
     for index, argument in enumerate(schema.arguments):
         info = argument.alias_info
         if info is None or not info.is_write:
