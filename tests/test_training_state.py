@@ -105,3 +105,17 @@ def test_frequency_scaled_embedding_offers_only_the_feature_split(scale_grad_by_
     id_splits = {s.inputs[1][0] for s in lookup.strategies}
     assert Shard(1) in weight_splits
     assert (Shard(0) in weight_splits, id_splits != {R}) == (not scale_grad_by_freq,) * 2
+
+
+def test_batch_norm_running_statistics_stay_replicated_in_train_mode_only() -> None:
+    """``aten.batch_norm`` updates its running statistics without saying so in its schema (the
+    fuzzer's seed 2032: a running_var split by the plan lost its update)."""
+    for training in (True, False):
+        model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16)).train(training)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UnsupportedOpWarning)
+            space = build_strategy_space(capture(model, (torch.randn(4, 8),)), 2)
+        stats = [n for n in space.nodes if n.name in ("b_1_running_mean", "b_1_running_var")]
+        assert len(stats) == 2
+        split = [any(isinstance(p, Shard) for s in n.strategies for p in s.outputs[0]) for n in stats]
+        assert split == [not training] * 2
