@@ -268,7 +268,7 @@ def parallelize(
     targets = state_targets(model, result.captured, result.plan, coordinate)
     state = _load_state(targets, model, setup, checkpoint=checkpoint, init_fn=init_fn, device=device, mesh=mesh)
     if check_replicas:
-        replicas.check_replicas(setup, targets, state)
+        replicas.check_replicas(setup, targets, state, mesh_shape=tuple(mesh.shape))
     local = _local_state(model, result, state, coordinate=coordinate, device=device)
     retracer = (
         Retracer(model, result.captured, result.plan, planned_call, coordinate=coordinate, group_names=group_names, device=device)

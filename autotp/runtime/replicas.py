@@ -8,20 +8,26 @@ checksums over the set-up group and compares the ranks that hold the same slice 
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
 
 from autotp.errors import PlanMismatchError
+from autotp.ir.placement import Shard
 from autotp.runtime.agreement import SetupGroup
 from autotp.runtime.targets import StateTarget
 
 _Part = tuple[tuple[int, int], ...]  # the slice of the full tensor a rank holds, per dim
 
 
-def check_replicas(setup: SetupGroup, targets: Mapping[str, StateTarget], state: Mapping[str, torch.Tensor]) -> None:
-    """``PlanMismatchError`` on every rank, naming the first tensor whose copies differ and the ranks."""
-    names = [name for name in targets if name in state]
+def check_replicas(setup: SetupGroup, targets: Mapping[str, StateTarget], state: Mapping[str, torch.Tensor], *, mesh_shape: tuple[int, ...]) -> None:
+    """``PlanMismatchError`` on every rank, naming the first tensor whose copies differ and the ranks.
+    Only parts that more than one rank holds are read (a part split over every axis has no copy)."""
+    def copy_count(target: StateTarget) -> int:
+        return math.prod(size for size, p in zip(mesh_shape, target.shard.placements) if not isinstance(p, Shard))
+
+    names = [name for name, target in targets.items() if name in state and copy_count(target) > 1]
     sums = torch.stack([_checksum(state[name]) for name in names]).cpu() if names else torch.zeros(0, 2, dtype=torch.int64)
     mine = {name: (_part(targets[name]), (int(a), int(b))) for name, (a, b) in zip(names, sums.tolist())}
     gathered = setup.all_gather(mine, step="comparing the replicated weights and buffers")
