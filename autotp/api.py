@@ -229,7 +229,7 @@ def parallelize(
     Ranks that hold the same part of a tensor must hold the same values (every rank builds the
     model with the same seed, or loads the same weights): with ``check_replicas`` the ranks
     compare a checksum of each part (``autotp.runtime.replicas``) and raise ``PlanMismatchError``
-    naming the first tensor that differs; ``check_replicas=False`` skips the read of every tensor.
+    naming the first tensor that differs; ``check_replicas=False`` skips that read of every such part.
     """
     if not isinstance(mesh, DeviceMesh):
         raise ConfigError(f"mesh must be a torch.distributed.device_mesh.DeviceMesh, got {type(mesh).__name__}")

@@ -18,6 +18,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 import autotp
+from tests._state_fns import StraightThrough
 
 WIDTH = 24  # 3 ranks divide it (and 4 * WIDTH): weights can be split evenly
 UNEVEN = 16  # 3 ranks divide neither 16 nor 64: tensors are split unevenly or stay whole
@@ -93,21 +94,11 @@ class EmbeddingOptions(nn.Module):
         return self.down(torch.relu(self.up(self.embed(ids))))
 
 
-class StraightThrough(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        return torch.round(x * 4) / 4
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        return grad * 3
-
-
 class Quantised(MLP):
     """A custom autograd Function between the layers: its own backward, not round's zero."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(StraightThrough.apply(torch.relu(self.up(x))))
+        return self.down(StraightThrough.apply(torch.relu(self.up(x)), 4.0))
 
 
 class Cached(MLP):

@@ -53,17 +53,20 @@ _RECORDED: dict[int, FunctionCall] = {}  # by the key the op node carries; alive
 _KEYS = itertools.count()
 
 
+def _recorded_forward(key: int, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The recorded Function's forward, without autograd; cloned, since a custom op's outputs may
+    not alias its inputs."""
+    with torch.no_grad():
+        return [t.clone() for t in _RECORDED[key](*tensors)]
+
+
 @torch.library.custom_op("autotp::autograd_function", mutates_args=())
 def autograd_function(key: int, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """The recorded Function's forward, without autograd (only the capture's fake run calls it)."""
-    with torch.no_grad():
-        return [t.clone() for t in _RECORDED[key](*tensors)]
+    """One recorded ``Function.apply`` (only the capture's fake run calls it)."""
+    return _recorded_forward(key, tensors)
 
 
-@autograd_function.register_fake
-def _(key: int, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    with torch.no_grad():
-        return [t.clone() for t in _RECORDED[key](*tensors)]
+autograd_function.register_fake(_recorded_forward)
 
 
 @contextlib.contextmanager
