@@ -92,12 +92,19 @@ def node_values(captured: CapturedGraph, model: nn.Module, inputs: Sequence[Any]
 
     class _Recorder(fx.Interpreter):
         def run_node(self, n: fx.Node) -> Any:
-            values[n.name] = result = super().run_node(n)
+            result = super().run_node(n)
+            values[n.name] = _snapshot(result)
             return result
 
     with torch.no_grad():
         _Recorder(captured.graph_module).run(*flat)
     return values
+
+
+def _snapshot(value: Any) -> Any:
+    """``value`` by value: a later in-place op in the graph (``add_``, ``copy_``) would otherwise
+    change the recorded input or output of an earlier node."""
+    return pytree.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, value)
 
 
 def check_graph(
@@ -178,10 +185,15 @@ def check_strategy(
     coordinates = list(itertools.product(*(range(n) for n in shape)))
     local_inputs = [_split(v, p, shape, generator) for v, p in zip(slot_values, strategy.inputs)]
     rule = lookup(node.target)
+    schema = op_schema(node.target)
+    writes = schema is not None and schema.is_mutable
     per_rank: list[tuple[Any, ...]] = []
     for coordinate in coordinates:
         try:
-            out = _run_local(node, rule, space, strategy, [s[coordinate] for s in local_inputs], values, coordinate=coordinate, mesh_shape=shape)
+            local = [s[coordinate] for s in local_inputs]
+            if writes:  # R hands out the recorded value itself: an in-place op must not write into it
+                local = [t.clone() for t in local]
+            out = _run_local(node, rule, space, strategy, local, values, coordinate=coordinate, mesh_shape=shape)
         except Exception as exc:  # noqa: BLE001 -- any error means the local op cannot run as the strategy says
             return f"rank {_rank_name(coordinate)} raised {type(exc).__name__}: {_first_line(exc)}"
         outs = tuple(out) if isinstance(out, (tuple, list)) else (out,)

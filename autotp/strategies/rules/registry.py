@@ -98,7 +98,11 @@ def register(
     local_impl: Callable[[OpStrategy], Callable[..., Any] | None] | None = None,
     internal_collectives: Callable[[OpStrategy, tuple[TensorMeta, ...], OutputMeta], tuple[tuple[str, int], ...]] | None = None,
 ) -> Callable[[StrategyFn], StrategyFn]:
-    """Decorator: ``fn`` gives the strategies of every op in ``targets``."""
+    """Decorator: ``fn`` gives the strategies of every op in ``targets``.
+
+    A target is an op (overload or packet) or the qualified name ``"namespace::op"`` of a
+    third-party custom op, which names it without importing the library that defines it.
+    """
 
     def wrap(fn: StrategyFn) -> StrategyFn:
         rule = Rule(fn, localize, tuple(metadata_args), view, local_impl, internal_collectives)
@@ -127,6 +131,9 @@ def lookup(target: Any) -> Rule | None:
         packet_rule = RULES.get(target.overloadpacket)
         if packet_rule is not None:
             return packet_rule
+        named_rule = RULES.get(target.name().partition(".")[0])  # "transformers::grouped_mm_fallback"
+        if named_rule is not None:
+            return named_rule
         if torch.Tag.pointwise in target.tags and _POINTWISE_FALLBACK:
             return _POINTWISE_FALLBACK[0]
     return None
