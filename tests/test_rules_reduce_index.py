@@ -6,6 +6,8 @@ must not offer.
 In-place writes (``scatter_``, ``copy_``...) are pinned replicated in a graph
 (``autotp.strategies.mutation``), so their rules' strategies are checked one node at a time on
 fresh copies of the values (an in-place op run twice on one tensor would see its own write).
+One end-to-end run on 2 ranks checks that the planner picks these splits and the rewritten graph
+computes the unsharded output.
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ from autotp.ir.placement import P, Partial, R, Replicate, Shard
 from autotp.rewrite.rule_check import check_graph, check_strategy, node_values
 from autotp.strategies.engine import NodeKind, NodeSpace, _call_space, build_strategy_space
 from autotp.strategies.rules.registry import OpStrategy, lookup
+from autotp.testing import run_on_ranks
+from tests._reduce_index_fns import reduce_scatter_model
 from tests.test_rules import Fn, _failures_text
 
 TP_SIZES = (2, 3, 4)
@@ -283,8 +287,8 @@ def test_every_strategy_of_inplace_writes(tp_size: int) -> None:
 
 @pytest.mark.parametrize("tp_size", TP_SIZES)
 def test_value_index_reductions_split_kept_dims_only(tp_size: int) -> None:
-    max1, min_keep, max0 = _op_spaces("value_index", tp_size, "aten.max.dim")[0], *_op_spaces("value_index", tp_size, "aten.min.dim"), \
-        _op_spaces("value_index", tp_size, "aten.max.dim")[1]
+    max1, max0 = _op_spaces("value_index", tp_size, "aten.max.dim")
+    (min_keep,) = _op_spaces("value_index", tp_size, "aten.min.dim")
     assert OpStrategy((Shard(0),), (Shard(0), Shard(0))) in max1.strategies
     assert OpStrategy((Shard(2),), (Shard(1), Shard(1))) in max1.strategies
     assert not _splits_input(max1, 1) and not _has_partial(max1)
@@ -484,3 +488,16 @@ def test_checker_rejects_wrong_strategy(case: str, op: str, index: int, strategy
     space = _op_spaces(case, 2, op)[index]
     node = next(n for n in captured.graph_module.graph.nodes if n.name == space.name)
     assert check_strategy(node, space, strategy, values, tp_size=2, generator=torch.Generator().manual_seed(0)) is not None
+
+
+# --- end to end on real ranks ------------------------------------------------------------------------
+
+@pytest.mark.timeout(240)
+def test_split_reductions_and_scatters_run_on_two_ranks() -> None:
+    """The planner picks these rules' splits and the rewritten graph computes the same output."""
+    results = run_on_ranks(reduce_scatter_model, 2, timeout_seconds=200)
+    for result in results:
+        assert result["max_abs_diff"] < 1e-4, result
+    new_ops = {"aten.max.dim", "aten.kthvalue.default", "aten.flip.default", "aten.cummax.default", "aten.logcumsumexp.default",
+               "aten.roll.default", "aten.scatter_add.default", "aten.diagonal.default"}
+    assert len(new_ops & set(results[0]["split_ops"])) >= 4, results[0]["split_ops"]
