@@ -1,5 +1,18 @@
 """Per-op sharding rules; importing this package fills the registry."""
-from autotp.strategies.rules import attention, embedding, indexing, loss, matmul, misc, pointwise, reduction, routing, scan, view  # noqa: F401
+from autotp.strategies.rules import (  # noqa: F401
+    attention,
+    embedding,
+    indexing,
+    inplace,
+    loss,
+    matmul,
+    misc,
+    pointwise,
+    reduction,
+    routing,
+    scan,
+    view,
+)
 from autotp.strategies.rules.registry import RULES, LocalContext, OpContext, OpStrategy, Rule, lookup, register
 
 __all__ = ["RULES", "LocalContext", "OpContext", "OpStrategy", "Rule", "lookup", "register"]

@@ -1,8 +1,9 @@
-"""Scans along one dim: ``cumsum``, ``cumprod``, ``diff``.
+"""Scans along one dim: ``cumsum``, ``cumprod``, ``logcumsumexp``, ``cummax``/``cummin``, ``diff``.
 
 Each output element depends only on its own line along ``dim``, so any other dim may be split
-(``diff``'s ``prepend``/``append`` split with ``x``). ``cumsum`` and ``diff`` are linear, so a
-partial sum passes through: ``cumsum(P) -> P``, ``diff(P, prepend=P) -> P``.
+(``diff``'s ``prepend``/``append`` split with ``x``; ``cummax``'s values and indices alike).
+``cumsum`` and ``diff`` are linear, so a partial sum passes through: ``cumsum(P) -> P``,
+``diff(P, prepend=P) -> P``.
 """
 from __future__ import annotations
 
@@ -27,9 +28,19 @@ def cumsum(ctx: OpContext) -> Iterator[OpStrategy]:
     yield OpStrategy((P,), P)
 
 
-@register(aten.cumprod)
+@register(aten.cumprod, aten.logcumsumexp)
 def cumprod(ctx: OpContext) -> Iterator[OpStrategy]:
     yield from _other_dims(ctx, norm_dim(ctx.arg(1, "dim"), ctx.inputs[0].ndim))
+
+
+@register(aten.cummax, aten.cummin)
+def cummax(ctx: OpContext) -> Iterator[OpStrategy]:
+    """Returns (values, indices), both with x's shape."""
+    ndim = ctx.inputs[0].ndim
+    dim = norm_dim(ctx.arg(1, "dim"), ndim)
+    for d in range(ndim):
+        if d != dim:
+            yield OpStrategy((Shard(d),), (Shard(d), Shard(d)))
 
 
 @register(aten.diff)

@@ -216,3 +216,59 @@ def index_select(ctx: OpContext) -> Iterator[OpStrategy]:
         if d != dim:
             yield OpStrategy((Shard(d), R), Shard(d))
     yield OpStrategy((R, Shard(0)), Shard(dim))
+
+
+@register(aten.flip, aten.roll)
+def flip(ctx: OpContext) -> Iterator[OpStrategy]:
+    """Dims not flipped or rolled keep their split; ``roll`` without dims rolls the flattened
+    tensor, which moves elements across every dim."""
+    ndim = ctx.inputs[0].ndim
+    is_roll = ctx.node.target.overloadpacket is aten.roll  # type: ignore[union-attr]  # a call_function target is an OpOverload
+    moved = list(ctx.arg(2, "dims", ()) if is_roll else ctx.arg(1, "dims"))
+    whole = set(range(ndim)) if is_roll and not moved else {norm_dim(d, ndim) for d in moved}
+    yield from _with_partial(OpStrategy((Shard(d),), Shard(d)) for d in range(ndim) if d not in whole)
+
+
+@register(aten.diagonal, view=True)
+def diagonal(ctx: OpContext) -> Iterator[OpStrategy]:
+    """The output has x's other dims in order, then the diagonal: they keep their split."""
+    ndim = ctx.inputs[0].ndim
+    pair = {norm_dim(ctx.arg(2, "dim1", 0), ndim), norm_dim(ctx.arg(3, "dim2", 1), ndim)}
+    others = [d for d in range(ndim) if d not in pair]
+    yield from _with_partial(OpStrategy((Shard(d),), Shard(e)) for e, d in enumerate(others))
+
+
+register(aten.diagonal_copy)(diagonal)
+
+
+@register(aten.diag_embed)
+def diag_embed(ctx: OpContext) -> Iterator[OpStrategy]:
+    """x's last dim becomes the diagonal of output dims ``dim1``/``dim2``; x's other dims fill
+    the remaining output dims in order and keep their split."""
+    ndim = ctx.inputs[0].ndim
+    pair = {norm_dim(ctx.arg(2, "dim1", -2), ndim + 1), norm_dim(ctx.arg(3, "dim2", -1), ndim + 1)}
+    others = [e for e in range(ndim + 1) if e not in pair]
+    yield from _with_partial(OpStrategy((Shard(d),), Shard(others[d])) for d in range(ndim - 1))
+
+
+@register(aten.diag)
+def diag(ctx: OpContext) -> Iterator[OpStrategy]:
+    """A vector to a matrix or a matrix to its diagonal: every dim takes part, so no split; the
+    op is linear, so ``P -> P``."""
+    yield OpStrategy((P,), P)
+
+
+@register(aten.select_scatter, aten.slice_scatter, aten.diagonal_scatter)
+def view_scatter(ctx: OpContext) -> Iterator[OpStrategy]:
+    """Writes ``src`` into the view ``select``/``slice``/``diagonal`` takes of ``x``: a dim of ``x``
+    the view keeps splits with its image in ``src``. Linear in ``x`` and ``src``: ``P, P -> P``."""
+    ndim = ctx.inputs[0].ndim
+    packet = ctx.node.target.overloadpacket  # type: ignore[union-attr]  # a call_function target is an OpOverload
+    if packet is aten.diagonal_scatter:
+        pair = {norm_dim(ctx.arg(3, "dim1", 0), ndim), norm_dim(ctx.arg(4, "dim2", 1), ndim)}
+        image = {d: e for e, d in enumerate(d for d in range(ndim) if d not in pair)}
+    else:
+        dim = norm_dim(ctx.arg(2, "dim", 0), ndim)
+        drop = packet is aten.select_scatter
+        image = {d: d - 1 if drop and d > dim else d for d in range(ndim) if d != dim}
+    yield from _with_partial((OpStrategy((Shard(d), Shard(e)), Shard(d)) for d, e in image.items()), 2)
