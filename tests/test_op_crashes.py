@@ -20,9 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import autotp
+from autotp.api import plan_model
 from autotp.capture.export import CapturedGraph, capture
 from autotp.cli import main
 from autotp.ir.placement import R, Shard
+from autotp.rewrite.rewriter import rewrite
 from autotp.rewrite.rule_check import check_graph, node_values
 from autotp.strategies.engine import NodeKind, NodeSpace, StrategySpace, UnsupportedOpWarning, build_strategy_space
 from autotp.strategies.rules.registry import RULES, OpStrategy, Rule
@@ -215,10 +217,15 @@ def test_list_output_falls_back_to_replication() -> None:
         items = [n for n in space.nodes if n.op == "getitem" and not n.slots]
         assert producer.fallback and len(items) == 2 and all(_all_replicated(n) for n in (producer, *items))
         _check(captured, values, tp_size)
+    x = torch.randn(12, 2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UnsupportedOpWarning)
-        plan = autotp.plan(Crashes("histogramdd"), (torch.randn(12, 2),), mesh_shape=(2,), training=False)
-    assert str(next(n for n in plan.nodes if "histogramdd" in n.op).strategy) == "[R] -> R"
+        planned = plan_model(Crashes("histogramdd"), (x,), mesh_shape=(2,), hardware="cpu-gloo", memory_budget=None, training=False)
+    assert str(next(n for n in planned.plan.nodes if "histogramdd" in n.op).strategy) == "[R] -> R"
+    # the rank-local graph looks the items up in the local histogramdd's output (no collective: all R)
+    local = rewrite(planned.captured, planned.space, planned.plan, coordinate=(1,), group_names=("tp",))
+    for got, want in zip(local(x), Crashes("histogramdd")(x), strict=True):
+        torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("tp_size", TP_SIZES)
