@@ -23,7 +23,7 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 
 from autotp.capture.custom_functions import recording_functions, restore_function_calls
-from autotp.capture.torch_compat import data_dependent_guard_error, set_grad_enabled_hop
+from autotp.capture.torch_compat import data_dependent_guard_error, pytree, set_grad_enabled_hop, unbacked_sizes
 from autotp.errors import CaptureError, describe_node, source_line
 from autotp.ir.values import TensorMeta
 
@@ -97,7 +97,32 @@ def capture(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Captu
         )
     with recording_functions():
         exported = _export(model, example_inputs)
-        return _lift(model, exported)
+        captured = _lift(model, exported)
+    _refuse_data_dependent_shapes(captured)
+    return captured
+
+
+def _refuse_data_dependent_shapes(captured: CapturedGraph) -> None:
+    """``CaptureError`` at the first node whose output's shape depends on tensor values.
+
+    Plans split tensor dims by their sizes; ``nonzero``, ``masked_select``, ``unique``, boolean-mask
+    indexing, ``repeat_interleave`` with a tensor of repeats and the like have a size known only
+    when the op runs (an unbacked symbol such as ``u0``), which export leaves in the graph.
+    """
+    for node in captured.graph_module.graph.nodes:
+        for value in pytree.tree_leaves(node.meta.get("val")):
+            sizes = unbacked_sizes(value.shape) if isinstance(value, torch.Tensor) else ()
+            if sizes:
+                shape = ", ".join(str(s) for s in value.shape)
+                raise CaptureError(
+                    f"model '{captured.model_name}': {describe_graph_node(node)} returns a tensor of shape "
+                    f"[{shape}], whose size {', '.join(sizes)} depends on the values of its inputs; autotp "
+                    "plans tensors whose shapes are fixed by the example inputs' shapes. Keep the shape "
+                    "static: torch.where(cond, a, b) or masked_fill with a mask instead of a boolean index, "
+                    "masked_select, nonzero or one-argument torch.where; a fixed-size topk instead of "
+                    "unique or nonzero; split sizes given as ints instead of a tensor. Or move the "
+                    "data-dependent part out of forward()"
+                )
 
 
 def _export(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> ExportedProgram:

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 __all__ = [
     "OpOverload", "OpOverloadPacket", "TESTED_TORCH", "TorchCompatError", "UntestedTorchWarning", "aten_op",
     "check_torch_version", "child_modules", "data_dependent_guard_error", "hf_init_weights", "non_persistent_buffer_names", "own_state_slots",
-    "op_schema", "pytree", "resolve_process_group", "set_grad_enabled_hop",
+    "op_schema", "pytree", "resolve_process_group", "set_grad_enabled_hop", "unbacked_sizes",
 ]
 
 # The torch releases CI runs the suite on: [low, high) as (major, minor). pyproject.toml's
@@ -103,6 +103,17 @@ def data_dependent_guard_error() -> type[BaseException]:
     """The exception ``torch.export`` raises when ``forward`` branches on a tensor's values."""
     error: type[BaseException] = _lookup("torch.fx.experimental.symbolic_shapes", "GuardOnDataDependentSymNode")
     return error
+
+
+@functools.cache
+def _free_unbacked_symbols() -> Any:
+    return _lookup("torch.fx.experimental.symbolic_shapes", "free_unbacked_symbols")
+
+
+def unbacked_sizes(shape: torch.Size) -> tuple[str, ...]:
+    """The sizes in a fake tensor's ``shape`` known only when the op runs (``nonzero``'s row
+    count: ``("u0",)``); empty for a shape fixed at capture."""
+    return tuple(sorted(str(s) for s in _free_unbacked_symbols()(shape)))
 
 
 @functools.cache

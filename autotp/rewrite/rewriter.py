@@ -114,7 +114,7 @@ class _Emitter:
         space = self.spaces[node.name]
         strategy = self.strategies[node.name]
         inputs = [self.read(node.name, k, ref) for k, ref in enumerate(space.slots)]
-        if node.target is operator.getitem:
+        if node.target is operator.getitem and space.slots:  # without: an item of a non-tensor member, looked up below
             self.env[node.name] = inputs[0]
             return
         rule = lookup(node.target)

@@ -263,7 +263,7 @@ def _run_local(
 
     Metadata-only arguments (``rule.metadata_args``) get the whole tensor: only its dtype counts.
     """
-    if node.target is operator.getitem:
+    if node.target is operator.getitem and inputs:
         return inputs[0]  # the rewriter forwards the chosen output of the producer
     target, args, kwargs = local_call(node, rule, space, strategy, inputs, values, coordinate=coordinate, mesh_shape=mesh_shape)
     with torch.no_grad():

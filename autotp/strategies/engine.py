@@ -42,7 +42,12 @@ ASSERT_OPS = frozenset({aten._assert_tensor_metadata.default, aten._assert_scala
 
 
 class UnsupportedOpWarning(UserWarning):
-    """An op has no sharding rule and will run replicated."""
+    """An op has no sharding rule (or its rule failed on this call) and will run replicated."""
+
+
+# What a rule's arithmetic on metas raises when a call is outside the forms it was written for
+# (a 0-d tensor, an empty index, a list output): the op then runs replicated, named in the warning.
+_RULE_ERRORS = (ArithmeticError, AttributeError, LookupError, TypeError, ValueError, NotImplementedError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +63,8 @@ class NodeSpace:
     output_meta: OutputMeta | None
     strategies: tuple[MeshStrategy, ...]
     is_view: bool = False
-    fallback: bool = False  # replicate-only because no rule covers the op
+    fallback: bool = False  # replicate-only because no rule covers the op, or its rule raised
+    fallback_reason: str = ""  # why a rule's strategies could not be used ("" when there is no rule)
     requires_grad: bool = False  # a floating output that depends on a parameter
     is_parameter: bool = False  # a trainable parameter placeholder (gradients, optimizer state)
     # per strategy (same order), collectives its local implementation runs: (kind, nbytes, mesh axis),
@@ -242,14 +248,22 @@ def build_strategy_space(captured: CapturedGraph, mesh: MeshSpec | int, *, axis_
         grads[space.name] = space.requires_grad
         spaces.append(space)
     if unsupported:
-        names = ", ".join(f"{op} (first: {node.describe()})" for op, node in unsupported.items())
-        warnings.warn(
-            f"autotp has no sharding rule for {names}; these ops run replicated (correct but "
-            "slower). Register a rule with autotp.strategies.rules.register to shard them.",
-            UnsupportedOpWarning,
-            stacklevel=3,
-        )
+        warnings.warn(_unsupported_message(unsupported), UnsupportedOpWarning, stacklevel=3)
     return StrategySpace(mesh, tuple(spaces), tuple(unsupported))
+
+
+def _unsupported_message(unsupported: Mapping[str, NodeSpace]) -> str:
+    """The one warning about ops that run replicated: those without a rule, then those whose rule raised."""
+    missing = [f"{op} (first: {node.describe()})" for op, node in unsupported.items() if not node.fallback_reason]
+    failed = [f"{op} ({node.fallback_reason}; first: {node.describe()})" for op, node in unsupported.items() if node.fallback_reason]
+    parts = [f"autotp has no sharding rule for {', '.join(missing)}"] if missing else []
+    if failed:
+        parts.append(f"autotp could not derive the strategies of {', '.join(failed)}")
+    fix = " (a rule that raised should offer no strategy for calls it does not cover)" if failed else ""
+    return (
+        "; ".join(parts) + "; these ops run replicated (correct but slower). Register a rule with "
+        f"autotp.strategies.rules.register to shard them{fix}."
+    )
 
 
 def _replicated_only(space: NodeSpace) -> NodeSpace:
@@ -302,6 +316,11 @@ def _op_space(node: fx.Node, meta: OutputMeta | None, metas: Mapping[str, Output
     per distinct call makes the strategy space of a 70B graph 3x faster.
     """
     rule = lookup(node.target)
+    if node.target is operator.getitem and not isinstance(metas[cast("fx.Node", node.args[0]).name], tuple):
+        # an item of an output with non-tensor members (histogramdd's list of bin edges): its
+        # producer runs replicated (no meta to split by), and so does this lookup into it
+        item = _call_space(node, None, (), meta, mesh)
+        return replace(item, name=node.name, fallback=False, module_path=module_path(node), source=source_line(node.meta.get("stack_trace")))
     if node.target is operator.getitem:
         producer, index = cast("tuple[fx.Node, int]", node.args)
         slots: tuple[ValueRef, ...] = (ValueRef(producer.name, index),)
@@ -346,25 +365,34 @@ def _call_space(node: fx.Node, rule: Rule | None, slot_metas: tuple[TensorMeta, 
     replicate = OpStrategy((R,) * len(slot_metas), _replicated_output(meta))
     fallback = rule is None or meta is None or any(isinstance(m, tuple) for m in slot_metas)
     answers: dict[int, list[OpStrategy]] = {}  # by axis size: the rule sees global metas and one axis
+    failure = ""
     for size in mesh.shape:
         if size in answers:
             continue
         answers[size] = [replicate]
         if not fallback and size > 1:
             ctx = OpContext(node, size, slot_metas, meta)  # type: ignore[arg-type]
-            for s in rule.strategies(ctx):  # type: ignore[union-attr]
+            try:
+                offered = list(rule.strategies(ctx))  # type: ignore[union-attr]
+            except _RULE_ERRORS as exc:  # a call outside the rule's forms: replicated, named in the warning
+                failure = f"its rule {getattr(rule.strategies, '__qualname__', 'rule')} raised {type(exc).__name__}: {exc}"  # type: ignore[union-attr]
+                break
+            for s in offered:
                 if s not in answers[size] and _strategy_fits(s, slot_metas, meta, size):
                     answers[size].append(s)
+    if failure:
+        answers = {size: [replicate] for size in mesh.shape}
     outs = meta if isinstance(meta, tuple) else (meta,) if meta is not None else ()
     strategies = combine_axes([answers[size] for size in mesh.shape], (*slot_metas, *outs), mesh.shape, _combinable(node, rule))
     op_name = str(node.target) if not callable(node.target) or op_schema(node.target) is not None else getattr(node.target, "__name__", str(node.target))
     internal_comm: tuple[tuple[tuple[str, int, int], ...], ...] = ()
-    if rule is not None and rule.internal_collectives is not None:
+    if rule is not None and rule.internal_collectives is not None and not failure:
         internal_comm = tuple(_internal_comm(rule, s, slot_metas, meta, mesh) for s in strategies)  # type: ignore[arg-type]
     return NodeSpace(
         name="", op=op_name, module_path="", kind=NodeKind.OP,
         slots=(), slot_metas=slot_metas, output_meta=meta, strategies=strategies,
-        is_view=rule.view if rule is not None else False, fallback=rule is None, internal_comm=internal_comm,
+        is_view=rule.view if rule is not None else False, fallback=rule is None or bool(failure),
+        fallback_reason=failure, internal_comm=internal_comm,
     )
 
 

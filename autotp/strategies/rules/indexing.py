@@ -67,6 +67,8 @@ def index(ctx: OpContext) -> Iterator[OpStrategy]:
 @register(aten.gather)
 def gather(ctx: OpContext) -> Iterator[OpStrategy]:
     x, idx = ctx.inputs[0], ctx.inputs[1]
+    if x.ndim != idx.ndim:  # an empty index may have another rank (gather(0-d x, -1, empty)): nothing to split
+        return
     dim = norm_dim(ctx.arg(1, "dim"), x.ndim)
     for d in range(idx.ndim):
         if d == dim:

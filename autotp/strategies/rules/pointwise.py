@@ -19,14 +19,21 @@ aten = __import__("torch").ops.aten
 
 
 def broadcast_strategies(ctx: OpContext) -> Iterator[OpStrategy]:
-    """One strategy per output dim: shard it on the output and on every input that has it."""
-    out = ctx.output
-    for d in range(out.ndim):  # type: ignore[union-attr]  # a single-output op
+    """One strategy per output dim: shard it on the output and on every input that has it.
+
+    A multi-output elementwise op (``frexp``: mantissa and exponent) splits every output alike;
+    outputs of different shapes get no split.
+    """
+    outs = ctx.output if isinstance(ctx.output, tuple) else (ctx.output,)
+    out = outs[0]
+    if any(o.shape != out.shape for o in outs):
+        return
+    for d in range(out.ndim):
         inputs: list[Placement] = []
         for meta in ctx.inputs:
-            dk = d - (out.ndim - meta.ndim)  # type: ignore[union-attr]  # a single-output op
-            inputs.append(Shard(dk) if dk >= 0 and meta.shape[dk] == out.shape[d] else R)  # type: ignore[union-attr]  # a single-output op
-        yield OpStrategy(tuple(inputs), Shard(d))
+            dk = d - (out.ndim - meta.ndim)
+            inputs.append(Shard(dk) if dk >= 0 and meta.shape[dk] == out.shape[d] else R)
+        yield OpStrategy(tuple(inputs), (Shard(d),) * len(outs) if isinstance(ctx.output, tuple) else Shard(d))
 
 
 def _tensor_operands(node: fx.Node, count: int) -> bool:
