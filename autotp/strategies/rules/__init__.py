@@ -1,5 +1,5 @@
 """Per-op sharding rules; importing this package fills the registry."""
-from autotp.strategies.rules import attention, embedding, indexing, loss, matmul, misc, pointwise, reduction, scan, view  # noqa: F401
+from autotp.strategies.rules import attention, conv, embedding, indexing, loss, matmul, misc, norm, pointwise, reduction, scan, view  # noqa: F401
 from autotp.strategies.rules.registry import RULES, LocalContext, OpContext, OpStrategy, Rule, lookup, register
 
 __all__ = ["RULES", "LocalContext", "OpContext", "OpStrategy", "Rule", "lookup", "register"]
