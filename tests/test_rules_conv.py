@@ -99,6 +99,10 @@ CASES: dict[str, Case] = {
                                     aten._native_batch_norm_legit.no_stats(x, w, b, True, 0.1, 1e-5)),
         (X4, (12,), (12,), (12,), (12,)),
     ),
+    "instance_norm": Case(
+        lambda m, x, rm, rv: (F.instance_norm(x), m.inorm(x), F.instance_norm(x, rm, rv.abs() + 0.5, use_input_stats=False)),
+        (X4, (12,), (12,)), lambda: {"inorm": nn.InstanceNorm2d(12, affine=True)},
+    ),
     "pad": Case(
         lambda m, x: (F.pad(x, (1, 2)), F.pad(x, (0, 0, 1, 1), value=0.5), F.pad(x, (1, 1, 2, 2), mode="reflect"),
                       F.pad(x, (2, 1, 0, 0), mode="replicate"), F.pad(x, (1, 1, 1, 1), mode="circular"),
@@ -280,6 +284,9 @@ def test_norms_split_groups_and_channels(tp_size: int) -> None:
     assert _split_dims(bn2) == {0, 1, 2, 3} and _split_dims(bn1) == {0, 1}
     for batch_stats in _op_spaces("batch_norm_batch_stats", tp_size, "aten.batch_norm"):
         assert _split_dims(batch_stats) == {1}  # statistics over the batch and spatial dims
+    plain_in, affine_in, fixed_in = _op_spaces("instance_norm", tp_size, "aten.instance_norm")
+    assert _split_dims(plain_in) == {0, 1} and _offers(affine_in, (Shard(1), Shard(0), Shard(0)), Shard(1))
+    assert _split_dims(fixed_in) == {0, 1, 2, 3}
     native_eval, native_train = _op_spaces("native_batch_norm", tp_size, "aten.native_batch_norm")
     assert _offers(native_train, (Shard(1), Shard(0), Shard(0)), (Shard(1), Shard(0), Shard(0)))
     assert _split_dims(native_train) == {1} and _split_dims(native_eval) == {0, 1, 2, 3}

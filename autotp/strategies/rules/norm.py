@@ -1,4 +1,4 @@
-"""Group norm and batch norm on ``x[N, C, *s]`` (layer norm and RMS norm live in reduction.py).
+"""Group, batch and instance norm on ``x[N, C, *s]`` (layer norm and RMS norm live in reduction.py).
 
 Group norm normalises each (sample, group) over the group's channels and the spatial dims: a
 batch split keeps every group whole, and so does a channel split into whole groups (``tp``
@@ -7,7 +7,9 @@ bias). Batch norm normalises each channel: in training over the batch and spatia
 channels may be split (per-channel weight, bias and statistics with them); in eval it is a fixed
 per-channel affine map, so any dim may be split with the statistics whole there. A node whose
 training step writes the running statistics in place runs replicated whatever this rule offers
-(autotp/strategies/mutation.py).
+(autotp/strategies/mutation.py). Instance norm normalises each (sample, channel) over the
+spatial dims: batch and channels may be split; with running statistics in place of the input's
+(``use_input_stats=False``) it is a fixed affine map like batch norm in eval.
 """
 from __future__ import annotations
 
@@ -96,3 +98,15 @@ def batch_norm(ctx: OpContext) -> Iterator[OpStrategy]:
         for d in range(x.ndim):
             if d != 1:
                 yield OpStrategy((Shard(d),) + (R,) * params, out(Shard(d), R))
+
+
+@register(aten.instance_norm)
+def instance_norm(ctx: OpContext) -> Iterator[OpStrategy]:
+    """instance_norm(x, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, cudnn_enabled)."""
+    x = ctx.inputs[0]
+    params = len(ctx.inputs) - 1
+    yield OpStrategy((Shard(1),) + (Shard(0),) * params, Shard(1))
+    fixed = not ctx.arg(5, "use_input_stats")
+    for d in range(x.ndim):
+        if d == 0 or (d != 1 and fixed):
+            yield OpStrategy((Shard(d),) + (R,) * params, Shard(d))
