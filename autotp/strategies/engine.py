@@ -383,7 +383,7 @@ def _call_space(node: fx.Node, rule: Rule | None, slot_metas: tuple[TensorMeta, 
     if failure:
         answers = {size: [replicate] for size in mesh.shape}
     outs = meta if isinstance(meta, tuple) else (meta,) if meta is not None else ()
-    strategies = combine_axes([answers[size] for size in mesh.shape], (*slot_metas, *outs), mesh.shape, _combinable(node, rule))
+    strategies = combine_axes([answers[size] for size in mesh.shape], (*slot_metas, *outs), mesh.shape, _combinable(node, rule, mesh.shape))
     op_name = str(node.target) if not callable(node.target) or op_schema(node.target) is not None else getattr(node.target, "__name__", str(node.target))
     internal_comm: tuple[tuple[tuple[str, int, int], ...], ...] = ()
     if rule is not None and rule.internal_collectives is not None and not failure:
@@ -396,16 +396,19 @@ def _call_space(node: fx.Node, rule: Rule | None, slot_metas: tuple[TensorMeta, 
     )
 
 
-def _combinable(node: fx.Node, rule: Rule | None) -> Callable[[tuple[OpStrategy, ...]], bool]:
+def _combinable(node: fx.Node, rule: Rule | None, mesh_shape: tuple[int, ...]) -> Callable[[tuple[OpStrategy, ...]], bool]:
     """Which per-axis combinations the rewriter can run: a local implementation (e.g. a
     vocab-parallel lookup) talks over one axis's group, and a call that draws random numbers
     splits its output over at most one axis (its draws come from that axis's per-rank stream,
     ``autotp.rewrite.random``). A seeded op whose arguments switch the draw off (attention with
-    ``dropout_p=0``, eval-mode dropout) is not random here: batch on one axis and heads on another."""
+    ``dropout_p=0``, eval-mode dropout) is not random here: batch on one axis and heads on another.
+    A rule's own ``combinable`` has the last word (a conv's groups must divide by the axes splitting them)."""
     random_op = draws_random(node.target, node.args, node.kwargs)
 
     def keep(axes: tuple[OpStrategy, ...]) -> bool:
         if rule is not None and rule.local_impl is not None and sum(rule.local_impl(a) is not None for a in axes) > 1:
+            return False
+        if rule is not None and rule.combinable is not None and not rule.combinable(node, axes, mesh_shape):
             return False
         return not (random_op and sum(any(isinstance(p, Shard) for p in a.outputs()) for a in axes) > 1)
 

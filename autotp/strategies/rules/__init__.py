@@ -1,18 +1,4 @@
 """Per-op sharding rules; importing this package fills the registry."""
-from autotp.strategies.rules import (  # noqa: F401
-    attention,
-    embedding,
-    indexing,
-    inplace,
-    loss,
-    matmul,
-    misc,
-    pointwise,
-    reduction,
-    routing,
-    scan,
-    view,
-)
 from autotp.strategies.rules.registry import RULES, LocalContext, OpContext, OpStrategy, Rule, lookup, register
 
 __all__ = ["RULES", "LocalContext", "OpContext", "OpStrategy", "Rule", "lookup", "register"]

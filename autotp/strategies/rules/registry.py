@@ -69,6 +69,7 @@ class LocalContext:
 
 StrategyFn = Callable[[OpContext], Iterable[OpStrategy]]
 LocalizeFn = Callable[[tuple[Any, ...], dict[str, Any], LocalContext], tuple[tuple[Any, ...], dict[str, Any]]]
+CombinableFn = Callable[[fx.Node, tuple[OpStrategy, ...], tuple[int, ...]], bool]
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +86,9 @@ class Rule:
     # Collectives such a local implementation runs inside, as (kind, bytes of the full tensor),
     # so the cost model prices them.
     internal_collectives: Callable[[OpStrategy, tuple[TensorMeta, ...], OutputMeta], tuple[tuple[str, int], ...]] | None = None
+    # Whether per-axis answers (one per mesh axis, axis sizes given) run together: a count that is
+    # not a tensor dim (a conv's ``groups``) must divide by every axis that splits it, nested.
+    combinable: CombinableFn | None = None
 
 
 RULES: dict[Any, Rule] = {}
@@ -97,6 +101,7 @@ def register(
     view: bool = False,
     local_impl: Callable[[OpStrategy], Callable[..., Any] | None] | None = None,
     internal_collectives: Callable[[OpStrategy, tuple[TensorMeta, ...], OutputMeta], tuple[tuple[str, int], ...]] | None = None,
+    combinable: CombinableFn | None = None,
 ) -> Callable[[StrategyFn], StrategyFn]:
     """Decorator: ``fn`` gives the strategies of every op in ``targets``.
 
@@ -105,7 +110,7 @@ def register(
     """
 
     def wrap(fn: StrategyFn) -> StrategyFn:
-        rule = Rule(fn, localize, tuple(metadata_args), view, local_impl, internal_collectives)
+        rule = Rule(fn, localize, tuple(metadata_args), view, local_impl, internal_collectives, combinable)
         for target in targets:
             if target in RULES:
                 raise ValueError(f"two rules registered for {target}")
