@@ -1,4 +1,20 @@
 """Per-op sharding rules; importing this package fills the registry."""
+from autotp.strategies.rules import (  # noqa: F401
+    attention,
+    conv,
+    embedding,
+    indexing,
+    inplace,
+    loss,
+    matmul,
+    misc,
+    norm,
+    pointwise,
+    reduction,
+    routing,
+    scan,
+    view,
+)
 from autotp.strategies.rules.registry import RULES, LocalContext, OpContext, OpStrategy, Rule, lookup, register
 
 __all__ = ["RULES", "LocalContext", "OpContext", "OpStrategy", "Rule", "lookup", "register"]
