@@ -7,12 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from cost_models import OP_CLASSES, HardwareProfile, LinkProfile, OpClassRate, ProfileError, load_profile, op_seconds, profile_to_toml, roofline_seconds, write_profile
 from cost_models.calibrate import KernelSample, fit_compute
 from autotp.capture.export import capture
-from autotp.cost.model import CostModel, op_class
+from autotp.cost.model import CostModel, node_flops, op_class
 from autotp.examples import build_example
+from autotp.ir.placement import Shard
 from autotp.strategies.engine import NodeKind, build_strategy_space
 from autotp.strategies.op_facts import draws_random
 from tests._profile_fns import assert_rejected
@@ -164,3 +166,22 @@ def test_fit_recovers_each_class_line() -> None:
 )
 def test_which_calls_draw_random_numbers(target: object, args: tuple, kwargs: dict, expected: bool) -> None:
     assert draws_random(target, args, kwargs) is expected
+
+
+def test_a_convolution_is_priced_as_a_contraction_and_its_split_saves_compute() -> None:
+    conv = nn.Conv1d(12, 24, kernel_size=3)
+    up = nn.ConvTranspose1d(24, 12, kernel_size=2, stride=2)
+    model = nn.Sequential(conv, up)
+    x = torch.randn(4, 12, 10)
+    space = build_strategy_space(capture(model, (x,)), 2)
+    by_op = {n.op: n for n in space.nodes if n.kind is NodeKind.OP}
+    forward, transposed = by_op["aten.conv1d.default"], by_op["aten.conv_transpose1d.default"]
+    assert op_class(forward) is None and op_class(transposed) is None
+    # conv: 2 FLOPs per output element (4 x 24 x 8) and weight entry of one output channel (12 x 3)
+    assert node_flops(forward) == 2 * (4 * 24 * 8) * (12 * 3)
+    # transposed: per input element (4 x 24 x 8) and weight entry of one input channel (12 x 2)
+    assert node_flops(transposed) == 2 * (4 * 24 * 8) * (12 * 2)
+    cost = CostModel(ROUND, 2)
+    whole = cost.compute_seconds(forward, forward.strategies[0])
+    out_channels = next(s for s in forward.strategies if s.outputs[0] == (Shard(1),))
+    assert cost.compute_seconds(forward, out_channels) < whole

@@ -40,7 +40,14 @@ from autotp.ir.placement import Placements, Shard
 from autotp.ir.strategy import MeshStrategy
 from autotp.ir.values import TensorMeta, split_meta
 from autotp.strategies.engine import NodeKind, NodeSpace
-from autotp.strategies.op_facts import CONTRACTION_OPS, SECOND_MATRIX_SLOT, op_class_of, packet_name
+from autotp.strategies.op_facts import (
+    CONTRACTION_OPS,
+    CONVOLUTION_OPS,
+    SECOND_MATRIX_SLOT,
+    TRANSPOSED_CONVOLUTION_OPS,
+    op_class_of,
+    packet_name,
+)
 
 aten = torch.ops.aten
 
@@ -49,9 +56,14 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def node_flops(node: NodeSpace) -> float:
-    """Global FLOPs of one op: 2·M·N·K for contractions, 4·B·H·Tq·Tk·D for attention, else numel."""
+    """Global FLOPs of one op: 2·M·N·K for contractions, 4·B·H·Tq·Tk·D for attention, for a
+    convolution 2 per output element (input element, transposed) and weight entry of one output
+    channel (``aten.convolution`` is taken as not transposed), else numel."""
     packet = packet_name(node.op)
     out = node.output_meta
+    if (packet in CONVOLUTION_OPS or packet in TRANSPOSED_CONVOLUTION_OPS) and isinstance(out, TensorMeta):
+        x, weight = node.slot_metas[0], node.slot_metas[1]
+        return 2.0 * (x.numel if packet in TRANSPOSED_CONVOLUTION_OPS else out.numel) * (weight.numel / weight.shape[0])
     if packet in CONTRACTION_OPS and isinstance(out, TensorMeta):
         first_matrix = 1 if packet in ("aten.addmm", "aten.baddbmm") else 0  # after the bias
         contracted = node.slot_metas[first_matrix].shape[-1]

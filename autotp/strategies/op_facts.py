@@ -14,6 +14,10 @@ from torch.fx.operator_schemas import normalize_function
 from autotp.capture.torch_compat import OpOverload
 
 CONTRACTION_OPS = {"aten.linear", "aten.mm", "aten.bmm", "aten.addmm", "aten.matmul", "aten.baddbmm"}
+# Convolutions contract input channels and the kernel window, so the matmul roofline prices them
+# too; a transposed one stores its weight as (C_in, C_out / groups, *kernel).
+CONVOLUTION_OPS = {"aten.conv1d", "aten.conv2d", "aten.conv3d", "aten.convolution"}
+TRANSPOSED_CONVOLUTION_OPS = {"aten.conv_transpose1d", "aten.conv_transpose2d", "aten.conv_transpose3d"}
 ATTENTION_OPS = {
     "aten.scaled_dot_product_attention", "aten._scaled_dot_product_flash_attention_for_cpu",
     "aten._scaled_dot_product_flash_attention", "aten._scaled_dot_product_efficient_attention",
@@ -31,7 +35,10 @@ NORMALIZATION_OPS = {f"aten.{name}" for name in (
 )}
 
 # The slot of a contraction's second matrix: ``nn.Linear``'s weight, or the keys of attention scores.
-SECOND_MATRIX_SLOT = {"aten.linear": 1, "aten.mm": 1, "aten.matmul": 1, "aten.bmm": 1, "aten.addmm": 2, "aten.baddbmm": 2}
+SECOND_MATRIX_SLOT = {
+    "aten.linear": 1, "aten.mm": 1, "aten.matmul": 1, "aten.bmm": 1, "aten.addmm": 2, "aten.baddbmm": 2,
+    **{op: 1 for op in CONVOLUTION_OPS | TRANSPOSED_CONVOLUTION_OPS},
+}
 
 
 def packet_name(op: str) -> str:
@@ -42,7 +49,7 @@ def packet_name(op: str) -> str:
 def op_class_of(op: str) -> str | None:
     """The ``cost_models.OP_CLASSES`` entry of a non-view op; None for contractions (priced by their roofline)."""
     packet = packet_name(op)
-    if packet in CONTRACTION_OPS:
+    if packet in CONTRACTION_OPS or packet in CONVOLUTION_OPS or packet in TRANSPOSED_CONVOLUTION_OPS:
         return None
     if packet in ATTENTION_OPS:
         return "attention"
