@@ -17,7 +17,11 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import re
+import sys
+import types
+import unittest
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -33,8 +37,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "OpOverload", "OpOverloadPacket", "TESTED_TORCH", "TorchCompatError", "UntestedTorchWarning", "aten_op",
-    "check_torch_version", "child_modules", "data_dependent_guard_error", "hf_init_weights", "non_persistent_buffer_names", "own_state_slots",
-    "op_schema", "pytree", "resolve_process_group", "set_grad_enabled_hop", "unbacked_sizes",
+    "check_torch_version", "child_modules", "data_dependent_guard_error", "dtensor_registered_ops", "hf_init_weights",
+    "non_persistent_buffer_names", "opinfo_database", "own_state_slots", "op_schema", "pytree", "resolve_process_group",
+    "set_grad_enabled_hop", "unbacked_sizes",
 ]
 
 # The torch releases CI runs the suite on: [low, high) as (major, minor). pyproject.toml's
@@ -125,6 +130,36 @@ def resolve_process_group(group_name: str) -> dist.ProcessGroup:
     """The process group registered under ``group_name`` (the name a traced collective carries)."""
     group: dist.ProcessGroup = _process_group_resolver()(group_name)
     return group
+
+
+def opinfo_database() -> list[Any]:
+    """PyTorch's operator corpus (``OpInfo`` entries with sample inputs), for the conformance run
+    ``autotp.testing.opinfo``. Imported here, on first use: the import takes seconds and is for tests.
+
+    ``torch.testing._internal`` imports ``expecttest`` (a test-only package) for its ``TestCase``
+    base class only; where it is not installed a stand-in with that name lets the corpus load.
+    """
+    if "expecttest" not in sys.modules and importlib.util.find_spec("expecttest") is None:
+        stand_in = types.ModuleType("expecttest")
+        stand_in.TestCase = unittest.TestCase  # type: ignore[attr-defined]
+        stand_in.ACCEPT = False  # type: ignore[attr-defined]
+        sys.modules["expecttest"] = stand_in
+    database: list[Any] = _lookup("torch.testing._internal.common_methods_invocations", "op_db")
+    return database
+
+
+def dtensor_registered_ops() -> frozenset[OpOverload]:
+    """Every ATen overload DTensor has a sharding strategy or rule for (the keys of its sharding
+    propagator's tables), to measure autotp's coverage against."""
+    propagator = _lookup("torch.distributed.tensor", "DTensor")._op_dispatcher.sharding_propagator
+    tables = ("op_strategy_funcs", "op_single_dim_strategy_funcs", "op_to_rules")
+    missing = [t for t in tables if not hasattr(propagator, t)]
+    if missing:
+        raise TorchCompatError(
+            f"torch {torch.__version__}'s DTensor sharding propagator has no {', '.join(missing)}; its tables were renamed. "
+            "Install a torch in the tested range or update autotp.capture.torch_compat.dtensor_registered_ops"
+        )
+    return frozenset(op for table in tables for op in getattr(propagator, table) if isinstance(op, OpOverload))
 
 
 # --- private attributes of public objects ---------------------------------------------------------

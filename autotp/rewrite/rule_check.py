@@ -21,7 +21,12 @@ answer per axis), which tests the engine's product of the rules' answers as much
 A rule that only lists correct strategies passes for every input; a wrong one fails on almost any
 random input, so use non-degenerate values (a zero bias hides a bias added once per rank). Ops
 that draw random numbers or return uninitialised memory are checked for shape and dtype only.
-Tolerances are for float32.
+Tolerances are for float32 (a few rounding units for half and bfloat16 outputs). NaN equals NaN
+and infinities must sit at the same places; a P input's inf and NaN elements stay whole on rank 0.
+Complex tensors may be P, as the engine allows. A Python scalar output (``aten.item``) is R: every
+rank must return the same value. Nodes holding sparse tensors are skipped (``NodeCheck.skipped``).
+Node values are recorded by value and every rank gets its own copy of its inputs, so in-place ops
+are checked like the others.
 
     values = node_values(captured, model, inputs)
     checked, failures = check_graph(captured, values, tp_size=3)            # failures == [] when all hold
@@ -42,12 +47,13 @@ from torch import fx, nn
 from autotp.capture.export import CapturedGraph, InputRole
 from autotp.capture.torch_compat import OpOverload, op_schema, pytree
 from autotp.ir.mesh import MeshSpec
-from autotp.ir.placement import Partial, Placements, Shard, format_placements, local_chunk
+from autotp.ir.placement import Partial, Placements, Replicate, Shard, format_placements, local_chunk
 from autotp.ir.strategy import MeshStrategy, one_axis
 from autotp.rewrite.rewriter import local_call
 from autotp.strategies.engine import (
     NodeKind,
     NodeSpace,
+    StrategySpace,
     ValueRef,
     build_strategy_space,
 )
@@ -107,6 +113,18 @@ def _snapshot(value: Any) -> Any:
     return pytree.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, value)
 
 
+@dataclass(frozen=True, slots=True)
+class NodeCheck:
+    """What checking one op node found: how many strategies ran, which failed, and, when none could
+    run, why (``skipped``)."""
+
+    node: str
+    op: str
+    checked: int
+    failures: tuple[RuleFailure, ...]
+    skipped: str | None = None
+
+
 def check_graph(
     captured: CapturedGraph,
     values: Mapping[str, Any],
@@ -123,27 +141,65 @@ def check_graph(
     ``max_per_node`` caps the strategies checked per node (N-D products grow fast): the
     all-replicate one and a sample of the rest, the same for the same ``seed``.
 
-    Returns the number of (node, strategy) cases checked and the failures among them.
+    Returns the number of (node, strategy) cases checked and the failures among them; nodes that
+    cannot be checked (``check_node``'s ``skipped``) count as none.
     """
     shape = _mesh_shape(mesh_shape, tp_size)
     space = build_strategy_space(captured, MeshSpec.of(shape))
+    results = check_nodes(captured, space, values, seed=seed, max_per_node=max_per_node)
+    return sum(r.checked for r in results), [f for r in results for f in r.failures]
+
+
+def check_nodes(
+    captured: CapturedGraph, space: StrategySpace, values: Mapping[str, Any], *, seed: int = 0, max_per_node: int | None = None,
+) -> list[NodeCheck]:
+    """``check_graph`` on an already built ``space``, one ``NodeCheck`` per op node (for callers
+    that count per op, like the OpInfo conformance run ``autotp.testing.opinfo``)."""
     nodes = {n.name: n for n in captured.graph_module.graph.nodes}
     generator = torch.Generator().manual_seed(seed)
     sampler = random.Random(seed)
-    checked, failures = 0, []
-    for ns in space.nodes:
-        if ns.kind is not NodeKind.OP:
-            continue
-        rule = lookup(nodes[ns.name].target)
-        strategies = [s for s in ns.strategies if not _runs_local_impl(rule, s)]  # checked on real ranks (tests/test_vocab_parallel.py)
-        if max_per_node is not None and len(strategies) > max_per_node:
-            strategies = strategies[:1] + sorted(sampler.sample(strategies[1:], max_per_node - 1), key=strategies.index)
-        for strategy in strategies:
-            checked += 1
-            reason = check_strategy(nodes[ns.name], ns, strategy, values, mesh_shape=shape, generator=generator)
-            if reason is not None:
-                failures.append(RuleFailure(ns.name, ns.op, strategy, shape, reason))
-    return checked, failures
+    return [
+        check_node(nodes[ns.name], ns, values, mesh_shape=space.mesh.shape, generator=generator, sampler=sampler, max_per_node=max_per_node)
+        for ns in space.nodes if ns.kind is NodeKind.OP
+    ]
+
+
+def check_node(
+    node: fx.Node,
+    space: NodeSpace,
+    values: Mapping[str, Any],
+    *,
+    mesh_shape: tuple[int, ...],
+    generator: torch.Generator,
+    max_per_node: int | None = None,
+    sampler: random.Random | None = None,
+) -> NodeCheck:
+    """Every strategy of one op node (see ``check_graph``); ``sampler`` picks the ones checked
+    when ``max_per_node`` caps them (default: seeded with 0)."""
+    skipped = uncheckable(node, space, values)
+    if skipped is not None:
+        return NodeCheck(space.name, space.op, 0, (), skipped)
+    rule = lookup(node.target)
+    strategies = [s for s in space.strategies if not _runs_local_impl(rule, s)]  # checked on real ranks (tests/test_vocab_parallel.py)
+    if max_per_node is not None and len(strategies) > max_per_node:
+        picked = (sampler or random.Random(0)).sample(strategies[1:], max_per_node - 1)
+        strategies = strategies[:1] + sorted(picked, key=strategies.index)
+    failures = []
+    for strategy in strategies:
+        reason = check_strategy(node, space, strategy, values, mesh_shape=mesh_shape, generator=generator)
+        if reason is not None:
+            failures.append(RuleFailure(space.name, space.op, strategy, mesh_shape, reason))
+    return NodeCheck(space.name, space.op, len(strategies), tuple(failures))
+
+
+def uncheckable(node: fx.Node, space: NodeSpace, values: Mapping[str, Any]) -> str | None:
+    """Why ``node`` cannot be checked by splitting dense tensors, or None: sparse tensors have no
+    chunks to hand out (autotp keeps them replicated)."""
+    outs = values[node.name]
+    for value in (*(_value(values, ref) for ref in space.slots), *(outs if isinstance(outs, (tuple, list)) else (outs,))):
+        if isinstance(value, torch.Tensor) and value.layout is not torch.strided:
+            return f"holds a {value.layout} tensor (only dense tensors are split)"
+    return None
 
 
 def _mesh_shape(mesh_shape: Sequence[int] | None, tp_size: int | None) -> tuple[int, ...]:
@@ -175,25 +231,21 @@ def check_strategy(
         raise ValueError(f"{strategy} has {strategy.ndim} mesh axes, the mesh {shape} has {len(shape)}")
     slot_values = [_value(values, ref) for ref in space.slots]
     for k, (value, placements) in enumerate(zip(slot_values, strategy.inputs)):
-        if any(isinstance(p, Partial) for p in placements) and not value.dtype.is_floating_point:
-            return f"input {k} is {value.dtype} but placed P (only R or S make sense for integers)"
+        if any(isinstance(p, Partial) for p in placements) and not _summable(value):
+            return f"input {k} is {value.dtype} but placed P (only R or S make sense for integers and booleans)"
     expected = values[node.name]
     expected_outs = tuple(expected) if isinstance(expected, (tuple, list)) else (expected,)
     for k, (value, placements) in enumerate(zip(expected_outs, strategy.outputs)):
-        if any(isinstance(p, Partial) for p in placements) and not value.dtype.is_floating_point:
-            return f"output {k} is {value.dtype} but placed P (only R or S make sense for integers)"
+        if any(isinstance(p, Partial) for p in placements) and not _summable(value):
+            kind = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+            return f"output {k} is {kind} but placed P (only R or S make sense for integers, booleans and Python scalars)"
     coordinates = list(itertools.product(*(range(n) for n in shape)))
     local_inputs = [_split(v, p, shape, generator) for v, p in zip(slot_values, strategy.inputs)]
     rule = lookup(node.target)
-    schema = op_schema(node.target)
-    writes = schema is not None and schema.is_mutable
     per_rank: list[tuple[Any, ...]] = []
     for coordinate in coordinates:
         try:
-            local = [s[coordinate] for s in local_inputs]
-            if writes:  # R hands out the recorded value itself: an in-place op must not write into it
-                local = [t.clone() for t in local]
-            out = _run_local(node, rule, space, strategy, local, values, coordinate=coordinate, mesh_shape=shape)
+            out = _run_local(node, rule, space, strategy, [s[coordinate] for s in local_inputs], values, coordinate=coordinate, mesh_shape=shape)
         except Exception as exc:  # noqa: BLE001 -- any error means the local op cannot run as the strategy says
             return f"rank {_rank_name(coordinate)} raised {type(exc).__name__}: {_first_line(exc)}"
         outs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
@@ -207,6 +259,12 @@ def check_strategy(
         if reason is not None:
             return f"output {k} ({format_placements(placements)}): {reason}"
     return None
+
+
+def _summable(value: Any) -> bool:
+    """Whether partial sums of ``value`` exist: floating or complex tensors, as the engine's
+    ``_fits`` allows P."""
+    return isinstance(value, torch.Tensor) and (value.dtype.is_floating_point or value.dtype.is_complex)
 
 
 def _value(values: Mapping[str, Any], ref: ValueRef) -> torch.Tensor:
@@ -225,6 +283,10 @@ def _split(value: torch.Tensor, placements: Placements, mesh_shape: tuple[int, .
         P    on axis a   a random summand: along axis a, coordinate 1.. draw noise, 0 holds the rest
         R                all of it
 
+    Every rank gets its own copy: an in-place op on one rank must not reach another rank's input
+    or the recorded ``values``. Noise is complex for a complex tensor, and zero where the tensor is inf or NaN: noise there
+    would turn ``inf - noise + noise`` into NaN, so rank 0 holds those elements whole.
+
     The ranks that differ only in axis ``a``'s coordinate hold the same tensor before axis ``a``
     is applied, so a P on ``a`` splits that tensor into summands that add up over ``a``.
     """
@@ -236,13 +298,14 @@ def _split(value: torch.Tensor, placements: Placements, mesh_shape: tuple[int, .
             if isinstance(p, Shard):
                 if tensor.shape[p.dim] % size:
                     raise ValueError(f"{format_placements(placements)}: dim {p.dim} of {tuple(tensor.shape)} does not split into {size} on axis {axis}")
-                parts = [c.contiguous() for c in tensor.chunk(size, p.dim)]
+                parts = [c.clone(memory_format=torch.contiguous_format) for c in tensor.chunk(size, p.dim)]
             elif isinstance(p, Partial):
-                scale = float(tensor.abs().mean()) or 1.0
-                noise = [torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype) * scale for _ in range(size - 1)]
+                finite = torch.isfinite(tensor)
+                scale = float(tensor[finite].abs().mean()) if bool(finite.any()) else 0.0
+                noise = [torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype) * (scale or 1.0) * finite for _ in range(size - 1)]
                 parts = [tensor - sum(noise, torch.zeros_like(tensor))] + noise
             else:
-                parts = [tensor] * size
+                parts = [tensor.clone() for _ in range(size)]
             nxt.update(((*prefix, c), part) for c, part in enumerate(parts))
         held = nxt
     return held
@@ -299,7 +362,10 @@ def _compare(
 ) -> str | None:
     """Why the ranks' outputs ``got`` (by mesh coordinate) are not ``want`` laid out as ``placements``
     (``None`` if they are): each rank holds its chunk of the S axes, and the ranks that differ only
-    in the coordinates of the P axes add up to it (R axes: every rank holds it)."""
+    in the coordinates of the P axes add up to it (R axes: every rank holds it). A Python scalar
+    (``aten.item``, a symbolic size) is R: every rank holds the same value."""
+    if not isinstance(want, torch.Tensor):
+        return _compare_scalar(want, placements, got, exact=exact)
     for axis, p in enumerate(placements):
         if isinstance(p, Shard) and p.dim >= want.ndim:
             return f"the output has {want.ndim} dims (S({p.dim}) on axis {axis})"
@@ -327,16 +393,38 @@ def _compare(
     return None
 
 
+def _compare_scalar(want: Any, placements: Placements, got: Mapping[tuple[int, ...], Any], *, exact: bool) -> str | None:
+    if any(p != Replicate() for p in placements):
+        return f"a {type(want).__name__} output can only be replicated"
+    for coordinate, local in got.items():
+        if isinstance(local, torch.Tensor) or type(local) is not type(want):
+            return f"rank {_rank_name(coordinate)} returned {type(local).__name__}, expected {type(want).__name__}"
+        if exact and not _close(torch.tensor(local), torch.tensor(want)):
+            return f"rank {_rank_name(coordinate)} returned {local!r}, expected {want!r}"
+    return None
+
+
 def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Equal up to rounding: NaN equals NaN, infinities must sit at the same places."""
     if want.dtype.is_floating_point or want.dtype.is_complex:
         finite = want[torch.isfinite(want)]
         scale = max(1.0, float(finite.abs().max())) if finite.numel() else 1.0
-        return torch.allclose(got, want, atol=ATOL * scale, rtol=RTOL, equal_nan=True)
+        atol, rtol = _tolerances(want.dtype)
+        return torch.allclose(got, want, atol=atol * scale, rtol=rtol, equal_nan=True)
     return torch.equal(got, want)
 
 
+def _tolerances(dtype: torch.dtype) -> tuple[float, float]:
+    """(ATOL, RTOL) for float32 and wider; for half and bfloat16 a few units of their rounding:
+    a P summand cast down rounds on every rank before the sum (``aten.to`` of a P tensor)."""
+    eps = torch.finfo(dtype).eps
+    if eps <= torch.finfo(torch.float32).eps:
+        return ATOL, RTOL
+    return 4 * eps, 4 * eps
+
+
 def _diff(got: torch.Tensor, want: torch.Tensor) -> str:
-    if not want.dtype.is_floating_point:
+    if not (want.dtype.is_floating_point or want.dtype.is_complex):
         return f"{int((got != want).sum())} of {want.numel()} elements differ"
     finite = torch.isfinite(want) & torch.isfinite(got)
     err = (got - want)[finite].abs().max() if finite.any() else torch.tensor(float("nan"))
