@@ -284,8 +284,10 @@ def _split(value: torch.Tensor, placements: Placements, mesh_shape: tuple[int, .
         R                all of it
 
     Every rank gets its own copy: an in-place op on one rank must not reach another rank's input
-    or the recorded ``values``. Noise is complex for a complex tensor, and zero where the tensor is inf or NaN: noise there
-    would turn ``inf - noise + noise`` into NaN, so rank 0 holds those elements whole.
+    or the recorded ``values``. Noise is complex for a complex tensor and scaled by the finite
+    elements only; rank 0 holds an inf or NaN element whole (``inf - noise`` is ``inf``) while the
+    other ranks hold noise there too, as a real partial sum would: an op that drops a NaN from one
+    summand (``nansum``) then fails, as it should.
 
     The ranks that differ only in axis ``a``'s coordinate hold the same tensor before axis ``a``
     is applied, so a P on ``a`` splits that tensor into summands that add up over ``a``.
@@ -302,7 +304,7 @@ def _split(value: torch.Tensor, placements: Placements, mesh_shape: tuple[int, .
             elif isinstance(p, Partial):
                 finite = torch.isfinite(tensor)
                 scale = float(tensor[finite].abs().mean()) if bool(finite.any()) else 0.0
-                noise = [torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype) * (scale or 1.0) * finite for _ in range(size - 1)]
+                noise = [torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype) * (scale or 1.0) for _ in range(size - 1)]
                 parts = [tensor - sum(noise, torch.zeros_like(tensor))] + noise
             else:
                 parts = [tensor.clone() for _ in range(size)]
