@@ -19,9 +19,6 @@ import functools
 import importlib
 import importlib.util
 import re
-import sys
-import types
-import unittest
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -134,16 +131,13 @@ def resolve_process_group(group_name: str) -> dist.ProcessGroup:
 
 def opinfo_database() -> list[Any]:
     """PyTorch's operator corpus (``OpInfo`` entries with sample inputs), for the conformance run
-    ``autotp.testing.opinfo``. Imported here, on first use: the import takes seconds and is for tests.
-
-    ``torch.testing._internal`` imports ``expecttest`` (a test-only package) for its ``TestCase``
-    base class only; where it is not installed a stand-in with that name lets the corpus load.
-    """
-    if "expecttest" not in sys.modules and importlib.util.find_spec("expecttest") is None:
-        stand_in = types.ModuleType("expecttest")
-        stand_in.TestCase = unittest.TestCase  # type: ignore[attr-defined]
-        stand_in.ACCEPT = False  # type: ignore[attr-defined]
-        sys.modules["expecttest"] = stand_in
+    ``autotp.testing.opinfo``. Imported here, on first use: the import takes seconds and is for
+    tests; it needs the test-only package ``expecttest`` (the ``test`` extra)."""
+    if importlib.util.find_spec("expecttest") is None:
+        raise TorchCompatError(
+            "the OpInfo corpus (torch.testing._internal) needs the package expecttest, which is not installed; "
+            "install the test extras: pip install -e '.[test]'"
+        )
     database: list[Any] = _lookup("torch.testing._internal.common_methods_invocations", "op_db")
     return database
 

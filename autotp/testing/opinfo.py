@@ -51,24 +51,9 @@ TP_SIZES = (2, 3, 5)
 MAX_SAMPLES = 2
 EXPECTED_SAMPLES = 32  # samples run of an OpInfo named in EXPECTED_FAILURES
 
-_HELPER_B = "fixed by helper B"
-_DATA_DEPENDENT = f"data-dependent output size: GuardOnDataDependentSymNode in build_strategy_space ({_HELPER_B})"
 # Known wrong strategies and crashes, by OpInfo name (``name`` or ``name.variant``) or ATen
 # overload (``aten.nonzero.default``), with the reason. They run and are reported as expected.
-EXPECTED_FAILURES: dict[str, str] = {
-    "nn.functional.scaled_dot_product_attention": f"SDPA with 3-D inputs offers a wrong strategy ({_HELPER_B})",
-    "nonzero": _DATA_DEPENDENT,
-    "argwhere": _DATA_DEPENDENT,
-    "masked_select": _DATA_DEPENDENT,
-    "unique": _DATA_DEPENDENT,
-    "unique_consecutive": _DATA_DEPENDENT,
-    "combinations": _DATA_DEPENDENT,
-    "tensor_split": _DATA_DEPENDENT,
-    "repeat_interleave": f"{_DATA_DEPENDENT}; repeats given as a tensor",
-    "frexp": f"AttributeError in build_strategy_space: a multi-output op's meta ({_HELPER_B})",
-    "histogramdd": f"TypeError in build_strategy_space ({_HELPER_B})",
-    "gather": f"IndexError for an empty index, from sample 3 on ({_HELPER_B})",
-}
+EXPECTED_FAILURES: dict[str, str] = {}
 
 
 @dataclass(slots=True)
