@@ -10,6 +10,7 @@ from autotp.strategies.rules import (  # noqa: F401
     misc,
     norm,
     pointwise,
+    random,
     reduction,
     routing,
     scan,

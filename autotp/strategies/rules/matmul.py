@@ -109,3 +109,10 @@ def baddbmm(ctx: OpContext) -> Iterator[OpStrategy]:
     bias_label = "bmn"[3 - bias_meta.ndim:]
     for s in einsum_strategies(["bmk", "bkn"], "bmn", (a, b, bias_meta), bias=bias_label):
         yield OpStrategy((s.inputs[2],) + s.inputs[:2], s.output)
+
+
+@register(aten.dot, aten.vdot)
+def dot(ctx: OpContext) -> Iterator[OpStrategy]:
+    """1-D x 1-D -> scalar: the one letter is contracted (``S(0), S(0) -> P``); ``vdot``
+    conjugates its first operand, which is additive, so it is linear in each operand too."""
+    yield from einsum_strategies(["k", "k"], "", ctx.inputs)

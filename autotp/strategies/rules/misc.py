@@ -1,4 +1,4 @@
-"""Constructors (arange, full, zeros, new_ones...) and small leftovers (outer).
+"""Constructors (arange, full, zeros, new_ones, new_empty_strided...) and small leftovers (outer).
 
 A constructor has no tensor input, so any output dim may be split: each rank builds only its
 chunk. Size arguments become the local size; ``arange`` also shifts its start by the chunk's
@@ -37,6 +37,28 @@ register(
     aten.new_ones, aten.new_zeros, aten.new_full, aten.new_empty,
     localize=_localize_size_arg(1, "size"), metadata_args=(0,),
 )(constructor)
+
+
+def _contiguous_strides(shape: list[int]) -> list[int]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return strides[::-1]
+
+
+def _localize_empty_strided(args: tuple[Any, ...], kwargs: dict[str, Any], lc: LocalContext) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    size = local_shape(lc.output.shape, lc.strategy.output, lc.tp_size)  # type: ignore[arg-type, union-attr]  # a single-output op
+    return (args[0], size, _contiguous_strides(size)) + tuple(args[3:]), kwargs
+
+
+@register(aten.new_empty_strided, localize=_localize_empty_strided, metadata_args=(0,))
+def new_empty_strided(ctx: OpContext) -> Iterator[OpStrategy]:
+    """Uninitialised memory of a given size and stride: split like a constructor when the stride
+    is the size's contiguous one, which the local chunk's contiguous stride then replaces (any
+    other layout would need its strides re-derived per chunk, so it runs replicated)."""
+    if list(ctx.arg(2, "stride")) == _contiguous_strides(list(ctx.arg(1, "size"))):
+        yield from constructor(ctx)
 
 
 def _localize_arange(args: tuple[Any, ...], kwargs: dict[str, Any], lc: LocalContext) -> tuple[tuple[Any, ...], dict[str, Any]]:

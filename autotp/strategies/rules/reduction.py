@@ -114,13 +114,24 @@ def whole_reduction(ctx: OpContext) -> Iterator[OpStrategy]:
     yield from ()
 
 
-@register(aten._softmax, aten.softmax, aten._log_softmax, aten.log_softmax)
+@register(aten._softmax, aten.softmax, aten._log_softmax, aten.log_softmax, aten._safe_softmax)
 def softmax(ctx: OpContext) -> Iterator[OpStrategy]:
     x = ctx.inputs[0]
     dim = norm_dim(ctx.named_arg("dim"), x.ndim)
     for d in range(x.ndim):
         if d != dim:
             yield OpStrategy((Shard(d),), Shard(d))
+
+
+@register(aten._softmax_backward_data, aten._log_softmax_backward_data)
+def softmax_backward(ctx: OpContext) -> Iterator[OpStrategy]:
+    """``(grad_output, output, dim)``: each row's gradient needs its whole softmax row, so any
+    other dim splits, on both inputs and the gradient alike."""
+    ndim = ctx.inputs[0].ndim
+    dim = norm_dim(ctx.named_arg("dim"), ndim)
+    for d in range(ndim):
+        if d != dim:
+            yield OpStrategy((Shard(d), Shard(d)), Shard(d))
 
 
 @register(aten.layer_norm, aten.rms_norm)

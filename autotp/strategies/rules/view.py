@@ -169,7 +169,7 @@ def select(ctx: OpContext) -> Iterator[OpStrategy]:
 def split(ctx: OpContext) -> Iterator[OpStrategy]:
     """Split along one dim into a tuple; any other dim keeps its split on every piece."""
     ndim = ctx.inputs[0].ndim
-    is_unbind = ctx.node.target.overloadpacket is aten.unbind  # type: ignore[union-attr]  # a call_function target is an OpOverload
+    is_unbind = ctx.node.target.overloadpacket in (aten.unbind, aten.unbind_copy)  # type: ignore[union-attr]  # a call_function target is an OpOverload
     dim = norm_dim(ctx.arg(1, "dim", 0) if is_unbind else ctx.arg(2, "dim", 0), ndim)
     count = len(ctx.output)  # type: ignore[arg-type]  # a split's output is a tuple
     for d in range(ndim):
@@ -272,3 +272,48 @@ def view_scatter(ctx: OpContext) -> Iterator[OpStrategy]:
         drop = packet is aten.select_scatter
         image = {d: d - 1 if drop and d > dim else d for d in range(ndim) if d != dim}
     yield from _with_partial((OpStrategy((Shard(d), Shard(e)), Shard(d)) for d, e in image.items()), 2)
+
+
+# The ``_copy`` variants (what functionalization emits for views) copy the view's result: the view's
+# rule and shape-argument rewriting, but they launch a kernel, so they are not ``view=True``.
+register(aten.view_copy.default, localize=_localize_size(1, "size"))(reshape)
+register(aten.expand_copy, localize=_localize_size(1, "size"))(expand)
+register(aten.squeeze_copy, localize=_localize_squeeze)(squeeze)
+register(aten.permute_copy)(permute)
+register(aten.transpose_copy)(transpose)
+register(aten.t_copy)(t)
+register(aten.unsqueeze_copy)(unsqueeze)
+register(aten.slice_copy)(slice_)
+register(aten.select_copy)(select)
+register(aten.split_copy, aten.split_with_sizes_copy, aten.unbind_copy)(split)
+
+
+@register(aten.alias_copy)
+def alias_copy(ctx: OpContext) -> Iterator[OpStrategy]:
+    """A copy of the whole tensor: any split, or a partial sum, carries over."""
+    yield from _with_partial(OpStrategy((Shard(d),), Shard(d)) for d in range(ctx.inputs[0].ndim))
+
+
+def bitcast(ctx: OpContext) -> Iterator[OpStrategy]:
+    """``view(dtype)`` reinterprets the bits: a dtype of another width rescales the last dim, which
+    then stays whole; the rest keep their split. No partial sum: bits do not add like values."""
+    x, out = ctx.inputs[0], ctx.output
+    whole_last = x.shape[-1:] != out.shape[-1:]  # type: ignore[union-attr]  # a single-output op
+    for d in range(x.ndim - 1 if whole_last else x.ndim):
+        yield OpStrategy((Shard(d),), Shard(d))
+
+
+register(aten.view.dtype, view=True)(bitcast)
+register(aten.view_copy.dtype)(bitcast)
+
+
+@register(aten.view_as_complex, view=True)
+def view_as_complex(ctx: OpContext) -> Iterator[OpStrategy]:
+    """``[..., 2]`` real pairs -> ``[...]`` complex: the pair dim stays whole, any other splits."""
+    yield from _with_partial(OpStrategy((Shard(d),), Shard(d)) for d in range(ctx.inputs[0].ndim - 1))
+
+
+@register(aten.view_as_real, view=True)
+def view_as_real(ctx: OpContext) -> Iterator[OpStrategy]:
+    """``[...]`` complex -> ``[..., 2]`` real pairs: any input dim splits; the new pair dim does not."""
+    yield from _with_partial(OpStrategy((Shard(d),), Shard(d)) for d in range(ctx.inputs[0].ndim))
