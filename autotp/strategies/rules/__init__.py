@@ -5,6 +5,7 @@ from autotp.strategies.rules import (  # noqa: F401
     embedding,
     indexing,
     inplace,
+    linalg,
     loss,
     matmul,
     misc,
