@@ -20,13 +20,14 @@ from autotp.testing.opinfo import run_conformance
 
 aten = torch.ops.aten
 
-# Floors at ~90% of what one sample per op gave on torch 2.13 (662 ops captured, 6636 pairs,
-# 221 overloads with a split, 199 of them DTensor-registered): a rule that stops offering splits
-# or a capture that starts failing wholesale trips them.
+# Floors at ~90% of what one sample per op gave on torch 2.13 (654 ops captured, 6862 pairs,
+# 357 overloads with a split, 275 of the 304 DTensor-registered ones seen): a rule that stops
+# offering splits or a capture that starts failing wholesale trips them.
 MIN_OPS_CAPTURED = 600
 MIN_PAIRS_CHECKED = 6000
-MIN_OVERLOADS_SPLIT = 200
-MIN_DTENSOR_OVERLOADS_SPLIT = 180
+MIN_OVERLOADS_SPLIT = 320
+# The coverage goal: a split for 90% of the overloads DTensor registers among those the corpus produces.
+MIN_DTENSOR_SHARE_SPLIT = 0.9
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -46,16 +47,18 @@ def test_accessors_reach_the_corpus_and_dtensors_registry() -> None:
 
 
 @pytest.mark.timeout(600)
-def test_corpus_has_no_unexpected_wrong_strategy_or_crash() -> None:
+def test_corpus_has_no_unexpected_wrong_strategy_or_crash(capsys: pytest.CaptureFixture[str]) -> None:
     report = run_conformance(max_samples=1)
     dtensor = {str(op) for op in dtensor_registered_ops()}
-    print(report.summary(dtensor))
+    with capsys.disabled():  # the coverage goes into CI's log
+        print("\n" + report.summary(dtensor))
     assert report.unexpected("wrong") == [], "\n".join(map(str, report.unexpected("wrong")))
     assert report.unexpected("crash") == [], "\n".join(map(str, report.unexpected("crash")))
     assert report.ops_captured >= MIN_OPS_CAPTURED
     assert report.pairs_checked >= MIN_PAIRS_CHECKED
     assert report.coverage()[0] >= MIN_OVERLOADS_SPLIT
-    assert report.coverage(dtensor)[0] >= MIN_DTENSOR_OVERLOADS_SPLIT
+    split, seen = report.coverage(dtensor)
+    assert split >= MIN_DTENSOR_SHARE_SPLIT * seen, f"a split for {split} of {seen} DTensor-registered overloads seen"
 
 
 def _every_dim_splits(ctx: OpContext) -> list[OpStrategy]:
