@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import fx, nn
+from torch import fx
 
 from autotp.capture.export import CapturedGraph, capture
 from autotp.ir.placement import P, R, Shard
@@ -29,25 +29,12 @@ from autotp.strategies.engine import NodeKind, NodeSpace, UnsupportedOpWarning, 
 from autotp.strategies.rules.registry import RULES, OpStrategy, lookup, register
 from autotp.testing import run_on_ranks
 from tests import _moe_fns
+from tests._rule_fns import Call
 
 TP_SIZES = (2, 3, 4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-class Fn(nn.Module):
-    def __init__(self, fn: Callable[..., Any]) -> None:
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, *inputs: torch.Tensor) -> Any:
-        return self.fn(*inputs)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randn(*shape: int) -> torch.Tensor:
@@ -71,7 +58,7 @@ CASES: dict[str, tuple[Callable[..., Any], tuple[torch.Tensor, ...]]] = {
 @functools.cache
 def _case(name: str, tp_size: int) -> tuple[CapturedGraph, dict[str, Any], list[NodeSpace]]:
     fn, inputs = CASES[name]
-    model = Fn(fn)
+    model = Call(fn)
     captured = capture(model, inputs)
     space = build_strategy_space(captured, tp_size)
     return captured, node_values(captured, model, inputs), [n for n in space.nodes if n.kind is NodeKind.OP]
@@ -118,7 +105,7 @@ def test_routing_ops_offer_their_splits(tp_size: int) -> None:
 
 def _grouped_space(fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...], tp_size: int) -> tuple[CapturedGraph, dict[str, Any], NodeSpace, fx.Node]:
     """The captured ``fn``, its node values, and the space and node of its one grouped matmul."""
-    model = Fn(fn)
+    model = Call(fn)
     captured = capture(model, inputs)
     (space,) = [n for n in build_strategy_space(captured, tp_size).nodes if "grouped_mm" in n.op]
     (node,) = [n for n in captured.graph_module.graph.nodes if n.name == space.name]

@@ -7,8 +7,6 @@ rule, marks expected failures and reports one that no longer fails.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -30,12 +28,7 @@ MIN_OVERLOADS_SPLIT = 320
 MIN_DTENSOR_SHARE_SPLIT = 0.9
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_accessors_reach_the_corpus_and_dtensors_registry() -> None:

@@ -3,45 +3,20 @@ test each: values written in place, Python scalar outputs, sparse tensors, inf/N
 values and half-precision rounding. Each failed, crashed or checked nothing before its fix."""
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Any
-
 import pytest
 import torch
-from torch import nn
 
-from autotp.capture.export import CapturedGraph, capture
 from autotp.ir.placement import P, Partial, R, Shard
-from autotp.rewrite.rule_check import _close, _compare, _split, check_graph, check_nodes, check_strategy, node_values
+from autotp.rewrite.rule_check import _close, _compare, _split, check_graph, check_nodes, check_strategy
 from autotp.strategies.engine import NodeKind, build_strategy_space
 from autotp.strategies.rules.registry import OpStrategy
+from tests._rule_fns import captured_with_values
 
-pytestmark = pytest.mark.filterwarnings("ignore::autotp.strategies.engine.UnsupportedOpWarning")
 aten = torch.ops.aten
 INF, NAN = float("inf"), float("nan")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-class Fn(nn.Module):
-    def __init__(self, fn: Callable[..., Any]) -> None:
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, *inputs: torch.Tensor) -> Any:
-        return self.fn(*inputs)
-
-
-def _captured(fn: Callable[..., Any], *inputs: torch.Tensor) -> tuple[CapturedGraph, dict[str, Any]]:
-    model = Fn(fn)
-    captured = capture(model, inputs)
-    return captured, node_values(captured, model, inputs)
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::autotp.strategies.engine.UnsupportedOpWarning")]
 
 
 def _in_place(x: torch.Tensor) -> torch.Tensor:
@@ -55,7 +30,7 @@ def test_values_written_in_place_are_recorded_before_the_write(tp_size: int) -> 
     """``add``'s value is what ``add`` returned, not what ``mul_`` made of it later; and checking
     ``mul_`` on one rank neither reaches another rank's input nor the recorded values."""
     x = torch.randn(12, 24)
-    captured, values = _captured(_in_place, x)
+    captured, values = captured_with_values(_in_place, x)
     assert any(n.target is aten.mul_.Tensor for n in captured.graph_module.graph.nodes)
     torch.testing.assert_close(values["add"], x + 1)
     checked, failures = check_graph(captured, values, tp_size=tp_size)
@@ -65,7 +40,7 @@ def test_values_written_in_place_are_recorded_before_the_write(tp_size: int) -> 
 
 def test_python_scalar_outputs_are_replicated_values() -> None:
     """``aten.item`` returns a float: checked as R (every rank the same value), not a crash."""
-    captured, values = _captured(lambda x: x * x.max().item(), torch.randn(12, 24))
+    captured, values = captured_with_values(lambda x: x * x.max().item(), torch.randn(12, 24))
     assert isinstance(values["item"], float)
     results = {r.node: r for r in check_nodes(captured, build_strategy_space(captured, 3), values)}
     assert results["item"].checked >= 1 and results["item"].failures == ()
@@ -75,7 +50,7 @@ def test_python_scalar_outputs_are_replicated_values() -> None:
 
 
 def test_sparse_values_are_skipped_with_a_reason() -> None:
-    captured, values = _captured(lambda x: x * 2, torch.randn(12, 24))
+    captured, values = captured_with_values(lambda x: x * 2, torch.randn(12, 24))
     sparse = {name: v.to_sparse() if isinstance(v, torch.Tensor) else v for name, v in values.items()}
     (result,) = check_nodes(captured, build_strategy_space(captured, 2), sparse)
     assert result.checked == 0 and result.failures == () and "sparse" in str(result.skipped)
@@ -87,7 +62,7 @@ def test_partial_inputs_holding_inf_and_nan_are_checked(tp_size: int) -> None:
     """Noise scaled by an infinite mean made every P check of such a tensor fail."""
     x = torch.randn(12, 24)
     x[0, 0], x[1, 1], x[2, 2] = INF, -INF, NAN
-    captured, values = _captured(lambda a: a * 2 + a, x)
+    captured, values = captured_with_values(lambda a: a * 2 + a, x)
     space = build_strategy_space(captured, tp_size)
     assert any(isinstance(p, Partial) for ns in space.nodes if ns.kind is NodeKind.OP for s in ns.strategies for p in s.inputs[0])
     checked, failures = check_graph(captured, values, tp_size=tp_size)
@@ -104,7 +79,7 @@ def test_partial_split_keeps_non_finite_elements_whole_on_rank_zero() -> None:
 
 def test_a_nan_dropped_from_one_summand_is_caught() -> None:
     x = torch.tensor([[1.0, NAN, 3.0, 4.0], [NAN, 2.0, 5.0, 6.0]])
-    captured, values = _captured(lambda a: a.nansum(1), x)
+    captured, values = captured_with_values(lambda a: a.nansum(1), x)
     (ns,) = [ns for ns in build_strategy_space(captured, 2).nodes if ns.kind is NodeKind.OP]
     node = next(n for n in captured.graph_module.graph.nodes if n.name == ns.name)
     assert OpStrategy((P,), P) not in [s.axes[0] for s in ns.strategies]  # the rule does not offer it
@@ -121,7 +96,7 @@ def test_non_finite_outputs_compare_by_position() -> None:
 @pytest.mark.parametrize("tp_size", [2, 3, 4])
 def test_complex_values_may_be_partial_as_the_engine_allows(tp_size: int) -> None:
     z = torch.randn(12, 24, dtype=torch.complex64)
-    captured, values = _captured(lambda a: a * 2, z)
+    captured, values = captured_with_values(lambda a: a * 2, z)
     (ns,) = [ns for ns in build_strategy_space(captured, tp_size).nodes if ns.kind is NodeKind.OP]
     partial = next(s for s in ns.strategies if s.inputs[0] == (P,))
     node = next(n for n in captured.graph_module.graph.nodes if n.name == ns.name)
@@ -129,7 +104,7 @@ def test_complex_values_may_be_partial_as_the_engine_allows(tp_size: int) -> Non
     parts = _split(z, (P,), (tp_size,), torch.Generator().manual_seed(0))
     assert parts[(1,)].imag.abs().sum() > 0  # complex noise, not real noise cast
     # a wrong P strategy of a complex op is still caught
-    captured, values = _captured(lambda a: a * a, z)
+    captured, values = captured_with_values(lambda a: a * a, z)
     (ns,) = [ns for ns in build_strategy_space(captured, tp_size).nodes if ns.kind is NodeKind.OP]
     node = next(n for n in captured.graph_module.graph.nodes if n.name == ns.name)
     wrong = OpStrategy((P, P), P)  # a product of two partial sums is not the sum of the products
@@ -141,7 +116,7 @@ def test_complex_values_may_be_partial_as_the_engine_allows(tp_size: int) -> Non
 def test_partial_cast_to_half_precision_is_within_its_rounding(dtype: torch.dtype) -> None:
     """Each rank rounds its summand: a float32 tolerance failed every P cast to bf16/fp16; a
     wrong strategy (S of the reduced dim) still fails."""
-    captured, values = _captured(lambda a: (a.to(dtype), a.to(dtype).sum(-1)), torch.randn(12, 24) * 8)
+    captured, values = captured_with_values(lambda a: (a.to(dtype), a.to(dtype).sum(-1)), torch.randn(12, 24) * 8)
     checked, failures = check_graph(captured, values, tp_size=3)
     assert checked >= 4 and failures == []
     space = build_strategy_space(captured, 3)

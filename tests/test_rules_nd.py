@@ -12,7 +12,6 @@ seconds.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -30,13 +29,7 @@ from tests.test_rules import CASES, EXAMPLE_CONFIGS, Fn, _case, _example, _failu
 MESHES = ((2, 2), (2, 3))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """The ops here are tiny: extra intra-op threads only spin (3x slower on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _space(case: str, mesh_shape: tuple[int, ...]) -> StrategySpace:

@@ -1,0 +1,34 @@
+"""What the op-level rule tests share: a model whose forward is a function, captured with the
+value of every node."""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from autotp.capture.export import CapturedGraph, capture
+from autotp.rewrite.rule_check import node_values
+
+
+class Call(nn.Module):
+    """A model whose forward is ``fn(*inputs)``."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *inputs: torch.Tensor) -> Any:
+        return self.fn(*inputs)
+
+
+def captured_with_values(fn: Callable[..., Any] | nn.Module, *inputs: torch.Tensor) -> tuple[CapturedGraph, dict[str, Any]]:
+    """``fn`` (a function or a module, run in eval mode) captured on ``inputs``, and the value of
+    every node (``autotp.rewrite.rule_check.node_values``); capture's warnings are not the test's."""
+    model = (fn if isinstance(fn, nn.Module) else Call(fn)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        captured = capture(model, inputs)
+    return captured, node_values(captured, model, inputs)
