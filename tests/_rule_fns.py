@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,3 +33,16 @@ def captured_with_values(fn: Callable[..., Any] | nn.Module, *inputs: torch.Tens
         warnings.simplefilter("ignore")
         captured = capture(model, inputs)
     return captured, node_values(captured, model, inputs)
+
+
+@dataclass(frozen=True)
+class DrawnCase:
+    """``fn(module, *inputs)`` on the inputs ``make(generator)`` draws."""
+
+    fn: Callable[..., Any]
+    make: Callable[[torch.Generator], tuple[torch.Tensor, ...]]
+
+
+def randn_inputs(*shapes: tuple[int, ...]) -> Callable[[torch.Generator], tuple[torch.Tensor, ...]]:
+    """A ``DrawnCase.make`` drawing one standard-normal tensor per shape."""
+    return lambda g: tuple(torch.randn(s, generator=g) for s in shapes)

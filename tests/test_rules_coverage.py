@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -21,6 +20,7 @@ from autotp.strategies.engine import NodeKind, NodeSpace, build_strategy_space
 from autotp.strategies.rules.registry import OpStrategy
 from autotp.testing import run_on_ranks
 from tests._coverage_fns import random_ops_model
+from tests._rule_fns import DrawnCase, randn_inputs
 from tests.test_rules import Fn, _failures_text
 
 TP_SIZES = (2, 3, 4)
@@ -29,18 +29,6 @@ aten = torch.ops.aten
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@dataclass(frozen=True)
-class Case:
-    """``fn(module, *inputs)`` on the inputs ``make(generator)`` draws."""
-
-    fn: Callable[..., Any]
-    make: Callable[[torch.Generator], tuple[torch.Tensor, ...]]
-
-
-def _randn(*shapes: tuple[int, ...]) -> Callable[[torch.Generator], tuple[torch.Tensor, ...]]:
-    return lambda g: tuple(torch.randn(s, generator=g) for s in shapes)
 
 
 def _softmax_backward(m: Any, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -78,18 +66,18 @@ def _random(m: Any, x: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor,
     )
 
 
-CASES: dict[str, Case] = {
-    "safe_softmax": Case(lambda m, x: (aten._safe_softmax(x, -1), aten._safe_softmax(x, 1)), _randn(X)),
-    "softmax_backward": Case(_softmax_backward, _randn(X, X)),
-    "copies": Case(_copies, _randn(X)),
-    "more_copies": Case(_more_copies, _randn(X, (12, 1, 12))),
-    "bitcast": Case(
-        lambda m, x: (x.view(torch.int32) + 1, x.view(torch.bfloat16).isnan(), aten.view_copy.dtype(x, torch.int16)), _randn(X)
+CASES: dict[str, DrawnCase] = {
+    "safe_softmax": DrawnCase(lambda m, x: (aten._safe_softmax(x, -1), aten._safe_softmax(x, 1)), randn_inputs(X)),
+    "softmax_backward": DrawnCase(_softmax_backward, randn_inputs(X, X)),
+    "copies": DrawnCase(_copies, randn_inputs(X)),
+    "more_copies": DrawnCase(_more_copies, randn_inputs(X, (12, 1, 12))),
+    "bitcast": DrawnCase(
+        lambda m, x: (x.view(torch.int32) + 1, x.view(torch.bfloat16).isnan(), aten.view_copy.dtype(x, torch.int16)), randn_inputs(X)
     ),
-    "dot": Case(lambda m, a, b: (torch.dot(a, b), torch.vdot(a, b)), _randn((24,), (24,))),
-    "complex": Case(_complex, _randn((12, 24, 6, 2))),
-    "random": Case(_random, lambda g: (torch.randn(X, generator=g), torch.rand(12, 24, generator=g))),
-    "new_empty_strided": Case(lambda m, x: (x.new_empty_strided((12, 24), (24, 1)), x.new_empty_strided((12, 24), (1, 12))), _randn((12, 24))),
+    "dot": DrawnCase(lambda m, a, b: (torch.dot(a, b), torch.vdot(a, b)), randn_inputs((24,), (24,))),
+    "complex": DrawnCase(_complex, randn_inputs((12, 24, 6, 2))),
+    "random": DrawnCase(_random, lambda g: (torch.randn(X, generator=g), torch.rand(12, 24, generator=g))),
+    "new_empty_strided": DrawnCase(lambda m, x: (x.new_empty_strided((12, 24), (24, 1)), x.new_empty_strided((12, 24), (1, 12))), randn_inputs((12, 24))),
 }
 
 

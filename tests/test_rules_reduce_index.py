@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -29,6 +28,7 @@ from autotp.strategies.engine import NodeKind, NodeSpace, _call_space, build_str
 from autotp.strategies.rules.registry import OpStrategy, lookup
 from autotp.testing import run_on_ranks
 from tests._reduce_index_fns import reduce_scatter_model
+from tests._rule_fns import DrawnCase, randn_inputs
 from tests.test_rules import Fn, _failures_text
 
 TP_SIZES = (2, 3, 4)
@@ -37,18 +37,6 @@ aten = torch.ops.aten
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@dataclass(frozen=True)
-class Case:
-    """``fn(module, *inputs)`` on the inputs ``make(generator)`` draws."""
-
-    fn: Callable[..., Any]
-    make: Callable[[torch.Generator], tuple[torch.Tensor, ...]]
-
-
-def _randn(*shapes: tuple[int, ...]) -> Callable[[torch.Generator], tuple[torch.Tensor, ...]]:
-    return lambda g: tuple(torch.randn(s, generator=g) for s in shapes)
 
 
 def _perm(g: torch.Generator, shape: tuple[int, ...], dim: int) -> torch.Tensor:
@@ -75,40 +63,40 @@ def _search_inputs(g: torch.Generator) -> tuple[torch.Tensor, ...]:
             unsorted, unsorted.argsort())
 
 
-CASES: dict[str, Case] = {
-    "value_index": Case(
+CASES: dict[str, DrawnCase] = {
+    "value_index": DrawnCase(
         lambda m, x: (x.max(1), x.min(-1, keepdim=True), torch.max(x, 0), x.kthvalue(3, 1), x.kthvalue(2), x.median(1, keepdim=True),
                       x.nanmedian(-1), x.max(), x.min(), x.median(), x.nanmedian()),
-        _randn(X),
+        randn_inputs(X),
     ),
-    "mode": Case(lambda m, ids: (ids.mode(1), ids.mode(), ids.mode(-2, keepdim=True)), lambda g: (torch.randint(4, X, generator=g),)),
-    "scans_more": Case(lambda m, x: (x.cummax(1), x.cummin(-1), x.logcumsumexp(1), x.logcumsumexp(-1)), _randn(X)),
-    "prod_any_all": Case(
+    "mode": DrawnCase(lambda m, ids: (ids.mode(1), ids.mode(), ids.mode(-2, keepdim=True)), lambda g: (torch.randint(4, X, generator=g),)),
+    "scans_more": DrawnCase(lambda m, x: (x.cummax(1), x.cummin(-1), x.logcumsumexp(1), x.logcumsumexp(-1)), randn_inputs(X)),
+    "prod_any_all": DrawnCase(
         lambda m, x: ((x * 0.1 + 1).prod(), (x * 0.1 + 1).prod(1), (x * 0.1 + 1).prod(-1, keepdim=True), (x > 0).any(), (x > 0).any(1),
                       (x > 1).any((0, 2)), (x > 0).any(-1, keepdim=True), (x > -2).all(), (x > -2).all(1), (x > -2).all((1, 2))),
-        _randn(X),
+        randn_inputs(X),
     ),
-    "norms": Case(
+    "norms": DrawnCase(
         lambda m, x: (torch.linalg.vector_norm(x, dim=1), x.norm(), x.norm(dim=-1, keepdim=True), torch.linalg.vector_norm(x, 1, dim=(0, 2)),
                       torch.linalg.vector_norm(x, float("inf"), dim=1), aten.norm.ScalarOpt_dim(x, 2, [1]), aten.norm.Scalar(x, 3),
                       aten.norm.ScalarOpt_dim(x, 1, [-1], True)),
-        _randn(X),
+        randn_inputs(X),
     ),
-    "nansum": Case(
+    "nansum": DrawnCase(
         lambda m, x: (lambda y: (y.nansum(1), y.nansum(), y.nansum(-1, keepdim=True), y.nansum((0, 2))))(torch.where(x > 1, float("nan"), x)),
-        _randn(X),
+        randn_inputs(X),
     ),
-    "var_mean": Case(
+    "var_mean": DrawnCase(
         lambda m, x: (torch.var_mean(x, 1), torch.std_mean(x, -1, keepdim=True), torch.var_mean(x), torch.var_mean(x, (0, 2), correction=0)),
-        _randn(X),
+        randn_inputs(X),
     ),
-    "flip_roll": Case(lambda m, x: (x.flip(1), x.flip(0, -1), x.roll(2, 1), x.roll((1, 2), (0, -1)), x.roll(3)), _randn(X)),
-    "diagonals": Case(
+    "flip_roll": DrawnCase(lambda m, x: (x.flip(1), x.flip(0, -1), x.roll(2, 1), x.roll((1, 2), (0, -1)), x.roll(3)), randn_inputs(X)),
+    "diagonals": DrawnCase(
         lambda m, x: (x.diagonal(), x.diagonal(1, 1, 2), x.diagonal(-1, -1, 0), torch.diagonal_copy(x, 0, 0, 2), torch.diag(x[0]),
                       torch.diag(x[0, 0], 1), torch.diag_embed(x), torch.diag_embed(x, 0, 0, 2)),
-        _randn(X),
+        randn_inputs(X),
     ),
-    "scatter": Case(
+    "scatter": DrawnCase(
         lambda m, x, src, perm, small, rep: (
             x.scatter(1, perm, src), x.scatter(1, small, src), x.scatter(-2, small, src[:, :6, :12]), x.scatter(1, perm, 2.0),
             x.scatter_add(1, rep, src), x.scatter_add(1, small, src), x.scatter_reduce(1, rep, src, "amax"),
@@ -116,26 +104,26 @@ CASES: dict[str, Case] = {
             x.scatter(1, rep, src, reduce="add")),
         _scatter_inputs,
     ),
-    "index_family": Case(
+    "index_family": DrawnCase(
         lambda m, x, src, k, rep, src12: (
             x.index_add(1, k, src), x.index_add(-2, rep, src12, alpha=0.5), x.index_fill(1, k, 1.5), x.index_fill(-1, k, src.sum()),
             x.index_copy(1, k, src), x.index_reduce(1, rep, src12, "prod"), x.index_reduce(1, rep, src12, "amax", include_self=False)),
         _index_inputs,
     ),
-    "index_put": Case(
+    "index_put": DrawnCase(
         lambda m, x, src, k, rep, src12: (
             aten.index_put.default(x, [k], src.transpose(0, 1)), aten.index_put.default(x, [None, k], src),
             aten.index_put.default(x, [None, k], src[0, 0]), aten.index_put.default(x, [None, rep], src12, True),
             aten.index_put.default(x, [k, None, k], src[:, :, 0].t()), aten.index_put.default(x, [None, None, k], src[:, 0, :6])),
         _index_inputs,
     ),
-    "view_scatter": Case(
+    "view_scatter": DrawnCase(
         lambda m, x, y: (x.select_scatter(y[:, 0], 1, 0), x.select_scatter(y[..., 3], -1, 3), x.slice_scatter(y[:, :6], 1, 0, 6),
                          x.slice_scatter(y[..., 12:], -1, 12), x.diagonal_scatter(y.diagonal(0, 0, 1), 0, 0, 1),
                          x.diagonal_scatter(y.diagonal(2, 1, 2), 2, 1, 2), x.masked_scatter(x > 0, y)),
-        _randn(X, X),
+        randn_inputs(X, X),
     ),
-    "search": Case(
+    "search": DrawnCase(
         lambda m, x, bnd, seq, unsorted, sorter: (
             torch.bucketize(x, bnd), torch.bucketize(x, bnd, right=True, out_int32=True), torch.searchsorted(bnd, x),
             torch.searchsorted(seq, x), torch.searchsorted(seq, x[..., :12], side="right"), torch.searchsorted(unsorted, x, sorter=sorter)),
@@ -160,12 +148,12 @@ def _inplace(m: Any, x: torch.Tensor, src: torch.Tensor, perm: torch.Tensor, sma
     return tuple(outs)
 
 
-INPLACE = Case(_inplace, _scatter_inputs)
+INPLACE = DrawnCase(_inplace, _scatter_inputs)
 INPLACE_OPS = ("aten.scatter_.src", "aten.scatter_add_", "aten.scatter_.value", "aten.index_add_", "aten.index_put_",
                "aten.masked_fill_.Scalar", "aten.masked_fill_.Tensor", "aten.fill_.Scalar", "aten.zero_", "aten.copy_")
 
 
-def _capture(case: Case) -> tuple[CapturedGraph, tuple[torch.Tensor, ...], Fn]:
+def _capture(case: DrawnCase) -> tuple[CapturedGraph, tuple[torch.Tensor, ...], Fn]:
     model = Fn(case.fn).eval()
     inputs = case.make(torch.Generator().manual_seed(2))
     with warnings.catch_warnings():
