@@ -14,7 +14,7 @@ from autotp.rewrite.rewriter import collective_nodes
 ATOL, RTOL = 1e-5, 1e-4
 
 
-class MatrixExpHead(torch.nn.Module):
+class RenormHead(torch.nn.Module):
     """A linear, then an op no rule covers: it must run replicated, and correctly."""
 
     def __init__(self) -> None:
@@ -22,7 +22,7 @@ class MatrixExpHead(torch.nn.Module):
         self.proj = torch.nn.Linear(64, 64)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.linalg.matrix_exp(self.proj(x).view(-1, 8, 8) * 0.1)
+        return torch.renorm(self.proj(x).view(-1, 8, 8), 2, 0, 1.0)
 
 
 def build_model(name: str) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
@@ -32,7 +32,7 @@ def build_model(name: str) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
         return layer.eval(), (torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(1)),)
     if name == "unsupported_op":
         torch.manual_seed(0)
-        return MatrixExpHead().eval(), (torch.randn(4, 64, generator=torch.Generator().manual_seed(1)),)
+        return RenormHead().eval(), (torch.randn(4, 64, generator=torch.Generator().manual_seed(1)),)
     if name == "odd_mlp":  # hidden width 6: not divisible by 4 ranks
         return build_example("mlp", d_model=64, d_hidden=6)
     return build_example(name)

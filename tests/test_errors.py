@@ -28,15 +28,15 @@ class DataDependent(nn.Module):
         return -y
 
 
-class UsesMatrixExp(nn.Module):
-    """An op no rule covers (the matrix exponential mixes every element of its last two dims)."""
+class UsesRenorm(nn.Module):
+    """An op no rule covers (renorm rescales each slice along a dim by that slice's norm)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.proj = nn.Linear(16, 16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.linalg.matrix_exp(self.proj(x).view(-1, 4, 4))
+        return torch.renorm(self.proj(x).view(-1, 4, 4), 2, 0, 1.0)
 
 
 def _line_of(code: str) -> int:
@@ -114,10 +114,10 @@ def test_unknown_hardware_lists_the_known_profiles() -> None:
 def test_unsupported_op_falls_back_to_replication_with_one_warning() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        plan = autotp.plan(UsesMatrixExp(), (torch.randn(4, 16),), mesh_shape=(2,), memory_budget=700, training=False)
+        plan = autotp.plan(UsesRenorm(), (torch.randn(4, 16),), mesh_shape=(2,), memory_budget=700, training=False)
     ours = [w for w in caught if issubclass(w.category, autotp.UnsupportedOpWarning)]
-    assert len(ours) == 1 and "aten.linalg_matrix_exp" in str(ours[0].message)
-    assert f"{__file__}:{_line_of('torch.linalg.matrix_exp(')}: return torch.linalg.matrix_exp(" in str(ours[0].message)  # the user's line
-    unsupported = next(n for n in plan.nodes if "matrix_exp" in n.op)
+    assert len(ours) == 1 and "aten.renorm" in str(ours[0].message)
+    assert f"{__file__}:{_line_of('torch.renorm(')}: return torch.renorm(" in str(ours[0].message)  # the user's line
+    unsupported = next(n for n in plan.nodes if "renorm" in n.op)
     assert str(unsupported.strategy) == "[R] -> R"
     assert plan.sharded_state()  # the linear before it is still split to meet the budget
