@@ -132,6 +132,7 @@ def conv_training_equivalence(rank: int, world_size: int, names: list[str], budg
             "placements": {n: format_placements(p) for n, p in placements.items()},
             "local_shapes": {n: tuple(p.shape) for n, p in sharded.named_parameters()},
             "full_shapes": {n: tuple(p.shape) for n, p in model.named_parameters()},
+            "batches_tracked": int(full["bn.num_batches_tracked"]) if "bn.num_batches_tracked" in full else None,
             "conv_strategies": {n.name: str(n.strategy) for n in sharded.plan.nodes if n.op.startswith("aten.conv")},
         }
     return report
