@@ -38,11 +38,12 @@ def test_conv_models_train_equal_to_original() -> None:
             split = {n for n, p in r["placements"].items() if p != "R"}
             for n, shape in r["local_shapes"].items():  # the local shape is the split one
                 assert (n in split) == (shape != r["full_shapes"][n]), (rank, name, n, shape, r["placements"][n])
-            for weight in _conv_model_fns.CONV_WEIGHTS[name]:
-                local, full = r["local_shapes"][weight], r["full_shapes"][weight]
-                assert len(local) == len(full) and all(a <= b for a, b in zip(local, full)) and local != full, (rank, name, weight, local, r["conv_strategies"])
-            assert len(r["conv_strategies"]) == len(_conv_model_fns.CONV_WEIGHTS[name]), (name, r["conv_strategies"])
-            assert all("S(" in s for s in r["conv_strategies"].values()), (name, r["conv_strategies"])
+            pins = _conv_model_fns.PINS[name]
+            assert r["conv_strategies"] == {path: str(st) for path, st in pins.items()}, (name, r["conv_strategies"])
+            for path, strategy in pins.items():  # the conv weight is split on every rank
+                dim = strategy.inputs[1].dim  # type: ignore[union-attr]  # a Shard
+                local, full = r["local_shapes"][f"{path}.weight"], r["full_shapes"][f"{path}.weight"]
+                assert local[dim] * 2 == full[dim] and local[:dim] + local[dim + 1:] == full[:dim] + full[dim + 1:], (rank, name, path, local)
         cnn = report["cnn"]  # batch norm in train mode wrote its running stats in place, on both forwards: replicated, equal
         assert cnn["batches_tracked"] == 2 and cnn["placements"]["bn.running_mean"] == "R", (cnn["batches_tracked"], cnn["placements"])
         assert max(cnn["state_errors"][f"bn.running_{s}"] for s in ("mean", "var")) <= 1e-5, cnn["state_errors"]
