@@ -3,9 +3,10 @@
 A toy HF ViT (conv2d patch embedding), a toy Whisper encoder (conv1d, then a stride-2 conv1d)
 and a small CNN (conv2d -> BatchNorm2d in train mode -> max pool -> conv2d -> GroupNorm ->
 adaptive pool -> Linear), planned for training under a budget that fits only with every
-divisible weight split: output, every gradient, the loss, and the parameters and buffers (batch
-norm's running stats included) after one AdamW step equal the unsharded model's, and every conv
-weight is really split (its local shape is smaller than the global one). One more test checks
+divisible weight split, each conv pinned to an output- or input-channel split
+(``_conv_model_fns.PINS``): output, every gradient, the loss, and the parameters and buffers
+(batch norm's running stats included) after one AdamW step equal the unsharded model's, and every
+conv weight is really split (half its pinned dim on each rank). One more test checks
 that ViT's patch-embedding conv is priced as the matmul it is.
 """
 from __future__ import annotations
