@@ -463,28 +463,31 @@ class LearnedScale(Block):
 
 
 class ConvPool2d(Block):
-    """The features as a one-channel image ``(B, 1, T, d)``: conv2d, GroupNorm, then avg, max or adaptive pooling."""
+    """The features as a ``(B, C_in, T, w)`` image: conv2d to 4-12 channels (enough weights to be
+    worth splitting by channel), GroupNorm, then avg, max or adaptive pooling."""
 
     name = "conv2d_pool"
 
     def __init__(self, rng: random.Random, d_in: int) -> None:
         super().__init__(rng, d_in)
-        channels = rng.choice((2, 3, 4, 6))
-        self.conv = nn.Conv2d(1, channels, kernel_size=3, padding=1, bias=rng.random() < 0.5)
-        self.norm = nn.GroupNorm(rng.choice([g for g in (1, 2, 3) if channels % g == 0]), channels, affine=rng.random() < 0.7)
+        self.in_channels, self.w = rng.choice((2, 3)), rng.choice((3, 4))
+        channels = rng.choice((4, 6, 8, 12))
+        self.fc = nn.Linear(d_in, self.in_channels * self.w)
+        self.conv = nn.Conv2d(self.in_channels, channels, kernel_size=3, padding=1, bias=rng.random() < 0.5)
+        self.norm = nn.GroupNorm(rng.choice([g for g in (1, 2, 4, channels) if channels % g == 0]), channels, affine=rng.random() < 0.7)
         self.pool = rng.choice(("avg", "max", "adaptive"))
-        width = d_in // 2 if self.pool == "avg" else (3 if self.pool == "adaptive" else d_in)
-        self.d_out = channels * width
+        self.d_out = channels * {"avg": self.w // 2, "max": self.w, "adaptive": 2}[self.pool]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
-        h = F.gelu(self.norm(self.conv(x.unsqueeze(1))))  # (B, C, T, d)
+        image = self.fc(x).view(b, t, self.in_channels, self.w).permute(0, 2, 1, 3)  # (B, C_in, T, w)
+        h = F.gelu(self.norm(self.conv(image)))  # (B, C, T, w)
         if self.pool == "avg":
             h = F.avg_pool2d(h, kernel_size=(1, 2))
         elif self.pool == "max":
             h = F.max_pool2d(h, kernel_size=3, stride=1, padding=1)
         else:
-            h = F.adaptive_avg_pool2d(h, (t, 3))
+            h = F.adaptive_avg_pool2d(h, (t, 2))
         return h.permute(0, 2, 1, 3).reshape(b, t, self.d_out)
 
 
