@@ -462,6 +462,271 @@ class LearnedScale(Block):
         return x * self.scale + self.shift
 
 
+class ConvPool2d(Block):
+    """The features as a ``(B, C_in, T, w)`` image: conv2d to 4-12 channels (enough weights to be
+    worth splitting by channel), GroupNorm, then avg, max or adaptive pooling."""
+
+    name = "conv2d_pool"
+
+    def __init__(self, rng: random.Random, d_in: int) -> None:
+        super().__init__(rng, d_in)
+        self.in_channels, self.w = rng.choice((2, 3)), rng.choice((3, 4))
+        channels = rng.choice((4, 6, 8, 12))
+        self.fc = nn.Linear(d_in, self.in_channels * self.w)
+        self.conv = nn.Conv2d(self.in_channels, channels, kernel_size=3, padding=1, bias=rng.random() < 0.5)
+        self.norm = nn.GroupNorm(rng.choice([g for g in (1, 2, 4, channels) if channels % g == 0]), channels, affine=rng.random() < 0.7)
+        self.pool = rng.choice(("avg", "max", "adaptive"))
+        self.d_out = channels * {"avg": self.w // 2, "max": self.w, "adaptive": 2}[self.pool]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        image = self.fc(x).view(b, t, self.in_channels, self.w).permute(0, 2, 1, 3)  # (B, C_in, T, w)
+        h = F.gelu(self.norm(self.conv(image)))  # (B, C, T, w)
+        if self.pool == "avg":
+            h = F.avg_pool2d(h, kernel_size=(1, 2))
+        elif self.pool == "max":
+            h = F.max_pool2d(h, kernel_size=3, stride=1, padding=1)
+        else:
+            h = F.adaptive_avg_pool2d(h, (t, 2))
+        return h.permute(0, 2, 1, 3).reshape(b, t, self.d_out)
+
+
+class ConvTranspose(Block):
+    name = "conv_transpose1d"
+
+    def __init__(self, rng: random.Random, d_in: int) -> None:
+        super().__init__(rng, d_in)
+        self.d_out = _width(rng)
+        self.conv = nn.ConvTranspose1d(d_in, self.d_out, kernel_size=3, padding=1, bias=rng.random() < 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x.transpose(1, 2)).transpose(1, 2)  # stride 1, padding 1: length kept
+
+
+class DepthwiseConv(Block):
+    """A conv1d with one group per channel (``groups = channels``), over positions."""
+
+    name = "depthwise_conv"
+
+    def __init__(self, rng: random.Random, d_in: int) -> None:
+        super().__init__(rng, d_in)
+        self.conv = nn.Conv1d(d_in, d_in, kernel_size=3, padding=1, groups=d_in)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x.transpose(1, 2)).transpose(1, 2)
+
+
+class Pad(Block):
+    """Zero padding: of the positions (then neighbours mixed), or of the features."""
+
+    name = "pad"
+
+    def __init__(self, rng: random.Random, d_in: int) -> None:
+        super().__init__(rng, d_in)
+        self.fc = nn.Linear(d_in, _width(rng))
+        self.positions = rng.random() < 0.6
+        self.d_out = self.fc.out_features + (0 if self.positions else 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        if self.positions:
+            padded = F.pad(h, (0, 0, 1, 1))  # (B, T + 2, d)
+            return padded[:, :-2] - padded[:, 2:] + h
+        return F.pad(h, (1, 2))
+
+
+class TopKRouter(Block):
+    """A router: top-k of the gate logits, softmax over the k values, the chosen experts' outputs gathered and mixed."""
+
+    name = "topk_router"
+
+    def __init__(self, rng: random.Random, d_in: int) -> None:
+        super().__init__(rng, d_in)
+        self.n_experts, self.k = rng.choice(((4, 2), (5, 2), (6, 3), (3, 1)))
+        self.d_out = rng.choice((2, 3, 4, 5))
+        self.gate = nn.Linear(d_in, self.n_experts, bias=False)
+        self.experts = nn.Linear(d_in, self.n_experts * self.d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        values, index = torch.topk(self.gate(x), self.k, dim=-1)  # (B, T, k)
+        weights = torch.softmax(values, dim=-1)
+        outputs = self.experts(x).view(b, t, self.n_experts, self.d_out)
+        chosen = torch.gather(outputs, 2, index.unsqueeze(-1).expand(b, t, self.k, self.d_out))
+        return (weights.unsqueeze(-1) * chosen).sum(2)
+
+
+class SortValues(Block):
+    """Sorted features: ``sort`` values, or ``argsort`` then ``gather``."""
+
+    name = "sort"
+
+    def __init__(self, rng: random.Random, d_in: int) -> None:
+        super().__init__(rng, d_in)
+        self.d_out = _width(rng)
+        self.fc = nn.Linear(d_in, self.d_out)
+        self.argsort = rng.random() < 0.5
+        self.descending = rng.random() < 0.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        if self.argsort:
+            return torch.gather(h, -1, torch.argsort(h, dim=-1, descending=self.descending))
+        return torch.sort(h, dim=-1, descending=self.descending).values
+
+
+class MaxMin(Block):
+    """``max(dim)`` over positions and ``min(dim)`` over features, values only."""
+
+    name = "max_min"
+
+    def __init__(self, rng: random.Random, d_in: int) -> None:
+        super().__init__(rng, d_in)
+        self.d_out = _width(rng)
+        self.fc = nn.Linear(d_in, self.d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        return h + h.max(dim=1, keepdim=True).values - h.min(dim=-1, keepdim=True).values
+
+
+class CumScan(Block):
+    """``cummax`` values and ``logcumsumexp`` over positions."""
+
+    name = "cummax_logcumsumexp"
+
+    def __init__(self, rng: random.Random, d_in: int) -> None:
+        super().__init__(rng, d_in)
+        self.d_out = _width(rng)
+        self.fc = nn.Linear(d_in, self.d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        return torch.cummax(h, dim=1).values + torch.logcumsumexp(h, dim=1) / 2
+
+
+class FlipRoll(Block):
+    name = "flip_roll"
+
+    def __init__(self, rng: random.Random, d_in: int) -> None:
+        super().__init__(rng, d_in)
+        self.d_out = _width(rng)
+        self.fc = nn.Linear(d_in, self.d_out)
+        self.shift = rng.choice((1, 2, -1))
+        self.roll_dim = rng.choice((1, -1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        return h + 0.5 * h.flip(1) + torch.roll(h, self.shift, dims=self.roll_dim)
+
+
+class ScatterInto(Block):
+    """Features added into a zeros tensor at a fixed index (a buffer, with repeats): ``scatter_add``,
+    ``index_add`` or ``index_put`` with ``accumulate=True``."""
+
+    name = "scatter_add"
+    index: torch.Tensor
+
+    def __init__(self, rng: random.Random, d_in: int) -> None:
+        super().__init__(rng, d_in)
+        self.d_out = _width(rng)
+        self.fc = nn.Linear(d_in, d_in)
+        self.register_buffer("index", torch.tensor([rng.randrange(self.d_out) for _ in range(d_in)]))
+        self.mode = rng.choice(("scatter_add", "index_add", "index_put"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        b, t, _ = h.shape
+        if self.mode == "scatter_add":
+            return h.new_zeros(b, t, self.d_out).scatter_add(-1, self.index.expand(b, t, -1), h)
+        if self.mode == "index_add":
+            return h.new_zeros(b, t, self.d_out).index_add(-1, self.index, h)
+        return h.new_zeros(self.d_out, b, t).index_put((self.index,), h.permute(2, 0, 1), accumulate=True).permute(1, 2, 0)
+
+
+class RepeatInterleave(Block):
+    name = "repeat_interleave"
+
+    def __init__(self, rng: random.Random, d_in: int) -> None:
+        super().__init__(rng, d_in)
+        self.fc = nn.Linear(d_in, rng.choice((3, 4, 5, 7)))
+        self.repeats = rng.choice((2, 3))
+        self.d_out = self.fc.out_features * self.repeats
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x).repeat_interleave(self.repeats, dim=-1)
+
+
+class ProdNorm(Block):
+    """A product over positions (of factors near 1) and a vector norm over features."""
+
+    name = "prod_norm"
+
+    def __init__(self, rng: random.Random, d_in: int) -> None:
+        super().__init__(rng, d_in)
+        self.d_out = _width(rng)
+        self.fc = nn.Linear(d_in, self.d_out)
+        self.ord = rng.choice((2, 1, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        product = (1 + 0.2 * torch.tanh(h)).prod(dim=1, keepdim=True)  # (B, 1, d)
+        return h * product + torch.linalg.vector_norm(h, ord=self.ord, dim=-1, keepdim=True)
+
+
+class Linalg(Block):
+    """Batched linear algebra: ``solve`` with a fixed, well-conditioned matrix per batch element (a buffer)
+    and the features as right-hand sides, or ``inv(X X^T + n I) X`` of the activation ``X``."""
+
+    name = "linalg"
+    matrix: torch.Tensor
+
+    def __init__(self, rng: random.Random, d_in: int) -> None:
+        super().__init__(rng, d_in)
+        self.d_out = _width(rng)
+        self.fc = nn.Linear(d_in, self.d_out)
+        self.solve = rng.random() < 0.5
+        t = max(SEQ_LENGTHS)
+        self.register_buffer("matrix", torch.eye(t).expand(BATCH, t, t) * 2 + 0.3 * torch.randn(BATCH, t, t) / math.sqrt(t))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)  # (B, T, d)
+        t = h.shape[1]
+        if self.solve:
+            return torch.linalg.solve(self.matrix[:, :t, :t], h)
+        gram = h @ h.transpose(1, 2) + self.d_out * torch.eye(t, dtype=h.dtype)  # (B, T, T), eigenvalues >= d
+        return torch.linalg.inv(gram) @ h * self.d_out
+
+
+class Upsample(Block):
+    """``F.interpolate`` (nearest) of the features, read as ``(N, C, L) = (B, T, d)``."""
+
+    name = "upsample"
+
+    def __init__(self, rng: random.Random, d_in: int) -> None:
+        super().__init__(rng, d_in)
+        self.fc = nn.Linear(d_in, rng.choice((3, 4, 5, 7)))
+        self.d_out = self.fc.out_features * 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(self.fc(x), scale_factor=2, mode="nearest")
+
+
+class RandnLike(Block):
+    """``randn_like(h) * 0``: a random draw whose value is known (zero), to exercise random streams."""
+
+    name = "randn_like"
+
+    def __init__(self, rng: random.Random, d_in: int) -> None:
+        super().__init__(rng, d_in)
+        self.d_out = _width(rng)
+        self.fc = nn.Linear(d_in, self.d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        return h + torch.randn_like(h) * 0
+
+
 class Front(nn.Module):
     """The first module of a token model: ids ``(batch, seq)`` in, ``(batch, seq, d)`` out."""
 
@@ -515,7 +780,8 @@ class Tied(Front):
 BLOCKS: tuple[type[Block], ...] = (
     OddLinear, MLP, Residual, LayerNormBlock, RMSNorm, SDPAAttention, GroupedAttention, Rotary, ViewsStrided,
     CatSplit, Reductions, Cumsum, Gather, Conv, RunningStat, CacheWrite, StraightThrough, Reused, Dropout,
-    Softmax, MaskedMix, BatchNorm, GLU, LearnedScale,
+    Softmax, MaskedMix, BatchNorm, GLU, LearnedScale, ConvPool2d, ConvTranspose, DepthwiseConv, Pad, TopKRouter,
+    SortValues, MaxMin, CumScan, FlipRoll, ScatterInto, RepeatInterleave, ProdNorm, Linalg, Upsample, RandnLike,
 )
 FRONTS: tuple[type[Front], ...] = (Embedding, EmbeddingMaxNorm, EmbeddingScaleGrad, Tied)
 BLOCK_NAMES = tuple(f.name for f in FRONTS) + tuple(b.name for b in BLOCKS)
