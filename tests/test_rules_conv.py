@@ -4,7 +4,7 @@
 Every strategy of every node of each small model below is run per rank on 2, 3 and 4 ranks and
 compared with the unsharded result (``autotp.rewrite.rule_check``). The "offers" tests make sure
 the splits that matter are offered (batch, channels, whole groups, unpadded dims) and the wrong
-ones are not (spatial dims, padded dims, the repeated dim, batch statistics split over the batch).
+ones are not (spatial dims, padded dims, the dim a tensor of repeats repeats, batch statistics split over the batch).
 The ViT and Whisper tests check the conv front-ends of real models; one 2-rank run checks a
 conv model end to end with its conv weight split.
 """
@@ -297,7 +297,7 @@ def test_batch_norm_running_statistics_written_in_training_stay_replicated() -> 
 @pytest.mark.parametrize("tp_size", TP_SIZES)
 def test_repeat_interleave_and_grid_sample_offer_their_splits(tp_size: int) -> None:
     along_1, along_last, flat = _op_spaces("repeat_interleave", tp_size, "aten.repeat_interleave.self_int")
-    assert _split_dims(along_1) == {0, 2} and _split_dims(along_last) == {0, 1}
+    assert _split_dims(along_1) == {0, 1, 2} and _split_dims(along_last) == {0, 1, 2}  # an int repeat splits its dim too
     assert len(flat.strategies) == 1  # no dim: flattened, nothing survives
     (tensor_repeats,) = _op_spaces("repeat_interleave", tp_size, "aten.repeat_interleave.self_Tensor")
     assert _offers(tensor_repeats, (Shard(2), R), Shard(2)) and _split_dims(tensor_repeats) == {0, 2}

@@ -159,15 +159,33 @@ def _split_dims(strategy: OpStrategy) -> set[int]:
 
 @pytest.mark.parametrize("tp_size", TP_SIZES)
 def test_linalg_offers_batch_dim_only(tp_size: int) -> None:
-    """Every op splits its one batch dim (dim 0 of every tensor), never a matrix dim."""
+    """Every op splits its one batch dim (dim 0 of every tensor), never a matrix dim but the
+    columns of a solve's right-hand side, with the coefficients whole."""
     for name, ops in _BATCH_ONLY.items():
         for op in ops:
             for space in _spaces(name, tp_size, op):
-                splits = [s for s in space.strategies if _split_dims(s)]
+                splits = [s for s in space.strategies if _split_dims(s) and not _rhs_columns(space, s)]
                 assert splits, f"{op} in {name} offers no split"
                 assert all(_split_dims(s) == {0} for s in splits), f"{op} in {name}: {splits}"
     (two,) = _spaces("two_batch_dims", tp_size, "linalg_inv")
     assert {frozenset(_split_dims(s)) for s in two.strategies} == {frozenset(), frozenset({0}), frozenset({1})}
+
+
+def _rhs_columns(space: NodeSpace, strategy: OpStrategy) -> bool:
+    """One input split on a matrix dim, the others whole: a right-hand side's columns (its rows
+    with ``left=False``)."""
+    split = [(m, p) for m, p in zip(space.slot_metas, strategy.inputs) if p != R]
+    return len(split) == 1 and split[0][1] in (Shard(split[0][0].ndim - 1), Shard(split[0][0].ndim - 2))
+
+
+@pytest.mark.parametrize("tp_size", TP_SIZES)
+def test_solves_split_the_columns_of_a_matrix_right_hand_side(tp_size: int) -> None:
+    (chol,) = _spaces("cholesky", tp_size, "cholesky_solve")
+    assert OpStrategy((Shard(2), R), Shard(2)) in chol.strategies
+    (tri,) = _spaces("triangular", tp_size, "triangular_solve")
+    assert any(_rhs_columns(tri, s) and s.output == (Shard(2), R) for s in tri.strategies)
+    (inv,) = _spaces("inverse_det", tp_size, "linalg_inv")
+    assert not any(_rhs_columns(inv, s) for s in inv.strategies)  # an inverse has no right-hand side
 
 
 @pytest.mark.parametrize("tp_size", TP_SIZES)
@@ -190,7 +208,7 @@ def test_broadcast_batch_dims_stay_replicated(tp_size: int) -> None:
     assert not any(s.inputs[0] == Shard(1) for s in solve.strategies)
     (chol,) = _spaces("cholesky_solve_broadcast_rhs", tp_size, "cholesky_solve")  # B (12, 12) has no batch dim
     assert OpStrategy((R, Shard(0)), Shard(0)) in chol.strategies
-    assert not any(s.inputs[0] not in (R, P) for s in chol.strategies)
+    assert {s.inputs[0] for s in chol.strategies} <= {R, P, Shard(1)}  # B's rows never split; Shard(1): its columns
 
 
 def test_solve_with_an_ambiguous_right_hand_side_offers_no_split() -> None:

@@ -197,7 +197,8 @@ def grid_sampler(ctx: OpContext) -> Iterator[OpStrategy]:
 
 @register(aten.repeat_interleave)
 def repeat_interleave(ctx: OpContext) -> Iterator[OpStrategy]:
-    """Repeats along ``dim``; any other dim keeps its split. Without ``dim`` the input is flattened
+    """Repeats along ``dim``; any other dim keeps its split, and so does ``dim`` for an int number
+    of repeats. Without ``dim`` the input is flattened
     first (no split survives), and ``repeat_interleave(repeats)`` makes indices (not offered)."""
     target = ctx.node.target
     if target is aten.repeat_interleave.Tensor or ctx.arg(2, "dim") is None:
@@ -211,4 +212,8 @@ def repeat_interleave(ctx: OpContext) -> Iterator[OpStrategy]:
     for d in range(x.ndim):
         if d != dim:
             yield OpStrategy((Shard(d),) + rest, Shard(d))
+    if target is aten.repeat_interleave.self_int and ctx.named_arg("output_size") is None:
+        # each element's copies sit next to each other: an even chunk of the input repeats into
+        # the same chunk of the output (the engine offers it only where the input dim divides)
+        yield OpStrategy((Shard(dim),), Shard(dim))
     yield OpStrategy((P,) + rest, P)

@@ -5,7 +5,8 @@ eigenvalue vector, none of a per-matrix scalar such as ``det`` or ``info``) and 
 entry on its own, so splitting a batch dim of every tensor and every output alike is exact:
 each rank runs the same kernel on its own matrices. Batch dims broadcast as in pointwise ops: an
 input that lacks a batch dim or has it of size 1 stays ``R``. The solves are linear in their
-right-hand side, so a partial sum there passes through to the solution (``P`` in, ``P`` out).
+right-hand side, so a partial sum there passes through to the solution (``P`` in, ``P`` out),
+and with the coefficients whole the columns of a matrix right-hand side split (``S(-1)``).
 Decompositions whose outputs are not unique (eigenvectors, singular vectors, QR) are still exact
 per batch entry: the same kernel on the same matrix gives the same bits on every rank.
 
@@ -105,10 +106,22 @@ def batched(ctx: OpContext) -> Iterator[OpStrategy]:
         return
     yield from _batch_strategies(ctx, core)
     linear = _LINEAR_IN.get(packet)
-    if linear is not None and linear < len(ctx.inputs):
-        inputs = tuple(P if i == linear else R for i in range(len(ctx.inputs)))
-        outs = _outputs(ctx)
-        yield OpStrategy(inputs, (P,) + (R,) * (len(outs) - 1) if isinstance(ctx.output, tuple) else P)
+    if linear is None or linear >= len(ctx.inputs):
+        return
+    outs = _outputs(ctx)
+
+    def solution(placement: Placement) -> Placement | tuple[Placement, ...]:
+        """The solution's placement; the other outputs (factors, pivots, info) stay whole."""
+        return (placement,) + (R,) * (len(outs) - 1) if isinstance(ctx.output, tuple) else placement
+
+    yield OpStrategy(tuple(P if i == linear else R for i in range(len(ctx.inputs))), solution(P))
+    if core[linear] == 2:
+        # with the coefficients whole, a matrix right-hand side is independent columns (rows
+        # when the coefficients multiply from the right, ``left=False``): split them alike
+        rhs = ctx.inputs[linear]
+        from_end = 1 if ctx.named_arg("left", True) else 2
+        inputs = tuple(Shard(rhs.ndim - from_end) if i == linear else R for i in range(len(ctx.inputs)))
+        yield OpStrategy(inputs, solution(Shard(outs[0].ndim - from_end)))
 
 
 @register(aten.linalg_cross, aten.cross)
