@@ -137,7 +137,8 @@ class ConformanceReport:
             f"  (node, strategy) pairs checked {self.pairs_checked}",
             f"  wrong {wrong} ({len(self.unexpected('wrong'))} unexpected), crashes {crash} ({len(self.unexpected('crash'))} unexpected)",
             f"  coverage {split}/{seen} overloads with a split ({_percent(split, seen)})",
-            f"  coverage of DTensor-registered overloads {dsplit}/{dseen} ({_percent(dsplit, dseen)})",
+            f"  coverage of DTensor-registered overloads {dsplit}/{dseen} ({_percent(dsplit, dseen)}; "
+            f"DTensor in torch {torch.__version__} registers {len(dtensor)}, {dseen} of them seen here)",
         ]
         lines += [f"  skipped {count}: {reason}" for reason, count in sorted(self.skipped.items())]
         lines += [f"  not captured: {op}: {reason}" for op, reason in sorted(self.not_captured.items())]
