@@ -12,6 +12,7 @@ from torch import nn
 
 from autotp.capture.export import CapturedGraph, capture
 from autotp.rewrite.rule_check import node_values
+from autotp.strategies.engine import NodeKind, build_strategy_space
 
 
 class Call(nn.Module):
@@ -46,3 +47,11 @@ class DrawnCase:
 def randn_inputs(*shapes: tuple[int, ...]) -> Callable[[torch.Generator], tuple[torch.Tensor, ...]]:
     """A ``DrawnCase.make`` drawing one standard-normal tensor per shape."""
     return lambda g: tuple(torch.randn(s, generator=g) for s in shapes)
+
+
+def ops_without_a_split_rule(captured: CapturedGraph) -> list[str]:
+    """The ops of ``captured`` that fall back to replication (no rule, or the rule raised)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        space = build_strategy_space(captured, 2)
+    return [n.op for n in space.nodes if n.kind is NodeKind.OP and n.fallback]
