@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 
 from autotp.ir.placement import P, R, Shard
 from autotp.strategies.rules.registry import OpContext, OpStrategy, norm_dim, register
+from autotp.strategies.rules.scan import other_dims
 
 aten = __import__("torch").ops.aten
 
@@ -116,22 +117,14 @@ def whole_reduction(ctx: OpContext) -> Iterator[OpStrategy]:
 
 @register(aten._softmax, aten.softmax, aten._log_softmax, aten.log_softmax, aten._safe_softmax)
 def softmax(ctx: OpContext) -> Iterator[OpStrategy]:
-    x = ctx.inputs[0]
-    dim = norm_dim(ctx.named_arg("dim"), x.ndim)
-    for d in range(x.ndim):
-        if d != dim:
-            yield OpStrategy((Shard(d),), Shard(d))
+    yield from other_dims(ctx, norm_dim(ctx.named_arg("dim"), ctx.inputs[0].ndim))
 
 
 @register(aten._softmax_backward_data, aten._log_softmax_backward_data)
 def softmax_backward(ctx: OpContext) -> Iterator[OpStrategy]:
     """``(grad_output, output, dim)``: each row's gradient needs its whole softmax row, so any
     other dim splits, on both inputs and the gradient alike."""
-    ndim = ctx.inputs[0].ndim
-    dim = norm_dim(ctx.named_arg("dim"), ndim)
-    for d in range(ndim):
-        if d != dim:
-            yield OpStrategy((Shard(d), Shard(d)), Shard(d))
+    yield from other_dims(ctx, norm_dim(ctx.named_arg("dim"), ctx.inputs[0].ndim))
 
 
 @register(aten.layer_norm, aten.rms_norm)

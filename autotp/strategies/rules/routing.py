@@ -26,31 +26,16 @@ from autotp.ir.placement import P, R, Shard
 from autotp.strategies.rules.matmul import einsum_strategies
 from autotp.strategies.rules.pointwise import broadcast_strategies
 from autotp.strategies.rules.registry import OpContext, OpStrategy, norm_dim, register
+from autotp.strategies.rules.scan import other_dims
 
 aten = __import__("torch").ops.aten
 
 
-def _other_dims(ctx: OpContext, dim: int, outputs: int) -> Iterator[OpStrategy]:
-    for d in range(ctx.inputs[0].ndim):
-        if d != dim:
-            yield OpStrategy((Shard(d),), (Shard(d),) * outputs if outputs > 1 else Shard(d))
-
-
-@register(aten.topk)
-def topk(ctx: OpContext) -> Iterator[OpStrategy]:
-    """(values, indices) of the k largest along ``dim``; the other dims' lines are independent."""
-    yield from _other_dims(ctx, norm_dim(ctx.named_arg("dim", -1), ctx.inputs[0].ndim), outputs=2)
-
-
-@register(aten.sort)
-def sort(ctx: OpContext) -> Iterator[OpStrategy]:
-    """(values, indices) along ``dim`` (``sort.stable`` takes ``dim`` by keyword)."""
-    yield from _other_dims(ctx, norm_dim(ctx.named_arg("dim", -1), ctx.inputs[0].ndim), outputs=2)
-
-
-@register(aten.argsort)
-def argsort(ctx: OpContext) -> Iterator[OpStrategy]:
-    yield from _other_dims(ctx, norm_dim(ctx.named_arg("dim", -1), ctx.inputs[0].ndim), outputs=1)
+@register(aten.topk, aten.sort, aten.argsort)
+def sorted_along(ctx: OpContext) -> Iterator[OpStrategy]:
+    """Top-k, sort (values, indices) and argsort along ``dim`` (located by name: ``sort.stable``
+    takes it by keyword); the other dims' lines are independent."""
+    yield from other_dims(ctx, norm_dim(ctx.named_arg("dim", -1), ctx.inputs[0].ndim))
 
 
 @register(aten.histc)

@@ -15,36 +15,36 @@ from autotp.strategies.rules.registry import OpContext, OpStrategy, norm_dim, re
 aten = __import__("torch").ops.aten
 
 
-def _other_dims(ctx: OpContext, dim: int) -> Iterator[OpStrategy]:
+def other_dims(ctx: OpContext, dim: int) -> Iterator[OpStrategy]:
+    """Every dim but ``dim`` split alike on every input (where it has x's size) and every output:
+    the strategies of an op whose lines along ``dim`` are independent (scans, sorts, top-k,
+    softmax and its backward)."""
     x = ctx.inputs[0]
+    outputs = len(ctx.output) if isinstance(ctx.output, tuple) else 0
     for d in range(x.ndim):
         if d != dim and all(m.ndim == x.ndim and m.shape[d] == x.shape[d] for m in ctx.inputs):
-            yield OpStrategy((Shard(d),) * len(ctx.inputs), Shard(d))
+            yield OpStrategy((Shard(d),) * len(ctx.inputs), (Shard(d),) * outputs if outputs else Shard(d))
 
 
 @register(aten.cumsum)
 def cumsum(ctx: OpContext) -> Iterator[OpStrategy]:
-    yield from _other_dims(ctx, norm_dim(ctx.arg(1, "dim"), ctx.inputs[0].ndim))
+    yield from other_dims(ctx, norm_dim(ctx.arg(1, "dim"), ctx.inputs[0].ndim))
     yield OpStrategy((P,), P)
 
 
 @register(aten.cumprod, aten.logcumsumexp)
 def cumprod(ctx: OpContext) -> Iterator[OpStrategy]:
-    yield from _other_dims(ctx, norm_dim(ctx.arg(1, "dim"), ctx.inputs[0].ndim))
+    yield from other_dims(ctx, norm_dim(ctx.arg(1, "dim"), ctx.inputs[0].ndim))
 
 
 @register(aten.cummax, aten.cummin)
 def cummax(ctx: OpContext) -> Iterator[OpStrategy]:
     """Returns (values, indices), both with x's shape."""
-    ndim = ctx.inputs[0].ndim
-    dim = norm_dim(ctx.arg(1, "dim"), ndim)
-    for d in range(ndim):
-        if d != dim:
-            yield OpStrategy((Shard(d),), (Shard(d), Shard(d)))
+    yield from other_dims(ctx, norm_dim(ctx.arg(1, "dim"), ctx.inputs[0].ndim))
 
 
 @register(aten.diff)
 def diff(ctx: OpContext) -> Iterator[OpStrategy]:
     """diff(x, n, dim, prepend, append) = x[1:] - x[:-1] along dim of cat(prepend, x, append)."""
-    yield from _other_dims(ctx, norm_dim(ctx.arg(2, "dim", -1), ctx.inputs[0].ndim))
+    yield from other_dims(ctx, norm_dim(ctx.arg(2, "dim", -1), ctx.inputs[0].ndim))
     yield OpStrategy((P,) * len(ctx.inputs), P)
