@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from autotp.errors import ConfigError
 from autotp.ir.mesh import MeshSpec
-from autotp.ir.placement import Placements, R, Shard, format_placements
+from autotp.ir.placement import Placements, Shard, format_placements
 from autotp.ir.steps import Step
 from autotp.ir.strategy import MeshStrategy, NodeKind
 from autotp.ir.units import fmt_nbytes, fmt_seconds
@@ -241,7 +241,7 @@ class Plan:
         for n in self.nodes:
             if n.kind is NodeKind.OUTPUT and not n.conversions:
                 continue
-            if not n.conversions and all(p == R for ps in (*n.strategy.inputs, *n.strategy.outputs) for p in ps):
+            if not n.conversions and n.strategy.replicated:
                 continue
             conv = "; ".join(
                 f"{c.value}:{format_placements(c.src)}->{format_placements(c.dst)} {c.kind} {fmt_nbytes(c.nbytes)}" for c in n.conversions

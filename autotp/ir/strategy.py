@@ -86,6 +86,11 @@ class MeshStrategy:
         """Placements of output ``index`` (``None``: the only output)."""
         return self.outputs[0 if index is None else index]
 
+    @property
+    def replicated(self) -> bool:
+        """Every input and output whole on every axis: the all-``R`` strategy the engine adds."""
+        return all(isinstance(p, Replicate) for placements in (*self.inputs, *self.outputs) for p in placements)
+
     def divides_output(self, axis: int | None = None) -> bool:
         """Each rank computes only part of the output on ``axis`` (on any axis when ``None``)."""
         axes = range(self.ndim) if axis is None else (axis,)

@@ -103,7 +103,7 @@ def fallback_choice(space: StrategySpace, cost: CostModel, *, memory_budget: flo
 
 def replicated_strategy(node: NodeSpace) -> MeshStrategy:
     """The node's all-``R`` strategy (every op offers one; the engine adds it)."""
-    strategy = next((s for s in node.strategies if all(p == R for ps in (*s.inputs, *s.outputs) for p in ps)), None)
+    strategy = next((s for s in node.strategies if s.replicated), None)
     if strategy is None:  # every op offers all-R; this guards against a rule that does not
         raise InfeasiblePlanError(f"node '{node.name}' ({node.op}) has no all-replicate strategy to fall back on")
     return strategy

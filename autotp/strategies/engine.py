@@ -267,7 +267,7 @@ def _unsupported_message(unsupported: Mapping[str, NodeSpace]) -> str:
 
 
 def _replicated_only(space: NodeSpace) -> NodeSpace:
-    keep = [i for i, s in enumerate(space.strategies) if all(p == R for placements in (*s.inputs, *s.outputs) for p in placements)]
+    keep = [i for i, s in enumerate(space.strategies) if s.replicated]
     return replace(
         space, strategies=tuple(space.strategies[i] for i in keep),
         internal_comm=tuple(space.internal_comm[i] for i in keep) if space.internal_comm else (),
