@@ -28,6 +28,7 @@ from torch import fx
 
 from autotp.ir.placement import P, Placement, R, Shard
 from autotp.strategies.rules.registry import OpContext, OpStrategy, norm_dim, register
+from autotp.strategies.rules.scan import other_dims
 
 aten = torch.ops.aten
 
@@ -82,11 +83,7 @@ def _scatter_splits(ctx: OpContext) -> Iterator[OpStrategy]:
     """``scatter(x, dim, index, src)`` writes ``src[.., j, ..]`` to ``x[.., index[.., j, ..], ..]``
     along ``dim``; ``index`` may be smaller than ``x`` and ``src``. Another dim may be split on all
     of them where they have the same size (the index stays whole along ``dim``)."""
-    x = ctx.inputs[0]
-    dim = norm_dim(ctx.arg(1, "dim"), x.ndim)
-    for d in range(x.ndim):
-        if d != dim and all(m.ndim == x.ndim and m.shape[d] == x.shape[d] for m in ctx.inputs[1:]):
-            yield OpStrategy((Shard(d),) * len(ctx.inputs), Shard(d))
+    yield from other_dims(ctx, norm_dim(ctx.arg(1, "dim"), ctx.inputs[0].ndim))
 
 
 register(
