@@ -26,20 +26,19 @@ import torch
 from torch import fx
 
 from autotp.ir.placement import P, Placement, R, Shard
-from autotp.strategies.rules.registry import CombinableFn, LocalContext, LocalizeFn, OpContext, OpStrategy, norm_dim, register
+from autotp.strategies.rules.registry import (
+    CombinableFn,
+    LocalContext,
+    LocalizeFn,
+    OpContext,
+    OpStrategy,
+    arg_of,
+    norm_dim,
+    register,
+    with_arg,
+)
 
 aten = torch.ops.aten
-
-
-def with_arg(args: tuple[Any, ...], kwargs: dict[str, Any], *, index: int, name: str, value: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """``args``/``kwargs`` with argument ``index``/``name`` set to ``value`` (wherever it was passed)."""
-    if len(args) > index:
-        return args[:index] + (value,) + args[index + 1:], kwargs
-    return args, {**kwargs, name: value}
-
-
-def arg_of(args: tuple[Any, ...], kwargs: dict[str, Any], *, index: int, name: str, default: Any) -> Any:
-    return args[index] if len(args) > index else kwargs.get(name, default)
 
 
 def divide_arg(args: tuple[Any, ...], kwargs: dict[str, Any], *, index: int, name: str, by: int) -> tuple[tuple[Any, ...], dict[str, Any]]:

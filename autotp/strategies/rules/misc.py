@@ -12,7 +12,7 @@ from typing import Any
 from autotp.ir.placement import Shard
 from autotp.strategies.rules.matmul import einsum_strategies
 from autotp.strategies.rules.registry import LocalContext, OpContext, OpStrategy, register
-from autotp.strategies.rules.view import local_shape
+from autotp.strategies.rules.view import local_shape, localize_size
 
 aten = __import__("torch").ops.aten
 
@@ -22,20 +22,10 @@ def constructor(ctx: OpContext) -> Iterator[OpStrategy]:
         yield OpStrategy((), Shard(d))
 
 
-def _localize_size_arg(index: int, name: str):
-    def localize(args: tuple[Any, ...], kwargs: dict[str, Any], lc: LocalContext) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        size = local_shape(lc.output.shape, lc.strategy.output, lc.tp_size)  # type: ignore[arg-type, union-attr]  # a single-output op
-        if len(args) > index:
-            return args[:index] + (size,) + args[index + 1:], kwargs
-        return args, {**kwargs, name: size}
-
-    return localize
-
-
-register(aten.full, aten.zeros, aten.ones, aten.empty, aten.rand, aten.randn, localize=_localize_size_arg(0, "size"))(constructor)
+register(aten.full, aten.zeros, aten.ones, aten.empty, aten.rand, aten.randn, localize=localize_size(0, "size"))(constructor)
 register(
     aten.new_ones, aten.new_zeros, aten.new_full, aten.new_empty,
-    localize=_localize_size_arg(1, "size"), metadata_args=(0,),
+    localize=localize_size(1, "size"), metadata_args=(0,),
 )(constructor)
 
 

@@ -150,3 +150,15 @@ def is_getitem(node: fx.Node) -> bool:
 
 def norm_dim(dim: int, ndim: int) -> int:
     return dim + ndim if dim < 0 else dim
+
+
+def arg_of(args: tuple[Any, ...], kwargs: dict[str, Any], *, index: int, name: str, default: Any) -> Any:
+    """Argument ``index``/``name`` of a call, wherever it was passed (``localize`` sees raw args)."""
+    return args[index] if len(args) > index else kwargs.get(name, default)
+
+
+def with_arg(args: tuple[Any, ...], kwargs: dict[str, Any], *, index: int, name: str, value: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``args``/``kwargs`` with argument ``index``/``name`` set to ``value`` (wherever it was passed)."""
+    if len(args) > index:
+        return args[:index] + (value,) + args[index + 1:], kwargs
+    return args, {**kwargs, name: value}

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from autotp.ir.placement import P, Placement, R, Shard
-from autotp.strategies.rules.registry import LocalContext, OpContext, OpStrategy, norm_dim, register
+from autotp.strategies.rules.registry import LocalContext, OpContext, OpStrategy, norm_dim, register, with_arg
 
 aten = __import__("torch").ops.aten
 
@@ -46,21 +46,17 @@ def _with_partial(strategies: Iterator[OpStrategy], n_inputs: int = 1) -> Iterat
     yield OpStrategy((P,) * n_inputs, P)
 
 
-def _localize_size(arg_index: int, name: str):
-    """Replace the size argument with the local output shape."""
+def localize_size(arg_index: int, name: str):
+    """Replace the size argument with the local output shape (views, constructors)."""
 
     def localize(args: tuple[Any, ...], kwargs: dict[str, Any], lc: LocalContext) -> tuple[tuple[Any, ...], dict[str, Any]]:
         size = local_shape(lc.output.shape, lc.strategy.output, lc.tp_size)  # type: ignore[arg-type, union-attr]  # a single-output op
-        if len(args) > arg_index:
-            args = args[:arg_index] + (size,) + args[arg_index + 1:]
-        else:
-            kwargs = {**kwargs, name: size}
-        return args, kwargs
+        return with_arg(args, kwargs, index=arg_index, name=name, value=size)
 
     return localize
 
 
-@register(aten.view, aten.reshape, aten._unsafe_view, localize=_localize_size(1, "size"), view=True)
+@register(aten.view, aten.reshape, aten._unsafe_view, localize=localize_size(1, "size"), view=True)
 def reshape(ctx: OpContext) -> Iterator[OpStrategy]:
     mapping = reshape_dim_map(ctx.inputs[0].shape, ctx.output.shape)  # type: ignore[union-attr]  # a single-output op
     yield from _with_partial(OpStrategy((Shard(d),), Shard(e)) for d, e in mapping.items())
@@ -123,7 +119,7 @@ def squeeze(ctx: OpContext) -> Iterator[OpStrategy]:
     yield from reshape(ctx)
 
 
-@register(aten.expand, localize=_localize_size(1, "size"), view=True)
+@register(aten.expand, localize=localize_size(1, "size"), view=True)
 def expand(ctx: OpContext) -> Iterator[OpStrategy]:
     """Real dims keep their split; an expanded dim can be split on the output alone."""
     x, out = ctx.inputs[0], ctx.output
@@ -276,8 +272,8 @@ def view_scatter(ctx: OpContext) -> Iterator[OpStrategy]:
 
 # The ``_copy`` variants (what functionalization emits for views) copy the view's result: the view's
 # rule and shape-argument rewriting, but they launch a kernel, so they are not ``view=True``.
-register(aten.view_copy.default, localize=_localize_size(1, "size"))(reshape)
-register(aten.expand_copy, localize=_localize_size(1, "size"))(expand)
+register(aten.view_copy.default, localize=localize_size(1, "size"))(reshape)
+register(aten.expand_copy, localize=localize_size(1, "size"))(expand)
 register(aten.squeeze_copy, localize=_localize_squeeze)(squeeze)
 register(aten.permute_copy)(permute)
 register(aten.transpose_copy)(transpose)
