@@ -36,7 +36,7 @@ def min_state_nbytes(space: StrategySpace, cost: CostModel) -> float:
 def _whole_state(space: StrategySpace) -> str:
     """Which state tensors no plan can split, for the message that gives the floor."""
     state = [n for n in space.nodes if n.kind is NodeKind.STATE]
-    whole = [n for n in state if all(p == R for s in n.strategies for p in s.outputs[0])]
+    whole = [n for n in state if all(s.replicated for s in n.strategies)]
     if not whole:
         return ""
     largest = max(whole, key=lambda n: n.output_value_meta(None).nbytes)
