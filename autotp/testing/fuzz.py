@@ -83,6 +83,15 @@ class Block(nn.Module):
         return f"{self.name}({self.d_in}->{self.d_out})"
 
 
+class ProjectedBlock(Block):
+    """A block that starts with a linear ``fc`` to a width drawn from ``rng``."""
+
+    def __init__(self, rng: random.Random, d_in: int) -> None:
+        super().__init__(rng, d_in)
+        self.d_out = _width(rng)
+        self.fc = nn.Linear(d_in, self.d_out)
+
+
 class OddLinear(Block):
     name = "linear"
 
@@ -258,13 +267,8 @@ class Reductions(Block):
         return h - h.mean(-1, keepdim=True) + h.amax(1, keepdim=True) + 0.1 * h.sum(0, keepdim=True)
 
 
-class Cumsum(Block):
+class Cumsum(ProjectedBlock):
     name = "cumsum"
-
-    def __init__(self, rng: random.Random, d_in: int) -> None:
-        super().__init__(rng, d_in)
-        self.d_out = _width(rng)
-        self.fc = nn.Linear(d_in, self.d_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cumsum(self.fc(x), dim=1) / 2
@@ -299,7 +303,7 @@ class Conv(Block):
         return self.conv(x.transpose(1, 2)).transpose(1, 2)  # channels first: (B, d, T)
 
 
-class RunningStat(Block):
+class RunningStat(ProjectedBlock):
     """A running mean of the features, updated in place in every forward."""
 
     name = "running_stat"
@@ -307,8 +311,6 @@ class RunningStat(Block):
 
     def __init__(self, rng: random.Random, d_in: int) -> None:
         super().__init__(rng, d_in)
-        self.d_out = _width(rng)
-        self.fc = nn.Linear(d_in, self.d_out)
         self.register_buffer("buf", torch.zeros(self.d_out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -317,7 +319,7 @@ class RunningStat(Block):
         return h - self.buf
 
 
-class CacheWrite(Block):
+class CacheWrite(ProjectedBlock):
     """A cache buffer read, then overwritten by a slice write (``cache[:, :t] = h``)."""
 
     name = "cache_write"
@@ -325,8 +327,6 @@ class CacheWrite(Block):
 
     def __init__(self, rng: random.Random, d_in: int) -> None:
         super().__init__(rng, d_in)
-        self.d_out = _width(rng)
-        self.fc = nn.Linear(d_in, self.d_out)
         self.register_buffer("cache", torch.randn(BATCH, max(SEQ_LENGTHS) + 2, self.d_out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -349,13 +349,8 @@ class _StraightThrough(torch.autograd.Function):
         return grad * 3
 
 
-class StraightThrough(Block):
+class StraightThrough(ProjectedBlock):
     name = "ste"
-
-    def __init__(self, rng: random.Random, d_in: int) -> None:
-        super().__init__(rng, d_in)
-        self.d_out = _width(rng)
-        self.fc = nn.Linear(d_in, self.d_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _StraightThrough.apply(self.fc(x))
@@ -374,28 +369,24 @@ class Reused(Block):
         return self.fc(torch.tanh(self.fc(x)))
 
 
-class Dropout(Block):
+class Dropout(ProjectedBlock):
     """Dropout with p=0 in train mode: captured, a no-op, deterministic."""
 
     name = "dropout"
 
     def __init__(self, rng: random.Random, d_in: int) -> None:
         super().__init__(rng, d_in)
-        self.d_out = _width(rng)
-        self.fc = nn.Linear(d_in, self.d_out)
         self.drop = nn.Dropout(0.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.fc(x))
 
 
-class Softmax(Block):
+class Softmax(ProjectedBlock):
     name = "softmax"
 
     def __init__(self, rng: random.Random, d_in: int) -> None:
         super().__init__(rng, d_in)
-        self.d_out = _width(rng)
-        self.fc = nn.Linear(d_in, self.d_out)
         self.log = rng.random() < 0.5
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -422,15 +413,13 @@ class MaskedMix(Block):
         return torch.softmax(scores, dim=-1) @ x
 
 
-class BatchNorm(Block):
+class BatchNorm(ProjectedBlock):
     """BatchNorm1d in train mode: batch statistics, running buffers updated in place."""
 
     name = "batchnorm"
 
     def __init__(self, rng: random.Random, d_in: int) -> None:
         super().__init__(rng, d_in)
-        self.d_out = _width(rng)
-        self.fc = nn.Linear(d_in, self.d_out)
         self.norm = nn.BatchNorm1d(self.d_out, affine=rng.random() < 0.7)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -556,15 +545,13 @@ class TopKRouter(Block):
         return (weights.unsqueeze(-1) * chosen).sum(2)
 
 
-class SortValues(Block):
+class SortValues(ProjectedBlock):
     """Sorted features: ``sort`` values, or ``argsort`` then ``gather``."""
 
     name = "sort"
 
     def __init__(self, rng: random.Random, d_in: int) -> None:
         super().__init__(rng, d_in)
-        self.d_out = _width(rng)
-        self.fc = nn.Linear(d_in, self.d_out)
         self.argsort = rng.random() < 0.5
         self.descending = rng.random() < 0.5
 
@@ -575,43 +562,31 @@ class SortValues(Block):
         return torch.sort(h, dim=-1, descending=self.descending).values
 
 
-class MaxMin(Block):
+class MaxMin(ProjectedBlock):
     """``max(dim)`` over positions and ``min(dim)`` over features, values only."""
 
     name = "max_min"
-
-    def __init__(self, rng: random.Random, d_in: int) -> None:
-        super().__init__(rng, d_in)
-        self.d_out = _width(rng)
-        self.fc = nn.Linear(d_in, self.d_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc(x)
         return h + h.max(dim=1, keepdim=True).values - h.min(dim=-1, keepdim=True).values
 
 
-class CumScan(Block):
+class CumScan(ProjectedBlock):
     """``cummax`` values and ``logcumsumexp`` over positions."""
 
     name = "cummax_logcumsumexp"
-
-    def __init__(self, rng: random.Random, d_in: int) -> None:
-        super().__init__(rng, d_in)
-        self.d_out = _width(rng)
-        self.fc = nn.Linear(d_in, self.d_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc(x)
         return torch.cummax(h, dim=1).values + torch.logcumsumexp(h, dim=1) / 2
 
 
-class FlipRoll(Block):
+class FlipRoll(ProjectedBlock):
     name = "flip_roll"
 
     def __init__(self, rng: random.Random, d_in: int) -> None:
         super().__init__(rng, d_in)
-        self.d_out = _width(rng)
-        self.fc = nn.Linear(d_in, self.d_out)
         self.shift = rng.choice((1, 2, -1))
         self.roll_dim = rng.choice((1, -1))
 
@@ -657,15 +632,13 @@ class RepeatInterleave(Block):
         return self.fc(x).repeat_interleave(self.repeats, dim=-1)
 
 
-class ProdNorm(Block):
+class ProdNorm(ProjectedBlock):
     """A product over positions (of factors near 1) and a vector norm over features."""
 
     name = "prod_norm"
 
     def __init__(self, rng: random.Random, d_in: int) -> None:
         super().__init__(rng, d_in)
-        self.d_out = _width(rng)
-        self.fc = nn.Linear(d_in, self.d_out)
         self.ord = rng.choice((2, 1, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -674,7 +647,7 @@ class ProdNorm(Block):
         return h * product + torch.linalg.vector_norm(h, ord=self.ord, dim=-1, keepdim=True)
 
 
-class Linalg(Block):
+class Linalg(ProjectedBlock):
     """Batched linear algebra: ``solve`` with a fixed, well-conditioned matrix per batch element (a buffer)
     and the features as right-hand sides, or ``inv(X X^T + n I) X`` of the activation ``X``."""
 
@@ -683,8 +656,6 @@ class Linalg(Block):
 
     def __init__(self, rng: random.Random, d_in: int) -> None:
         super().__init__(rng, d_in)
-        self.d_out = _width(rng)
-        self.fc = nn.Linear(d_in, self.d_out)
         self.solve = rng.random() < 0.5
         t = max(SEQ_LENGTHS)
         self.register_buffer("matrix", torch.eye(t).expand(BATCH, t, t) * 2 + 0.3 * torch.randn(BATCH, t, t) / math.sqrt(t))
@@ -712,15 +683,10 @@ class Upsample(Block):
         return F.interpolate(self.fc(x), scale_factor=2, mode="nearest")
 
 
-class RandnLike(Block):
+class RandnLike(ProjectedBlock):
     """``randn_like(h) * 0``: a random draw whose value is known (zero), to exercise random streams."""
 
     name = "randn_like"
-
-    def __init__(self, rng: random.Random, d_in: int) -> None:
-        super().__init__(rng, d_in)
-        self.d_out = _width(rng)
-        self.fc = nn.Linear(d_in, self.d_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc(x)
