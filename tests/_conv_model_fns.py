@@ -7,10 +7,10 @@ adaptive average pool -> Linear), all in train mode with random weights (nothing
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
@@ -23,7 +23,7 @@ from autotp.ir.placement import P, R, Shard, format_placements, local_chunk
 from autotp.ir.plan import Plan
 from autotp.ir.strategy import OpStrategy, one_axis
 from autotp.solve.planner import solve_plan
-from tests._hf_fns import _randomize, min_budget
+from tests._hf_fns import _randomize, min_budget, parallelize_planned_once
 from tests._training_fns import STATE_FACTOR, adamw_losses
 
 MODELS = ("vit", "whisper", "cnn")
@@ -122,11 +122,10 @@ def conv_training_equivalence(rank: int, world_size: int, names: list[str], budg
     for name in names:
         model, inputs = build_conv_model(name)
         budget = int(min_budget(model, world_size) * STATE_FACTOR * (1 + budget_factor))
-        plan: list[Plan | None] = [None]
-        if rank == 0:
-            plan = [_pinned_plan(name, model, inputs, world_size=world_size, budget=budget)]
-        dist.broadcast_object_list(plan, src=0, group=mesh.get_group())
-        sharded = autotp.parallelize(model, mesh, inputs, plan=plan[0], training=True)
+        sharded = parallelize_planned_once(
+            model, inputs, mesh, budget, training=True,
+            make_plan=functools.partial(_pinned_plan, name, model, inputs, world_size=world_size, budget=budget),
+        )
         placements = sharded.placements()
 
         expected, actual = _output(model(*inputs)), _output(sharded(*inputs))

@@ -9,6 +9,7 @@ returns the same ``ModelOutput`` type as the original (the exported output spec 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 import autotp
 from autotp.ir.placement import format_placements
+from autotp.ir.plan import Plan
 from autotp.rewrite.rewriter import collective_nodes
 from autotp.strategies.engine import UnsupportedOpWarning
 
@@ -123,21 +125,23 @@ def budget_for(model: nn.Module, world_size: int, factor: float) -> int:
 
 
 def parallelize_planned_once(
-    model: nn.Module, inputs: tuple[torch.Tensor, ...], mesh: DeviceMesh, budget: int, *, time_limit_s: float = 60.0
+    model: nn.Module, inputs: tuple[torch.Tensor, ...], mesh: DeviceMesh, budget: int, *, training: bool = False,
+    time_limit_s: float = 60.0, make_plan: Callable[[], Plan] | None = None,
 ) -> autotp.ShardedModule:
-    """``autotp.parallelize`` with a plan made by rank 0 alone and sent to the others.
+    """``autotp.parallelize`` with a plan made by rank 0 alone and sent to the others
+    (``make_plan``, on rank 0: a plan of the test's own, e.g. with pinned nodes).
 
     One CBC solve per model instead of one per rank: ranks solving at once on a two-core CI box
     take ``world_size`` times as long. The other ranks check the plan fits their own capture.
     """
-    plan = [None]
+    plan: list[Plan | None] = [None]
     if mesh.get_local_rank() == 0:
-        plan = [autotp.plan(
+        plan = [make_plan() if make_plan is not None else autotp.plan(
             model, inputs, mesh_shape=(mesh.size(),), hardware="cpu-gloo", memory_budget=budget,
-            training=False, time_limit_s=time_limit_s,
+            training=training, time_limit_s=time_limit_s,
         )]
     dist.broadcast_object_list(plan, src=0, group=mesh.get_group())
-    return autotp.parallelize(model, mesh, inputs, plan=plan[0], training=False)
+    return autotp.parallelize(model, mesh, inputs, plan=plan[0], training=training)
 
 
 def hf_equivalence(rank: int, world_size: int, names: list[str], budget_factors: list[float]) -> dict[str, dict[str, Any]]:

@@ -10,14 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 
 import autotp
 from autotp.ir.placement import format_placements, local_chunk
-from tests._hf_fns import _randomize, min_budget
+from tests._hf_fns import _randomize, min_budget, parallelize_planned_once
 from tests._training_fns import adamw_losses
 
 MODELS = ("mixtral", "qwen2_moe")
@@ -65,14 +64,7 @@ def moe_training_equivalence(rank: int, world_size: int, names: list[str], budge
     for name in names:
         model, inputs = build_moe_model(name)
         budget = int(min_budget(model, world_size) * STATE_FACTOR * (1 + budget_factor))
-        plan = [None]
-        if rank == 0:
-            plan = [autotp.plan(
-                model, inputs, mesh_shape=(world_size,), hardware="cpu-gloo", memory_budget=budget,
-                training=True, time_limit_s=60,
-            )]
-        dist.broadcast_object_list(plan, src=0, group=mesh.get_group())
-        sharded = autotp.parallelize(model, mesh, inputs, plan=plan[0], training=True)
+        sharded = parallelize_planned_once(model, inputs, mesh, budget, training=True)
         placements = sharded.placements()
 
         expected, actual = model(*inputs), sharded(*inputs)
