@@ -40,7 +40,6 @@ from torch import fx, nn
 from autotp.capture.export import capture
 from autotp.capture.torch_compat import OpOverload, dtensor_registered_ops, opinfo_database, pytree
 from autotp.errors import CaptureError
-from autotp.ir.placement import R
 from autotp.rewrite.rule_check import check_node, node_values
 from autotp.strategies.engine import NodeKind, NodeSpace, build_strategy_space
 from autotp.strategies.rules.registry import lookup
@@ -224,7 +223,7 @@ def _culprit(tb: TracebackType | None) -> str:
 
 
 def _is_split(space: NodeSpace) -> bool:
-    return any(p != R for s in space.strategies for placements in (*s.inputs, *s.outputs) for p in placements)
+    return not all(s.replicated for s in space.strategies)
 
 
 def run_conformance(
