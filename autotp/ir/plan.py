@@ -167,7 +167,8 @@ class Plan:
 
         Needs the plan's cost terms: ``autotp.plan(..., symbolic=True)`` or
         ``autotp.cost.symbolic.attach_cost_terms``. ``expr.subs({B: b, T: t})`` prices this plan's
-        strategies at another size; at the planned size it equals ``total_seconds``.
+        strategies at another size; at the planned size it equals ``total_seconds + hidden_seconds``
+        (it does not model overlap: with ``overlap=False`` that is ``total_seconds``).
         """
         from autotp.cost.symbolic import expression
 
