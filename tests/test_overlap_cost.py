@@ -184,3 +184,42 @@ def test_the_ilp_credit_is_at_most_the_hideable_share() -> None:
     assert cost.weight_grad_credit_seconds(node, strategy, wgrad, 2) == pytest.approx(wgrad / 4)  # T / ((1 + 1) · 2)
     assert cost.weight_grad_credit_seconds(node, strategy, 100 * wgrad, 1) == pytest.approx(wgrad)  # no more than the compute
     assert dataclasses.replace(cost, overlap=False).weight_grad_credit_seconds(node, strategy, wgrad, 1) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# calibration
+
+
+def test_fit_overlap_is_the_median_slowdown() -> None:
+    from cost_models.calibrate import OverlapSample, fit_overlap
+
+    samples = [OverlapSample(4.0, 2.0, 4.0 + 2.0 * r) for r in (0.1, 0.2, 0.5)]  # r = s/(1+s)
+    assert fit_overlap(samples) == pytest.approx(0.2 / 0.8)
+    assert fit_overlap([]) is None
+
+
+@pytest.mark.timeout(180)
+def test_calibration_on_two_ranks_writes_a_finite_slowdown(tmp_path) -> None:
+    import math
+
+    from cost_models import roofline_seconds, write_profile
+    from cost_models.calibrate import CollectiveSample, KernelSample, build_profile, fit_all
+    from autotp.cost.calibrate import CalibrationConfig, merge_overlap
+    from autotp.testing import run_on_ranks
+    from tests import _overlap_fns
+
+    config = CalibrationConfig(
+        device_type="cpu", matmul_shapes=(), dtypes=(), memory_nbytes=(), message_nbytes=(), overlap_nbytes=256 * 2**10, overlap_repeats=3,
+    )
+    samples = merge_overlap(run_on_ranks(_overlap_fns.measure, 2, config, timeout_seconds=120))
+    assert len(samples) == 3 and all(s.compute_seconds > 0 and s.comm_seconds > 0 and s.overlapped_seconds > 0 for s in samples)
+    # the rest of the profile from synthetic timings (tests/test_calibrate.py measures those)
+    kernels = [KernelSample("memory", "float32", n / 12, float(n), roofline_seconds(_TOY, flops=n / 12, nbytes=n)) for n in (2**12, 2**16, 2**20, 2**24)]
+    kernels += [KernelSample("matmul", "float32", 2.0 * m**3, 12.0 * m * m, roofline_seconds(_TOY, flops=2.0 * m**3, nbytes=12.0 * m * m)) for m in (64, 256, 1024)]
+    collectives = [CollectiveSample("all_reduce", 2, float(b), 1e-4 + b / 1e9) for b in (2**12, 2**16, 2**20, 2**24)]
+    report = fit_all(kernels, collectives, overlap=samples)
+    profile = build_profile(report, name="box", device_type="cpu", memory_capacity_nbytes=2**33, description="test")
+    again = load_profile(write_profile(profile, tmp_path / "box.toml", header=report.text()))
+    assert math.isfinite(again.overlap_slowdown) and 0.0 <= again.overlap_slowdown <= 19.0
+    assert again.overlap_slowdown == report.overlap_slowdown and "compute.overlap_slowdown" in again.sources
+    assert "overlap: compute runs at" in report.text()
