@@ -53,7 +53,7 @@ are weighted least squares on *relative* error, so a 4 KiB message counts as muc
 * **The overlap slowdown** (``HardwareProfile.overlap_slowdown``, :func:`fit_overlap`): a
   matmul loop alone (C, about twice the all-reduce), an all-reduce alone (T) and both
   started together (O); ``r = (O - C) / T`` clipped to [0, 0.95] is ``s / (1 + s)``
-  (``cost_models.exposed_seconds``), so ``s = r / (1 - r)``, the median over repeats.
+  (``cost_models.exposed_seconds``), so ``s = r / (1 - r)``, from the medians over repeats.
 
 The link's own numbers are all-reduce's (the collective tensor parallelism calls most); every
 other collective is written as a per-collective override (``[links.intra_node.<collective>]``),
@@ -574,13 +574,17 @@ def fit_wake(samples: Sequence[WakeSample]) -> WakeCurve | None:
 
 
 def fit_overlap(samples: Sequence[OverlapSample]) -> float | None:
-    """The compute slowdown beside a collective (``HardwareProfile.overlap_slowdown``): per
-    repeat ``cost_models.slowdown_from_timings`` (``r = (O - C) / T`` clipped to [0, 0.95],
-    ``s = r / (1 - r)``), then the median; None without samples."""
+    """The compute slowdown beside a collective (``HardwareProfile.overlap_slowdown``) from the
+    medians over repeats of C, T and O: ``cost_models.slowdown_from_timings`` (``r = (O - C) / T``
+    clipped to [0, 0.95], ``s = r / (1 - r)``); None without samples. Medians of each, not of
+    per-repeat ratios: one slow all-reduce (a loaded 2-core VM timed 0.3 to 4.3 ms for the same
+    256 KiB) swings a repeat's ratio far more than it moves T's median."""
     if not samples:
         return None
-    return statistics.median(
-        slowdown_from_timings(compute_seconds=s.compute_seconds, comm_seconds=s.comm_seconds, overlapped_seconds=s.overlapped_seconds) for s in samples
+    return slowdown_from_timings(
+        compute_seconds=statistics.median(s.compute_seconds for s in samples),
+        comm_seconds=statistics.median(s.comm_seconds for s in samples),
+        overlapped_seconds=statistics.median(s.overlapped_seconds for s in samples),
     )
 
 

@@ -195,6 +195,8 @@ def test_fit_overlap_is_the_median_slowdown() -> None:
 
     samples = [OverlapSample(4.0, 2.0, 4.0 + 2.0 * r) for r in (0.1, 0.2, 0.5)]  # r = s/(1+s)
     assert fit_overlap(samples) == pytest.approx(0.2 / 0.8)
+    noisy = [OverlapSample(4.0, 2.0, 4.4), OverlapSample(4.0, 20.0, 4.4), OverlapSample(4.0, 2.0, 4.4)]  # one slow all-reduce
+    assert fit_overlap(noisy) == pytest.approx(0.2 / 0.8)  # medians of C, T and O: r = (4.4 - 4) / 2
     assert fit_overlap([]) is None
 
 

@@ -460,7 +460,7 @@ def measure_overlap(world_size: int, config: CalibrationConfig, device: torch.de
     buffer = torch.ones(numel, device=device)
     reduce = lambda: dist.all_reduce(buffer)  # noqa: E731
     matmul = gap_kernel(device)
-    comm = statistics.median(_timed_batches(reduce, calls=1, repeats=3, warmup=1, device=device, group=None))
+    comm = statistics.median(_timed_batches(reduce, calls=1, repeats=5, warmup=2, device=device, group=None))
     one = statistics.median(_estimate(matmul, device) for _ in range(3))
     steps = _agree(max(1, math.ceil(OVERLAP_COMPUTE_RATIO * comm / max(one, 1e-7))), device)
 
