@@ -10,6 +10,7 @@ target however many consumers want it (the rewriter shares it too). The demand i
 transitions the table does not offer get no flow variable.
 
     minimise   Σ c_compute(n,s)·x[n,s] + Σ c_transition(v,p,q)·e[v,p,q]
+                 + Σ c_sync(v,q)·w[v,q] − Σ credit(c,t)·x[c,t]       (gradient syncs, _grad_sync)
     subject to Σ_s x[n,s] = 1                                   (one_strategy_<n>)
                w[v,q] ≥ demand of each consumer slot            (w_<v>_<q>_<c>)
                Σ_p e[v,p,q] = w[v,q]                            (convert_<v>_<q>)
