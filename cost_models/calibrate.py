@@ -713,5 +713,5 @@ def build_profile(
         op_classes=c.op_classes,
         matmul_launch_seconds=c.matmul_launch_seconds,
         matmul_weight_bytes_per_s=c.matmul_weight_bytes_per_s,
-        **({"overlap_slowdown": report.overlap_slowdown} if report.overlap_slowdown is not None else {}),
+        overlap_slowdown=report.overlap_slowdown if report.overlap_slowdown is not None else 0.0,  # unmeasured (one rank): the default
     )

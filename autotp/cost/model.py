@@ -24,13 +24,13 @@ from cost_models import (
     WakeCurve,
     bytes_moved_per_rank,
     collective_seconds,
+    hidden_seconds,
     load_profile,
     matmul_seconds,
     op_seconds,
     roofline_seconds,
     select_algorithm,
     state_nbytes,
-    hidden_seconds,
     wake_seconds,
 )
 from autotp.comm.conversions import PricedStep
