@@ -225,3 +225,30 @@ def test_calibration_on_two_ranks_writes_a_finite_slowdown(tmp_path) -> None:
     assert math.isfinite(again.overlap_slowdown) and 0.0 <= again.overlap_slowdown <= 19.0
     assert again.overlap_slowdown == report.overlap_slowdown and "compute.overlap_slowdown" in again.sources
     assert "overlap: compute runs at" in report.text()
+
+
+class _TwoBranches(nn.Module):
+    """fc1 and fc2 read x apart; fc1's output, split, is gathered while fc2 and the relu run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(256, 256), nn.Linear(256, 256)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc1(x) + torch.relu(self.fc2(x))
+
+
+def test_a_forward_collective_hides_behind_the_nodes_it_runs_beside() -> None:
+    space = build_strategy_space(capture(_TwoBranches().to("meta"), (torch.zeros(8, 64, 256, device="meta"),)), 2)
+    nodes = space.by_name()
+    pins = {name: nodes[name].strategies[0] for name in ("linear_1", "relu", "add")}  # all-R
+    pins["linear"] = next(s for s in nodes["linear"].strategies if str(s) == "[R, S(0), S(0)] -> S(2)")
+    plans = {
+        overlap: solve_plan(space, CostModel(_TOY, 2, training=False, overlap=overlap), hardware="toy", memory_budget=None, pinned=pins)
+        for overlap in (True, False)
+    }
+    gather = {overlap: next(c for n, c in p.conversions() if n.name == "add" and c.kind == "all_gather") for overlap, p in plans.items()}
+    beside = plans[True].node("linear_1").compute_seconds + plans[True].node("relu").compute_seconds
+    assert 0 < beside < gather[False].seconds  # less compute than communication: all of it hides
+    assert gather[True].hidden_seconds == pytest.approx(beside)
+    assert gather[True].seconds == pytest.approx(gather[False].seconds - beside)
