@@ -17,7 +17,7 @@ from autotp.ir.plan import Conversion, NodePlan, Plan
 from autotp.ir.strategy import MeshStrategy
 from autotp.ir.values import TensorMeta
 from autotp.solve.memory import state_nbytes
-from autotp.strategies.engine import NodeKind, StrategySpace
+from autotp.strategies.engine import NodeKind, NodeSpace, StrategySpace
 
 
 def build_plan(
@@ -39,7 +39,7 @@ def build_plan(
     plans = [
         NodePlan(
             node.name, node.op, node.module_path, node.kind, chosen[node.name],
-            tuple(_conversion(site, spaces[site.value.node].output_value_meta(site.value.index), cost, space, chosen, schedule) for site in by_consumer.get(node.name, ())),
+            tuple(_conversion(site, spaces[site.value.node].output_value_meta(site.value.index), cost, spaces, chosen, schedule) for site in by_consumer.get(node.name, ())),
             cost.compute_seconds(node, chosen[node.name]),
             inputs=node.slots, output_meta=node.output_meta,
         )
@@ -83,7 +83,9 @@ def _with_wake(plans: list[NodePlan], space: StrategySpace, cost: CostModel) -> 
     )
 
 
-def _conversion(site: Site, meta: TensorMeta, cost: CostModel, space: StrategySpace, chosen: Mapping[str, MeshStrategy], schedule: OverlapSchedule) -> Conversion:
+def _conversion(
+    site: Site, meta: TensorMeta, cost: CostModel, spaces: Mapping[str, NodeSpace], chosen: Mapping[str, MeshStrategy], schedule: OverlapSchedule,
+) -> Conversion:
     """The plan's record of one site, priced by ``cost`` (a sync that is not priced costs 0), less
     what compute beside it hides (``_hidden_seconds``)."""
     priced = site.priced_steps
@@ -94,7 +96,7 @@ def _conversion(site: Site, meta: TensorMeta, cost: CostModel, space: StrategySp
     else:
         src, dst, steps = site.src, site.dst, site.forward
     seconds = cost.priced_seconds(priced, meta)
-    hidden = _hidden_seconds(site, meta, cost, space, chosen, schedule)
+    hidden = _hidden_seconds(site, meta, cost, spaces, chosen, schedule)
     return Conversion(
         value=site.value, src=src, dst=dst, steps=steps, nbytes=meta.nbytes,
         bytes_per_rank=cost.priced_bytes_per_rank(priced, meta),
@@ -104,7 +106,9 @@ def _conversion(site: Site, meta: TensorMeta, cost: CostModel, space: StrategySp
     )
 
 
-def _hidden_seconds(site: Site, meta: TensorMeta, cost: CostModel, space: StrategySpace, chosen: Mapping[str, MeshStrategy], schedule: OverlapSchedule) -> float:
+def _hidden_seconds(
+    site: Site, meta: TensorMeta, cost: CostModel, spaces: Mapping[str, NodeSpace], chosen: Mapping[str, MeshStrategy], schedule: OverlapSchedule,
+) -> float:
     """The seconds of ``site``'s communication that ``schedule`` hides behind compute:
 
     * a gradient sync beside its linears' weight gradients (``schedule.weight_grads``): the
@@ -113,7 +117,6 @@ def _hidden_seconds(site: Site, meta: TensorMeta, cost: CostModel, space: Strate
       the forward compute of the nodes between its start and its first reader.
 
     Each is ``cost.hidden_seconds(T, C)`` (``cost_models.exposed_seconds`` derives it)."""
-    spaces = space.by_name()
     if isinstance(site, GradSyncSite) and site in schedule.weight_grads:
         sync = cost.priced_seconds(site.priced_steps, meta)
         compute = sum(cost.forward_kernel_seconds(spaces[name], chosen[name]) for name in schedule.weight_grads[site])

@@ -259,7 +259,11 @@ def _grad_sync(
         for key, idxs in by_key.items():
             demands[key].append(pulp.lpSum(x[node.name][i] for i in idxs))
             choices[key] += [(node, i) for i in idxs]
-    hides = cost.overlap and overlap.linears_read_input(space, value[0], value[1], [(node.name, slot) for node, slot in readers])
+    hides = (
+        cost.overlap and bool(demands)
+        and all(node.op in overlap.FUSED_LINEAR_OPS and slot == 0 for node, slot in readers)  # cheap first: linears_read_input maps every node
+        and overlap.linears_read_input(space, value[0], value[1], [(node.name, slot) for node, slot in readers])
+    )
     terms = []
     for k, ((placements, axes), key_demands) in enumerate(demands.items()):
         seconds = cost.grad_sync_seconds(meta, placements, axes, requires_grad=requires_grad)
