@@ -68,6 +68,7 @@ def plan(
     time_limit_s: float = 60.0,
     node_limit: int = NODE_LIMIT,
     symbolic: bool = False,
+    overlap: bool = True,
 ) -> Plan:
     """Plan ``model`` for a mesh of ``mesh_shape`` without any process group (meta models work).
 
@@ -82,7 +83,9 @@ def plan(
     ``memory_budget``; ``training=False`` plans for inference (forward only, parameters only).
     ``symbolic`` also captures the model at a few more sizes so that ``plan.cost_expression()``
     gives the time as a sympy expression in batch ``B`` and sequence length ``T`` (dims 0 and 1
-    of the inputs; see ``autotp.cost.symbolic``).
+    of the inputs; see ``autotp.cost.symbolic``). ``overlap`` prices communication hidden behind
+    compute beside it (``autotp.comm.overlap``; the solver then favours layouts that hide it);
+    ``overlap=False`` charges every collective in full.
 
     The solver stops at ``node_limit`` branch-and-bound nodes (the same plan on every machine; its
     status gives the gap when it is not proven optimal); ``time_limit_s`` is a safety net that
@@ -92,7 +95,7 @@ def plan(
         model, example_inputs, mesh_shape=mesh_shape, mesh_axis_names=mesh_axis_names, inter_node_axes=inter_node_axes,
         axis_roles=axis_roles, hardware=hardware or "h100-sxm",
         memory_budget=memory_budget, training=training, optimizer=optimizer, solver=solver, time_limit_s=time_limit_s,
-        node_limit=node_limit,
+        node_limit=node_limit, overlap=overlap,
     ).plan
     if symbolic:
         from autotp.cost.symbolic import attach_cost_terms
@@ -117,9 +120,11 @@ def plan_model(
     time_limit_s: float = 60.0,
     node_limit: int = NODE_LIMIT,
     progress: Progress | None = None,
+    overlap: bool = True,
 ) -> PlanningResult:
     """Capture, build the strategy space, solve and build the plan; ``progress`` hears each stage
-    start and end, and the solver's incumbents (``autotp.report.progress``)."""
+    start and end, and the solver's incumbents (``autotp.report.progress``). ``overlap`` as in
+    :func:`plan`."""
     mesh = MeshSpec.of(mesh_shape, mesh_axis_names, inter_node_axes=inter_node_axes)
     roles = axis_role_map(mesh, axis_roles)
     profile, budget = _planning_settings(hardware, memory_budget, optimizer)
@@ -127,7 +132,7 @@ def plan_model(
     captured, space = _capture_space(model, example_inputs, mesh, roles=roles, progress=progress)
     result = _solve_space(
         space, profile=profile, memory_budget=budget, training=training, optimizer=optimizer,
-        solver=solver, time_limit_s=time_limit_s, node_limit=node_limit, progress=progress,
+        solver=solver, time_limit_s=time_limit_s, node_limit=node_limit, progress=progress, overlap=overlap,
     )
     log.info("planned %s on the mesh %s in %.2fs", captured.model_name, mesh, time.perf_counter() - started)
     return PlanningResult(captured, space, result)
@@ -169,8 +174,9 @@ def _solve_space(
     time_limit_s: float = 60.0,
     node_limit: int = NODE_LIMIT,
     progress: Progress | None = None,
+    overlap: bool = True,
 ) -> Plan:
-    cost = CostModel(profile, space.mesh, training=training, optimizer=optimizer if training else None)
+    cost = CostModel(profile, space.mesh, training=training, optimizer=optimizer if training else None, overlap=overlap)
     with stage(progress, "solve") as report:
         def on_incumbent(seconds: float, bound_seconds: float | None) -> None:
             report.update(f"incumbent {fmt_seconds(seconds)}" + (f", bound {fmt_seconds(bound_seconds)}" if bound_seconds is not None else ""))

@@ -6,6 +6,7 @@ This package never imports torch or autotp; it speaks bytes, FLOPs, group sizes 
 * :mod:`cost_models.profile_files`: the TOML schema; loading by name or path, and writing.
 * :mod:`cost_models.compute`: roofline time of one kernel.
 * :mod:`cost_models.comm`: alpha-beta time of collectives, per algorithm (ring, tree, pairwise).
+* :mod:`cost_models.overlap`: what a collective costs with compute beside it.
 * :mod:`cost_models.memory`: bytes of parameters, gradients, optimizer state; peak live bytes.
 * :mod:`cost_models.calibrate`: fitting profile numbers to measurements (``autotp calibrate``).
 """
@@ -25,6 +26,7 @@ from cost_models.comm import (
 )
 from cost_models.compute import Roofline, matmul_roofline, matmul_seconds, op_seconds, roofline, roofline_seconds
 from cost_models.memory import OPTIMIZER_STATE_BYTES_PER_ELEMENT, peak_live_nbytes, state_nbytes
+from cost_models.overlap import exposed_seconds, hidden_seconds, slowdown_from_timings
 from cost_models.profile import OP_CLASSES, BandwidthKnee, CollectiveLink, HardwareProfile, LinkProfile, OpClassRate, ProfileError, WakeCurve
 from cost_models.profile_files import (
     SCHEMA_VERSION,
@@ -57,6 +59,8 @@ __all__ = [
     "bytes_moved_per_rank",
     "collective_seconds",
     "collective_terms",
+    "exposed_seconds",
+    "hidden_seconds",
     "latency_steps",
     "load_profile",
     "matmul_roofline",
@@ -68,6 +72,7 @@ __all__ = [
     "roofline",
     "roofline_seconds",
     "select_algorithm",
+    "slowdown_from_timings",
     "state_nbytes",
     "transfer_seconds",
     "user_profile_dirs",

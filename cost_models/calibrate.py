@@ -50,6 +50,10 @@ are weighted least squares on *relative* error, so a 4 KiB message counts as muc
   after 1, 2, 4 and 8 times the compute the collectives above follow. Its extra time over the
   first (the closest non-decreasing fit) at each measured gap is its wake curve:
   all_reduce's is the link's ``wake``, every other one its override's.
+* **The overlap slowdown** (``HardwareProfile.overlap_slowdown``, :func:`fit_overlap`): a
+  matmul loop alone (C, about twice the all-reduce), an all-reduce alone (T) and both
+  started together (O); ``r = (O - C) / T`` clipped to [0, 0.95] is ``s / (1 + s)``
+  (``cost_models.exposed_seconds``), so ``s = r / (1 - r)``, from the medians over repeats.
 
 The link's own numbers are all-reduce's (the collective tensor parallelism calls most); every
 other collective is written as a per-collective override (``[links.intra_node.<collective>]``),
@@ -73,6 +77,7 @@ from typing import Any
 
 from cost_models.algorithms import ALGORITHMS, Algorithm, Collective
 from cost_models.comm import bytes_moved_per_rank, latency_steps, transfer_seconds
+from cost_models.overlap import slowdown_from_timings
 from cost_models.profile import OP_CLASSES, BandwidthKnee, CollectiveLink, HardwareProfile, LinkProfile, OpClassRate, WakeCurve
 
 __all__ = [
@@ -82,12 +87,14 @@ __all__ = [
     "CollectiveSample",
     "ComputeFit",
     "KernelSample",
+    "OverlapSample",
     "WakeSample",
     "build_profile",
     "fit_collective",
     "fit_collective_algorithm",
     "fit_all",
     "fit_compute",
+    "fit_overlap",
     "fit_wake",
 ]
 
@@ -139,6 +146,16 @@ class WakeSample:
     nbytes: float
     gap_seconds: float
     seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class OverlapSample:
+    """One repeat of the overlap probe: compute alone, an all-reduce alone and both started
+    together (the slowest rank's seconds of each)."""
+
+    compute_seconds: float
+    comm_seconds: float
+    overlapped_seconds: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +214,8 @@ class CalibrationReport:
     group_fits: tuple[CollectiveFit, ...] = ()  # one per collective and group size, when several were timed
     wake_samples: tuple[WakeSample, ...] = ()
     wake: Mapping[str, WakeCurve] = field(default_factory=dict)  # per collective, fit_wake of its samples
+    overlap_samples: tuple[OverlapSample, ...] = ()
+    overlap_slowdown: float | None = None  # fit_overlap of them; None when not measured
 
     def text(self) -> str:
         c = self.compute
@@ -232,6 +251,10 @@ class CalibrationReport:
             for kind, curve in self.wake.items():
                 timed = sorted((s for s in self.wake_samples if s.collective == kind), key=lambda s: s.gap_seconds)
                 lines.append(f"  {kind:<17} " + "  ".join(f"{s.seconds * 1e3:5.2f} {e * 1e3:+5.2f}ms" for s, e in zip(timed, curve.extra_seconds)))
+        if self.overlap_slowdown is not None:
+            o = self.overlap_samples[len(self.overlap_samples) // 2]
+            lines += ["", f"overlap: compute runs at 1/(1 + {self.overlap_slowdown:.3f}) beside a collective (median of {len(self.overlap_samples)}; "
+                          f"e.g. compute {o.compute_seconds * 1e3:.2f} ms, all-reduce {o.comm_seconds * 1e3:.2f} ms, both {o.overlapped_seconds * 1e3:.2f} ms)"]
         return "\n".join(lines)
 
 
@@ -550,7 +573,24 @@ def fit_wake(samples: Sequence[WakeSample]) -> WakeCurve | None:
     return WakeCurve(tuple(gaps), (0.0, *(max(0.0, f - fitted[0]) for f in fitted[1:])))
 
 
-def fit_all(kernels: Sequence[KernelSample], collectives: Iterable[CollectiveSample], wake: Sequence[WakeSample] = ()) -> CalibrationReport:
+def fit_overlap(samples: Sequence[OverlapSample]) -> float | None:
+    """The compute slowdown beside a collective (``HardwareProfile.overlap_slowdown``) from the
+    medians over repeats of C, T and O: ``cost_models.slowdown_from_timings`` (``r = (O - C) / T``
+    clipped to [0, 0.95], ``s = r / (1 - r)``); None without samples. Medians of each, not of
+    per-repeat ratios: one slow all-reduce (a loaded 2-core VM timed 0.3 to 4.3 ms for the same
+    256 KiB) swings a repeat's ratio far more than it moves T's median."""
+    if not samples:
+        return None
+    return slowdown_from_timings(
+        compute_seconds=statistics.median(s.compute_seconds for s in samples),
+        comm_seconds=statistics.median(s.comm_seconds for s in samples),
+        overlapped_seconds=statistics.median(s.overlapped_seconds for s in samples),
+    )
+
+
+def fit_all(
+    kernels: Sequence[KernelSample], collectives: Iterable[CollectiveSample], wake: Sequence[WakeSample] = (), *, overlap: Sequence[OverlapSample] = (),
+) -> CalibrationReport:
     """Every fit, in a report (collectives in ``Collective`` order)."""
     by_kind: dict[str, list[CollectiveSample]] = {}
     for s in collectives:
@@ -559,7 +599,10 @@ def fit_all(kernels: Sequence[KernelSample], collectives: Iterable[CollectiveSam
     if not any(f.collective == Collective.ALL_REDUCE.value for f in fits):
         raise CalibrationError("all_reduce was not measured; the link's own numbers come from it")
     curves = {c.value: fit_wake([s for s in wake if s.collective == c.value]) for c in Collective}
-    return CalibrationReport(fit_compute(kernels), fits, _group_fits(fits, by_kind), tuple(wake), {k: v for k, v in curves.items() if v is not None})
+    return CalibrationReport(
+        fit_compute(kernels), fits, _group_fits(fits, by_kind), tuple(wake), {k: v for k, v in curves.items() if v is not None},
+        tuple(overlap), fit_overlap(overlap),
+    )
 
 
 def _group_fits(fits: Sequence[CollectiveFit], by_kind: Mapping[str, Sequence[CollectiveSample]]) -> tuple[CollectiveFit, ...]:
@@ -648,6 +691,10 @@ def build_profile(
     for kind in report.wake:
         path = "links.intra_node.wake" if kind == Collective.ALL_REDUCE.value else f"links.intra_node.{kind}.wake"
         sources[path] = f"{measured}: {kind} {probe}"
+    if report.overlap_slowdown is not None:
+        sources["compute.overlap_slowdown"] = (
+            f"{measured}: a matmul loop beside an all-reduce on every rank against each alone, median of {len(report.overlap_samples)}"
+        )
     for n in groups:
         fitted = ", ".join(f"{f.collective} {f.median_rel_error:.1%}" for f in report.group_fits if f.group_sizes == (n,))
         sources[f"links.intra_node.measured_groups.{n}"] = f"{measured}: each collective fitted on groups of {n} ranks alone (median error {fitted})"
@@ -666,4 +713,5 @@ def build_profile(
         op_classes=c.op_classes,
         matmul_launch_seconds=c.matmul_launch_seconds,
         matmul_weight_bytes_per_s=c.matmul_weight_bytes_per_s,
+        overlap_slowdown=report.overlap_slowdown if report.overlap_slowdown is not None else 0.0,  # unmeasured (one rank): the default
     )

@@ -324,6 +324,12 @@ class HardwareProfile:
     128x128x128 fp32 ``linear`` took 64 us inside a model's graph and a 256x128x128 one
     108 us, not 128. ``autotp calibrate`` measures both; datasheet profiles leave them unset.
 
+    ``overlap_slowdown`` ``s >= 0``: while a collective communicates, compute beside it runs at
+    ``1 / (1 + s)`` of its speed (``cost_models.exposed_seconds``). It is the device's, not the
+    link's: what slows is the compute, which shares SMs and memory bandwidth with NCCL's kernels
+    (or CPU cores with gloo's threads) whichever link the bytes take. ``autotp calibrate``
+    measures it; 0 (the default) hides a collective fully behind as much compute.
+
     ``inter_node`` and ``devices_per_node`` come together or not at all. Without them every
     group of devices is priced on ``intra_node`` (a one-node profile). ``sources`` maps a field's
     dotted TOML path (``"memory.bytes_per_s"``) to where its number comes from.
@@ -345,6 +351,7 @@ class HardwareProfile:
     op_classes: Mapping[str, OpClassRate] = field(default_factory=FrozenMap)
     matmul_launch_seconds: float | None = None  # None: kernel_launch_seconds
     matmul_weight_bytes_per_s: float | None = None  # None: fetching a matmul's weight overlaps its compute
+    overlap_slowdown: float = 0.0  # compute runs at 1 / (1 + this) while a collective communicates (cost_models.overlap)
 
     def __post_init__(self) -> None:
         table = check_flops_table(self.peak_flops_per_s, where="HardwareProfile", name="peak_flops_per_s")
@@ -537,6 +544,7 @@ _HARDWARE_FIELD_CHECKS: dict[str, Callable[[object], object]] = {
     "source": _text,
     "matmul_launch_seconds": _optional(_non_negative),
     "matmul_weight_bytes_per_s": _optional(_positive),
+    "overlap_slowdown": _non_negative,
 }
 
 

@@ -15,6 +15,8 @@ Every field name carries its unit, so a file cannot be read two ways. Schema ver
     matmul_launch_seconds = 3e-6                          # optional, measured: a matmul's fixed cost
     matmul_weight_bytes_per_s = 8e9                       # optional, measured: a matmul fetches its
                                                           # weight at this rate on top of its compute
+    overlap_slowdown = 0.15                               # optional, >= 0 (default 0): compute runs at
+                                                          # 1/(1+this) beside a collective
     [compute.op_classes.activation]                       # optional, measured: a floor under
     launch_seconds = 4e-6                                 # each op of the class (view,
     seconds_per_flop = 8e-10                              # elementwise, activation,
@@ -200,10 +202,12 @@ _OP_CLASS_FIELDS: dict[str, tuple[Callable[[object], Any], str]] = {
     "launch_seconds": (_checked(_non_negative, "seconds"), "fixed cost of one op of the class, seconds"),
     "seconds_per_flop": (_checked(_non_negative, "seconds"), "seconds per FLOP as the cost model counts them"),
 }
-# Optional fields of [compute] (a calibrated CPU profile has them; datasheet profiles do not).
+# Optional fields of [compute] (a calibrated CPU profile has them; datasheet profiles do not;
+# overlap_slowdown, when absent, is HardwareProfile's default 0).
 _OPTIONAL_FIELDS: dict[tuple[str, ...], tuple[Callable[[object], Any], str]] = {
     ("compute", "matmul_launch_seconds"): (_checked(_non_negative, "seconds"), "fixed cost of one matmul, seconds"),
     ("compute", "matmul_weight_bytes_per_s"): (_checked(_positive, "memory_bandwidth"), "rate at which a matmul fetches its weight on top of its compute, bytes per second"),
+    ("compute", "overlap_slowdown"): (_non_negative, "how much compute slows while a collective communicates beside it: it runs at rate 1/(1+this)"),
 }
 _OP_CLASSES_PATH = ("compute", "op_classes")
 _FLOPS_PATH = ("compute", "peak_flops_per_s")

@@ -24,7 +24,9 @@ median):
   model calls them, and back-to-back calls would hide the wake-up latency each call pays;
 * the wake-up (CPU only): each collective of 128 KiB on all ranks after 1, 2, 4 and 8 times
   that compute (``wake_gaps``). On gloo a collective pays more the longer its ranks computed
-  before it, up to a plateau; a plan prices that from its schedule (``cost_models.WakeCurve``).
+  before it, up to a plateau; a plan prices that from its schedule (``cost_models.WakeCurve``);
+* the overlap slowdown (:func:`measure_overlap`): a matmul loop alone, an all-reduce alone and
+  the all-reduce started asynchronously with the loop run before waiting for it.
 """
 from __future__ import annotations
 
@@ -42,13 +44,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from cost_models.calibrate import CollectiveSample, KernelSample, WakeSample
+from cost_models.calibrate import CollectiveSample, KernelSample, OverlapSample, WakeSample
 
 Progress = Callable[[str], None]
 
 KIB, MIB = 2**10, 2**20
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast")
 WAKE_PROBE_NBYTES = 128 * KIB  # each collective is timed at this size after each wake gap
+OVERLAP_COMPUTE_RATIO = 2.0  # the overlap probe's compute lasts about this many times its all-reduce
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +73,8 @@ class CalibrationConfig:
     batch_seconds: float = 0.05  # each timed batch lasts about this long (see _calls_for)
     group_sizes: tuple[int, ...] = field(default=())  # () -> {2, nproc}
     wake_gaps: tuple[int, ...] = ()  # the wake probe follows this many gap kernels (the collectives follow 1)
+    overlap_nbytes: int = 4 * MIB  # the overlap probe's all-reduce
+    overlap_repeats: int = 5  # repeats of the overlap probe (0: not measured)
 
     def groups(self, world_size: int) -> tuple[int, ...]:
         """The group sizes collectives are measured on: 2 and all ranks (none on one rank)."""
@@ -122,6 +127,7 @@ class RankMeasurements:
     kernels: list[tuple[KernelSample, list[float]]]
     collectives: list[tuple[CollectiveSample, list[float]]]
     wake: list[tuple[WakeSample, list[float], list[float]]] = field(default_factory=list)  # and each batch's gap seconds
+    overlap: list[OverlapSample] = field(default_factory=list)  # this rank's seconds, per repeat of the overlap probe
 
 
 def _sync(device: torch.device) -> None:
@@ -434,7 +440,44 @@ def measure_rank(rank: int, world_size: int, config: CalibrationConfig, progress
                 sample.gap_times.append(gap_seconds)
     for group in groups.values():
         dist.destroy_process_group(group)
-    return RankMeasurements([(ks, s.times) for ks, s in kernels], [(cs, s.times) for cs, s in collectives], [(ws, s.times, s.gap_times) for ws, s in wake])
+    overlap = measure_overlap(world_size, config, device) if world_size >= 2 and config.overlap_repeats > 0 else []
+    say(f"overlap probe: {len(overlap)} repeats")
+    return RankMeasurements(
+        [(ks, s.times) for ks, s in kernels], [(cs, s.times) for cs, s in collectives], [(ws, s.times, s.gap_times) for ws, s in wake], overlap,
+    )
+
+
+def measure_overlap(world_size: int, config: CalibrationConfig, device: torch.device) -> list[OverlapSample]:
+    """This rank's timings of compute beside a collective, per repeat: C, T and O.
+
+    C is a loop of matmuls sized (agreed by all ranks) to last about ``OVERLAP_COMPUTE_RATIO``
+    times T, an all-reduce of ``config.overlap_nbytes`` on all ranks; O starts the all-reduce
+    asynchronously, runs the loop and waits. Each is timed between barriers, in turn, so
+    load from elsewhere falls on all three alike. With C > T the collective ends first and
+    ``O = C + T·s / (1 + s)`` (``cost_models.exposed_seconds``), which ``fit_overlap`` solves for s.
+    """
+    numel = max(world_size, config.overlap_nbytes // 4)
+    buffer = torch.ones(numel, device=device)
+    reduce = lambda: dist.all_reduce(buffer)  # noqa: E731
+    matmul = gap_kernel(device)
+    comm = statistics.median(_timed_batches(reduce, calls=1, repeats=5, warmup=2, device=device, group=None))
+    one = statistics.median(_estimate(matmul, device) for _ in range(3))
+    steps = _agree(max(1, math.ceil(OVERLAP_COMPUTE_RATIO * comm / max(one, 1e-7))), device)
+
+    def compute() -> None:
+        for _ in range(steps):
+            matmul()
+
+    def both() -> None:
+        work = dist.all_reduce(buffer, async_op=True)
+        compute()
+        work.wait()
+
+    samples = []
+    for _ in range(config.overlap_repeats):
+        c, t, o = (_timed_batches(op, calls=1, repeats=1, warmup=0, device=device, group=None)[0] for op in (compute, reduce, both))
+        samples.append(OverlapSample(c, t, o))
+    return samples
 
 
 STATISTICS: dict[str, Callable[[Sequence[float]], float]] = {"median": statistics.median, "min": min}
@@ -463,6 +506,14 @@ def merge(ranks: Sequence[RankMeasurements], *, statistic: str = "median") -> tu
         slowest = [max(batch) for batch in zip(*(times for _, times, _ in per_rank))]
         wake.append(WakeSample(sample.collective, sample.group_size, sample.nbytes, gap, reduce(slowest)))
     return kernels, collectives, wake
+
+
+def merge_overlap(ranks: Sequence[RankMeasurements]) -> list[OverlapSample]:
+    """Per repeat of the overlap probe, the slowest rank's C, T and O (a step ends when its last rank does)."""
+    return [
+        OverlapSample(max(s.compute_seconds for s in per_rank), max(s.comm_seconds for s in per_rank), max(s.overlapped_seconds for s in per_rank))
+        for per_rank in zip(*(r.overlap for r in ranks))
+    ]
 
 
 def slowest_batches(ranks: Sequence[RankMeasurements]) -> list[tuple[CollectiveSample, list[float]]]:

@@ -24,6 +24,7 @@ from cost_models import (
     WakeCurve,
     bytes_moved_per_rank,
     collective_seconds,
+    hidden_seconds,
     load_profile,
     matmul_seconds,
     op_seconds,
@@ -140,6 +141,10 @@ class CostModel:
     wake-up (``autotp.cost.wake``) at one gap for all collectives; a plan is priced without it, from
     its own schedule. A step on mesh axis ``a`` runs over that axis's groups (``mesh.shape[a]``
     ranks) on its link (``axis_link``), moving the tensor as the other axes leave it (``axis_meta``).
+    With ``overlap`` a collective is charged only what compute beside it does not hide
+    (``cost_models.exposed_seconds``, at the profile's ``overlap_slowdown``): exactly when a
+    plan is built (``autotp.solve.build``), and as a linear credit in the solver
+    (:meth:`weight_grad_credit_seconds`).
     """
 
     profile: HardwareProfile
@@ -147,6 +152,7 @@ class CostModel:
     training: bool = False
     optimizer: str | None = None
     assumed_gap_seconds: float | None = None  # solver only: charge every collective the wake-up after this much compute
+    overlap: bool = True  # price communication hidden behind compute beside it (autotp.comm.overlap); False: all exposed
     # step_seconds by (step kind, bytes): a 70B graph prices a few sizes thousands of times. Not
     # an argument: ``dataclasses.replace`` (another gap) starts an empty one.
     _step_seconds: dict[tuple[StepKind, int, int], float] = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -181,6 +187,35 @@ class CostModel:
             else:
                 forward = op_seconds(self.profile, flops=flops, nbytes=nbytes, dtype=dtype, op_class=kind)
         return forward * (1 + BACKWARD_COMPUTE_FACTOR) if self.training and node.requires_grad else forward
+
+    def forward_kernel_seconds(self, node: NodeSpace, strategy: MeshStrategy) -> float:
+        """The forward share of :meth:`kernel_seconds`: all of it unless training a node that
+        needs a gradient, then ``1 / (1 + BACKWARD_COMPUTE_FACTOR)`` of it. A linear's weight
+        gradient (``g^T x``) costs as much as its forward, so this is also that."""
+        seconds = self.kernel_seconds(node, strategy)
+        return seconds / (1 + BACKWARD_COMPUTE_FACTOR) if self.training and node.requires_grad else seconds
+
+    def hidden_seconds(self, comm_seconds: float, compute_seconds: float) -> float:
+        """The part of a collective of ``comm_seconds`` that ``compute_seconds`` beside it hides
+        (``cost_models.hidden_seconds`` at the profile's slowdown); 0 without ``overlap``."""
+        if not self.overlap:
+            return 0.0
+        return hidden_seconds(comm_seconds, compute_seconds, slowdown=self.profile.overlap_slowdown)
+
+    def weight_grad_credit_seconds(self, node: NodeSpace, strategy: MeshStrategy, sync_seconds: float, n_readers: int) -> float:
+        """The solver's credit to a gradient sync of ``sync_seconds`` for one of its ``n_readers``
+        linears, ``node`` under ``strategy``, whose weight gradient runs beside it
+        (``autotp.comm.overlap``): ``min(C_wgrad, T / ((1 + s) · k))``.
+
+        The credits of the k readers sum to at most ``T / (1 + s)``, the most that can hide; the
+        sum is exact for one reader and, as ``min`` of a sum is at least the sum of ``min``s of
+        equal shares, a lower bound of the hidden time for several. Linear in the choice, so the
+        ILP takes it as a coefficient of ``x[node, strategy]``. 0 without ``overlap``.
+        """
+        if not self.overlap or n_readers < 1:
+            return 0.0
+        share = sync_seconds / ((1.0 + self.profile.overlap_slowdown) * n_readers)
+        return min(self.forward_kernel_seconds(node, strategy), share)
 
     def internal_comm_seconds(self, node: NodeSpace, strategy: MeshStrategy) -> float:
         """Collectives an op's local implementation runs inside (e.g. vocab-parallel softmax)."""

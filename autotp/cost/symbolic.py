@@ -26,7 +26,9 @@ axis ``a`` on its axis's link and group size, on the value as the other axes lea
 product of the sizes of the axes that split it (``cost.model.work_share``). A profile whose link
 has wake curves adds, per collective, its curve at the compute since the previous collective
 (``autotp.cost.wake``, :class:`WakeTerm`). ``total(B0, T0)`` is
-the plan's ``total_seconds``. The expression prices *this plan's strategies* at any size; it does
+the plan's ``total_seconds + hidden_seconds``: the expression charges every collective in full,
+as ``overlap=False`` does; what compute beside a collective hides (``autotp.comm.overlap``) is a
+``min`` over the schedule that is not modelled here, so with overlap it is an upper bound. The expression prices *this plan's strategies* at any size; it does
 not say whether tp still divides the split dims there, nor that the plan is still optimal.
 That is what :func:`crossovers` finds: the batch sizes at which the optimal plan changes.
 """

@@ -62,5 +62,5 @@ def carry_plan(plan: Plan, space: StrategySpace, *, fallback_hardware: str = "cp
         profile = resolve_hardware(plan.hardware)
     except AutoTPError:  # a profile file this machine does not have: the costs are only informative
         profile = resolve_hardware(fallback_hardware)
-    cost = CostModel(profile, plan.mesh, training=plan.training, optimizer=plan.optimizer if plan.training else None)
+    cost = CostModel(profile, plan.mesh, training=plan.training, optimizer=plan.optimizer if plan.training else None, overlap=plan.overlap)
     return build_plan(space, chosen, cost, hardware=plan.hardware, memory_budget=plan.memory_budget, status=plan.solver_status, solve_seconds=plan.solve_seconds)

@@ -39,6 +39,7 @@ def plan_to_dict(plan: Plan, *, source: Mapping[str, str] | None = None) -> dict
         "hardware": plan.hardware,
         "training": plan.training,
         "optimizer": plan.optimizer,
+        "overlap": plan.overlap,
         "memory_budget_nbytes": plan.memory_budget,
         "solver": {"status": plan.solver_status, "seconds": plan.solve_seconds},
         "memory": {
@@ -105,6 +106,7 @@ def plan_from_dict(data: Any) -> Plan:
         fingerprint=top.get("fingerprint", str),
         mesh_axis_names=names,
         inter_node_axes=inter_node_axes,
+        overlap=top.get("overlap", bool) if "overlap" in top.data else False,  # older files: priced without overlap
     )
     solver.done()
     memory.done()
@@ -254,6 +256,7 @@ def _conversion_to_dict(c: Conversion) -> dict[str, Any]:
         "seconds": c.seconds,
         "backward_only": c.backward_only,
         **({"wake_seconds": c.wake_seconds} if c.wake_seconds else {}),
+        **({"hidden_seconds": c.hidden_seconds} if c.hidden_seconds else {}),
     }
 
 
@@ -269,6 +272,7 @@ def _conversion_from_dict(data: Any, where: str, ndim: int) -> Conversion:
         seconds=obj.get("seconds", float),
         backward_only=obj.get("backward_only", bool),
         wake_seconds=obj.get("wake_seconds", float) if "wake_seconds" in data else 0.0,
+        hidden_seconds=obj.get("hidden_seconds", float) if "hidden_seconds" in data else 0.0,
     )
     obj.done()
     return conversion

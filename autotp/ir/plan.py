@@ -30,9 +30,10 @@ class Conversion:
     steps: tuple[Step, ...]
     nbytes: int  # size of the full (global) tensor
     bytes_per_rank: float  # what each rank sends, per the collective's algorithm (fwd + bwd)
-    seconds: float  # forward, plus the conjugate backward when the plan is for training
+    seconds: float  # forward, plus the conjugate backward when training: what the step pays, less hidden_seconds
     backward_only: bool = False  # the gradient all-reduce of an R input to split work (priced only if a gradient is expected)
     wake_seconds: float = 0.0  # part of seconds: its collectives' wake-up after the compute before them (autotp.cost.wake)
+    hidden_seconds: float = 0.0  # not in seconds: communication hidden behind compute beside it (autotp.comm.overlap)
 
     @property
     def priced(self) -> bool:
@@ -112,6 +113,7 @@ class Plan:
     cost_terms: tuple | None = None  # autotp.cost.symbolic terms behind cost_expression(); None unless asked for
     mesh_axis_names: tuple[str, ...] = ("tp",)
     inter_node_axes: tuple[int, ...] | None = None  # None: decided by the hardware profile (autotp.ir.mesh)
+    overlap: bool = False  # priced (and run) with communication beside compute (autotp.comm.overlap)
 
     def __post_init__(self) -> None:
         if self.mesh_axis_names == ("tp",) and len(self.mesh_shape) != 1:
@@ -165,7 +167,8 @@ class Plan:
 
         Needs the plan's cost terms: ``autotp.plan(..., symbolic=True)`` or
         ``autotp.cost.symbolic.attach_cost_terms``. ``expr.subs({B: b, T: t})`` prices this plan's
-        strategies at another size; at the planned size it equals ``total_seconds``.
+        strategies at another size; at the planned size it equals ``total_seconds + hidden_seconds``
+        (it does not model overlap: with ``overlap=False`` that is ``total_seconds``).
         """
         from autotp.cost.symbolic import expression
 
@@ -190,6 +193,11 @@ class Plan:
     def wake_seconds(self) -> float:
         """The part of ``comm_seconds`` that is collectives' wake-up after long compute (``autotp.cost.wake``)."""
         return sum(c.wake_seconds for _, c in self.conversions())
+
+    @property
+    def hidden_seconds(self) -> float:
+        """Communication hidden behind compute (``overlap``): priced by the collectives, not in ``comm_seconds``."""
+        return sum(c.hidden_seconds for _, c in self.conversions())
 
     @property
     def total_seconds(self) -> float:
@@ -252,12 +260,13 @@ class Plan:
         lines.insert(1, "  ".join("-" * w for w in widths))
         n_coll = len(self.collectives(backward=True))
         wake = f" (of which {fmt_seconds(self.wake_seconds)} wake-up after long compute)" if self.wake_seconds else ""
+        hidden = f"; {fmt_seconds(self.hidden_seconds)} more hidden behind compute" if self.hidden_seconds else ""
         mode = f"training ({self.optimizer or 'no optimizer'}): forward + backward" if self.training else "inference: forward only"
         lines += [
             "",
             f"mesh {self.mesh_text()} on {self.hardware}, {mode}; solver {self.solver_status} in {self.solve_seconds:.2f}s",
             f"estimated time: {fmt_seconds(self.total_seconds)} (compute {fmt_seconds(self.compute_seconds)}, "
-            f"communication {fmt_seconds(self.comm_seconds)} in {n_coll} collectives{wake}, "
+            f"communication {fmt_seconds(self.comm_seconds)} in {n_coll} collectives{wake}{hidden}, "
             f"{fmt_nbytes(self.comm_bytes_per_rank)} sent per rank)",
             f"parameter memory per device: {fmt_nbytes(self.param_nbytes_per_device)} "
             f"(replicated: {fmt_nbytes(self.replicated_param_nbytes)}); with gradients and optimizer state: "

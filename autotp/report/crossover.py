@@ -250,8 +250,9 @@ def crossovers(
     if batch_multiple < 1:
         raise ConfigError(f"batch_multiple must be >= 1, got {batch_multiple}")
     profile = resolve_hardware(hardware)
-    plan_kwargs = dict(mesh_shape=mesh_shape, hardware=profile, memory_budget=memory_budget, training=training, optimizer=optimizer)
-    cost = CostModel(profile, MeshSpec.of(mesh_shape), training=training, optimizer=optimizer if training else None)
+    # without overlap: the symbolic cost the search compares plans by does not model it (autotp.cost.symbolic)
+    plan_kwargs = dict(mesh_shape=mesh_shape, hardware=profile, memory_budget=memory_budget, training=training, optimizer=optimizer, overlap=False)
+    cost = CostModel(profile, MeshSpec.of(mesh_shape), training=training, optimizer=optimizer if training else None, overlap=False)
     work = fit_work(model, example_inputs, seq_dim=None)  # T is held, so B alone; varying T could change the graph
     search = _Search(model, example_inputs, work=work, cost=cost, plan_kwargs=plan_kwargs, rel_tol=rel_tol)
     grid = _grid(lo, hi, grid_factor, batch_multiple)

@@ -208,6 +208,7 @@ def totals_rows(plan: Plan, baselines: Sequence[Baseline]) -> tuple[list[str], l
     rows = [
         ["compute"] + cells(lambda p: fmt_seconds(p.compute_seconds)),
         ["communication"] + cells(lambda p: fmt_seconds(p.comm_seconds)),
+        *([["(hidden behind compute)"] + cells(lambda p: fmt_seconds(p.hidden_seconds))] if any(p is not None and p.hidden_seconds for p in plans) else []),
         ["total"] + cells(lambda p: fmt_seconds(p.total_seconds)),
         ["collectives"] + cells(lambda p: str(n_collectives(p))),
         ["sent per rank"] + cells(lambda p: fmt_nbytes(p.comm_bytes_per_rank)),

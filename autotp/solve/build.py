@@ -1,12 +1,14 @@
 """Turn a chosen strategy per node into a ``Plan``: its conversions (``conversion_sites``), their
-prices, the wake-up of each collective after the compute before it, and the state each device holds."""
+prices, the part of each hidden behind compute beside it (``autotp.comm.overlap``), the wake-up of
+each collective after the compute before it, and the state each device holds."""
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import replace
 
-from autotp.comm.conversions import GradSyncSite, Site, conversion_sites, sites_by_consumer
+from autotp.comm.conversions import ConversionSite, GradSyncSite, Site, conversion_sites, sites_by_consumer
+from autotp.comm.overlap import OverlapSchedule, overlap_schedule
 from autotp.cost.model import CostModel, split_count
 from autotp.cost.wake import collective_gaps
 from autotp.io.fingerprint import space_fingerprint
@@ -15,7 +17,7 @@ from autotp.ir.plan import Conversion, NodePlan, Plan
 from autotp.ir.strategy import MeshStrategy
 from autotp.ir.values import TensorMeta
 from autotp.solve.memory import state_nbytes
-from autotp.strategies.engine import NodeKind, StrategySpace
+from autotp.strategies.engine import NodeKind, NodeSpace, StrategySpace
 
 
 def build_plan(
@@ -31,11 +33,13 @@ def build_plan(
     """The plan of one strategy per node (``chosen``, by node name: a solve's, a pinned layout's
     or a saved plan's), priced by ``cost``; ``status`` says where the choice came from."""
     spaces = space.by_name()
-    by_consumer = sites_by_consumer(conversion_sites(space, chosen, training=cost.training))
+    sites = conversion_sites(space, chosen, training=cost.training)
+    by_consumer = sites_by_consumer(sites)
+    schedule = overlap_schedule(space, sites, overlap=cost.overlap)
     plans = [
         NodePlan(
             node.name, node.op, node.module_path, node.kind, chosen[node.name],
-            tuple(_conversion(site, spaces[site.value.node].output_value_meta(site.value.index), cost) for site in by_consumer.get(node.name, ())),
+            tuple(_conversion(site, spaces[site.value.node].output_value_meta(site.value.index), cost, spaces, chosen, schedule) for site in by_consumer.get(node.name, ())),
             cost.compute_seconds(node, chosen[node.name]),
             inputs=node.slots, output_meta=node.output_meta,
         )
@@ -57,6 +61,7 @@ def build_plan(
         training=cost.training,
         optimizer=cost.optimizer,
         fingerprint=space_fingerprint(space),
+        overlap=cost.overlap,
     )
 
 
@@ -78,8 +83,11 @@ def _with_wake(plans: list[NodePlan], space: StrategySpace, cost: CostModel) -> 
     )
 
 
-def _conversion(site: Site, meta: TensorMeta, cost: CostModel) -> Conversion:
-    """The plan's record of one site, priced by ``cost`` (a sync that is not priced costs 0)."""
+def _conversion(
+    site: Site, meta: TensorMeta, cost: CostModel, spaces: Mapping[str, NodeSpace], chosen: Mapping[str, MeshStrategy], schedule: OverlapSchedule,
+) -> Conversion:
+    """The plan's record of one site, priced by ``cost`` (a sync that is not priced costs 0), less
+    what compute beside it hides (``_hidden_seconds``)."""
     priced = site.priced_steps
     if isinstance(site, GradSyncSite):
         src: Placements = site.placements
@@ -87,9 +95,34 @@ def _conversion(site: Site, meta: TensorMeta, cost: CostModel) -> Conversion:
         steps = site.conjugate
     else:
         src, dst, steps = site.src, site.dst, site.forward
+    seconds = cost.priced_seconds(priced, meta)
+    hidden = _hidden_seconds(site, meta, cost, spaces, chosen, schedule)
     return Conversion(
         value=site.value, src=src, dst=dst, steps=steps, nbytes=meta.nbytes,
         bytes_per_rank=cost.priced_bytes_per_rank(priced, meta),
-        seconds=cost.priced_seconds(priced, meta),
+        seconds=seconds - hidden,
         backward_only=isinstance(site, GradSyncSite),
+        hidden_seconds=hidden,
     )
+
+
+def _hidden_seconds(
+    site: Site, meta: TensorMeta, cost: CostModel, spaces: Mapping[str, NodeSpace], chosen: Mapping[str, MeshStrategy], schedule: OverlapSchedule,
+) -> float:
+    """The seconds of ``site``'s communication that ``schedule`` hides behind compute:
+
+    * a gradient sync beside its linears' weight gradients (``schedule.weight_grads``): the
+      whole sync against the sum of their forward-sized weight-gradient seconds;
+    * a conversion started early (``schedule.forward``): its first step (forward only) against
+      the forward compute of the nodes between its start and its first reader.
+
+    Each is ``cost.hidden_seconds(T, C)`` (``cost_models.exposed_seconds`` derives it)."""
+    if isinstance(site, GradSyncSite) and site in schedule.weight_grads:
+        sync = cost.priced_seconds(site.priced_steps, meta)
+        compute = sum(cost.forward_kernel_seconds(spaces[name], chosen[name]) for name in schedule.weight_grads[site])
+        return cost.hidden_seconds(sync, compute) if sync > 0 else 0.0
+    if isinstance(site, ConversionSite) and site in schedule.forward:
+        first = cost.priced_seconds(site.priced_steps[:1], meta)
+        compute = sum(cost.forward_kernel_seconds(spaces[name], chosen[name]) for name in schedule.forward[site])
+        return cost.hidden_seconds(first, compute)
+    return 0.0

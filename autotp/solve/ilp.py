@@ -10,6 +10,7 @@ target however many consumers want it (the rewriter shares it too). The demand i
 transitions the table does not offer get no flow variable.
 
     minimise   Σ c_compute(n,s)·x[n,s] + Σ c_transition(v,p,q)·e[v,p,q]
+                 + Σ c_sync(v,q)·w[v,q] − Σ credit(c,t)·x[c,t]       (gradient syncs, _grad_sync)
     subject to Σ_s x[n,s] = 1                                   (one_strategy_<n>)
                w[v,q] ≥ demand of each consumer slot            (w_<v>_<q>_<c>)
                Σ_p e[v,p,q] = w[v,q]                            (convert_<v>_<q>)
@@ -46,6 +47,7 @@ from dataclasses import dataclass
 
 import pulp
 
+from autotp.comm import overlap
 from autotp.comm.conversions import grad_sync_axes
 from autotp.cost.model import CostModel
 from autotp.errors import InfeasiblePlanError, SolverError, SolverTimeLimitWarning
@@ -213,7 +215,7 @@ def _transition_terms(problem: pulp.LpProblem, space: StrategySpace, cost: CostM
                 value_terms += _conversion_flow(problem, cost, meta, producer.requires_grad, y, q, demands, f"{v_id}_{q_id}", outflow)
         if len(produced) > 1:
             _produced_goes_somewhere(problem, y, outflow, f"{v_id}")
-        value_terms += _grad_sync(problem, cost, x, [(nodes[c], slot) for c, slot in slots], meta, producer.requires_grad, f"{v_id}")
+        value_terms += _grad_sync(problem, space, cost, x, (producer_name, index), [(nodes[c], slot) for c, slot in slots], meta, producer.requires_grad, f"{v_id}")
         terms += [count * t for t in value_terms]
     return terms
 
@@ -228,13 +230,26 @@ def _demand(problem: pulp.LpProblem, demands: list, name: str) -> pulp.LpAffineE
     return w
 
 
-def _grad_sync(problem: pulp.LpProblem, cost: CostModel, x: dict[str, list], readers: list[tuple[NodeSpace, int]], meta: TensorMeta, requires_grad: bool, tag: str) -> list:
+def _grad_sync(
+    problem: pulp.LpProblem, space: StrategySpace, cost: CostModel, x: dict[str, list], value: tuple[str, int | None],
+    readers: list[tuple[NodeSpace, int]], meta: TensorMeta, requires_grad: bool, tag: str,
+) -> list:
     """Backward all-reduces of a value's gradient, one per (placements read, axes) some reader needs
     (``conversions.grad_sync_axes``), priced only when a gradient is expected (as
-    ``conversions.conversion_sites`` prices them)."""
+    ``conversions.conversion_sites`` prices them).
+
+    With ``cost.overlap``, a sync over one mesh axis of a value that only linears read as their
+    input (``overlap.linears_read_input``, the static half of the plan's rule) runs beside their
+    weight gradients: each reader ``c`` under a strategy ``t`` that needs the sync subtracts
+    ``cost.weight_grad_credit_seconds`` from the shared term,
+
+        T·w[v,q]  −  Σ_{c,t} x[c,t] · min(C_wgrad(c,t), T / ((1 + slowdown)·k))     (k readers)
+
+    which never falls below ``T − T / (1 + slowdown)`` when the sync runs, and is 0 when it does not."""
     if not (cost.training and requires_grad):
         return []
     demands: dict[tuple[Placements, tuple[int, ...]], list] = defaultdict(list)
+    choices: dict[tuple[Placements, tuple[int, ...]], list[tuple[NodeSpace, int]]] = defaultdict(list)
     for node, slot in readers:
         by_key: dict[tuple[Placements, tuple[int, ...]], list[int]] = defaultdict(list)
         for i, s in enumerate(node.strategies):
@@ -243,11 +258,23 @@ def _grad_sync(problem: pulp.LpProblem, cost: CostModel, x: dict[str, list], rea
                 by_key[(s.inputs[slot], axes)].append(i)
         for key, idxs in by_key.items():
             demands[key].append(pulp.lpSum(x[node.name][i] for i in idxs))
+            choices[key] += [(node, i) for i in idxs]
+    hides = (
+        cost.overlap and bool(demands)
+        and all(node.op in overlap.FUSED_LINEAR_OPS and slot == 0 for node, slot in readers)  # cheap first: linears_read_input maps every node
+        and overlap.linears_read_input(space, value[0], value[1], [(node.name, slot) for node, slot in readers])
+    )
     terms = []
     for k, ((placements, axes), key_demands) in enumerate(demands.items()):
         seconds = cost.grad_sync_seconds(meta, placements, axes, requires_grad=requires_grad)
-        if seconds > 0:
-            terms.append(seconds * _MICRO * _demand(problem, key_demands, f"grad_sync_{tag}_{k}"))
+        if seconds <= 0:
+            continue
+        terms.append(seconds * _MICRO * _demand(problem, key_demands, f"grad_sync_{tag}_{k}"))
+        if hides and len(axes) == 1:
+            for node, i in choices[(placements, axes)]:
+                credit = cost.weight_grad_credit_seconds(node, node.strategies[i], seconds, len(readers))
+                if credit > 0:
+                    terms.append(-credit * _MICRO * x[node.name][i])
     return terms
 
 

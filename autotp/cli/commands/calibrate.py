@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from cost_models import available_profiles, write_profile
     from cost_models.calibrate import CalibrationError, build_profile, fit_all
     from cost_models.profile_files import user_profile_dirs
-    from autotp.cost.calibrate import default_config, describe_machine, measure_rank, memory_capacity_nbytes, merge
+    from autotp.cost.calibrate import default_config, describe_machine, measure_rank, memory_capacity_nbytes, merge, merge_overlap
     from autotp.testing import RankError, run_on_ranks
 
     if args.nproc < 2:
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"autotp: error: a rank failed:\n{exc}", file=sys.stderr)
         return 1
     try:
-        report = fit_all(*merge(ranks, statistic=args.statistic))
+        report = fit_all(*merge(ranks, statistic=args.statistic), overlap=merge_overlap(ranks))
     except CalibrationError as exc:
         print(f"autotp: error: cannot fit the measurements: {exc}", file=sys.stderr)
         return 1

@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from autotp.ir.units import fmt_nbytes
+    from autotp.ir.units import fmt_nbytes, fmt_seconds
     from autotp.report.explain import explain_node, find_nodes, format_explanation
     from autotp.report.table import mode_text
 
@@ -47,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     out = [
         f"autotp explain: {planned.target.model_name} ({planned.target.about})",
         f"mesh {plan.mesh_text()} on {plan.hardware}, {mode_text(plan)}; solver {plan.solver_status}{budget}",
-        "costs per step and per device, every other node held at the plan's choice",
+        "costs per step and per device, every other node held at the plan's choice"
+        + ("; collectives in full (the plan hides " + fmt_seconds(plan.hidden_seconds) + " behind compute: overlap)" if plan.hidden_seconds else ""),
     ]
     for node in nodes:
         out += ["", format_explanation(explain_node(space, plan, planned.cost, node.name))]

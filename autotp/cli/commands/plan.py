@@ -81,6 +81,10 @@ def add_planning_arguments(parser: argparse.ArgumentParser) -> None:
     mode.add_argument("--inference", dest="training", action="store_false", help="plan for inference: forward only, parameters only")
     parser.add_argument("--optimizer", default="adamw", help="optimizer whose state the memory budget counts when training (default: adamw; 'none' for none)")
     parser.add_argument(
+        "--no-overlap", dest="overlap", action="store_false", default=True,
+        help="price every collective in full, as if none ran beside compute (default: communication hidden behind independent compute is not charged)",
+    )
+    parser.add_argument(
         "--plan", metavar="FILE",
         help="use a plan saved with --format json instead of solving; it is checked against TARGET (graph fingerprint)",
     )
@@ -234,10 +238,10 @@ def plan_target(args: argparse.Namespace) -> Planned:
     result = plan_model(
         target.model, target.example_inputs, mesh_shape=mesh.shape, mesh_axis_names=mesh.names, inter_node_axes=mesh.inter_node_axes,
         axis_roles=choice.axis_roles, hardware=profile, memory_budget=budget,
-        training=args.training, optimizer=optimizer, time_limit_s=args.time_limit, progress=progress_printer(args),
+        training=args.training, optimizer=optimizer, time_limit_s=args.time_limit, progress=progress_printer(args), overlap=args.overlap,
         **({"node_limit": args.node_limit} if args.node_limit is not None else {}),
     )
-    cost = CostModel(profile, result.plan.mesh, training=args.training, optimizer=optimizer if args.training else None)
+    cost = CostModel(profile, result.plan.mesh, training=args.training, optimizer=optimizer if args.training else None, overlap=args.overlap)
     return Planned(target, result, cost, budget, time.perf_counter() - started)
 
 
@@ -305,7 +309,7 @@ def _saved(plan: Plan, target: Target, mesh: MeshSpec, profile: HardwareProfile,
         profile = resolve_hardware(plan.hardware)
     except AutoTPError:  # a profile file the plan names but this machine lacks: use --hardware
         pass
-    cost = CostModel(profile, mesh, training=plan.training, optimizer=plan.optimizer if plan.training else None)
+    cost = CostModel(profile, mesh, training=plan.training, optimizer=plan.optimizer if plan.training else None, overlap=plan.overlap)
     return Planned(target, result, cost, plan.memory_budget, time.perf_counter() - started)
 
 
