@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 __all__ = [
     "OpOverload", "OpOverloadPacket", "TESTED_TORCH", "TorchCompatError", "UntestedTorchWarning", "aten_op",
     "c10d_functional", "check_torch_version", "child_modules", "data_dependent_guard_error", "dtensor_registered_ops", "hf_init_weights",
-    "non_persistent_buffer_names", "opinfo_database", "own_state_slots", "op_schema", "preserve_version_counter", "pytree", "resolve_process_group",
+    "non_persistent_buffer_names", "opinfo_database", "own_state_slots", "op_schema", "pytree", "resolve_process_group",
     "set_grad_enabled_hop", "unbacked_sizes",
 ]
 
@@ -135,12 +135,6 @@ def c10d_functional() -> Any:
     ``reduce_scatter_tensor``, ``wait_tensor``): each returns its result at once, still being
     written until ``wait_tensor`` of it, so a graph can compute while it communicates."""
     return _lookup("torch.ops", "_c10d_functional")
-
-
-def preserve_version_counter(tensor: torch.Tensor) -> Any:
-    """A context in which writes to ``tensor`` leave its autograd version unchanged: for a write
-    that completes the tensor's own producer (a collective's ``wait``), not a later change."""
-    return _lookup("torch.autograd.grad_mode", "_unsafe_preserve_version_counter")(tensor)
 
 
 def opinfo_database() -> list[Any]:

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from autotp.capture.torch_compat import c10d_functional, preserve_version_counter, resolve_process_group
+from autotp.capture.torch_compat import c10d_functional, resolve_process_group
 from autotp.comm.redistribute import Step, StepKind
 
 
@@ -72,28 +72,28 @@ def _start_all_reduce(x: torch.Tensor, group_name: str) -> torch.Tensor:
     return c10d_functional().all_reduce(x.contiguous(), "sum", group_name)  # type: ignore[no-any-return]
 
 
+# The starts of all-gather and reduce-scatter return their result with ``dim`` moved to the
+# front, as communicated: the autograd Functions return that tensor and the caller moves ``dim``
+# back outside them, since the work writes the tensor until ``wait`` (gloo copies into it from its
+# own thread), and autograd forbids an in-place change under a view a custom Function returned.
+
+
 def _start_all_gather(x: torch.Tensor, dim: int, group_name: str) -> torch.Tensor:
     tp_size = dist.get_world_size(_group(group_name))
-    out = c10d_functional().all_gather_into_tensor(x.movedim(dim, 0).contiguous(), tp_size, group_name)
-    return out.movedim(0, dim)  # type: ignore[no-any-return]  # a view: wait_tensor finds the work by its storage
+    return c10d_functional().all_gather_into_tensor(x.movedim(dim, 0).contiguous(), tp_size, group_name)  # type: ignore[no-any-return]
 
 
 def _start_reduce_scatter(x: torch.Tensor, dim: int, group_name: str) -> torch.Tensor:
     tp_size = dist.get_world_size(_group(group_name))
-    out = c10d_functional().reduce_scatter_tensor(x.movedim(dim, 0).contiguous(), "sum", tp_size, group_name)
-    return out.movedim(0, dim)  # type: ignore[no-any-return]
+    return c10d_functional().reduce_scatter_tensor(x.movedim(dim, 0).contiguous(), "sum", tp_size, group_name)  # type: ignore[no-any-return]
 
 
 def wait(x: torch.Tensor) -> torch.Tensor:
     """``x``, an ``async_op=True`` result, once its collective has finished writing it.
 
-    No autograd node: the gradient flows through ``x`` as is (the start's conjugate handles it).
-    ``wait_tensor`` finds the work by ``x``'s storage, and the work may copy its result into it
-    (gloo's all-gather does): that write finishes ``x``'s producer, so it keeps ``x``'s autograd
-    version, which autograd would otherwise read as an in-place change of the autograd Function's
-    output (an error on the all-gather's, a view)."""
-    with preserve_version_counter(x):
-        c10d_functional().wait_tensor(x.detach())
+    No autograd node: the gradient flows through ``x`` as is (the start's conjugate handles it);
+    ``wait_tensor`` finds the work by ``x``'s storage (``x`` may be a view of the result)."""
+    c10d_functional().wait_tensor(x.detach())
     return x
 
 
@@ -125,22 +125,26 @@ class _AllReduce(torch.autograd.Function):
 class _AllGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, dim: int, group_name: str, async_op: bool) -> torch.Tensor:
-        ctx.dim, ctx.group_name = dim, group_name
+        ctx.dim, ctx.group_name, ctx.async_op = dim, group_name, async_op
         return _start_all_gather(x, dim, group_name) if async_op else _all_gather(x, dim, group_name)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        if ctx.async_op:  # grad in the started layout, dim first
+            return _chunk(grad, 0, ctx.group_name).movedim(0, ctx.dim), None, None, None
         return _chunk(grad, ctx.dim, ctx.group_name), None, None, None
 
 
 class _ReduceScatter(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, dim: int, group_name: str, async_op: bool) -> torch.Tensor:
-        ctx.dim, ctx.group_name = dim, group_name
+        ctx.dim, ctx.group_name, ctx.async_op = dim, group_name, async_op
         return _start_reduce_scatter(x, dim, group_name) if async_op else _reduce_scatter(x, dim, group_name)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        if ctx.async_op:  # grad in the started layout, dim first
+            return _all_gather(grad.contiguous(), 0, ctx.group_name).movedim(0, ctx.dim), None, None, None
         return _all_gather(grad.contiguous(), ctx.dim, ctx.group_name), None, None, None
 
 
@@ -211,16 +215,18 @@ def all_reduce(x: torch.Tensor, group_name: str, *, async_op: bool = False) -> t
 
 def all_gather(x: torch.Tensor, dim: int, group_name: str, *, async_op: bool = False) -> torch.Tensor:
     """The group's ``x`` concatenated along ``dim`` (``async_op``: started, read it through ``wait``)."""
-    if _tracks_grad(x):
-        return _AllGather.apply(x, dim, group_name, async_op)  # type: ignore[no-any-return]
-    return _start_all_gather(x, dim, group_name) if async_op else _all_gather(x, dim, group_name)
+    if not async_op:
+        return _AllGather.apply(x, dim, group_name, False) if _tracks_grad(x) else _all_gather(x, dim, group_name)  # type: ignore[no-any-return]
+    started = _AllGather.apply(x, dim, group_name, True) if _tracks_grad(x) else _start_all_gather(x, dim, group_name)
+    return started.movedim(0, dim)  # type: ignore[no-any-return]
 
 
 def reduce_scatter(x: torch.Tensor, dim: int, group_name: str, *, async_op: bool = False) -> torch.Tensor:
     """This rank's chunk along ``dim`` of the group's sum (``async_op``: started, read it through ``wait``)."""
-    if _tracks_grad(x):
-        return _ReduceScatter.apply(x, dim, group_name, async_op)  # type: ignore[no-any-return]
-    return _start_reduce_scatter(x, dim, group_name) if async_op else _reduce_scatter(x, dim, group_name)
+    if not async_op:
+        return _ReduceScatter.apply(x, dim, group_name, False) if _tracks_grad(x) else _reduce_scatter(x, dim, group_name)  # type: ignore[no-any-return]
+    started = _ReduceScatter.apply(x, dim, group_name, True) if _tracks_grad(x) else _start_reduce_scatter(x, dim, group_name)
+    return started.movedim(0, dim)  # type: ignore[no-any-return]
 
 
 def all_to_all(x: torch.Tensor, src_dim: int, dst_dim: int, group_name: str) -> torch.Tensor:
