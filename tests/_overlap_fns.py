@@ -15,8 +15,9 @@ from autotp.capture.export import capture
 from autotp.comm import collectives
 from autotp.cost.model import CostModel, resolve_hardware
 from autotp.examples import build_example
-from autotp.ir.placement import P, local_chunk
+from autotp.ir.placement import P, R, local_chunk
 from autotp.ir.plan import Plan
+from autotp.solve.memory import min_state_nbytes, state_nbytes
 from autotp.solve.planner import megatron_plan, solve_plan
 from autotp.strategies.engine import NodeKind, StrategySpace, build_strategy_space
 
@@ -161,6 +162,19 @@ def fork_plan(tp_size: int) -> tuple[Any, StrategySpace, Plan]:
             pins[node.name] = next(s for s in node.strategies if s.replicated)
     cost = CostModel(resolve_hardware(HARDWARE), tp_size, training=True, optimizer="adamw")
     return captured, space, solve_plan(space, cost, hardware=HARDWARE, memory_budget=None, pinned=pins)
+
+
+def squeezed_plan(example: str, *, training: bool, tp_size: int = 2) -> tuple[Any, StrategySpace, Plan]:
+    """A plan of ``example`` on a meta device under a budget 0.3 of the way from the smallest
+    state to all-replicated, which forces splits (as ``tests/test_conversion_sites.py``)."""
+    model, inputs = build_example(example, device="meta", batch=2, seq=16)
+    captured = capture(model, inputs)
+    space = build_strategy_space(captured, tp_size)
+    cost = CostModel(resolve_hardware("h100-sxm"), tp_size, training=training, optimizer="adamw" if training else None)
+    floor = min_state_nbytes(space, cost)
+    replicated = sum(state_nbytes(n, (R,), cost) for n in space.nodes if n.kind is NodeKind.STATE)
+    budget = int(floor + 0.3 * (replicated - floor)) + 1
+    return captured, space, solve_plan(space, cost, hardware="h100-sxm", memory_budget=budget)
 
 
 # --- equality of the examples with overlap on ------------------------------------------------------

@@ -76,3 +76,35 @@ def test_gpt_and_llama_with_overlap_equal_the_unsharded_model() -> None:
                 assert r["async_starts"] > 0 and r["async_starts"] == r["waits"] and r["fused"] > 0, (rank, key, r)
             else:
                 assert r["async_starts"] == r["waits"] == r["fused"] == 0 and r["markers"] > 0, (rank, key, r)
+
+
+def _between(gm: fx.GraphModule, start: fx.Node, wait: fx.Node) -> list[str]:
+    nodes = list(gm.graph.nodes)
+    return [n.name for n in nodes[nodes.index(start) + 1:nodes.index(wait)]]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["training", "inference"])
+@pytest.mark.parametrize("example", ["mlp", "gpt", "llama"])
+def test_each_start_runs_beside_exactly_the_nodes_the_schedule_prices(example: str, training: bool) -> None:
+    """Offline, on rank 0's graph of a plan forced to split: the captured nodes between each
+    start and its wait are the site's ``OverlapSchedule.forward`` entry, in order, and only one
+    collective is in flight at a time."""
+    captured, space, plan = fns.squeezed_plan(example, training=training)
+    gm = rewrite(captured, space, plan, coordinate=(0,), group_names=("offline",))
+    sites = conversion_sites(space, {n.name: n.strategy for n in plan.nodes}, training=plan.training)
+    schedule = overlap_schedule(space, sites)
+    emitted = {n.name for n in space.nodes}
+    waits = _call(gm, collectives.wait)
+    assert len(waits) == len(schedule.forward) > 0
+    beside = []
+    for wait in waits:
+        (start,) = wait.all_input_nodes
+        assert list(start.users) == [wait] and start.kwargs == {"async_op": True}
+        between = _between(gm, start, wait)
+        assert not any(n in {c.name for c in collective_nodes(gm)} for n in between), between  # one in flight
+        beside.append(tuple(n for n in between if n in emitted))
+    expected = [tuple(n for n in names if n in {m.name for m in gm.graph.nodes}) for names in schedule.forward.values()]
+    assert beside == expected
+    if training and example != "mlp":
+        assert any(beside), "no start has compute beside it: the check would be weak"
+    assert len(_call(gm, collectives.linears_with_grad_sync)) == len(schedule.weight_grads)
