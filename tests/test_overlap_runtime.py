@@ -13,8 +13,8 @@ import torch
 from torch import fx
 
 from autotp.comm import collectives
-from autotp.comm.overlap import overlap_schedule
 from autotp.comm.conversions import conversion_sites
+from autotp.comm.overlap import overlap_schedule
 from autotp.rewrite.rewriter import collective_nodes, rewrite
 from autotp.testing import run_on_ranks
 from tests import _overlap_fns as fns

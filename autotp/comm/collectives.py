@@ -69,7 +69,7 @@ def _reduce_scatter(x: torch.Tensor, dim: int, group_name: str) -> torch.Tensor:
 
 
 def _start_all_reduce(x: torch.Tensor, group_name: str) -> torch.Tensor:
-    return c10d_functional().all_reduce(x.contiguous(), "sum", group_name)  # type: ignore[no-any-return]
+    return c10d_functional().all_reduce(x.contiguous(), "sum", group_name)
 
 
 # The starts of all-gather and reduce-scatter return their result with ``dim`` moved to the
@@ -80,12 +80,12 @@ def _start_all_reduce(x: torch.Tensor, group_name: str) -> torch.Tensor:
 
 def _start_all_gather(x: torch.Tensor, dim: int, group_name: str) -> torch.Tensor:
     tp_size = dist.get_world_size(_group(group_name))
-    return c10d_functional().all_gather_into_tensor(x.movedim(dim, 0).contiguous(), tp_size, group_name)  # type: ignore[no-any-return]
+    return c10d_functional().all_gather_into_tensor(x.movedim(dim, 0).contiguous(), tp_size, group_name)
 
 
 def _start_reduce_scatter(x: torch.Tensor, dim: int, group_name: str) -> torch.Tensor:
     tp_size = dist.get_world_size(_group(group_name))
-    return c10d_functional().reduce_scatter_tensor(x.movedim(dim, 0).contiguous(), "sum", tp_size, group_name)  # type: ignore[no-any-return]
+    return c10d_functional().reduce_scatter_tensor(x.movedim(dim, 0).contiguous(), "sum", tp_size, group_name)
 
 
 def wait(x: torch.Tensor) -> torch.Tensor:
@@ -209,24 +209,24 @@ def _tracks_grad(x: torch.Tensor) -> bool:
 def all_reduce(x: torch.Tensor, group_name: str, *, async_op: bool = False) -> torch.Tensor:
     """Sum of ``x`` over the group (``async_op``: started, read it through ``wait``)."""
     if _tracks_grad(x):
-        return _AllReduce.apply(x, group_name, async_op)  # type: ignore[no-any-return]
+        return _AllReduce.apply(x, group_name, async_op)
     return _start_all_reduce(x, group_name) if async_op else _all_reduce(x, group_name)
 
 
 def all_gather(x: torch.Tensor, dim: int, group_name: str, *, async_op: bool = False) -> torch.Tensor:
     """The group's ``x`` concatenated along ``dim`` (``async_op``: started, read it through ``wait``)."""
     if not async_op:
-        return _AllGather.apply(x, dim, group_name, False) if _tracks_grad(x) else _all_gather(x, dim, group_name)  # type: ignore[no-any-return]
+        return _AllGather.apply(x, dim, group_name, False) if _tracks_grad(x) else _all_gather(x, dim, group_name)
     started = _AllGather.apply(x, dim, group_name, True) if _tracks_grad(x) else _start_all_gather(x, dim, group_name)
-    return started.movedim(0, dim)  # type: ignore[no-any-return]
+    return started.movedim(0, dim)
 
 
 def reduce_scatter(x: torch.Tensor, dim: int, group_name: str, *, async_op: bool = False) -> torch.Tensor:
     """This rank's chunk along ``dim`` of the group's sum (``async_op``: started, read it through ``wait``)."""
     if not async_op:
-        return _ReduceScatter.apply(x, dim, group_name, False) if _tracks_grad(x) else _reduce_scatter(x, dim, group_name)  # type: ignore[no-any-return]
+        return _ReduceScatter.apply(x, dim, group_name, False) if _tracks_grad(x) else _reduce_scatter(x, dim, group_name)
     started = _ReduceScatter.apply(x, dim, group_name, True) if _tracks_grad(x) else _start_reduce_scatter(x, dim, group_name)
-    return started.movedim(0, dim)  # type: ignore[no-any-return]
+    return started.movedim(0, dim)
 
 
 def all_to_all(x: torch.Tensor, src_dim: int, dst_dim: int, group_name: str) -> torch.Tensor:
@@ -268,7 +268,9 @@ class _LinearsWithGradSync(torch.autograd.Function):
         needs = ctx.needs_input_grad
         grad_x = None
         if needs[0]:
-            grad_x = sum((g @ w for g, w in zip(grads, weights)), torch.zeros_like(x))  # (..., in)
+            grad_x = grads[0] @ weights[0]  # (..., out) @ (out, in) -> (..., in)
+            for g, w in zip(grads[1:], weights[1:]):
+                grad_x += g @ w
             grad_x = _start_all_reduce(grad_x, ctx.group_name)  # the sync runs beside the weight gradients
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         param_grads: list[torch.Tensor | None] = []
@@ -285,7 +287,7 @@ def linears_with_grad_sync(x: torch.Tensor, linears: tuple[tuple[torch.Tensor, t
     ``grad_all_reduce`` the readers would have) while it computes their weight gradients."""
     params = tuple(t for pair in linears for t in pair)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params)):
-        return _LinearsWithGradSync.apply(x, group_name, *params)  # type: ignore[no-any-return]
+        return _LinearsWithGradSync.apply(x, group_name, *params)
     return tuple(F.linear(x, w, b) for w, b in linears)
 
 
