@@ -181,7 +181,6 @@ class _Emitter:
         new.meta.update({k: node.meta[k] for k in _COPIED_META if k in node.meta})
         self.env[node.name] = new
 
-
     def emit_fused_linear(self, node: fx.Node) -> None:
         """``node``, a reader of a fused gradient sync, as its item of the one node that runs all the
         readers (emitted at the first of them, which their inputs are ready before)."""
