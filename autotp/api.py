@@ -208,6 +208,7 @@ def parallelize(
     init_fn: InitFn | None = None,
     strict: bool = True,
     check_replicas: bool = True,
+    overlap: bool = True,
 ) -> ShardedModule:
     """Return this rank's sharded copy of ``model``; call it on every rank of ``mesh``.
 
@@ -236,6 +237,12 @@ def parallelize(
     model with the same seed, or loads the same weights): with ``check_replicas`` the ranks
     compare a checksum of each part (``autotp.runtime.replicas``) and raise ``PlanMismatchError``
     naming the first tensor that differs; ``check_replicas=False`` skips that read of every such part.
+
+    ``overlap`` (default) runs communication beside computation (``autotp.comm.overlap``): a
+    forward collective starts as soon as its value is ready and is waited for just before its
+    first reader, and column-parallel linears reading one replicated input all-reduce its
+    gradient while they compute their weight gradients. ``overlap=False`` blocks at every
+    collective where its value is read (the same numbers; for debugging and comparison).
     """
     if not isinstance(mesh, DeviceMesh):
         raise ConfigError(f"mesh must be a torch.distributed.device_mesh.DeviceMesh, got {type(mesh).__name__}")
@@ -255,7 +262,7 @@ def parallelize(
 
     def solve(space: StrategySpace) -> Plan:  # rank 0 only
         profile, budget = _planning_settings(hardware, memory_budget, optimizer)
-        return _solve_space(space, profile=profile, memory_budget=budget, training=training, optimizer=optimizer)
+        return _solve_space(space, profile=profile, memory_budget=budget, training=training, optimizer=optimizer, overlap=overlap)
 
     checkpoint: Checkpoint | None = None
 
@@ -270,14 +277,14 @@ def parallelize(
     captured, space, agreed = agree_on_plan(setup, build_graph=build_graph, solve=solve, fit=_fit_plan, given_plan=plan)
     result = PlanningResult(captured, space, agreed)
     device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device("cpu")
-    gm = rewrite(result.captured, result.space, result.plan, coordinate=coordinate, group_names=group_names, device=device)
+    gm = rewrite(result.captured, result.space, result.plan, coordinate=coordinate, group_names=group_names, device=device, overlap=overlap)
     targets = state_targets(model, result.captured, result.plan, coordinate)
     state = _load_state(targets, model, setup, checkpoint=checkpoint, init_fn=init_fn, device=device, mesh=mesh)
     if check_replicas:
         replicas.check_replicas(setup, targets, state, mesh_shape=tuple(mesh.shape))
     local = _local_state(model, result, state, coordinate=coordinate, device=device)
     retracer = (
-        Retracer(model, result.captured, result.plan, planned_call, coordinate=coordinate, group_names=group_names, device=device)
+        Retracer(model, result.captured, result.plan, planned_call, coordinate=coordinate, group_names=group_names, device=device, overlap=overlap)
         if planned_call.has_dynamic_dims else None
     )
     sharded = ShardedModule(

@@ -81,7 +81,7 @@ def _max_error(a: torch.Tensor, b: torch.Tensor) -> float:
 def _collective_axes(gm: torch.fx.GraphModule, group_names: tuple[str, ...]) -> dict[int, int]:
     """Collectives (forward ones and gradient syncs) in the rank-local graph, counted per mesh axis."""
     counts = dict.fromkeys(range(len(group_names)), 0)
-    nodes = [*collective_nodes(gm), *(n for n in gm.graph.nodes if n.op == "call_function" and n.target is collectives.grad_all_reduce)]
+    nodes = [*collective_nodes(gm), *(n for n in gm.graph.nodes if n.op == "call_function" and n.target in (collectives.grad_all_reduce, collectives.linears_with_grad_sync))]
     for node in nodes:
         names = [a for a in node.args if isinstance(a, str)]
         for axis, group in enumerate(group_names):

@@ -71,9 +71,9 @@ def _root(node: fx.Node, placeholders: dict[str, str]) -> ValueRef:
     """The value a conversion chain starts from: through conversions and getitems to its producer.
     ``placeholders`` maps the rewritten graph's placeholder names to the captured ones (fx renames
     a placeholder called like a builtin, e.g. ``input`` -> ``input_1``)."""
-    while _graph_step(node) is not None or node.target is collectives.grad_all_reduce:
+    while _graph_step(node) is not None or node.target in (collectives.grad_all_reduce, collectives.wait):
         node = node.args[0]  # type: ignore[assignment]
-    if node.op == "call_function" and node.target is operator.getitem:
+    if node.op == "call_function" and node.target is operator.getitem and node.args[0].target is not collectives.linears_with_grad_sync:  # type: ignore[union-attr]
         inner = _root(node.args[0], placeholders)  # type: ignore[arg-type]
         return ValueRef(inner.node, node.args[1])  # type: ignore[arg-type]
     return ValueRef(placeholders.get(node.name, node.name))
@@ -98,8 +98,8 @@ def assert_plan_lists_the_graphs_collectives(gm: fx.GraphModule, space: Strategy
         if step is not None:
             forward[(_root(node, placeholders), step)] += 1
             conjugates.update((_root(node, placeholders), b) for b in backward_steps(step))
-        elif node.target is collectives.grad_all_reduce:
-            syncs[_root(node, placeholders)] += 1
+        elif node.target in (collectives.grad_all_reduce, collectives.linears_with_grad_sync):  # fused: the sync of its input
+            syncs[_root(node if node.target is collectives.grad_all_reduce else node.args[0], placeholders)] += 1
     spaces = space.by_name()
     planned, planned_syncs, priced = Counter(), Counter(), Counter()
     for _, c in plan.conversions():
@@ -136,7 +136,7 @@ def test_mlp_grad_syncs_the_drift_left_out_are_listed_unpriced() -> None:
     model, inputs = build_example("mlp", device="meta", batch=2, seq=16)
     gm, space, plan = _plan(model, inputs, training=False)
     syncs = [c for _, c in plan.conversions() if c.backward_only]
-    graph_syncs = [n for n in gm.graph.nodes if n.target is collectives.grad_all_reduce]
+    graph_syncs = [n for n in gm.graph.nodes if n.target in (collectives.grad_all_reduce, collectives.linears_with_grad_sync)]
     assert syncs and len(syncs) == len(graph_syncs)
     assert all(not c.priced and c.seconds == 0.0 and c.bytes_per_rank == 0.0 for c in syncs)
     assert all(c.kind == "grad_all_reduce (only if a gradient flows)" for c in syncs)

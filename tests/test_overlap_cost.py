@@ -208,12 +208,12 @@ def test_calibration_on_two_ranks_writes_a_finite_slowdown(tmp_path) -> None:
     from cost_models.calibrate import CollectiveSample, KernelSample, build_profile, fit_all
     from autotp.cost.calibrate import CalibrationConfig, merge_overlap
     from autotp.testing import run_on_ranks
-    from tests import _overlap_fns
+    from tests import _overlap_cost_fns
 
     config = CalibrationConfig(
         device_type="cpu", matmul_shapes=(), dtypes=(), memory_nbytes=(), message_nbytes=(), overlap_nbytes=256 * 2**10, overlap_repeats=3,
     )
-    samples = merge_overlap(run_on_ranks(_overlap_fns.measure, 2, config, timeout_seconds=120))
+    samples = merge_overlap(run_on_ranks(_overlap_cost_fns.measure, 2, config, timeout_seconds=120))
     assert len(samples) == 3 and all(s.compute_seconds > 0 and s.comm_seconds > 0 and s.overlapped_seconds > 0 for s in samples)
     # the rest of the profile from synthetic timings (tests/test_calibrate.py measures those)
     kernels = [KernelSample("memory", "float32", n / 12, float(n), roofline_seconds(_TOY, flops=n / 12, nbytes=n)) for n in (2**12, 2**16, 2**20, 2**24)]

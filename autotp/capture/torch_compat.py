@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "OpOverload", "OpOverloadPacket", "TESTED_TORCH", "TorchCompatError", "UntestedTorchWarning", "aten_op",
-    "check_torch_version", "child_modules", "data_dependent_guard_error", "dtensor_registered_ops", "hf_init_weights",
+    "c10d_functional", "check_torch_version", "child_modules", "data_dependent_guard_error", "dtensor_registered_ops", "hf_init_weights",
     "non_persistent_buffer_names", "opinfo_database", "own_state_slots", "op_schema", "pytree", "resolve_process_group",
     "set_grad_enabled_hop", "unbacked_sizes",
 ]
@@ -127,6 +127,14 @@ def resolve_process_group(group_name: str) -> dist.ProcessGroup:
     """The process group registered under ``group_name`` (the name a traced collective carries)."""
     group: dist.ProcessGroup = _process_group_resolver()(group_name)
     return group
+
+
+@functools.cache
+def c10d_functional() -> Any:
+    """The functional collectives (``all_reduce``, ``all_gather_into_tensor``,
+    ``reduce_scatter_tensor``, ``wait_tensor``): each returns its result at once, still being
+    written until ``wait_tensor`` of it, so a graph can compute while it communicates."""
+    return _lookup("torch.ops", "_c10d_functional")
 
 
 def opinfo_database() -> list[Any]:

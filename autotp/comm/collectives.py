@@ -14,6 +14,13 @@ conversion therefore has a fixed backward:
     to_partial      R -> P       identity
     grad_all_reduce identity     all_reduce   (an R input of sharded compute: its gradient is P)
 
+``all_reduce``, ``all_gather`` and ``reduce_scatter`` with ``async_op=True`` start the
+collective and return its result still being written; ``wait`` of it must come before any use,
+and the graph computes in between (``autotp.comm.overlap`` decides what). Their backward is the
+same conjugate, blocking. ``linears_with_grad_sync`` runs the column-parallel linears that read
+one ``R`` input as one node whose backward overlaps the input's gradient all-reduce with the
+weight gradients (Megatron-LM's asynchronous gradient all-reduce).
+
 Plain ``torch.distributed`` calls have no autograd and functional collectives' backward for
 all-reduce is another all-reduce, neither of which is the conjugate we need; hence these.
 ``tests/test_collectives.py`` checks each pair against a hand-computed case, and
@@ -27,8 +34,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
-from autotp.capture.torch_compat import resolve_process_group
+from autotp.capture.torch_compat import c10d_functional, resolve_process_group
 from autotp.comm.redistribute import Step, StepKind
 
 
@@ -60,6 +68,35 @@ def _reduce_scatter(x: torch.Tensor, dim: int, group_name: str) -> torch.Tensor:
     return out.movedim(0, dim)
 
 
+def _start_all_reduce(x: torch.Tensor, group_name: str) -> torch.Tensor:
+    return c10d_functional().all_reduce(x.contiguous(), "sum", group_name)
+
+
+# The starts of all-gather and reduce-scatter return their result with ``dim`` moved to the
+# front, as communicated: the autograd Functions return that tensor and the caller moves ``dim``
+# back outside them, since the work writes the tensor until ``wait`` (gloo copies into it from its
+# own thread), and autograd forbids an in-place change under a view a custom Function returned.
+
+
+def _start_all_gather(x: torch.Tensor, dim: int, group_name: str) -> torch.Tensor:
+    tp_size = dist.get_world_size(_group(group_name))
+    return c10d_functional().all_gather_into_tensor(x.movedim(dim, 0).contiguous(), tp_size, group_name)
+
+
+def _start_reduce_scatter(x: torch.Tensor, dim: int, group_name: str) -> torch.Tensor:
+    tp_size = dist.get_world_size(_group(group_name))
+    return c10d_functional().reduce_scatter_tensor(x.movedim(dim, 0).contiguous(), "sum", tp_size, group_name)
+
+
+def wait(x: torch.Tensor) -> torch.Tensor:
+    """``x``, an ``async_op=True`` result, once its collective has finished writing it.
+
+    No autograd node: the gradient flows through ``x`` as is (the start's conjugate handles it);
+    ``wait_tensor`` finds the work by ``x``'s storage (``x`` may be a view of the result)."""
+    c10d_functional().wait_tensor(x.detach())
+    return x
+
+
 def _all_to_all(x: torch.Tensor, src_dim: int, dst_dim: int, group_name: str) -> torch.Tensor:
     """Split ``dst_dim`` into chunks sent to each rank; concatenate what arrives along ``src_dim``."""
     group = _group(group_name)
@@ -77,34 +114,38 @@ def _chunk(x: torch.Tensor, dim: int, group_name: str) -> torch.Tensor:
 
 class _AllReduce(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group_name: str) -> torch.Tensor:
-        return _all_reduce(x, group_name)
+    def forward(ctx: Any, x: torch.Tensor, group_name: str, async_op: bool) -> torch.Tensor:
+        return _start_all_reduce(x, group_name) if async_op else _all_reduce(x, group_name)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad, None
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return grad, None, None
 
 
 class _AllGather(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, dim: int, group_name: str) -> torch.Tensor:
-        ctx.dim, ctx.group_name = dim, group_name
-        return _all_gather(x, dim, group_name)
+    def forward(ctx: Any, x: torch.Tensor, dim: int, group_name: str, async_op: bool) -> torch.Tensor:
+        ctx.dim, ctx.group_name, ctx.async_op = dim, group_name, async_op
+        return _start_all_gather(x, dim, group_name) if async_op else _all_gather(x, dim, group_name)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        return _chunk(grad, ctx.dim, ctx.group_name), None, None
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        if ctx.async_op:  # grad in the started layout, dim first
+            return _chunk(grad, 0, ctx.group_name).movedim(0, ctx.dim), None, None, None
+        return _chunk(grad, ctx.dim, ctx.group_name), None, None, None
 
 
 class _ReduceScatter(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, dim: int, group_name: str) -> torch.Tensor:
-        ctx.dim, ctx.group_name = dim, group_name
-        return _reduce_scatter(x, dim, group_name)
+    def forward(ctx: Any, x: torch.Tensor, dim: int, group_name: str, async_op: bool) -> torch.Tensor:
+        ctx.dim, ctx.group_name, ctx.async_op = dim, group_name, async_op
+        return _start_reduce_scatter(x, dim, group_name) if async_op else _reduce_scatter(x, dim, group_name)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        return _all_gather(grad, ctx.dim, ctx.group_name), None, None
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        if ctx.async_op:  # grad in the started layout, dim first
+            return _all_gather(grad.contiguous(), 0, ctx.group_name).movedim(0, ctx.dim), None, None, None
+        return _all_gather(grad.contiguous(), ctx.dim, ctx.group_name), None, None, None
 
 
 class _AllToAll(torch.autograd.Function):
@@ -165,16 +206,27 @@ def _tracks_grad(x: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and x.requires_grad
 
 
-def all_reduce(x: torch.Tensor, group_name: str) -> torch.Tensor:
-    return _AllReduce.apply(x, group_name) if _tracks_grad(x) else _all_reduce(x, group_name)
+def all_reduce(x: torch.Tensor, group_name: str, *, async_op: bool = False) -> torch.Tensor:
+    """Sum of ``x`` over the group (``async_op``: started, read it through ``wait``)."""
+    if _tracks_grad(x):
+        return _AllReduce.apply(x, group_name, async_op)
+    return _start_all_reduce(x, group_name) if async_op else _all_reduce(x, group_name)
 
 
-def all_gather(x: torch.Tensor, dim: int, group_name: str) -> torch.Tensor:
-    return _AllGather.apply(x, dim, group_name) if _tracks_grad(x) else _all_gather(x, dim, group_name)
+def all_gather(x: torch.Tensor, dim: int, group_name: str, *, async_op: bool = False) -> torch.Tensor:
+    """The group's ``x`` concatenated along ``dim`` (``async_op``: started, read it through ``wait``)."""
+    if not async_op:
+        return _AllGather.apply(x, dim, group_name, False) if _tracks_grad(x) else _all_gather(x, dim, group_name)
+    started = _AllGather.apply(x, dim, group_name, True) if _tracks_grad(x) else _start_all_gather(x, dim, group_name)
+    return started.movedim(0, dim)
 
 
-def reduce_scatter(x: torch.Tensor, dim: int, group_name: str) -> torch.Tensor:
-    return _ReduceScatter.apply(x, dim, group_name) if _tracks_grad(x) else _reduce_scatter(x, dim, group_name)
+def reduce_scatter(x: torch.Tensor, dim: int, group_name: str, *, async_op: bool = False) -> torch.Tensor:
+    """This rank's chunk along ``dim`` of the group's sum (``async_op``: started, read it through ``wait``)."""
+    if not async_op:
+        return _ReduceScatter.apply(x, dim, group_name, False) if _tracks_grad(x) else _reduce_scatter(x, dim, group_name)
+    started = _ReduceScatter.apply(x, dim, group_name, True) if _tracks_grad(x) else _start_reduce_scatter(x, dim, group_name)
+    return started.movedim(0, dim)
 
 
 def all_to_all(x: torch.Tensor, src_dim: int, dst_dim: int, group_name: str) -> torch.Tensor:
@@ -191,6 +243,52 @@ def to_partial(x: torch.Tensor, group_name: str) -> torch.Tensor:
 
 def grad_all_reduce(x: torch.Tensor, group_name: str) -> torch.Tensor:
     return _GradAllReduce.apply(x, group_name) if _tracks_grad(x) else x
+
+
+def _weight_grads(grad: torch.Tensor, x: torch.Tensor, *, weight: bool, bias: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of ``W`` and ``b`` in ``y = x @ W.T + b`` from ``grad`` (both flattened to 2-D)."""
+    # grad (N, out), x (N, in): grad W = grad^T x (out, in), grad b = sum_N grad (out,)
+    return (grad.T @ x if weight else None), (grad.sum(0) if bias else None)
+
+
+class _LinearsWithGradSync(torch.autograd.Function):
+    """``y_i = x @ W_i.T + b_i`` for every ``(W_i, b_i)``; backward all-reduces ``grad x`` while it
+    computes the weight gradients, which do not need it."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group_name: str, *params: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        ctx.group_name = group_name
+        ctx.save_for_backward(x, *params)
+        return tuple(F.linear(x, w, b) for w, b in zip(params[0::2], params[1::2]))  # type: ignore[arg-type]
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, *params = ctx.saved_tensors
+        weights, biases = params[0::2], params[1::2]
+        needs = ctx.needs_input_grad
+        grad_x = None
+        if needs[0]:
+            grad_x = grads[0] @ weights[0]  # (..., out) @ (out, in) -> (..., in)
+            for g, w in zip(grads[1:], weights[1:]):
+                grad_x += g @ w
+            grad_x = _start_all_reduce(grad_x, ctx.group_name)  # the sync runs beside the weight gradients
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        param_grads: list[torch.Tensor | None] = []
+        for i, (g, b) in enumerate(zip(grads, biases)):
+            param_grads += _weight_grads(g.reshape(-1, g.shape[-1]), x2, weight=needs[2 + 2 * i], bias=b is not None and needs[3 + 2 * i])
+        if grad_x is not None:
+            grad_x = wait(grad_x)
+        return (grad_x, None, *param_grads)
+
+
+def linears_with_grad_sync(x: torch.Tensor, linears: tuple[tuple[torch.Tensor, torch.Tensor | None], ...], group_name: str) -> tuple[torch.Tensor, ...]:
+    """``F.linear(x, W, b)`` for each ``(W, b)`` of ``linears``: the column-parallel readers of an
+    ``R`` input ``x`` as one node, whose backward all-reduces ``grad x`` over ``group_name`` (the
+    ``grad_all_reduce`` the readers would have) while it computes their weight gradients."""
+    params = tuple(t for pair in linears for t in pair)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params)):
+        return _LinearsWithGradSync.apply(x, group_name, *params)
+    return tuple(F.linear(x, w, b) for w, b in linears)
 
 
 COLLECTIVE_FUNCTIONS = frozenset({all_reduce, all_gather, reduce_scatter, all_to_all})

@@ -5,6 +5,13 @@ Walks the captured graph once and emits exactly the sites of ``autotp.comm.conve
 emitted at its first consumer and shared by the later ones, and ``grad_all_reduce`` (identity
 forward) on an ``R`` input of an op that splits its work, whose gradient is a partial sum
 (Megatron-LM's ``f``). Ops with shape arguments get them localised by their rule.
+
+With ``overlap`` the graph runs the schedule of ``autotp.comm.overlap`` (the one the plan is
+priced by): a hoisted conversion's first collective starts (``async_op=True``) right after the
+later of its input's producer and the previous collective, and ``collectives.wait`` of it sits
+where the blocking call would be, just before its first reader; the column-parallel linears of a
+fused gradient sync run as one ``collectives.linears_with_grad_sync`` node at the first of them,
+each reader an item of it.
 """
 from __future__ import annotations
 
@@ -18,7 +25,8 @@ from torch import fx
 
 from autotp.capture.export import CapturedGraph
 from autotp.comm import collectives
-from autotp.comm.conversions import GradSyncSite, Site, SlotKey, conversion_sites
+from autotp.comm.conversions import ConversionSite, GradSyncSite, Site, SlotKey, conversion_sites
+from autotp.comm.overlap import overlap_schedule
 from autotp.ir.placement import Shard
 from autotp.ir.plan import Plan
 from autotp.ir.strategy import MeshStrategy
@@ -44,12 +52,15 @@ def rewrite(
     coordinate: Sequence[int],
     group_names: Sequence[str],
     device: torch.device | None = None,
+    overlap: bool = True,
 ) -> fx.GraphModule:
     """The graph the rank at ``coordinate`` on the mesh runs (one index per axis; ``group_names``
     names each axis's process group it belongs to); placeholders take the rank-local state and the
-    full inputs."""
-    emitter = _Emitter(space, plan, coordinate=tuple(coordinate), group_names=tuple(group_names), device=device)
-    for node in captured.graph_module.graph.nodes:
+    full inputs. ``overlap``: communicate beside computation (the module docstring); without it
+    every collective blocks where its value is read."""
+    nodes = {n.name: n for n in captured.graph_module.graph.nodes}
+    emitter = _Emitter(space, plan, nodes, coordinate=tuple(coordinate), group_names=tuple(group_names), device=device, overlap=overlap)
+    for node in nodes.values():
         emitter.emit(node)
     graph = emitter.graph
     graph.lint()
@@ -57,10 +68,14 @@ def rewrite(
 
 
 class _Emitter:
-    def __init__(self, space: StrategySpace, plan: Plan, *, coordinate: tuple[int, ...], group_names: tuple[str, ...], device: torch.device | None) -> None:
+    def __init__(
+        self, space: StrategySpace, plan: Plan, nodes: Mapping[str, fx.Node], *,
+        coordinate: tuple[int, ...], group_names: tuple[str, ...], device: torch.device | None, overlap: bool,
+    ) -> None:
         if len(coordinate) != space.mesh.ndim or len(group_names) != space.mesh.ndim:
             raise ValueError(f"a rank of the mesh {space.mesh} needs one coordinate and one group per axis, got {coordinate} and {group_names}")
         self.graph = fx.Graph()
+        self.nodes = nodes
         self.spaces = space.by_name()
         self.strategies = {n.name: n.strategy for n in plan.nodes}
         self.mesh_shape = space.mesh.shape
@@ -70,10 +85,16 @@ class _Emitter:
         self.env: dict[str, fx.Node] = {}
         self.items: dict[ValueRef, fx.Node] = {}
         self.sites_at: dict[SlotKey, list[Site]] = defaultdict(list)
-        for site in conversion_sites(space, self.strategies, training=plan.training):
+        sites = conversion_sites(space, self.strategies, training=plan.training)
+        for site in sites:
             for reader in site.readers:
                 self.sites_at[reader].append(site)
         self.emitted: dict[Site, fx.Node] = {}
+        self.schedule = overlap_schedule(space, sites, overlap=overlap)
+        self.fused_at = {name: (site, i) for site, readers in self.schedule.weight_grads.items() for i, name in enumerate(readers)}
+        self.fused: dict[GradSyncSite, fx.Node] = {}
+        self.last_placeholder: fx.Node | None = None
+        self.last_collective: fx.Node | None = None  # where the latest communicating conversion ends
 
     # --- values -------------------------------------------------------------------------------
     def raw(self, ref: ValueRef) -> fx.Node:
@@ -90,19 +111,43 @@ class _Emitter:
         for site in self.sites_at[(node, slot)]:
             if site not in self.emitted:
                 if isinstance(site, GradSyncSite):
-                    for step in site.conjugate:
-                        value = self.graph.call_function(collectives.grad_all_reduce, (value, self.group_names[step.axis]))
+                    if site not in self.schedule.weight_grads:  # else the fused linears' backward syncs
+                        for step in site.conjugate:
+                            value = self.graph.call_function(collectives.grad_all_reduce, (value, self.group_names[step.axis]))
                 else:
-                    for step in site.forward:
-                        value = self.graph.call_function(*collectives.step_call(step, value, self.group_names[step.axis]))
+                    value = self.convert(site, value)
                 self.emitted[site] = value
             value = self.emitted[site]
         return value
 
+    def convert(self, site: ConversionSite, value: fx.Node) -> fx.Node:
+        """The steps of ``site`` on ``value``; a hoisted first step starts early, waited for here."""
+        steps = site.forward
+        if self.schedule.hoisted(site):
+            call, args = collectives.step_call(steps[0], value, self.group_names[steps[0].axis])
+            with self.graph.inserting_after(self.start_after(value)):
+                start = self.graph.call_function(call, args, {"async_op": True})
+            value = self.graph.call_function(collectives.wait, (start,))
+            self.last_collective = value
+            steps = steps[1:]
+        for step in steps:
+            value = self.graph.call_function(*collectives.step_call(step, value, self.group_names[step.axis]))
+            if step.kind.is_collective:
+                self.last_collective = value
+        return value
+
+    def start_after(self, value: fx.Node) -> fx.Node:
+        """The node a start of a collective on ``value`` goes after: the later of ``value``'s
+        producer and the previous collective's end (one collective in flight), past the placeholders."""
+        if value.target is operator.getitem and value in self.items.values():  # made lazily here: move it to its tuple
+            value.args[0].append(value)  # type: ignore[union-attr]  # an item's first argument is its tuple's node
+        candidates = [n for n in (value, self.last_collective, self.last_placeholder) if n is not None]
+        return max(candidates)
+
     # --- nodes --------------------------------------------------------------------------------
     def emit(self, node: fx.Node) -> None:
         if node.op == "placeholder":
-            self.env[node.name] = self.graph.placeholder(node.name)
+            self.env[node.name] = self.last_placeholder = self.graph.placeholder(node.name)
             return
         if node.op == "output":
             space = self.spaces[node.name]
@@ -110,6 +155,9 @@ class _Emitter:
             self.graph.output(_map_tensor_args(node.args[0], locals_, self.env))
             return
         if node.target in ASSERT_OPS:
+            return
+        if node.name in self.fused_at:
+            self.emit_fused_linear(node)
             return
         space = self.spaces[node.name]
         strategy = self.strategies[node.name]
@@ -132,6 +180,27 @@ class _Emitter:
         new = self.graph.create_node("call_function", target, args, kwargs, name=node.name)
         new.meta.update({k: node.meta[k] for k in _COPIED_META if k in node.meta})
         self.env[node.name] = new
+
+    def emit_fused_linear(self, node: fx.Node) -> None:
+        """``node``, a reader of a fused gradient sync, as its item of the one node that runs all the
+        readers (emitted at the first of them, which their inputs are ready before)."""
+        site, index = self.fused_at[node.name]
+        if site not in self.fused:
+            linears = [self.linear_args(name) for name in self.schedule.weight_grads[site]]
+            assert len({x for x, _, _ in linears}) == 1, f"the fused readers of {site.value} read different inputs"
+            weights = tuple((w, b) for _, w, b in linears)
+            self.fused[site] = self.graph.call_function(collectives.linears_with_grad_sync, (linears[0][0], weights, self.group_names[site.axes[0]]))
+        item = self.graph.create_node("call_function", operator.getitem, (self.fused[site], index), name=node.name)
+        item.meta.update({k: node.meta[k] for k in _COPIED_META if k in node.meta})
+        self.env[node.name] = item
+
+    def linear_args(self, name: str) -> tuple[Any, Any, Any]:
+        """``(x, W, b)`` of linear ``name`` as this rank calls it (``b`` None without a bias)."""
+        node, space = self.nodes[name], self.spaces[name]
+        inputs = [self.read(name, k, ref) for k, ref in enumerate(space.slots)]
+        _, args, kwargs = local_call(node, lookup(node.target), space, self.strategies[name], inputs, self.env, coordinate=self.coordinate, mesh_shape=self.mesh_shape)
+        bias = args[2] if len(args) > 2 else kwargs.get("bias")
+        return args[0], args[1], bias
 
 
 def _splits_output(strategy: OpStrategy) -> bool:

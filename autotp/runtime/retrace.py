@@ -57,7 +57,9 @@ class Retracer:
         coordinate: tuple[int, ...],
         group_names: tuple[str, ...],
         device: torch.device | None,
+        overlap: bool = True,
     ) -> None:
+        self._overlap = overlap  # the rank-local graphs' schedule, as parallelize's
         self._skeleton = meta_skeleton(model)
         self._inputs = tuple((gi.node_name, gi.role, gi.fqns) for gi in captured.inputs)
         self._constant_shapes = {name: tuple(t.shape) for name, t in captured.constants.items()}
@@ -95,7 +97,7 @@ class Retracer:
             plan = carry_plan(self._plan, space)
         except PlanMismatchError as exc:
             raise InputMismatchError(f"the plan does not fit {self._planned_call.model_name} at {sizes}: {exc}; call it with sizes the plan divides, or parallelize it for these") from None
-        graph = rewrite(captured, space, plan, coordinate=self._coordinate, group_names=self._group_names, device=self._device)
+        graph = rewrite(captured, space, plan, coordinate=self._coordinate, group_names=self._group_names, device=self._device, overlap=self._overlap)
         log.info("built the rank-local graph of %s at %s in %.2fs", self._planned_call.model_name, sizes, time.perf_counter() - started)
         return graph
 

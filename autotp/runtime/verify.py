@@ -325,7 +325,8 @@ def count_collectives(
 
     kinds = Counter(n.target.__name__ + where(n) for n in collective_nodes(gm))  # type: ignore[union-attr]  # collectives are functions
     if training:
-        kinds.update(f"all_reduce{where(n)} (backward)" for n in gm.graph.nodes if n.op == "call_function" and n.target is collectives.grad_all_reduce)
+        syncs = (collectives.grad_all_reduce, collectives.linears_with_grad_sync)  # the fused linears' backward syncs their input
+        kinds.update(f"all_reduce{where(n)} (backward)" for n in gm.graph.nodes if n.op == "call_function" and n.target in syncs)
     return dict(sorted(kinds.items()))
 
 
