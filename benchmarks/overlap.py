@@ -131,7 +131,9 @@ def run_rank(rank: int, world_size: int, config: BenchConfig) -> RankReport:
         model.to(device)
         idx = idx.to(device)
         targets = torch.roll(idx, shifts=-1, dims=1)  # (B, T)
-        plan, predicted[name], layouts[name] = price_both_ways(model, (idx,), tp_size=world_size, hardware=config.hardware)
+        planned = [price_both_ways(model, (idx,), tp_size=world_size, hardware=config.hardware) if rank == 0 else None]
+        dist.broadcast_object_list(planned, src=0)  # one plan for every rank (the solver's timing is in it)
+        plan, predicted[name], layouts[name] = planned[0]  # type: ignore[misc]
         modules = {variant: autotp.parallelize(model, mesh, (idx,), hardware=config.hardware, plan=plan, overlap=variant == "on") for variant in VARIANTS}
         losses[name] = {"reference": _train_step(model, idx, targets).item()}
         losses[name].update({variant: _train_step(m, idx, targets).item() for variant, m in modules.items()})
