@@ -232,3 +232,30 @@ def examples_match_unsharded(rank: int, world_size: int, names: list[str]) -> di
                 **_graph_counts(sharded.graph_module),
             }
     return report
+
+
+def autocast_overlap_matches_blocking(rank: int, world_size: int) -> dict[str, Any]:
+    """GPT's Megatron plan run under bfloat16 autocast with overlap on and off: the largest
+    difference of logits and of each gradient (relative to its size), the gradients' dtypes, and
+    the fused nodes of the overlapping graph."""
+    mesh = init_device_mesh("cpu", (world_size,))
+    model, (idx,) = build_example("gpt")
+    shared: list[Plan | None] = [None]
+    if rank == 0:
+        space = build_strategy_space(capture(model, (idx,)), world_size)
+        shared[0], _ = megatron_plan(space, CostModel(resolve_hardware(HARDWARE), world_size, training=True, optimizer="adamw"), hardware=HARDWARE)
+    dist.broadcast_object_list(shared, src=0)
+    runs = {}
+    for overlap in (False, True):
+        sharded = autotp.parallelize(model, mesh, (idx,), plan=shared[0], overlap=overlap)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = sharded(idx)  # (B, T, vocab) in bfloat16
+        logits.float().sum().backward()
+        runs[overlap] = (logits.detach().float(), {n: p.grad for n, p in sharded.named_parameters()}, _graph_counts(sharded.graph_module)["fused"])
+    (blocking, blocking_grads, _), (overlapped, grads, fused) = runs[False], runs[True]
+    return {
+        "logit_error": (blocking - overlapped).abs().max().item(),
+        "grad_error": max(((grads[n] - g).abs().max() / g.abs().max().clamp_min(1e-12)).item() for n, g in blocking_grads.items()),
+        "grad_dtypes": sorted({str(g.dtype) for g in grads.values()}),
+        "fused": fused,
+    }

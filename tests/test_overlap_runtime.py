@@ -108,3 +108,11 @@ def test_each_start_runs_beside_exactly_the_nodes_the_schedule_prices(example: s
     if training and example != "mlp":
         assert any(beside), "no start has compute beside it: the check would be weak"
     assert len(_call(gm, collectives.linears_with_grad_sync)) == len(schedule.weight_grads)
+
+
+def test_fused_linears_under_autocast_give_the_blocking_graphs_gradients() -> None:
+    """Regression: under bfloat16 autocast the fused linears' backward mixed a bfloat16 gradient
+    with the float32 weight (a dtype error); it must compute what autograd's casts do."""
+    for rank, r in enumerate(run_on_ranks(fns.autocast_overlap_matches_blocking, 2, timeout_seconds=120)):
+        assert r["fused"] > 0 and r["grad_dtypes"] == ["torch.float32"], (rank, r)
+        assert r["logit_error"] == 0.0 and r["grad_error"] < 1e-3, (rank, r)

@@ -246,9 +246,10 @@ def grad_all_reduce(x: torch.Tensor, group_name: str) -> torch.Tensor:
 
 
 def _weight_grads(grad: torch.Tensor, x: torch.Tensor, *, weight: bool, bias: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of ``W`` and ``b`` in ``y = x @ W.T + b`` from ``grad`` (both flattened to 2-D)."""
+    """Gradients of ``W`` and ``b`` in ``y = x @ W.T + b`` from ``grad`` (both flattened to 2-D),
+    in ``grad``'s dtype (autograd casts each to its parameter's)."""
     # grad (N, out), x (N, in): grad W = grad^T x (out, in), grad b = sum_N grad (out,)
-    return (grad.T @ x if weight else None), (grad.sum(0) if bias else None)
+    return (grad.T @ x.to(grad.dtype) if weight else None), (grad.sum(0) if bias else None)
 
 
 class _LinearsWithGradSync(torch.autograd.Function):
@@ -268,9 +269,9 @@ class _LinearsWithGradSync(torch.autograd.Function):
         needs = ctx.needs_input_grad
         grad_x = None
         if needs[0]:
-            grad_x = grads[0] @ weights[0]  # (..., out) @ (out, in) -> (..., in)
-            for g, w in zip(grads[1:], weights[1:]):
-                grad_x += g @ w
+            # (..., out) @ (out, in) -> (..., in), each in its output's dtype (the one autocast ran
+            # the linear in) and summed in x's, as autograd's casts back and accumulation would
+            grad_x = sum((g @ w.to(g.dtype)).to(x.dtype) for g, w in zip(grads, weights))
             grad_x = _start_all_reduce(grad_x, ctx.group_name)  # the sync runs beside the weight gradients
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         param_grads: list[torch.Tensor | None] = []
