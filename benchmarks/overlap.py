@@ -31,7 +31,6 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 
@@ -44,6 +43,7 @@ from autotp.solve.build import build_plan
 from autotp.solve.planner import megatron_plan
 from autotp.strategies.engine import build_strategy_space
 from autotp.testing import run_on_ranks
+from benchmarks.tp_vs_dtensor import train_step
 
 OPTIMIZER = "adamw"
 LOSS_RTOL = 1e-4
@@ -109,14 +109,6 @@ def price_both_ways(model: nn.Module, inputs: tuple[torch.Tensor, ...], *, tp_si
     return plan, Predicted(off.total_seconds, plan.total_seconds, hidden, comm), layout
 
 
-def _train_step(module: nn.Module, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    module.zero_grad(set_to_none=True)
-    logits = module(idx)  # (B, T, vocab_size), replicated on every rank
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-    loss.backward()
-    return loss.detach()
-
-
 def run_rank(rank: int, world_size: int, config: BenchConfig) -> RankReport:
     device = torch.device("cuda", rank) if config.backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
@@ -135,14 +127,14 @@ def run_rank(rank: int, world_size: int, config: BenchConfig) -> RankReport:
         dist.broadcast_object_list(planned, src=0)  # one plan for every rank (the solver's timing is in it)
         plan, predicted[name], layouts[name] = planned[0]  # type: ignore[misc]
         modules = {variant: autotp.parallelize(model, mesh, (idx,), hardware=config.hardware, plan=plan, overlap=variant == "on") for variant in VARIANTS}
-        losses[name] = {"reference": _train_step(model, idx, targets).item()}
-        losses[name].update({variant: _train_step(m, idx, targets).item() for variant, m in modules.items()})
+        losses[name] = {"reference": train_step(model, idx, targets).item()}
+        losses[name].update({variant: train_step(m, idx, targets).item() for variant, m in modules.items()})
         seconds[name] = {variant: [] for variant in VARIANTS}
         for i in range(config.warmup + config.steps):
             for variant, module in modules.items():  # round-robin: drift and noise hit both alike
                 dist.barrier()
                 started = time.perf_counter()
-                _train_step(module, idx, targets)
+                train_step(module, idx, targets)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 dist.barrier()

@@ -206,7 +206,7 @@ def _splits(strategy: MeshStrategy) -> bool:
 # The rank function
 
 
-def _train_step(module: nn.Module, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def train_step(module: nn.Module, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     module.zero_grad(set_to_none=True)
     logits = module(idx)  # (B, T, vocab_size), replicated on every rank in every variant
     loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
@@ -282,7 +282,7 @@ def run_rank(rank: int, world_size: int, config: BenchConfig) -> RankReport:
     mesh = init_device_mesh("cpu", (world_size,))
     variants, idx, targets = build_variants(config, mesh)
     reference = variants["reference"]
-    steps = {name: (lambda m=module: _train_step(m, idx, targets)) for name, module in variants.items()}
+    steps = {name: (lambda m=module: train_step(m, idx, targets)) for name, module in variants.items()}
     losses = {name: step().item() for name, step in steps.items()}
     grad_errors = {name: _grad_error(reference, module, rank, world_size) for name, module in variants.items()}
     collectives = {name: _count_collectives(step) for name, step in steps.items()}
