@@ -252,3 +252,23 @@ def test_a_forward_collective_hides_behind_the_nodes_it_runs_beside() -> None:
     assert 0 < beside < gather[False].seconds  # less compute than communication: all of it hides
     assert gather[True].hidden_seconds == pytest.approx(beside)
     assert gather[True].seconds == pytest.approx(gather[False].seconds - beside)
+
+
+def test_no_overlap_on_the_cli_prices_every_collective_in_full(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``autotp plan --no-overlap`` writes a plan priced without overlap; by default the same
+    layout hides part of its gradient syncs, and the saved plan says which it was."""
+    import json
+
+    from autotp.cli import main
+
+    args = ["plan", "gpt", "--mesh", "4", "--hardware", "h100-sxm", "--input", "idx:int64[8,512]", "--config", "n_embd=1024",
+            "--config", "n_head=16", "--config", "block_size=512", "--no-baselines", "--quiet", "--format", "json"]
+    saved = {}
+    for flag in ("", "--no-overlap"):
+        out = tmp_path / f"plan{flag}.json"
+        assert main([*args, *([flag] if flag else []), "--out", str(out)]) == 0, capsys.readouterr().err
+        saved[flag] = plan_from_dict(json.loads(out.read_text()))
+    on, off = saved[""], saved["--no-overlap"]
+    assert on.overlap and not off.overlap
+    assert on.hidden_seconds > 0 and off.hidden_seconds == 0.0
+    assert on.total_seconds < off.total_seconds
