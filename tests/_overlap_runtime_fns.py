@@ -61,10 +61,24 @@ def async_matches_blocking(rank: int, world_size: int) -> list[tuple[str, float,
 
 
 # --- fused linears --------------------------------------------------------------------------------
-def _linears(rank: int) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor | None]]]:
-    torch.manual_seed(100 + rank)  # each rank its own column chunk
-    x = torch.randn(2, 5, 8)
-    return x, [(torch.randn(6, 8), torch.randn(6)), (torch.randn(4, 8), None), (torch.randn(3, 8), torch.randn(3))]
+def _readers(rank: int) -> tuple[torch.Tensor, list[tuple[str, torch.Tensor, torch.Tensor | None, float, float]]]:
+    """An input and one reader of each kind (``collectives.ContractionReader``), each rank its own
+    column chunk; the addmm with scalars other than 1."""
+    torch.manual_seed(100 + rank)
+    x = torch.randn(10, 8)
+    return x, [
+        ("linear", torch.randn(6, 8), torch.randn(6), 1.0, 1.0),
+        ("linear", torch.randn(4, 8), None, 1.0, 1.0),
+        ("addmm", torch.randn(8, 3), torch.randn(3), 0.5, 2.0),
+        ("mm", torch.randn(8, 5), None, 1.0, 1.0),
+    ]
+
+
+def _plain(x: torch.Tensor, reader: tuple[str, torch.Tensor, torch.Tensor | None, float, float]) -> torch.Tensor:
+    kind, w, b, beta, alpha = reader
+    if kind == "linear":
+        return F.linear(x, w, b)
+    return torch.addmm(b, x, w, beta=beta, alpha=alpha) if kind == "addmm" else torch.mm(x, w)  # type: ignore[arg-type]
 
 
 def fused_linears_match_marker_path(rank: int, world_size: int) -> dict[str, Any]:
@@ -72,22 +86,22 @@ def fused_linears_match_marker_path(rank: int, world_size: int) -> dict[str, Any
     linears, and the order of the backward's start, weight gradients and wait."""
     group = dist.group.WORLD.group_name  # type: ignore[union-attr]
     torch.manual_seed(0)
-    x0 = torch.randn(2, 5, 8)  # the replicated input: the same on every rank
-    _, params = _linears(rank)
+    x0 = torch.randn(10, 8)  # the replicated input: the same on every rank
+    _, params = _readers(rank)
     runs = []
     for fused in (False, True):
         x = x0.clone().requires_grad_()
-        leaves = [(w.clone().requires_grad_(), None if b is None else b.clone().requires_grad_()) for w, b in params]
+        leaves = [(kind, w.clone().requires_grad_(), None if b is None else b.clone().requires_grad_(), beta, alpha) for kind, w, b, beta, alpha in params]
         if fused:
             outs = collectives.linears_with_grad_sync(x, tuple(leaves), group)
         else:
             synced = collectives.grad_all_reduce(x, group)
-            outs = tuple(F.linear(synced, w, b) for w, b in leaves)
+            outs = tuple(_plain(synced, reader) for reader in leaves)
         loss = sum(((o * (i + 1 + rank)) ** 2).sum() for i, o in enumerate(outs))
         loss.backward()
         runs.append({
             "outs": [o.detach() for o in outs],
-            "grads": [x.grad, *(t.grad for pair in leaves for t in pair if t is not None)],
+            "grads": [x.grad, *(t.grad for _, w, b, _, _ in leaves for t in (w, b) if t is not None)],
         })
     with torch.no_grad():
         inference = collectives.linears_with_grad_sync(x0, tuple(params), group)
@@ -119,9 +133,9 @@ def backward_order(rank: int, world_size: int) -> list[str]:
         events.append("weight grad")
         return weight_grads(*args, **kwargs)
 
-    x, params = _linears(rank)
+    x, params = _readers(rank)
     x.requires_grad_()
-    leaves = tuple((w.requires_grad_(), b) for w, b in params)
+    leaves = tuple((kind, w.requires_grad_(), b, beta, alpha) for kind, w, b, beta, alpha in params)
     outs = collectives.linears_with_grad_sync(x, leaves, group)
     loss = sum(o.sum() for o in outs)
     collectives._start_all_reduce, collectives.wait, collectives._weight_grads = spy_start, spy_wait, spy_weight_grads  # type: ignore[assignment]
@@ -193,13 +207,27 @@ def _graph_counts(gm: fx.GraphModule) -> dict[str, int]:
     }
 
 
+def _logits(out: Any) -> torch.Tensor:
+    return out.logits if hasattr(out, "logits") else out  # a Hugging Face model's output holds them
+
+
+def _build(name: str) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    if name.startswith("hf:"):
+        from tests._hf_fns import build_hf_model
+
+        return build_hf_model(name.removeprefix("hf:"))
+    return build_example(name)
+
+
 def examples_match_unsharded(rank: int, world_size: int, names: list[str]) -> dict[str, dict[str, Any]]:
-    """Per example and ``overlap``: output, gradient and one-AdamW-step parameter errors of a
-    Megatron-planned sharded model against the unsharded one, and its graph's node counts."""
+    """Per example (``autotp.examples``, or a ``tests/_hf_fns`` model such as ``hf:gpt2``) and
+    ``overlap``: output, gradient and one-AdamW-step parameter errors of a Megatron-planned
+    sharded model against the unsharded one, and its graph's node counts (the fused nodes' reader
+    kinds too)."""
     mesh = init_device_mesh("cpu", (world_size,))
     report: dict[str, dict[str, Any]] = {}
     for name in names:
-        model, inputs = build_example(name)
+        model, inputs = _build(name)
         shared: list[Plan | None] = [None]
         if rank == 0:  # the solver may break ties differently per process: one plan, from rank 0
             space = build_strategy_space(capture(model, inputs), world_size)
@@ -207,17 +235,17 @@ def examples_match_unsharded(rank: int, world_size: int, names: list[str]) -> di
         dist.broadcast_object_list(shared, src=0)
         plan = shared[0]
         assert plan is not None
-        reference_out = model(*inputs)
+        reference_out = _logits(model(*inputs))
         _loss(reference_out, inputs).backward()
         reference_opt = torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1e-6)
         reference_grads = {n: p.grad.clone() for n, p in model.named_parameters()}  # type: ignore[union-attr]
         reference_opt.step()
         stepped = {n: p.detach().clone() for n, p in model.named_parameters()}
         for overlap in (True, False):
-            fresh, _ = build_example(name)  # the same seed: the weights before the step
+            fresh, _ = _build(name)  # the same seed: the weights before the step
             sharded = autotp.parallelize(fresh, mesh, inputs, plan=plan, overlap=overlap)
             placements = sharded.placements()
-            out = sharded(*inputs)
+            out = _logits(sharded(*inputs))
             _loss(out, inputs).backward()
             grad_error = max(  # absolute: GPT's key bias has an exactly-zero true gradient (rounding noise only)
                 (p.grad - local_chunk(reference_grads[n], placements[n], (world_size,), (rank,))).abs().max().item()
@@ -230,6 +258,7 @@ def examples_match_unsharded(rank: int, world_size: int, names: list[str]) -> di
                 "grad_error": grad_error,
                 "param_error": max((full[n] - t).abs().max().item() for n, t in stepped.items()),
                 **_graph_counts(sharded.graph_module),
+                "fused_kinds": sorted({r[0] for n in sharded.graph_module.graph.nodes if n.target is collectives.linears_with_grad_sync for r in n.args[1]}),
             }
     return report
 

@@ -31,14 +31,14 @@ def test_async_collectives_equal_blocking_ones_forward_and_backward(world_size: 
             assert out_error == 0.0 and grad_error == 0.0 and inference_error == 0.0, (rank, name, out_error, grad_error, inference_error)
 
 
-def test_fused_linears_equal_marker_and_plain_linears_and_sync_beside_weight_grads() -> None:
+def test_fused_contractions_equal_marker_and_plain_ops_and_sync_beside_weight_grads() -> None:
     results = run_on_ranks(fns.fused_linears_match_marker_path, 2, timeout_seconds=120)
     for rank, r in enumerate(results):
-        assert r["grad_count"] == 1 + 3 + 2, r  # x, three weights, two biases
+        assert r["grad_count"] == 1 + 4 + 2, r  # x, four weights (linear, linear, addmm, mm), two biases
         assert r["out_error"] == 0.0 and r["inference_error"] == 0.0, (rank, r)
         assert r["grad_error"] < 1e-5, (rank, r)
-        # the all-reduce of grad x starts before the three weight gradients, its wait after them
-        assert r["order"] == ["start", "weight grad", "weight grad", "weight grad", "wait"], (rank, r["order"])
+        # the all-reduce of grad x starts before the four weight gradients, its wait after them
+        assert r["order"] == ["start", *["weight grad"] * 4, "wait"], (rank, r["order"])
 
 
 def _call(gm: fx.GraphModule, target: object) -> list[fx.Node]:
@@ -74,8 +74,21 @@ def test_gpt_and_llama_with_overlap_equal_the_unsharded_model() -> None:
             assert r["out_error"] < 1e-5 and r["grad_error"] < 1e-4 and r["param_error"] < 1e-4, (rank, key, r)
             if key.endswith("overlap=True"):
                 assert r["async_starts"] > 0 and r["async_starts"] == r["waits"] and r["fused"] > 0, (rank, key, r)
+                assert r["fused_kinds"] == ["linear"], (rank, key, r)
             else:
                 assert r["async_starts"] == r["waits"] == r["fused"] == 0 and r["markers"] > 0, (rank, key, r)
+
+
+def test_hf_gpt2_conv1d_addmm_fuses_and_equals_the_unsharded_model() -> None:
+    """Hugging Face's GPT-2 projects with ``Conv1D`` (``addmm(b, x, W)``, ``W`` (in, out)): its
+    column-parallel ``c_fc`` fuses with its gradient sync as an addmm reader."""
+    pytest.importorskip("transformers")
+    results = run_on_ranks(fns.examples_match_unsharded, 2, ["hf:gpt2"], timeout_seconds=280)
+    for rank, report in enumerate(results):
+        on, off = report["hf:gpt2 overlap=True"], report["hf:gpt2 overlap=False"]
+        for r in (on, off):
+            assert r["out_error"] < 1e-5 and r["grad_error"] < 1e-4 and r["param_error"] < 1e-4, (rank, r)
+        assert on["fused"] > 0 and "addmm" in on["fused_kinds"] and off["fused"] == 0, (rank, on, off)
 
 
 def _between(gm: fx.GraphModule, start: fx.Node, wait: fx.Node) -> list[str]:

@@ -29,6 +29,7 @@ table the planner prices).
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -245,51 +246,79 @@ def grad_all_reduce(x: torch.Tensor, group_name: str) -> torch.Tensor:
     return _GradAllReduce.apply(x, group_name) if _tracks_grad(x) else x
 
 
-def _weight_grads(grad: torch.Tensor, x: torch.Tensor, *, weight: bool, bias: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of ``W`` and ``b`` in ``y = x @ W.T + b`` from ``grad`` (both flattened to 2-D),
-    in ``grad``'s dtype (autograd casts each to its parameter's)."""
-    # grad (N, out), x (N, in): grad W = grad^T x (out, in), grad b = sum_N grad (out,)
-    return (grad.T @ x.to(grad.dtype) if weight else None), (grad.sum(0) if bias else None)
+# One reader of ``linears_with_grad_sync``: (kind, W, b, beta, alpha), kind one of
+#   "linear"           y = x @ W.T + b                W (out, in)
+#   "addmm"            y = beta·b + alpha·(x @ W)     W (in, out), x (N, in)
+#   "mm", "matmul"     y = x @ W                      W (in, out)
+# (``autotp.comm.overlap.FUSED_CONTRACTIONS`` says which ops are which.)
+ContractionReader = tuple[str, torch.Tensor, "torch.Tensor | None", float, float]
+
+
+def _contract(x: torch.Tensor, reader: ContractionReader) -> torch.Tensor:
+    kind, w, b, beta, alpha = reader
+    if kind == "linear":
+        return F.linear(x, w, b)
+    if kind == "addmm":
+        return torch.addmm(b, x, w, beta=beta, alpha=alpha)  # type: ignore[arg-type]  # addmm readers have a bias
+    return torch.mm(x, w) if kind == "mm" else torch.matmul(x, w)
+
+
+def _input_grad(grad: torch.Tensor, reader: ContractionReader) -> torch.Tensor:
+    """This reader's part of ``grad x``, in ``grad``'s dtype (the one autocast ran it in)."""
+    kind, w, _, _, alpha = reader
+    w = w.to(grad.dtype)
+    return grad @ w if kind == "linear" else alpha * (grad @ w.T) if kind == "addmm" else grad @ w.T
+
+
+def _weight_grads(grad: torch.Tensor, x: torch.Tensor, reader: ContractionReader, *, weight: bool, bias: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of this reader's ``W`` and ``b``, in ``grad``'s dtype (autograd casts each to its
+    parameter's)."""
+    kind, _, b, beta, alpha = reader
+    g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1]).to(grad.dtype)  # (N, out), (N, in)
+    grad_w = None
+    if weight:  # linear: grad^T x (out, in); the others: x^T grad (in, out)
+        grad_w = g2.T @ x2 if kind == "linear" else alpha * (x2.T @ g2) if kind == "addmm" else x2.T @ g2
+    grad_b = None
+    if bias and b is not None:
+        grad_b = g2.sum(0) if kind == "linear" else beta * grad.sum_to_size(b.shape)
+    return grad_w, grad_b
 
 
 class _LinearsWithGradSync(torch.autograd.Function):
-    """``y_i = x @ W_i.T + b_i`` for every ``(W_i, b_i)``; backward all-reduces ``grad x`` while it
+    """``y_i`` = reader ``i``'s contraction of ``x``; backward all-reduces ``grad x`` while it
     computes the weight gradients, which do not need it."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group_name: str, *params: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-        ctx.group_name = group_name
+    def forward(ctx: Any, x: torch.Tensor, group_name: str, kinds: tuple[tuple[str, float, float], ...], *params: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        ctx.group_name, ctx.kinds = group_name, kinds
         ctx.save_for_backward(x, *params)
-        return tuple(F.linear(x, w, b) for w, b in zip(params[0::2], params[1::2]))  # type: ignore[arg-type]
+        return tuple(_contract(x, (kind, w, b, beta, alpha)) for (kind, beta, alpha), w, b in zip(kinds, params[0::2], params[1::2]))  # type: ignore[arg-type]
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, *params = ctx.saved_tensors
-        weights, biases = params[0::2], params[1::2]
+        readers = [(kind, w, b, beta, alpha) for (kind, beta, alpha), w, b in zip(ctx.kinds, params[0::2], params[1::2])]
         needs = ctx.needs_input_grad
         grad_x = None
-        if needs[0]:
-            # (..., out) @ (out, in) -> (..., in), each in its output's dtype (the one autocast ran
-            # the linear in) and summed in x's, as autograd's casts back and accumulation would
-            grad_x = sum((g @ w.to(g.dtype)).to(x.dtype) for g, w in zip(grads, weights))
-            grad_x = _start_all_reduce(grad_x, ctx.group_name)  # the sync runs beside the weight gradients
-        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        if needs[0]:  # each reader's part in its output's dtype, summed in x's, as autograd's casts back would
+            parts = [_input_grad(g, reader).to(x.dtype) for g, reader in zip(grads, readers)]
+            grad_x = _start_all_reduce(functools.reduce(torch.add, parts), ctx.group_name)  # the sync runs beside the weight gradients
         param_grads: list[torch.Tensor | None] = []
-        for i, (g, b) in enumerate(zip(grads, biases)):
-            param_grads += _weight_grads(g.reshape(-1, g.shape[-1]), x2, weight=needs[2 + 2 * i], bias=b is not None and needs[3 + 2 * i])
+        for i, (g, reader) in enumerate(zip(grads, readers)):
+            param_grads += _weight_grads(g, x, reader, weight=needs[3 + 2 * i], bias=needs[4 + 2 * i])
         if grad_x is not None:
             grad_x = wait(grad_x)
-        return (grad_x, None, *param_grads)
+        return (grad_x, None, None, *param_grads)
 
 
-def linears_with_grad_sync(x: torch.Tensor, linears: tuple[tuple[torch.Tensor, torch.Tensor | None], ...], group_name: str) -> tuple[torch.Tensor, ...]:
-    """``F.linear(x, W, b)`` for each ``(W, b)`` of ``linears``: the column-parallel readers of an
+def linears_with_grad_sync(x: torch.Tensor, readers: tuple[ContractionReader, ...], group_name: str) -> tuple[torch.Tensor, ...]:
+    """Each reader's contraction of ``x`` (``ContractionReader``): the column-parallel readers of an
     ``R`` input ``x`` as one node, whose backward all-reduces ``grad x`` over ``group_name`` (the
     ``grad_all_reduce`` the readers would have) while it computes their weight gradients."""
-    params = tuple(t for pair in linears for t in pair)
+    params = tuple(t for _, w, b, _, _ in readers for t in (w, b))
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params)):
-        return _LinearsWithGradSync.apply(x, group_name, *params)
-    return tuple(F.linear(x, w, b) for w, b in linears)
+        return _LinearsWithGradSync.apply(x, group_name, tuple((kind, beta, alpha) for kind, _, _, beta, alpha in readers), *params)
+    return tuple(_contract(x, reader) for reader in readers)
 
 
 COLLECTIVE_FUNCTIONS = frozenset({all_reduce, all_gather, reduce_scatter, all_to_all})

@@ -16,9 +16,10 @@ The rewriter schedules the rank-local graph by it, the ILP and the plan price it
   (Megatron-LM's ``f``) starts as soon as the input's gradient is summed and waits after the
   linears' weight gradients (``grad W = g^T x``), which do not need it. The readers run as one
   node (``collectives.linears_with_grad_sync``) at the first reader, so this holds only when
-  every reader is an ``aten.linear`` reading the value as its input, with a weight that needs a
-  gradient, and every other input of every reader is ready before the first reader without a
-  collective (otherwise moving the readers would move communication).
+  every reader is a contraction of ``FUSED_CONTRACTIONS`` (``aten.linear``, the ``addmm`` of
+  Hugging Face's ``Conv1D``, ``mm``, ``matmul`` by a matrix) reading the value as its input,
+  with a weight that needs a gradient, and every other input of every reader is ready before the
+  first reader without a collective (otherwise moving the readers would move communication).
 
 The conjugates of forward collectives and syncs over several mesh axes stay blocking.
 """
@@ -29,13 +30,30 @@ from dataclasses import dataclass, field
 
 from autotp.comm.conversions import ConversionSite, GradSyncSite, Site, SlotKey
 from autotp.ir.steps import StepKind
-from autotp.strategies.engine import StrategySpace
+from autotp.strategies.engine import NodeSpace, StrategySpace
 
 # Collectives the rewriter can start and wait for separately (all-to-all concatenates what
 # arrives, which must wait; it stays blocking).
 ASYNC_STEP_KINDS = frozenset({StepKind.ALL_REDUCE, StepKind.ALL_GATHER, StepKind.REDUCE_SCATTER})
 
-FUSED_LINEAR_OPS = frozenset({"aten.linear.default"})  # x @ W.T + b: grad x = g @ W, grad W = g^T x
+
+
+@dataclass(frozen=True, slots=True)
+class FusedContraction:
+    """A contraction whose readers of one input can run as one node: its kind for
+    ``collectives.linears_with_grad_sync`` and the slots of its input and weight."""
+
+    kind: str
+    input_slot: int
+    weight_slot: int
+
+
+FUSED_CONTRACTIONS: Mapping[str, FusedContraction] = {
+    "aten.linear.default": FusedContraction("linear", 0, 1),  # x @ W.T + b
+    "aten.addmm.default": FusedContraction("addmm", 1, 2),  # beta·b + alpha·(x @ W), x (N, in)
+    "aten.mm.default": FusedContraction("mm", 0, 1),  # x @ W
+    "aten.matmul.default": FusedContraction("matmul", 0, 1),  # x @ W, W a matrix (checked)
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,32 +108,33 @@ def fused_linear_readers(space: StrategySpace, site: GradSyncSite, sites: Sequen
     communicating: set[SlotKey] = {
         reader for s in sites if isinstance(s, ConversionSite) and any(step.kind.is_collective for step in s.forward) for reader in s.readers
     }
-    for name, _ in site.readers:
-        node = nodes[name]
-        for slot, ref in enumerate(node.slots[1:], start=1):
-            if position[ref.node] >= first or (name, slot) in communicating:
+    for name, input_slot in site.readers:
+        for slot, ref in enumerate(nodes[name].slots):
+            if slot != input_slot and (position[ref.node] >= first or (name, slot) in communicating):
                 return ()
     return tuple(sorted({name for name, _ in site.readers}, key=position.__getitem__))
 
 
 def linears_read_input(space: StrategySpace, node: str, index: int | None, readers: Sequence[SlotKey]) -> bool:
-    """Whether every reader in ``readers`` is a linear reading value ``(node, index)`` as its
-    input (slot 0, not as its weight or bias) with a weight that needs a gradient: the static half
-    of ``fused_linear_readers``, which the ILP checks over all the value's readers."""
+    """Whether every reader in ``readers`` is a contraction reading value ``(node, index)`` as its
+    input (``reads_as_input``) with a weight that needs a gradient: the static half of
+    ``fused_linear_readers``, which the ILP checks over all the value's readers."""
     nodes = space.by_name()
     for name, slot in readers:
         reader = nodes[name]
-        if reader.op not in FUSED_LINEAR_OPS or slot != 0 or len(reader.slots) < 2:
+        if not reads_as_input(reader, slot):
             return False
-        if (reader.slots[1].node, reader.slots[1].index) == (node, index) or not nodes[reader.slots[1].node].requires_grad:
+        weight = reader.slots[FUSED_CONTRACTIONS[reader.op].weight_slot]
+        if (weight.node, weight.index) == (node, index) or not nodes[weight.node].requires_grad:
             return False
     return bool(readers)
 
 
-def readers_of(space: StrategySpace) -> Mapping[tuple[str, int | None], tuple[SlotKey, ...]]:
-    """Every (node, slot) that reads each value, in graph order."""
-    readers: dict[tuple[str, int | None], list[SlotKey]] = {}
-    for node in space.nodes:
-        for slot, ref in enumerate(node.slots):
-            readers.setdefault((ref.node, ref.index), []).append((node.name, slot))
-    return {k: tuple(v) for k, v in readers.items()}
+def reads_as_input(reader: NodeSpace, slot: int) -> bool:
+    """Whether ``reader`` is a contraction of ``FUSED_CONTRACTIONS`` and ``slot`` its input (not
+    its weight or bias), with a matrix weight (``matmul`` by a batch of matrices does not fuse)."""
+    contraction = FUSED_CONTRACTIONS.get(reader.op)
+    if contraction is None or slot != contraction.input_slot or len(reader.slots) <= contraction.weight_slot:
+        return False
+    return len(reader.slot_metas[contraction.weight_slot].shape) == 2 and len(reader.slot_metas[slot].shape) >= 1
+

@@ -26,7 +26,7 @@ from torch import fx
 from autotp.capture.export import CapturedGraph
 from autotp.comm import collectives
 from autotp.comm.conversions import ConversionSite, GradSyncSite, Site, SlotKey, conversion_sites
-from autotp.comm.overlap import overlap_schedule
+from autotp.comm.overlap import FUSED_CONTRACTIONS, overlap_schedule
 from autotp.ir.placement import Shard
 from autotp.ir.plan import Plan
 from autotp.ir.strategy import MeshStrategy
@@ -186,21 +186,26 @@ class _Emitter:
         readers (emitted at the first of them, which their inputs are ready before)."""
         site, index = self.fused_at[node.name]
         if site not in self.fused:
-            linears = [self.linear_args(name) for name in self.schedule.weight_grads[site]]
-            assert len({x for x, _, _ in linears}) == 1, f"the fused readers of {site.value} read different inputs"
-            weights = tuple((w, b) for _, w, b in linears)
-            self.fused[site] = self.graph.call_function(collectives.linears_with_grad_sync, (linears[0][0], weights, self.group_names[site.axes[0]]))
+            calls = [self.contraction_args(name) for name in self.schedule.weight_grads[site]]
+            assert len({x for x, _ in calls}) == 1, f"the fused readers of {site.value} read different inputs"
+            readers = tuple(reader for _, reader in calls)
+            self.fused[site] = self.graph.call_function(collectives.linears_with_grad_sync, (calls[0][0], readers, self.group_names[site.axes[0]]))
         item = self.graph.create_node("call_function", operator.getitem, (self.fused[site], index), name=node.name)
         item.meta.update({k: node.meta[k] for k in _COPIED_META if k in node.meta})
         self.env[node.name] = item
 
-    def linear_args(self, name: str) -> tuple[Any, Any, Any]:
-        """``(x, W, b)`` of linear ``name`` as this rank calls it (``b`` None without a bias)."""
+    def contraction_args(self, name: str) -> tuple[Any, tuple[Any, ...]]:
+        """The input of contraction ``name`` and its ``collectives.ContractionReader`` (kind, W, b,
+        beta, alpha), as this rank calls it."""
         node, space = self.nodes[name], self.spaces[name]
         inputs = [self.read(name, k, ref) for k, ref in enumerate(space.slots)]
         _, args, kwargs = local_call(node, lookup(node.target), space, self.strategies[name], inputs, self.env, coordinate=self.coordinate, mesh_shape=self.mesh_shape)
-        bias = args[2] if len(args) > 2 else kwargs.get("bias")
-        return args[0], args[1], bias
+        kind = FUSED_CONTRACTIONS[space.op].kind
+        if kind == "linear":  # linear(x, W, b=None)
+            return args[0], (kind, args[1], args[2] if len(args) > 2 else kwargs.get("bias"), 1.0, 1.0)
+        if kind == "addmm":  # addmm(b, x, W, *, beta=1, alpha=1)
+            return args[1], (kind, args[2], args[0], kwargs.get("beta", 1.0), kwargs.get("alpha", 1.0))
+        return args[0], (kind, args[1], None, 1.0, 1.0)  # mm(x, W), matmul(x, W)
 
 
 def _splits_output(strategy: OpStrategy) -> bool:

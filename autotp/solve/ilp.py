@@ -261,7 +261,7 @@ def _grad_sync(
             choices[key] += [(node, i) for i in idxs]
     hides = (
         cost.overlap and bool(demands)
-        and all(node.op in overlap.FUSED_LINEAR_OPS and slot == 0 for node, slot in readers)  # cheap first: linears_read_input maps every node
+        and all(overlap.reads_as_input(node, slot) for node, slot in readers)  # cheap first: linears_read_input maps every node
         and overlap.linears_read_input(space, value[0], value[1], [(node.name, slot) for node, slot in readers])
     )
     terms = []
