@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from autotp.errors import PeerRankError, PlanMismatchError
-from autotp.runtime.agreement import GraphSummary, RankFailure, RankReport, _graph_difference, settle
+from autotp.runtime.agreement import GraphSummary, RankFailure, RankReport, _graph_difference, plan_digest, settle
 from autotp.testing import run_on_ranks
 from tests import _agreement_fns
 
@@ -77,3 +77,19 @@ def test_graph_difference_names_every_differing_input() -> None:
         "rank 2: parameter 'up.weight' is float32[64,32], rank 0 planned float32[128,32], mask is bool[2,16], rank 0 has no such input"
     )
     assert _graph_difference(2, root, root, "planned") is None
+
+
+def test_the_same_plan_solved_on_each_rank_has_one_digest() -> None:
+    """Each rank solving the same plan takes its own time (regression: ``benchmarks.tp_vs_dtensor``
+    plans on every rank and was refused); a plan with other strategies still differs."""
+    import dataclasses
+
+    import autotp
+    from autotp.examples import build_example
+
+    model, inputs = build_example("mlp", device="meta")
+    split = autotp.plan(model, inputs, mesh_shape=2, hardware="h100-sxm", memory_budget="600KiB")  # replicated needs 1034 KiB
+    assert plan_digest(dataclasses.replace(split, solve_seconds=split.solve_seconds + 1.5)) == plan_digest(split)
+    whole = autotp.plan(model, inputs, mesh_shape=2, hardware="h100-sxm")
+    assert [n.strategy for n in whole.nodes] != [n.strategy for n in split.nodes]
+    assert plan_digest(whole) != plan_digest(split)

@@ -185,8 +185,13 @@ def setup_group(mesh_ranks: Sequence[int], *, timeout_s: float) -> SetupGroup:
 
 
 def plan_digest(plan: Plan) -> str:
-    """SHA-256 of the plan's JSON form: equal digests, equal plans."""
-    return "sha256:" + hashlib.sha256(json.dumps(plan.to_dict(), sort_keys=True).encode()).hexdigest()
+    """SHA-256 of the plan's JSON form but the solver's wall time: equal digests, equal plans.
+
+    The same plan solved on every rank (the solver stops at a node limit, so it is the same
+    everywhere) took each rank its own time; that must not make the ranks disagree."""
+    data = plan.to_dict()
+    data["solver"] = {**data["solver"], "seconds": None}
+    return "sha256:" + hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 def agree_on_plan(
