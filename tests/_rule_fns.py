@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from autotp.capture.export import CapturedGraph, capture
-from autotp.rewrite.rule_check import node_values
+from autotp.rewrite.rule_check import check_graph, node_values
 from autotp.strategies.engine import NodeKind, build_strategy_space
 
 
@@ -34,6 +34,15 @@ def captured_with_values(fn: Callable[..., Any] | nn.Module, *inputs: torch.Tens
         warnings.simplefilter("ignore")
         captured = capture(model, inputs)
     return captured, node_values(captured, model, inputs)
+
+
+def assert_strategies_hold(captured: CapturedGraph, values: dict[str, Any], *, tp_size: int | None = None, mesh_shape: tuple[int, ...] | None = None) -> int:
+    """Check every strategy of every node of ``captured`` by brute force (``check_graph``) on
+    ``tp_size`` ranks or a ``mesh_shape`` mesh, fail naming each wrong one, and return how many
+    (node, strategy) pairs were checked."""
+    checked, failures = check_graph(captured, values, tp_size=tp_size, mesh_shape=mesh_shape)
+    assert not failures, "\n".join(str(f) for f in failures)
+    return checked
 
 
 @dataclass(frozen=True)

@@ -27,13 +27,13 @@ from autotp.capture.export import CapturedGraph, capture
 from autotp.examples import build_example
 from autotp.ir.placement import P, Partial, R, Replicate, Shard
 from autotp.rewrite.rule_check import (
-    check_graph,
     check_strategy,
     node_values,
     values_comparable,
 )
 from autotp.strategies.engine import NodeKind, NodeSpace, StrategySpace, build_strategy_space
 from autotp.strategies.rules.registry import OpStrategy
+from tests._rule_fns import assert_strategies_hold
 
 TP_SIZES = (2, 3, 4)
 
@@ -289,18 +289,13 @@ def _sharded_cases(space: StrategySpace) -> int:
     )
 
 
-def _failures_text(failures: list[Any]) -> str:
-    return "\n".join(str(f) for f in failures)
-
-
 # --- the brute-force sweeps -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("tp_size", TP_SIZES)
 @pytest.mark.parametrize("config", sorted(EXAMPLE_CONFIGS))
 def test_every_strategy_of_every_example_node(config: str, tp_size: int) -> None:
     captured, values = _example(config)
-    checked, failures = check_graph(captured, values, tp_size=tp_size)
-    assert not failures, _failures_text(failures)
+    checked = assert_strategies_hold(captured, values, tp_size=tp_size)
     space = _space(captured, tp_size)
     # every strategy but those run by a communicating local implementation (vocab-parallel
     # embedding), which tests/test_vocab_parallel.py checks on real ranks
@@ -318,8 +313,7 @@ def test_every_strategy_of_every_example_node(config: str, tp_size: int) -> None
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_every_strategy_of_op(case: str, tp_size: int) -> None:
     captured, values = _case(case)
-    _, failures = check_graph(captured, values, tp_size=tp_size)
-    assert not failures, _failures_text(failures)
+    assert_strategies_hold(captured, values, tp_size=tp_size)
 
 
 def test_every_case_has_ops_with_rules_and_comparable_values() -> None:

@@ -22,11 +22,12 @@ from torch import nn
 from autotp.capture.export import CapturedGraph, capture
 from autotp.ir.mesh import MeshSpec
 from autotp.ir.placement import P, Placement, R, Shard
-from autotp.rewrite.rule_check import check_graph, node_values
+from autotp.rewrite.rule_check import node_values
 from autotp.strategies.engine import NodeKind, NodeSpace, build_strategy_space
 from autotp.strategies.rules.registry import OpStrategy
 from autotp.testing import run_on_ranks
 from tests import _conv_fns
+from tests._rule_fns import assert_strategies_hold, captured_with_values
 from tests.test_rules import Case, Fn, _space
 
 TP_SIZES = (2, 3, 4)
@@ -141,11 +142,7 @@ def _case(name: str) -> tuple[CapturedGraph, dict[str, Any]]:
     model = Fn(case.fn, **case.modules()).eval()
     _randomize(model, seed=1)
     gen = torch.Generator().manual_seed(2)
-    inputs = tuple(torch.randn(s, generator=gen) for s in case.shapes)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        captured = capture(model, inputs)
-    return captured, node_values(captured, model, inputs)
+    return captured_with_values(model, *(torch.randn(s, generator=gen) for s in case.shapes))
 
 
 def _op_spaces(case: str, tp_size: int, op: str) -> list[NodeSpace]:
@@ -164,8 +161,7 @@ def _split_dims(space: NodeSpace, slot: int = 0) -> set[int]:
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_every_strategy_of_op(case: str, tp_size: int) -> None:
     captured, values = _case(case)
-    checked, failures = check_graph(captured, values, tp_size=tp_size)
-    assert not failures, "\n".join(str(f) for f in failures)
+    checked = assert_strategies_hold(captured, values, tp_size=tp_size)
     space = _space(captured, tp_size)
     ops = [n for n in space.nodes if n.kind is NodeKind.OP]
     assert not [n.op for n in ops if n.fallback], f"{case}: ops without a rule"
@@ -178,9 +174,7 @@ def test_grouped_splits_on_2d_meshes(mesh_shape: tuple[int, int]) -> None:
     (2, 2), where each rank would hold one and a half. Every combination offered runs right."""
     for case in ("conv2d_groups", "conv_transpose", "convolution", "group_norm", "native_group_norm"):
         captured, values = _case(case)
-        checked, failures = check_graph(captured, values, mesh_shape=mesh_shape)
-        assert not failures, "\n".join(str(f) for f in failures)
-        assert checked > 0
+        assert assert_strategies_hold(captured, values, mesh_shape=mesh_shape) > 0
     captured, _ = _case("conv2d_groups")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -321,8 +315,7 @@ def test_hf_conv_front_ends_offer_splits(build: Any) -> None:
         warnings.simplefilter("ignore")
         captured = capture(model, inputs)
     values = node_values(captured, model, inputs)
-    checked, failures = check_graph(captured, values, tp_size=2)
-    assert not failures, "\n".join(str(f) for f in failures)
+    assert_strategies_hold(captured, values, tp_size=2)
     space = _space(captured, 2)
     convs = [n for n in space.nodes if n.op.startswith(("aten.conv1d", "aten.conv2d"))]
     assert len(convs) == (1 if build is _conv_fns.build_vit else 2)

@@ -13,15 +13,14 @@ from typing import Any
 import pytest
 import torch
 
-from autotp.capture.export import CapturedGraph, capture
+from autotp.capture.export import CapturedGraph
 from autotp.ir.placement import P, R, Shard
-from autotp.rewrite.rule_check import check_graph, node_values
 from autotp.strategies.engine import NodeKind, NodeSpace, build_strategy_space
 from autotp.strategies.rules.registry import OpStrategy
 from autotp.testing import run_on_ranks
 from tests._coverage_fns import random_ops_model
-from tests._rule_fns import DrawnCase, ops_without_a_split_rule, randn_inputs
-from tests.test_rules import Fn, _failures_text
+from tests._rule_fns import DrawnCase, assert_strategies_hold, captured_with_values, ops_without_a_split_rule, randn_inputs
+from tests.test_rules import Fn
 
 TP_SIZES = (2, 3, 4)
 X = (12, 24, 12)
@@ -84,12 +83,7 @@ CASES: dict[str, DrawnCase] = {
 @functools.cache
 def _case(name: str) -> tuple[CapturedGraph, dict[str, Any]]:
     case = CASES[name]
-    model = Fn(case.fn)
-    inputs = case.make(torch.Generator().manual_seed(0))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        captured = capture(model, inputs)
-    return captured, node_values(captured, model, inputs)
+    return captured_with_values(Fn(case.fn), *case.make(torch.Generator().manual_seed(0)))
 
 
 def _op_spaces(case: str, tp_size: int, op: str) -> list[NodeSpace]:
@@ -111,9 +105,7 @@ def _split_dims(space: NodeSpace, slot: int = 0) -> set[int]:
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_every_strategy_of_op(case: str, tp_size: int) -> None:
     captured, values = _case(case)
-    checked, failures = check_graph(captured, values, tp_size=tp_size)
-    assert not failures, _failures_text(failures)
-    assert checked > 0
+    assert assert_strategies_hold(captured, values, tp_size=tp_size) > 0
 
 
 def test_every_op_has_a_rule() -> None:

@@ -24,7 +24,8 @@ from autotp.ir.strategy import MeshStrategy
 from autotp.rewrite.rule_check import _compare, _split, check_graph, check_strategy
 from autotp.strategies.engine import NodeKind, NodeSpace, StrategySpace, build_strategy_space
 from autotp.strategies.rules.registry import OpStrategy
-from tests.test_rules import CASES, EXAMPLE_CONFIGS, Fn, _case, _example, _failures_text
+from tests._rule_fns import assert_strategies_hold
+from tests.test_rules import CASES, EXAMPLE_CONFIGS, Fn, _case, _example
 
 MESHES = ((2, 2), (2, 3))
 
@@ -51,8 +52,7 @@ def _divided_on_every_axis(strategy: MeshStrategy) -> bool:
 @pytest.mark.parametrize("config", sorted(EXAMPLE_CONFIGS))
 def test_every_combined_strategy_of_every_example_node(config: str, mesh_shape: tuple[int, ...]) -> None:
     captured, values = _example(config)
-    checked, failures = check_graph(captured, values, mesh_shape=mesh_shape)
-    assert not failures, _failures_text(failures)
+    checked = assert_strategies_hold(captured, values, mesh_shape=mesh_shape)
     space = build_strategy_space(captured, MeshSpec.of(mesh_shape))
     ops = [n for n in space.nodes if n.kind is NodeKind.OP]
     # every strategy but those of the vocab-parallel embedding (a local implementation on one
@@ -67,8 +67,7 @@ def test_every_combined_strategy_of_every_example_node(config: str, mesh_shape: 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_every_combined_strategy_of_op(case: str, mesh_shape: tuple[int, ...]) -> None:
     captured, values = _case(case)
-    _, failures = check_graph(captured, values, mesh_shape=mesh_shape)
-    assert not failures, _failures_text(failures)
+    assert_strategies_hold(captured, values, mesh_shape=mesh_shape)
 
 
 def test_sampling_is_deterministic_and_keeps_all_replicate() -> None:
