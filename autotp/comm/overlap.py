@@ -80,6 +80,7 @@ def overlap_schedule(space: StrategySpace, sites: Sequence[Site], *, overlap: bo
     """The overlap of the plan whose conversions are ``sites`` (``conversion_sites``, in graph order)."""
     if not overlap:
         return NO_OVERLAP
+    nodes = space.by_name()
     position = {n.name: i for i, n in enumerate(space.nodes)}
     forward: dict[ConversionSite, tuple[str, ...]] = {}
     previous_reader: int | None = None  # first reader of the last conversion that communicates
@@ -93,21 +94,25 @@ def overlap_schedule(space: StrategySpace, sites: Sequence[Site], *, overlap: bo
                 start = max(start, previous_reader) if previous_reader != reader else reader
             forward[site] = tuple(space.nodes[i].name for i in range(start, reader))
         previous_reader = reader
-    weight_grads = {site: readers for site in sites if isinstance(site, GradSyncSite) and (readers := fused_linear_readers(space, site, sites))}
-    return OverlapSchedule(forward, weight_grads)
-
-
-def fused_linear_readers(space: StrategySpace, site: GradSyncSite, sites: Sequence[Site]) -> tuple[str, ...]:
-    """The readers of ``site`` that run as one linear node with an asynchronous gradient sync, or
-    ``()`` when the conditions of the module docstring do not hold."""
-    if len(site.axes) != 1 or not linears_read_input(space, site.value.node, site.value.index, site.readers):
-        return ()
-    nodes = space.by_name()
-    position = {n.name: i for i, n in enumerate(space.nodes)}
-    first = min(position[name] for name, _ in site.readers)
     communicating: set[SlotKey] = {
         reader for s in sites if isinstance(s, ConversionSite) and any(step.kind.is_collective for step in s.forward) for reader in s.readers
     }
+    weight_grads = {
+        site: readers for site in sites
+        if isinstance(site, GradSyncSite) and (readers := fused_linear_readers(nodes, position, communicating, site))
+    }
+    return OverlapSchedule(forward, weight_grads)
+
+
+def fused_linear_readers(
+    nodes: Mapping[str, NodeSpace], position: Mapping[str, int], communicating: set[SlotKey], site: GradSyncSite,
+) -> tuple[str, ...]:
+    """The readers of ``site`` that run as one linear node with an asynchronous gradient sync, or
+    ``()`` when the conditions of the module docstring do not hold (``position``: each node's
+    index in graph order; ``communicating``: the slots some collective conversion feeds)."""
+    if len(site.axes) != 1 or not linears_read_input(nodes, site.value.node, site.value.index, site.readers):
+        return ()
+    first = min(position[name] for name, _ in site.readers)
     for name, input_slot in site.readers:
         for slot, ref in enumerate(nodes[name].slots):
             if slot != input_slot and (position[ref.node] >= first or (name, slot) in communicating):
@@ -115,11 +120,11 @@ def fused_linear_readers(space: StrategySpace, site: GradSyncSite, sites: Sequen
     return tuple(sorted({name for name, _ in site.readers}, key=position.__getitem__))
 
 
-def linears_read_input(space: StrategySpace, node: str, index: int | None, readers: Sequence[SlotKey]) -> bool:
+def linears_read_input(nodes: Mapping[str, NodeSpace], node: str, index: int | None, readers: Sequence[SlotKey]) -> bool:
     """Whether every reader in ``readers`` is a contraction reading value ``(node, index)`` as its
     input (``reads_as_input``) with a weight that needs a gradient: the static half of
-    ``fused_linear_readers``, which the ILP checks over all the value's readers."""
-    nodes = space.by_name()
+    ``fused_linear_readers``, which the ILP checks over all the value's readers (``nodes``: the
+    space's nodes by name)."""
     for name, slot in readers:
         reader = nodes[name]
         if not reads_as_input(reader, slot):

@@ -96,7 +96,7 @@ def _conversion(
     else:
         src, dst, steps = site.src, site.dst, site.forward
     seconds = cost.priced_seconds(priced, meta)
-    hidden = _hidden_seconds(site, meta, cost, spaces, chosen, schedule)
+    hidden = _hidden_seconds(site, seconds, meta, cost, spaces, chosen, schedule)
     return Conversion(
         value=site.value, src=src, dst=dst, steps=steps, nbytes=meta.nbytes,
         bytes_per_rank=cost.priced_bytes_per_rank(priced, meta),
@@ -107,9 +107,9 @@ def _conversion(
 
 
 def _hidden_seconds(
-    site: Site, meta: TensorMeta, cost: CostModel, spaces: Mapping[str, NodeSpace], chosen: Mapping[str, MeshStrategy], schedule: OverlapSchedule,
+    site: Site, seconds: float, meta: TensorMeta, cost: CostModel, spaces: Mapping[str, NodeSpace], chosen: Mapping[str, MeshStrategy], schedule: OverlapSchedule,
 ) -> float:
-    """The seconds of ``site``'s communication that ``schedule`` hides behind compute:
+    """The seconds of ``site``'s communication (``seconds`` in all) that ``schedule`` hides behind compute:
 
     * a gradient sync beside its linears' weight gradients (``schedule.weight_grads``): the
       whole sync against the sum of their forward-sized weight-gradient seconds;
@@ -118,9 +118,8 @@ def _hidden_seconds(
 
     Each is ``cost.hidden_seconds(T, C)`` (``cost_models.exposed_seconds`` derives it)."""
     if isinstance(site, GradSyncSite) and site in schedule.weight_grads:
-        sync = cost.priced_seconds(site.priced_steps, meta)
         compute = sum(cost.forward_kernel_seconds(spaces[name], chosen[name]) for name in schedule.weight_grads[site])
-        return cost.hidden_seconds(sync, compute) if sync > 0 else 0.0
+        return cost.hidden_seconds(seconds, compute) if seconds > 0 else 0.0
     if isinstance(site, ConversionSite) and site in schedule.forward:
         first = cost.priced_seconds(site.priced_steps[:1], meta)
         compute = sum(cost.forward_kernel_seconds(spaces[name], chosen[name]) for name in schedule.forward[site])

@@ -215,7 +215,7 @@ def _transition_terms(problem: pulp.LpProblem, space: StrategySpace, cost: CostM
                 value_terms += _conversion_flow(problem, cost, meta, producer.requires_grad, y, q, demands, f"{v_id}_{q_id}", outflow)
         if len(produced) > 1:
             _produced_goes_somewhere(problem, y, outflow, f"{v_id}")
-        value_terms += _grad_sync(problem, space, cost, x, (producer_name, index), [(nodes[c], slot) for c, slot in slots], meta, producer.requires_grad, f"{v_id}")
+        value_terms += _grad_sync(problem, nodes, cost, x, (producer_name, index), [(nodes[c], slot) for c, slot in slots], meta, producer.requires_grad, f"{v_id}")
         terms += [count * t for t in value_terms]
     return terms
 
@@ -231,7 +231,7 @@ def _demand(problem: pulp.LpProblem, demands: list, name: str) -> pulp.LpAffineE
 
 
 def _grad_sync(
-    problem: pulp.LpProblem, space: StrategySpace, cost: CostModel, x: dict[str, list], value: tuple[str, int | None],
+    problem: pulp.LpProblem, nodes: Mapping[str, NodeSpace], cost: CostModel, x: dict[str, list], value: tuple[str, int | None],
     readers: list[tuple[NodeSpace, int]], meta: TensorMeta, requires_grad: bool, tag: str,
 ) -> list:
     """Backward all-reduces of a value's gradient, one per (placements read, axes) some reader needs
@@ -259,11 +259,7 @@ def _grad_sync(
         for key, idxs in by_key.items():
             demands[key].append(pulp.lpSum(x[node.name][i] for i in idxs))
             choices[key] += [(node, i) for i in idxs]
-    hides = (
-        cost.overlap and bool(demands)
-        and all(overlap.reads_as_input(node, slot) for node, slot in readers)  # cheap first: linears_read_input maps every node
-        and overlap.linears_read_input(space, value[0], value[1], [(node.name, slot) for node, slot in readers])
-    )
+    hides = cost.overlap and bool(demands) and overlap.linears_read_input(nodes, value[0], value[1], [(node.name, slot) for node, slot in readers])
     terms = []
     for k, ((placements, axes), key_demands) in enumerate(demands.items()):
         seconds = cost.grad_sync_seconds(meta, placements, axes, requires_grad=requires_grad)
